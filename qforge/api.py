@@ -1,0 +1,118 @@
+"""The Python API, in the spirit of GPTQModel:
+
+    cfg = QuantizeConfig(bits=4, group_size=128, method="rtn")
+    m = qforge.load("smollm2-135m", cfg)
+    m.quantize("builtin:mix")          # a SPEC, a CalibrationSet, or a list of 1-D token tensors
+    m.save("out/")
+    qforge.evaluate("out/", datasets=["wiki", "code"])
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .calibration import CalibrationSet, build_calibration
+from .checkpoint import is_qforge_output, load_layers, read_config, save_output, QUANT_FILE
+from .config import CalibrationConfig, QuantizeConfig
+from .errors import QForgeError
+from .eval import load_eval_text, perplexity
+from .models import load_model
+from .pipeline import QuantizeResult, quantize_model
+from .storage import model_storage
+from .utils.runrecord import run_record
+
+log = logging.getLogger(__name__)
+
+
+class QModel:
+    """A loaded causal LM with its tokenizer, quantization config and (once quantized) results."""
+
+    def __init__(self, model, tokenizer, source: str, config: QuantizeConfig | None = None,
+                 result: QuantizeResult | None = None):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.config = config
+        self.result = result
+        self.calibration: CalibrationSet | None = None
+        self.calibration_config: CalibrationConfig | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.result is not None
+
+    def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = "builtin:mix", *,
+                 nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
+                 batch_size: int = 8, show_progress: bool = False) -> QuantizeResult:
+        if self.config is None:
+            raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
+        if self.quantized:
+            raise QForgeError("this model is already quantized")
+        samples = None
+        if self.config.needs_calibration:
+            if calibration is None:
+                raise QForgeError(f"method {self.config.method!r} needs calibration data")
+            if isinstance(calibration, str):
+                self.calibration_config = CalibrationConfig(calibration, nsamples, seqlen, seed)
+                calibration = build_calibration(calibration, self.tokenizer, nsamples, seqlen, seed)
+            if isinstance(calibration, CalibrationSet):
+                self.calibration = calibration
+                samples = calibration.samples
+            else:
+                samples = list(calibration)
+        torch.manual_seed(seed)
+        self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
+                                     show_progress=show_progress)
+        if self.result.ragged_layers:
+            log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
+                        "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
+                        self.result.ragged_layers[0])
+        return self.result
+
+    def storage(self) -> dict:
+        layers = self.result.layers if self.result else {}
+        cfg = self.config or QuantizeConfig()
+        return model_storage(self.model, layers, cfg.act_order, cfg.static_groups)
+
+    def save(self, out: str | Path, overwrite: bool = False, **record_fields) -> Path:
+        if not self.quantized:
+            raise QForgeError("nothing to save: call quantize() first")
+        record = run_record(
+            source=self.source, seed=(self.calibration_config.seed if self.calibration_config else None),
+            quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
+            ragged_layers=self.result.ragged_layers,
+            calibration_warnings=self.calibration.warnings if self.calibration else [],
+            layers=self.result.summary(), **record_fields)
+        samples = self.calibration.samples if self.calibration else None
+        return save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
+                           self.calibration_config, samples, overwrite)
+
+
+def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
+    """Load a model spec; a qforge output directory comes back quantized, with its config and codes."""
+    model = str(model)
+    lm = load_model(model)
+    if is_qforge_output(model):
+        if config is not None:
+            raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
+        result = QuantizeResult(layers=load_layers(Path(model) / QUANT_FILE))
+        return QModel(lm.model, lm.tokenizer, model, read_config(model), result)
+    return QModel(lm.model, lm.tokenizer, model, config)
+
+
+def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "code"), seqlen: int = 2048,
+             max_windows: int | None = None, device: str = "cpu", batch_size: int = 1,
+             show_progress: bool = False) -> list[dict]:
+    """Perplexity on each dataset SPEC by the shared protocol; one record per dataset."""
+    qm = model if isinstance(model, QModel) else load(model)
+    qm.model.to(device)
+    rows = []
+    for spec in ([datasets] if isinstance(datasets, str) else datasets):
+        text = load_eval_text(spec)
+        t0 = time.perf_counter()
+        r = perplexity(qm.model, qm.tokenizer, text, seqlen, max_windows, device, batch_size,
+                       desc=f"ppl {spec}", show_progress=show_progress)
+        rows.append({"model": qm.source, "dataset": spec, **r, "seconds": round(time.perf_counter() - t0, 2)})
+        log.info("%s on %s: ppl %.3f (%d windows x %d)", qm.source, spec, r["ppl"], r["windows"], seqlen)
+    return rows

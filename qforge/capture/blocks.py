@@ -1,0 +1,111 @@
+"""Capture what every decoder block receives, without running any block.
+
+The block list is swapped for recorders for the duration of one pass of the calibration batches
+through the module that owns it (embeddings, rotary tables, masks, no lm_head). Each recorder keeps
+the (hidden_states, kwargs) its block would get and passes hidden_states through unchanged. Kwargs are
+kept per block because some models give blocks different masks or rotary tables (Gemma 2/3 sliding
+vs global layers); tensors shared between blocks are stored once, by reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec, blocks_owner
+
+
+class _Recorder(nn.Module):
+    def __init__(self, block: nn.Module, sink: list):
+        super().__init__()
+        self.block = block  # registered so attribute look-ups (attention_type, layer_idx) still resolve
+        self.sink = sink
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder blocks are expected to take their extra inputs as keyword arguments")
+        self.sink.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")})
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block: one [B, T, hidden] tensor per batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]  # kwargs[batch][block]
+
+    def for_block(self, i: int) -> list[dict]:
+        return [per_block[i] for per_block in self.kwargs]
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Group samples of equal length into [B, T] batches (no padding ever enters a batch)."""
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for s in samples:
+        by_len.setdefault(len(s), []).append(s)
+    batches = []
+    for _, group in sorted(by_len.items()):
+        for k in range(0, len(group), batch_size):
+            batches.append(torch.stack(group[k: k + batch_size]))
+    return batches
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> BlockInputs:
+    owner, attr = blocks_owner(model, spec)
+    blocks = getattr(owner, attr)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = []
+    sinks: list[list[dict]] = [[] for _ in blocks]
+    first = _FirstInput()
+    recorders = nn.ModuleList(_Recorder(b, sink) for b, sink in zip(blocks, sinks))
+    handle = recorders[0].register_forward_pre_hook(first, with_kwargs=True)
+    setattr(owner, attr, recorders)
+    try:
+        for ids in batches:
+            owner(input_ids=ids, use_cache=False)
+            hidden.append(first.value)
+    finally:
+        handle.remove()
+        setattr(owner, attr, blocks)
+    for b in range(len(batches)):
+        kwargs.append([sinks[i][b] for i in range(len(blocks))])
+    return BlockInputs(hidden, kwargs)
+
+
+class _FirstInput:
+    """Pre-hook keeping the hidden states that enter the first block."""
+
+    value: torch.Tensor | None = None
+
+    def __call__(self, module, args, kwargs):
+        self.value = (args[0] if args else kwargs["hidden_states"]).detach()
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The block's outputs for every batch (kept on the CPU)."""
+    outs = []
+    for h, kw in zip(hidden, kwargs):
+        y = block(h.to(device), **_to(kw, device))
+        y = y[0] if isinstance(y, tuple) else y
+        outs.append(y.to("cpu"))
+    return outs

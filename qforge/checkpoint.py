@@ -1,0 +1,100 @@
+"""qforge's own output directory (written atomically):
+
+  config.json, model.safetensors, tokenizer files   dense model holding the dequantized weights
+                                                    (loads in plain transformers; `qforge eval DIR`)
+  qforge_quant.safetensors   per quantized linear NAME: NAME.codes uint8 [out, in], NAME.scales fp32
+                             [out, G], NAME.zeros fp32 [out, G], NAME.g_idx int32 [in] (what packed
+                             formats are made from)
+  qforge_config.json         the QuantizeConfig;   qforge_calibration.json  the CalibrationConfig
+  calibration.jsonl          the exact calibration samples ({"input_ids": [...]}), reusable with --calib
+  run_record.json            versions, timings, peak memory, sizes, per-layer errors, ragged groups
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import CalibrationConfig, QuantizeConfig
+from .errors import QForgeError
+from .solvers import Grid, LayerQuant
+from .utils.atomic import atomic_dir
+
+QUANT_FILE = "qforge_quant.safetensors"
+CONFIG_FILE = "qforge_config.json"
+CALIB_CONFIG_FILE = "qforge_calibration.json"
+CALIB_SAMPLES_FILE = "calibration.jsonl"
+RECORD_FILE = "run_record.json"
+
+
+def is_qforge_output(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
+    tensors = {}
+    for name, q in layers.items():
+        tensors[f"{name}.codes"] = q.codes.contiguous()
+        tensors[f"{name}.scales"] = q.scales.contiguous()
+        tensors[f"{name}.zeros"] = q.zeros.contiguous()
+        tensors[f"{name}.g_idx"] = q.g_idx.contiguous()
+    meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym})
+            for name, q in layers.items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_layers(path: Path) -> dict[str, LayerQuant]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    t = load_file(str(path))
+    out = {}
+    for name, m in meta.items():
+        g = json.loads(m)
+        out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"]), t[f"{name}.codes"], t[f"{name}.scales"],
+                               t[f"{name}.zeros"], t[f"{name}.g_idx"], info={})
+    return out
+
+
+def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
+                record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
+                overwrite: bool = False) -> Path:
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_layers(layers, tmp / QUANT_FILE)
+        qcfg.save(tmp / CONFIG_FILE)
+        if calib_cfg is not None:
+            calib_cfg.save(tmp / CALIB_CONFIG_FILE)
+        if calib_samples is not None:
+            with open(tmp / CALIB_SAMPLES_FILE, "w") as f:
+                for s in calib_samples:
+                    f.write(json.dumps({"input_ids": s.tolist()}) + "\n")
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def read_config(path: str | Path) -> QuantizeConfig:
+    try:
+        return QuantizeConfig.load(Path(path) / CONFIG_FILE)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise QForgeError(f"{path}/{CONFIG_FILE} is corrupt: {e}") from e
+
+
+def read_record(path: str | Path) -> dict:
+    p = Path(path) / RECORD_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def check_layers_match(layers: dict[str, LayerQuant], model: torch.nn.Module) -> None:
+    """The saved codes dequantize exactly to the dense weights stored beside them."""
+    from .models.arch import linear_ref
+
+    for name, q in layers.items():
+        W = linear_ref(model, name).weight
+        if not torch.equal(W, q.dequantize().to(W.dtype)):
+            raise QForgeError(f"{name}: the dense weights and the saved codes disagree; the output is corrupt")

@@ -1,0 +1,160 @@
+"""The `qforge` command: quantize, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..errors import QForgeError
+from .table import format_table, human_bytes
+
+log = logging.getLogger("qforge")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
+    q = p.add_argument_group("quantization")
+    q.add_argument("--method", default="rtn", help="rtn (more in later versions)")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=default_group, help="-1 for per-channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero point")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening as a fraction of mean diag(H)")
+    q.add_argument("--block-size", type=int, default=128, help="GPTQ: lazy-update block width")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before reordering")
+    c = p.add_argument_group("calibration (ignored by rtn)")
+    c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--calib-seqlen", "--seqlen-calib", dest="calib_seqlen", type=int, default=2048,
+                   help="tokens per calibration sample")
+    c.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_windows: int | None = None) -> None:
+    p.add_argument("--dataset", default="wiki,brown,news,code", help="comma-separated built-in sets or files")
+    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=2048, help="evaluation window length")
+    p.add_argument("--max-windows", type=int, default=default_windows, help="evaluate the first K windows")
+
+
+def _quant_config(a):
+    from ..config import QuantizeConfig
+
+    return QuantizeConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, damp=a.damp,
+                          block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qforge", description="Post-training quantization of causal LMs.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("quantize", help="quantize a model and write an output directory")
+    p.add_argument("model", help="built-in alias (smollm2-135m), HF directory, .gguf file or hub id")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_quant_args(p)
+
+    p = sub.add_parser("eval", help="perplexity of a model or a quantized output directory")
+    p.add_argument("model")
+    _add_eval_args(p)
+    p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("demo", help="quantize the built-in model and compare perplexity with fp32")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="runs/demo")
+    _add_quant_args(p)
+    _add_eval_args(p, default_windows=4)
+    return ap
+
+
+def cmd_quantize(a) -> int:
+    import qforge
+
+    cfg = _quant_config(a)
+    m = qforge.load(a.model, cfg)
+    m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
+               batch_size=a.batch_size, show_progress=not a.quiet)
+    out = m.save(a.out, overwrite=a.overwrite)
+    _print_quant_summary(m, out)
+    return 0
+
+
+def _print_quant_summary(m, out: Path) -> None:
+    s = m.storage()
+    print(f"quantized {m.source} with {m.config.method} W{m.config.bits} "
+          f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
+          f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
+    print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "
+          f"{human_bytes(s['fp16_bytes'])} (fp16) -> {human_bytes(s['quantized_bytes'])} (packed)")
+    if m.result.ragged_layers:
+        print(f"  note: {len(m.result.ragged_layers)} linears have a ragged last group (group size "
+              f"{m.config.group_size} does not divide their input width)")
+
+
+def cmd_eval(a) -> int:
+    import qforge
+
+    rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows,
+                           device=a.device, show_progress=not a.quiet)
+    print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
+                       [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
+                       title=f"perplexity of {a.model}"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    import qforge
+
+    cfg = _quant_config(a)
+    datasets = a.dataset.split(",")
+    t0 = time.perf_counter()
+    m = qforge.load(a.model, cfg)
+    kw = dict(datasets=datasets, seqlen=a.eval_seqlen, max_windows=a.max_windows, show_progress=not a.quiet)
+    base = qforge.evaluate(m, **kw)
+    fp16 = m.storage()["fp16_bytes"]
+    m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
+               batch_size=a.batch_size, show_progress=not a.quiet)
+    quant = qforge.evaluate(m, **kw)
+    out = m.save(a.out, overwrite=True, eval_fp32=base, eval_quantized=quant)
+    s = m.storage()
+    label = f"{cfg.method} W{cfg.bits} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} {'sym' if cfg.sym else 'asym'}"
+    rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
+            for b, q in zip(base, quant)]
+    print()
+    print(format_table(["domain", "fp32 ppl", f"{label} ppl", "delta", "windows"], rows,
+                       title=f"{a.model}: fp32 vs {label}"))
+    print(f"\nmodel size: {human_bytes(fp16)} (fp16) -> {human_bytes(s['quantized_bytes'])} "
+          f"({s['bits_per_weight']:.3f} bits/weight in the quantized linears)")
+    print(f"time: quantize {m.result.seconds:.1f} s, total {time.perf_counter() - t0:.1f} s; output in {out}")
+    if m.result.ragged_layers:
+        print(f"note: {len(m.result.ragged_layers)} linears have a ragged last group (group size {cfg.group_size} "
+              f"does not divide their input width)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[a.cmd](a)
+    except QForgeError as e:
+        print(f"qforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

