@@ -113,10 +113,21 @@ def code_docs() -> list[tuple[str, str]]:
     return docs
 
 
+def dedup(docs):
+    """Drop repeats, by their first 200 characters (the Lee corpus holds some articles twice, some
+    as two versions of one story), so no text lands in both splits."""
+    seen, out = set(), []
+    for doc, text in docs:
+        if text[:200] not in seen:
+            seen.add(text[:200])
+            out.append((doc, text))
+    return out
+
+
 def split(docs, eval_budget, calib_budget, size, stride):
     """Every `stride`-th document goes to eval until its budget is met; the rest feed calib."""
     eval_docs, calib_docs, used_eval, used_calib = [], [], 0, 0
-    for i, (doc, text) in enumerate(docs):
+    for i, (doc, text) in enumerate(dedup(docs)):
         if i % stride == stride - 1 and used_eval < eval_budget:
             eval_docs.append((doc, text))
             used_eval += size(text)
@@ -129,12 +140,12 @@ def split(docs, eval_budget, calib_budget, size, stride):
 def brown_split(docs):
     """Hold out the last file of every genre (15 files); calibrate on up to 10 files per genre."""
     by_genre: dict[str, list] = {}
-    for doc, text in docs:
+    for doc, text in dedup(docs):
         by_genre.setdefault(doc.split(":")[1][1], []).append((doc, text))
     calib, evals = [], []
     for files in by_genre.values():
         evals.append(files[-1])
-        calib.extend(files[:10])
+        calib.extend(files[:-1][:10])
     return calib, evals
 
 

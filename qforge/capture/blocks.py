@@ -29,10 +29,17 @@ class _Recorder(nn.Module):
             return getattr(self._modules["block"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise TypeError("decoder blocks are expected to take their extra inputs as keyword arguments")
-        self.sink.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")})
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        self.sink.append(BlockCall(args, kwargs))
         return hidden_states
+
+
+@dataclass
+class BlockCall:
+    """Everything but the hidden states that one block is called with (positional and keyword)."""
+
+    args: tuple
+    kwargs: dict
 
 
 @dataclass
@@ -40,9 +47,9 @@ class BlockInputs:
     """Calibration activations entering one block: one [B, T, hidden] tensor per batch."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[list[dict]]  # kwargs[batch][block]
+    kwargs: list[list["BlockCall"]]  # kwargs[batch][block]
 
-    def for_block(self, i: int) -> list[dict]:
+    def for_block(self, i: int) -> list["BlockCall"]:
         return [per_block[i] for per_block in self.kwargs]
 
 
@@ -63,8 +70,8 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.T
     owner, attr = blocks_owner(model, spec)
     blocks = getattr(owner, attr)
     hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = []
-    sinks: list[list[dict]] = [[] for _ in blocks]
+    kwargs: list[list[BlockCall]] = []
+    sinks: list[list[BlockCall]] = [[] for _ in blocks]
     first = _FirstInput()
     recorders = nn.ModuleList(_Recorder(b, sink) for b, sink in zip(blocks, sinks))
     handle = recorders[0].register_forward_pre_hook(first, with_kwargs=True)
@@ -101,11 +108,12 @@ def _to(obj, device):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list["BlockCall"],
+              device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The block's outputs for every batch (kept on the CPU)."""
     outs = []
-    for h, kw in zip(hidden, kwargs):
-        y = block(h.to(device), **_to(kw, device))
+    for h, call in zip(hidden, calls):
+        y = block(h.to(device), *_to(call.args, device), **_to(call.kwargs, device))
         y = y[0] if isinstance(y, tuple) else y
         outs.append(y.to("cpu"))
     return outs

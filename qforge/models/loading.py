@@ -114,9 +114,14 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_model(spec)
+    # a hub id: respect Hugging Face's own offline switch, read now rather than at import time
+    offline = {"local_files_only": True} if isinstance(where, str) and os.environ.get("HF_HUB_OFFLINE") == "1" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, **offline)
+        check_finite(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **offline)
+    except QForgeError:
+        raise
     except OSError as e:
         if isinstance(where, str):
             raise QForgeError(
@@ -125,8 +130,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                 f"of the built-in aliases: {', '.join(ALIASES)}. ({e.__class__.__name__}: {str(e).splitlines()[0]})"
             ) from e
         raise QForgeError(f"could not load the model in {where}: {e}") from e
-    except (ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # corrupt weights or config: SafetensorError, ValueError, KeyError, ...
         raise QForgeError(f"could not load the model in {where}: {type(e).__name__}: {e}") from e
     model.eval()
-    check_finite(model)
     return LoadedModel(model, tokenizer, spec, Path(where) if not isinstance(where, str) else Path(spec))

@@ -1,0 +1,31 @@
+import json
+
+from qforge.cli.main import main
+
+
+def test_quantize_then_eval_an_output_dir(tiny_llama_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Every window is evaluated on its own. " * 80)
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--asym",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rtn W4 g32 asym" in printed and "bits/weight" in printed
+    cfg = json.loads((out / "qforge_config.json").read_text())
+    assert cfg["bits"] == 4 and cfg["group_size"] == 32 and cfg["sym"] is False
+    js = tmp_path / "r.json"
+    assert main(["-q", "eval", str(out), "--dataset", str(text), "--seqlen", "32", "--max-windows", "3",
+                 "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert rows[0]["windows"] == 3 and rows[0]["seqlen"] == 32 and rows[0]["tokens"] == 96
+    assert rows[0]["ppl"] > 1 and "perplexity of" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_a_message(tiny_llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "--bits", "9", "--out", str(tmp_path / "o")]) == 2
+    assert "bits must be" in capsys.readouterr().err
+    assert main(["eval", str(tiny_llama_dir), "--dataset", "nonsense"]) == 2
+    assert "unknown evaluation set" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

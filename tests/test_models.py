@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+import qforge
+from qforge import QForgeError
+from qforge.models import load_model, resolve_model
+
+
+def test_missing_path_is_a_clear_error():
+    with pytest.raises(QForgeError, match="no such"):
+        resolve_model("./no/such/model")
+    with pytest.raises(QForgeError, match="no such GGUF"):
+        resolve_model("missing.gguf")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(QForgeError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(QForgeError, match="could not read GGUF"):
+        resolve_model(str(bad))
+
+
+def test_corrupt_safetensors(tiny_llama_dir):
+    (tiny_llama_dir / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(QForgeError, match="could not load"):
+        load_model(str(tiny_llama_dir))
+
+
+def test_hub_id_offline_fails_cleanly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(QForgeError, match="hub id"):
+        load_model("some-org/some-model-that-is-not-here")
+
+
+def test_nan_weights_are_refused(tiny_llama_dir, tmp_path):
+    m = load_model(str(tiny_llama_dir)).model
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[3, 3] = float("nan")
+    m.save_pretrained(tmp_path / "nan")
+    with pytest.raises(QForgeError, match="NaN.*up_proj"):
+        load_model(str(tmp_path / "nan"))
+
+
+def test_quantized_dir_refuses_a_second_config(tiny_llama_dir, tmp_path):
+    m = qforge.load(str(tiny_llama_dir), qforge.QuantizeConfig())
+    m.quantize()
+    m.save(tmp_path / "q")
+    with pytest.raises(QForgeError, match="already quantized"):
+        qforge.load(str(tmp_path / "q"), qforge.QuantizeConfig())
