@@ -9,8 +9,8 @@ from typing import Any
 
 from .errors import QForgeError
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
+METHODS = ("rtn", "gptq")
+NEEDS_CALIBRATION = {"rtn": False, "gptq": True}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -54,7 +54,6 @@ class QuantizeConfig(_JsonMixin):
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
-    true_sequential: bool = True
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()

@@ -2,8 +2,9 @@
 
 Methods that need no data (RTN) quantize each linear's weight directly. Methods that do:
   1. capture the inputs of every block once from the calibration batches (capture.blocks);
-  2. for block i, for each linear group in execution order (true-sequential): run the block with
-     hooks feeding the group's inputs to the solver's statistics, solve each linear, write it back;
+  2. for block i, for each linear group in execution order (true-sequential: a group's inputs pass
+     through the already quantized earlier groups): run the block with the group's input fed to the
+     solver's statistics (capture.linear_inputs), solve each linear, write it back;
   3. run the quantized block to produce block i+1's inputs.
 Only the current block is moved to the compute device. Solvers plug in through SOLVERS.
 """
@@ -17,12 +18,12 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .capture import capture_block_inputs, collect_linear_inputs, run_block
+from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
 from .capture.blocks import make_batches
 from .config import QuantizeConfig
 from .errors import QForgeError
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks
-from .solvers import Grid, LayerQuant, rtn
+from .solvers import Grid, LayerQuant, gptq, rtn
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,31 @@ class Solver(Protocol):
 class RTNSolver:
     needs_inputs = False
 
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
     def solve(self, W, stats, grid, cfg):
         return rtn(W, grid)
 
 
-SOLVERS: dict[str, Callable[[], Solver]] = {"rtn": RTNSolver}
+class GPTQSolver:
+    needs_inputs = True
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def new_stats(self, in_features: int) -> HessianAccumulator:
+        return HessianAccumulator(in_features, self.device)
+
+    def add(self, stats: HessianAccumulator, x: torch.Tensor) -> None:
+        stats.add(x)
+
+    def solve(self, W, stats: HessianAccumulator, grid, cfg):
+        return gptq(W.to(stats.H.device), stats.H, grid, damp=cfg.damp, block_size=cfg.block_size,
+                    act_order=cfg.act_order, static_groups=cfg.static_groups)
+
+
+SOLVERS: dict[str, Callable[..., Solver]] = {"rtn": RTNSolver, "gptq": GPTQSolver}
 
 
 @dataclass
@@ -68,6 +89,10 @@ def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Gri
     W_hat = q.dequantize()
     if not torch.isfinite(W_hat).all():
         raise QForgeError(f"{full_name}: the solver produced non-finite weights")  # never written back
+    if q.w_hat is not None and not torch.equal(W_hat, q.w_hat):
+        raise QForgeError(f"{full_name}: codes/scales/g_idx do not reproduce the solver's weights")
+    q.w_hat = None
+    q.codes, q.scales, q.zeros, q.g_idx = (t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx))
     q.info["rel_weight_err"] = float((W - W_hat).norm() / W.norm().clamp_min(1e-12))
     ref.set_weight(W_hat)
     result.layers[full_name] = q
@@ -83,9 +108,9 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
                    device: str = "cpu", batch_size: int = 8, show_progress: bool = True) -> QuantizeResult:
     """Quantize `model` in place (its weights become the dequantized grid values) and return the codes."""
     spec = arch_spec(model)
-    solver = SOLVERS[cfg.method]() if cfg.method in SOLVERS else None
-    if solver is None:
+    if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
+    solver = SOLVERS[cfg.method](device)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
@@ -107,23 +132,37 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
 
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
                          samples, device, batch_size, result: QuantizeResult, show_progress: bool) -> None:
-    batches = make_batches(samples, batch_size)
-    inputs = capture_block_inputs(model, spec, batches)
+    inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         block.to(device)
-        kwargs = inputs.for_block(i)
+        calls = inputs.for_block(i)
         groups = block_linears(block, spec)
-        if not cfg.true_sequential:
-            groups = [[ref for g in groups for ref in g]]
-        for group in groups:
+        for k, group in enumerate(groups):
             todo = [r for r in group if not _skipped(f"{spec.blocks}.{i}.{r.name}", cfg)]
             if not todo:
                 continue
-            stats = {r.name: solver.new_stats(r.shape[1]) for r in todo}
-            with collect_linear_inputs(todo, lambda ref, x: solver.add(stats[ref.name], x)):
-                run_block(block, hidden, kwargs, device)
+            stats, sinks = _group_stats(solver, todo)
+            later = [r for g in groups[k + 1:] for r in g]
+            with collect_group_inputs(block, todo, sinks, later):
+                run_block(block, hidden, calls, device)
             for ref in todo:
                 _solve_into(ref, f"{spec.blocks}.{i}.{ref.name}", solver, stats[ref.name], grid, cfg, result)
-        hidden = run_block(block, hidden, kwargs, device)
+        hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
+
+
+def _group_stats(solver: Solver, refs: list[LinearRef]) -> tuple[dict, dict]:
+    """One statistic for the group's shared input (plain linears), one per expert (fused experts)."""
+    stats, sinks = {}, {}
+    shared = None
+    for ref in refs:
+        if ref.expert is None:
+            if shared is None:
+                shared = solver.new_stats(ref.shape[1])
+                sinks[ref.name] = lambda x, s=shared: solver.add(s, x)
+            stats[ref.name] = shared
+        else:
+            stats[ref.name] = solver.new_stats(ref.shape[1])
+            sinks[ref.name] = lambda x, s=stats[ref.name]: solver.add(s, x)
+    return stats, sinks

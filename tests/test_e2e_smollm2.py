@@ -39,3 +39,17 @@ def test_rtn_end_to_end(smollm2_dir, tmp_path):
     with torch.no_grad():
         logits = m3.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_gptq_beats_rtn_at_3_bits(smollm2_dir, tmp_path):
+    kw = dict(datasets=["wiki"], seqlen=256, max_windows=2)
+    ppl = {}
+    for method in ("rtn", "gptq"):
+        m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method=method, bits=3, group_size=64, act_order=method == "gptq"))
+        m.quantize("builtin:mix", nsamples=16, seqlen=256, seed=0)
+        ppl[method] = qforge.evaluate(m, **kw)[0]["ppl"]
+    assert ppl["gptq"] < ppl["rtn"]
+    out = m.save(tmp_path / "gptq")  # calibration samples and config travel with the output
+    assert (out / "calibration.jsonl").read_text().count("\n") == 16
+    record = __import__("json").loads((out / "run_record.json").read_text())
+    assert record["layers"][0]["method"] == "gptq" and "damp" in record["layers"][0]

@@ -1,5 +1,6 @@
 """Capture: block inputs from calibration data, and the inputs each linear sees inside a block."""
 from .blocks import BlockInputs, capture_block_inputs, run_block
-from .linear_inputs import collect_linear_inputs
+from .hessian import HessianAccumulator
+from .linear_inputs import collect_group_inputs
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "collect_linear_inputs"]
+__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "collect_group_inputs", "HessianAccumulator"]

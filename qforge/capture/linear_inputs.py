@@ -1,32 +1,79 @@
-"""Forward hooks that hand the inputs of chosen linears to an accumulator while a block runs."""
+"""Feed the inputs of one linear group to statistics while a block runs, cheaply.
+
+A table group is a set of linears that read the same input tensor (q/k/v, gate/up, ...), so one
+statistic serves the whole group. While group k is collected, its linears and every linear of later
+groups are swapped for stand-ins that return zeros (group k's stand-in hands its input to the sink
+first): nothing after group k can change group k's inputs, so their real compute is skipped.
+Fused experts cannot be swapped out; their per-expert inputs are rebuilt from the experts module's
+call (tokens routed to each expert; for down_proj, act(gate) * up under the current weights).
+"""
 from __future__ import annotations
 
 import contextlib
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..models.arch import LinearRef
 
+Sink = Callable[[torch.Tensor], None]  # receives x [tokens, in]
+
+
+class _ZeroLinear(nn.Module):
+    def __init__(self, out_features: int, sink: Sink | None = None):
+        super().__init__()
+        self.out_features, self.sink = out_features, sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sink is not None:
+            self.sink(x.reshape(-1, x.shape[-1]))
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _expert_inputs(module: nn.Module, ref: LinearRef, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    x = hidden[(top_k_index == ref.expert).any(dim=-1)]            # [tokens routed to e, hidden]
+    if ref.param == "gate_up_proj":
+        return x
+    gate, up = F.linear(x, module.gate_up_proj[ref.expert]).chunk(2, dim=-1)
+    return module.act_fn(gate) * up                                # down_proj's input
+
 
 @contextlib.contextmanager
-def collect_linear_inputs(refs: list[LinearRef], sink: Callable[[LinearRef, torch.Tensor], None]) -> Iterator[None]:
-    """While active, every forward of a referenced nn.Linear/Conv1D calls sink(ref, x [tokens, in]).
-
-    Fused-expert refs have no module of their own; their inputs are reconstructed by the caller.
-    """
+def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[str, Sink],
+                         later: list[LinearRef]) -> Iterator[None]:
+    """While active, running `block` hands each ref's input to sinks[ref.name] (one call per ref
+    that owns a statistic; refs sharing the group input may share a sink name)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
     handles = []
-    for ref in refs:
-        if ref.expert is not None:
-            continue
 
-        def hook(module, args, ref=ref):
-            x = args[0]
-            sink(ref, x.reshape(-1, x.shape[-1]))
+    def swap(ref: LinearRef, sink: Sink | None) -> None:
+        parent_path, _, leaf = ref.name.rpartition(".")
+        parent = block.get_submodule(parent_path) if parent_path else block
+        swapped.append((parent, leaf, getattr(parent, leaf)))
+        setattr(parent, leaf, _ZeroLinear(ref.shape[0], sink))
 
-        handles.append(ref.module.register_forward_pre_hook(hook))
+    experts = [r for r in group if r.expert is not None]
     try:
+        for ref in group:
+            if ref.expert is None:
+                swap(ref, sinks.get(ref.name))
+        for ref in later:
+            if ref.expert is None:
+                swap(ref, None)
+        if experts:
+            def hook(module, args, refs=experts):
+                hidden, top_k_index = args[0], args[1]
+                for r in refs:
+                    if r.module is module and r.name in sinks:
+                        sinks[r.name](_expert_inputs(module, r, hidden, top_k_index))
+
+            for m in {id(r.module): r.module for r in experts}.values():
+                handles.append(m.register_forward_pre_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
+        for parent, leaf, original in reversed(swapped):
+            setattr(parent, leaf, original)

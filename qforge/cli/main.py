@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import METHODS
 from ..errors import QForgeError
 from .table import format_table, human_bytes
 
@@ -16,7 +17,7 @@ log = logging.getLogger("qforge")
 
 def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
     q = p.add_argument_group("quantization")
-    q.add_argument("--method", default="rtn", help="rtn (more in later versions)")
+    q.add_argument("--method", default="rtn", choices=METHODS, help="rtn (data-free) or gptq (calibrated)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=default_group, help="-1 for per-channel")
     sym = q.add_mutually_exclusive_group()
@@ -39,7 +40,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
 def _add_eval_args(p: argparse.ArgumentParser, default_windows: int | None = None) -> None:
     p.add_argument("--dataset", default="wiki,brown,news,code", help="comma-separated built-in sets or files")
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=2048, help="evaluation window length")
-    p.add_argument("--max-windows", type=int, default=default_windows, help="evaluate the first K windows")
+    p.add_argument("--max-windows", type=int, default=default_windows,
+                   help="evaluate the first K windows of each set (0: all)")
 
 
 def _quant_config(a):
@@ -103,7 +105,7 @@ def _print_quant_summary(m, out: Path) -> None:
 def cmd_eval(a) -> int:
     import qforge
 
-    rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows,
+    rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
                            device=a.device, show_progress=not a.quiet)
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
@@ -120,7 +122,7 @@ def cmd_demo(a) -> int:
     datasets = a.dataset.split(",")
     t0 = time.perf_counter()
     m = qforge.load(a.model, cfg)
-    kw = dict(datasets=datasets, seqlen=a.eval_seqlen, max_windows=a.max_windows, show_progress=not a.quiet)
+    kw = dict(datasets=datasets, seqlen=a.eval_seqlen, max_windows=a.max_windows or None, show_progress=not a.quiet)
     base = qforge.evaluate(m, **kw)
     fp16 = m.storage()["fp16_bytes"]
     m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,

@@ -3,3 +3,6 @@ from .grid import Grid, LayerQuant, dequantize, fit_params, group_index, quantiz
 from .rtn import rtn
 
 __all__ = ["Grid", "LayerQuant", "dequantize", "fit_params", "group_index", "quantize", "rtn"]
+from .gptq import gptq, inverse_hessian_cholesky  # noqa: E402
+
+__all__ += ["gptq", "inverse_hessian_cholesky"]

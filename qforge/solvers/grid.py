@@ -84,6 +84,7 @@ class LayerQuant:
     zeros: torch.Tensor
     g_idx: torch.Tensor
     info: dict
+    w_hat: torch.Tensor | None = None  # the solver's own reconstruction, for a consistency check; not saved
 
     def dequantize(self) -> torch.Tensor:
         """W_hat [out, in] fp32."""

@@ -11,13 +11,16 @@ def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
     W = W.float()
     out_f, in_f = W.shape
     g = grid.group_len(in_f)
-    n_groups = grid.n_groups(in_f)
-    codes = torch.empty(out_f, in_f)
-    scales = torch.empty(out_f, n_groups)
-    zeros = torch.empty(out_f, n_groups)
-    for k in range(n_groups):
-        cols = slice(k * g, min((k + 1) * g, in_f))
-        scale, zero = fit_params(W[:, cols], grid)                 # [out], [out]
-        codes[:, cols] = quantize(W[:, cols], scale, zero, grid.maxq)
-        scales[:, k], zeros[:, k] = scale, zero
+    full = in_f // g                                              # groups of exactly g columns
+    parts = []
+    if full:
+        Wg = W[:, : full * g].reshape(out_f * full, g)            # one row per (channel, group)
+        scale, zero = fit_params(Wg, grid)
+        parts.append((quantize(Wg, scale, zero, grid.maxq).reshape(out_f, full * g),
+                      scale.reshape(out_f, full), zero.reshape(out_f, full)))
+    if full * g < in_f:                                           # ragged last group
+        Wr = W[:, full * g:]
+        scale, zero = fit_params(Wr, grid)
+        parts.append((quantize(Wr, scale, zero, grid.maxq), scale[:, None], zero[:, None]))
+    codes, scales, zeros = (torch.cat(t, dim=1) for t in zip(*parts))
     return LayerQuant(grid, codes.to(torch.uint8), scales, zeros, group_index(in_f, grid), info={"method": "rtn"})

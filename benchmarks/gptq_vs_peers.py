@@ -1,0 +1,188 @@
+"""qforge GPTQ vs llm-compressor GPTQModifier vs gptqmodel vs qforge RTN, side by side, on SmolLM2-135M.
+
+Every tool gets the same calibration samples (128 x 512 `input_ids` from the built-in Brown split,
+written to a JSONL first), keeps lm_head unquantized, and is evaluated by qforge's perplexity (the
+shared protocol) after its dequantized fp32 weights are copied into the same dense model. Each run is
+its own process, so peak RSS is per tool. Run it in the peers' venv (shared/README.md §5):
+
+    GPTQMODEL_CPU_WORKERS=2 PYTHONPATH=. /tmp/peers/bin/python benchmarks/gptq_vs_peers.py \
+        --max-windows 2 --datasets wiki,brown,news,code
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {  # name -> (bits, group, act_order, sym)
+    "fp32": (16, -1, False, True),
+    "W4g64": (4, 64, False, True),
+    "W3g64": (3, 64, False, True),
+    "W4g64-actorder": (4, 64, True, True),
+    "W4g64-asym": (4, 64, False, False),
+    "W3g64-asym": (3, 64, False, False),
+}
+TOOLS = ("qforge-rtn", "qforge-gptq", "llmcompressor", "gptqmodel")
+
+
+def wanted(tool: str, config: str) -> bool:
+    """fp32 is one baseline run; act-order means nothing to RTN; asym rows are RTN's (issue 2 table)."""
+    if config == "fp32":
+        return tool == "qforge-rtn"
+    if config.endswith("asym"):
+        return tool == "qforge-rtn"
+    return not (tool == "qforge-rtn" and CONFIGS[config][2])
+
+
+def calib_file(path: Path) -> Path:
+    if not path.exists():
+        from qforge.calibration import build_calibration, save_samples_jsonl
+        from qforge.models import load_model
+
+        tok = load_model("smollm2-135m").tokenizer
+        save_samples_jsonl(build_calibration("builtin:brown", tok, 128, 512, seed=0), path)
+    return path
+
+
+def run_qforge(method, bits, group, act_order, sym, samples):
+    from qforge import QuantizeConfig
+    from qforge.models import load_model
+    from qforge.pipeline import quantize_model
+
+    lm = load_model("smollm2-135m")
+    t = time.perf_counter()
+    if bits < 16:
+        quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
+                                                act_order=act_order), samples, show_progress=False)
+    return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def run_llmcompressor(bits, group, act_order, samples):
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from qforge.models import load_model
+
+    lm = load_model("smollm2-135m")
+    ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
+                            "attention_mask": [[1] * len(s) for s in samples]})
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "actorder": "static" if act_order else None}
+    recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+    t = time.perf_counter()
+    oneshot(model=lm.model, dataset=ds, recipe=recipe, max_seq_length=512, num_calibration_samples=len(samples),
+            shuffle_calibration_samples=False)
+    secs = time.perf_counter() - t
+    state = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    for name, m in lm.model.named_modules():
+        if hasattr(m, "weight_scale"):
+            g_idx = getattr(m, "weight_g_idx", None)
+            state[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
+                                                    m.quantization_scheme.weights, g_idx=g_idx).float()
+    return secs, state
+
+
+def run_gptqmodel(bits, group, act_order, samples):
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    from qforge.models.loading import resolve_model
+
+    dense = resolve_model("smollm2-135m")
+    # offload_to_disk=False: its default lazy loader fails on CPU here (meta tensors in the mask)
+    model = GPTQModel.load(str(dense), QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=act_order,
+                                                      offload_to_disk=False),
+                           device="cpu", dtype=torch.float32)
+    rows = [{"input_ids": s.tolist()} for s in samples]
+    t = time.perf_counter()
+    model.quantize(rows)
+    secs = time.perf_counter() - t
+    return secs, model.model  # evaluated through its own packed QuantLinear modules
+
+
+def worker(args) -> None:
+    from qforge.calibration import load_samples_jsonl
+    from qforge.eval import load_eval_text, perplexity
+    from qforge.models import load_model
+
+    torch.set_num_threads(2)
+    bits, group, act_order, sym = CONFIGS[args.config]
+    samples = load_samples_jsonl(args.calib)
+    if args.tool.startswith("qforge"):
+        secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples)
+    elif args.tool == "llmcompressor":
+        secs, state = run_llmcompressor(bits, group, act_order, samples)
+    else:
+        secs, state = run_gptqmodel(bits, group, act_order, samples)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lm = load_model("smollm2-135m")
+    changed = 0
+    if isinstance(state, dict):  # dequantized weights: copy them into a fresh dense model
+        params = dict(lm.model.named_parameters())
+        with torch.no_grad():
+            for n, w in state.items():
+                if n in params and n.endswith("weight") and ".layers." in n:
+                    changed += int(not torch.equal(params[n], w.to(params[n].dtype)))
+                    params[n].copy_(w)
+        model = lm.model
+    else:
+        model = state.float().eval()
+    ppl = {d: perplexity(model, lm.tokenizer, load_eval_text(d), args.seqlen, args.max_windows,
+                         show_progress=False)["ppl"] for d in args.datasets.split(",")}
+    print("RESULT " + json.dumps({"tool": args.tool, "config": args.config, "seconds": secs, "peak_rss_mb": rss,
+                                  "changed_linears": changed, "ppl": ppl}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", default="wiki,brown,news,code")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--calib", type=Path, default=Path("benchmarks/results/brown_128x512.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_vs_peers.jsonl"))
+    ap.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"))
+    a = ap.parse_args()
+    if a.worker:
+        a.tool, a.config = a.worker
+        return worker(a)
+    calib_file(a.calib)
+    results = []
+    for config in a.configs.split(","):
+        for tool in a.tools.split(","):
+            if not wanted(tool, config):
+                continue
+            cmd = [sys.executable, __file__, "--worker", tool, config, "--calib", str(a.calib), "--datasets",
+                   a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="."))
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not line:
+                print(f"{tool} {config} FAILED:\n{p.stderr[-3000:]}", flush=True)
+                continue
+            r = json.loads(line[0][7:])
+            results.append(r)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"{config:16s} {tool:14s} {r['seconds']:8.1f}s {r['peak_rss_mb']:7.0f}MB "
+                  + " ".join(f"{d}={v:.3f}" for d, v in r["ppl"].items()), flush=True)
+    from qforge.cli.table import format_table
+
+    ds = a.datasets.split(",")
+    print(format_table(["config", "tool", "quant s", "peak RSS MB"] + [f"{d} ppl" for d in ds],
+                       [[r["config"], r["tool"], round(r["seconds"], 1), round(r["peak_rss_mb"])]
+                        + [r["ppl"][d] for d in ds] for r in results],
+                       title=f"GPTQ side by side, SmolLM2-135M, calib 128x512 Brown, eval seqlen {a.seqlen} x "
+                             f"first {a.max_windows} windows"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): quantize W column by column, compensating each column's
+rounding error on the columns not yet quantized through the inverse Hessian of the layer inputs.
+
+Pure function: fp32 tensors in, LayerQuant out; no hooks, I/O or device choice (it runs where W is).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .grid import Grid, LayerQuant, fit_params
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[torch.Tensor, dict]:
+    """Upper Cholesky factor of (H + λI)^-1, λ = damp * mean(diag H), escalating λ x10 on failure.
+
+    If every try fails (a huge or badly conditioned H), fall back to an eigendecomposition with the
+    eigenvalues clamped positive, which always factorises. Returns (U, info) with U^T U = (H + λI)^-1.
+    """
+    mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    d = damp
+    for attempt in range(max_tries):
+        L, err = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if err.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, err = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if err.item() == 0 and torch.isfinite(U).all():
+                return U, {"damp": d, "retries": attempt, "fallback": None}
+        d *= 10
+    # eigen fallback: H = V diag(e) V^T with e clamped to >= 1e-6 * max(e) (+ the last damping)
+    e, V = torch.linalg.eigh(H.double())
+    e = e.clamp_min(1e-6 * e.max().clamp_min(1e-12)) + d * float(mean_diag)
+    Hinv = (V / e) @ V.T
+    U = torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
+    return U, {"damp": d, "retries": max_tries, "fallback": "eigh"}
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = False, static_groups: bool = False) -> LayerQuant:
+    """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
+
+    act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
+    columns in that order (g_idx records each column's group), unless static_groups, which fixes every
+    group's grid on the original column ranges before reordering (in-order g_idx).
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    out_f, in_f = W.shape
+    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+        raise ValueError("gptq: W and H must be finite")
+
+    dead = torch.diag(H) == 0                         # inputs that are always zero
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0                                  # as the paper's code: no signal, no weight
+
+    gs = grid.group_len(in_f)
+    n_groups = grid.n_groups(in_f)
+    dev = W.device
+    scales = torch.zeros(out_f, n_groups, device=dev)
+    zeros = torch.zeros(out_f, n_groups, device=dev)
+    prefit = static_groups or grid.group_size == -1
+    if prefit:                                        # grids of the original column ranges
+        for k in range(n_groups):
+            scales[:, k], zeros[:, k] = fit_params(W[:, k * gs:(k + 1) * gs], grid)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=dev)
+    W, H = W[:, perm], H[perm][:, perm]
+    group_of_pos = (perm // gs) if static_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
+
+    U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
+    codes = torch.zeros(out_f, in_f, device=dev)
+    Q = torch.zeros(out_f, in_f, device=dev)                     # Ŵ in permuted order, as the loop computed it
+    loss = 0.0
+    group_list = group_of_pos.tolist()
+    # blocks never split a group, so each group's grid is fitted on up-to-date weights
+    B = max(gs, (block_size // gs) * gs) if gs < in_f else block_size
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        W1 = W[:, i1:i2].clone()                      # [out, b]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d_t = torch.diag(U1)
+        d = d_t.tolist()
+        for i in range(i2 - i1):
+            k = group_list[i1 + i]
+            if not prefit and (i1 + i) % gs == 0:
+                scales[:, k], zeros[:, k] = fit_params(W1[:, i:i + gs], grid)
+            s, z = scales[:, k], zeros[:, k]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, grid.maxq)       # [out] codes
+            codes[:, i1 + i] = q
+            Q1[:, i] = s * (q - z)
+            err = (w - Q1[:, i]) / d[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)                  # compensate the rest of the block
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        loss += float((Err1**2 * d_t**2).sum()) / 2                      # sum (w - ŵ)^2 / 2
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]             # lazy batch update of the remaining columns
+
+    inv = torch.argsort(perm)
+    g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
+    info.update(method="gptq", loss=loss, dead_columns=int(dead.sum()))
+    if info["fallback"] or info["retries"]:
+        log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
+                 ", eigendecomposition fallback" if info["fallback"] else "")
+    return LayerQuant(grid, codes[:, inv].to(torch.uint8), scales, zeros, g_idx, info, w_hat=Q[:, inv])
