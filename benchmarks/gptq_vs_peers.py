@@ -47,7 +47,7 @@ def calib_file(path: Path) -> Path:
         from qforge.models import load_model
 
         tok = load_model("smollm2-135m").tokenizer
-        save_samples_jsonl(build_calibration("builtin:brown", tok, 128, 512, seed=0), path)
+        save_samples_jsonl(build_calibration("builtin:brown", tok, 128, 512, seed=0).samples, path)
     return path
 
 
@@ -84,10 +84,9 @@ def run_llmcompressor(bits, group, act_order, samples):
     secs = time.perf_counter() - t
     state = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     for name, m in lm.model.named_modules():
-        if hasattr(m, "weight_scale"):
-            g_idx = getattr(m, "weight_g_idx", None)
+        if hasattr(m, "weight_scale"):  # static act-order keeps groups in column order: no g_idx
             state[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
-                                                    m.quantization_scheme.weights, g_idx=g_idx).float()
+                                                    m.quantization_scheme.weights).float()
     return secs, state
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .calibration import save_samples_jsonl
 from .config import CalibrationConfig, QuantizeConfig
 from .errors import QForgeError
 from .solvers import Grid, LayerQuant
@@ -71,9 +72,7 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
         if calib_cfg is not None:
             calib_cfg.save(tmp / CALIB_CONFIG_FILE)
         if calib_samples is not None:
-            with open(tmp / CALIB_SAMPLES_FILE, "w") as f:
-                for s in calib_samples:
-                    f.write(json.dumps({"input_ids": s.tolist()}) + "\n")
+            save_samples_jsonl(calib_samples, tmp / CALIB_SAMPLES_FILE)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
 

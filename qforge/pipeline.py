@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from fnmatch import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -96,11 +97,10 @@ def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Gri
     q.info["rel_weight_err"] = float((W - W_hat).norm() / W.norm().clamp_min(1e-12))
     ref.set_weight(W_hat)
     result.layers[full_name] = q
+    log.debug("%s: %s", full_name, {k: v for k, v in q.info.items() if k != "method"})
 
 
 def _skipped(name: str, cfg: QuantizeConfig) -> bool:
-    from fnmatch import fnmatch
-
     return any(fnmatch(name, pat) for pat in cfg.skip)
 
 
@@ -150,6 +150,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                 _solve_into(ref, f"{spec.blocks}.{i}.{ref.name}", solver, stats[ref.name], grid, cfg, result)
         hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
+        if not all(torch.isfinite(h).all() for h in hidden):
+            raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
 
 
 def _group_stats(solver: Solver, refs: list[LinearRef]) -> tuple[dict, dict]:

@@ -29,3 +29,19 @@ def test_bad_input_exits_2_with_a_message(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval", str(tiny_llama_dir), "--dataset", "nonsense"]) == 2
     assert "unknown evaluation set" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "3", "--group-size", "32",
+                 "--act-order", "--damp", "0.02", "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32",
+                 "--out", str(out)]) == 0
+    cfg = json.loads((out / "qforge_config.json").read_text())
+    assert cfg["method"] == "gptq" and cfg["act_order"] and cfg["damp"] == 0.02
+    calib = json.loads((out / "qforge_calibration.json").read_text())
+    assert calib == {"source": "builtin:wiki", "nsamples": 4, "seqlen": 32, "seed": 0}
+    samples = (out / "calibration.jsonl").read_text().splitlines()
+    assert len(samples) == 4 and all(len(json.loads(s)["input_ids"]) == 32 for s in samples)
+    record = json.loads((out / "run_record.json").read_text())
+    assert any("small" in w for w in record["calibration_warnings"])
+    assert record["seed"] == 0 and record["peak_rss_mb"] > 0

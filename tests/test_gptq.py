@@ -190,3 +190,20 @@ def test_gptq_pipeline_beats_rtn_on_every_architecture(model_type):
         with torch.no_grad():
             errs[method] = float((m(input_ids=x).logits - want).norm())
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_variable_length_samples_are_never_padded():
+    """Batches hold equal-length samples only, so every Hessian row is a real token."""
+    samples = [torch.arange(n) % VOCAB for n in (5, 9, 5, 7, 9, 9)]
+    batches = make_batches(samples, batch_size=2)
+    assert sorted(b.shape[1] for b in batches) == [5, 7, 9, 9]
+    assert sum(b.numel() for b in batches) == sum(len(s) for s in samples)
+    m = tiny_model("llama")
+    spec = arch_spec(m)
+    inputs = capture_block_inputs(m, spec, batches)
+    block = get_blocks(m, spec)[0]
+    ref = block_linears(block, spec)[0][0]
+    acc = HessianAccumulator(ref.shape[1])
+    with collect_group_inputs(block, [ref], {ref.name: acc.add}, []):
+        run_block(block, inputs.hidden, inputs.for_block(0))
+    assert acc.n == sum(len(s) for s in samples)

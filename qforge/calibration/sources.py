@@ -136,10 +136,10 @@ def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: in
     return calib
 
 
-def save_samples_jsonl(calib: CalibrationSet, path: str | Path) -> None:
-    """The samples as `{"input_ids": [...]}` lines: reusable with --calib, by qforge or other tools."""
+def save_samples_jsonl(samples: list[torch.Tensor], path: str | Path) -> None:
+    """Samples as `{"input_ids": [...]}` lines: reusable with --calib, by qforge or other tools."""
     with open(path, "w") as f:
-        for s in calib.samples:
+        for s in samples:
             f.write(json.dumps({"input_ids": s.tolist()}) + "\n")
 
 

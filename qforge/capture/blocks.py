@@ -16,6 +16,14 @@ from torch import nn
 from ..models.arch import ArchSpec, blocks_owner
 
 
+@dataclass
+class BlockCall:
+    """Everything but the hidden states that one block is called with (positional and keyword)."""
+
+    args: tuple
+    kwargs: dict
+
+
 class _Recorder(nn.Module):
     def __init__(self, block: nn.Module, sink: list):
         super().__init__()
@@ -34,23 +42,16 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-@dataclass
-class BlockCall:
-    """Everything but the hidden states that one block is called with (positional and keyword)."""
-
-    args: tuple
-    kwargs: dict
-
 
 @dataclass
 class BlockInputs:
     """Calibration activations entering one block: one [B, T, hidden] tensor per batch."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[list["BlockCall"]]  # kwargs[batch][block]
+    calls: list[list[BlockCall]]  # calls[batch][block]
 
-    def for_block(self, i: int) -> list["BlockCall"]:
-        return [per_block[i] for per_block in self.kwargs]
+    def for_block(self, i: int) -> list[BlockCall]:
+        return [per_block[i] for per_block in self.calls]
 
 
 def make_batches(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -70,7 +71,6 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.T
     owner, attr = blocks_owner(model, spec)
     blocks = getattr(owner, attr)
     hidden: list[torch.Tensor] = []
-    kwargs: list[list[BlockCall]] = []
     sinks: list[list[BlockCall]] = [[] for _ in blocks]
     first = _FirstInput()
     recorders = nn.ModuleList(_Recorder(b, sink) for b, sink in zip(blocks, sinks))
@@ -83,9 +83,8 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.T
     finally:
         handle.remove()
         setattr(owner, attr, blocks)
-    for b in range(len(batches)):
-        kwargs.append([sinks[i][b] for i in range(len(blocks))])
-    return BlockInputs(hidden, kwargs)
+    calls = [[sinks[i][b] for i in range(len(blocks))] for b in range(len(batches))]
+    return BlockInputs(hidden, calls)
 
 
 class _FirstInput:
@@ -108,7 +107,7 @@ def _to(obj, device):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list["BlockCall"],
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall],
               device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The block's outputs for every batch (kept on the CPU)."""
     outs = []

@@ -30,8 +30,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--calib-seqlen", "--seqlen-calib", dest="calib_seqlen", type=int, default=2048,
-                   help="tokens per calibration sample")
+    c.add_argument("--calib-seqlen", dest="calib_seqlen", type=int, default=2048, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
@@ -62,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_quant_args(p)
+    p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized output directory")
     p.add_argument("model")
