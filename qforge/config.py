@@ -67,8 +67,6 @@ class QuantizeConfig(_JsonMixin):
                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
         _check(0.0 < self.damp < 1.0, f"damp must be in (0, 1), got {self.damp!r}")
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
-        _check(not (self.static_groups and not self.act_order),
-               "static_groups only changes anything together with act_order")
         _check(not (self.static_groups and self.group_size == -1),
                "static_groups needs a group size (per-channel has a single group)")
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -29,7 +29,7 @@ def out_err(X, W, W_hat):
 
 @pytest.mark.parametrize("bits,group,act_order,static", [
     (4, 32, False, False), (3, 64, False, False), (2, -1, False, False), (4, 32, True, False),
-    (3, 32, True, True), (3, 48, True, False), (4, -1, True, False),
+    (3, 32, True, True), (3, 48, True, False), (4, -1, True, False), (4, 32, False, True),
 ])
 def test_gptq_output_error_beats_rtn(bits, group, act_order, static):
     X = correlated_inputs()

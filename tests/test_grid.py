@@ -74,7 +74,7 @@ def test_more_bits_less_error():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(bits=0), "bits"), (dict(bits=9), "bits"), (dict(group_size=0), "group_size"),
-    (dict(method="magic"), "unknown method"), (dict(damp=0), "damp"), (dict(static_groups=True), "act_order"),
+    (dict(method="magic"), "unknown method"), (dict(damp=0), "damp"), (dict(static_groups=True, group_size=-1), "static_groups"),
 ])
 def test_config_rejects_impossible_settings(kwargs, match):
     with pytest.raises(QForgeError, match=match):

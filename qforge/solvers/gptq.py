@@ -44,8 +44,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
-    columns in that order (g_idx records each column's group), unless static_groups, which fixes every
-    group's grid on the original column ranges before reordering (in-order g_idx).
+    columns in that order (g_idx records each column's group).
+    static_groups: every group's grid is fitted on the original weights of its column range before any
+    update or reordering (in-order g_idx); otherwise a group's grid is fitted when the solver reaches
+    it, on the error-compensated weights.
     """
     W = W.clone().float()
     H = H.clone().float()
