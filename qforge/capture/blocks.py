@@ -42,7 +42,6 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-
 @dataclass
 class BlockInputs:
     """Calibration activations entering one block: one [B, T, hidden] tensor per batch."""

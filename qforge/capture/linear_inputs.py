@@ -43,8 +43,8 @@ def _expert_inputs(module: nn.Module, ref: LinearRef, hidden: torch.Tensor, top_
 @contextlib.contextmanager
 def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[str, Sink],
                          later: list[LinearRef]) -> Iterator[None]:
-    """While active, running `block` hands each ref's input to sinks[ref.name] (one call per ref
-    that owns a statistic; refs sharing the group input may share a sink name)."""
+    """While active, running `block` hands a ref's input to sinks[ref.name] for every ref named in
+    `sinks`; other refs of the group (which read the same input) and all `later` refs return zeros."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     handles = []
 
