@@ -29,7 +29,7 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "W4g64-asym": (4, 64, False, False),
     "W3g64-asym": (3, 64, False, False),
 }
-TOOLS = ("qforge-rtn", "qforge-gptq", "llmcompressor", "gptqmodel")
+TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-static", "llmcompressor", "gptqmodel")
 
 
 def wanted(tool: str, config: str) -> bool:
@@ -38,7 +38,7 @@ def wanted(tool: str, config: str) -> bool:
         return tool == "qforge-rtn"
     if config.endswith("asym"):
         return tool == "qforge-rtn"
-    return not (tool == "qforge-rtn" and CONFIGS[config][2])
+    return not (tool == "qforge-rtn" and CONFIGS[config][2])  # static groups with act-order: its own row
 
 
 def calib_file(path: Path) -> Path:
@@ -51,7 +51,7 @@ def calib_file(path: Path) -> Path:
     return path
 
 
-def run_qforge(method, bits, group, act_order, sym, samples):
+def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -60,7 +60,8 @@ def run_qforge(method, bits, group, act_order, sym, samples):
     t = time.perf_counter()
     if bits < 16:
         quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
-                                                act_order=act_order), samples, show_progress=False)
+                                                act_order=act_order, static_groups=static_groups),
+                       samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
@@ -116,7 +117,8 @@ def worker(args) -> None:
     bits, group, act_order, sym = CONFIGS[args.config]
     samples = load_samples_jsonl(args.calib)
     if args.tool.startswith("qforge"):
-        secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples)
+        secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
+                                 static_groups=args.tool.endswith("-static"))
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:

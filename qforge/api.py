@@ -20,6 +20,7 @@ from .config import CalibrationConfig, QuantizeConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
 from .models import load_model
+from .models.packed import load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .storage import model_storage
 from .utils.runrecord import run_record
@@ -31,10 +32,11 @@ class QModel:
     """A loaded causal LM with its tokenizer, quantization config and (once quantized) results."""
 
     def __init__(self, model, tokenizer, source: str, config: QuantizeConfig | None = None,
-                 result: QuantizeResult | None = None):
+                 result: QuantizeResult | None = None, packed_format: str | None = None):
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.config = config
         self.result = result
+        self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
 
@@ -70,6 +72,18 @@ class QModel:
                         self.result.ragged_layers[0])
         return self.result
 
+    def export(self, out: str | Path, fmt: str = "gptq", dtype: torch.dtype = torch.float16,
+               overwrite: bool = False, max_shard_size: str | int = "4GB") -> dict:
+        """Write a packed checkpoint (formats: gptq, compressed-tensors, awq); returns its measured sizes."""
+        from .export import export
+
+        if not self.quantized:
+            raise QForgeError("nothing to export: call quantize() first")
+        if self.packed_format is not None:
+            raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint already")
+        return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
+                      max_shard_size)
+
     def storage(self) -> dict:
         layers = self.result.layers if self.result else {}
         cfg = self.config or QuantizeConfig()
@@ -78,6 +92,8 @@ class QModel:
     def save(self, out: str | Path, overwrite: bool = False, **record_fields) -> Path:
         if not self.quantized:
             raise QForgeError("nothing to save: call quantize() first")
+        if self.packed_format is not None:
+            raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint; nothing new to save")
         record = run_record(
             source=self.source, seed=(self.calibration_config.seed if self.calibration_config else None),
             quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
@@ -90,8 +106,14 @@ class QModel:
 
 
 def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
-    """Load a model spec; a qforge output directory comes back quantized, with its config and codes."""
+    """Load a model spec. A qforge output directory comes back quantized, with its config and codes; a packed
+    gptq/awq/compressed-tensors checkpoint comes back with QuantLinear modules and its codes."""
     model = str(model)
+    if Path(model).is_dir() and packed_format(model) is not None:
+        if config is not None:
+            raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
+        net, tok, layers, fmt = load_packed(model)
+        return QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
     lm = load_model(model)
     if is_qforge_output(model):
         if config is not None:

@@ -1,4 +1,4 @@
-"""The `qforge` command: quantize, eval, demo."""
+"""The `qforge` command: quantize, export, eval, generate, demo."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,24 @@ def _add_eval_args(p: argparse.ArgumentParser, default_windows: int | None = Non
                    help="evaluate the first K windows of each set (0: all)")
 
 
+def _add_export_args(p: argparse.ArgumentParser, help_text: str, default: str | None = None) -> None:
+    from ..formats import FORMATS
+
+    p.add_argument("--format", choices=list(FORMATS), default=default, help=help_text)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the non-quantized tensors in the packed checkpoint")
+    p.add_argument("--max-shard-size", default="4GB")
+
+
+def _export(m, out, a) -> None:
+    import torch
+
+    sizes = m.export(out, a.format, getattr(torch, a.dtype), overwrite=a.overwrite, max_shard_size=a.max_shard_size)
+    print(f"packed {a.format} checkpoint -> {out}: {human_bytes(sizes['safetensors_bytes'])} of safetensors, "
+          f"quantized linears {human_bytes(sizes['quantized_layer_bytes'])} = "
+          f"{sizes['bits_per_weight']:.3f} bits/weight (measured on the files)")
+
+
 def _quant_config(a):
     from ..config import QuantizeConfig
 
@@ -62,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_quant_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
+    _add_export_args(p, "also write a packed checkpoint in this format to --export-out")
+    p.add_argument("--export-out", help="where the packed checkpoint goes (default: OUT-FORMAT)")
+
+    p = sub.add_parser("export", help="write a finished qforge run as a packed checkpoint engines load")
+    p.add_argument("result", help="a qforge output directory (from `qforge quantize`)")
+    p.add_argument("--out", required=True, help="the packed checkpoint directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_export_args(p, "packed format", default="gptq")
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, for a quick look at a model")
+    p.add_argument("model", help="any model spec, a qforge output or a packed checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized output directory")
     p.add_argument("model")
@@ -87,6 +119,38 @@ def cmd_quantize(a) -> int:
                batch_size=a.batch_size, show_progress=not a.quiet)
     out = m.save(a.out, overwrite=a.overwrite)
     _print_quant_summary(m, out)
+    if a.format:
+        _export(m, a.export_out or f"{str(out).rstrip('/')}-{a.format}", a)
+    return 0
+
+
+def cmd_export(a) -> int:
+    import qforge
+
+    from ..checkpoint import is_qforge_output
+
+    if not is_qforge_output(a.result):
+        raise QForgeError(f"{a.result} is not a qforge output directory (no qforge_config.json); "
+                          f"quantize first with `qforge quantize ... --out DIR`")
+    _export(qforge.load(a.result), a.out, a)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import qforge
+    import torch
+
+    m = qforge.load(a.model)
+    tok = m.tokenizer
+    if a.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
 
 
@@ -152,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[a.cmd](a)
+        return {"quantize": cmd_quantize, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
+                "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:
         print(f"qforge: error: {e}", file=sys.stderr)
         return 2

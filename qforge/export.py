@@ -1,0 +1,149 @@
+"""Write a quantized model as a packed checkpoint that serving engines load (formats/), atomically:
+
+  config.json (with quantization_config), generation_config.json, tokenizer files,
+  model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json,
+  quantize_config.json (gptq only), qforge_export.json (sizes and bits per weight measured on the files).
+
+Non-quantized tensors (embeddings, norms, lm_head) are stored in `dtype`; quantized linears as their
+format's packed tensors. Tied weights are written once, as transformers does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import QForgeError
+from .formats import FORMATS
+from .models.arch import linear_ref
+from .solvers import LayerQuant
+from .utils.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+EXPORT_RECORD = "qforge_export.json"
+
+
+def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> None:
+    if ref.expert is not None or ref.transposed:
+        raise QForgeError(f"{name}: packed export of {'fused expert' if ref.expert is not None else 'Conv1D'} "
+                          f"weights is not supported yet; use qforge's own output directory")
+    out_f, in_f = q.shape
+    if fmt in ("gptq", "awq") and (in_f % 32 or out_f % 32):
+        raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the {fmt} format (both dimensions must "
+                          f"be multiples of 32)")
+    mod = FORMATS[fmt]
+    if hasattr(mod, "check"):
+        mod.check(q, name)
+    if fmt == "gptq" and not q.grid.sym and bool((q.zeros == 0).any()):
+        log.warning("%s: some zero points are 0; GPTQ v1 stores them with a borrow that GPTQModel undoes but "
+                    "per-field readers (vLLM exllama) misread", name)
+
+
+def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    mod = FORMATS[fmt]
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            continue  # tied (lm_head = embed_tokens): written once
+        seen.add(t.data_ptr())
+        state[name] = t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
+    for name, q in layers.items():
+        ref = linear_ref(model, name)
+        _check_layer(fmt, name, q, ref)
+        state.pop(f"{name}.weight")
+        packed = mod.pack(q, dtype) if fmt == "compressed-tensors" else mod.pack(q)
+        for key, t in packed.items():
+            state[f"{name}.{key}"] = t.contiguous()
+        bias = getattr(ref.module, "bias", None)
+        if isinstance(bias, torch.Tensor) and fmt != "compressed-tensors":
+            state[f"{name}.bias"] = bias.detach().to(torch.float16).contiguous()
+    return state
+
+
+def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
+    grids = {q.grid for q in layers.values()}
+    if fmt == "compressed-tensors":
+        from .formats.compressed_tensors import build_config
+
+        quantized = set(layers)
+        ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
+        return build_config({n: q.grid for n, q in layers.items()}, ignore)
+    if len(grids) != 1:
+        raise QForgeError(f"the {fmt} format here stores one scheme for all layers; this result has "
+                          f"{len(grids)}")
+    from . import __version__
+
+    act_order = bool(getattr(qcfg, "act_order", False))
+    static = bool(getattr(qcfg, "static_groups", False))
+    return FORMATS[fmt].quantization_config(next(iter(grids)), act_order, static,
+                                            {"meta": {"quantizer": [f"qforge:{__version__}"]}})
+
+
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size: str | int) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def measured_sizes(out: Path, layers: dict[str, LayerQuant]) -> dict:
+    """Bytes on disk and effective bits per weight of the quantized linears, read back from the files."""
+    qbytes = total = 0
+    prefixes = tuple(f"{n}." for n in layers)
+    for f in sorted(out.glob("*.safetensors")):
+        total += f.stat().st_size
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                if key.startswith(prefixes) and not key.endswith(".bias"):
+                    sl = sf.get_slice(key)
+                    n = 1
+                    for s in sl.get_shape():
+                        n *= s
+                    qbytes += n * {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "I8": 1, "U8": 1}[sl.get_dtype()]
+    weights = sum(q.shape[0] * q.shape[1] for q in layers.values())
+    return {"safetensors_bytes": total, "quantized_layer_bytes": qbytes, "quantized_weights": weights,
+            "bits_per_weight": 8 * qbytes / weights if weights else None}
+
+
+def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Path, fmt: str,
+           dtype: torch.dtype = torch.float16, overwrite: bool = False,
+           max_shard_size: str | int = "4GB") -> dict:
+    """Write `model` (its quantized linears given by `layers`) in format `fmt`; returns the measured sizes."""
+    if fmt not in FORMATS:
+        raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not layers:
+        raise QForgeError("nothing to export: no quantized layers")
+    state = packed_state_dict(model, layers, fmt, dtype)
+    qconf = _quant_config(fmt, layers, qcfg, model)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        _write_shards(state, tmp, max_shard_size)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        if fmt == "compressed-tensors":
+            from compressed_tensors.compressors import ModelCompressor
+
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            ModelCompressor(quantization_config=qconf).update_config(str(tmp))
+        else:
+            config["quantization_config"] = qconf
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if fmt == "gptq":
+                (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        sizes = {"format": fmt, **measured_sizes(tmp, layers)}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(sizes, indent=2) + "\n")
+    log.info("exported %s to %s: %.3f bits/weight over the quantized linears", fmt, out, sizes["bits_per_weight"])
+    return sizes

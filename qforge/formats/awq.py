@@ -1,0 +1,64 @@
+"""AutoAWQ's GEMM checkpoint format ("awq", version "gemm"; read by transformers, vLLM, SGLang), 4-bit only.
+
+Per quantized linear NAME with W [out, in] and G groups along the input (in order, no act-order):
+  qweight  int32 [in, out / 8]   codes packed along the OUTPUT dimension, eight per word, interleaved:
+                                 bit slot k (bits 4k..4k+3) of word c holds output column
+                                 8c + ORDER[k], ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+  qzeros   int32 [G, out / 8]    zero points, packed and interleaved the same way, stored as is
+  scales   fp16  [G, out]
+  bias     fp16  [out]           (when the linear has one)
+Dequantization: W[o, i] = scales[i // group, o] * (q[i, o] - zero[i // group, o]).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QForgeError
+from ..solvers import Grid, LayerQuant
+from .bitpack import pack_int32, unpack_int32
+
+NAME = "awq"
+KEYS = ("qweight", "qzeros", "scales")
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _perm(n: int) -> torch.Tensor:
+    """Column order that puts column 8c + ORDER[k] into slot k of word c."""
+    return (torch.arange(n).view(-1, 8)[:, list(ORDER)]).reshape(-1)
+
+
+def check(q: LayerQuant, name: str) -> None:
+    if q.grid.bits != 4:
+        raise QForgeError(f"{name}: the AWQ GEMM format stores 4-bit weights only (this layer has {q.grid.bits})")
+    in_order = torch.arange(q.shape[1], dtype=torch.int32) // q.grid.group_len(q.shape[1])
+    if not torch.equal(q.g_idx.to(torch.int32), in_order) or q.grid.ragged(q.shape[1]):
+        raise QForgeError(f"{name}: the AWQ format needs in-order, whole groups (no act-order, group size "
+                          f"dividing {q.shape[1]}); export as 'gptq' instead")
+
+
+def pack(q: LayerQuant) -> dict[str, torch.Tensor]:
+    p = _perm(q.shape[0])
+    return {
+        "qweight": pack_int32(q.codes.t()[:, p], 4, dim=1),                          # [in, out/8]
+        "qzeros": pack_int32(q.zeros.t().round().to(torch.int64)[:, p], 4, dim=1),   # [G, out/8]
+        "scales": q.scales.t().contiguous().to(torch.float16),                       # [G, out]
+    }
+
+
+def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    inv = torch.argsort(_perm(t["qweight"].shape[1] * 8))
+    codes = unpack_int32(t["qweight"], 4, dim=1)[:, inv].t()                  # [out, in]
+    zeros = unpack_int32(t["qzeros"], 4, dim=1)[:, inv].t()                   # [out, G]
+    g_idx = torch.arange(codes.shape[1], dtype=torch.int32) // grid.group_len(codes.shape[1])
+    return LayerQuant(grid, codes.to(torch.uint8).contiguous(), t["scales"].float().t().contiguous(),
+                      zeros.float().contiguous(), g_idx, info={})
+
+
+def quantization_config(grid: Grid, act_order: bool, static_groups: bool, extra: dict) -> dict:
+    return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": grid.group_size,
+            "zero_point": True, **extra}
+
+
+def grid_of(qc: dict) -> Grid:
+    return Grid(int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128))),
+                sym=False)

@@ -1,0 +1,56 @@
+"""Dense little-endian bit packing of small unsigned integers into int32 words.
+
+Every 32 consecutive values along the packed dimension become `bits` int32 words: value i of the
+run occupies bits [i*bits, (i+1)*bits) of the run's 32*bits-bit little-endian stream, so a value may
+straddle two words (3 bits: the 10 | 1 | 10 | 1 | 10 layout of AutoGPTQ). For 2, 4 and 8 bits this is
+the plain "value j at shift j*bits" layout. GPTQ's qweight/qzeros and compressed-tensors'
+weight_packed use this stream; AWQ's GEMM layout permutes values first (formats/awq.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QForgeError
+
+
+def _check(n: int, bits: int, what: str) -> None:
+    if not 1 <= bits <= 8:
+        raise QForgeError(f"cannot pack {bits}-bit values (1 to 8 bits)")
+    if n % 32:
+        raise QForgeError(f"{what}: {n} values along the packed dimension; packing needs a multiple of 32")
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Integer tensor (each value in [0, 2^bits)) -> int32 tensor with size n*bits/32 along `dim`."""
+    v = values.movedim(dim, -1).to(torch.int64)
+    n = v.shape[-1]
+    _check(n, bits, "pack_int32")
+    if int(v.min()) < 0 or int(v.max()) >= 1 << bits:
+        raise QForgeError(f"values out of the {bits}-bit range [0, {(1 << bits) - 1}]")
+    runs = v.reshape(*v.shape[:-1], n // 32, 32)                    # [..., R, 32]
+    words = torch.zeros(*runs.shape[:-1], bits, dtype=torch.int64)  # [..., R, bits]
+    for i in range(32):
+        off = i * bits
+        w, s = divmod(off, 32)
+        words[..., w] |= (runs[..., i] << s) & 0xFFFFFFFF
+        if s + bits > 32:                                           # straddles into the next word
+            words[..., w + 1] |= runs[..., i] >> (32 - s)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # reinterpret as signed int32
+    return words.reshape(*v.shape[:-1], n * bits // 32).to(torch.int32).movedim(-1, dim)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of pack_int32: int32 [.., n*bits/32 along dim] -> int64 values [.., n along dim]."""
+    p = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    if p.shape[-1] % bits:
+        raise QForgeError(f"unpack_int32: {p.shape[-1]} words is not a whole number of {bits}-bit runs")
+    words = p.reshape(*p.shape[:-1], p.shape[-1] // bits, bits)      # [..., R, bits]
+    mask = (1 << bits) - 1
+    out = torch.empty(*words.shape[:-1], 32, dtype=torch.int64)
+    for i in range(32):
+        w, s = divmod(i * bits, 32)
+        val = words[..., w] >> s
+        if s + bits > 32:
+            val = val | (words[..., w + 1] << (32 - s))
+        out[..., i] = val & mask
+    return out.reshape(*p.shape[:-1], -1).movedim(-1, dim)

@@ -1,0 +1,113 @@
+"""compressed-tensors "pack-quantized" (llm-compressor's format, read by vLLM and transformers), written
+and read through the compressed-tensors library.
+
+Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-order only with static groups):
+  weight_packed      int32 [out, ceil(in * b / 32)]  signed codes + 2^(b-1), packed along the input as a
+                                                     little-endian bit stream (the library's pack_to_int32)
+  weight_scale       [out, G] (the export dtype)
+  weight_zero_point  int32 [ceil(out * b / 32), G]   asymmetric only: signed zero points packed along out
+  weight_shape       int64 [2]                       (out, in)
+Dequantization: W[o, i] = weight_scale[o, i // group] * (q_signed[o, i] - zp_signed[o, i // group]).
+qforge's unsigned codes/zeros are the signed ones + 2^(b-1). Per-channel grids use strategy "channel"
+(G = 1). config.json's quantization_config lists one config group per distinct scheme.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import QForgeError
+from ..solvers import Grid, LayerQuant
+
+NAME = "compressed-tensors"
+KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def _args(grid: Grid):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if grid.group_size == -1:
+        return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.sym, strategy="channel")
+    return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.sym, strategy="group",
+                            group_size=grid.group_size)
+
+
+def _scheme(grid: Grid, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return QuantizationScheme(targets=targets, weights=_args(grid))
+
+
+def check(q: LayerQuant, name: str) -> None:
+    in_order = torch.arange(q.shape[1], dtype=torch.int32) // q.grid.group_len(q.shape[1])
+    if not torch.equal(q.g_idx.to(torch.int32), in_order):
+        raise QForgeError(f"{name}: compressed-tensors stores groups in column order only; quantize with "
+                          f"--static-groups (or without --act-order), or export as 'gptq'")
+    if q.grid.ragged(q.shape[1]):
+        raise QForgeError(f"{name}: group size {q.grid.group_size} does not divide {q.shape[1]}; "
+                          f"compressed-tensors needs whole groups")
+
+
+def pack(q: LayerQuant, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    half = 1 << (q.grid.bits - 1)
+    scale = q.scales.to(dtype)                                           # [out, G]
+    zp = (q.zeros - half).round().to(torch.int8)                         # signed zero points [out, G]
+    g = q.g_idx.long()
+    W_hat = scale.float()[:, g] * (q.codes.float() - q.zeros[:, g])      # exactly on the stored grid
+    state = {"weight": W_hat, "weight_scale": scale, "weight_zero_point": zp}
+    out = dict(PackedQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"])))
+    out.pop("weight", None)
+    return out
+
+
+def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = tuple(int(s) for s in t["weight_shape"].tolist())
+    half = 1 << (grid.bits - 1)
+    codes = unpack_from_int32(t["weight_packed"], grid.bits, torch.Size(shape)).to(torch.int64) + half
+    scales = t["weight_scale"].float().reshape(shape[0], -1)
+    if "weight_zero_point" in t and not grid.sym:
+        zp = unpack_from_int32(t["weight_zero_point"], grid.bits, torch.Size(scales.shape), packed_dim=0)
+        zeros = zp.float() + half
+    else:
+        zeros = torch.full_like(scales, float(half))
+    g_idx = torch.arange(shape[1], dtype=torch.int32) // grid.group_len(shape[1])
+    return LayerQuant(grid, codes.to(torch.uint8), scales, zeros, g_idx, info={})
+
+
+def build_config(grids: dict[str, Grid], ignore: list[str]):
+    """The library's QuantizationConfig: one config group per distinct grid."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    by_grid: dict[Grid, list[str]] = {}
+    for name, grid in grids.items():
+        by_grid.setdefault(grid, []).append(name)
+    if len(by_grid) == 1:
+        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"])}
+    else:
+        groups = {f"group_{i}": _scheme(g, sorted(names)) for i, (g, names) in enumerate(by_grid.items())}
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=ignore)
+
+
+def _matches(target: str, name: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name
+
+
+def grid_for(qc: dict, name: str) -> Grid:
+    """The grid of module `name` from a config.json quantization_config (first matching config group)."""
+    for group in qc.get("config_groups", {}).values():
+        targets = group.get("targets", [])
+        if any(_matches(t, name) for t in targets) or "Linear" in targets:
+            w = group.get("weights") or {}
+            if w.get("type", "int") != "int":
+                raise QForgeError(f"{name}: compressed-tensors {w.get('type')} weights are not supported")
+            gs = w.get("group_size") if w.get("strategy") == "group" else -1
+            return Grid(int(w["num_bits"]), int(gs or -1), bool(w.get("symmetric", True)))
+    raise QForgeError(f"{name}: no compressed-tensors config group targets this module")

@@ -1,0 +1,123 @@
+"""Load packed checkpoints (gptq, awq, compressed-tensors; qforge's exports or other tools') into a
+transformers model whose quantized linears are qforge QuantLinear modules.
+
+The format is read from config.json's quantization_config. Every module that has its format's packed
+tensors becomes a QuantLinear; every other tensor loads as usual (cast to `dtype`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import QForgeError
+from ..formats import FORMATS
+from ..kernels import QuantLinear
+from ..solvers import Grid, LayerQuant
+
+log = logging.getLogger(__name__)
+
+
+def packed_format(path: str | Path) -> str | None:
+    """The packed format of a model directory, or None when it is a dense (or qforge) checkpoint."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config")
+    except json.JSONDecodeError as e:
+        raise QForgeError(f"{cfg} is not valid JSON: {e}") from e
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method in FORMATS:
+        fmt = qc.get("format")
+        if method == "compressed-tensors" and fmt not in ("pack-quantized", None):
+            raise QForgeError(f"{path}: compressed-tensors format {fmt!r} is not supported (only pack-quantized)")
+        return method
+    raise QForgeError(f"{path}: quantization method {method!r} is not supported; qforge loads "
+                      f"{', '.join(FORMATS)}")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise QForgeError(f"{path} has no .safetensors files")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:
+            raise QForgeError(f"{f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+    return state
+
+
+def _grid(fmt: str, qc: dict, name: str) -> Grid:
+    if fmt == "compressed-tensors":
+        return FORMATS[fmt].grid_for(qc, name)
+    grid = FORMATS[fmt].grid_of(qc)
+    for pattern, override in (qc.get("dynamic") or {}).items():  # GPTQModel per-module overrides
+        import re
+
+        if pattern.startswith("+:"):
+            pattern = pattern[2:]
+        if not pattern.startswith("-:") and re.match(pattern, name):
+            grid = Grid(int(override.get("bits", grid.bits)), int(override.get("group_size", grid.group_size)),
+                        bool(override.get("sym", grid.sym)))
+            break
+    return grid
+
+
+def load_packed(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    fmt = packed_format(path)
+    if fmt is None:
+        raise QForgeError(f"{path} is not a packed (gptq/awq/compressed-tensors) checkpoint")
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    state = _read_tensors(path)
+    keys = FORMATS[fmt].KEYS
+    first = keys[0]
+    names = sorted(k[: -len(first) - 1] for k in state if k.endswith("." + first))
+    layers = {}
+    v2 = qc.get("checkpoint_format") == "gptq_v2"
+    for name in names:
+        grid = _grid(fmt, qc, name)
+        t = {k: state.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in state}
+        try:
+            q = FORMATS[fmt].unpack(t, grid, v1=not v2) if fmt == "gptq" else FORMATS[fmt].unpack(t, grid)
+        except Exception as e:
+            raise QForgeError(f"{path}: cannot unpack {name} as {fmt}: {type(e).__name__}: {e}") from e
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise QForgeError(f"{path}: the checkpoint quantizes {name}, which the model has no module for") from e
+        bias = state.pop(f"{name}.bias", None)
+        if tuple(old.weight.shape) != q.shape:
+            raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(old.weight.shape)}")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, QuantLinear.from_quant(q, bias.to(dtype) if bias is not None else None))
+        layers[name] = q
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    prefixes = tuple(f"{n}." for n in layers)  # QuantLinear buffers were filled from the packed tensors
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not k.startswith(prefixes) and not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise QForgeError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} for this model")
+    if not layers:
+        raise QForgeError(f"{path}: config.json says {fmt} but no layer has {fmt} tensors")
+    log.info("loaded %s checkpoint %s: %d quantized linears", fmt, path, len(layers))
+    return model, AutoTokenizer.from_pretrained(path), layers, fmt

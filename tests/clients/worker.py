@@ -1,0 +1,95 @@
+"""Runs one peer client in its own process (clients monkeypatch transformers on import), for
+tests/test_clients.py. Usage: worker.py TASK MODEL_DIR OUT_DIR; writes OUT_DIR/result.json and logits.pt.
+
+Tasks:
+  gptqmodel-load   GPTQModel loads a gptq checkpoint on the CPU
+  transformers-ct  plain transformers (compressed-tensors installed) loads a compressed-tensors checkpoint
+  llmc-quantize    llm-compressor GPTQModifier W4 g64 on MODEL_DIR, saved compressed to OUT_DIR/ckpt
+  gptqmodel-quantize  GPTQModel W4 g64 on MODEL_DIR, saved to OUT_DIR/ckpt
+Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
+greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SEQLEN, WINDOWS, NEW_TOKENS = 512, 2, 32
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    text = "The history of the city begins with a small settlement on the river, where"
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def calibration(tokenizer, n=8, seqlen=256):
+    from qforge.calibration import build_calibration
+
+    return build_calibration("builtin:mix", tokenizer, n, seqlen, seed=0).samples
+
+
+def report(model, tokenizer, out: Path, extra: dict | None = None) -> None:
+    from qforge.eval import load_eval_text, perplexity
+
+    model.eval()
+    ids = probe_ids(tokenizer)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    torch.save(logits, out / "logits.pt")
+    ppl = perplexity(model, tokenizer, load_eval_text("wiki"), SEQLEN, WINDOWS, show_progress=False)["ppl"]
+    (out / "result.json").write_text(json.dumps({"greedy": gen[0, ids.shape[1]:].tolist(), "ppl": ppl,
+                                                 **(extra or {})}))
+
+
+def main(task: str, model_dir: str, out: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if task == "gptqmodel-load":
+        from gptqmodel import GPTQModel
+
+        m = GPTQModel.load(model_dir, device="cpu", dtype=torch.float32)
+        report(m.model, tok, out_dir, {"qlinear": type(m.model.model.layers[0].self_attn.q_proj).__name__})
+    elif task == "transformers-ct":
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        report(m, tok, out_dir, {"quant_method": m.config.quantization_config.quant_method
+                                 if hasattr(m.config.quantization_config, "quant_method") else "?"})
+    elif task == "llmc-quantize":
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        samples = calibration(tok)
+        ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
+                                "attention_mask": [[1] * len(s) for s in samples]})
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+        recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+        oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=256, num_calibration_samples=len(samples))
+        m.save_pretrained(out_dir / "ckpt", save_compressed=True)
+        tok.save_pretrained(out_dir / "ckpt")
+        report(m, tok, out_dir)
+    elif task == "gptqmodel-quantize":
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        m = GPTQModel.load(model_dir, QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False,
+                                                     offload_to_disk=False), device="cpu", dtype=torch.float32)
+        m.quantize([{"input_ids": s.tolist()} for s in calibration(tok)])
+        m.save(str(out_dir / "ckpt"))
+        tok.save_pretrained(out_dir / "ckpt")
+        loaded = GPTQModel.load(str(out_dir / "ckpt"), device="cpu", dtype=torch.float32)
+        report(loaded.model, tok, out_dir)
+    else:
+        raise SystemExit(f"unknown task {task}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

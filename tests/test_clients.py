@@ -1,0 +1,82 @@
+"""Real clients that qforge did not write (issue 5), each in its own process (tests/clients/worker.py):
+GPTQModel loads qforge's gptq export of SmolLM2-135M, plain transformers loads its compressed-tensors
+export, and qforge loads llm-compressor's and GPTQModel's own exports. Logits, greedy continuations and
+perplexity must match what the other side computes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qforge
+from qforge.models.loading import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent / "clients"))
+from worker import NEW_TOKENS, SEQLEN, WINDOWS, calibration, probe_ids  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.clients]
+WORKER = Path(__file__).parent / "clients" / "worker.py"
+
+
+def run_worker(task: str, model_dir: Path, out: Path) -> tuple[dict, torch.Tensor]:
+    p = subprocess.run([sys.executable, str(WORKER), task, str(model_dir), str(out)], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, f"{task} failed:\n{p.stderr[-4000:]}"
+    return json.loads((out / "result.json").read_text()), torch.load(out / "logits.pt")
+
+
+def qforge_side(path) -> tuple[dict, torch.Tensor]:
+    from qforge.eval import load_eval_text, perplexity
+
+    m = qforge.load(path)
+    ids = probe_ids(m.tokenizer)
+    with torch.no_grad():
+        logits = m.model(ids).logits.float()
+        gen = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               pad_token_id=m.tokenizer.eos_token_id)
+    ppl = perplexity(m.model, m.tokenizer, load_eval_text("wiki"), SEQLEN, WINDOWS, show_progress=False)["ppl"]
+    return {"greedy": gen[0, ids.shape[1]:].tolist(), "ppl": ppl, "model": m}, logits
+
+
+def assert_same_model(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> None:
+    (ra, la), (rb, lb) = a, b
+    assert la.shape == lb.shape
+    assert (la - lb).abs().max() < 1e-2 * la.abs().max()        # same weights, different kernels
+    assert ra["greedy"] == rb["greedy"]
+    assert rb["ppl"] == pytest.approx(ra["ppl"], rel=1e-3)      # within 0.1%
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """qforge GPTQ W4 g64 of SmolLM2 (small calibration: this checks formats, not quality), exported twice."""
+    d = tmp_path_factory.mktemp("exports")
+    m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="gptq", bits=4, group_size=64))
+    m.quantize(calibration(m.tokenizer))
+    m.export(d / "gptq", "gptq")
+    m.export(d / "ct", "compressed-tensors")
+    return d
+
+
+def test_gptqmodel_loads_qforge_gptq_export(exports, tmp_path):
+    theirs = run_worker("gptqmodel-load", exports / "gptq", tmp_path)
+    ours = qforge_side(exports / "gptq")
+    assert "QuantLinear" in theirs[0]["qlinear"]                 # their packed module, not a dense copy
+    assert_same_model(ours, theirs)
+
+
+def test_transformers_loads_qforge_compressed_tensors_export(exports, tmp_path):
+    theirs = run_worker("transformers-ct", exports / "ct", tmp_path)
+    assert theirs[0]["quant_method"] == "compressed-tensors"
+    assert_same_model(qforge_side(exports / "ct"), theirs)
+
+
+@pytest.mark.parametrize("task,fmt", [("llmc-quantize", "compressed-tensors"), ("gptqmodel-quantize", "gptq")])
+def test_qforge_loads_peer_exports(task, fmt, tmp_path):
+    theirs = run_worker(task, resolve_model("smollm2-135m"), tmp_path)
+    ours = qforge_side(tmp_path / "ckpt")
+    assert ours[0]["model"].packed_format == fmt and len(ours[0]["model"].result.layers) == 30 * 7
+    assert_same_model(theirs, ours)

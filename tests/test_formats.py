@@ -1,0 +1,205 @@
+"""Packed formats: bit-exact pack/unpack round trips, documented layouts, QuantLinear vs its reference,
+qforge's exports loading back, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qforge
+from qforge import QForgeError, QuantizeConfig
+from qforge.formats import FORMATS, awq, gptq
+from qforge.formats.bitpack import pack_int32, unpack_int32
+from qforge.kernels import QuantLinear, matmul_reference
+from qforge.solvers import Grid, LayerQuant
+
+
+def random_quant(out_f, in_f, bits, group, sym, act_order=False, seed=0) -> LayerQuant:
+    g = torch.Generator().manual_seed(seed)
+    grid = Grid(bits, group, sym)
+    G = grid.n_groups(in_f)
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g).to(torch.uint8)
+    zeros = (torch.full((out_f, G), float(2 ** (bits - 1))) if sym
+             else torch.randint(0, 2**bits, (out_f, G), generator=g).float())
+    scales = (torch.rand(out_f, G, generator=g) * 0.1 + 1e-3).half().float()   # fp16-representable
+    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_len(in_f)
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    return LayerQuant(grid, codes, scales, zeros, g_idx, info={})
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitpack_round_trip_random_shapes(bits):
+    g = torch.Generator().manual_seed(bits)
+    for _ in range(5):
+        rows, runs = torch.randint(1, 9, (2,), generator=g).tolist()
+        v = torch.randint(0, 2**bits, (rows, 32 * runs), generator=g)
+        p = pack_int32(v, bits)
+        assert p.dtype == torch.int32 and p.shape == (rows, runs * bits)
+        assert torch.equal(unpack_int32(p, bits), v)
+        assert torch.equal(unpack_int32(pack_int32(v.t(), bits, dim=0), bits, dim=0), v.t())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bitpack_equals_compressed_tensors_packer(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    v = torch.randint(0, 2**bits, (6, 128), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(pack_int32(v, bits), pack_to_int32((v - 2 ** (bits - 1)).to(torch.int8), bits))
+
+
+def test_bitpack_layout_by_hand():
+    v = torch.arange(8).repeat(4).view(1, 32) % 16               # 0..7 repeated
+    assert pack_int32(v, 4)[0, 0].item() == 0x76543210            # value j at shift 4j
+    three = torch.zeros(1, 32, dtype=torch.int64)
+    three[0, 10] = 0b101                                          # straddles words 0 and 1
+    words = pack_int32(three, 3)[0].tolist()
+    assert words[0] == 0b01 << 30 and words[1] == 0b1 and words[2] == 0
+    with pytest.raises(QForgeError, match="multiple of 32"):
+        pack_int32(torch.zeros(1, 31, dtype=torch.int64), 4)
+    with pytest.raises(QForgeError, match="range"):
+        pack_int32(torch.full((1, 32), 16), 4)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_round_trips_are_bit_exact(fmt):
+    g = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        bits = 4 if fmt == "awq" else [2, 3, 4, 8][trial % 4]
+        out_f, in_f = 32 * int(torch.randint(1, 5, (1,), generator=g)), 32 * int(torch.randint(1, 5, (1,), generator=g))
+        group = [-1, 32, in_f][trial % 3]
+        sym = fmt != "awq" and trial % 2 == 0
+        act_order = fmt == "gptq" and trial % 4 == 1
+        q = random_quant(out_f, in_f, bits, group, sym, act_order, seed=trial)
+        r = FORMATS[fmt].unpack(FORMATS[fmt].pack(q), q.grid)
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(r, field).to(getattr(q, field).dtype), getattr(q, field)), (fmt, trial, field)
+        assert torch.equal(r.dequantize(), q.dequantize())
+
+
+def test_gptq_v1_zero_convention_and_shapes():
+    q = random_quant(64, 96, 4, 32, sym=True)
+    t = gptq.pack(q)
+    assert t["qweight"].shape == (96 * 4 // 32, 64) and t["qzeros"].shape == (3, 64 * 4 // 32)
+    assert t["scales"].shape == (3, 64) and t["scales"].dtype == torch.float16
+    assert (t["qzeros"] == 0x77777777).all()                      # zero 8 stored as 8 - 1 in every field
+    assert torch.equal(gptq.unpack({**t, "qzeros": pack_int32(torch.full((3, 64), 8), 4)}, q.grid, v1=False).zeros,
+                       q.zeros)
+
+
+def test_awq_interleaved_order():
+    q = random_quant(32, 32, 4, 32, sym=False)
+    q.codes = torch.arange(32).remainder(16).repeat(32, 1).t().contiguous().to(torch.uint8)  # row o holds o % 16
+    w = awq.pack(q)["qweight"]                                    # [in, out/8]
+    first = w[0, 0].item() & 0xFFFFFFFF
+    slots = [(first >> (4 * k)) & 0xF for k in range(8)]
+    assert slots == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 32, True, False), (3, 64, False, True), (2, -1, True, False),
+                                                     (8, 32, False, False)])
+def test_quant_linear_matches_reference_and_dense(bits, group, sym, act_order):
+    q = random_quant(96, 64, bits, group, sym, act_order)
+    bias = torch.randn(96)
+    m = QuantLinear.from_quant(q, bias)
+    x = torch.randn(3, 5, 64)
+    dense = x @ q.dequantize().t() + bias
+    assert torch.allclose(m(x), dense, atol=1e-5, rtol=1e-5)
+    assert torch.equal(m(x), matmul_reference(x, m.qweight, m.qzeros, m.scales, m.g_idx, bits, m.bias))
+    r = m.to_quant()
+    assert torch.equal(r.codes, q.codes) and torch.equal(r.zeros, q.zeros)
+
+
+@pytest.fixture
+def quantized_tiny(tiny_llama_dir):
+    def make(cfg):
+        m = qforge.load(tiny_llama_dir, cfg)
+        m.quantize([torch.randint(0, 500, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)])
+        return m
+    return make
+
+
+@pytest.mark.parametrize("fmt,cfg", [
+    ("gptq", QuantizeConfig(method="gptq", bits=3, group_size=32, act_order=True)),
+    ("gptq", QuantizeConfig(method="rtn", bits=4, group_size=-1, sym=False)),
+    ("compressed-tensors", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
+    ("compressed-tensors", QuantizeConfig(method="gptq", bits=8, group_size=-1)),
+    ("awq", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
+])
+def test_export_loads_back_with_the_same_codes_and_logits(fmt, cfg, quantized_tiny, tmp_path):
+    m = quantized_tiny(cfg)
+    sizes = m.export(tmp_path / "x", fmt)
+    files = {p.name for p in (tmp_path / "x").iterdir()}
+    assert {"config.json", "model.safetensors", "qforge_export.json", "tokenizer.json"} <= files
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
+    assert 0 < sizes["bits_per_weight"] < 9
+    back = qforge.load(tmp_path / "x")
+    assert back.packed_format == fmt and set(back.result.layers) == set(m.result.layers)
+    for name, q in m.result.layers.items():
+        r = back.result.layers[name]
+        assert torch.equal(r.codes, q.codes) and torch.equal(r.zeros, q.zeros), name
+        assert torch.equal(r.scales, q.scales.half().float()), name
+        assert isinstance(back.model.get_submodule(name), QuantLinear)
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        a, b = m.model(x).logits, back.model(x).logits
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()             # fp16 scales and embeddings only
+
+
+def test_export_sharded_and_gptq_files(quantized_tiny, tmp_path):
+    m = quantized_tiny(QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m.export(tmp_path / "s", "gptq", max_shard_size=40_000)
+    idx = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 1
+    assert json.loads((tmp_path / "s" / "quantize_config.json").read_text())["bits"] == 4
+    back = qforge.load(tmp_path / "s")
+    assert len(back.result.layers) == len(m.result.layers)
+
+
+def test_export_errors_are_clear_and_leave_nothing(quantized_tiny, tmp_path):
+    m = quantized_tiny(QuantizeConfig(method="gptq", bits=3, group_size=32, act_order=True))
+    with pytest.raises(QForgeError, match="4-bit"):
+        m.export(tmp_path / "a", "awq")
+    with pytest.raises(QForgeError, match="column order"):
+        m.export(tmp_path / "c", "compressed-tensors")
+    with pytest.raises(QForgeError, match="unknown export format"):
+        m.export(tmp_path / "u", "exl2")
+    assert not [p for p in tmp_path.iterdir() if p.name != "tiny-llama"]   # nothing half-written
+    m.export(tmp_path / "g", "gptq")
+    with pytest.raises(QForgeError, match="already exists"):
+        m.export(tmp_path / "g", "gptq")
+
+
+def test_corrupt_or_foreign_packed_checkpoints(quantized_tiny, tmp_path):
+    m = quantized_tiny(QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m.export(tmp_path / "g", "gptq")
+    (tmp_path / "g" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(QForgeError, match="corrupt"):
+        qforge.load(tmp_path / "g")
+    m.export(tmp_path / "h", "gptq")
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "bitsandbytes"
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QForgeError, match="not supported"):
+        qforge.load(tmp_path / "h")
+
+
+def test_cli_quantize_with_format_export_and_generate(tiny_llama_dir, tmp_path, capsys):
+    from qforge.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--bits", "4", "--group-size", "32", "--out", str(out),
+                 "--format", "gptq"]) == 0
+    assert (tmp_path / "run-gptq" / "config.json").is_file()
+    assert "bits/weight (measured on the files)" in capsys.readouterr().out
+    assert main(["-q", "export", str(out), "--format", "awq", "--out", str(tmp_path / "awq")]) == 0
+    assert json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    assert main(["-q", "export", str(tmp_path / "awq"), "--format", "gptq", "--out", str(tmp_path / "x")]) == 2
+    assert "not a qforge output directory" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["-q", "generate", str(tmp_path / "awq"), "--prompt", "def main", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["-q", "eval", str(tmp_path / "run-gptq"), "--dataset", "code", "--seqlen", "64",
+                 "--max-windows", "2"]) == 0
+    assert "perplexity of" in capsys.readouterr().out
