@@ -1,4 +1,5 @@
-"""qforge GPTQ vs llm-compressor GPTQModifier vs gptqmodel vs qforge RTN, side by side, on SmolLM2-135M.
+"""qforge GPTQ / AWQ vs llm-compressor (GPTQModifier, AWQModifier) vs gptqmodel vs qforge RTN, side by side,
+on SmolLM2-135M.
 
 Every tool gets the same calibration samples (128 x 512 `input_ids` from the built-in Brown split,
 written to a JSONL first), keeps lm_head unquantized, and is evaluated by qforge's perplexity (the
@@ -29,15 +30,20 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "W4g64-asym": (4, 64, False, False),
     "W3g64-asym": (3, 64, False, False),
 }
-TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-static", "llmcompressor", "gptqmodel")
+# qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block)
+TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "gptqmodel",
+         "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
+AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
 
 
 def wanted(tool: str, config: str) -> bool:
     """fp32 is one baseline run; act-order means nothing to RTN; asym rows are RTN's (issue 2 table)."""
     if config == "fp32":
         return tool == "qforge-rtn"
-    if config.endswith("asym"):
-        return tool == "qforge-rtn"
+    if config.endswith("asym"):  # asymmetric rows: RTN, AWQ (AutoAWQ's zero point) and plain GPTQ
+        return tool in ("qforge-rtn", "qforge-gptq") + AWQ_TOOLS
+    if tool in AWQ_TOOLS:
+        return False
     return not (tool == "qforge-rtn" and CONFIGS[config][2])  # static groups with act-order: its own row
 
 
@@ -51,7 +57,7 @@ def calib_file(path: Path) -> Path:
     return path
 
 
-def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False):
+def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -60,7 +66,8 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
     t = time.perf_counter()
     if bits < 16:
         quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
-                                                act_order=act_order, static_groups=static_groups),
+                                                act_order=act_order, static_groups=static_groups,
+                                                true_sequential=true_sequential),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
@@ -76,9 +83,11 @@ def run_llmcompressor(bits, group, act_order, samples):
     lm = load_model("smollm2-135m")
     ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
                             "attention_mask": [[1] * len(s) for s in samples]})
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
-               "actorder": "static" if act_order else None}
-    recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
+    # GPTQModifier.actorder defaults to "static" (columns by Hessian diagonal, groups fixed in column order)
+    # and overrides a config group's None, so it must be set on the modifier itself
+    recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                          actorder="static" if act_order else None)
     t = time.perf_counter()
     oneshot(model=lm.model, dataset=ds, recipe=recipe, max_seq_length=512, num_calibration_samples=len(samples),
             shuffle_calibration_samples=False)
@@ -86,6 +95,36 @@ def run_llmcompressor(bits, group, act_order, samples):
     state = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     for name, m in lm.model.named_modules():
         if hasattr(m, "weight_scale"):  # static act-order keeps groups in column order: no g_idx
+            state[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
+                                                    m.quantization_scheme.weights).float()
+    return secs, state
+
+
+def run_llmcompressor_awq(bits, group, samples):
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    from qforge.models import load_model
+
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None  # peer bug on CPU-only torch (issue 4); benchmark only
+    lm = load_model("smollm2-135m")
+    ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
+                            "attention_mask": [[1] * len(s) for s in samples]})
+    weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
+    recipe = [AWQModifier(duo_scaling=True),
+              QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
+                                   ignore=["lm_head"])]
+    t = time.perf_counter()
+    oneshot(model=lm.model, dataset=ds, recipe=recipe, max_seq_length=len(samples[0]),
+            num_calibration_samples=len(samples), shuffle_calibration_samples=False)
+    secs = time.perf_counter() - t
+    state = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    for name, m in lm.model.named_modules():
+        if hasattr(m, "weight_scale"):
             state[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
                                                     m.quantization_scheme.weights).float()
     return secs, state
@@ -115,10 +154,12 @@ def worker(args) -> None:
 
     torch.set_num_threads(2)
     bits, group, act_order, sym = CONFIGS[args.config]
-    samples = load_samples_jsonl(args.calib)
-    if args.tool.startswith("qforge"):
+    samples = load_samples_jsonl(args.calib)[: args.nsamples or None]
+    if args.tool == "llmcompressor-awq":
+        secs, state = run_llmcompressor_awq(bits, group, samples)
+    elif args.tool.startswith("qforge"):
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
-                                 static_groups=args.tool.endswith("-static"))
+                                 static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"))
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:
@@ -150,6 +191,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--calib", type=Path, default=Path("benchmarks/results/brown_128x512.jsonl"))
+    ap.add_argument("--nsamples", type=int, default=0, help="use the first N samples of --calib (0: all)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_vs_peers.jsonl"))
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"))
     a = ap.parse_args()
@@ -162,7 +204,7 @@ def main() -> None:
         for tool in a.tools.split(","):
             if not wanted(tool, config):
                 continue
-            cmd = [sys.executable, __file__, "--worker", tool, config, "--calib", str(a.calib), "--datasets",
+            cmd = [sys.executable, __file__, "--worker", tool, config, "--calib", str(a.calib), "--nsamples", str(a.nsamples), "--datasets",
                    a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="."))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -181,7 +223,7 @@ def main() -> None:
     print(format_table(["config", "tool", "quant s", "peak RSS MB"] + [f"{d} ppl" for d in ds],
                        [[r["config"], r["tool"], round(r["seconds"], 1), round(r["peak_rss_mb"])]
                         + [r["ppl"][d] for d in ds] for r in results],
-                       title=f"GPTQ side by side, SmolLM2-135M, calib 128x512 Brown, eval seqlen {a.seqlen} x "
+                       title=f"side by side, SmolLM2-135M, calib {a.nsamples or 128}x512 Brown, eval seqlen {a.seqlen} x "
                              f"first {a.max_windows} windows"))
 
 

@@ -102,7 +102,7 @@ class QModel:
             layers=self.result.summary(), **record_fields)
         samples = self.calibration.samples if self.calibration else None
         return save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
-                           self.calibration_config, samples, overwrite)
+                           self.calibration_config, samples, overwrite, awq=self.result.awq)
 
 
 def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:

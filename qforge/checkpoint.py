@@ -8,6 +8,7 @@
   qforge_config.json         the QuantizeConfig;   qforge_calibration.json  the CalibrationConfig
   calibration.jsonl          the exact calibration samples ({"input_ids": [...]}), reusable with --calib
   run_record.json            versions, timings, peak memory, sizes, per-layer errors, ragged groups
+  awq_results.safetensors    AWQ methods: the scales and clips applied (smoothing/store.py; --awq-from)
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
 
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, awq: dict | None = None) -> Path:
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -74,6 +75,12 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
         if calib_samples is not None:
             save_samples_jsonl(calib_samples, tmp / CALIB_SAMPLES_FILE)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if awq:
+            from .models.arch import arch_spec
+            from .smoothing.store import AWQ_FILE, save_awq
+
+            save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
+                     {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
     return out
 
 

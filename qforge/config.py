@@ -9,8 +9,8 @@ from typing import Any
 
 from .errors import QForgeError
 
-METHODS = ("rtn", "gptq")
-NEEDS_CALIBRATION = {"rtn": False, "gptq": True}
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -48,12 +48,22 @@ class QuantizeConfig(_JsonMixin):
     method: str = "rtn"
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
+    sym: bool | None = None    # None: asymmetric for AWQ methods (AutoAWQ's zero_point), symmetric otherwise
     # GPTQ options (used by method gptq / awq+gptq)
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    # True: each linear group's statistics come from inputs that passed through the already quantized
+    # earlier groups of its block (GPTQ's "true sequential"); False: one pass over the unquantized block
+    # collects every group's statistics (llm-compressor's schedule; fewer passes)
+    true_sequential: bool = True
+    # AWQ options (methods awq / awq+gptq): α grid points in [0, 1), duo scaling (x^α / w^(1-α), as
+    # AutoAWQ and llm-compressor) or x^α alone, clipping search, and saved results to apply instead of searching
+    awq_grid: int = 20
+    awq_duo_scaling: bool = True
+    awq_clip: bool = True
+    awq_from: str = ""
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()
@@ -61,6 +71,9 @@ class QuantizeConfig(_JsonMixin):
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.sym is None:
+            object.__setattr__(self, "sym", not self.uses_awq)
+        _check(self.awq_grid >= 1, f"awq_grid must be positive, got {self.awq_grid!r}")
         _check(isinstance(self.bits, int) and 2 <= self.bits <= 8,
                f"bits must be an integer from 2 to 8, got {self.bits!r}")
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
@@ -73,7 +86,11 @@ class QuantizeConfig(_JsonMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        return NEEDS_CALIBRATION[self.method]
+        return NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)
+
+    @property
+    def uses_awq(self) -> bool:
+        return self.method.startswith("awq")
 
 
 @dataclass(frozen=True)

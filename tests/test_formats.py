@@ -111,6 +111,19 @@ def test_quant_linear_matches_reference_and_dense(bits, group, sym, act_order):
     assert torch.equal(r.codes, q.codes) and torch.equal(r.zeros, q.zeros)
 
 
+def test_quant_linear_keeps_scale_dtype_and_caches_the_dequantized_weight():
+    q = random_quant(96, 64, 4, 32, sym=False)
+    q.scales = q.scales * (1 + 1e-6 * torch.rand_like(q.scales))   # not representable in fp16
+    exact = QuantLinear.from_quant(q, scale_dtype=torch.float32)
+    assert exact.scales.dtype == torch.float32 and torch.equal(exact.scales.t(), q.scales)
+    cached = QuantLinear.from_quant(q, scale_dtype=torch.float32, cache=True)
+    x = torch.randn(2, 7, 64)
+    assert torch.equal(cached(x), exact(x)) and cached._w_cache is not None
+    cached.double()                                                   # .to() drops the cache
+    assert cached._w_cache is None and cached(x.double()).dtype == torch.float64
+    assert torch.allclose(cached(x.double()).float(), exact(x), atol=1e-5)
+
+
 @pytest.fixture
 def quantized_tiny(tiny_llama_dir):
     def make(cfg):
@@ -145,6 +158,19 @@ def test_export_loads_back_with_the_same_codes_and_logits(fmt, cfg, quantized_ti
     with torch.no_grad():
         a, b = m.model(x).logits, back.model(x).logits
     assert (a - b).abs().max() < 1e-2 * a.abs().max()             # fp16 scales and embeddings only
+
+
+def test_fp32_compressed_tensors_scales_load_exactly(quantized_tiny, tmp_path):
+    m = quantized_tiny(QuantizeConfig(method="gptq", bits=4, group_size=32, sym=False))
+    m.export(tmp_path / "x", "compressed-tensors", dtype=torch.float32)
+    back = qforge.load(tmp_path / "x")
+    name, q = next(iter(m.result.layers.items()))
+    assert back.model.get_submodule(name).scales.dtype == torch.float32
+    assert torch.equal(back.result.layers[name].scales, q.scales)
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        a, b = m.model(x).logits, back.model(x).logits
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()             # nothing rounded on the way
 
 
 def test_export_sharded_and_gptq_files(quantized_tiny, tmp_path):

@@ -207,3 +207,35 @@ def test_variable_length_samples_are_never_padded():
     with collect_group_inputs(block, [ref], {ref.name: acc.add}, []):
         run_block(block, inputs.hidden, inputs.for_block(0))
     assert acc.n == sum(len(s) for s in samples)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt", "mixtral"])
+def test_one_pass_schedule_takes_statistics_from_the_unquantized_block(model_type):
+    """true_sequential=False: every group of block 0 is solved on the fp block's inputs (tapped by hooks),
+    while the default gives later groups the inputs of the already quantized earlier groups."""
+    from qforge.capture.linear_inputs import tap_inputs
+
+    ids = [torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    fp = tiny_model(model_type)
+    spec = arch_spec(fp)
+    inputs = capture_block_inputs(fp, spec, make_batches(ids, 2))
+    block = get_blocks(fp, spec)[0]
+    refs = [r for g in block_linears(block, spec) for r in g]
+    accs = {r.name: HessianAccumulator(r.shape[1]) for r in refs}
+    with tap_inputs(refs, {n: a.add for n, a in accs.items()}):
+        run_block(block, inputs.hidden, inputs.for_block(0))
+    grid = Grid(3, 32, True)
+    results = {}
+    for ts in (False, True):
+        m = tiny_model(model_type)
+        cfg = QuantizeConfig(method="gptq", bits=3, group_size=32, true_sequential=ts)
+        results[ts] = quantize_model(m, cfg, ids, batch_size=2, show_progress=False).layers
+    prefix = f"{spec.blocks}.0."
+    last = refs[-1]
+    want = gptq(last.weight.detach().float(), accs[last.name].H, grid).codes
+    assert torch.equal(results[False][prefix + last.name].codes, want)
+    assert not torch.equal(results[True][prefix + last.name].codes, want)  # later groups see quantized inputs
+    first = refs[0]
+    want0 = gptq(first.weight.detach().float(), accs[first.name].H, grid).codes
+    assert torch.equal(results[False][prefix + first.name].codes, want0)
+    assert torch.equal(results[True][prefix + first.name].codes, want0)   # the first group sees the same

@@ -40,6 +40,35 @@ def _expert_inputs(module: nn.Module, ref: LinearRef, hidden: torch.Tensor, top_
     return module.act_fn(gate) * up                                # down_proj's input
 
 
+def _expert_hooks(refs: list[LinearRef], sinks: dict[str, Sink]) -> list:
+    experts = [r for r in refs if r.expert is not None and r.name in sinks]
+
+    def hook(module, args):
+        hidden, top_k_index = args[0], args[1]
+        for r in experts:
+            if r.module is module:
+                sinks[r.name](_expert_inputs(module, r, hidden, top_k_index))
+
+    return [m.register_forward_pre_hook(hook) for m in {id(r.module): r.module for r in experts}.values()]
+
+
+@contextlib.contextmanager
+def tap_inputs(refs: list[LinearRef], sinks: dict[str, Sink]) -> Iterator[None]:
+    """While active, running the block hands a ref's input to sinks[ref.name]; nothing is swapped, so
+    the block computes as usual (one pass serves every group, all reading the unquantized block)."""
+    handles = []
+    try:
+        for ref in refs:
+            if ref.expert is None and ref.name in sinks:
+                handles.append(ref.module.register_forward_pre_hook(
+                    lambda m, args, s=sinks[ref.name]: s(args[0].reshape(-1, args[0].shape[-1]))))
+        handles += _expert_hooks(refs, sinks)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[str, Sink],
                          later: list[LinearRef]) -> Iterator[None]:
@@ -54,7 +83,6 @@ def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[s
         swapped.append((parent, leaf, getattr(parent, leaf)))
         setattr(parent, leaf, _ZeroLinear(ref.shape[0], sink))
 
-    experts = [r for r in group if r.expert is not None]
     try:
         for ref in group:
             if ref.expert is None:
@@ -62,15 +90,7 @@ def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[s
         for ref in later:
             if ref.expert is None:
                 swap(ref, None)
-        if experts:
-            def hook(module, args, refs=experts):
-                hidden, top_k_index = args[0], args[1]
-                for r in refs:
-                    if r.module is module and r.name in sinks:
-                        sinks[r.name](_expert_inputs(module, r, hidden, top_k_index))
-
-            for m in {id(r.module): r.module for r in experts}.values():
-                handles.append(m.register_forward_pre_hook(hook))
+        handles += _expert_hooks(group, sinks)
         yield
     finally:
         for h in handles:

@@ -17,16 +17,27 @@ log = logging.getLogger("qforge")
 
 def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
     q = p.add_argument_group("quantization")
-    q.add_argument("--method", default="rtn", choices=METHODS, help="rtn (data-free) or gptq (calibrated)")
+    q.add_argument("--method", default="rtn", choices=METHODS,
+                   help="rtn (data-free), gptq, awq (scales + clipping, then RTN), awq+gptq (then the GPTQ solve)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=default_group, help="-1 for per-channel")
     sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric grid (default, except asymmetric for AWQ methods as in AutoAWQ)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero point")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening as a fraction of mean diag(H)")
     q.add_argument("--block-size", type=int, default=128, help="GPTQ: lazy-update block width")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before reordering")
+    q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="GPTQ: take every linear's statistics from the unquantized block in one pass")
+    w = p.add_argument_group("AWQ (methods awq, awq+gptq)")
+    w.add_argument("--awq-grid", type=int, default=20, help="points of the scale exponent grid in [0, 1)")
+    w.add_argument("--no-awq-duo-scaling", dest="awq_duo_scaling", action="store_false",
+                   help="s = mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
+    w.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip the clipping search")
+    w.add_argument("--awq-from", default="", help="apply the scales/clips saved by an earlier run (its output "
+                                                  "directory or awq_results.safetensors) instead of searching")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -65,7 +76,9 @@ def _quant_config(a):
     from ..config import QuantizeConfig
 
     return QuantizeConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, damp=a.damp,
-                          block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups)
+                          block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
+                          true_sequential=a.true_sequential, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
+                          awq_clip=a.awq_clip, awq_from=a.awq_from)
 
 
 def build_parser() -> argparse.ArgumentParser:

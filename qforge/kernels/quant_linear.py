@@ -1,34 +1,44 @@
 """QuantLinear: a linear layer that keeps its weight packed (kernels/reference.py's layout) and
 dequantizes on the fly. On CPU (and wherever no faster kernel is registered) it runs the PyTorch
-reference; a GPU kernel plugs in through `QuantLinear.kernel`."""
+reference; a GPU kernel plugs in through `QuantLinear.kernel`.
+
+Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
+compressed-tensors): casting them would change the model. With `cache=True` the reference path keeps
+the dequantized weight after the first forward (per dtype and device; dropped by `.to()` and
+`clear_cache()`): decoding on a CPU then costs a dense matmul instead of an unpack per token, at the
+memory of a dense copy of the layer.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..formats.bitpack import pack_int32
+from ..formats.bitpack import pack_int32, unpack_int32
 from ..solvers import Grid, LayerQuant
-from ..formats.bitpack import unpack_int32
-from .reference import matmul_reference
+from .reference import dequantize_packed, matmul_reference
 
 
 class QuantLinear(nn.Module):
     kernel = None  # optional callable(x, module) -> y for CUDA tensors; None: the reference path
 
-    def __init__(self, in_features: int, out_features: int, grid: Grid, n_groups: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, grid: Grid, n_groups: int, bias: bool,
+                 scale_dtype: torch.dtype = torch.float16, cache: bool = False):
         super().__init__()
+        self.cache = cache
+        self._w_cache: torch.Tensor | None = None
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         b = grid.bits
         self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(n_groups, out_features * b // 32, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=scale_dtype))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
 
     @classmethod
-    def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16,
+                   cache: bool = False) -> "QuantLinear":
         out_f, in_f = q.shape
-        m = cls(in_f, out_f, q.grid, q.scales.shape[1], bias is not None)
+        m = cls(in_f, out_f, q.grid, q.scales.shape[1], bias is not None, scale_dtype, cache)
         m.qweight.copy_(pack_int32(q.codes.t(), q.grid.bits, dim=0))
         m.qzeros.copy_(pack_int32(q.zeros.t().round().to(torch.int64), q.grid.bits, dim=1))
         m.scales.copy_(q.scales.t())
@@ -51,7 +61,21 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_cuda:
             return self.kernel(x, self)
-        return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
+        if not self.cache:
+            return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
+        w = self._w_cache
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self._w_cache = dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits,
+                                                  x.dtype)
+        y = x @ w
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def clear_cache(self) -> None:
+        self._w_cache = None
+
+    def _apply(self, fn, recurse=True):
+        self._w_cache = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.grid.bits}, "

@@ -72,8 +72,11 @@ def _grid(fmt: str, qc: dict, name: str) -> Grid:
     return grid
 
 
-def load_packed(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory."""
+def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
+    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
+
+    `cache_dequantized`: QuantLinear keeps each dequantized weight after its first forward (fast CPU
+    decoding at the memory of a dense model; see kernels/quant_linear.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -94,6 +97,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32):
     for name in names:
         grid = _grid(fmt, qc, name)
         t = {k: state.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in state}
+        scale_dtype = next((v.dtype for k, v in t.items() if "scale" in k and v.is_floating_point()), torch.float16)
         try:
             q = FORMATS[fmt].unpack(t, grid, v1=not v2) if fmt == "gptq" else FORMATS[fmt].unpack(t, grid)
         except Exception as e:
@@ -106,7 +110,8 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32):
         if tuple(old.weight.shape) != q.shape:
             raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(old.weight.shape)}")
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, QuantLinear.from_quant(q, bias.to(dtype) if bias is not None else None))
+        setattr(model.get_submodule(parent), leaf,
+                QuantLinear.from_quant(q, bias.to(dtype) if bias is not None else None, scale_dtype, cache_dequantized))
         layers[name] = q
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

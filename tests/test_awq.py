@@ -1,0 +1,138 @@
+"""AWQ: the pure scale/clip functions, function-preserving folding on every architecture, the pipeline,
+saved results re-applied with --awq-from."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import qforge
+from qforge import QForgeError, QuantizeConfig
+from qforge.capture import capture_block_inputs
+from qforge.capture.blocks import make_batches
+from qforge.models.arch import arch_spec, get_blocks
+from qforge.pipeline import quantize_model
+from qforge.smoothing import awq_block
+from qforge.solvers import Grid, rtn
+from qforge.solvers.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant, weight_magnitude
+from tiny_models import CONFIGS, VOCAB, tiny_model
+
+
+def ids(n=8, length=48):
+    return [torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(s)) for s in range(n)]
+
+
+def test_scales_are_normalised_and_follow_activations():
+    x = torch.tensor([0.1, 1.0, 10.0, 2.0])
+    s = awq_scales(x, None, 0.5)
+    assert torch.isclose(s.max() * s.min(), torch.tensor(1.0))
+    assert torch.equal(torch.argsort(s), torch.argsort(x))                # salient channels scaled up most
+    assert torch.allclose(awq_scales(x, None, 0.0), torch.ones(4))        # α = 0: no scaling
+    w = torch.tensor([1.0, 1.0, 4.0, 1.0])
+    duo = awq_scales(x, w, 0.5)
+    assert duo[2] / duo[1] < s[2] / s[1]                                  # duo scaling divides by w^(1-α)
+
+
+def test_weight_magnitude_by_hand():
+    W = torch.tensor([[1.0, -2.0, 4.0, 0.0], [3.0, 3.0, -1.0, 1.0]])
+    want = torch.tensor([[0.5, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).mean(0)   # |w| / group max, group 2
+    assert torch.allclose(weight_magnitude(W, Grid(4, 2, False)), want, atol=1e-5)
+
+
+def test_scaled_fake_quant_with_unit_scales_is_rtn():
+    W = torch.randn(16, 64)
+    grid = Grid(3, 32, False)
+    assert torch.equal(scaled_fake_quant(W, torch.ones(64), grid), rtn(W, grid).dequantize())
+
+
+def test_clip_search_never_widens_and_lowers_output_error():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    W[:, 5] *= 8                                                          # outliers make clipping pay
+    X = torch.randn(256, 64, generator=g)
+    grid = Grid(3, 32, True)
+    max_val = clip_search(W, X, grid)
+    org = W.abs().view(32, 2, 32).amax(-1)
+    assert (max_val <= org + 1e-6).all() and (max_val >= 0.5 * org - 1e-6).all()
+    assert (max_val < org - 1e-6).any()
+    err = lambda Wq: float(((X @ (W - Wq).T) ** 2).mean())               # noqa: E731
+    assert err(rtn(apply_clip(W, max_val, grid), grid).dequantize()) < err(rtn(W, grid).dequantize())
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_folded_scales_leave_the_fp_model_unchanged(model_type):
+    m = tiny_model(model_type)
+    x = torch.stack(ids(4, 32))
+    with torch.no_grad():
+        before = m(input_ids=x).logits
+    spec = arch_spec(m)
+    inputs = capture_block_inputs(m, spec, make_batches(ids(), 4))
+    applied = 0
+    for i, block in enumerate(get_blocks(m, spec)):
+        r = awq_block(block, spec, inputs.hidden, inputs.for_block(i), Grid(3, 32, False), n_grid=5, clip=False)
+        applied += len(r.scales)
+        assert not r.clips
+        if r.scales:
+            assert any(not torch.allclose(s, torch.ones_like(s)) for s in r.scales.values())
+    with torch.no_grad():
+        after = m(input_ids=x).logits
+    assert (after - before).norm() <= 1e-5 * before.norm() + 1e-6
+    assert applied >= len(get_blocks(m, spec))        # at least one mapping per block is folded
+
+
+def test_mapping_that_does_not_fit_is_skipped_with_a_log_line(caplog):
+    m = tiny_model("llama")                            # GQA: v_proj has 32 outputs, o_proj reads 64
+    spec = arch_spec(m)
+    inputs = capture_block_inputs(m, spec, make_batches(ids(2), 2))
+    with caplog.at_level(logging.INFO, logger="qforge.smoothing.awq_search"):
+        r = awq_block(get_blocks(m, spec)[0], spec, inputs.hidden, inputs.for_block(0), Grid(4, 32, False), n_grid=3)
+    assert "self_attn.v_proj" not in r.scales and "input_layernorm" in r.scales
+    assert any("v_proj" in rec.message and "skipped" in rec.message for rec in caplog.records)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_awq_beats_rtn_on_every_architecture(model_type):
+    samples = ids(8, 64)
+    x = torch.stack(samples[:4])
+    with torch.no_grad():
+        want = tiny_model(model_type)(input_ids=x).logits
+    errs = {}
+    for method in ("rtn", "awq"):
+        m = tiny_model(model_type)
+        quantize_model(m, QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=8), samples,
+                       show_progress=False)
+        with torch.no_grad():
+            errs[method] = float((m(input_ids=x).logits - want).norm())
+    assert errs["awq"] < errs["rtn"]
+
+
+def test_awq_defaults_and_saved_results_reapply_exactly(tiny_llama_dir, tmp_path):
+    cfg = QuantizeConfig(method="awq")
+    assert (cfg.bits, cfg.group_size, cfg.sym) == (4, 128, False)     # AutoAWQ's w_bit, q_group_size, zero_point
+    assert QuantizeConfig(method="gptq").sym is True
+    samples = ids(8, 64)
+    a = qforge.load(tiny_llama_dir, QuantizeConfig(method="awq", bits=3, group_size=32, awq_grid=5))
+    a.quantize(samples)
+    out = a.save(tmp_path / "a")
+    assert (out / "awq_results.safetensors").is_file()
+    b = qforge.load(tiny_llama_dir, QuantizeConfig(method="awq", bits=3, group_size=32, awq_from=str(out)))
+    assert not b.config.needs_calibration
+    b.quantize(None)                                                  # nothing searched, nothing needed
+    for name, q in a.result.layers.items():
+        assert torch.equal(b.result.layers[name].codes, q.codes), name
+    c = qforge.load(tiny_llama_dir, QuantizeConfig(method="awq+gptq", bits=3, group_size=32, awq_from=str(out)))
+    c.quantize(samples)
+    assert set(c.result.awq) == set(a.result.awq)
+    with pytest.raises(QForgeError, match="no AWQ results"):
+        qforge.load(tiny_llama_dir, QuantizeConfig(method="awq", awq_from=str(tmp_path))).quantize(None)
+
+
+def test_cli_awq(tiny_llama_dir, tmp_path, capsys):
+    from qforge.cli.main import main
+
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--method", "awq+gptq", "--bits", "4", "--group-size", "32",
+                 "--awq-grid", "4", "--calib", "builtin:code", "--nsamples", "4", "--seqlen", "64",
+                 "--out", str(tmp_path / "o"), "--format", "awq"]) == 0
+    assert "awq+gptq W4 g32 asym" in capsys.readouterr().out
+    assert (tmp_path / "o" / "awq_results.safetensors").is_file() and (tmp_path / "o-awq" / "config.json").is_file()
