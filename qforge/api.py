@@ -64,13 +64,34 @@ class QModel:
             else:
                 samples = list(calibration)
         torch.manual_seed(seed)
+        allocation = self._allocate(samples, device, batch_size, show_progress) if self.config.bpw else None
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
-                                     show_progress=show_progress)
+                                     show_progress=show_progress, grids=allocation.grids if allocation else None)
+        self.result.allocation = allocation
         if self.result.ragged_layers:
             log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
                         self.result.ragged_layers[0])
         return self.result
+
+    def _allocate(self, samples, device: str, batch_size: int, show_progress: bool):
+        """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes."""
+        import tempfile
+
+        from .mixed import load_measurement, measure_model, plan
+
+        cfg = self.config
+        path = Path(cfg.measurement) if cfg.measurement else Path(tempfile.mkdtemp()) / "measurement.json"
+        try:
+            measurement = load_measurement(path) if path.is_file() else None
+        except QForgeError:
+            measurement = None                                   # unfinished: measure_model resumes it
+        if measurement is None:
+            identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
+                        if self.calibration_config else f"{len(samples)} samples"}
+            measurement = measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
+                                        device=device, batch_size=batch_size, show_progress=show_progress)
+        return plan(measurement, cfg.bpw, cfg.skip)
 
     def export(self, out: str | Path, fmt: str = "gptq", dtype: torch.dtype = torch.float16,
                overwrite: bool = False, max_shard_size: str | int = "4GB") -> dict:
@@ -102,7 +123,8 @@ class QModel:
             layers=self.result.summary(), **record_fields)
         samples = self.calibration.samples if self.calibration else None
         return save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
-                           self.calibration_config, samples, overwrite, awq=self.result.awq)
+                           self.calibration_config, samples, overwrite, awq=self.result.awq,
+                           allocation=self.result.allocation)
 
 
 def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:

@@ -9,6 +9,7 @@
   calibration.jsonl          the exact calibration samples ({"input_ids": [...]}), reusable with --calib
   run_record.json            versions, timings, peak memory, sizes, per-layer errors, ragged groups
   awq_results.safetensors    AWQ methods: the scales and clips applied (smoothing/store.py; --awq-from)
+  allocation.json, allocation.png   mixed precision (--bpw): the scheme of every layer (mixed/plan.py)
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
 
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
-                overwrite: bool = False, awq: dict | None = None) -> Path:
+                overwrite: bool = False, awq: dict | None = None, allocation=None) -> Path:
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -81,6 +82,11 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
 
             save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
                      {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
+        if allocation is not None:
+            from .mixed import plot_allocation
+
+            allocation.save(tmp / "allocation.json")
+            plot_allocation(allocation, tmp / "allocation.png")
     return out
 
 

@@ -64,6 +64,12 @@ class QuantizeConfig(_JsonMixin):
     awq_duo_scaling: bool = True
     awq_clip: bool = True
     awq_from: str = ""
+    # mixed precision (method gptq): one scheme per linear chosen from a measurement so that the average
+    # stored bits per weight of the quantized linears, counted as `bpw_format` stores them, is <= bpw;
+    # `measurement` is the measurement file to reuse, or to write (and resume) when it is not finished
+    bpw: float | None = None
+    measurement: str = ""
+    bpw_format: str = "gptq"
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()
@@ -82,6 +88,12 @@ class QuantizeConfig(_JsonMixin):
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),
                "static_groups needs a group size (per-channel has a single group)")
+        if self.bpw is not None:
+            _check(self.method == "gptq", f"--bpw (mixed precision) needs method gptq, got {self.method!r}")
+            _check(isinstance(self.bpw, (int, float)) and 2.0 <= self.bpw <= 8.0,
+                   f"bpw must be a number from 2.0 to 8.0, got {self.bpw!r}")
+            _check(self.bpw_format in ("gptq", "compressed-tensors"),
+                   f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property

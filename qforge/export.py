@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -73,15 +75,23 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
         quantized = set(layers)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
         return build_config({n: q.grid for n, q in layers.items()}, ignore)
-    if len(grids) != 1:
-        raise QForgeError(f"the {fmt} format here stores one scheme for all layers; this result has "
-                          f"{len(grids)}")
+    if len(grids) != 1 and fmt != "gptq":
+        raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
+                          f"(export mixed precision as gptq or compressed-tensors)")
     from . import __version__
 
     act_order = bool(getattr(qcfg, "act_order", False))
     static = bool(getattr(qcfg, "static_groups", False))
-    return FORMATS[fmt].quantization_config(next(iter(grids)), act_order, static,
-                                            {"meta": {"quantizer": [f"qforge:{__version__}"]}})
+    weight = Counter()
+    for q in layers.values():
+        weight[q.grid] += q.shape[0] * q.shape[1]
+    base = max(weight, key=lambda g: (weight[g], g.bits, g.group_size, g.sym))   # most weights; deterministic
+    extra = {"meta": {"quantizer": [f"qforge:{__version__}"]}}
+    if len(grids) > 1:  # GPTQModel's per-module overrides: "+:" regex on the full module name -> fields
+        extra["dynamic"] = {f"+:^{re.escape(n)}$": {"bits": q.grid.bits, "group_size": q.grid.group_size,
+                                                      "sym": q.grid.sym}
+                            for n, q in layers.items() if q.grid != base}
+    return FORMATS[fmt].quantization_config(base, act_order, static, extra)
 
 
 def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size: str | int) -> None:

@@ -81,6 +81,7 @@ class QuantizeResult:
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     seconds: float = 0.0
     awq: dict[int, BlockAWQ] = field(default_factory=dict)   # block index -> AWQ scales/clips applied
+    allocation: object | None = None                         # mixed precision: the mixed.plan.Allocation used
 
     def summary(self) -> list[dict]:
         return [{"name": n, "shape": list(q.shape), **q.info} for n, q in self.layers.items()]
@@ -112,8 +113,11 @@ def _skipped(name: str, cfg: QuantizeConfig) -> bool:
 
 
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
-                   device: str = "cpu", batch_size: int = 8, show_progress: bool = True) -> QuantizeResult:
-    """Quantize `model` in place (its weights become the dequantized grid values) and return the codes."""
+                   device: str = "cpu", batch_size: int = 8, show_progress: bool = True,
+                   grids: dict[str, Grid] | None = None) -> QuantizeResult:
+    """Quantize `model` in place (its weights become the dequantized grid values) and return the codes.
+
+    `grids` (mixed precision) gives some layers, by full name, their own grid instead of the config's."""
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
@@ -121,6 +125,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
+    grids = grids or {}
     saved = load_awq(cfg.awq_from, spec.blocks)[0] if cfg.awq_from else None
     t0 = time.perf_counter()
     if not solver.needs_inputs and not (cfg.uses_awq and saved is None):
@@ -131,19 +136,19 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
                 for ref in group:
                     name = f"{spec.blocks}.{i}.{ref.name}"
                     if not _skipped(name, cfg):
-                        _solve_into(ref, name, solver, None, grid, cfg, result)
+                        _solve_into(ref, name, solver, None, grids.get(name, grid), cfg, result)
     else:
         if not samples:
             raise QForgeError(f"method {cfg.method!r} needs calibration samples")
         _quantize_calibrated(model, spec, blocks, solver, grid, cfg, samples, device, batch_size, result, show_progress,
-                             saved)
+                             saved, grids)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
                          samples, device, batch_size, result: QuantizeResult, show_progress: bool,
-                         saved: dict[int, BlockAWQ] | None = None) -> None:
+                         saved: dict[int, BlockAWQ] | None = None, grids: dict[str, Grid] | None = None) -> None:
     inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
@@ -173,7 +178,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                 with collect_group_inputs(block, todo, sinks, later):
                     run_block(block, hidden, calls, device)
             for ref in todo:
-                _solve_into(ref, f"{spec.blocks}.{i}.{ref.name}", solver, stats.get(ref.name), grid, cfg, result)
+                name = f"{spec.blocks}.{i}.{ref.name}"
+                _solve_into(ref, name, solver, stats.get(ref.name), grids.get(name, grid), cfg, result)
         hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
         if not all(torch.isfinite(h).all() for h in hidden):

@@ -38,6 +38,11 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     w.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip the clipping search")
     w.add_argument("--awq-from", default="", help="apply the scales/clips saved by an earlier run (its output "
                                                   "directory or awq_results.safetensors) instead of searching")
+    x = p.add_argument_group("mixed precision (method gptq)")
+    x.add_argument("--bpw", type=float, help="target average stored bits per weight of the quantized linears "
+                                             "(2.0-8.0), counted as --format stores them (gptq by default)")
+    x.add_argument("--measurement", default="", help="measurement file from `qforge measure` to reuse (or to "
+                                                     "write and resume; default OUT.measurement.json)")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -72,13 +77,18 @@ def _export(m, out, a) -> None:
           f"{sizes['bits_per_weight']:.3f} bits/weight (measured on the files)")
 
 
+MIXED_FORMATS = ("gptq", "compressed-tensors")
+
+
 def _quant_config(a):
     from ..config import QuantizeConfig
 
     return QuantizeConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, damp=a.damp,
                           block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
                           true_sequential=a.true_sequential, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
-                          awq_clip=a.awq_clip, awq_from=a.awq_from)
+                          awq_clip=a.awq_clip, awq_from=a.awq_from, bpw=a.bpw, measurement=a.measurement,
+                          bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
+                          else "gptq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
     _add_export_args(p, "also write a packed checkpoint in this format to --export-out")
     p.add_argument("--export-out", help="where the packed checkpoint goes (default: OUT-FORMAT)")
+
+    p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="measurement JSON (resumed when it exists)")
+    p.add_argument("--format", choices=MIXED_FORMATS, default="gptq", help="whose storage the costs count")
+    p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
+    _add_quant_args(p)
+    p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
     p = sub.add_parser("export", help="write a finished qforge run as a packed checkpoint engines load")
     p.add_argument("result", help="a qforge output directory (from `qforge quantize`)")
@@ -123,14 +141,54 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cmd_measure(a) -> int:
+    import qforge
+    from ..calibration import build_calibration
+    from ..config import CalibrationConfig, QuantizeConfig
+    from ..mixed import measure_model
+    from ..mixed.measure import grid_key
+    from ..solvers import Grid
+
+    cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
+                         static_groups=a.static_groups)
+    bits = tuple(int(b) for b in a.candidate_bits.split(",") if b) or None
+    m = qforge.load(a.model)
+    calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
+    identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}
+    data = measure_model(m.model, calib.samples, a.out, cfg, a.format, bits, identity, a.device, a.batch_size,
+                         show_progress=not a.quiet)
+    by_scheme: dict[str, list] = {}
+    for d in data["layers"].values():
+        for o in d["options"]:
+            k = grid_key(Grid(o["bits"], o["group_size"], o["sym"]))
+            by_scheme.setdefault(k, []).append((o["err"], o["stored_bits"], d["shape"][0] * d["shape"][1]))
+    rows = [[k, len(v), sum(b for _, b, _ in v) / sum(n for _, _, n in v), sum(e for e, _, _ in v) / len(v)]
+            for k, v in by_scheme.items()]
+    print(format_table(["scheme", "layers", "bpw", "mean rel. output error"], sorted(rows, key=lambda r: r[2]),
+                       title=f"measurement of {len(data['layers'])} linears -> {a.out}"))
+    return 0
+
+
+def _print_allocation(alloc) -> None:
+    from ..mixed.plan import allocation_rows
+
+    print(format_table(["layer", "scheme", "bpw", "rel. output error"], allocation_rows(alloc),
+                       title=f"mixed precision: {alloc.bpw:.4f} bpw as {alloc.format} stores it "
+                             f"(target {alloc.target_bpw}), summed error {alloc.total_err:.4g}"))
+
+
 def cmd_quantize(a) -> int:
     import qforge
 
+    if a.bpw is not None and not a.measurement:
+        a.measurement = f"{str(a.out).rstrip('/')}.measurement.json"   # kept beside the output: resumable
     cfg = _quant_config(a)
     m = qforge.load(a.model, cfg)
     m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
                batch_size=a.batch_size, show_progress=not a.quiet)
     out = m.save(a.out, overwrite=a.overwrite)
+    if m.result.allocation is not None:
+        _print_allocation(m.result.allocation)
     _print_quant_summary(m, out)
     if a.format:
         _export(m, a.export_out or f"{str(out).rstrip('/')}-{a.format}", a)
@@ -229,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return {"quantize": cmd_quantize, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
+        return {"quantize": cmd_quantize, "measure": cmd_measure, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
                 "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:
         print(f"qforge: error: {e}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""From a measurement to a per-layer allocation: the optimiser's input and output as files, a table and a plot.
+
+allocation.json: {"target_bpw", "bpw" (exact, as the format stores it), "format", "total_err",
+                  "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "numel"}}}
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import QForgeError
+from ..solvers import Grid
+from .allocate import Option, allocate
+from .measure import grid_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    target_bpw: float
+    format: str | None
+    layers: dict[str, dict]
+
+    @property
+    def grids(self) -> dict[str, Grid]:
+        return {n: Grid(d["bits"], d["group_size"], d["sym"]) for n, d in self.layers.items()}
+
+    @property
+    def bpw(self) -> float:
+        return sum(d["stored_bits"] for d in self.layers.values()) / sum(d["numel"] for d in self.layers.values())
+
+    @property
+    def total_err(self) -> float:
+        return sum(d["err"] for d in self.layers.values())
+
+    def to_json(self) -> dict:
+        return {"target_bpw": self.target_bpw, "bpw": self.bpw, "format": self.format, "total_err": self.total_err,
+                "layers": self.layers}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Allocation":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(float(d["target_bpw"]), d.get("format"), d["layers"])
+        except (OSError, ValueError, KeyError) as e:
+            raise QForgeError(f"{path} is not a qforge allocation: {e}") from e
+
+
+def load_measurement(path: str | Path) -> dict:
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise QForgeError(f"cannot read measurement {path}: {e}") from e
+    if "layers" not in m or m.get("blocks_done") != m.get("n_blocks"):
+        raise QForgeError(f"{path} is an unfinished measurement ({m.get('blocks_done')} of {m.get('n_blocks')} "
+                          f"blocks); run `qforge measure` again to finish it")
+    return m
+
+
+def plan(measurement: dict, target_bpw: float, skip: tuple[str, ...] = ()) -> Allocation:
+    """The allocation that minimises the summed error at <= target_bpw (over the measured layers)."""
+    from fnmatch import fnmatch
+
+    layers = {n: d for n, d in measurement["layers"].items() if not any(fnmatch(n, p) for p in skip)}
+    options = {n: [Option(grid_key(Grid(o["bits"], o["group_size"], o["sym"])), o["stored_bits"], o["err"])
+                   for o in d["options"]] for n, d in layers.items()}
+    numel = {n: d["shape"][0] * d["shape"][1] for n, d in layers.items()}
+    chosen = allocate(options, numel, target_bpw)
+    out = {}
+    for n, opt in chosen.items():
+        o = layers[n]["options"][options[n].index(opt)]
+        out[n] = {"bits": o["bits"], "group_size": o["group_size"], "sym": o["sym"], "stored_bits": o["stored_bits"],
+                  "err": o["err"], "numel": numel[n]}
+    a = Allocation(target_bpw, measurement.get("format"), out)
+    log.info("allocation for %.2f bpw: %.4f bpw, total error %.4g", target_bpw, a.bpw, a.total_err)
+    return a
+
+
+def allocation_rows(a: Allocation) -> list[list]:
+    return [[n, grid_key(Grid(d["bits"], d["group_size"], d["sym"])), d["stored_bits"] / d["numel"], d["err"]]
+            for n, d in a.layers.items()]
+
+
+def plot_allocation(a: Allocation, path: str | Path) -> None:
+    """Bits per weight of every layer in model order, coloured by the linear's role."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(a.layers)
+    roles = sorted({n.rsplit(".", 1)[-1] for n in names})
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 3.5))
+    for role in roles:
+        xs = [i for i, n in enumerate(names) if n.rsplit(".", 1)[-1] == role]
+        ax.scatter(xs, [a.layers[names[i]]["stored_bits"] / a.layers[names[i]]["numel"] for i in xs], s=10,
+                   label=role)
+    ax.axhline(a.bpw, color="k", lw=0.8, ls="--", label=f"average {a.bpw:.3f}")
+    ax.set_xlabel("linear (model order)")
+    ax.set_ylabel("stored bits per weight")
+    ax.set_title(f"mixed precision at {a.target_bpw} bpw ({a.format or 'qforge'} storage)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,143 @@
+"""Mixed precision: the knapsack optimiser, exact storage costs, the measurement (proxy, resume), the
+quantize pass with per-layer grids and its exports."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import qforge
+from qforge.cli.main import main as cli
+from qforge.config import QuantizeConfig
+from qforge.errors import QForgeError
+from qforge.mixed import Option, allocate, candidate_grids, load_measurement, measure_model, plan, scheme_bits
+from qforge.mixed.measure import output_error
+from qforge.solvers import Grid
+
+
+def random_instance(seed, n_layers=4, n_opts=4):
+    g = torch.Generator().manual_seed(seed)
+    layers = {f"l{i}": [Option(f"o{j}", int(torch.randint(2, 40, (1,), generator=g)),
+                               float(torch.rand(1, generator=g))) for j in range(n_opts)] for i in range(n_layers)}
+    return layers, {n: 1 for n in layers}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_the_exact_optimum_on_integer_costs(seed):
+    layers, numel = random_instance(seed)
+    target = 60 / len(layers)                        # budget 60 bits, one unit per bit
+    chosen = allocate(layers, numel, target, resolution=60)
+    assert sum(o.bits for o in chosen.values()) <= 60
+    feasible = [c for c in itertools.product(*layers.values()) if sum(o.bits for o in c) <= 60]
+    best = min(sum(o.err for o in c) for c in feasible)
+    assert sum(o.err for o in chosen.values()) == pytest.approx(best, abs=1e-12)
+
+
+def test_allocation_refuses_an_impossible_target_and_spends_more_bits_for_less_error():
+    layers, numel = random_instance(0)
+    with pytest.raises(QForgeError, match="below the cheapest"):
+        allocate(layers, numel, 1.0)
+    errs = [sum(o.err for o in allocate(layers, numel, t).values()) for t in (12, 18, 25, 40)]
+    assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1]
+
+
+def test_output_error_proxy_is_the_relative_output_error():
+    X, W = torch.randn(300, 32), torch.randn(16, 32)
+    W_hat = W + 0.1 * torch.randn_like(W)
+    H = 2 * X.t() @ X / X.shape[0]
+    direct = ((X @ (W - W_hat).t()).pow(2).sum() / (X @ W.t()).pow(2).sum()).item()
+    assert output_error(W, W_hat, H) == pytest.approx(direct, rel=1e-4)
+
+
+def test_candidates_use_whole_groups_and_formats_bits():
+    assert {g.group_size for g in candidate_grids(96, "gptq")} == {32, -1}
+    assert {g.bits for g in candidate_grids(576, "gptq")} == {2, 3, 4, 8}
+    assert 5 in {g.bits for g in candidate_grids(576, "compressed-tensors")}
+    # gptq stores zeros and g_idx whatever the grid: asymmetric costs the same; compressed-tensors charges for zeros
+    assert scheme_bits((64, 576), Grid(4, 64, True), "gptq") == scheme_bits((64, 576), Grid(4, 64, False), "gptq")
+    assert scheme_bits((64, 576), Grid(4, 64, True), "compressed-tensors") < \
+        scheme_bits((64, 576), Grid(4, 64, False), "compressed-tensors")
+
+
+def samples(n=6, length=48):
+    return [torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path):
+    cfg = QuantizeConfig(method="gptq")
+    full = measure_model(tiny_llama, samples(), tmp_path / "m.json", cfg, "gptq", (2, 4), show_progress=False)
+    assert full["blocks_done"] == 2 and all(len(d["options"]) >= 4 for d in full["layers"].values())
+    for d in full["layers"].values():                 # fewer bits -> larger error, per layer
+        by_bits = {o["bits"]: o["err"] for o in d["options"] if o["group_size"] == -1 and o["sym"]}
+        assert by_bits[2] > by_bits[4]
+    # an interrupted run: block 0 finished (with a marker), block 1 not
+    part = dict(full, blocks_done=1, layers={n: d for n, d in full["layers"].items() if ".0." in n})
+    marker = next(iter(part["layers"].values()))["options"][0]
+    marker["err"] = 123.0
+    (tmp_path / "p.json").write_text(json.dumps(part))
+    with pytest.raises(QForgeError, match="unfinished"):
+        load_measurement(tmp_path / "p.json")
+    resumed = measure_model(tiny_llama, samples(), tmp_path / "p.json", cfg, "gptq", (2, 4), show_progress=False)
+    assert resumed["blocks_done"] == 2 and set(resumed["layers"]) == set(full["layers"])
+    assert next(iter(resumed["layers"].values()))["options"][0]["err"] == 123.0       # not measured again
+    n1 = next(n for n in full["layers"] if ".1." in n)
+    assert resumed["layers"][n1] == full["layers"][n1]
+    with pytest.raises(QForgeError, match="other settings"):
+        measure_model(tiny_llama, samples(), tmp_path / "p.json", cfg, "compressed-tensors", (2, 4),
+                      show_progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_mixed_quantize_hits_the_budget_and_its_export_stores_exactly_that(fmt, tiny_llama_dir, tmp_path):
+    cfg = QuantizeConfig(method="gptq", bpw=3.5, bpw_format=fmt, measurement=str(tmp_path / "m.json"))
+    m = qforge.load(tiny_llama_dir, cfg)
+    m.quantize(samples())
+    alloc = m.result.allocation
+    assert alloc.bpw <= 3.5 and len({q.grid for q in m.result.layers.values()}) > 1
+    for name, q in m.result.layers.items():
+        assert q.grid == alloc.grids[name]
+    sizes = m.export(tmp_path / "x", fmt)
+    assert sizes["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)   # predicted == read off the files
+    back = qforge.load(tmp_path / "x")
+    for name, q in m.result.layers.items():
+        r = back.result.layers[name]
+        assert r.grid == q.grid and torch.equal(r.codes, q.codes), name
+    if fmt == "gptq":
+        qc = json.loads((tmp_path / "x" / "quantize_config.json").read_text())
+        assert qc["dynamic"] and all(k.startswith("+:") for k in qc["dynamic"])
+    m.save(tmp_path / "out")
+    assert (tmp_path / "out" / "allocation.json").is_file() and (tmp_path / "out" / "allocation.png").is_file()
+
+
+def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tmp_path):
+    meas = tmp_path / "m.json"
+    errs = []
+    for bpw in (3.0, 5.0):
+        m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=bpw, measurement=str(meas)))
+        m.quantize(samples())
+        errs.append(m.result.allocation.total_err)
+    assert errs[0] > errs[1]
+    assert plan(load_measurement(meas), 5.0).layers == m.result.allocation.layers      # deterministic
+
+
+def test_bad_mixed_settings_are_refused():
+    with pytest.raises(QForgeError, match="needs method gptq"):
+        QuantizeConfig(method="rtn", bpw=3.0)
+    with pytest.raises(QForgeError, match="from 2.0 to 8.0"):
+        QuantizeConfig(method="gptq", bpw=1.5)
+
+
+def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys):
+    common = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "64"]
+    assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m.json"), "--candidate-bits", "2,3,4,8",
+                *common]) == 0
+    assert "mean rel. output error" in capsys.readouterr().out
+    assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3.0", "--measurement",
+                str(tmp_path / "m.json"), "--out", str(tmp_path / "q"), "--format", "gptq", *common]) == 0
+    out = capsys.readouterr().out
+    assert "mixed precision" in out and "model.layers.1.mlp.down_proj" in out
+    alloc = json.loads((tmp_path / "q" / "allocation.json").read_text())
+    rec = json.loads((tmp_path / "q-gptq" / "qforge_export.json").read_text())
+    assert rec["bits_per_weight"] == pytest.approx(alloc["bpw"], rel=1e-12) and alloc["bpw"] <= 3.0
