@@ -6,6 +6,8 @@ perplexity by qforge's protocol.
 Calibration: the first N samples of benchmarks/results/brown_128x512.jsonl (the GPTQ benchmark's file).
 One measurement (resumable, kept in benchmarks/results/) serves every target. Every result is exported
 in the gptq format and its bpw measured on the files; rows go to benchmarks/results/mixed_precision.jsonl.
+Every row also gets the measurement's summed error (the optimiser's proxy) for its schemes, and the
+table ends with the rank correlation between that proxy and perplexity over all rows.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-UNIFORM = [("W2 g32", 2, 32), ("W3 g64", 3, 64), ("W4 g64", 4, 64)]
+UNIFORM = [("W2 g32 sym", 2, 32, True), ("W3 g64 sym", 3, 64, True), ("W3 g64 asym", 3, 64, False),
+           ("W4 g64 sym", 4, 64, True), ("W4 g64 asym", 4, 64, False)]
 
 
 def evaluate(m, datasets, windows) -> dict:
@@ -36,7 +39,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=Path("benchmarks/results/brown_128x512.jsonl"))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--targets", default="2.5,3.0,3.5,4.0")
-    ap.add_argument("--uniform", default="W2 g32,W3 g64,W4 g64")
+    ap.add_argument("--uniform", default=",".join(u[0] for u in UNIFORM))
     ap.add_argument("--datasets", default="wiki,news")
     ap.add_argument("--max-windows", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_precision.jsonl"))
@@ -47,8 +50,8 @@ def main() -> None:
     meas = Path(f"benchmarks/results/mixed_measurement_{a.nsamples}x{samples[0].numel()}.json")
     runs = [(f"mixed {t} bpw", qforge.QuantizeConfig(method="gptq", bpw=float(t), measurement=str(meas)))
             for t in a.targets.split(",") if t]
-    runs += [(name, qforge.QuantizeConfig(method="gptq", bits=b, group_size=g))
-             for name, b, g in UNIFORM if name in a.uniform.split(",")]
+    runs += [(name, qforge.QuantizeConfig(method="gptq", bits=b, group_size=g, sym=sym))
+             for name, b, g, sym in UNIFORM if name in a.uniform.split(",")]
     rows = []
     for name, cfg in runs:
         m = qforge.load("smollm2-135m", cfg)
@@ -59,16 +62,39 @@ def main() -> None:
             sizes = m.export(Path(d) / "x", "gptq")
         alloc = m.result.allocation
         row = {"run": name, "nsamples": a.nsamples, "seconds": secs, "bpw_files": sizes["bits_per_weight"],
-               "bpw_predicted": alloc.bpw if alloc else None, "total_err": alloc.total_err if alloc else None,
+               "bpw_predicted": alloc.bpw if alloc else None, "total_err": _proxy(meas, m),
                "schemes": _scheme_counts(m), "ppl": evaluate(m, datasets, a.max_windows)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         with a.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    print(format_table(["run", "bpw (files)", "quant s", *datasets, "schemes"],
-                       [[r["run"], r["bpw_files"], r["seconds"], *[r["ppl"][d] for d in datasets],
+    print(format_table(["run", "bpw (files)", "quant s", "proxy error", *datasets, "schemes"],
+                       [[r["run"], r["bpw_files"], r["seconds"], r["total_err"], *[r["ppl"][d] for d in datasets],
                          ", ".join(f"{k} x{v}" for k, v in r["schemes"].items())] for r in rows],
                        title=f"SmolLM2-135M, GPTQ calibration {a.nsamples} x 512 Brown, ppl on {a.max_windows} x 2048"))
+    for d in datasets:
+        print(f"Spearman rank correlation of the proxy with {d} ppl over {len(rows)} rows: "
+              f"{_spearman([r['total_err'] for r in rows], [r['ppl'][d] for r in rows]):.3f}")
+
+
+def _proxy(meas: Path, m) -> float:
+    """The measurement's summed error for the schemes this result actually used."""
+    if not meas.is_file():
+        return float("nan")
+    layers = json.loads(meas.read_text())["layers"]
+    total = 0.0
+    for name, q in m.result.layers.items():
+        g = q.grid
+        total += next(o["err"] for o in layers[name]["options"]
+                      if (o["bits"], o["group_size"], o["sym"]) == (g.bits, g.group_size, g.sym))
+    return total
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    import numpy as np
+
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _scheme_counts(m) -> dict:

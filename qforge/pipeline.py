@@ -162,13 +162,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                   for g in block_linears(block, spec)]
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
-            sinks = {}
-            for todo in groups:
-                st, sk = _group_stats(solver, todo)
-                stats.update(st)
-                sinks.update(sk)
-            with tap_inputs([r for g in groups for r in g], sinks):
-                run_block(block, hidden, calls, device)
+            stats = one_pass_stats(solver, block, groups, hidden, calls, device)
         for k, todo in enumerate(groups):
             if not todo:
                 continue
@@ -184,6 +178,18 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         block.to("cpu")
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
+
+
+def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device) -> dict:
+    """Every group's statistics from one run of the (unquantized) block."""
+    stats, sinks = {}, {}
+    for refs in groups:
+        st, sk = _group_stats(solver, refs)
+        stats.update(st)
+        sinks.update(sk)
+    with tap_inputs([r for g in groups for r in g], sinks):
+        run_block(block, hidden, calls, device)
+    return stats
 
 
 def _group_stats(solver: Solver, refs: list[LinearRef]) -> tuple[dict, dict]:

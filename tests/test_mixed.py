@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,23 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
     with pytest.raises(QForgeError, match="other settings"):
         measure_model(tiny_llama, samples(), tmp_path / "p.json", cfg, "compressed-tensors", (2, 4),
                       show_progress=False)
+
+
+def test_proxy_is_the_residual_stream_error_each_scheme_adds(tiny_llama, tmp_path):
+    """down_proj's output is added to the residual stream as it is, so its measured gain is exactly
+    E‖ΔW x‖² / tr(ΔW H ΔWᵀ) = 1/2 (H = 2XᵀX/n); layers before a nonlinearity get their own gains,
+    and every option's error is gain · tr(ΔW H ΔWᵀ) / E‖y‖², i.e. proportional to its own output error."""
+    m = measure_model(tiny_llama, samples(), tmp_path / "m.json", QuantizeConfig(method="gptq"), "gptq", (2, 3, 4),
+                      show_progress=False)
+    gains = {n: d["gain"] for n, d in m["layers"].items()}
+    for n, g in gains.items():
+        assert math.isfinite(g) and g > 0
+        if n.endswith("down_proj"):
+            assert g == pytest.approx(0.5, rel=1e-3)
+    assert len({round(g, 4) for n, g in gains.items() if not n.endswith("down_proj")}) > 1
+    for d in m["layers"].values():
+        ratios = [o["err"] / o["rel_err"] for o in d["options"] if o["rel_err"] > 0]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])

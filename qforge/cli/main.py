@@ -161,18 +161,20 @@ def cmd_measure(a) -> int:
     for d in data["layers"].values():
         for o in d["options"]:
             k = grid_key(Grid(o["bits"], o["group_size"], o["sym"]))
-            by_scheme.setdefault(k, []).append((o["err"], o["stored_bits"], d["shape"][0] * d["shape"][1]))
-    rows = [[k, len(v), sum(b for _, b, _ in v) / sum(n for _, _, n in v), sum(e for e, _, _ in v) / len(v)]
+            by_scheme.setdefault(k, []).append((o["err"], o["rel_err"], o["stored_bits"], d["shape"][0] * d["shape"][1]))
+    rows = [[k, len(v), sum(r[2] for r in v) / sum(r[3] for r in v), sum(r[0] for r in v), sum(r[1] for r in v) / len(v)]
             for k, v in by_scheme.items()]
-    print(format_table(["scheme", "layers", "bpw", "mean rel. output error"], sorted(rows, key=lambda r: r[2]),
-                       title=f"measurement of {len(data['layers'])} linears -> {a.out}"))
+    print(format_table(["scheme", "layers", "bpw", "summed error (the proxy)", "mean rel. output error"],
+                       sorted(rows, key=lambda r: r[2]),
+                       title=f"measurement of {len(data['layers'])} linears -> {a.out} (error: residual-stream "
+                             f"error the scheme adds at each block output, relative to the stream; see qforge.mixed.measure)"))
     return 0
 
 
 def _print_allocation(alloc) -> None:
     from ..mixed.plan import allocation_rows
 
-    print(format_table(["layer", "scheme", "bpw", "rel. output error"], allocation_rows(alloc),
+    print(format_table(["layer", "scheme", "bpw", "error (proxy)", "rel. output error"], allocation_rows(alloc),
                        title=f"mixed precision: {alloc.bpw:.4f} bpw as {alloc.format} stores it "
                              f"(target {alloc.target_bpw}), summed error {alloc.total_err:.4g}"))
 

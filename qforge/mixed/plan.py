@@ -1,7 +1,7 @@
 """From a measurement to a per-layer allocation: the optimiser's input and output as files, a table and a plot.
 
 allocation.json: {"target_bpw", "bpw" (exact, as the format stores it), "format", "total_err",
-                  "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "numel"}}}
+                  "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "rel_err", "numel"}}}
 """
 from __future__ import annotations
 
@@ -76,14 +76,15 @@ def plan(measurement: dict, target_bpw: float, skip: tuple[str, ...] = ()) -> Al
     for n, opt in chosen.items():
         o = layers[n]["options"][options[n].index(opt)]
         out[n] = {"bits": o["bits"], "group_size": o["group_size"], "sym": o["sym"], "stored_bits": o["stored_bits"],
-                  "err": o["err"], "numel": numel[n]}
+                  "err": o["err"], "rel_err": o.get("rel_err"), "numel": numel[n]}
     a = Allocation(target_bpw, measurement.get("format"), out)
     log.info("allocation for %.2f bpw: %.4f bpw, total error %.4g", target_bpw, a.bpw, a.total_err)
     return a
 
 
 def allocation_rows(a: Allocation) -> list[list]:
-    return [[n, grid_key(Grid(d["bits"], d["group_size"], d["sym"])), d["stored_bits"] / d["numel"], d["err"]]
+    return [[n, grid_key(Grid(d["bits"], d["group_size"], d["sym"])), d["stored_bits"] / d["numel"], d["err"],
+             d.get("rel_err")]
             for n, d in a.layers.items()]
 
 
