@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .api import QModel, evaluate, load  # noqa: E402
-from .config import CalibrationConfig, QuantizeConfig  # noqa: E402
+from .config import CalibrationConfig, QuantizeConfig, SimulationConfig  # noqa: E402
 from .errors import QForgeError  # noqa: E402
 
-__all__ = ["QModel", "QuantizeConfig", "CalibrationConfig", "QForgeError", "evaluate", "load", "__version__"]
+__all__ = ["QModel", "QuantizeConfig", "CalibrationConfig", "SimulationConfig", "QForgeError", "evaluate", "load", "__version__"]

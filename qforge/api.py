@@ -16,9 +16,9 @@ import torch
 
 from .calibration import CalibrationSet, build_calibration
 from .checkpoint import is_qforge_output, load_layers, read_config, save_output, QUANT_FILE
-from .config import CalibrationConfig, QuantizeConfig
+from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
-from .eval import load_eval_text, perplexity
+from .eval import load_eval_text, perplexity, token_windows
 from .models import load_model
 from .models.packed import load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
@@ -147,16 +147,56 @@ def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
 
 def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "code"), seqlen: int = 2048,
              max_windows: int | None = None, device: str = "cpu", batch_size: int = 1,
-             show_progress: bool = False) -> list[dict]:
-    """Perplexity on each dataset SPEC by the shared protocol; one record per dataset."""
+             show_progress: bool = False, simulate: SimulationConfig | None = None,
+             reference: str | Path | QModel | None = None) -> list[dict]:
+    """Perplexity on each dataset SPEC by the shared protocol; one record per dataset.
+
+    `simulate` applies simulated quantization first (SmoothQuant folding, RTN weights, then per-token
+    activations and the KV cache during the forward); `reference` adds KLD / top-1 / Δp against that
+    model on the same windows."""
+    from .eval.compare import compare_to_reference
+    from .eval.simulate import kv_cache_factory, quantized_activations
+
     qm = model if isinstance(model, QModel) else load(model)
+    sim = simulate or SimulationConfig()
+    if sim.active:
+        _apply_simulated_weights(qm, sim, batch_size)
+    ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
+    if ref is not None:
+        ref.model.to(device)
     qm.model.to(device)
+    make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
-    for spec in ([datasets] if isinstance(datasets, str) else datasets):
-        text = load_eval_text(spec)
-        t0 = time.perf_counter()
-        r = perplexity(qm.model, qm.tokenizer, text, seqlen, max_windows, device, batch_size,
-                       desc=f"ppl {spec}", show_progress=show_progress)
-        rows.append({"model": qm.source, "dataset": spec, **r, "seconds": round(time.perf_counter() - t0, 2)})
-        log.info("%s on %s: ppl %.3f (%d windows x %d)", qm.source, spec, r["ppl"], r["windows"], seqlen)
+    with quantized_activations(qm.model, sim.act_bits):
+        for spec in ([datasets] if isinstance(datasets, str) else datasets):
+            text = load_eval_text(spec)
+            t0 = time.perf_counter()
+            r = perplexity(qm.model, qm.tokenizer, text, seqlen, max_windows, device, batch_size,
+                           desc=f"ppl {spec}", show_progress=show_progress, make_cache=make_cache)
+            row = {"model": qm.source, "dataset": spec, **r}
+            if sim.active:
+                row["simulation"] = sim.to_dict()
+            if ref is not None:
+                windows = token_windows(qm.tokenizer, text, seqlen, max_windows)
+                row["reference"] = {"model": ref.source, **compare_to_reference(
+                    qm.model, ref.model, windows, device, make_cache, show_progress=show_progress)}
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            log.info("%s on %s: ppl %.3f (%d windows x %d)", qm.source, spec, r["ppl"], r["windows"], seqlen)
     return rows
+
+
+def _apply_simulated_weights(qm: QModel, sim: SimulationConfig, batch_size: int) -> None:
+    """SmoothQuant (needs fp weights), then RTN weights, on `qm` in place."""
+    from .smoothing.smoothquant import smooth_model
+
+    if qm.quantized and (sim.smoothquant is not None or sim.weight_bits):
+        raise QForgeError(f"{qm.source} is already quantized: SmoothQuant and simulated weight bits need the "
+                          f"unquantized model (pass it, with --w-bits for the weights)")
+    if sim.smoothquant is not None:
+        c = sim.calib
+        calib = build_calibration(c.source, qm.tokenizer, c.nsamples, c.seqlen, c.seed)
+        smooth_model(qm.model, calib.samples, sim.smoothquant, batch_size=max(batch_size, 4))
+    if sim.weight_bits:
+        qm.config = QuantizeConfig(method="rtn", bits=sim.weight_bits, group_size=sim.weight_group_size)
+        qm.quantize(None)

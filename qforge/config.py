@@ -118,3 +118,46 @@ class CalibrationConfig(_JsonMixin):
         _check(bool(self.source), "calibration source must not be empty")
         _check(self.nsamples >= 1, f"nsamples must be at least 1, got {self.nsamples}")
         _check(self.seqlen >= 2, f"seqlen must be at least 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig(_JsonMixin):
+    """Simulated quantization applied at evaluation time (qforge.eval.simulate): RTN weights on an fp
+    model, per-token activations, the KV cache, and SmoothQuant folded in first (its activation
+    maxima come from `calib`)."""
+
+    weight_bits: int | None = None       # RTN, symmetric, on an unquantized model
+    weight_group_size: int = -1
+    act_bits: int | None = None          # per-token dynamic symmetric input of every quantized linear
+    kv_bits: int | None = None           # keys and values as they enter the cache, asymmetric
+    kv_group_size: int = -1              # channels of head_dim per KV scale (-1: the whole head)
+    smoothquant: float | None = None     # alpha
+    calib: CalibrationConfig = CalibrationConfig(nsamples=32, seqlen=512)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calib, dict):
+            object.__setattr__(self, "calib", CalibrationConfig(**self.calib))
+        _check(self.weight_bits is None or self.weight_bits in range(2, 9),
+               f"weight bits must be 2..8, got {self.weight_bits!r}")
+        _check(self.weight_group_size == -1 or self.weight_group_size >= 1,
+               f"weight group size must be -1 or positive, got {self.weight_group_size!r}")
+        _check(self.act_bits in (None, 8, 4), f"act bits must be 8 or 4, got {self.act_bits!r}")
+        _check(self.kv_bits in (None, 8, 4, 3, 2), f"KV bits must be 8, 4, 3 or 2, got {self.kv_bits!r}")
+        _check(self.kv_group_size == -1 or self.kv_group_size >= 1,
+               f"KV group size must be -1 or positive, got {self.kv_group_size!r}")
+        _check(self.smoothquant is None or 0.0 <= self.smoothquant <= 1.0,
+               f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant!r}")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.weight_bits, self.act_bits, self.kv_bits, self.smoothquant))
+
+    @property
+    def label(self) -> str:
+        """W4A8, W16A16 KV4 ... in the paper's notation (W16/A16: not simulated here)."""
+        s = f"W{self.weight_bits or 16}A{self.act_bits or 16}"
+        if self.kv_bits:
+            s += f" KV{self.kv_bits}"
+        if self.smoothquant is not None:
+            s += f" SmoothQuant({self.smoothquant:g})"
+        return s

@@ -53,3 +53,22 @@ def test_gptq_beats_rtn_at_3_bits(smollm2_dir, tmp_path):
     assert (out / "calibration.jsonl").read_text().count("\n") == 16
     record = __import__("json").loads((out / "run_record.json").read_text())
     assert record["layers"][0]["method"] == "gptq" and "damp" in record["layers"][0]
+
+
+def test_simulated_wa_and_kv_quantization_order_as_expected(smollm2_dir):
+    """W8A8 and KV8 cost little, W4A4 and KV2 a lot; KV damage grows as bits shrink."""
+    from qforge.config import SimulationConfig
+
+    kw = dict(datasets=["wiki"], seqlen=256, max_windows=1)
+    fp = qforge.load("smollm2-135m")                    # KV simulation leaves the weights alone: one model serves
+    ppl = {"fp": qforge.evaluate(fp, **kw)[0]["ppl"]}
+    sims = {"W8A8": SimulationConfig(weight_bits=8, act_bits=8), "W4A4": SimulationConfig(weight_bits=4, act_bits=4),
+            **{f"KV{b}": SimulationConfig(kv_bits=b) for b in (8, 4, 2)}}
+    for name, sim in sims.items():
+        row = qforge.evaluate(fp if sim.weight_bits is None else "smollm2-135m", simulate=sim, **kw)[0]
+        ppl[name] = row["ppl"]
+        assert len(row["by_position"]) == 4
+    delta = {k: v - ppl["fp"] for k, v in ppl.items()}
+    assert abs(delta["W8A8"]) < 0.1 * delta["W4A4"]
+    assert abs(delta["KV8"]) < 0.1 * delta["KV2"]
+    assert ppl["KV8"] < ppl["KV4"] < ppl["KV2"]

@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
+    p = sub.add_parser("stats", help="AbsMax, Std and kurtosis of weights, linear inputs, keys and values")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="directory for stats.json and the plots (written atomically)")
+    p.add_argument("--calib", default="builtin:mix", help="calibration data for the activations")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=10, help="how many heaviest-tailed tensors to name")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("export", help="write a finished qforge run as a packed checkpoint engines load")
     p.add_argument("result", help="a qforge output directory (from `qforge quantize`)")
     p.add_argument("--out", required=True, help="the packed checkpoint directory (written atomically)")
@@ -132,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--device", default="cpu")
+    sim = p.add_argument_group("simulated quantization (fake quant: values rounded to the grid, math in float)")
+    sim.add_argument("--w-bits", type=int, help="RTN symmetric weights on an unquantized model (W8, W4 ...)")
+    sim.add_argument("--w-group-size", type=int, default=-1, help="weight group size (-1: per channel)")
+    sim.add_argument("--act-bits", type=int, choices=[8, 4], help="per-token dynamic inputs of every quantized linear")
+    sim.add_argument("--kv-bits", type=int, choices=[8, 4, 3, 2], help="keys and values entering the KV cache")
+    sim.add_argument("--kv-group-size", type=int, default=-1, help="head_dim channels per KV scale (-1: whole head)")
+    sim.add_argument("--smoothquant", type=float, metavar="ALPHA", help="fold SmoothQuant scales in first")
+    sim.add_argument("--calib", default="builtin:mix", help="SmoothQuant's calibration data")
+    sim.add_argument("--nsamples", type=int, default=32)
+    sim.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--reference", help="a model to compare distributions with: mean KLD, top-1 agreement, delta p")
 
     p = sub.add_parser("demo", help="quantize the built-in model and compare perplexity with fp32")
     p.add_argument("--model", default="smollm2-135m")
@@ -168,6 +189,33 @@ def cmd_measure(a) -> int:
                        sorted(rows, key=lambda r: r[2]),
                        title=f"measurement of {len(data['layers'])} linears -> {a.out} (error: residual-stream "
                              f"error the scheme adds at each block output, relative to the stream; see qforge.mixed.measure)"))
+    return 0
+
+
+def cmd_stats(a) -> int:
+    import qforge
+    from ..analysis import collect_stats, plot_stats
+    from ..analysis.stats import heaviest_tails
+    from ..calibration import build_calibration
+    from ..models.arch import arch_spec
+    from ..utils.atomic import atomic_dir
+
+    m = qforge.load(a.model)
+    calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
+    stats = collect_stats(m.model, calib.samples)
+    with atomic_dir(a.out, overwrite=a.overwrite) as tmp:
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        plot_stats(stats, arch_spec(m.model).blocks, tmp)
+    for kind, rows in stats["layers"].items():
+        if rows:
+            print(format_table(["layer", "AbsMax", "Std", "kurtosis (max)", "its tensor"],
+                               [[r["layer"], r["absmax"], r["std"], r["kurtosis"], r["kurtosis_tensor"]] for r in rows],
+                               title=f"{kind} per decoder layer"))
+    print(format_table(["kind", "tensor", "kurtosis", "AbsMax", "Std"],
+                       [[r["kind"], r["tensor"], r["kurtosis"], r["absmax"], r["std"]]
+                        for r in heaviest_tails(stats["tensors"], a.top)],
+                       title=f"the {a.top} heaviest-tailed tensors"))
+    print(f"kurtosis is E[(x-mu)^4]/sigma^4: a normal distribution gives 3. Statistics and plots -> {a.out}")
     return 0
 
 
@@ -241,12 +289,25 @@ def _print_quant_summary(m, out: Path) -> None:
 
 def cmd_eval(a) -> int:
     import qforge
+    from ..config import CalibrationConfig, SimulationConfig
 
+    sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, a.kv_bits, a.kv_group_size, a.smoothquant,
+                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen))
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
-                           device=a.device, show_progress=not a.quiet)
+                           device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference)
+    title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
-                       title=f"perplexity of {a.model}"))
+                       title=title))
+    buckets = rows[0]["by_position"]
+    print(format_table(["dataset", *[f"ppl @ {b['positions'][0]}-{b['positions'][1] - 1}" for b in buckets]],
+                       [[r["dataset"], *[b["ppl"] for b in r["by_position"]]] for r in rows],
+                       title="perplexity by position of the predicted token in its window"))
+    if a.reference:
+        print(format_table(["dataset", "mean KLD", "KLD p99", "top-1 agreement", "mean delta p"],
+                           [[r["dataset"], r["reference"]["kld_mean"], r["reference"]["kld_p99"],
+                             r["reference"]["top1_agreement"], r["reference"]["delta_p_mean"]] for r in rows],
+                           title=f"next-token distributions against {a.reference}"))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
@@ -289,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return {"quantize": cmd_quantize, "measure": cmd_measure, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
+        return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
                 "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:
         print(f"qforge: error: {e}", file=sys.stderr)

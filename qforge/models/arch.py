@@ -9,12 +9,15 @@ Adding a model family means adding one entry to ARCHS.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import QForgeError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,3 +210,17 @@ def linear_ref(model: nn.Module, full_name: str) -> LinearRef:
         if isinstance(getattr(parent, param, None), nn.Parameter):
             return LinearRef(full_name, parent, param, int(last))
     return LinearRef(full_name, model.get_submodule(full_name))
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of the table's linears in every block (nn.Linear, Conv1D or a packed QuantLinear), by
+    full name. Fused 3-D expert parameters are not modules and are left out (with a log line)."""
+    spec = arch_spec(model)
+    out = {}
+    for i, block in enumerate(get_blocks(model, spec)):
+        for name in spec.linear_names:
+            try:
+                out[f"{spec.blocks}.{i}.{name}"] = block.get_submodule(name)
+            except AttributeError:
+                log.info("block %d: %s is not a module (fused experts): left out", i, name)
+    return out

@@ -1,0 +1,93 @@
+"""Simulated (fake) quantization of activations and of the KV cache, for evaluation.
+
+Values are rounded to their integer grid and dequantized at once; the math stays in floating point,
+so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 2402.18158).
+
+- Activations (`--act-bits`): the input of every quantized linear, per token (one scale per row of
+  the last dimension), symmetric and dynamic:
+      s = max|x| / (2^(b-1) - 1),   x̂ = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) · s
+- KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
+  after the rotary embedding), per token and head in groups of `group_size` channels of head_dim
+  (-1: the whole head), asymmetric min-max:
+      s = (max - min) / (2^b - 1),  z = round(-min / s),  x̂ = (clamp(round(x / s) + z, 0, 2^b - 1) - z) · s
+  The quantization happens in the cache's `update`, so attention reads only quantized keys and values.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..errors import QForgeError
+from ..models.arch import linear_modules
+
+log = logging.getLogger(__name__)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric dynamic fake quantization of x [..., channels], one scale per row."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
+    return (torch.clamp(torch.round(xf / s), -qmax - 1, qmax) * s).to(x.dtype)
+
+
+def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
+    """Asymmetric min-max fake quantization of x [..., d] in groups of `group_size` along d."""
+    d = x.shape[-1]
+    g = d if group_size == -1 else group_size
+    if d % g:
+        raise QForgeError(f"KV group size {group_size} does not divide the head dimension {d}")
+    maxq = 2**bits - 1
+    xg = x.float().reshape(*x.shape[:-1], d // g, g)
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    s = ((hi - lo) / maxq).clamp_min(1e-12)
+    z = torch.round(-lo / s)
+    q = torch.clamp(torch.round(xg / s) + z, 0, maxq)
+    return ((q - z) * s).reshape(x.shape).to(x.dtype)
+
+
+class QuantizedKVCache(DynamicCache):
+    """A DynamicCache whose keys and values are fake-quantized as they are written."""
+
+    def __init__(self, config, bits: int, group_size: int = -1):
+        super().__init__(config=config)
+        self.kv_bits, self.kv_group_size = bits, group_size
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k = fake_quant_groups_asym(key_states, self.kv_bits, self.kv_group_size)      # [B, heads, T, head_dim]
+        v = fake_quant_groups_asym(value_states, self.kv_bits, self.kv_group_size)
+        return super().update(k, v, layer_idx, *args, **kwargs)
+
+
+def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1):
+    """A zero-argument callable making a fresh quantizing cache per forward, or None (no KV quantization)."""
+    if bits is None:
+        return None
+    if bits not in (2, 3, 4, 8):
+        raise QForgeError(f"--kv-bits must be 8, 4, 3 or 2, not {bits}")
+    return lambda: QuantizedKVCache(model.config, bits, group_size)
+
+
+@contextlib.contextmanager
+def quantized_activations(model: nn.Module, bits: int | None) -> Iterator[int]:
+    """Within the context, every table linear sees its input fake-quantized per token; yields the count."""
+    if bits is None:
+        yield 0
+        return
+    if bits not in (4, 8):
+        raise QForgeError(f"--act-bits must be 8 or 4, not {bits}")
+    mods = linear_modules(model)
+    if not mods:
+        raise QForgeError("no linears to quantize activations of")
+    handles = [m.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token(args[0], bits), *args[1:]))
+               for m in mods.values()]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
