@@ -214,3 +214,43 @@ def test_cli_eval_simulates_and_compares(tiny_llama_dir, tmp_path, capsys):
     assert row["simulation"]["kv_bits"] == 4 and row["reference"]["kld_mean"] > 0
     with pytest.raises(SystemExit):                                                    # argparse refuses
         cli(["-q", "eval", str(tiny_llama_dir), "--act-bits", "5"])
+
+
+# ---- calibration study and report ---------------------------------------------------------------
+
+def test_overfit_warning_compares_off_domain_damage_with_the_mix():
+    from qforge.eval.study import degradation, overfit_warnings
+
+    fp = {"wiki": 10.0, "chat": 10.0, "code": 10.0}
+    ppl = {"chat": {"wiki": 30.0, "chat": 10.5, "code": 25.0},      # great in-domain, ruins the rest
+           "wiki": {"wiki": 11.0, "chat": 11.5, "code": 11.2},
+           "mix": {"wiki": 11.2, "chat": 11.2, "code": 11.2}}
+    deg = degradation(fp, ppl, list(fp))
+    assert deg["chat"]["in_domain"] == pytest.approx(0.05) and deg["chat"]["off_domain"] == pytest.approx(1.75)
+    assert deg["mix"]["in_domain"] is None and deg["mix"]["off_domain"] == pytest.approx(0.12)
+    warnings = overfit_warnings(deg, 3.0)
+    assert len(warnings) == 1 and "chat" in warnings[0]
+
+
+def test_cli_study_fills_the_matrix_and_report_reads_a_run(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert cli(["-q", "study", "calibration", str(tiny_llama_dir), "--method", "gptq", "--bits", "3", "--group-size", "-1",
+                "--domains", "wiki,code", "--nsamples", "4", "--calib-seqlen", "32", "--eval-seqlen", "64",
+                "--max-windows", "1", "--out", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert set(study["ppl"]) == {"wiki", "code", "mix"}
+    assert all(set(r) == {"wiki", "code"} and all(math.isfinite(v) and v > 1 for v in r.values())
+               for r in study["ppl"].values())
+    assert (out / "study.png").stat().st_size > 1000 and "off-domain" in capsys.readouterr().out
+    assert cli(["-q", "study", "calibration", str(tiny_llama_dir), "--method", "rtn"]) == 2    # nothing to study
+
+    run = tmp_path / "run"
+    assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
+                "--nsamples", "4", "--calib-seqlen", "32", "--out", str(run)]) == 0
+    assert cli(["-q", "report", str(run), "--eval", "--dataset", "wiki", "--eval-seqlen", "64", "--max-windows", "1"]) == 0
+    page = (run / "report" / "report.md").read_text()
+    for heading in ("## Settings", "## Calibration", "## Size", "## Perplexity", "## Per-layer quantization error"):
+        assert heading in page
+    assert "| wiki |" in page and (run / "report" / "layer_error.png").is_file()
+    assert qforge.load(str(run)).quantized                                # the report did not disturb the run
+    assert cli(["-q", "report", str(tmp_path)]) == 2

@@ -124,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many heaviest-tailed tensors to name")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("study", help="studies that quantize several times (calibration: one run per domain)")
+    studies = p.add_subparsers(dest="study", required=True)
+    p = studies.add_parser("calibration", help="quantize once per calibration domain, evaluate on every domain")
+    p.add_argument("model")
+    p.add_argument("--domains", default="wiki,brown,news,code", help="built-in domains (the mix is always added)")
+    p.add_argument("--out", help="directory for study.json and study.png (written atomically)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overfit-factor", type=float, default=3.0,
+                   help="warn when a domain's off-domain degradation exceeds this multiple of the mix's")
+    _add_quant_args(p, default_group=64)
+    _add_eval_args(p, default_windows=2)
+
+    p = sub.add_parser("report", help="a Markdown report (with plots) of a qforge output directory")
+    p.add_argument("result", help="a qforge output directory")
+    p.add_argument("--out", help="report directory (default: RESULT/report; written atomically)")
+    p.add_argument("--eval", action="store_true", help="measure fp32 and quantized perplexity if the run recorded none")
+    p.add_argument("--stats", action="store_true", help="add tensor statistics of the source model")
+    _add_eval_args(p, default_windows=2)
+
     p = sub.add_parser("export", help="write a finished qforge run as a packed checkpoint engines load")
     p.add_argument("result", help="a qforge output directory (from `qforge quantize`)")
     p.add_argument("--out", required=True, help="the packed checkpoint directory (written atomically)")
@@ -216,6 +235,47 @@ def cmd_stats(a) -> int:
                         for r in heaviest_tails(stats["tensors"], a.top)],
                        title=f"the {a.top} heaviest-tailed tensors"))
     print(f"kurtosis is E[(x-mu)^4]/sigma^4: a normal distribution gives 3. Statistics and plots -> {a.out}")
+    return 0
+
+
+def cmd_study(a) -> int:
+    from ..eval.study import calibration_study, plot_study
+    from ..utils.atomic import atomic_dir
+
+    if a.calib != "builtin:mix":
+        raise QForgeError("the calibration study draws its data from the built-in domains; drop --calib")
+    study = calibration_study(a.model, _quant_config(a), a.domains.split(","), a.nsamples, a.calib_seqlen,
+                              a.eval_seqlen, a.max_windows or None, a.seed, a.device, a.overfit_factor,
+                              on_row=None if a.quiet else lambda c, r: print(f"calibrated on {c}: " + ", ".join(
+                                  f"{d} {v:.3f}" for d, v in r.items()), flush=True))
+    cols = list(study["fp"])
+    rows = [["fp (unquantized)", *[study["fp"][c] for c in cols], None, None]]
+    for calib, r in study["ppl"].items():
+        d = study["degradation"][calib]
+        rows.append([f"calib {calib}", *[r[c] for c in cols],
+                     None if d["in_domain"] is None else f"{d['in_domain']:+.1%}", f"{d['off_domain']:+.1%}"])
+    print(format_table(["", *[f"ppl {c}" for c in cols], "in-domain", "off-domain"], rows,
+                       title=f"{a.model}: {a.method} W{a.bits} g{a.group_size}, calibrated on each domain "
+                             f"({a.nsamples} x {a.calib_seqlen} tokens), ppl on {a.max_windows} x {a.eval_seqlen}"))
+    for w in study["warnings"]:
+        print(f"warning: {w}")
+    if a.out:
+        with atomic_dir(a.out, overwrite=a.overwrite) as tmp:
+            (tmp / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+            plot_study(study, tmp / "study.png")
+        print(f"study -> {a.out}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from ..analysis.report import build_report
+    from ..utils.atomic import atomic_dir
+
+    out = Path(a.out) if a.out else Path(a.result) / "report"
+    with atomic_dir(out, overwrite=True) as tmp:
+        build_report(a.result, tmp, evaluate=a.eval, stats=a.stats, datasets=a.dataset.split(","),
+                     max_windows=a.max_windows or None, seqlen=a.eval_seqlen)
+    print(f"report -> {out / 'report.md'}")
     return 0
 
 
@@ -350,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
+        return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "study": cmd_study, "report": cmd_report, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
                 "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:
         print(f"qforge: error: {e}", file=sys.stderr)
