@@ -129,6 +129,15 @@ def per_layer(stats: dict[str, dict], blocks: str) -> list[dict]:
 
 
 def heaviest_tails(tensors: dict[str, dict[str, dict]], k: int = 10) -> list[dict]:
-    rows = [{"kind": kind, "tensor": n, **st} for kind, d in tensors.items() for n, st in d.items()
-            if st["kurtosis"] == st["kurtosis"]]
-    return sorted(rows, key=lambda r: -r["kurtosis"])[:k]
+    """The k tensors of largest kurtosis; linears that read one input (q/k/v) count once, named together."""
+    rows: dict[tuple, dict] = {}
+    for kind, d in tensors.items():
+        for n, st in d.items():
+            if st["kurtosis"] != st["kurtosis"]:
+                continue
+            key = (kind, st["kurtosis"], st["absmax"], st["count"]) if kind == "activations" else (kind, n)
+            if key in rows:
+                rows[key]["tensor"] += "," + n.rsplit(".", 1)[-1]
+            else:
+                rows[key] = {"kind": kind, "tensor": n, **st}
+    return sorted(rows.values(), key=lambda r: -r["kurtosis"])[:k]
