@@ -40,7 +40,7 @@ def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> None:
     mod = FORMATS[fmt]
     if hasattr(mod, "check"):
         mod.check(q, name)
-    if fmt == "gptq" and not q.grid.sym and bool((q.zeros == 0).any()):
+    if fmt == "gptq" and q.grid.bits != 3 and not q.grid.sym and bool((q.zeros == 0).any()):
         log.warning("%s: some zero points are 0; GPTQ v1 stores them with a borrow that GPTQModel undoes but "
                     "per-field readers (vLLM exllama) misread", name)
 

@@ -1,7 +1,8 @@
-"""Real clients that qforge did not write (issue 5), each in its own process (tests/clients/worker.py):
+"""Real clients that qforge did not write (issues 5 and 6), each in its own process (tests/clients/worker.py):
 GPTQModel loads qforge's gptq export of SmolLM2-135M, plain transformers loads its compressed-tensors
-export, and qforge loads llm-compressor's and GPTQModel's own exports. Logits, greedy continuations and
-perplexity must match what the other side computes."""
+export (both mixed precision: 2/3/4/8 bits, several group sizes, per-layer overrides), and qforge loads
+llm-compressor's and GPTQModel's own exports. Logits, greedy continuations and perplexity must match
+what the other side computes."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,10 @@ import pytest
 import torch
 
 import qforge
+from qforge.models.arch import linear_modules
 from qforge.models.loading import resolve_model
+from qforge.pipeline import quantize_model
+from qforge.solvers import Grid
 
 sys.path.insert(0, str(Path(__file__).parent / "clients"))
 from worker import NEW_TOKENS, SEQLEN, WINDOWS, calibration, probe_ids  # noqa: E402
@@ -56,17 +60,30 @@ def assert_same_model(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]
     assert rb["ppl"] == pytest.approx(ra["ppl"], rel=1e-3)      # within 0.1%
 
 
+MIXED = [Grid(4, 64, True), Grid(8, -1, False), Grid(3, 64, True), Grid(2, 32, False), Grid(4, 32, False)]
+
+
+def mixed_grids(model) -> dict:
+    """Every third linear gets another scheme (2, 3, 4 and 8 bits; groups 32, 64 and per-channel): a
+    mixed-precision export as `--bpw` makes, without the measurement pass."""
+    names = [n for n, _ in sorted(linear_modules(model).items())]
+    return {n: MIXED[k % len(MIXED)] for k, n in enumerate(names) if k % 3 == 0}
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """qforge GPTQ W4 g64 with act-order (a permuted g_idx) of SmolLM2 as `gptq`, RTN W4 g64 asymmetric as
-    `compressed-tensors` (small calibration: this checks formats, not quality)."""
+    """SmolLM2 as qforge exports it: GPTQ with act-order (a permuted g_idx), base W4 g64 with per-layer
+    overrides (GPTQModel's `dynamic`) as `gptq`; RTN asymmetric W4 g64 with the same kind of per-layer
+    schemes (one config group each) as `compressed-tensors` (small calibration: formats, not quality)."""
     d = tmp_path_factory.mktemp("exports")
     m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="gptq", bits=4, group_size=64, act_order=True))
-    m.quantize(calibration(m.tokenizer))
+    m.result = quantize_model(m.model, m.config, calibration(m.tokenizer), grids=mixed_grids(m.model),
+                              show_progress=False)
     assert any(not torch.equal(q.g_idx, q.g_idx.sort().values) for q in m.result.layers.values())
+    assert {q.grid.bits for q in m.result.layers.values()} == {2, 3, 4, 8}
     m.export(d / "gptq", "gptq")
     r = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=False))
-    r.quantize(None)
+    r.result = quantize_model(r.model, r.config, None, grids=mixed_grids(r.model), show_progress=False)
     r.export(d / "ct", "compressed-tensors")
     return d
 

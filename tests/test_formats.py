@@ -88,6 +88,18 @@ def test_gptq_v1_zero_convention_and_shapes():
                        q.zeros)
 
 
+def test_gptq_v1_three_bit_zeros_shift_each_field():
+    """3-bit fields straddle int32 words (10 | 1 | 10 | 1 | 10), so v1's "zero - 1" is taken per field
+    (mod 8), as GPTQModel reads it, not by subtracting a packed pattern word by word."""
+    q = random_quant(64, 96, 3, 32, sym=False)
+    zeros = torch.arange(64 * 3).reshape(64, 3) % 8                # every value, zero included, in straddling fields
+    q = LayerQuant(q.grid, q.codes, q.scales, zeros.float(), q.g_idx, {})
+    t = gptq.pack(q)
+    fields = unpack_int32(t["qzeros"], 3, dim=1)                   # [G, out], per field as a reader decodes them
+    assert torch.equal(fields.long(), ((zeros.t() - 1) % 8).long())
+    assert torch.equal(gptq.unpack(t, q.grid).zeros, q.zeros)
+
+
 def test_awq_interleaved_order():
     q = random_quant(32, 32, 4, 32, sym=False)
     q.codes = torch.arange(32).remainder(16).repeat(32, 1).t().contiguous().to(torch.uint8)  # row o holds o % 16

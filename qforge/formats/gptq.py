@@ -5,8 +5,11 @@ Per quantized linear NAME with W [out, in], b bits, G groups (tensors are named 
                                       rows form a little-endian bit stream of b words (formats/bitpack.py;
                                       3 bits straddle words as 10 | 1 | 10 | 1 | 10)
   qzeros   int32 [G, out * b / 32]    zero points packed the same way along the output dimension, in the
-                                      "v1" convention: the packed words minus the packed pattern of ones
-                                      (int32 wrap-around), i.e. each field stores zero - 1
+                                      "v1" convention: each field stores zero - 1. For 2, 4 and 8 bits
+                                      that is the packed words minus the packed pattern of ones (int32
+                                      wrap-around, which GPTQModel undoes by adding the pattern back); 3-bit
+                                      fields straddle words, so there it is (zero - 1) mod 8 per field
+                                      (GPTQModel decodes, adds 1 and repacks them)
   scales   fp16  [G, out]
   g_idx    int32 [in]                 group of each input column (act-order permutes it)
   bias     fp16  [out]                (when the linear has one)
@@ -38,7 +41,10 @@ def _wrap(x: torch.Tensor) -> torch.Tensor:
 def pack(q: LayerQuant) -> dict[str, torch.Tensor]:
     bits = q.grid.bits
     zeros = q.zeros.t().round().to(torch.int64)                        # [G, out]
-    qzeros = pack_int32(zeros, bits, dim=1).to(torch.int64) - _ones(tuple(zeros.shape), bits)
+    if bits == 3:
+        qzeros = pack_int32((zeros - 1) & 7, bits, dim=1).to(torch.int64)
+    else:
+        qzeros = pack_int32(zeros, bits, dim=1).to(torch.int64) - _ones(tuple(zeros.shape), bits)
     return {
         "qweight": pack_int32(q.codes.t(), bits, dim=0),               # [in*b/32, out]
         "qzeros": _wrap(qzeros),                                       # [G, out*b/32]
@@ -52,8 +58,11 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid, v1: bool = True) -> LayerQuan
     bits = grid.bits
     codes = unpack_int32(t["qweight"], bits, dim=0).t()                # [out, in]
     G = t["scales"].shape[0]
-    words = t["qzeros"].to(torch.int64) + (_ones((G, codes.shape[0]), bits) if v1 else 0)
-    zeros = unpack_int32(_wrap(words), bits, dim=1).t()                # [out, G]
+    if v1 and bits == 3:
+        zeros = ((unpack_int32(t["qzeros"], bits, dim=1).to(torch.int64) + 1) & 7).t()      # [out, G]
+    else:
+        words = t["qzeros"].to(torch.int64) + (_ones((G, codes.shape[0]), bits) if v1 else 0)
+        zeros = unpack_int32(_wrap(words), bits, dim=1).t()            # [out, G]
     g_idx = t.get("g_idx")
     if g_idx is None:
         g_idx = torch.arange(codes.shape[1], dtype=torch.int32) // grid.group_len(codes.shape[1])
