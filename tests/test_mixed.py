@@ -80,6 +80,9 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
     (tmp_path / "p.json").write_text(json.dumps(part))
     with pytest.raises(QForgeError, match="unfinished"):
         load_measurement(tmp_path / "p.json")
+    (tmp_path / "old.json").write_text(json.dumps(dict(full, version=1)))
+    with pytest.raises(QForgeError, match="older qforge"):
+        load_measurement(tmp_path / "old.json")
     resumed = measure_model(tiny_llama, samples(), tmp_path / "p.json", cfg, "gptq", (2, 4), show_progress=False)
     assert resumed["blocks_done"] == 2 and set(resumed["layers"]) == set(full["layers"])
     assert next(iter(resumed["layers"].values()))["options"][0]["err"] == 123.0       # not measured again

@@ -57,6 +57,11 @@ def load_measurement(path: str | Path) -> dict:
         m = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise QForgeError(f"cannot read measurement {path}: {e}") from e
+    from .measure import VERSION
+
+    if m.get("version") != VERSION:
+        raise QForgeError(f"{path} was measured by an older qforge (version {m.get('version')}, whose error proxy "
+                          f"is withdrawn); run `qforge measure` again")
     if "layers" not in m or m.get("blocks_done") != m.get("n_blocks"):
         raise QForgeError(f"{path} is an unfinished measurement ({m.get('blocks_done')} of {m.get('n_blocks')} "
                           f"blocks); run `qforge measure` again to finish it")
