@@ -10,8 +10,10 @@ small output error reaches the block output through a fixed Jacobian, so its ene
 constant). Unlike a layer's *relative* output error, these errors are in one unit for every layer,
 so summing them is meaningful: a 1536-wide MLP projection that moves the residual stream counts for
 more than a 192-row k_proj whose error attention mostly averages away (ExLlamaV2 likewise judges a
-scheme by the error of the residual stream after the sub-layer). BENCHMARKS.md shows the total
-tracking perplexity. Each option also keeps `rel_err`, the layer's own relative output error.
+scheme by the error of the residual stream after the sub-layer). Known limitation: on SmolLM2-135M
+the allocations this proxy makes are still worse than uniform GPTQ at the same size (BENCHMARKS.md,
+"Mixed precision"); it does not yet track perplexity. Each option also keeps `rel_err`, the layer's
+own relative output error.
 
 Hessians come from the unquantized model (one pass per block; the next block reads the unquantized
 block's output), so every scheme of a layer is judged on the same inputs.
