@@ -18,7 +18,7 @@ from .calibration import CalibrationSet, build_calibration
 from .checkpoint import is_qforge_output, load_layers, read_config, save_output, QUANT_FILE
 from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
-from .eval import load_eval_text, perplexity, token_windows
+from .eval import load_eval_text, perplexity
 from .models import load_model
 from .models.packed import load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
@@ -152,9 +152,9 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     """Perplexity on each dataset SPEC by the shared protocol; one record per dataset.
 
     `simulate` applies simulated quantization first (SmoothQuant folding, RTN weights, then per-token
-    activations and the KV cache during the forward); `reference` adds KLD / top-1 / Δp against that
-    model on the same windows."""
-    from .eval.compare import compare_to_reference
+    activations and the KV cache during the forward; a QModel passed in is changed in place); `reference`
+    adds KLD / top-1 / Δp against that model, computed from the same forward passes."""
+    from .eval.compare import ReferenceComparison
     from .eval.simulate import kv_cache_factory, quantized_activations
 
     qm = model if isinstance(model, QModel) else load(model)
@@ -171,15 +171,14 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
         for spec in ([datasets] if isinstance(datasets, str) else datasets):
             text = load_eval_text(spec)
             t0 = time.perf_counter()
+            comparison = ReferenceComparison(ref.model) if ref is not None else None
             r = perplexity(qm.model, qm.tokenizer, text, seqlen, max_windows, device, batch_size,
-                           desc=f"ppl {spec}", show_progress=show_progress, make_cache=make_cache)
+                           desc=f"ppl {spec}", show_progress=show_progress, make_cache=make_cache, on_logits=comparison)
             row = {"model": qm.source, "dataset": spec, **r}
             if sim.active:
                 row["simulation"] = sim.to_dict()
-            if ref is not None:
-                windows = token_windows(qm.tokenizer, text, seqlen, max_windows)
-                row["reference"] = {"model": ref.source, **compare_to_reference(
-                    qm.model, ref.model, windows, device, make_cache, show_progress=show_progress)}
+            if comparison is not None:
+                row["reference"] = {"model": ref.source, **comparison.result()}
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
             log.info("%s on %s: ppl %.3f (%d windows x %d)", qm.source, spec, r["ppl"], r["windows"], seqlen)

@@ -87,9 +87,13 @@ def collect_stats(model: nn.Module, samples: list[torch.Tensor], batch_size: int
     for i, block in enumerate(get_blocks(model, spec)):
         for ref in (r for g in block_linears(block, spec) for r in g):
             tensors["weights"][f"{spec.blocks}.{i}.{ref.name}"] = tensor_stats(ref.weight)
-    acts: dict[str, Moments] = defaultdict(Moments)
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=name: acts[n].update(args[0]))
-               for name, m in linear_modules(model).items()]
+    # a table group's linears read one input tensor: its moments are taken once, at the group's first linear
+    mods = linear_modules(model)
+    readers = [[n for n in (f"{spec.blocks}.{i}.{name}" for name in group) if n in mods]
+               for i in range(len(get_blocks(model, spec))) for group in spec.groups]
+    readers = [r for r in readers if r]
+    acts: dict[str, Moments] = {r[0]: Moments() for r in readers}
+    handles = [mods[r[0]].register_forward_pre_hook(lambda _m, args, m=acts[r[0]]: m.update(args[0])) for r in readers]
     keys: dict[int, Moments] = {}
     values: dict[int, Moments] = {}
     device = next(model.parameters()).device
@@ -99,7 +103,7 @@ def collect_stats(model: nn.Module, samples: list[torch.Tensor], batch_size: int
     finally:
         for h in handles:
             h.remove()
-    tensors["activations"] = {n: m.result() for n, m in acts.items()}
+    tensors["activations"] = {n: st for r in readers for st in [acts[r[0]].result()] for n in r}
     tensors["keys"] = {f"{spec.blocks}.{i}.keys": keys[i].result() for i in sorted(keys)}
     tensors["values"] = {f"{spec.blocks}.{i}.values": values[i].result() for i in sorted(values)}
     if not keys:

@@ -217,8 +217,9 @@ def cmd_stats(a) -> int:
     from ..analysis.stats import heaviest_tails
     from ..calibration import build_calibration
     from ..models.arch import arch_spec
-    from ..utils.atomic import atomic_dir
+    from ..utils.atomic import atomic_dir, check_new_output
 
+    check_new_output(a.out, a.overwrite)
     m = qforge.load(a.model)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     stats = collect_stats(m.model, calib.samples)
@@ -240,10 +241,12 @@ def cmd_stats(a) -> int:
 
 def cmd_study(a) -> int:
     from ..eval.study import calibration_study, plot_study
-    from ..utils.atomic import atomic_dir
+    from ..utils.atomic import atomic_dir, check_new_output
 
     if a.calib != "builtin:mix":
         raise QForgeError("the calibration study draws its data from the built-in domains; drop --calib")
+    if a.out:
+        check_new_output(a.out, a.overwrite)                 # before the study's hours, not after
     study = calibration_study(a.model, _quant_config(a), a.domains.split(","), a.nsamples, a.calib_seqlen,
                               a.eval_seqlen, a.max_windows or None, a.seed, a.device, a.overfit_factor,
                               on_row=None if a.quiet else lambda c, r: print(f"calibrated on {c}: " + ", ".join(
@@ -289,6 +292,9 @@ def _print_allocation(alloc) -> None:
 
 def cmd_quantize(a) -> int:
     import qforge
+    from ..utils.atomic import check_new_output
+
+    check_new_output(a.out, a.overwrite)                     # before quantizing, so no run is lost at save
 
     if a.bpw is not None and not a.measurement:
         a.measurement = f"{str(a.out).rstrip('/')}.measurement.json"   # kept beside the output: resumable

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils.progress import progress
-from .perplexity import forward_logits
+from .perplexity import forward_logits, token_nll
 
 
 @torch.no_grad()
@@ -26,19 +25,33 @@ def compare_logits(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torc
     return {"kl": kl.clamp_min(0).double(), "top1": same.double(), "dp": dp.double()}
 
 
-@torch.no_grad()
+class ReferenceComparison:
+    """Accumulates KL, top-1 agreement and Δp of every batch of logits it is given against `reference`
+    run on the same ids; pass it as `on_logits` to perplexity.token_nll so the model runs once."""
+
+    def __init__(self, reference, chunk: int = 512):
+        self.reference, self.chunk = reference, chunk
+        self.parts: dict[str, list[torch.Tensor]] = {"kl": [], "top1": [], "dp": []}
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """logits [B, T, vocab] of the model on ids [B, T]."""
+        ref = forward_logits(self.reference, ids)
+        for b in range(ids.shape[0]):
+            for a in range(0, ids.shape[1] - 1, self.chunk):    # bounded memory: vocab-wide softmaxes in chunks
+                e = min(a + self.chunk, ids.shape[1] - 1)
+                for k, v in compare_logits(logits[b, a:e], ref[b, a:e], ids[b, a + 1: e + 1]).items():
+                    self.parts[k].append(v.cpu())
+
+    def result(self) -> dict:
+        kl, top1, dp = (torch.cat(self.parts[k]) for k in ("kl", "top1", "dp"))
+        return {"kld_mean": float(kl.mean()), "kld_p99": float(kl.quantile(0.99)) if kl.numel() <= 16_000_000 else None,
+                "top1_agreement": float(top1.mean()), "delta_p_mean": float(dp.mean()), "positions": int(kl.numel())}
+
+
 def compare_to_reference(model, reference, windows: torch.Tensor, device: str = "cpu", make_cache=None,
                          show_progress: bool = True, chunk: int = 512) -> dict:
     """Mean KLD, top-1 agreement and Δp of `model` against `reference` over windows [n, T]."""
-    parts: dict[str, list[torch.Tensor]] = {"kl": [], "top1": [], "dp": []}
-    for w in progress(list(windows), desc="kld", enabled=show_progress):
-        x = w.unsqueeze(0).to(device)
-        logits = forward_logits(model, x, make_cache)[0, :-1]
-        ref = forward_logits(reference, x)[0, :-1]
-        for a in range(0, logits.shape[0], chunk):           # bounded memory: vocab-wide softmaxes in chunks
-            r = compare_logits(logits[a: a + chunk], ref[a: a + chunk], x[0, 1 + a: 1 + a + chunk])
-            for k, v in r.items():
-                parts[k].append(v.cpu())
-    kl, top1, dp = (torch.cat(parts[k]) for k in ("kl", "top1", "dp"))
-    return {"kld_mean": float(kl.mean()), "kld_p99": float(kl.quantile(0.99)) if kl.numel() <= 16_000_000 else None,
-            "top1_agreement": float(top1.mean()), "delta_p_mean": float(dp.mean()), "positions": int(kl.numel())}
+    comparison = ReferenceComparison(reference, chunk)
+    token_nll(model, windows, device, 1, "kld", show_progress, make_cache, on_logits=comparison)
+    return comparison.result()

@@ -40,13 +40,16 @@ def forward_logits(model, x: torch.Tensor, make_cache=None) -> torch.Tensor:
 
 @torch.no_grad()
 def token_nll(model, windows: torch.Tensor, device: str = "cpu", batch_size: int = 1, desc: str = "eval",
-              show_progress: bool = True, make_cache=None) -> torch.Tensor:
-    """NLL (fp64) of positions 1..T-1 of each window -> [n_windows, T-1]."""
+              show_progress: bool = True, make_cache=None, on_logits=None) -> torch.Tensor:
+    """NLL (fp64) of positions 1..T-1 of each window -> [n_windows, T-1]. `on_logits(logits, ids)` sees
+    every batch's logits [B, T, vocab] (e.g. compare.ReferenceComparison), so nothing runs twice."""
     out = []
     chunks = list(windows.split(batch_size))
     for chunk in progress(chunks, desc=desc, enabled=show_progress):
         x = chunk.to(device)
         logits = forward_logits(model, x, make_cache)
+        if on_logits is not None:
+            on_logits(logits, x)
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         out.append(nll.view(len(chunk), -1).double().cpu())
     return torch.cat(out)
@@ -65,13 +68,13 @@ def bucket_ppl(nll: torch.Tensor, seqlen: int) -> list[dict]:
 
 def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
                device: str = "cpu", batch_size: int = 1, desc: str = "eval", show_progress: bool = True,
-               make_cache=None) -> dict:
+               make_cache=None, on_logits=None) -> dict:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise QForgeError(f"seqlen {seqlen} exceeds the model's context length {max_pos}")
     windows = token_windows(tokenizer, text, seqlen, max_windows)
     t0 = time.perf_counter()
-    tok = token_nll(model, windows, device, batch_size, desc, show_progress, make_cache)
+    tok = token_nll(model, windows, device, batch_size, desc, show_progress, make_cache, on_logits)
     n_pred = windows.shape[0] * (seqlen - 1)
     mean_nll = float(tok.sum() / n_pred)
     if not math.isfinite(mean_nll):

@@ -58,6 +58,3 @@ def allocate(layers: dict[str, list[Option]], n_weights: dict[str, int], target_
         c -= units[names[i]][j]
     return {n: chosen[n] for n in names}
 
-
-def average_bpw(chosen: dict[str, Option], n_weights: dict[str, int]) -> float:
-    return sum(o.bits for o in chosen.values()) / sum(n_weights[n] for n in chosen)

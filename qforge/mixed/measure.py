@@ -130,6 +130,7 @@ def _measure_block(block, spec, i: int, hidden, y, calls, cfg: QuantizeConfig, f
             W, H = ref.weight.detach().float().to(device), stats[ref.name].H
             grids = candidate_grids(W.shape[1], fmt, bits)
             ref_grid, abs_err, options = reference_grid(grids), {}, []
+            w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
                 W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
                              static_groups=cfg.static_groups).dequantize().to(W.device)
@@ -138,7 +139,7 @@ def _measure_block(block, spec, i: int, hidden, y, calls, cfg: QuantizeConfig, f
                     gain = _gain(block, ref, W_hat, abs_err[grid], hidden, y, calls, device)
                 options.append({"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
                                 "stored_bits": scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order),
-                                "rel_err": abs_err[grid] / max(_trace_form(W, H), 1e-30)})
+                                "rel_err": abs_err[grid] / w_energy})
             for o, grid in zip(options, grids):
                 o["err"] = gain * abs_err[grid] / max(y_energy, 1e-30)
             layers[f"{spec.blocks}.{i}.{ref.name}"] = {"shape": list(W.shape), "gain": gain, "options": options}

@@ -14,11 +14,16 @@ from typing import Iterator
 from ..errors import QForgeError
 
 
+def check_new_output(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing output unless `overwrite`: call it before long work, not only when writing."""
+    if Path(path).exists() and not overwrite:
+        raise QForgeError(f"{path} already exists; choose another --out or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise QForgeError(f"{path} already exists; choose another --out or pass --overwrite")
+    check_new_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
