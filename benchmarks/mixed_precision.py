@@ -47,7 +47,9 @@ def main() -> None:
     torch.set_num_threads(2)
     samples = load_samples_jsonl(a.calib)[: a.nsamples]
     datasets = a.datasets.split(",")
-    meas = Path(f"benchmarks/results/mixed_measurement_{a.nsamples}x{samples[0].numel()}.json")
+    from qforge.mixed.measure import VERSION
+
+    meas = Path(f"benchmarks/results/mixed_measurement_v{VERSION}_{a.nsamples}x{samples[0].numel()}.json")
     runs = [(f"mixed {t} bpw", qforge.QuantizeConfig(method="gptq", bpw=float(t), measurement=str(meas)))
             for t in a.targets.split(",") if t]
     runs += [(name, qforge.QuantizeConfig(method="gptq", bits=b, group_size=g, sym=sym))

@@ -93,21 +93,62 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
                       show_progress=False)
 
 
-def test_proxy_is_the_residual_stream_error_each_scheme_adds(tiny_llama, tmp_path):
-    """down_proj's output is added to the residual stream as it is, so its measured gain is exactly
-    E‖ΔW x‖² / tr(ΔW H ΔWᵀ) = 1/2 (H = 2XᵀX/n); layers before a nonlinearity get their own gains,
-    and every option's error is gain · tr(ΔW H ΔWᵀ) / E‖y‖², i.e. proportional to its own output error."""
-    m = measure_model(tiny_llama, samples(), tmp_path / "m.json", QuantizeConfig(method="gptq"), "gptq", (2, 3, 4),
+def test_tail_probe_is_the_full_models_kl(tiny_llama):
+    """Running only the blocks from i on (the cached fp input handed over) gives the KL a full forward gives."""
+    from qforge.capture import capture_block_inputs, run_block
+    from qforge.capture.blocks import make_batches
+    from qforge.eval.compare import compare_logits
+    from qforge.models.arch import arch_spec, get_blocks
+    from qforge.mixed.probe import TailProbe
+
+    spec = arch_spec(tiny_llama)
+    batches = make_batches(samples(4), 2)
+    probe = TailProbe(tiny_llama, spec, batches, stride=3)
+    with torch.no_grad():
+        ref = [tiny_llama(input_ids=b).logits for b in batches]
+        inputs = capture_block_inputs(tiny_llama, spec, batches)
+        hidden1 = run_block(get_blocks(tiny_llama, spec)[0], inputs.hidden, inputs.for_block(0))  # block 1's input
+        assert probe.kl(1, hidden1) == pytest.approx(0.0, abs=1e-7)
+        mlp = get_blocks(tiny_llama, spec)[1].mlp.down_proj
+        W = mlp.weight.detach().clone()
+        mlp.weight.add_(0.05 * torch.randn_like(W))
+        try:
+            got = probe.kl(1, hidden1)
+            keep = probe.keep
+            want = torch.cat([compare_logits(tiny_llama(input_ids=b).logits[:, keep].flatten(0, 1),
+                                             r[:, keep].flatten(0, 1), b[:, keep].flatten())["kl"]
+                              for b, r in zip(batches, ref)]).mean()
+        finally:
+            mlp.weight.copy_(W)
+    assert got > 1e-6 and got == pytest.approx(float(want), rel=1e-4)
+
+
+def test_loglog_interpolation_passes_through_probes_and_extends_their_slopes():
+    from qforge.mixed.probe import interpolate_loglog
+
+    pts = [(1.0, 1e-3), (10.0, 1e-2), (100.0, 1.0)]          # slope 1, then 2
+    for x, y in pts:
+        assert interpolate_loglog(x, pts) == pytest.approx(y)
+    assert interpolate_loglog(math.sqrt(10), pts) == pytest.approx(math.sqrt(10) * 1e-3)
+    assert interpolate_loglog(1000.0, pts) == pytest.approx(100.0)          # slope 2 continued
+    assert interpolate_loglog(0.1, pts) == pytest.approx(1e-4)               # slope 1 continued
+    assert interpolate_loglog(5.0, [(1.0, 2.0)]) == pytest.approx(10.0)      # one probe: proportional
+    steep = [(1.0, 1.0), (2.0, 1e6)]
+    assert interpolate_loglog(4.0, steep) == pytest.approx(1e6 * 2 ** 3)    # slope clamped to 3 outside
+
+
+def test_measured_error_is_the_end_to_end_kl_at_the_probes_and_monotone_between(tiny_llama, tmp_path):
+    m = measure_model(tiny_llama, samples(), tmp_path / "m.json", QuantizeConfig(method="gptq"), "gptq", (2, 3, 4, 8),
                       show_progress=False)
-    gains = {n: d["gain"] for n, d in m["layers"].items()}
-    for n, g in gains.items():
-        assert math.isfinite(g) and g > 0
-        if n.endswith("down_proj"):
-            assert g == pytest.approx(0.5, rel=1e-3)
-    assert len({round(g, 4) for n, g in gains.items() if not n.endswith("down_proj")}) > 1
-    for d in m["layers"].values():
-        ratios = [o["err"] / o["rel_err"] for o in d["options"] if o["rel_err"] > 0]
-        assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)
+    for name, d in m["layers"].items():
+        probed = sorted((o["rel_err"], o["err"]) for o in d["options"] if o["probed"])
+        assert sorted(o["bits"] for o in d["options"] if o["probed"]) == [2, 3, 4]
+        assert all(math.isfinite(o["err"]) and o["err"] >= 0 for o in d["options"])
+        if all(a[1] < b[1] for a, b in zip(probed, probed[1:])):         # increasing probes: monotone reading
+            by_err = sorted((o["rel_err"], o["err"]) for o in d["options"])
+            assert all(a[1] <= b[1] * (1 + 1e-9) for a, b in zip(by_err, by_err[1:])), name
+        assert max(o["err"] for o in d["options"] if o["bits"] == 8) < \
+            min(o["err"] for o in d["options"] if o["bits"] == 2), name
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
@@ -154,7 +195,7 @@ def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys)
     common = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "64"]
     assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m.json"), "--candidate-bits", "2,3,4,8",
                 *common]) == 0
-    assert "mean rel. output error" in capsys.readouterr().out
+    assert "summed KL, nats/token" in capsys.readouterr().out
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3.0", "--measurement",
                 str(tmp_path / "m.json"), "--out", str(tmp_path / "q"), "--format", "gptq", *common]) == 0
     out = capsys.readouterr().out

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="measurement JSON (resumed when it exists)")
     p.add_argument("--format", choices=MIXED_FORMATS, default="gptq", help="whose storage the costs count")
     p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
+    p.add_argument("--probe-samples", type=int, default=4, help="calibration samples the end-to-end KL probes run on")
     _add_quant_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
@@ -196,7 +197,7 @@ def cmd_measure(a) -> int:
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}
     data = measure_model(m.model, calib.samples, a.out, cfg, a.format, bits, identity, a.device, a.batch_size,
-                         show_progress=not a.quiet)
+                         show_progress=not a.quiet, probe_samples=a.probe_samples)
     by_scheme: dict[str, list] = {}
     for d in data["layers"].values():
         for o in d["options"]:
@@ -204,10 +205,10 @@ def cmd_measure(a) -> int:
             by_scheme.setdefault(k, []).append((o["err"], o["rel_err"], o["stored_bits"], d["shape"][0] * d["shape"][1]))
     rows = [[k, len(v), sum(r[2] for r in v) / sum(r[3] for r in v), sum(r[0] for r in v), sum(r[1] for r in v) / len(v)]
             for k, v in by_scheme.items()]
-    print(format_table(["scheme", "layers", "bpw", "summed error (the proxy)", "mean rel. output error"],
+    print(format_table(["scheme", "layers", "bpw", "summed KL, nats/token", "mean rel. output error"],
                        sorted(rows, key=lambda r: r[2]),
-                       title=f"measurement of {len(data['layers'])} linears -> {a.out} (error: residual-stream "
-                             f"error the scheme adds at each block output, relative to the stream; see qforge.mixed.measure)"))
+                       title=f"measurement of {len(data['layers'])} linears -> {a.out} (error: KL of the model's next-token "
+                             f"distribution with one linear quantized, summed over linears; see qforge.mixed.measure)"))
     return 0
 
 

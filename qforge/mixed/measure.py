@@ -1,22 +1,22 @@
 """The measurement pass: for every quantizable linear and every candidate scheme, GPTQ on the layer's
-Hessian and the error it leaves, with the scheme's exact storage cost.
+Hessian, the error it leaves, and the scheme's exact storage cost.
 
-Error proxy: the scheme's damage to the residual stream at the block's output, relative to that stream,
-    err(s) = gain · tr(ΔW_s H ΔW_sᵀ) / E‖y‖²,   H = 2XᵀX / n,
-where tr(ΔW H ΔWᵀ) is (twice) the mean squared error the scheme adds to the layer's own output and
-`gain` carries it through the rest of the block: the block is run once per linear with that linear
-alone quantized at a reference scheme, and gain = E‖y_q − y‖² / tr(ΔW_ref H ΔW_refᵀ) (first order: a
-small output error reaches the block output through a fixed Jacobian, so its energy scales by a
-constant). Unlike a layer's *relative* output error, these errors are in one unit for every layer,
-so summing them is meaningful: a 1536-wide MLP projection that moves the residual stream counts for
-more than a 192-row k_proj whose error attention mostly averages away (ExLlamaV2 likewise judges a
-scheme by the error of the residual stream after the sub-layer). Known limitation: on SmolLM2-135M
-the allocations this proxy makes are still worse than uniform GPTQ at the same size (BENCHMARKS.md,
-"Mixed precision"); it does not yet track perplexity. Each option also keeps `rel_err`, the layer's
-own relative output error.
+Error: the mean KL divergence of the model's next-token distribution from the fp model's when that
+linear alone is quantized with the scheme, in nats per token (what perplexity and llama.cpp's KLD see).
+It is measured end to end, not guessed from the layer: for each linear, GPTQ at a few *probe*
+schemes (the finest group of every candidate width up to 4 bits), and for each probe one run of the
+model from that block on (mixed/probe.py). Every other scheme's KL is read off the probes by its
+layer-level error e(s) = tr(ΔW_s H ΔW_sᵀ) (H = 2XᵀX/n): log KL is interpolated piecewise-linearly
+in log e between the probes (for small errors KL ∝ e, both quadratic in ΔW; at 2 bits the measured
+curve bends, which is why there is more than one probe). Summing per-layer KLs assumes their effects
+add; BENCHMARKS.md ("Mixed precision") checks how well the summed estimate ranks real quantized models.
+
+Earlier proxies (withdrawn: their allocations lost to uniform quantization): a layer's relative output
+error (version 1), and a first-order residual-stream error at the block output (version 2).
 
 Hessians come from the unquantized model (one pass per block; the next block reads the unquantized
-block's output), so every scheme of a layer is judged on the same inputs.
+block's output), so every scheme of a layer is judged on the same inputs. The probes need the whole
+model resident (they run the remaining blocks); they use the first `probe_samples` calibration samples.
 
 The measurement file is JSON, rewritten atomically after every block; a run that finds a file for
 the same model, calibration and candidate set continues after its last finished block.
@@ -38,10 +38,11 @@ from ..models.arch import arch_spec, block_linears, get_blocks
 from ..pipeline import GPTQSolver, one_pass_stats  # the statistics the quantize pass collects
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
+from .probe import TailProbe, interpolate_loglog
 from .schemes import candidate_grids, scheme_bits
 
 log = logging.getLogger(__name__)
-VERSION = 2
+VERSION = 3
 
 
 def grid_key(g: Grid) -> str:
@@ -58,23 +59,17 @@ def _trace_form(D: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum())
 
 
-def reference_grid(grids: list[Grid]) -> Grid:
-    """The scheme whose block-level error calibrates a layer's gain: per-channel asymmetric at the middle
-    candidate bit width (every width has a per-channel scheme; a mid-size error is well above the float
-    noise and still small enough for the first-order argument)."""
-    bits = sorted({g.bits for g in grids})
-    pc = [g for g in grids if g.group_size == -1 and g.bits == bits[(len(bits) - 1) // 2]]
-    return next((g for g in pc if not g.sym), pc[0] if pc else grids[0])
-
-
-def _mean_sq(ys: list[torch.Tensor], refs: list[torch.Tensor] | None = None) -> float:
-    """Mean over tokens of ‖y‖² (or ‖y − ref‖²) for lists of [B, T, hidden] tensors."""
-    total, n = 0.0, 0
-    for k, y in enumerate(ys):
-        d = y.float() - refs[k].float() if refs is not None else y.float()
-        total += float(d.pow(2).sum())
-        n += d[..., 0].numel()
-    return total / max(n, 1)
+def probe_grids(grids: list[Grid]) -> list[Grid]:
+    """The schemes measured end to end: for every candidate width up to 4 bits (the lowest width if none),
+    its finest asymmetric group — the range where layers differ; wider schemes are extrapolated."""
+    widths = sorted({g.bits for g in grids})
+    widths = [b for b in widths if b <= 4] or widths[:1]
+    out = []
+    for b in widths:
+        same = [g for g in grids if g.bits == b]
+        finest = min(same, key=lambda g: (g.group_size if g.group_size > 0 else 1 << 30, g.sym))
+        out.append(finest)
+    return out
 
 
 def _write_atomic(path: Path, data: dict) -> None:
@@ -85,16 +80,17 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: QuantizeConfig, fmt: str | None = "gptq",
                   bits: tuple[int, ...] | None = None, identity: dict | None = None, device: str = "cpu",
-                  batch_size: int = 8, show_progress: bool = True) -> dict:
-    """Measure every block linear of `model` (not modified) and write/return the measurement."""
+                  batch_size: int = 8, show_progress: bool = True, probe_samples: int = 4) -> dict:
+    """Measure every block linear of `model` (left as it was) and write/return the measurement."""
     if not samples:
         raise QForgeError("measurement needs calibration samples")
     out = Path(out)
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
     head = {"version": VERSION, "format": fmt, "bits": list(bits) if bits else None, "identity": identity or {},
-            "damp": cfg.damp, "act_order": cfg.act_order,
-            "proxy": "residual-stream error at the block output: gain * tr(dW H dW^T) / E|y|^2"}
+            "damp": cfg.damp, "act_order": cfg.act_order, "probe_samples": probe_samples,
+            "error": "mean KL(P_fp || P) per token with the linear alone quantized (nats), probes at the finest "
+                     "group per width <= 4 bits, other schemes interpolated in log-log over tr(dW H dW^T)"}
     data = {**head, "n_blocks": len(blocks), "blocks_done": 0, "layers": {}}
     if out.is_file():
         old = json.loads(out.read_text())
@@ -103,57 +99,56 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
             log.info("resuming measurement %s after block %d of %d", out, data["blocks_done"], len(blocks))
         else:
             raise QForgeError(f"{out} holds a measurement of other settings; remove it or choose another path")
-    inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
-    hidden = inputs.hidden
+    if data["blocks_done"] == len(blocks):
+        return data
+    model.to(device)                        # the probes run every block after the measured one
+    batches = make_batches(samples, batch_size)
+    probe_batches = make_batches(samples[:max(1, probe_samples)], batch_size)
+    inputs, probe_inputs = (capture_block_inputs(model, spec, b) for b in (batches, probe_batches))
+    hidden, probe_hidden = inputs.hidden, probe_inputs.hidden
+    probe = TailProbe(model, spec, probe_batches)
     with torch.no_grad():
         for i, block in enumerate(progress(blocks, desc="measure blocks", enabled=show_progress)):
-            block.to(device)
             calls = inputs.for_block(i)
-            y = run_block(block, hidden, calls, device)
             if i >= data["blocks_done"]:
-                data["layers"].update(_measure_block(block, spec, i, hidden, y, calls, cfg, fmt, bits, device))
+                measured = _measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device,
+                                          lambda: probe.kl(i, probe_hidden))
+                data["layers"].update(measured)
                 data["blocks_done"] = i + 1
                 _write_atomic(out, data)
-            hidden = y
-            block.to("cpu")
+            hidden = run_block(block, hidden, calls, device)
+            probe_hidden = run_block(block, probe_hidden, probe_inputs.for_block(i), device)
     return data
 
 
-def _measure_block(block, spec, i: int, hidden, y, calls, cfg: QuantizeConfig, fmt, bits, device) -> dict:
-    """Every option of every linear of block `i`, whose inputs are `hidden` and fp outputs `y`."""
+def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, tail_kl) -> dict:
+    """Every option of every linear of block `i`, whose inputs are `hidden`; tail_kl() probes the model."""
     groups = block_linears(block, spec)
     stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
-    y_energy = _mean_sq(y)
     layers = {}
     for g in groups:
         for ref in g:
             W, H = ref.weight.detach().float().to(device), stats[ref.name].H
             grids = candidate_grids(W.shape[1], fmt, bits)
-            ref_grid, abs_err, options = reference_grid(grids), {}, []
+            probes, abs_err, kl = probe_grids(grids), {}, {}
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
-            for grid in grids:
-                W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                             static_groups=cfg.static_groups).dequantize().to(W.device)
-                abs_err[grid] = _trace_form(W - W_hat, H)
-                if grid == ref_grid:
-                    gain = _gain(block, ref, W_hat, abs_err[grid], hidden, y, calls, device)
-                options.append({"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
-                                "stored_bits": scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order),
-                                "rel_err": abs_err[grid] / w_energy})
-            for o, grid in zip(options, grids):
-                o["err"] = gain * abs_err[grid] / max(y_energy, 1e-30)
-            layers[f"{spec.blocks}.{i}.{ref.name}"] = {"shape": list(W.shape), "gain": gain, "options": options}
+            original = ref.weight.detach().clone()
+            try:
+                for grid in grids:
+                    W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+                                 static_groups=cfg.static_groups).dequantize().to(W.device)
+                    abs_err[grid] = _trace_form(W - W_hat, H)
+                    if grid in probes:
+                        ref.set_weight(W_hat)
+                        kl[grid] = tail_kl()
+            finally:
+                ref.set_weight(original)
+            points = [(abs_err[p], kl[p]) for p in probes]
+            options = [{"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
+                        "stored_bits": scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order),
+                        "rel_err": abs_err[grid] / w_energy,
+                        "err": kl[grid] if grid in kl else interpolate_loglog(abs_err[grid], points),
+                        "probed": grid in kl}
+                       for grid in grids]
+            layers[f"{spec.blocks}.{i}.{ref.name}"] = {"shape": list(W.shape), "options": options}
     return layers
-
-
-def _gain(block, ref, W_hat: torch.Tensor, layer_err: float, hidden, y, calls, device) -> float:
-    """E‖y_q − y‖² / tr(ΔW H ΔWᵀ) with only `ref` set to W_hat (restored afterwards)."""
-    if layer_err <= 1e-30:                 # nothing to carry (dead inputs or an exact grid): any gain will do
-        return 1.0
-    W = ref.weight.detach().clone()
-    try:
-        ref.set_weight(W_hat)
-        y_q = run_block(block, hidden, calls, device)
-    finally:
-        ref.set_weight(W)
-    return _mean_sq(y_q, y) / layer_err

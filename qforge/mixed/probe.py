@@ -1,0 +1,103 @@
+"""End-to-end probes for the measurement: how far the model's next-token distribution moves when one
+linear is changed, as the mean KL divergence KL(P_fp ‖ P) over a few calibration sequences.
+
+A probe at block i does not re-run blocks 0..i−1: the model is called as usual (so embeddings, masks,
+rotary tables, the final norm, the head and any logit soft-capping are the model's own), but its block
+list is swapped for one whose first i entries hand over the cached fp input of block i. The head sees
+only every `stride`-th position (a pre-hook on the output embeddings), which cuts the cost of a
+vocabulary-wide head without biasing the mean.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec, blocks_owner
+
+
+class _Handover(nn.Module):
+    """Stands in for the blocks before the probed one: the first returns the cached input, the rest pass it on."""
+
+    def __init__(self, block: nn.Module, source: dict | None):
+        super().__init__()
+        self.block, self.source = block, source   # block registered so attribute look-ups still resolve
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.source["hidden"] if self.source is not None else hidden_states
+
+
+class TailProbe:
+    """Mean KL(P_fp ‖ P) of `model` on `batches` ([B, T] ids), running only the blocks from `start` on."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], stride: int = 4):
+        self.model, self.spec, self.batches = model, spec, batches
+        T = min(b.shape[1] for b in batches)
+        self.keep = torch.arange(stride - 1, T, stride)
+        self.ref = [torch.log_softmax(self._logits(ids, 0, None), -1) for ids in batches]   # [B, K, vocab]
+
+    @torch.no_grad()
+    def kl(self, start: int, hidden: list[torch.Tensor]) -> float:
+        """Mean KL per kept position; `hidden[b]` is the fp input of block `start` for batch b."""
+        total, n = 0.0, 0
+        for b, ids in enumerate(self.batches):
+            logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
+            ref = self.ref[b]
+            total += float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).sum())
+            n += ref.shape[0] * ref.shape[1]
+        return total / max(n, 1)
+
+    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(lambda mod, args: (args[0][:, self.keep],) + args[1:])
+        try:
+            with self._blocks_from(start, hidden):
+                out = self.model(input_ids=ids, use_cache=False)
+        finally:
+            hook.remove()
+        return out.logits.float()
+
+    @contextmanager
+    def _blocks_from(self, start: int, hidden: torch.Tensor | None):
+        if start == 0:
+            yield
+            return
+        owner, attr = blocks_owner(self.model, self.spec)
+        blocks = getattr(owner, attr)
+        source = {"hidden": hidden}
+        swapped = nn.ModuleList([_Handover(b, source if k == 0 else None) if k < start else b
+                                 for k, b in enumerate(blocks)])
+        setattr(owner, attr, swapped)
+        try:
+            yield
+        finally:
+            setattr(owner, attr, blocks)
+
+
+def interpolate_loglog(x: float, points: list[tuple[float, float]], min_slope: float = 0.5,
+                       max_slope: float = 3.0) -> float:
+    """y at x from (x, y) probe points by piecewise-linear interpolation in log-log space, extended past
+    the ends with the end segments' slopes (clamped to [min_slope, max_slope]; 1 with a single point:
+    KL and tr(ΔW H ΔWᵀ) are both quadratic in a small ΔW, so y ∝ x there)."""
+    import math
+
+    pts = sorted((max(px, 1e-30), max(py, 1e-30)) for px, py in points)
+    lx = math.log(max(x, 1e-30))
+    L = [(math.log(px), math.log(py)) for px, py in pts]
+    if len(L) == 1:
+        return math.exp(L[0][1] + (lx - L[0][0]))
+    for (x0, y0), (x1, y1) in zip(L, L[1:]):
+        if lx <= x1 or (x1, y1) == L[-1]:
+            slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 1.0
+            if lx < x0 or lx > x1:                              # beyond the probed range: a clamped slope
+                slope = min(max(slope, min_slope), max_slope)
+            anchor = (x0, y0) if lx <= x1 else (x1, y1)
+            return math.exp(anchor[1] + slope * (lx - anchor[0]))
+    raise AssertionError("unreachable")
