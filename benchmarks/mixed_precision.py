@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="wiki,news")
     ap.add_argument("--max-windows", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_precision.jsonl"))
+    ap.add_argument("--probe-samples", type=int, default=2, help="calibration samples the KL probes run on")
     a = ap.parse_args()
     torch.set_num_threads(2)
     samples = load_samples_jsonl(a.calib)[: a.nsamples]
@@ -50,6 +51,16 @@ def main() -> None:
     from qforge.mixed.measure import VERSION
 
     meas = Path(f"benchmarks/results/mixed_measurement_v{VERSION}_{a.nsamples}x{samples[0].numel()}.json")
+    if a.targets and not _finished(meas):
+        from qforge.mixed import measure_model
+
+        t = time.perf_counter()
+        m = qforge.load("smollm2-135m")
+        measure_model(m.model, samples, meas, qforge.QuantizeConfig(method="gptq"), "gptq",
+                      identity={"model": "smollm2-135m", "calibration": f"{a.calib} first {a.nsamples}"},
+                      probe_samples=a.probe_samples)
+        print(f"measurement: {time.perf_counter() - t:.0f} s (resumed runs count only their own part)", flush=True)
+        del m
     runs = [(f"mixed {t} bpw", qforge.QuantizeConfig(method="gptq", bpw=float(t), measurement=str(meas)))
             for t in a.targets.split(",") if t]
     runs += [(name, qforge.QuantizeConfig(method="gptq", bits=b, group_size=g, sym=sym))
@@ -59,7 +70,7 @@ def main() -> None:
         m = qforge.load("smollm2-135m", cfg)
         t = time.perf_counter()
         m.quantize(samples)
-        secs = time.perf_counter() - t        # the first mixed run includes the measurement pass
+        secs = time.perf_counter() - t        # the measurement pass is timed separately, above
         with tempfile.TemporaryDirectory() as d:
             sizes = m.export(Path(d) / "x", "gptq")
         alloc = m.result.allocation
@@ -77,6 +88,13 @@ def main() -> None:
     for d in datasets:
         print(f"Spearman rank correlation of the proxy with {d} ppl over {len(rows)} rows: "
               f"{_spearman([r['total_err'] for r in rows], [r['ppl'][d] for r in rows]):.3f}")
+
+
+def _finished(meas: Path) -> bool:
+    if not meas.is_file():
+        return False
+    d = json.loads(meas.read_text())
+    return d.get("blocks_done") == d.get("n_blocks")
 
 
 def _proxy(meas: Path, m) -> float:

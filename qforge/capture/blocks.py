@@ -24,17 +24,25 @@ class BlockCall:
     kwargs: dict
 
 
-class _Recorder(nn.Module):
-    def __init__(self, block: nn.Module, sink: list):
+class StandIn(nn.Module):
+    """Takes a block's place in the block list; the block stays registered, so attribute look-ups the
+    model makes on its layers (attention_type, layer_idx) still resolve."""
+
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.block = block  # registered so attribute look-ups (attention_type, layer_idx) still resolve
-        self.sink = sink
+        self.block = block
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+class _Recorder(StandIn):
+    def __init__(self, block: nn.Module, sink: list):
+        super().__init__(block)
+        self.sink = sink
 
     def forward(self, hidden_states, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}

@@ -14,21 +14,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..capture.blocks import StandIn
 from ..models.arch import ArchSpec, blocks_owner
 
 
-class _Handover(nn.Module):
+class _Handover(StandIn):
     """Stands in for the blocks before the probed one: the first returns the cached input, the rest pass it on."""
 
     def __init__(self, block: nn.Module, source: dict | None):
-        super().__init__()
-        self.block, self.source = block, source   # block registered so attribute look-ups still resolve
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
+        super().__init__(block)
+        self.source = source
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.source["hidden"] if self.source is not None else hidden_states
