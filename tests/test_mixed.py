@@ -16,6 +16,7 @@ from qforge.errors import QForgeError
 from qforge.mixed import Option, allocate, candidate_grids, load_measurement, measure_model, plan, scheme_bits
 from qforge.mixed.measure import output_error
 from qforge.solvers import Grid
+from tiny_models import CONFIGS, VOCAB, tiny_model
 
 
 def random_instance(seed, n_layers=4, n_opts=4):
@@ -63,7 +64,7 @@ def test_candidates_use_whole_groups_and_formats_bits():
 
 
 def samples(n=6, length=48):
-    return [torch.randint(0, 500, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    return [torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
 
 def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path):
@@ -93,34 +94,55 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
                       show_progress=False)
 
 
-def test_tail_probe_is_the_full_models_kl(tiny_llama):
-    """Running only the blocks from i on (the cached fp input handed over) gives the KL a full forward gives."""
-    from qforge.capture import capture_block_inputs, run_block
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_tail_probe_is_the_full_models_kl(model_type):
+    """Running only the blocks from the last one on (its cached fp input handed over) gives the KL a full
+    forward gives, on every architecture in the table."""
+    from qforge.capture import capture_block_inputs
     from qforge.capture.blocks import make_batches
     from qforge.eval.compare import compare_logits
-    from qforge.models.arch import arch_spec, get_blocks
     from qforge.mixed.probe import TailProbe
+    from qforge.models.arch import arch_spec, block_linears, get_blocks
 
-    spec = arch_spec(tiny_llama)
+    model = tiny_model(model_type)
+    spec = arch_spec(model)
     batches = make_batches(samples(4), 2)
-    probe = TailProbe(tiny_llama, spec, batches, stride=3)
+    probe = TailProbe(model, spec, batches, stride=3)
+    last = len(get_blocks(model, spec)) - 1
     with torch.no_grad():
-        ref = [tiny_llama(input_ids=b).logits for b in batches]
-        inputs = capture_block_inputs(tiny_llama, spec, batches)
-        hidden1 = run_block(get_blocks(tiny_llama, spec)[0], inputs.hidden, inputs.for_block(0))  # block 1's input
-        assert probe.kl(1, hidden1) == pytest.approx(0.0, abs=1e-7)
-        mlp = get_blocks(tiny_llama, spec)[1].mlp.down_proj
-        W = mlp.weight.detach().clone()
-        mlp.weight.add_(0.05 * torch.randn_like(W))
+        ref = [model(input_ids=b).logits for b in batches]
+        hidden = capture_block_inputs(model, spec, batches).hidden       # [B, T, hidden] entering block 0
+        hidden_last = _fp_inputs_of(model, spec, batches, last)
+        assert probe.kl(last, hidden_last) == pytest.approx(0.0, abs=1e-7)
+        assert probe.kl(0, hidden) == pytest.approx(0.0, abs=1e-7)
+        lin = block_linears(get_blocks(model, spec)[last], spec)[-1][0]   # the block's last linear
+        W = lin.weight.detach().clone()
+        lin.set_weight(W + 0.2 * W.abs().mean() * torch.randn_like(W))
         try:
-            got = probe.kl(1, hidden1)
+            got = probe.kl(last, hidden_last)
             keep = probe.keep
-            want = torch.cat([compare_logits(tiny_llama(input_ids=b).logits[:, keep].flatten(0, 1),
+            want = torch.cat([compare_logits(model(input_ids=b).logits[:, keep].flatten(0, 1),
                                              r[:, keep].flatten(0, 1), b[:, keep].flatten())["kl"]
                               for b, r in zip(batches, ref)]).mean()
         finally:
-            mlp.weight.copy_(W)
-    assert got > 1e-6 and got == pytest.approx(float(want), rel=1e-4)
+            lin.set_weight(W)
+    assert got > 1e-8 and got == pytest.approx(float(want), rel=1e-3)
+
+
+def _fp_inputs_of(model, spec, batches, i):
+    """What block i receives in a plain forward, by a pre-hook."""
+    from qforge.models.arch import get_blocks
+
+    seen = []
+    h = get_blocks(model, spec)[i].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    try:
+        for b in batches:
+            model(input_ids=b)
+    finally:
+        h.remove()
+    return seen
 
 
 def test_loglog_interpolation_passes_through_probes_and_extends_their_slopes():
