@@ -15,6 +15,9 @@ from qforge.config import QuantizeConfig
 from qforge.errors import QForgeError
 from qforge.mixed import Option, allocate, candidate_grids, load_measurement, measure_model, plan, scheme_bits
 from qforge.mixed.measure import output_error
+from qforge.capture import capture_block_inputs
+from qforge.capture.blocks import make_batches
+from qforge.models.arch import arch_spec, block_linears, get_blocks
 from qforge.solvers import Grid
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -98,11 +101,8 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
 def test_tail_probe_is_the_full_models_kl(model_type):
     """Running only the blocks from the last one on (its cached fp input handed over) gives the KL a full
     forward gives, on every architecture in the table."""
-    from qforge.capture import capture_block_inputs
-    from qforge.capture.blocks import make_batches
     from qforge.eval.compare import compare_logits
     from qforge.mixed.probe import TailProbe
-    from qforge.models.arch import arch_spec, block_linears, get_blocks
 
     model = tiny_model(model_type)
     spec = arch_spec(model)
@@ -160,6 +160,7 @@ def test_loglog_interpolation_passes_through_probes_and_extends_their_slopes():
 
 
 def test_measured_error_is_the_end_to_end_kl_at_the_probes_and_monotone_between(tiny_llama, tmp_path):
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     m = measure_model(tiny_llama, samples(), tmp_path / "m.json", QuantizeConfig(method="gptq"), "gptq", (2, 3, 4, 8),
                       show_progress=False)
     for name, d in m["layers"].items():
@@ -171,6 +172,25 @@ def test_measured_error_is_the_end_to_end_kl_at_the_probes_and_monotone_between(
             assert all(a[1] <= b[1] * (1 + 1e-9) for a, b in zip(by_err, by_err[1:])), name
         assert max(o["err"] for o in d["options"] if o["bits"] == 8) < \
             min(o["err"] for o in d["options"] if o["bits"] == 2), name
+        for g in (32, -1):                              # the layer's own error falls with every bit
+            rel = [next(o["rel_err"] for o in d["options"] if (o["bits"], o["group_size"], o["sym"]) == (b, g, True))
+                   for b in (2, 3, 4, 8)]
+            assert rel == sorted(rel, reverse=True) and rel[-1] < rel[0] / 100, name
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())   # the model is left as it was
+    # every option's layer error is GPTQ's on the untouched weight (probes must not leak into later schemes)
+    from qforge.pipeline import GPTQSolver, one_pass_stats
+    from qforge.solvers import gptq
+
+    spec = arch_spec(tiny_llama)
+    block = get_blocks(tiny_llama, spec)[0]
+    inputs = capture_block_inputs(tiny_llama, spec, make_batches(samples(), 8))
+    groups = block_linears(block, spec)
+    stats = one_pass_stats(GPTQSolver(), block, groups, inputs.hidden, inputs.for_block(0), "cpu")
+    for ref in (r for g in groups for r in g):
+        W, H = ref.weight.detach().clone(), stats[ref.name].H
+        for o in m["layers"][f"{spec.blocks}.0.{ref.name}"]["options"]:
+            W_hat = gptq(W, H, Grid(o["bits"], o["group_size"], o["sym"])).dequantize()
+            assert o["rel_err"] == pytest.approx(output_error(W, W_hat, H), rel=1e-4), (ref.name, o)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])

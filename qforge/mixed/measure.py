@@ -128,21 +128,21 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
     layers = {}
     for g in groups:
         for ref in g:
-            W, H = ref.weight.detach().float().to(device), stats[ref.name].H
+            original = ref.weight.detach().clone()                    # a copy: probes write into the weight
+            W, H = original.float().to(device), stats[ref.name].H
             grids = candidate_grids(W.shape[1], fmt, bits)
             probes, abs_err, kl = probe_grids(grids), {}, {}
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
-            original = ref.weight.detach().clone()
-            try:
-                for grid in grids:
-                    W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                                 static_groups=cfg.static_groups).dequantize().to(W.device)
-                    abs_err[grid] = _trace_form(W - W_hat, H)
-                    if grid in probes:
+            for grid in grids:
+                W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+                             static_groups=cfg.static_groups).dequantize().to(W.device)
+                abs_err[grid] = _trace_form(W - W_hat, H)
+                if grid in probes:
+                    try:
                         ref.set_weight(W_hat)
                         kl[grid] = tail_kl()
-            finally:
-                ref.set_weight(original)
+                    finally:
+                        ref.set_weight(original)
             points = [(abs_err[p], kl[p]) for p in probes]
             options = [{"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
                         "stored_bits": scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order),
