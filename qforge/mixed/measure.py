@@ -7,9 +7,10 @@ It is measured end to end, not guessed from the layer: for each linear, GPTQ at 
 schemes (the finest group of every candidate width up to 4 bits), and for each probe one run of the
 model from that block on (mixed/probe.py). Every other scheme's KL is read off the probes by its
 layer-level error e(s) = tr(ΔW_s H ΔW_sᵀ) (H = 2XᵀX/n): log KL is interpolated piecewise-linearly
-in log e between the probes (for small errors KL ∝ e, both quadratic in ΔW; at 2 bits the measured
-curve bends, which is why there is more than one probe). Summing per-layer KLs assumes their effects
-add; BENCHMARKS.md ("Mixed precision") checks how well the summed estimate ranks real quantized models.
+in log e between the probes (for small errors KL ∝ e, both quadratic in ΔW; 2-bit errors need not
+stay in that regime, which is why every width gets its own probe). Summing per-layer KLs assumes their effects
+add; whether the summed estimate ranks real quantized models well is still to be shown (BENCHMARKS.md,
+"Mixed precision").
 
 Earlier proxies (withdrawn: their allocations lost to uniform quantization): a layer's relative output
 error (version 1), and a first-order residual-stream error at the block output (version 2).
