@@ -91,10 +91,13 @@ def main() -> None:
 
 
 def _finished(meas: Path) -> bool:
-    if not meas.is_file():
+    from qforge.errors import QForgeError
+    from qforge.mixed import load_measurement
+
+    try:
+        return meas.is_file() and bool(load_measurement(meas))
+    except QForgeError:                    # unfinished (resumed by measure_model) or of an older version
         return False
-    d = json.loads(meas.read_text())
-    return d.get("blocks_done") == d.get("n_blocks")
 
 
 def _proxy(meas: Path, m) -> float:

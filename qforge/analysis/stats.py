@@ -103,7 +103,9 @@ def collect_stats(model: nn.Module, samples: list[torch.Tensor], batch_size: int
     finally:
         for h in handles:
             h.remove()
-    tensors["activations"] = {n: st for r in readers for st in [acts[r[0]].result()] for n in r}
+    for r in readers:                       # every linear of the group gets its shared input's statistics
+        st = acts[r[0]].result()
+        tensors["activations"].update({n: st for n in r})
     tensors["keys"] = {f"{spec.blocks}.{i}.keys": keys[i].result() for i in sorted(keys)}
     tensors["values"] = {f"{spec.blocks}.{i}.values": values[i].result() for i in sorted(values)}
     if not keys:

@@ -8,12 +8,13 @@ vs global layers); tensors shared between blocks are stored once, by reference.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models.arch import ArchSpec, blocks_owner
+from ..models.arch import ArchSpec, blocks_owner, get_blocks
 
 
 @dataclass
@@ -73,23 +74,34 @@ def make_batches(samples: list[torch.Tensor], batch_size: int) -> list[torch.Ten
     return batches
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> BlockInputs:
+@contextmanager
+def swapped_blocks(model: nn.Module, spec: ArchSpec, stand_ins: list[nn.Module]):
+    """The model runs `stand_ins` in place of its decoder blocks inside the block; restored on exit."""
     owner, attr = blocks_owner(model, spec)
     blocks = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList(stand_ins))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, blocks)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> BlockInputs:
+    owner, _ = blocks_owner(model, spec)
+    blocks = get_blocks(model, spec)
     hidden: list[torch.Tensor] = []
     sinks: list[list[BlockCall]] = [[] for _ in blocks]
     first = _FirstInput()
-    recorders = nn.ModuleList(_Recorder(b, sink) for b, sink in zip(blocks, sinks))
+    recorders = [_Recorder(b, sink) for b, sink in zip(blocks, sinks)]
     handle = recorders[0].register_forward_pre_hook(first, with_kwargs=True)
-    setattr(owner, attr, recorders)
     try:
-        for ids in batches:
-            owner(input_ids=ids, use_cache=False)
-            hidden.append(first.value)
+        with swapped_blocks(model, spec, recorders):
+            for ids in batches:
+                owner(input_ids=ids, use_cache=False)
+                hidden.append(first.value)
     finally:
         handle.remove()
-        setattr(owner, attr, blocks)
     calls = [[sinks[i][b] for i in range(len(blocks))] for b in range(len(batches))]
     return BlockInputs(hidden, calls)
 

@@ -14,15 +14,19 @@ import torch
 from .perplexity import forward_logits, token_nll
 
 
+def kl_divergence(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref ‖ P) per position from log-probabilities [..., vocab] (clamped at 0 against rounding)."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
+
+
 @torch.no_grad()
 def compare_logits(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position KL, top-1 agreement and Δp for logits [N, vocab] vs ref_logits [N, vocab], targets [N]."""
     logp, ref_logp = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     same = logits.argmax(-1) == ref_logits.argmax(-1)
     t = targets.unsqueeze(-1)
     dp = logp.gather(-1, t).exp().squeeze(-1) - ref_logp.gather(-1, t).exp().squeeze(-1)
-    return {"kl": kl.clamp_min(0).double(), "top1": same.double(), "dp": dp.double()}
+    return {"kl": kl_divergence(ref_logp, logp).double(), "top1": same.double(), "dp": dp.double()}
 
 
 class ReferenceComparison:

@@ -102,7 +102,19 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
             raise QForgeError(f"{out} holds a measurement of other settings; remove it or choose another path")
     if data["blocks_done"] == len(blocks):
         return data
+    home = next(model.parameters()).device
     model.to(device)                        # the probes run every block after the measured one
+    try:
+        _measure_blocks(model, spec, blocks, samples, data, out, cfg, fmt, bits, device, batch_size, show_progress,
+                        probe_samples)
+    finally:
+        model.to(home)
+    return data
+
+
+def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: QuantizeConfig, fmt, bits, device,
+                    batch_size: int, show_progress: bool, probe_samples: int) -> None:
+    """Measure the blocks from data["blocks_done"] on, writing `out` after each."""
     batches = make_batches(samples, batch_size)
     probe_batches = make_batches(samples[:max(1, probe_samples)], batch_size)
     inputs, probe_inputs = (capture_block_inputs(model, spec, b) for b in (batches, probe_batches))
@@ -119,7 +131,6 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
                 _write_atomic(out, data)
             hidden = run_block(block, hidden, calls, device)
             probe_hidden = run_block(block, probe_hidden, probe_inputs.for_block(i), device)
-    return data
 
 
 def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, tail_kl) -> dict:

@@ -9,13 +9,14 @@ vocabulary-wide head without biasing the mean.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from ..capture.blocks import StandIn
-from ..models.arch import ArchSpec, blocks_owner
+from ..capture.blocks import StandIn, swapped_blocks
+from ..eval.compare import kl_divergence
+from ..models.arch import ArchSpec, get_blocks
 
 
 class _Handover(StandIn):
@@ -44,9 +45,8 @@ class TailProbe:
         total, n = 0.0, 0
         for b, ids in enumerate(self.batches):
             logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
-            ref = self.ref[b]
-            total += float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).sum())
-            n += ref.shape[0] * ref.shape[1]
+            total += float(kl_divergence(self.ref[b], logp).sum())
+            n += self.ref[b].shape[0] * self.ref[b].shape[1]
         return total / max(n, 1)
 
     def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -59,21 +59,13 @@ class TailProbe:
             hook.remove()
         return out.logits.float()
 
-    @contextmanager
     def _blocks_from(self, start: int, hidden: torch.Tensor | None):
         if start == 0:
-            yield
-            return
-        owner, attr = blocks_owner(self.model, self.spec)
-        blocks = getattr(owner, attr)
+            return nullcontext()
+        blocks = get_blocks(self.model, self.spec)
         source = {"hidden": hidden}
-        swapped = nn.ModuleList([_Handover(b, source if k == 0 else None) if k < start else b
-                                 for k, b in enumerate(blocks)])
-        setattr(owner, attr, swapped)
-        try:
-            yield
-        finally:
-            setattr(owner, attr, blocks)
+        return swapped_blocks(self.model, self.spec, [_Handover(b, source if k == 0 else None) if k < start else b
+                                                      for k, b in enumerate(blocks)])
 
 
 def interpolate_loglog(x: float, points: list[tuple[float, float]], min_slope: float = 0.5,
