@@ -26,6 +26,7 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "fp32": (16, -1, False, True),
     "W4g64": (4, 64, False, True),
     "W3g64": (3, 64, False, True),
+    "W2g32": (2, 32, False, True),
     "W4g64-actorder": (4, 64, True, True),
     "W4g64-asym": (4, 64, False, False),
     "W3g64-asym": (3, 64, False, False),

@@ -78,20 +78,30 @@ class QModel:
         """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes."""
         import tempfile
 
-        from .mixed import load_measurement, measure_model, plan
+        from .mixed import plan
 
         cfg = self.config
-        path = Path(cfg.measurement) if cfg.measurement else Path(tempfile.mkdtemp()) / "measurement.json"
+        if cfg.measurement:
+            return plan(self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress),
+                        cfg.bpw, cfg.skip)
+        with tempfile.TemporaryDirectory() as d:                 # nothing to keep: measured for this run only
+            return plan(self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress),
+                        cfg.bpw, cfg.skip)
+
+    def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
+        """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""
+        from .mixed import load_measurement, measure_model
+
         try:
-            measurement = load_measurement(path) if path.is_file() else None
+            if path.is_file():
+                return load_measurement(path)
         except QForgeError:
-            measurement = None                                   # unfinished: measure_model resumes it
-        if measurement is None:
-            identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
-                        if self.calibration_config else f"{len(samples)} samples"}
-            measurement = measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
-                                        device=device, batch_size=batch_size, show_progress=show_progress)
-        return plan(measurement, cfg.bpw, cfg.skip)
+            pass                                                 # unfinished: measure_model resumes it
+        cfg = self.config
+        identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
+                    if self.calibration_config else f"{len(samples)} samples"}
+        return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
+                             device=device, batch_size=batch_size, show_progress=show_progress)
 
     def export(self, out: str | Path, fmt: str = "gptq", dtype: torch.dtype = torch.float16,
                overwrite: bool = False, max_shard_size: str | int = "4GB") -> dict:

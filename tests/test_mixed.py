@@ -226,6 +226,18 @@ def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tm
     assert plan(load_measurement(meas), 5.0).layers == m.result.allocation.layers      # deterministic
 
 
+def test_a_measurement_without_a_path_leaves_no_temporary_files(tiny_llama_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))      # where mkdtemp / TemporaryDirectory write
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=4.0))
+    m.quantize(samples())
+    assert m.result.allocation.bpw <= 4.0
+    assert list(scratch.iterdir()) == []
+
+
 def test_bad_mixed_settings_are_refused():
     with pytest.raises(QForgeError, match="needs method gptq"):
         QuantizeConfig(method="rtn", bpw=3.0)
