@@ -158,6 +158,25 @@ def test_smoothquant_keeps_the_fp_function_and_flattens_inputs(tiny_llama):
         smooth_model(tiny_llama, samples, 1.5)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gemma2", "opt"])
+def test_smoothquant_keeps_the_fp_function_on_other_architectures(model_type, caplog):
+    import logging
+
+    from tiny_models import tiny_model
+
+    m = tiny_model(model_type)
+    samples = [torch.randint(0, 500, (32,), generator=_gen(10 + i)) for i in range(4)]
+    x = torch.randint(0, 500, (2, 32), generator=_gen(5))
+    base = forward_logits(m, x)
+    with caplog.at_level(logging.INFO, logger="qforge.smoothing.smoothquant"):
+        scales = smooth_model(m, samples, 0.5)
+    assert scales
+    assert torch.allclose(forward_logits(m, x), base, rtol=1e-5, atol=1e-5 * float(base.abs().max()))
+    if model_type == "mixtral":                                 # the experts' norm mapping folds; per-expert ones are AWQ's
+        assert "0.post_attention_layernorm" in scales
+        assert any("per-expert" in r.message for r in caplog.records)
+
+
 def test_simulation_config_validates_and_labels():
     assert SimulationConfig(weight_bits=4, act_bits=8).label == "W4A8"
     assert SimulationConfig(kv_bits=2, smoothquant=0.5).label == "W16A16 KV2 SmoothQuant(0.5)"

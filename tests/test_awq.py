@@ -91,6 +91,21 @@ def test_mapping_that_does_not_fit_is_skipped_with_a_log_line(caplog):
     assert any("v_proj" in rec.message and "skipped" in rec.message for rec in caplog.records)
 
 
+def test_mixtral_experts_get_router_balanced_and_per_expert_scales():
+    m = tiny_model("mixtral")
+    spec = arch_spec(m)
+    block = get_blocks(m, spec)[0]
+    router = block.mlp.gate.weight.detach().clone()
+    n_experts = block.mlp.experts.gate_up_proj.shape[0]
+    inputs = capture_block_inputs(m, spec, make_batches(ids(), 4))
+    r = awq_block(block, spec, inputs.hidden, inputs.for_block(0), Grid(3, 32, False), n_grid=5)
+    s = r.scales["post_attention_layernorm"]
+    assert torch.allclose(block.mlp.gate.weight, router * s)          # the router reads x / s: balanced, not quantized
+    assert {f"mlp.experts.gate_up_proj.{e}" for e in range(n_experts)} <= set(r.scales)   # up half -> down, per expert
+    assert {f"mlp.experts.down_proj.{e}" for e in range(n_experts)} <= set(r.clips)
+    assert "mlp.gate" not in r.clips
+
+
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_awq_beats_rtn_on_every_architecture(model_type):
     samples = ids(8, 64)

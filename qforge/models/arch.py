@@ -22,10 +22,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SmoothMapping:
-    """`prev` (a norm or linear inside the block) feeds every linear in `linears` (AWQ, SmoothQuant)."""
+    """`prev` (a norm or linear inside the block) feeds every linear in `linears` (AWQ, SmoothQuant).
+
+    `balance`: modules that read prev's output too but are never quantized (MoE routers): scaled with
+    the linears so the function is unchanged. `prev_rows="up_half"`: prev is a fused-experts gate/up
+    parameter [experts, 2·I, in] and the linears (fused experts too) read act(gate)·up — one scale
+    vector per expert, folded into that expert's up rows.
+    """
 
     prev: str
     linears: tuple[str, ...]
+    balance: tuple[str, ...] = ()
+    prev_rows: str = "all"
+
+    def __post_init__(self):
+        if self.prev_rows not in ("all", "up_half"):
+            raise QForgeError(f"SmoothMapping {self.prev}: prev_rows must be 'all' or 'up_half', not {self.prev_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,8 @@ ARCHS: dict[str, ArchSpec] = {
         smooth=(
             SmoothMapping("input_layernorm", _ATTN),
             SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+            SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
+            SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
         ),
     ),
 }

@@ -1,5 +1,5 @@
-"""Equivalent transformations folded into the model before quantization (AWQ; SmoothQuant later)."""
+"""Equivalent transformations folded into the model before quantization (AWQ, SmoothQuant)."""
 from .awq_search import BlockAWQ, awq_block
-from .fold import can_fold, fold_scales
+from .fold import FoldUnit, fold_scales, mapping_units
 
-__all__ = ["BlockAWQ", "awq_block", "can_fold", "fold_scales"]
+__all__ = ["BlockAWQ", "FoldUnit", "awq_block", "fold_scales", "mapping_units"]

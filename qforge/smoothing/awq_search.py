@@ -1,24 +1,26 @@
-"""AWQ on one decoder block: for each table mapping prev -> linears, search the scale exponent α on a
-grid by the mean squared error of the smallest module that contains the linears (self_attn for
-q/k/v, mlp for gate/up, the linear itself for o and down), fold the best scales in, then search a
-clipping threshold per (output channel, group) for every linear except q/k (whose error the output
-MSE does not see). All statistics come from one forward of the block before any change.
+"""AWQ on one decoder block: for each table mapping prev -> linears (per expert where prev is a fused
+gate/up parameter), search the scale exponent α on a grid by the mean squared error of the smallest
+module that contains the linears and the mapping's balance modules (self_attn for q/k/v, mlp for
+gate/up or for the experts and their router; a single linear's own output for o and down), fold the
+best scales in, then search a clipping threshold per (output channel, group) for every linear except
+q/k (whose error the output MSE does not see). All statistics come from one forward of the block
+before any change.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..capture.blocks import BlockCall, _to
+from ..capture.linear_inputs import tap_inputs
 from ..models.arch import ArchSpec, LinearRef, block_linears
 from ..solvers import Grid
 from ..solvers.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant, weight_magnitude
-from .fold import can_fold, fold_scales
+from .fold import FoldUnit, fold_scales, mapping_units
 
 log = logging.getLogger(__name__)
 NO_CLIP = ("q_proj", "k_proj", "query_key_value", "c_attn")  # attention-score inputs: clipping is not judged
@@ -28,16 +30,9 @@ NO_CLIP = ("q_proj", "k_proj", "query_key_value", "c_attn")  # attention-score i
 class BlockAWQ:
     """Search results of one block, by names inside the block."""
 
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)   # mapping prev -> s [in]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)   # unit key (prev[.expert]) -> s [in]
     alphas: dict[str, float] = field(default_factory=dict)
     clips: dict[str, torch.Tensor] = field(default_factory=dict)    # linear -> max_val [out, G]
-
-
-def _parent_path(names: tuple[str, ...]) -> str:
-    """The smallest module holding every linear of a mapping ("" is the block itself)."""
-    if len(names) == 1:
-        return names[0]
-    return ".".join(os.path.commonprefix([n.split(".") for n in names]))
 
 
 @contextlib.contextmanager
@@ -74,71 +69,100 @@ def _mse(outs: list[torch.Tensor], calls: list) -> float:
         sum(c[2].numel() for c in calls)
 
 
+def _input_keys(groups: list[list[LinearRef]]) -> dict[str, str]:
+    """Linear name -> the name its captured input is kept under (a plain group shares its first linear's)."""
+    return {r.name: (g[0].name if r.expert is None else r.name) for g in groups for r in g}
+
+
+def _units(block: nn.Module, spec: ArchSpec, refs: list[LinearRef]) -> list[FoldUnit]:
+    units = []
+    for m in spec.smooth:
+        found, why = mapping_units(block, m, refs)
+        if why:
+            log.info("AWQ mapping %s -> %s skipped: %s", m.prev, ",".join(m.linears), why)
+        units += found
+    return units
+
+
+def _capture(block, units, groups, keys, hidden, calls, device) -> tuple[dict, dict]:
+    """One forward of the unchanged block: every linear's input (by input key) and the judging modules' calls."""
+    parents = {u.parent: block.get_submodule(u.parent) for u in units if u.parent is not None}
+    store: dict[str, list] = {}
+    chunks: dict[str, list] = {k: [] for k in set(keys.values())}
+    sinks = {k: chunks[k].append for k in chunks}
+    with _record_calls(parents, store), tap_inputs([r for g in groups for r in g if r.name in sinks], sinks):
+        for h, call in zip(hidden, calls):
+            block(h.to(device), *_to(call.args, device), **_to(call.kwargs, device))
+    X = {k: torch.cat(v).float() if v else torch.empty(0) for k, v in chunks.items()}
+    return X, store
+
+
+def _search(block, u: FoldUnit, X, keys, store, grid, n_grid, duo_scaling, device) -> tuple[float, torch.Tensor] | None:
+    """The best (α, s) of one unit by its judging output's MSE; None when no token reaches its linears."""
+    x = torch.cat([X[k] for k in dict.fromkeys(keys[r.name] for r in u.lins)])
+    if x.shape[0] == 0:
+        return None
+    x_mag = x.abs().mean(0)
+    w_mag = weight_magnitude(torch.cat([r.weight.detach().float() for r in u.lins]), grid) if duo_scaling else None
+    originals = [r.weight.detach().clone() for r in u.lins]
+    if u.parent is None:                                 # one linear: its own output error, from its inputs
+        xs, W = X[keys[u.lins[0].name]], originals[0].float()
+        y = xs @ W.T
+    best = (float("inf"), 0.0, torch.ones_like(x_mag))
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = awq_scales(x_mag, w_mag, alpha)
+        if u.parent is None:
+            loss = float((xs @ scaled_fake_quant(W, s, grid).T - y).pow(2).mean())
+        else:
+            for r, W0 in zip(u.lins, originals):
+                r.set_weight(scaled_fake_quant(W0.float(), s, grid))
+            loss = _mse(_run(block.get_submodule(u.parent), store[u.parent], device), store[u.parent])
+        if loss < best[0]:
+            best = (loss, alpha, s)
+    for r, W0 in zip(u.lins, originals):
+        r.set_weight(W0)
+    return best[1], best[2]
+
+
 @torch.no_grad()
 def awq_block(block: nn.Module, spec: ArchSpec, hidden: list[torch.Tensor], calls: list[BlockCall], grid: Grid,
               n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, clip_tokens: int = 512,
               device="cpu", given: BlockAWQ | None = None) -> BlockAWQ:
     """Search (or, with `given`, re-apply) AWQ scales and clips on `block` in place; returns them."""
     groups = block_linears(block, spec)
-    refs = {r.name: r for g in groups for r in g}
-    first = {r.name: g[0].name for g in groups for r in g}        # a group's linears share one input
-    fits = {}
-    for m in spec.smooth:
-        why = can_fold(block, m, [refs[n] for n in m.linears if n in refs])
-        if why:
-            log.info("AWQ mapping %s -> %s skipped: %s", m.prev, ",".join(m.linears), why)
-        else:
-            fits[m.prev] = m
+    refs = [r for g in groups for r in g]
+    units = _units(block, spec, refs)
     result = BlockAWQ()
-    if given is None:
-        parents = {p: block.get_submodule(p) for p in {_parent_path(m.linears) for m in fits.values()}}
-        store: dict[str, list] = {}
-        lin_store: dict[str, list] = {}
-        heads = {g[0].name: g[0].module for g in groups if g[0].expert is None}
-        with _record_calls(parents, store), _record_calls(heads, lin_store):
-            for h, call in zip(hidden, calls):
-                block(h.to(device), *_to(call.args, device), **_to(call.kwargs, device))
-        X = {n: torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a, _, _ in lin_store[n]]).float() for n in lin_store}
-        del lin_store
-    for prev, m in fits.items():
-        lins = [refs[n] for n in m.linears]
-        if given is not None:
-            s = given.scales.get(prev)
-            if s is None:
-                continue
-        else:
-            parent, pcalls = block.get_submodule(_parent_path(m.linears)), store[_parent_path(m.linears)]
-            x_mag = X[first[m.linears[0]]].abs().mean(0)
-            W_all = torch.cat([r.weight.detach().float() for r in lins])
-            w_mag = weight_magnitude(W_all, grid) if duo_scaling else None
-            originals = [r.weight.detach().clone() for r in lins]
-            best = (float("inf"), None, None)
-            for i in range(n_grid):
-                alpha = i / n_grid
-                s = awq_scales(x_mag, w_mag, alpha)
-                for r, W in zip(lins, originals):
-                    r.set_weight(scaled_fake_quant(W.float(), s, grid))
-                loss = _mse(_run(parent, pcalls, device), pcalls)
-                if loss < best[0]:
-                    best = (loss, alpha, s)
-            for r, W in zip(lins, originals):
-                r.set_weight(W)
-            _, alpha, s = best
-            result.alphas[prev] = alpha
-            X[first[m.linears[0]]] = X[first[m.linears[0]]] / s     # the linears now read x / s
-        fold_scales(block, m, lins, s, spec.norm_plus_one)
-        result.scales[prev] = s
-    for name, r in refs.items():
-        if given is not None:
-            if name in given.clips:
-                r.set_weight(apply_clip(r.weight.detach().float(), given.clips[name], grid))
-                result.clips[name] = given.clips[name]
+    if given is not None:
+        for u in units:
+            if u.key in given.scales:
+                fold_scales(block, u, given.scales[u.key], spec.norm_plus_one)
+                result.scales[u.key] = given.scales[u.key]
+        for r in refs:
+            if r.name in given.clips:
+                r.set_weight(apply_clip(r.weight.detach().float(), given.clips[r.name], grid))
+                result.clips[r.name] = given.clips[r.name]
+        return result
+    keys = _input_keys(groups)
+    X, store = _capture(block, units, groups, keys, hidden, calls, device)
+    for u in units:
+        found = _search(block, u, X, keys, store, grid, n_grid, duo_scaling, device)
+        if found is None:
+            log.info("AWQ %s: no calibration token reaches its linears; not scaled", u.key)
             continue
-        if not clip or name.rsplit(".", 1)[-1] in NO_CLIP or first.get(name) not in X:
+        result.alphas[u.key], s = found
+        fold_scales(block, u, s, spec.norm_plus_one)
+        result.scales[u.key] = s
+        for k in dict.fromkeys(keys[r.name] for r in u.lins):
+            X[k] = X[k] / s                               # the linears now read x / s
+    for r in refs:
+        base = r.name if r.expert is None else r.name.rpartition(".")[0]
+        Xs = X[keys[r.name]]
+        if not clip or base.rsplit(".", 1)[-1] in NO_CLIP or Xs.shape[0] == 0:
             continue
-        Xs = X[first[name]]
         Xs = Xs[:: max(1, Xs.shape[0] // clip_tokens)][:clip_tokens]
         max_val = clip_search(r.weight.detach().float(), Xs, grid)
         r.set_weight(apply_clip(r.weight.detach().float(), max_val, grid))
-        result.clips[name] = max_val
+        result.clips[r.name] = max_val
     return result

@@ -2,11 +2,16 @@
 
 For a mapping prev -> linears: prev's output channel j is divided by s[j] and every linear's input
 column j multiplied by s[j], so the block computes the same function. prev is a norm (weight and bias
-divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1) or a linear (rows divided).
+divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1), a linear (rows divided), or
+a fused-experts gate/up parameter [experts, 2·I, in] whose up half feeds down_proj through
+act(gate) · up — one unit (one s) per expert, only the up rows divided. A mapping's `balance` modules
+(MoE routers) read prev's output too: their input columns are multiplied by s, they are never quantized.
 """
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,41 +21,95 @@ from ..models.arch import LinearRef, SmoothMapping
 log = logging.getLogger(__name__)
 
 
-def _out_width(prev: nn.Module) -> int | None:
-    w = getattr(prev, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        return None
-    return w.shape[0] if w.dim() == 2 else w.shape[-1]
+@dataclass
+class FoldUnit:
+    """One scale vector's worth of a mapping: the op whose output channels s divides, the linears that are
+    scaled and quantized, the balance weights that are only scaled, and the module whose output judges s
+    (None: the single linear's own output)."""
+
+    key: str                        # result key: the mapping's prev, "<prev>.<expert>" for per-expert units
+    mapping: SmoothMapping
+    lins: list[LinearRef]
+    balance: list[LinearRef]
+    parent: str | None
+    expert: int | None = None       # per-expert unit: prev's rows are the up half of this expert's gate/up
 
 
-def can_fold(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef]) -> str | None:
-    """None when the mapping fits, else why not (logged and skipped, never an error)."""
+def _mapped(refs: list[LinearRef], names: tuple[str, ...]) -> list[LinearRef]:
+    """The refs a mapping names: plain linears by name, fused experts by their parameter's path."""
+    return [r for r in refs if (r.name if r.expert is None else r.name.rpartition(".")[0]) in names]
+
+
+def _parent_path(block: nn.Module, names: list[str]) -> str:
+    """The smallest module holding every named weight ("" is the block itself)."""
+    path = ".".join(os.path.commonprefix([n.split(".") for n in names]))
+    while path and not isinstance(_submodule(block, path), nn.Module):
+        path = path.rpartition(".")[0]
+    return path
+
+
+def _submodule(block: nn.Module, path: str):
     try:
-        prev = block.get_submodule(mapping.prev)
+        return block.get_submodule(path)
     except AttributeError:
-        return f"the block has no module {mapping.prev}"
-    width = _out_width(prev)
-    if any(r.expert is not None for r in refs):
-        return "fused expert weights are not scaled"
-    if width is None or any(r.shape[1] != width for r in refs):
-        return f"{mapping.prev} has {width} output channels, the linears read {refs[0].shape[1]}"
-    return None
+        return None
+
+
+def _fused_param(block: nn.Module, path: str) -> torch.Tensor | None:
+    owner, _, leaf = path.rpartition(".")
+    p = getattr(_submodule(block, owner) if owner else block, leaf, None)
+    return p if isinstance(p, nn.Parameter) and p.dim() == 3 else None
+
+
+def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef]) -> tuple[list[FoldUnit], str | None]:
+    """The mapping's fold units in `block`, or why it does not fit (callers log and skip, never raise)."""
+    lins = _mapped(refs, mapping.linears)
+    if not lins:
+        return [], "its linears are not in the block"
+    balance = []
+    for name in mapping.balance:
+        m = _submodule(block, name)
+        if m is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
+            return [], f"the block has no 2-D weight {name}"
+        balance.append(LinearRef(name, m))
+    fused = _fused_param(block, mapping.prev)
+    if fused is not None:
+        if mapping.prev_rows != "up_half" or any(r.expert is None for r in lins) or balance:
+            return [], f"{mapping.prev} is a fused-experts parameter: only its up half can feed the experts' linears"
+        if fused.shape[1] != 2 * lins[0].shape[1]:
+            return [], f"{mapping.prev}'s up half has {fused.shape[1] // 2} rows, the linears read {lins[0].shape[1]}"
+        return [FoldUnit(f"{mapping.prev}.{r.expert}", mapping, [r], [], None, r.expert) for r in lins], None
+    prev = _submodule(block, mapping.prev)
+    w = getattr(prev, "weight", None)
+    if not isinstance(w, torch.Tensor) or mapping.prev_rows != "all":
+        return [], f"the block has no module {mapping.prev} with a weight"
+    width = w.shape[0] if w.dim() == 2 else w.shape[-1]
+    if any(r.shape[1] != width for r in lins + balance):
+        return [], f"{mapping.prev} has {width} output channels, the linears read {lins[0].shape[1]}"
+    parent = None if len(lins) == 1 and not balance else \
+        _parent_path(block, [r.name for r in lins] + list(mapping.balance))
+    return [FoldUnit(mapping.prev, mapping, lins, balance, parent)], None
 
 
 @torch.no_grad()
-def fold_scales(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef], s: torch.Tensor,
-                norm_plus_one: bool) -> None:
-    prev = block.get_submodule(mapping.prev)
-    w = prev.weight
-    s_ = s.to(w.device)
-    if w.dim() == 2:                                     # a linear: scale its output rows
-        w.div_(s_.to(w.dtype).unsqueeze(1))
-    elif norm_plus_one:
-        w.copy_(((1 + w.float()) / s_ - 1).to(w.dtype))
+def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one: bool) -> None:
+    prev_path = unit.mapping.prev
+    if unit.expert is not None:                          # the up half of one expert's fused gate/up rows
+        p = _fused_param(block, prev_path)
+        half = p.shape[1] // 2
+        p[unit.expert, half:].div_(s.to(p.device, p.dtype).unsqueeze(1))
     else:
-        w.div_(s_.to(w.dtype))
-    bias = getattr(prev, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias.div_(s_.to(bias.dtype))
-    for r in refs:
-        r.set_weight(r.weight.float() * s_)
+        prev = block.get_submodule(prev_path)
+        w = prev.weight
+        s_ = s.to(w.device)
+        if w.dim() == 2:                                 # a linear: scale its output rows
+            w.div_(s_.to(w.dtype).unsqueeze(1))
+        elif norm_plus_one:
+            w.copy_(((1 + w.float()) / s_ - 1).to(w.dtype))
+        else:
+            w.div_(s_.to(w.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.div_(s_.to(bias.dtype))
+    for r in unit.lins + unit.balance:
+        r.set_weight(r.weight.float() * s.to(r.weight.device))

@@ -18,7 +18,7 @@ from ..capture.blocks import make_batches
 from ..errors import QForgeError
 from ..models.arch import arch_spec, block_linears, get_blocks
 from ..solvers.smoothquant import smoothquant_scales
-from .fold import can_fold, fold_scales
+from .fold import fold_scales, mapping_units
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,18 @@ def smooth_model(model: nn.Module, samples: list[torch.Tensor], alpha: float, ba
     blocks = get_blocks(model, spec)
     plans, absmax, handles = [], {}, []
     for i, block in enumerate(blocks):
-        refs = {r.name: r for g in block_linears(block, spec) for r in g}
+        refs = [r for g in block_linears(block, spec) for r in g]
         for m in spec.smooth:
-            lins = [refs[n] for n in m.linears if n in refs]
-            why = can_fold(block, m, lins) if lins else "its linears are not in the block"
+            units, why = mapping_units(block, m, refs)
+            if not why and any(u.expert is not None for u in units):
+                why = "per-expert scales need per-expert activations (AWQ only)"
             if why:
                 log.info("SmoothQuant mapping %s -> %s skipped in block %d: %s", m.prev, ",".join(m.linears), i, why)
                 continue
-            key = f"{i}.{m.prev}"
-            plans.append((key, block, m, lins))
-            handles.append(lins[0].module.register_forward_pre_hook(_absmax_hook(absmax, key)))
+            u = units[0]
+            key = f"{i}.{u.key}"
+            plans.append((key, block, u))
+            handles.append(u.lins[0].module.register_forward_pre_hook(_absmax_hook(absmax, key)))
     try:
         for ids in make_batches(samples, batch_size):
             model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
@@ -51,10 +53,10 @@ def smooth_model(model: nn.Module, samples: list[torch.Tensor], alpha: float, ba
         for h in handles:
             h.remove()
     scales = {}
-    for key, block, m, lins in plans:
-        w_absmax = torch.stack([r.weight.float().abs().amax(dim=0) for r in lins]).amax(dim=0)
+    for key, block, u in plans:
+        w_absmax = torch.stack([r.weight.float().abs().amax(dim=0) for r in u.lins]).amax(dim=0)
         s = smoothquant_scales(absmax[key], w_absmax, alpha)
-        fold_scales(block, m, lins, s, spec.norm_plus_one)
+        fold_scales(block, u, s, spec.norm_plus_one)
         scales[key] = s
     log.info("SmoothQuant (alpha %.2f): %d mappings folded", alpha, len(scales))
     return scales
