@@ -80,23 +80,9 @@ def _layer_section(record: dict, out: Path) -> list[str]:
     layers = record.get("layers", [])
     if not layers:
         return ["No per-layer records."]
-    import matplotlib
+    from .plots import plot_by_role
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    roles: dict[str, list[tuple[int, float]]] = {}
-    for k, layer in enumerate(layers):
-        roles.setdefault(layer["name"].rsplit(".", 1)[-1], []).append((k, layer["rel_weight_err"]))
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    for role, pts in sorted(roles.items()):
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, label=role)
-    ax.set_xlabel("linear (model order)")
-    ax.set_ylabel("‖W − Ŵ‖ / ‖W‖")
-    ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(out / "layer_error.png", dpi=110)
-    plt.close(fig)
+    plot_by_role({r["name"]: r["rel_weight_err"] for r in layers}, out / "layer_error.png", "‖W − Ŵ‖ / ‖W‖")
     worst = sorted(layers, key=lambda r: -r["rel_weight_err"])[:10]
     return ["![per-layer relative weight error](layer_error.png)", "", "The ten layers with the largest relative weight error:", "",
             _table(["layer", "shape", "method", "‖W − Ŵ‖ / ‖W‖"],

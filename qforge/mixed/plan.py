@@ -95,23 +95,7 @@ def allocation_rows(a: Allocation) -> list[list]:
 
 def plot_allocation(a: Allocation, path: str | Path) -> None:
     """Bits per weight of every layer in model order, coloured by the linear's role."""
-    import matplotlib
+    from ..analysis.plots import plot_by_role
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(a.layers)
-    roles = sorted({n.rsplit(".", 1)[-1] for n in names})
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 3.5))
-    for role in roles:
-        xs = [i for i, n in enumerate(names) if n.rsplit(".", 1)[-1] == role]
-        ax.scatter(xs, [a.layers[names[i]]["stored_bits"] / a.layers[names[i]]["numel"] for i in xs], s=10,
-                   label=role)
-    ax.axhline(a.bpw, color="k", lw=0.8, ls="--", label=f"average {a.bpw:.3f}")
-    ax.set_xlabel("linear (model order)")
-    ax.set_ylabel("stored bits per weight")
-    ax.set_title(f"mixed precision at {a.target_bpw} bpw ({a.format or 'qforge'} storage)")
-    ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_by_role({n: d["stored_bits"] / d["numel"] for n, d in a.layers.items()}, path, "stored bits per weight",
+                 f"mixed precision at {a.target_bpw} bpw ({a.format or 'qforge'} storage)", average=a.bpw)
