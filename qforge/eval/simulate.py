@@ -37,7 +37,11 @@ def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
-    """Asymmetric min-max fake quantization of x [..., d] in groups of `group_size` along d."""
+    """Asymmetric min-max fake quantization of x [..., d] in groups of `group_size` along d.
+
+    The range is each group's own [min, max] (KIVI's convention for keys and values): unlike the weight
+    grid (`solvers.grid.fit_params`) it is not widened to contain 0, since no cached value needs an exact zero.
+    """
     d = x.shape[-1]
     g = d if group_size == -1 else group_size
     if d % g:
