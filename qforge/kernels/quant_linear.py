@@ -1,6 +1,7 @@
 """QuantLinear: a linear layer that keeps its weight packed (kernels/reference.py's layout) and
-dequantizes on the fly. On CPU (and wherever no faster kernel is registered) it runs the PyTorch
-reference; a GPU kernel plugs in through `QuantLinear.kernel`.
+dequantizes on the fly. On CUDA with 4- or 8-bit weights it runs the Triton kernel
+(kernels/triton_matmul.py); elsewhere the PyTorch reference. Another kernel plugs in through
+`QuantLinear.kernel`.
 
 Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
 compressed-tensors): casting them would change the model. With `cache=True` the reference path keeps
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..formats.bitpack import pack_int32, unpack_int32
 from ..solvers import Grid, LayerQuant
+from . import triton_matmul
 from .reference import dequantize_packed, matmul_reference
 
 
@@ -26,6 +28,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.cache = cache
         self._w_cache: torch.Tensor | None = None
+        self._group_size: int | None = None         # the kernel's in-order group size, found on first use
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         b = grid.bits
         self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32))
@@ -59,8 +62,13 @@ class QuantLinear(nn.Module):
         return self.to_quant().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.is_cuda:
+        if x.is_cuda and self.kernel is not None:
             return self.kernel(x, self)
+        if x.is_cuda and triton_matmul.available() and self.grid.bits in triton_matmul.KERNEL_BITS:
+            if self._group_size is None:
+                self._group_size = triton_matmul.in_order_group_size(self.g_idx, self.in_features)
+            return triton_matmul.triton_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits,
+                                               self._group_size, self.bias)
         if not self.cache:
             return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
         w = self._w_cache
@@ -74,8 +82,12 @@ class QuantLinear(nn.Module):
         self._w_cache = None
 
     def _apply(self, fn, recurse=True):
-        self._w_cache = None
+        self._w_cache = self._group_size = None
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._w_cache = self._group_size = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.grid.bits}, "
