@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +29,14 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "W3g64": (3, 64, False, True),
     "W2g32": (2, 32, False, True),
     "W4g64-actorder": (4, 64, True, True),
+    "W3g64-actorder": (3, 64, True, True),
     "W4g64-asym": (4, 64, False, False),
     "W3g64-asym": (3, 64, False, False),
 }
-# qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block)
-TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "gptqmodel",
+# qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
+# qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ)
+TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
+         "gptqmodel",
          "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
 AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
 
@@ -45,7 +49,9 @@ def wanted(tool: str, config: str) -> bool:
         return tool in ("qforge-rtn", "qforge-gptq") + AWQ_TOOLS
     if tool in AWQ_TOOLS:
         return False
-    return not (tool == "qforge-rtn" and CONFIGS[config][2])  # static groups with act-order: its own row
+    if CONFIGS[config][2]:  # act-order: RTN has no column order, group-aware order is the other order
+        return tool not in ("qforge-rtn", "qforge-gptq-gar")
+    return True
 
 
 def calib_file(path: Path) -> Path:
@@ -58,7 +64,8 @@ def calib_file(path: Path) -> Path:
     return path
 
 
-def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True):
+def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True,
+               group_aware=False):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -68,7 +75,7 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
     if bits < 16:
         quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
                                                 act_order=act_order, static_groups=static_groups,
-                                                true_sequential=true_sequential),
+                                                true_sequential=true_sequential, act_group_aware=group_aware),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
@@ -135,6 +142,7 @@ def run_gptqmodel(bits, group, act_order, samples):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from qforge.models.loading import resolve_model
+    from qforge.models.packed import load_packed
 
     dense = resolve_model("smollm2-135m")
     # offload_to_disk=False: its default lazy loader fails on CPU here (meta tensors in the mask)
@@ -145,7 +153,12 @@ def run_gptqmodel(bits, group, act_order, samples):
     t = time.perf_counter()
     model.quantize(rows)
     secs = time.perf_counter() - t
-    return secs, model.model  # evaluated through its own packed QuantLinear modules
+    # its packed CPU modules cannot simply be cast to fp32 and run (ppl ~1e9 that way): save the checkpoint
+    # and read it back with qforge's gptq reader, which also checks that qforge loads what gptqmodel writes
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        _, _, layers, _ = load_packed(tmp)
+    return secs, {f"{name}.weight": q.dequantize() for name, q in layers.items()}
 
 
 def worker(args) -> None:
@@ -160,7 +173,8 @@ def worker(args) -> None:
         secs, state = run_llmcompressor_awq(bits, group, samples)
     elif args.tool.startswith("qforge"):
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
-                                 static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"))
+                                 static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"),
+                                 group_aware=args.tool.endswith("-gar"))
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:
@@ -168,16 +182,15 @@ def worker(args) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lm = load_model("smollm2-135m")
     changed = 0
-    if isinstance(state, dict):  # dequantized weights: copy them into a fresh dense model
-        params = dict(lm.model.named_parameters())
-        with torch.no_grad():
-            for n, w in state.items():
-                if n in params and n.endswith("weight") and ".layers." in n:
-                    changed += int(not torch.equal(params[n], w.to(params[n].dtype)))
-                    params[n].copy_(w)
-        model = lm.model
-    else:
-        model = state.float().eval()
+    params = dict(lm.model.named_parameters())  # dequantized weights: copy them into a fresh dense model
+    with torch.no_grad():
+        for n, w in state.items():
+            if n in params and n.endswith("weight") and ".layers." in n:
+                changed += int(not torch.equal(params[n], w.to(params[n].dtype)))
+                params[n].copy_(w)
+    if bits < 16 and not changed:
+        raise SystemExit(f"{args.tool} {args.config}: no decoder linear changed; the tool's weights were not read")
+    model = lm.model
     ppl = {d: perplexity(model, lm.tokenizer, load_eval_text(d), args.seqlen, args.max_windows,
                          show_progress=False)["ppl"] for d in args.datasets.split(",")}
     print("RESULT " + json.dumps({"tool": args.tool, "config": args.config, "seconds": secs, "peak_rss_mb": rss,

@@ -54,6 +54,9 @@ class QuantizeConfig(_JsonMixin):
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    # groups stay column ranges (in-order g_idx) but are visited most sensitive first, and each group's
+    # columns in decreasing Hessian diagonal (GAR; GPTQModel's act_group_aware)
+    act_group_aware: bool = False
     # True: each linear group's statistics come from inputs that passed through the already quantized
     # earlier groups of its block (GPTQ's "true sequential"); False: one pass over the unquantized block
     # collects every group's statistics (llm-compressor's schedule; fewer passes)
@@ -88,6 +91,10 @@ class QuantizeConfig(_JsonMixin):
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),
                "static_groups needs a group size (per-channel has a single group)")
+        _check(not (self.act_group_aware and self.act_order),
+               "act_group_aware and act_order are two column orders; pick one")
+        _check(not (self.act_group_aware and self.group_size == -1),
+               "act_group_aware needs a group size (per-channel: use act_order)")
         if self.bpw is not None:
             _check(self.method == "gptq", f"--bpw (mixed precision) needs method gptq, got {self.method!r}")
             _check(isinstance(self.bpw, (int, float)) and 2.0 <= self.bpw <= 8.0,

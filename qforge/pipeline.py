@@ -66,7 +66,7 @@ class GPTQSolver:
 
     def solve(self, W, stats: HessianAccumulator, grid, cfg):
         return gptq(W.to(stats.H.device), stats.H, grid, damp=cfg.damp, block_size=cfg.block_size,
-                    act_order=cfg.act_order, static_groups=cfg.static_groups)
+                    act_order=cfg.act_order, static_groups=cfg.static_groups, group_aware=cfg.act_group_aware)
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver

@@ -151,6 +151,7 @@ def quantized_tiny(tiny_llama_dir):
     ("compressed-tensors", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
     ("compressed-tensors", QuantizeConfig(method="gptq", bits=8, group_size=-1)),
     ("awq", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
+    ("awq", QuantizeConfig(method="gptq", bits=4, group_size=32, sym=False, act_group_aware=True)),
 ])
 def test_export_loads_back_with_the_same_codes_and_logits(fmt, cfg, quantized_tiny, tmp_path):
     m = quantized_tiny(cfg)

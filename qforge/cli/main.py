@@ -29,6 +29,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     q.add_argument("--block-size", type=int, default=128, help="GPTQ: lazy-update block width")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before reordering")
+    q.add_argument("--act-group-aware", action="store_true",
+                   help="GPTQ: groups in column order, visited most sensitive first (GAR; in-order g_idx)")
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="GPTQ: take every linear's statistics from the unquantized block in one pass")
     w = p.add_argument_group("AWQ (methods awq, awq+gptq)")
@@ -85,7 +87,7 @@ def _quant_config(a):
 
     return QuantizeConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, damp=a.damp,
                           block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
-                          true_sequential=a.true_sequential, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
+                          act_group_aware=a.act_group_aware, true_sequential=a.true_sequential, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
                           awq_clip=a.awq_clip, awq_from=a.awq_from, bpw=a.bpw, measurement=a.measurement,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
@@ -191,7 +193,7 @@ def cmd_measure(a) -> int:
     from ..solvers import Grid
 
     cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
-                         static_groups=a.static_groups)
+                         static_groups=a.static_groups, act_group_aware=a.act_group_aware)
     bits = tuple(int(b) for b in a.candidate_bits.split(",") if b) or None
     m = qforge.load(a.model)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)

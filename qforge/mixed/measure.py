@@ -90,6 +90,7 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
     blocks = get_blocks(model, spec)
     head = {"version": VERSION, "format": fmt, "bits": list(bits) if bits else None, "identity": identity or {},
             "damp": cfg.damp, "act_order": cfg.act_order, "probe_samples": probe_samples,
+            **({"act_group_aware": True} if cfg.act_group_aware else {}),  # absent when off: older files resume
             "error": "mean KL(P_fp || P) per token with the linear alone quantized (nats), probes at the finest "
                      "group per width <= 4 bits, other schemes interpolated in log-log over tr(dW H dW^T)"}
     data = {**head, "n_blocks": len(blocks), "blocks_done": 0, "layers": {}}
@@ -147,7 +148,7 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
                 W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                             static_groups=cfg.static_groups).dequantize().to(W.device)
+                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:

@@ -39,16 +39,40 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 4) -
     return U, {"damp": d, "retries": max_tries, "fallback": "eigh"}
 
 
+def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool) -> torch.Tensor:
+    """The order GPTQ visits the columns in: [in] permutation.
+
+    act_order: decreasing diag(H). group_aware (GAR, Gafni et al., arXiv 2505.14638): the groups of
+    `gs` consecutive columns in decreasing order of their largest diag(H), and inside each group its
+    columns in decreasing diag(H); groups stay column ranges (in-order g_idx, as fast kernels want)
+    while the most sensitive columns are still quantized first. A ragged last group goes last, so
+    every other group starts at a multiple of `gs`."""
+    n = diag.numel()
+    if act_order:
+        return torch.argsort(diag, descending=True)
+    if not group_aware:
+        return torch.arange(n, device=diag.device)
+    full = n // gs
+    local = torch.argsort(diag[: full * gs].view(full, gs), dim=1, descending=True)   # [G, gs]
+    ranked = torch.argsort(diag[: full * gs].view(full, gs).amax(dim=1), descending=True)   # [G]
+    perm = (local + torch.arange(full, device=diag.device)[:, None] * gs)[ranked].reshape(-1)
+    tail = torch.argsort(diag[full * gs:], descending=True) + full * gs
+    return torch.cat([perm, tail])
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, static_groups: bool = False) -> LayerQuant:
+         act_order: bool = False, static_groups: bool = False, group_aware: bool = False) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
     columns in that order (g_idx records each column's group).
+    group_aware: groups stay column ranges, visited most sensitive first (see column_order).
     static_groups: every group's grid is fitted on the original weights of its column range before any
     update or reordering (in-order g_idx); otherwise a group's grid is fitted when the solver reaches
     it, on the error-compensated weights.
     """
+    if act_order and group_aware:
+        raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
     W = W.clone().float()
     H = H.clone().float()
     out_f, in_f = W.shape
@@ -69,9 +93,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         for k in range(n_groups):
             scales[:, k], zeros[:, k] = fit_params(W[:, k * gs:(k + 1) * gs], grid)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=dev)
+    perm = column_order(torch.diag(H), gs, act_order, group_aware and grid.group_size != -1)
     W, H = W[:, perm], H[perm][:, perm]
-    group_of_pos = (perm // gs) if static_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
+    in_order_groups = static_groups or group_aware   # groups are column ranges, not runs of the visiting order
+    group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
     U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
     codes = torch.zeros(out_f, in_f, device=dev)
