@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 EXPORT_RECORD = "qforge_export.json"
 
 
-def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> None:
+def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> bool:
+    """Refuse what `fmt` cannot store; True when a GPTQ v1 zero point of 0 needs the borrow (see formats/gptq.py)."""
     if ref.expert is not None or ref.transposed:
         raise QForgeError(f"{name}: packed export of {'fused expert' if ref.expert is not None else 'Conv1D'} "
                           f"weights is not supported yet; use qforge's own output directory")
@@ -40,9 +41,7 @@ def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> None:
     mod = FORMATS[fmt]
     if hasattr(mod, "check"):
         mod.check(q, name)
-    if fmt == "gptq" and q.grid.bits != 3 and not q.grid.sym and bool((q.zeros == 0).any()):
-        log.warning("%s: some zero points are 0; GPTQ v1 stores them with a borrow that GPTQModel undoes but "
-                    "per-field readers (vLLM exllama) misread", name)
+    return fmt == "gptq" and q.grid.bits != 3 and not q.grid.sym and bool((q.zeros == 0).any())
 
 
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -54,9 +53,11 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
             continue  # tied (lm_head = embed_tokens): written once
         seen.add(t.data_ptr())
         state[name] = t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
+    borrowed = []
     for name, q in layers.items():
         ref = linear_ref(model, name)
-        _check_layer(fmt, name, q, ref)
+        if _check_layer(fmt, name, q, ref):
+            borrowed.append(name)
         state.pop(f"{name}.weight")
         packed = mod.pack(q, dtype) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
@@ -64,6 +65,10 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
         bias = getattr(ref.module, "bias", None)
         if isinstance(bias, torch.Tensor) and fmt != "compressed-tensors":
             state[f"{name}.bias"] = bias.detach().to(torch.float16).contiguous()
+    if borrowed:
+        log.warning("%d of %d layers (first: %s) have zero points of 0, which GPTQ v1 stores with a borrow that "
+                    "GPTQModel and transformers undo but per-field readers (vLLM's exllama path) misread",
+                    len(borrowed), len(layers), borrowed[0])
     return state
 
 

@@ -242,3 +242,17 @@ def test_cli_quantize_with_format_export_and_generate(tiny_llama_dir, tmp_path, 
     assert main(["-q", "eval", str(tmp_path / "run-gptq"), "--dataset", "code", "--seqlen", "64",
                  "--max-windows", "2"]) == 0
     assert "perplexity of" in capsys.readouterr().out
+
+
+def test_zero_points_of_zero_are_reported_once_per_export(quantized_tiny, tmp_path, caplog):
+    m = quantized_tiny(QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False))
+    layers = {n: q for n, q in m.result.layers.items()}
+    for q in layers.values():
+        q.zeros[0, 0] = 0                                          # every layer needs the v1 borrow
+    with caplog.at_level("WARNING", logger="qforge.export"):
+        m.export(tmp_path / "x", "gptq")
+    warnings = [r for r in caplog.records if "zero points of 0" in r.getMessage()]
+    assert len(warnings) == 1 and f"{len(layers)} of {len(layers)} layers" in warnings[0].getMessage()
+    back = qforge.load(tmp_path / "x")
+    for name, q in layers.items():
+        assert torch.equal(back.result.layers[name].zeros, q.zeros), name   # the borrow is undone exactly
