@@ -11,6 +11,7 @@ Only the current block is moved to the compute device. Solvers plug in through S
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from fnmatch import fnmatch
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
-from .capture.linear_inputs import tap_inputs
 from .capture.blocks import make_batches
+from .capture.linear_inputs import feed_block, tap_inputs
+from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
 from .errors import QForgeError
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks
@@ -148,7 +150,11 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
 
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
                          samples, device, batch_size, result: QuantizeResult, show_progress: bool,
-                         saved: dict[int, BlockAWQ] | None = None, grids: dict[str, Grid] | None = None) -> None:
+                         saved: dict[int, BlockAWQ] | None = None, grids: dict[str, Grid] | None = None,
+                         reuse_passes: bool = True) -> None:
+    """`reuse_passes=False` runs every pass in full (no early exit, no replay): the reference the tests
+    compare the fast schedule with."""
+    grids = grids or {}
     inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
@@ -163,18 +169,24 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
             stats = one_pass_stats(solver, block, groups, hidden, calls, device)
+        # sub-modules whose linears are all solved are recorded once and replayed (capture/replay.py)
+        sequential = solver.needs_inputs and cfg.true_sequential
+        width = hidden[0].shape[-1]
+        frozen = FrozenOutputs(block, groups, len(calls), width, device) if reuse_passes and sequential else None
         for k, todo in enumerate(groups):
             if not todo:
                 continue
-            if solver.needs_inputs and cfg.true_sequential:
+            if sequential:
                 stats, sinks = _group_stats(solver, todo)
                 later = [r for g in block_linears(block, spec)[k + 1:] for r in g]
-                with collect_group_inputs(block, todo, sinks, later):
-                    run_block(block, hidden, calls, device)
+                with collect_group_inputs(block, todo, sinks, later, stop_early=reuse_passes), \
+                        frozen.pass_after(k) if frozen else contextlib.nullcontext():
+                    feed_block(block, hidden, calls, device)
             for ref in todo:
                 name = f"{spec.blocks}.{i}.{ref.name}"
                 _solve_into(ref, name, solver, stats.get(ref.name), grids.get(name, grid), cfg, result)
-        hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
+        with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
+            hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")

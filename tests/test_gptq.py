@@ -275,3 +275,60 @@ def test_one_pass_schedule_takes_statistics_from_the_unquantized_block(model_typ
     want0 = gptq(first.weight.detach().float(), accs[first.name].H, grid).codes
     assert torch.equal(results[False][prefix + first.name].codes, want0)
     assert torch.equal(results[True][prefix + first.name].codes, want0)   # the first group sees the same
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_early_exit_and_replayed_modules_change_nothing(model_type):
+    """The fast true-sequential schedule (collection passes stop at the group's input, finished
+    sub-modules are replayed) gives bit-identical codes and weights to running every pass in full."""
+    from qforge.capture.replay import FrozenOutputs
+    from qforge.pipeline import GPTQSolver, QuantizeResult, _quantize_calibrated
+
+    ids = [torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    cfg = QuantizeConfig(method="gptq", bits=3, group_size=32)
+    runs = []
+    for reuse in (True, False):
+        m = tiny_model(model_type)
+        spec = arch_spec(m)
+        result = QuantizeResult()
+        _quantize_calibrated(m, spec, get_blocks(m, spec), GPTQSolver(), Grid(3, 32, True), cfg, ids, "cpu", 4,
+                             result, False, reuse_passes=reuse)
+        runs.append((result, dict(m.named_parameters())))
+    (fast, fast_params), (full, full_params) = runs
+    assert fast.layers.keys() == full.layers.keys()
+    for name, q in full.layers.items():
+        assert torch.equal(fast.layers[name].codes, q.codes), name
+    for name, p in full_params.items():
+        assert torch.equal(fast_params[name], p), name
+    m = tiny_model(model_type)
+    spec = arch_spec(m)
+    block = get_blocks(m, spec)[0]
+    frozen = FrozenOutputs(block, block_linears(block, spec), 1, m.config.hidden_size, "cpu")
+    done = len(spec.groups)
+    assert frozen.finished(0) == []
+    for k in range(1, done + 1):   # what is finished stays finished, possibly inside a larger finished module
+        assert all(any(p == q or p.startswith(q + ".") for q in frozen.finished(k)) for p in frozen.finished(k - 1))
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_finished_attention_is_recorded_once_then_replayed(model_type):
+    from qforge.capture.replay import FrozenOutputs
+
+    ids = [torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    m = tiny_model(model_type)
+    spec = arch_spec(m)
+    inputs = capture_block_inputs(m, spec, make_batches(ids, 2))
+    block, calls = get_blocks(m, spec)[0], inputs.for_block(0)
+    frozen = FrozenOutputs(block, block_linears(block, spec), len(calls), inputs.hidden[0].shape[-1], "cpu")
+    attn = frozen.finished(2)                          # q/k/v and o solved: the attention module
+    assert len(attn) == 1 and not attn[0].endswith("proj")
+    ran = []
+    block.get_submodule(attn[0]).register_forward_hook(lambda *a: ran.append(1))
+    with frozen.pass_after(2):
+        want = run_block(block, inputs.hidden, calls)
+    assert len(ran) == len(calls) and attn[0] in frozen.recorded
+    with frozen.pass_after(len(spec.groups), record=False):
+        got = run_block(block, inputs.hidden, calls)
+    assert len(ran) == len(calls)                      # replayed, not run again
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert not any(p.endswith(("gate_proj", "up_proj", "fc1", "c_fc", "dense_h_to_4h")) for p in frozen.recorded)

@@ -6,6 +6,8 @@ groups are swapped for stand-ins that return zeros (group k's stand-in hands its
 first): nothing after group k can change group k's inputs, so their real compute is skipped.
 Fused experts cannot be swapped out; their per-expert inputs are rebuilt from the experts module's
 call (tokens routed to each expert; for down_proj, act(gate) * up under the current weights).
+Once every sink has its input the rest of the block is not needed: the pass stops there
+(GroupCollected, caught by feed_block).
 """
 from __future__ import annotations
 
@@ -17,8 +19,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.arch import LinearRef
+from .blocks import _to
 
 Sink = Callable[[torch.Tensor], None]  # receives x [tokens, in]
+
+
+class GroupCollected(Exception):
+    """Raised inside a block's forward once every sink of the collected group has this call's input."""
+
+
+def _stopping(sinks: dict[str, Sink]) -> dict[str, Sink]:
+    """The same sinks, raising GroupCollected when the last of them has been fed in this call."""
+    pending = set(sinks)
+
+    def wrap(name: str, sink: Sink) -> Sink:
+        def f(x: torch.Tensor) -> None:
+            sink(x)
+            pending.discard(name)
+            if not pending:
+                pending.update(sinks)
+                raise GroupCollected
+        return f
+
+    return {name: wrap(name, s) for name, s in sinks.items()}
+
+
+@torch.no_grad()
+def feed_block(block: nn.Module, hidden: list[torch.Tensor], calls: list, device="cpu") -> None:
+    """Run the block on every batch for its sinks only (inside collect_group_inputs): outputs are dropped."""
+    for h, call in zip(hidden, calls):
+        try:
+            block(h.to(device), *_to(call.args, device), **_to(call.kwargs, device))
+        except GroupCollected:
+            pass
 
 
 class _ZeroLinear(nn.Module):
@@ -71,11 +104,14 @@ def tap_inputs(refs: list[LinearRef], sinks: dict[str, Sink]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[str, Sink],
-                         later: list[LinearRef]) -> Iterator[None]:
+                         later: list[LinearRef], stop_early: bool = False) -> Iterator[None]:
     """While active, running `block` hands a ref's input to sinks[ref.name] for every ref named in
-    `sinks`; other refs of the group (which read the same input) and all `later` refs return zeros."""
+    `sinks`; other refs of the group (which read the same input) and all `later` refs return zeros.
+    stop_early: the block's forward raises GroupCollected once every sink is fed (run it with feed_block)."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     handles = []
+    if stop_early:
+        sinks = _stopping(sinks)
 
     def swap(ref: LinearRef, sink: Sink | None) -> None:
         parent_path, _, leaf = ref.name.rpartition(".")
