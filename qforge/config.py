@@ -55,8 +55,9 @@ class QuantizeConfig(_JsonMixin):
     act_order: bool = False
     static_groups: bool = False
     # groups stay column ranges (in-order g_idx) but are visited most sensitive first, and each group's
-    # columns in decreasing Hessian diagonal (GAR; GPTQModel's act_group_aware)
-    act_group_aware: bool = False
+    # columns in decreasing Hessian diagonal (GAR; GPTQModel's act_group_aware). None: on for GPTQ methods
+    # with groups and without act_order (GPTQModel's default; BENCHMARKS.md shows why), off otherwise
+    act_group_aware: bool | None = None
     # True: each linear group's statistics come from inputs that passed through the already quantized
     # earlier groups of its block (GPTQ's "true sequential"); False: one pass over the unquantized block
     # collects every group's statistics (llm-compressor's schedule; fewer passes)
@@ -91,6 +92,9 @@ class QuantizeConfig(_JsonMixin):
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),
                "static_groups needs a group size (per-channel has a single group)")
+        if self.act_group_aware is None:
+            object.__setattr__(self, "act_group_aware", self.method in ("gptq", "awq+gptq") and not self.act_order
+                               and self.group_size != -1)
         _check(not (self.act_group_aware and self.act_order),
                "act_group_aware and act_order are two column orders; pick one")
         _check(not (self.act_group_aware and self.group_size == -1),

@@ -85,6 +85,11 @@ def test_group_aware_gptq_keeps_in_order_groups_and_beats_rtn(static, d):
 
 
 def test_group_aware_config_is_validated():
+    assert QuantizeConfig(method="gptq").act_group_aware                       # GPTQModel's default
+    assert not QuantizeConfig(method="gptq", act_order=True).act_group_aware
+    assert not QuantizeConfig(method="gptq", group_size=-1).act_group_aware
+    assert not QuantizeConfig(method="rtn").act_group_aware
+    assert not QuantizeConfig.from_dict(QuantizeConfig(method="gptq", act_group_aware=False).to_dict()).act_group_aware
     with pytest.raises(Exception, match="pick one"):
         QuantizeConfig(method="gptq", act_order=True, act_group_aware=True)
     with pytest.raises(Exception, match="group size"):
@@ -268,11 +273,11 @@ def test_one_pass_schedule_takes_statistics_from_the_unquantized_block(model_typ
         results[ts] = quantize_model(m, cfg, ids, batch_size=2, show_progress=False).layers
     prefix = f"{spec.blocks}.0."
     last = refs[-1]
-    want = gptq(last.weight.detach().float(), accs[last.name].H, grid).codes
+    want = gptq(last.weight.detach().float(), accs[last.name].H, grid, group_aware=cfg.act_group_aware).codes
     assert torch.equal(results[False][prefix + last.name].codes, want)
     assert not torch.equal(results[True][prefix + last.name].codes, want)  # later groups see quantized inputs
     first = refs[0]
-    want0 = gptq(first.weight.detach().float(), accs[first.name].H, grid).codes
+    want0 = gptq(first.weight.detach().float(), accs[first.name].H, grid, group_aware=cfg.act_group_aware).codes
     assert torch.equal(results[False][prefix + first.name].codes, want0)
     assert torch.equal(results[True][prefix + first.name].codes, want0)   # the first group sees the same
 

@@ -189,7 +189,7 @@ def test_measured_error_is_the_end_to_end_kl_at_the_probes_and_monotone_between(
     for ref in (r for g in groups for r in g):
         W, H = ref.weight.detach().clone(), stats[ref.name].H
         for o in m["layers"][f"{spec.blocks}.0.{ref.name}"]["options"]:
-            W_hat = gptq(W, H, Grid(o["bits"], o["group_size"], o["sym"])).dequantize()
+            W_hat = gptq(W, H, Grid(o["bits"], o["group_size"], o["sym"]), group_aware=True).dequantize()
             assert o["rel_err"] == pytest.approx(output_error(W, W_hat, H), rel=1e-4), (ref.name, o)
 
 

@@ -29,8 +29,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     q.add_argument("--block-size", type=int, default=128, help="GPTQ: lazy-update block width")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before reordering")
-    q.add_argument("--act-group-aware", action="store_true",
-                   help="GPTQ: groups in column order, visited most sensitive first (GAR; in-order g_idx)")
+    q.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: groups in column order, visited most sensitive first (GAR; in-order g_idx); "
+                        "default: on with groups and without --act-order")
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="GPTQ: take every linear's statistics from the unquantized block in one pass")
     w = p.add_argument_group("AWQ (methods awq, awq+gptq)")
