@@ -132,7 +132,9 @@ def test_huge_magnitude_column():
     W = torch.randn(16, 64)
     q = gptq(W, hessian(X), Grid(4, 32, True))
     assert torch.isfinite(q.dequantize()).all()
-    assert out_err(X, W, q.dequantize()) <= out_err(X, W, rtn(W, Grid(4, 32, True)).dequantize())
+    # the huge column's own rounding dominates both errors (identical in both, ~5e14), so they agree to
+    # float32 noise; GPTQ must not be worse beyond it
+    assert out_err(X, W, q.dequantize()) <= out_err(X, W, rtn(W, Grid(4, 32, True)).dequantize()) * (1 + 1e-5)
 
 
 def test_damping_escalates_when_cholesky_fails():

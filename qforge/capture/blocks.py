@@ -40,6 +40,24 @@ class StandIn(nn.Module):
             return getattr(self._modules["block"], name)
 
 
+class ModuleSwaps:
+    """Replaces sub-modules of `root` by path; undo() puts the originals back, last swapped first."""
+
+    def __init__(self, root: nn.Module):
+        self.root, self.done = root, []
+
+    def swap(self, path: str, replacement: nn.Module) -> None:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = self.root.get_submodule(parent_path) if parent_path else self.root
+        self.done.append((parent, leaf, getattr(parent, leaf)))
+        setattr(parent, leaf, replacement)
+
+    def undo(self) -> None:
+        for parent, leaf, original in reversed(self.done):
+            setattr(parent, leaf, original)
+        self.done.clear()
+
+
 class _Recorder(StandIn):
     def __init__(self, block: nn.Module, sink: list):
         super().__init__(block)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.arch import LinearRef
-from .blocks import _to
+from .blocks import ModuleSwaps, _to
 
 Sink = Callable[[torch.Tensor], None]  # receives x [tokens, in]
 
@@ -108,28 +108,19 @@ def collect_group_inputs(block: nn.Module, group: list[LinearRef], sinks: dict[s
     """While active, running `block` hands a ref's input to sinks[ref.name] for every ref named in
     `sinks`; other refs of the group (which read the same input) and all `later` refs return zeros.
     stop_early: the block's forward raises GroupCollected once every sink is fed (run it with feed_block)."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    handles = []
+    swaps, handles = ModuleSwaps(block), []
     if stop_early:
         sinks = _stopping(sinks)
-
-    def swap(ref: LinearRef, sink: Sink | None) -> None:
-        parent_path, _, leaf = ref.name.rpartition(".")
-        parent = block.get_submodule(parent_path) if parent_path else block
-        swapped.append((parent, leaf, getattr(parent, leaf)))
-        setattr(parent, leaf, _ZeroLinear(ref.shape[0], sink))
-
     try:
         for ref in group:
             if ref.expert is None:
-                swap(ref, sinks.get(ref.name))
+                swaps.swap(ref.name, _ZeroLinear(ref.shape[0], sinks.get(ref.name)))
         for ref in later:
             if ref.expert is None:
-                swap(ref, None)
+                swaps.swap(ref.name, _ZeroLinear(ref.shape[0]))
         handles += _expert_hooks(group, sinks)
         yield
     finally:
         for h in handles:
             h.remove()
-        for parent, leaf, original in reversed(swapped):
-            setattr(parent, leaf, original)
+        swaps.undo()

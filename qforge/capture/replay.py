@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models.arch import LinearRef
-from .blocks import StandIn, _to
+from .blocks import ModuleSwaps, StandIn, _to
 
 
 class _Replay(StandIn):
@@ -86,23 +86,18 @@ class FrozenOutputs:
         done_paths = [p for p, k in self.last_group.items() if k < done]
         replay = self._outermost([p for p in done_paths if p in self.recorded])
         todo = [p for p in self.finished(done) if p not in self.recorded and p not in self.too_wide] if record else []
-        swapped, handles, fresh = [], [], {}
+        swaps, handles, fresh = ModuleSwaps(self.block), [], {}
         try:
             for path in todo:
                 fresh[path] = []
                 handles.append(self.block.get_submodule(path).register_forward_hook(self._record(path, fresh[path])))
             for path in replay:
-                parent_path, _, leaf = path.rpartition(".")
-                parent = self.block.get_submodule(parent_path) if parent_path else self.block
-                module = getattr(parent, leaf)
-                swapped.append((parent, leaf, module))
-                setattr(parent, leaf, _Replay(module, self.recorded[path], self.device))
+                swaps.swap(path, _Replay(self.block.get_submodule(path), self.recorded[path], self.device))
             yield
         finally:
             for h in handles:
                 h.remove()
-            for parent, leaf, module in reversed(swapped):
-                setattr(parent, leaf, module)
+            swaps.undo()
         for path, outs in fresh.items():          # only complete recordings (early exit may stop before it)
             if len(outs) == self.n_calls and path not in self.too_wide:
                 self.recorded[path] = outs
