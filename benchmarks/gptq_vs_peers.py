@@ -4,7 +4,8 @@ on SmolLM2-135M.
 Every tool gets the same calibration samples (128 x 512 `input_ids` from the built-in Brown split,
 written to a JSONL first), keeps lm_head unquantized, and is evaluated by qforge's perplexity (the
 shared protocol) after its dequantized fp32 weights are copied into the same dense model. Each run is
-its own process, so peak RSS is per tool. Run it in the peers' venv (shared/README.md §5):
+its own process, so peak RSS is per tool. Run it in the peers' venv (shared/README.md §5), or in
+`.venv-clients/bin/python`, which scripts/setup.sh builds with the same peer versions over qforge's venv:
 
     GPTQMODEL_CPU_WORKERS=2 PYTHONPATH=. /tmp/peers/bin/python benchmarks/gptq_vs_peers.py \
         --max-windows 2 --datasets wiki,brown,news,code
@@ -34,7 +35,8 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "W3g64-asym": (3, 64, False, False),
 }
 # qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
-# qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ)
+# qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
+# column order; qforge-awq+gptq keeps qforge's default order (group-aware since session 14)
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
          "gptqmodel",
          "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
@@ -46,7 +48,7 @@ def wanted(tool: str, config: str) -> bool:
     if config == "fp32":
         return tool == "qforge-rtn"
     if config.endswith("asym"):  # asymmetric rows: RTN, AWQ (AutoAWQ's zero point) and plain GPTQ
-        return tool in ("qforge-rtn", "qforge-gptq") + AWQ_TOOLS
+        return tool in ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar") + AWQ_TOOLS
     if tool in AWQ_TOOLS:
         return False
     if CONFIGS[config][2]:  # act-order: RTN has no column order, group-aware order is the other order
@@ -174,7 +176,7 @@ def worker(args) -> None:
     elif args.tool.startswith("qforge"):
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
                                  static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"),
-                                 group_aware=args.tool.endswith("-gar"))
+                                 group_aware=None if args.tool == "qforge-awq+gptq" else args.tool.endswith("-gar"))
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:
