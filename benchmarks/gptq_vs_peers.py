@@ -36,11 +36,12 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 }
 # qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
 # qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
-# column order; qforge-awq+gptq keeps qforge's default order (group-aware since session 14)
+# column order; qforge-awq+gptq keeps qforge's default order (group-aware since session 14); -noclip: AWQ
+# scales without the clipping search
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
          "gptqmodel",
-         "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
-AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq")
+         "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
+AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
 
 
 def wanted(tool: str, config: str) -> bool:
@@ -67,7 +68,7 @@ def calib_file(path: Path) -> Path:
 
 
 def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True,
-               group_aware=False):
+               group_aware=False, awq_clip=True, damp=0.01):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -77,7 +78,8 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
     if bits < 16:
         quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
                                                 act_order=act_order, static_groups=static_groups,
-                                                true_sequential=true_sequential, act_group_aware=group_aware),
+                                                true_sequential=true_sequential, act_group_aware=group_aware,
+                                                awq_clip=awq_clip, damp=damp),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
@@ -176,7 +178,8 @@ def worker(args) -> None:
     elif args.tool.startswith("qforge"):
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
                                  static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"),
-                                 group_aware=None if args.tool == "qforge-awq+gptq" else args.tool.endswith("-gar"))
+                                 group_aware=None if "awq+gptq" in args.tool else args.tool.endswith("-gar"),
+                                 awq_clip=not args.tool.endswith("-noclip"), damp=args.qforge_damp)
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:
@@ -195,7 +198,8 @@ def worker(args) -> None:
     model = lm.model
     ppl = {d: perplexity(model, lm.tokenizer, load_eval_text(d), args.seqlen, args.max_windows,
                          show_progress=False)["ppl"] for d in args.datasets.split(",")}
-    print("RESULT " + json.dumps({"tool": args.tool, "config": args.config, "seconds": secs, "peak_rss_mb": rss,
+    extra = {"damp": args.qforge_damp} if args.tool.startswith("qforge") and args.qforge_damp != 0.01 else {}
+    print("RESULT " + json.dumps({"tool": args.tool, "config": args.config, **extra, "seconds": secs, "peak_rss_mb": rss,
                                   "changed_linears": changed, "ppl": ppl}), flush=True)
 
 
@@ -209,6 +213,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=Path("benchmarks/results/brown_128x512.jsonl"))
     ap.add_argument("--nsamples", type=int, default=0, help="use the first N samples of --calib (0: all)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_vs_peers.jsonl"))
+    ap.add_argument("--qforge-damp", type=float, default=0.01, help="qforge's GPTQ damping (gptqmodel's default is 0.05)")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"))
     a = ap.parse_args()
     if a.worker:
@@ -221,7 +226,7 @@ def main() -> None:
             if not wanted(tool, config):
                 continue
             cmd = [sys.executable, __file__, "--worker", tool, config, "--calib", str(a.calib), "--nsamples", str(a.nsamples), "--datasets",
-                   a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows)]
+                   a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows), "--qforge-damp", str(a.qforge_damp)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="."))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:

@@ -84,6 +84,20 @@ def test_group_aware_gptq_keeps_in_order_groups_and_beats_rtn(static, d):
         gptq(W, hessian(X), grid, group_aware=True, act_order=True)
 
 
+def test_group_aware_per_channel_is_act_order():
+    # a per-channel layer (mixed precision gives some layers one) is a single group: GAR visits its
+    # columns in act-order and still records nothing in g_idx
+    X = correlated_inputs(d=64)
+    W = torch.randn(24, 64)
+    grid = Grid(3, -1, False)
+    gar = gptq(W, hessian(X), grid, group_aware=True)
+    act = gptq(W, hessian(X), grid, act_order=True)
+    plain = gptq(W, hessian(X), grid)
+    assert torch.equal(gar.codes, act.codes) and torch.equal(gar.dequantize(), act.dequantize())
+    assert torch.equal(gar.g_idx, torch.zeros(64, dtype=torch.int32))
+    assert not torch.equal(gar.codes, plain.codes)
+
+
 def test_group_aware_config_is_validated():
     assert QuantizeConfig(method="gptq").act_group_aware                       # GPTQModel's default
     assert not QuantizeConfig(method="gptq", act_order=True).act_group_aware
@@ -95,12 +109,15 @@ def test_group_aware_config_is_validated():
     with pytest.raises(Exception, match="group size"):
         QuantizeConfig(method="gptq", group_size=-1, act_group_aware=True)
 
-def test_hessian_running_normalisation_matches_one_pass():
-    X = torch.randn(1000, 24, dtype=torch.float64)
-    acc = HessianAccumulator(24)
+
+@pytest.mark.parametrize("d", [24, 500])     # one row panel; several, the last one short
+def test_hessian_running_normalisation_matches_one_pass(d):
+    X = torch.randn(1000, d, dtype=torch.float64)
+    acc = HessianAccumulator(d)
     for chunk in X.split([1, 7, 300, 2, 690]):
         acc.add(chunk)
-    torch.testing.assert_close(acc.H, (2 / 1000 * X.T @ X).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.H, (2 / 1000 * X.T @ X).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(acc.H, acc.H.T)      # only the upper triangle is accumulated, then mirrored
     assert acc.n == 1000
 
 
@@ -315,6 +332,30 @@ def test_early_exit_and_replayed_modules_change_nothing(model_type):
     assert frozen.finished(0) == []
     for k in range(1, done + 1):   # what is finished stays finished, possibly inside a larger finished module
         assert all(any(p == q or p.startswith(q + ".") for q in frozen.finished(k)) for p in frozen.finished(k - 1))
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_tail_sub_modules_run_once_per_block(model_type):
+    """Attention (after o_proj) and the MLP (after down_proj) are not run again on every batch: their
+    output is their last linear applied to the inputs that linear's collection pass kept. Each runs
+    in full once per block (the check on the first batch), not once per batch."""
+    from qforge.capture.replay import FrozenOutputs
+    from qforge.pipeline import GPTQSolver, QuantizeResult, _quantize_calibrated
+
+    ids = [torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    m = tiny_model(model_type)
+    spec = arch_spec(m)
+    blocks = get_blocks(m, spec)
+    tails = FrozenOutputs(blocks[0], block_linears(blocks[0], spec), 3, m.config.hidden_size, "cpu").tails
+    assert "mlp" in tails or model_type in ("mixtral", "opt")    # fused experts / fc1,fc2 in the block itself
+    assert any("att" in p for p in tails)
+    ran = {}
+    for i, block in enumerate(blocks):
+        for path in tails:
+            block.get_submodule(path).register_forward_hook(lambda *a, key=(i, path): ran.update({key: ran.get(key, 0) + 1}))
+    _quantize_calibrated(m, spec, blocks, GPTQSolver(), Grid(3, 32, True), QuantizeConfig(method="gptq", bits=3,
+                         group_size=32), ids, "cpu", 2, QuantizeResult(), False)
+    assert ran == {(i, p): 1 for i in range(len(blocks)) for p in tails}   # 3 batches, one full run each
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))

@@ -3,23 +3,40 @@
 Batches of different sizes are merged with the exact running normalisation
 H_{n+m} = H_n * n/(n+m) + 2/(n+m) * X_m^T X_m, so the result equals one pass over all n+m rows.
 Only real tokens reach it: calibration batches are built from equal-length samples, never padded.
+
+H is symmetric, so only its upper triangle is accumulated, one panel of rows at a time (rows [a, a+P)
+against columns [a, in)): about 40% less work than the full product, which for the MLP's wide
+down-projection input is a large part of GPTQ's time on a CPU. `H` mirrors it on demand.
 """
 from __future__ import annotations
 
 import torch
 
+PANEL = 192   # rows per panel: large enough for efficient GEMMs, small enough to skip most of the lower half
+
 
 class HessianAccumulator:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._full: torch.Tensor | None = None
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """x [tokens, in] (any float dtype)."""
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self._upper.device, torch.float32)
         m = x.shape[0]
         if m == 0:
             return
-        self.H.mul_(self.n / (self.n + m))
+        self._upper.mul_(self.n / (self.n + m))
         self.n += m
-        self.H.addmm_(x.t(), x, alpha=2.0 / self.n)
+        xt = x.t()
+        for a in range(0, x.shape[1], PANEL):
+            self._upper[a:a + PANEL, a:].addmm_(xt[a:a + PANEL], x[:, a:], alpha=2.0 / self.n)
+        self._full = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        """[in, in], exactly symmetric."""
+        if self._full is None:
+            self._full = torch.triu(self._upper) + torch.triu(self._upper, diagonal=1).t()
+        return self._full

@@ -46,7 +46,8 @@ def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool
     `gs` consecutive columns in decreasing order of their largest diag(H), and inside each group its
     columns in decreasing diag(H); groups stay column ranges (in-order g_idx, as fast kernels want)
     while the most sensitive columns are still quantized first. A ragged last group goes last, so
-    every other group starts at a multiple of `gs`."""
+    every other group starts at a multiple of `gs`. Per-channel (gs = n) is one group: act-order's
+    visiting order, with nothing to record in g_idx."""
     n = diag.numel()
     if act_order:
         return torch.argsort(diag, descending=True)
@@ -93,7 +94,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         for k in range(n_groups):
             scales[:, k], zeros[:, k] = fit_params(W[:, k * gs:(k + 1) * gs], grid)
 
-    perm = column_order(torch.diag(H), gs, act_order, group_aware and grid.group_size != -1)
+    perm = column_order(torch.diag(H), gs, act_order, group_aware)
     W, H = W[:, perm], H[perm][:, perm]
     in_order_groups = static_groups or group_aware   # groups are column ranges, not runs of the visiting order
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
