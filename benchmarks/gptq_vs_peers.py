@@ -37,9 +37,10 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 # qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
 # qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
 # column order; qforge-awq+gptq keeps qforge's default order (group-aware since session 14); -noclip: AWQ
-# scales without the clipping search
-TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
-         "gptqmodel",
+# scales without the clipping search; -minmax: GPTQ with plain min-max group ranges (no scale search; the
+# default before session 16)
+TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
+         "gptqmodel", "gptqmodel-mse",
          "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
 AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
 
@@ -49,11 +50,11 @@ def wanted(tool: str, config: str) -> bool:
     if config == "fp32":
         return tool == "qforge-rtn"
     if config.endswith("asym"):  # asymmetric rows: RTN, AWQ (AutoAWQ's zero point) and plain GPTQ
-        return tool in ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar") + AWQ_TOOLS
+        return tool in ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-minmax") + AWQ_TOOLS
     if tool in AWQ_TOOLS:
         return False
     if CONFIGS[config][2]:  # act-order: RTN has no column order, group-aware order is the other order
-        return tool not in ("qforge-rtn", "qforge-gptq-gar")
+        return tool not in ("qforge-rtn", "qforge-gptq-gar", "qforge-gptq-gar-minmax")
     return True
 
 
@@ -68,7 +69,7 @@ def calib_file(path: Path) -> Path:
 
 
 def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True,
-               group_aware=False, awq_clip=True, damp=0.01):
+               group_aware=False, awq_clip=True, damp=0.01, scale_search=None):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -79,7 +80,8 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
         quantize_model(lm.model, QuantizeConfig(method=method, bits=bits, group_size=group, sym=sym,
                                                 act_order=act_order, static_groups=static_groups,
                                                 true_sequential=true_sequential, act_group_aware=group_aware,
-                                                awq_clip=awq_clip, damp=damp),
+                                                awq_clip=awq_clip, damp=damp,
+                                                scale_search=scale_search if method in ("gptq", "awq+gptq") else None),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
@@ -142,7 +144,7 @@ def run_llmcompressor_awq(bits, group, samples):
     return secs, state
 
 
-def run_gptqmodel(bits, group, act_order, samples):
+def run_gptqmodel(bits, group, act_order, samples, mse=0.0):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from qforge.models.loading import resolve_model
@@ -150,8 +152,9 @@ def run_gptqmodel(bits, group, act_order, samples):
 
     dense = resolve_model("smollm2-135m")
     # offload_to_disk=False: its default lazy loader fails on CPU here (meta tensors in the mask)
+    # mse > 0: its range search (the GPTQ reference code's `mse` option, norm 2.4 over 80 shrink points); off by default
     model = GPTQModel.load(str(dense), QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=act_order,
-                                                      offload_to_disk=False),
+                                                      offload_to_disk=False, mse=mse),
                            device="cpu", dtype=torch.float32)
     rows = [{"input_ids": s.tolist()} for s in samples]
     t = time.perf_counter()
@@ -176,14 +179,16 @@ def worker(args) -> None:
     if args.tool == "llmcompressor-awq":
         secs, state = run_llmcompressor_awq(bits, group, samples)
     elif args.tool.startswith("qforge"):
+        flags = set(args.tool.split("-")[2:])
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
-                                 static_groups="-static" in args.tool, true_sequential=not args.tool.endswith("-nts"),
-                                 group_aware=None if "awq+gptq" in args.tool else args.tool.endswith("-gar"),
-                                 awq_clip=not args.tool.endswith("-noclip"), damp=args.qforge_damp)
+                                 static_groups="static" in flags, true_sequential="nts" not in flags,
+                                 group_aware=None if "awq+gptq" in args.tool else "gar" in flags,
+                                 awq_clip="noclip" not in flags, damp=args.qforge_damp,
+                                 scale_search=False if "minmax" in flags else None)
     elif args.tool == "llmcompressor":
         secs, state = run_llmcompressor(bits, group, act_order, samples)
     else:
-        secs, state = run_gptqmodel(bits, group, act_order, samples)
+        secs, state = run_gptqmodel(bits, group, act_order, samples, mse=2.4 if args.tool.endswith("-mse") else 0.0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lm = load_model("smollm2-135m")
     changed = 0

@@ -44,13 +44,16 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_precision.jsonl"))
     ap.add_argument("--probe-samples", type=int, default=2, help="calibration samples the KL probes run on")
+    ap.add_argument("--measurement-tag", default="_gar_ss", help="suffix of the measurement file's name")
     a = ap.parse_args()
     torch.set_num_threads(2)
     samples = load_samples_jsonl(a.calib)[: a.nsamples]
     datasets = a.datasets.split(",")
     from qforge.mixed.measure import VERSION
 
-    meas = Path(f"benchmarks/results/mixed_measurement_v{VERSION}_{a.nsamples}x{samples[0].numel()}.json")
+    # the measurement is taken with qforge's default GPTQ (group-aware order, scale search since session 16);
+    # --measurement-tag "" names the file as sessions 13-15 did (plain order, min-max ranges)
+    meas = Path(f"benchmarks/results/mixed_measurement_v{VERSION}_{a.nsamples}x{samples[0].numel()}{a.measurement_tag}.json")
     if a.targets and not _finished(meas):
         from qforge.mixed import measure_model
 

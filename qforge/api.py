@@ -91,13 +91,19 @@ class QModel:
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""
         from .mixed import load_measurement, measure_model
+        from .mixed.measure import settings_mismatch
 
+        cfg = self.config
         try:
             if path.is_file():
-                return load_measurement(path)
+                m = load_measurement(path)
+                if settings_mismatch(m, cfg):
+                    log.warning("%s was measured with other GPTQ settings (%s differ): its errors rank the schemes "
+                                "for that solver, not this one; measure again for an exact allocation", path,
+                                ", ".join(settings_mismatch(m, cfg)))
+                return m
         except QForgeError:
             pass                                                 # unfinished: measure_model resumes it
-        cfg = self.config
         identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
                     if self.calibration_config else f"{len(samples)} samples"}
         return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,

@@ -62,6 +62,10 @@ class QuantizeConfig(_JsonMixin):
     # earlier groups of its block (GPTQ's "true sequential"); False: one pass over the unquantized block
     # collects every group's statistics (llm-compressor's schedule; fewer passes)
     true_sequential: bool = True
+    # GPTQ: shrink each group's range to minimise its rounding error weighted by each column's cost in the
+    # GPTQ loss (the reference code's `mse` option, weighted) instead of the plain min-max range.
+    # None: on for GPTQ methods (BENCHMARKS.md shows why); RTN and AWQ keep min-max (AWQ has its own clip)
+    scale_search: bool | None = None
     # AWQ options (methods awq / awq+gptq): α grid points in [0, 1), duo scaling (x^α / w^(1-α), as
     # AutoAWQ and llm-compressor) or x^α alone, clipping search, and saved results to apply instead of searching
     awq_grid: int = 20
@@ -95,6 +99,11 @@ class QuantizeConfig(_JsonMixin):
         if self.act_group_aware is None:
             object.__setattr__(self, "act_group_aware", self.method in ("gptq", "awq+gptq") and not self.act_order
                                and self.group_size != -1)
+        gptq_method = self.method in ("gptq", "awq+gptq")
+        if self.scale_search is None:
+            object.__setattr__(self, "scale_search", gptq_method)
+        _check(gptq_method or not self.scale_search,
+               f"scale_search is a GPTQ option; method {self.method!r} keeps the min-max range")
         _check(not (self.act_group_aware and self.act_order),
                "act_group_aware and act_order are two column orders; pick one")
         _check(not (self.act_group_aware and self.group_size == -1),

@@ -68,7 +68,8 @@ class GPTQSolver:
 
     def solve(self, W, stats: HessianAccumulator, grid, cfg):
         return gptq(W.to(stats.H.device), stats.H, grid, damp=cfg.damp, block_size=cfg.block_size,
-                    act_order=cfg.act_order, static_groups=cfg.static_groups, group_aware=cfg.act_group_aware)
+                    act_order=cfg.act_order, static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
+                    scale_search=cfg.scale_search)
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver

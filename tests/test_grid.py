@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from qforge import QForgeError, QuantizeConfig
 from qforge.solvers import Grid, dequantize, fit_params, quantize, rtn
+from qforge.solvers.grid import search_params
 
 
 @settings(max_examples=60, deadline=None)
@@ -87,3 +88,43 @@ def test_config_json_round_trip(tmp_path):
     assert QuantizeConfig.load(tmp_path / "c.json") == cfg
     with pytest.raises(QForgeError, match="unknown field"):
         QuantizeConfig.from_dict({"bits": 4, "colour": "red"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), sym=st.booleans(), rows=st.integers(1, 9), cols=st.integers(1, 70),
+       seed=st.integers(0, 2**16))
+def test_scale_search_never_loses_to_min_max_on_its_weighted_error(bits, sym, rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) ** 3 * torch.rand(rows, 1, generator=g)   # heavy tails
+    c = torch.rand(cols, generator=g) + 0.01
+    grid = Grid(bits, -1, sym)
+
+    def err(scale, zero):
+        return (((dequantize(quantize(W, scale, zero, grid.maxq), scale, zero) - W) ** 2) * c).sum(dim=1)
+
+    s, z = search_params(W, grid, c)
+    assert (err(s, z) <= err(*fit_params(W, grid)) * (1 + 1e-6) + 1e-12).all()
+    q = quantize(W, s, z, grid.maxq)
+    assert q.min() >= 0 and q.max() <= grid.maxq and (s > 0).all()
+
+
+def test_scale_search_clips_a_cheap_outlier_and_one_step_is_min_max():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 64, generator=g)
+    W[:, 0] = 12.0                                   # an outlier column whose error costs almost nothing
+    c = torch.ones(64)
+    c[0] = 1e-4
+    grid = Grid(3, -1, True)
+    s0, z0 = fit_params(W, grid)
+    s, z = search_params(W, grid, c)
+    assert (s < 0.8 * s0).all()                      # the range shrank for every row
+    s1, z1 = search_params(W, grid, c, steps=1)
+    assert torch.equal(s1, s0) and torch.equal(z1, z0)
+
+
+def test_scale_search_is_a_gptq_option():
+    assert QuantizeConfig(method="gptq").scale_search and QuantizeConfig(method="awq+gptq").scale_search
+    assert not QuantizeConfig(method="rtn").scale_search and not QuantizeConfig(method="awq").scale_search
+    assert not QuantizeConfig(method="gptq", scale_search=False).scale_search
+    with pytest.raises(QForgeError, match="scale_search is a GPTQ option"):
+        QuantizeConfig(method="rtn", scale_search=True)

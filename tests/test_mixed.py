@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 
 import pytest
@@ -189,7 +190,8 @@ def test_measured_error_is_the_end_to_end_kl_at_the_probes_and_monotone_between(
     for ref in (r for g in groups for r in g):
         W, H = ref.weight.detach().clone(), stats[ref.name].H
         for o in m["layers"][f"{spec.blocks}.0.{ref.name}"]["options"]:
-            W_hat = gptq(W, H, Grid(o["bits"], o["group_size"], o["sym"]), group_aware=True).dequantize()
+            W_hat = gptq(W, H, Grid(o["bits"], o["group_size"], o["sym"]), group_aware=True,
+                         scale_search=True).dequantize()
             assert o["rel_err"] == pytest.approx(output_error(W, W_hat, H), rel=1e-4), (ref.name, o)
 
 
@@ -215,15 +217,22 @@ def test_mixed_quantize_hits_the_budget_and_its_export_stores_exactly_that(fmt, 
     assert (tmp_path / "out" / "allocation.json").is_file() and (tmp_path / "out" / "allocation.png").is_file()
 
 
-def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tmp_path):
+def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tmp_path, caplog):
     meas = tmp_path / "m.json"
     errs = []
-    for bpw in (3.0, 5.0):
-        m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=bpw, measurement=str(meas)))
-        m.quantize(samples())
-        errs.append(m.result.allocation.total_err)
+    with caplog.at_level(logging.WARNING, logger="qforge.api"):
+        for bpw in (3.0, 5.0):                 # the second run reuses the first one's measurement
+            m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=bpw, measurement=str(meas)))
+            m.quantize(samples())
+            errs.append(m.result.allocation.total_err)
+    assert "other GPTQ settings" not in caplog.text
     assert errs[0] > errs[1]
     assert plan(load_measurement(meas), 5.0).layers == m.result.allocation.layers      # deterministic
+    with caplog.at_level(logging.WARNING, logger="qforge.api"):   # reused for another solver: said, not silent
+        other = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=5.0, measurement=str(meas),
+                                                           scale_search=False))
+        other.quantize(samples())
+    assert "other GPTQ settings (scale_search differ)" in caplog.text
 
 
 def test_a_measurement_without_a_path_leaves_no_temporary_files(tiny_llama_dir, tmp_path, monkeypatch):

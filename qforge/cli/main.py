@@ -32,6 +32,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     q.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: groups in column order, visited most sensitive first (GAR; in-order g_idx); "
                         "default: on with groups and without --act-order")
+    q.add_argument("--scale-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: each group's range shrunk to minimise its loss-weighted rounding error "
+                        "(default: on for gptq and awq+gptq); --no-scale-search: min-max ranges")
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="GPTQ: take every linear's statistics from the unquantized block in one pass")
     w = p.add_argument_group("AWQ (methods awq, awq+gptq)")
@@ -88,7 +91,8 @@ def _quant_config(a):
 
     return QuantizeConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, damp=a.damp,
                           block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
-                          act_group_aware=a.act_group_aware, true_sequential=a.true_sequential, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
+                          act_group_aware=a.act_group_aware, true_sequential=a.true_sequential,
+                          scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
                           awq_clip=a.awq_clip, awq_from=a.awq_from, bpw=a.bpw, measurement=a.measurement,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
@@ -194,7 +198,8 @@ def cmd_measure(a) -> int:
     from ..solvers import Grid
 
     cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
-                         static_groups=a.static_groups, act_group_aware=a.act_group_aware)
+                         static_groups=a.static_groups, act_group_aware=a.act_group_aware,
+                         scale_search=a.scale_search)
     bits = tuple(int(b) for b in a.candidate_bits.split(",") if b) or None
     m = qforge.load(a.model)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)

@@ -60,6 +60,21 @@ def _trace_form(D: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum())
 
 
+def solver_settings(cfg: QuantizeConfig) -> dict:
+    """The GPTQ settings a measurement's errors depend on, as its file records them (flags absent when off,
+    so files from before a flag existed still match and resume)."""
+    return {"damp": cfg.damp, "act_order": cfg.act_order,
+            **({"act_group_aware": True} if cfg.act_group_aware else {}),
+            **({"scale_search": True} if cfg.scale_search else {})}
+
+
+def settings_mismatch(measurement: dict, cfg: QuantizeConfig) -> list[str]:
+    """Names of the solver settings in which `measurement` differs from `cfg`."""
+    want = solver_settings(cfg)
+    return [k for k in ("damp", "act_order", "act_group_aware", "scale_search")
+            if measurement.get(k, False) != want.get(k, False)]
+
+
 def probe_grids(grids: list[Grid]) -> list[Grid]:
     """The schemes measured end to end: for every candidate width up to 4 bits (the lowest width if none),
     its finest asymmetric group — the range where layers differ; wider schemes are extrapolated."""
@@ -89,8 +104,7 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
     head = {"version": VERSION, "format": fmt, "bits": list(bits) if bits else None, "identity": identity or {},
-            "damp": cfg.damp, "act_order": cfg.act_order, "probe_samples": probe_samples,
-            **({"act_group_aware": True} if cfg.act_group_aware else {}),  # absent when off: older files resume
+            **solver_settings(cfg), "probe_samples": probe_samples,
             "error": "mean KL(P_fp || P) per token with the linear alone quantized (nats), probes at the finest "
                      "group per width <= 4 bits, other schemes interpolated in log-log over tr(dW H dW^T)"}
     data = {**head, "n_blocks": len(blocks), "blocks_done": 0, "layers": {}}
@@ -148,7 +162,8 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
                 W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware).dequantize().to(W.device)
+                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
+                             scale_search=cfg.scale_search).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:

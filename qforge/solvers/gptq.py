@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .grid import Grid, LayerQuant, fit_params
+from .grid import Grid, LayerQuant, fit_params, search_params
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, static_groups: bool = False, group_aware: bool = False) -> LayerQuant:
+         act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
+         scale_search: bool = False) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -71,6 +72,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     static_groups: every group's grid is fitted on the original weights of its column range before any
     update or reordering (in-order g_idx); otherwise a group's grid is fitted when the solver reaches
     it, on the error-compensated weights.
+    scale_search: each group's range is shrunk to minimise its rounding error weighted by what each
+    column's error costs in GPTQ's loss, 1 / U_jj^2 (grid.search_params); otherwise min-max.
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
@@ -89,17 +92,24 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     dev = W.device
     scales = torch.zeros(out_f, n_groups, device=dev)
     zeros = torch.zeros(out_f, n_groups, device=dev)
-    prefit = static_groups or grid.group_size == -1
-    if prefit:                                        # grids of the original column ranges
-        for k in range(n_groups):
-            scales[:, k], zeros[:, k] = fit_params(W[:, k * gs:(k + 1) * gs], grid)
-
     perm = column_order(torch.diag(H), gs, act_order, group_aware)
+    inv = torch.argsort(perm)
+    W0 = W
     W, H = W[:, perm], H[perm][:, perm]
     in_order_groups = static_groups or group_aware   # groups are column ranges, not runs of the visiting order
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
     U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
+    cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
+
+    def fit(cols: torch.Tensor, c: torch.Tensor):
+        return search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
+
+    prefit = static_groups or grid.group_size == -1
+    if prefit:                                        # grids of the original column ranges
+        c0 = cost[inv]
+        for k in range(n_groups):
+            scales[:, k], zeros[:, k] = fit(W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs])
     codes = torch.zeros(out_f, in_f, device=dev)
     Q = torch.zeros(out_f, in_f, device=dev)                     # Ŵ in permuted order, as the loop computed it
     loss = 0.0
@@ -117,7 +127,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         for i in range(i2 - i1):
             k = group_list[i1 + i]
             if not prefit and (i1 + i) % gs == 0:
-                scales[:, k], zeros[:, k] = fit_params(W1[:, i:i + gs], grid)
+                scales[:, k], zeros[:, k] = fit(W1[:, i:i + gs], cost[i1 + i:i1 + i + gs])
             s, z = scales[:, k], zeros[:, k]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s) + z, 0, grid.maxq)       # [out] codes
@@ -130,7 +140,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         loss += float((Err1**2 * d_t**2).sum()) / 2                      # sum (w - ŵ)^2 / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]             # lazy batch update of the remaining columns
 
-    inv = torch.argsort(perm)
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
     info.update(method="gptq", loss=loss, dead_columns=int(dead.sum()))
     if info["fallback"] or info["retries"]:

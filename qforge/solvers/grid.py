@@ -54,8 +54,32 @@ def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
     return scale, zero
 
 
+def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None = None, steps: int = 26,
+                  min_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid parameters minimising each row's column-weighted squared rounding error
+    sum_j c_j (w_j - ŵ_j)^2 over shrunk ranges p·[min, max], p on `steps` points from 1 down to
+    `min_shrink` (the `mse` option of the GPTQ reference code, with weights). Shrinking the range
+    scales the min-max scale by p and leaves the zero point as it is (both ends shrink together).
+    p = 1 is fit_params' min-max grid and wins ties, so the result is never worse than min-max on the
+    weighted error.
+
+    W [rows, cols], col_weight [cols] (None: all 1) -> scale [rows], zero [rows] (fp32)."""
+    c = torch.ones(W.shape[1], device=W.device) if col_weight is None else col_weight
+    scale0, zero = fit_params(W, grid)
+    p = torch.linspace(1.0, min_shrink, steps, device=W.device)
+    chunk = max(1, (1 << 18) // max(W.numel(), 1))     # candidates per batch: <= 256k elements (stays in cache)
+    z, errs = zero.unsqueeze(-1), []
+    for k in range(0, steps, chunk):
+        s = (p[k:k + chunk, None] * scale0).unsqueeze(-1)           # [P, rows, 1]
+        D = torch.div(W, s).round_().add_(z).clamp_(0, grid.maxq)   # [P, rows, cols] codes, then in place:
+        D.sub_(z).mul_(s).sub_(W).square_().mul_(c)                 # c_j (ŵ - w)^2
+        errs.append(D.sum(dim=-1))                                  # [P, rows]
+    best = torch.argmin(torch.cat(errs), dim=0)                    # first minimum: p = 1 on ties
+    return p[best] * scale0, zero
+
+
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes of W [rows, cols] on the grid of scale/zero (broadcast over columns), as fp32."""
+    """Integer codes of W [rows, cols] on the grid of scale/zero [..., rows] (broadcast over columns), as fp32."""
     return torch.clamp(torch.round(W / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
 
 
