@@ -81,7 +81,7 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
                                                 act_order=act_order, static_groups=static_groups,
                                                 true_sequential=true_sequential, act_group_aware=group_aware,
                                                 awq_clip=awq_clip, damp=damp,
-                                                scale_search=scale_search if method in ("gptq", "awq+gptq") else None),
+                                                scale_search=scale_search),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 

@@ -97,10 +97,11 @@ class QModel:
         try:
             if path.is_file():
                 m = load_measurement(path)
-                if settings_mismatch(m, cfg):
+                differ = settings_mismatch(m, cfg)
+                if differ:
                     log.warning("%s was measured with other GPTQ settings (%s differ): its errors rank the schemes "
                                 "for that solver, not this one; measure again for an exact allocation", path,
-                                ", ".join(settings_mismatch(m, cfg)))
+                                ", ".join(differ))
                 return m
         except QForgeError:
             pass                                                 # unfinished: measure_model resumes it

@@ -96,10 +96,9 @@ class QuantizeConfig(_JsonMixin):
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),
                "static_groups needs a group size (per-channel has a single group)")
-        if self.act_group_aware is None:
-            object.__setattr__(self, "act_group_aware", self.method in ("gptq", "awq+gptq") and not self.act_order
-                               and self.group_size != -1)
         gptq_method = self.method in ("gptq", "awq+gptq")
+        if self.act_group_aware is None:
+            object.__setattr__(self, "act_group_aware", gptq_method and not self.act_order and self.group_size != -1)
         if self.scale_search is None:
             object.__setattr__(self, "scale_search", gptq_method)
         _check(gptq_method or not self.scale_search,
