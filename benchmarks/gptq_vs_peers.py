@@ -36,13 +36,15 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 }
 # qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
 # qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
-# column order; qforge-awq+gptq keeps qforge's default order (group-aware since session 14); -noclip: AWQ
-# scales without the clipping search; -minmax: GPTQ with plain min-max group ranges (no scale search; the
-# default before session 16)
-TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor",
+# column order; qforge-awq+gptq keeps qforge's defaults (group-aware order since session 14; no AWQ clip with
+# the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search; -minmax: GPTQ with plain min-max group ranges (no scale search; the
+# default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 is
+# the default since session 17, fp32 before); llmcompressor-bf16: the model cast to bf16 first, as a bf16
+# checkpoint loads
+TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-bf16", "qforge-gptq-gar-fp32", "qforge-gptq-bf16", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "llmcompressor-bf16",
          "gptqmodel", "gptqmodel-mse",
-         "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
-AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip")
+         "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip", "qforge-awq+gptq-clip")
+AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip", "qforge-awq+gptq-clip")
 
 
 def wanted(tool: str, config: str) -> bool:
@@ -54,7 +56,8 @@ def wanted(tool: str, config: str) -> bool:
     if tool in AWQ_TOOLS:
         return False
     if CONFIGS[config][2]:  # act-order: RTN has no column order, group-aware order is the other order
-        return tool not in ("qforge-rtn", "qforge-gptq-gar", "qforge-gptq-gar-minmax")
+        return tool not in ("qforge-rtn", "qforge-gptq-gar", "qforge-gptq-gar-minmax", "qforge-gptq-gar-bf16",
+                            "qforge-gptq-gar-fp32")
     return True
 
 
@@ -69,7 +72,7 @@ def calib_file(path: Path) -> Path:
 
 
 def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True,
-               group_aware=False, awq_clip=True, damp=0.01, scale_search=None):
+               group_aware=False, awq_clip=None, damp=0.01, scale_search=None, compute_dtype=None):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -81,12 +84,13 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
                                                 act_order=act_order, static_groups=static_groups,
                                                 true_sequential=true_sequential, act_group_aware=group_aware,
                                                 awq_clip=awq_clip, damp=damp,
-                                                scale_search=scale_search),
+                                                scale_search=scale_search,
+                                                **({"compute_dtype": compute_dtype} if compute_dtype else {})),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
-def run_llmcompressor(bits, group, act_order, samples):
+def run_llmcompressor(bits, group, act_order, samples, dtype=torch.float32):
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -95,6 +99,7 @@ def run_llmcompressor(bits, group, act_order, samples):
     from qforge.models import load_model
 
     lm = load_model("smollm2-135m")
+    lm.model.to(dtype)   # bf16: the model as a bf16 checkpoint would load (its forward passes in bf16)
     ds = Dataset.from_dict({"input_ids": [s.tolist() for s in samples],
                             "attention_mask": [[1] * len(s) for s in samples]})
     weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
@@ -183,10 +188,12 @@ def worker(args) -> None:
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
                                  static_groups="static" in flags, true_sequential="nts" not in flags,
                                  group_aware=None if "awq+gptq" in args.tool else "gar" in flags,
-                                 awq_clip="noclip" not in flags, damp=args.qforge_damp,
-                                 scale_search=False if "minmax" in flags else None)
-    elif args.tool == "llmcompressor":
-        secs, state = run_llmcompressor(bits, group, act_order, samples)
+                                 awq_clip=False if "noclip" in flags else True if "clip" in flags else None, damp=args.qforge_damp,
+                                 scale_search=False if "minmax" in flags else None,
+                                 compute_dtype="bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else None)
+    elif args.tool in ("llmcompressor", "llmcompressor-bf16"):
+        secs, state = run_llmcompressor(bits, group, act_order, samples,
+                                        torch.bfloat16 if args.tool.endswith("bf16") else torch.float32)
     else:
         secs, state = run_gptqmodel(bits, group, act_order, samples, mse=2.4 if args.tool.endswith("-mse") else 0.0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,6 +11,7 @@ from .errors import QForgeError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -66,11 +67,21 @@ class QuantizeConfig(_JsonMixin):
     # GPTQ loss (the reference code's `mse` option, weighted) instead of the plain min-max range.
     # None: on for GPTQ methods (BENCHMARKS.md shows why); RTN and AWQ keep min-max (AWQ has its own clip)
     scale_search: bool | None = None
+    # dtype of the calibration forward passes (activations and the block copy they run through) and, for
+    # bfloat16, of each batch's Hessian products (accumulated in fp32 across batches); solvers always read
+    # the fp32 weights. bfloat16 (default) is how GPTQModel and llm-compressor run a bf16 checkpoint, and its
+    # matmuls are 3.5x faster than fp32 on CPUs with AVX512-BF16 (BENCHMARKS.md); float32 is exact but slower
+    compute_dtype: str = "bfloat16"
     # AWQ options (methods awq / awq+gptq): α grid points in [0, 1), duo scaling (x^α / w^(1-α), as
-    # AutoAWQ and llm-compressor) or x^α alone, clipping search, and saved results to apply instead of searching
+    # AutoAWQ and llm-compressor) or x^α alone, clipping search, and saved results to apply instead of searching.
+    # awq_clip None: on for awq; for awq+gptq only without scale_search (the two range shrinks stack and
+    # together cost 6-13% ppl at W3, BENCHMARKS.md)
     awq_grid: int = 20
     awq_duo_scaling: bool = True
-    awq_clip: bool = True
+    awq_clip: bool | None = None
+    # awq+gptq: judge each candidate α with the weights GPTQ would solve on the scaled input's Hessian (and
+    # "no scaling" as one more candidate) instead of rounded weights. None: on for awq+gptq
+    awq_gptq_aware: bool | None = None
     awq_from: str = ""
     # mixed precision (method gptq): one scheme per linear chosen from a measurement so that the average
     # stored bits per weight of the quantized linears, counted as `bpw_format` stores them, is <= bpw;
@@ -92,6 +103,8 @@ class QuantizeConfig(_JsonMixin):
                f"bits must be an integer from 2 to 8, got {self.bits!r}")
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
+        _check(self.compute_dtype in COMPUTE_DTYPES,
+               f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         _check(0.0 < self.damp < 1.0, f"damp must be in (0, 1), got {self.damp!r}")
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),
@@ -103,6 +116,12 @@ class QuantizeConfig(_JsonMixin):
             object.__setattr__(self, "scale_search", gptq_method)
         _check(gptq_method or not self.scale_search,
                f"scale_search is a GPTQ option; method {self.method!r} keeps the min-max range")
+        if self.awq_clip is None:
+            object.__setattr__(self, "awq_clip", self.uses_awq and not self.scale_search)
+        if self.awq_gptq_aware is None:
+            object.__setattr__(self, "awq_gptq_aware", self.method == "awq+gptq")
+        _check(self.method == "awq+gptq" or not self.awq_gptq_aware,
+               f"awq_gptq_aware judges AWQ scales by GPTQ; it needs method awq+gptq, not {self.method!r}")
         _check(not (self.act_group_aware and self.act_order),
                "act_group_aware and act_order are two column orders; pick one")
         _check(not (self.act_group_aware and self.group_size == -1),

@@ -12,6 +12,7 @@ Only the current block is moved to the compute device. Solvers plug in through S
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from fnmatch import fnmatch
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
-from .capture.blocks import make_batches
+from .capture.blocks import cast_call, make_batches
 from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
@@ -47,7 +48,7 @@ class Solver(Protocol):
 class RTNSolver:
     needs_inputs = False
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", product_dtype: torch.dtype = torch.float32):
         self.device = device
 
     def solve(self, W, stats, grid, cfg):
@@ -57,11 +58,11 @@ class RTNSolver:
 class GPTQSolver:
     needs_inputs = True
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
+    def __init__(self, device: str = "cpu", product_dtype: torch.dtype = torch.float32):
+        self.device, self.product_dtype = device, product_dtype
 
     def new_stats(self, in_features: int) -> HessianAccumulator:
-        return HessianAccumulator(in_features, self.device)
+        return HessianAccumulator(in_features, self.device, self.product_dtype)
 
     def add(self, stats: HessianAccumulator, x: torch.Tensor) -> None:
         stats.add(x)
@@ -115,6 +116,10 @@ def _skipped(name: str, cfg: QuantizeConfig) -> bool:
     return any(fnmatch(name, pat) for pat in cfg.skip)
 
 
+def _kept(groups: list[list[LinearRef]], prefix: str, cfg: QuantizeConfig) -> list[list[LinearRef]]:
+    return [[r for r in g if not _skipped(f"{prefix}.{r.name}", cfg)] for g in groups]
+
+
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
                    device: str = "cpu", batch_size: int = 8, show_progress: bool = True,
                    grids: dict[str, Grid] | None = None) -> QuantizeResult:
@@ -124,7 +129,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
-    solver = SOLVERS[cfg.method](device)
+    # bf16 passes: bf16 Hessian products too (capture/hessian.py); fp16 products would overflow
+    solver = SOLVERS[cfg.method](device, torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
@@ -156,39 +162,49 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     """`reuse_passes=False` runs every pass in full (no early exit, no replay): the reference the tests
     compare the fast schedule with."""
     grids = grids or {}
+    dtype = getattr(torch, cfg.compute_dtype)
     inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
-    hidden = inputs.hidden
+    hidden = [h.to(dtype) for h in inputs.hidden]
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         block.to(device)
-        calls = inputs.for_block(i)
-        if cfg.uses_awq:
+        calls = [cast_call(c, dtype) for c in inputs.for_block(i)]
+        if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
-            result.awq[i] = awq_block(block, spec, hidden, calls, grid, cfg.awq_grid, cfg.awq_duo_scaling,
-                                      cfg.awq_clip, device=device, given=given)
-        groups = [[r for r in g if not _skipped(f"{spec.blocks}.{i}.{r.name}", cfg)]
-                  for g in block_linears(block, spec)]
+            gptq_opts = dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
+                             scale_search=cfg.scale_search) if cfg.awq_gptq_aware else None
+            result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
+                                      cfg.awq_grid, cfg.awq_duo_scaling, cfg.awq_clip, device=device, given=given,
+                                      gptq_opts=gptq_opts)
+        # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
+        # solvers read the fp32 block's weights, and each solved weight is written to both
+        fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        groups, fwd_groups = (_kept(block_linears(b, spec), f"{spec.blocks}.{i}", cfg) for b in (block, fwd))
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
-            stats = one_pass_stats(solver, block, groups, hidden, calls, device)
+            stats = one_pass_stats(solver, fwd, fwd_groups, hidden, calls, device)
         # sub-modules whose linears are all solved are recorded once and replayed (capture/replay.py)
         sequential = solver.needs_inputs and cfg.true_sequential
         width = hidden[0].shape[-1]
-        frozen = FrozenOutputs(block, groups, len(calls), width, device) if reuse_passes and sequential else None
-        for k, todo in enumerate(groups):
+        frozen = FrozenOutputs(fwd, fwd_groups, len(calls), width, device) if reuse_passes and sequential else None
+        for k, (todo, fwd_todo) in enumerate(zip(groups, fwd_groups)):
             if not todo:
                 continue
             if sequential:
-                stats, sinks = _group_stats(solver, todo)
-                later = [r for g in block_linears(block, spec)[k + 1:] for r in g]
-                with collect_group_inputs(block, todo, sinks, later, stop_early=reuse_passes), \
+                stats, sinks = _group_stats(solver, fwd_todo)
+                later = [r for g in block_linears(fwd, spec)[k + 1:] for r in g]
+                with collect_group_inputs(fwd, fwd_todo, sinks, later, stop_early=reuse_passes), \
                         frozen.pass_after(k) if frozen else contextlib.nullcontext():
-                    feed_block(block, hidden, calls, device)
-            for ref in todo:
+                    feed_block(fwd, hidden, calls, device)
+            for ref, fwd_ref in zip(todo, fwd_todo):
                 name = f"{spec.blocks}.{i}.{ref.name}"
                 _solve_into(ref, name, solver, stats.get(ref.name), grids.get(name, grid), cfg, result)
+                if fwd is not block:
+                    fwd_ref.set_weight(ref.weight)
         with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
-            hidden = run_block(block, hidden, calls, device)   # the quantized block feeds the next one
+            hidden = run_block(fwd, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
+        del fwd
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
 

@@ -15,7 +15,9 @@ from qforge.models.arch import arch_spec, get_blocks
 from qforge.pipeline import quantize_model
 from qforge.smoothing import awq_block
 from qforge.solvers import Grid, rtn
-from qforge.solvers.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant, weight_magnitude
+from qforge.solvers import gptq
+from qforge.solvers.awq import (apply_clip, awq_scales, clip_search, scaled_fake_quant, scaled_gptq_quant,
+                                weight_magnitude)
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
 
@@ -44,6 +46,72 @@ def test_scaled_fake_quant_with_unit_scales_is_rtn():
     W = torch.randn(16, 64)
     grid = Grid(3, 32, False)
     assert torch.equal(scaled_fake_quant(W, torch.ones(64), grid), rtn(W, grid).dequantize())
+
+
+def _hessian(X):
+    from qforge.capture import HessianAccumulator
+    acc = HessianAccumulator(X.shape[1])
+    acc.add(X)
+    return acc.H
+
+
+def test_scaled_gptq_quant_solves_the_scaled_layer():
+    """s = 1 is plain GPTQ; otherwise the result is GPTQ of W·diag(s) on the Hessian of x / s, mapped back."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g) / 8                           # correlated inputs: GPTQ has work to do
+    X = (torch.randn(512, 64, generator=g) @ mix) * torch.exp(torch.randn(64, generator=g))
+    W = torch.randn(24, 64, generator=g)
+    grid, H = Grid(3, 32, False), _hessian(X)
+    assert torch.equal(scaled_gptq_quant(W, H, torch.ones(64), grid, scale_search=True),
+                       gptq(W, H, grid, scale_search=True).dequantize())
+    s = awq_scales(X.abs().mean(0), None, 0.5)
+    direct = gptq(W * s, _hessian(X / s), grid).dequantize() / s
+    err = lambda W_hat: float((X @ (W - W_hat).T).pow(2).sum())          # noqa: E731
+    assert abs(err(scaled_gptq_quant(W, H, s, grid)) - err(direct)) <= 0.02 * err(direct)
+    assert err(direct) < 0.9 * err(scaled_fake_quant(W, s, grid))        # GPTQ still compensates
+
+
+@torch.no_grad()
+def test_gptq_aware_search_keeps_no_scaling_when_it_wins():
+    """With identity=True, s = 1 is a candidate: a quantizer that is exact only unscaled must leave the
+    unit unscaled (α = -1), and awq_block then folds nothing for it."""
+    from qforge.models.arch import block_linears
+    from qforge.smoothing.awq_search import _capture, _input_keys, _search, _units
+
+    m = tiny_model("llama")
+    spec = arch_spec(m)
+    block = get_blocks(m, spec)[0]
+    inputs = capture_block_inputs(m, spec, make_batches(ids(2), 2))
+    groups = block_linears(block, spec)
+    units = _units(block, spec, [r for g in groups for r in g])
+    keys = _input_keys(groups)
+    X, store = _capture(block, units, groups, keys, inputs.hidden, inputs.for_block(0), "cpu")
+    exact_unscaled = lambda W, key, s: W if torch.all(s == 1) else W * 1.01     # noqa: E731
+    for u in units:
+        alpha, s = _search(block, u, X, keys, store, exact_unscaled, 4, True, Grid(3, 32, False), "cpu", identity=True)
+        assert alpha == -1.0 and torch.equal(s, torch.ones_like(s)), u.key
+        alpha, _ = _search(block, u, X, keys, store, exact_unscaled, 4, True, Grid(3, 32, False), "cpu")
+        assert alpha >= 0, u.key                                           # without it, some α is chosen
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_awq_gptq_runs_on_every_architecture(model_type):
+    """awq+gptq with its defaults (GPTQ-judged scales, no AWQ clip): finite weights, closer to the fp
+    model than RTN."""
+    samples = ids(8, 64)
+    x = torch.stack(samples[:4])
+    with torch.no_grad():
+        want = tiny_model(model_type)(input_ids=x).logits
+    errs = {}
+    for method in ("rtn", "awq+gptq"):
+        m = tiny_model(model_type)
+        cfg = QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=4)
+        assert cfg.method == "rtn" or (cfg.awq_gptq_aware and not cfg.awq_clip)
+        res = quantize_model(m, cfg, samples, show_progress=False)
+        assert all(torch.isfinite(q.dequantize()).all() for q in res.layers.values())
+        with torch.no_grad():
+            errs[method] = float((m(input_ids=x).logits - want).norm())
+    assert errs["awq+gptq"] < errs["rtn"]
 
 
 def test_clip_search_never_widens_and_lowers_output_error():

@@ -139,6 +139,23 @@ def test_hessian_running_normalisation_matches_one_pass(d):
     assert acc.n == 1000
 
 
+def test_bf16_hessian_products_stay_within_bf16_rounding_and_solve_alike():
+    """bf16 panel products (compute_dtype bf16) differ from fp32 ones by at most the one bf16 rounding
+    of each batch's panel, entrywise, and GPTQ solves on them as well as on the fp32 H."""
+    X = correlated_inputs(n=4096, d=500).bfloat16()                  # activations as the bf16 passes make them
+    fp, bf = HessianAccumulator(500), HessianAccumulator(500, product_dtype=torch.bfloat16)
+    for chunk in X.split([2048, 1000, 1048]):
+        fp.add(chunk)
+        bf.add(chunk)
+    bound = sum(2 * c.shape[0] / 4096 * (c.float().abs().T @ c.float().abs()) for c in X.split([2048, 1000, 1048]))
+    assert ((bf.H - fp.H).abs() <= 2 ** -8 * bound + 1e-6).all()
+    assert not torch.equal(bf.H, fp.H)                                # it is a different computation
+    W = torch.randn(64, 500)
+    Xf = X.float()
+    errs = [out_err(Xf, W, gptq(W, acc.H, Grid(3, 64, True), scale_search=True).dequantize()) for acc in (fp, bf)]
+    assert errs[1] < 1.02 * errs[0], errs
+
+
 def test_rank_deficient_inputs_are_handled():
     X = correlated_inputs(n=16, d=64)                            # 16 tokens: H has rank 16 of 64
     W = torch.randn(32, 64)
@@ -306,7 +323,7 @@ def test_one_pass_schedule_takes_statistics_from_the_unquantized_block(model_typ
     results = {}
     for ts in (False, True):
         m = tiny_model(model_type)
-        cfg = QuantizeConfig(method="gptq", bits=3, group_size=32, true_sequential=ts)
+        cfg = QuantizeConfig(method="gptq", bits=3, group_size=32, true_sequential=ts, compute_dtype="float32")
         results[ts] = quantize_model(m, cfg, ids, batch_size=2, show_progress=False).layers
     prefix = f"{spec.blocks}.0."
     last = refs[-1]
@@ -400,3 +417,33 @@ def test_finished_attention_is_recorded_once_then_replayed(model_type):
     assert len(ran) == len(calls)                      # replayed, not run again
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert not any(p.endswith(("gate_proj", "up_proj", "fc1", "c_fc", "dense_h_to_4h")) for p in frozen.recorded)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_bfloat16_passes_keep_fp32_weights_and_quantize_as_well(model_type):
+    """compute_dtype="bfloat16" runs the calibration passes through a bf16 copy of each block: the model
+    stays fp32, unquantized parameters are untouched, every solved weight is its codes' exact fp32
+    dequantization (not rounded to bf16), and the quantized model is about as close to the fp model as
+    the fp32 run's (the Hessians differ only by the bf16 rounding of the activations)."""
+    ids = [torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    batch = torch.stack(ids)
+    fp = tiny_model(model_type)
+    with torch.no_grad():
+        ref = fp(batch).logits
+    err = {}
+    for dtype in ("float32", "bfloat16"):
+        m = tiny_model(model_type)
+        cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, compute_dtype=dtype)
+        res = quantize_model(m, cfg, ids, batch_size=3, show_progress=False)
+        spec, solved = arch_spec(m), set()
+        for b, block in enumerate(get_blocks(m, spec)):
+            for r in (r for g in block_linears(block, spec) for r in g):
+                assert torch.equal(r.weight, res.layers[f"{spec.blocks}.{b}.{r.name}"].dequantize()), r.name
+                solved.add(id(getattr(r.module, r.param)))
+        fp_params = dict(fp.named_parameters())
+        for n, p in m.named_parameters():
+            assert p.dtype == torch.float32, n
+            assert id(p) in solved or torch.equal(p, fp_params[n]), n   # norms, embeddings: not round-tripped
+        with torch.no_grad():
+            err[dtype] = float((m(batch).logits - ref).pow(2).mean())
+    assert err["bfloat16"] < 1.25 * err["float32"], err

@@ -76,6 +76,7 @@ def test_more_bits_less_error():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(bits=0), "bits"), (dict(bits=9), "bits"), (dict(group_size=0), "group_size"),
     (dict(method="magic"), "unknown method"), (dict(damp=0), "damp"), (dict(static_groups=True, group_size=-1), "static_groups"),
+    (dict(compute_dtype="float64"), "compute_dtype"), (dict(compute_dtype="bf16"), "compute_dtype"),
 ])
 def test_config_rejects_impossible_settings(kwargs, match):
     with pytest.raises(QForgeError, match=match):
@@ -128,3 +129,10 @@ def test_scale_search_is_a_gptq_option():
     assert not QuantizeConfig(method="gptq", scale_search=False).scale_search
     with pytest.raises(QForgeError, match="scale_search is a GPTQ option"):
         QuantizeConfig(method="rtn", scale_search=True)
+
+
+def test_awq_clip_defaults_to_on_unless_gptq_searches_the_ranges():
+    assert QuantizeConfig(method="awq").awq_clip and not QuantizeConfig(method="awq+gptq").awq_clip
+    assert QuantizeConfig(method="awq+gptq", scale_search=False).awq_clip
+    assert QuantizeConfig(method="awq+gptq", awq_clip=True).awq_clip and not QuantizeConfig(method="awq", awq_clip=False).awq_clip
+    assert not QuantizeConfig(method="gptq").awq_clip

@@ -143,6 +143,23 @@ def _to(obj, device):
     return obj
 
 
+def _cast(obj, dtype: torch.dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
+    """The call with its floating tensors (rotary tables, additive masks) in `dtype`; itself when fp32 already."""
+    if dtype == torch.float32:
+        return call
+    return BlockCall(_cast(call.args, dtype), _cast(call.kwargs, dtype))
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall],
               device: torch.device | str = "cpu") -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import METHODS
+from ..config import COMPUTE_DTYPES, METHODS
 from ..errors import QForgeError
 from .table import format_table, human_bytes
 
@@ -41,7 +41,12 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     w.add_argument("--awq-grid", type=int, default=20, help="points of the scale exponent grid in [0, 1)")
     w.add_argument("--no-awq-duo-scaling", dest="awq_duo_scaling", action="store_false",
                    help="s = mean|x|^a alone instead of mean|x|^a / mean|w|^(1-a)")
-    w.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="skip the clipping search")
+    w.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clipping search after the scales (default: on for awq; for awq+gptq only with "
+                        "--no-scale-search, as GPTQ's range search does the clipping)")
+    w.add_argument("--awq-gptq-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="awq+gptq: judge each scale candidate by the GPTQ-solved weights (and try no scaling) "
+                        "instead of rounded ones (default: on for awq+gptq)")
     w.add_argument("--awq-from", default="", help="apply the scales/clips saved by an earlier run (its output "
                                                   "directory or awq_results.safetensors) instead of searching")
     x = p.add_argument_group("mixed precision (method gptq)")
@@ -54,6 +59,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--calib-seqlen", dest="calib_seqlen", type=int, default=2048, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
+                   help="dtype of the calibration passes and Hessian products (summed in fp32); float32 is "
+                        "exact but slower (1.7x on a CPU with AVX512-BF16), use it where bf16 is not native")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
 
@@ -93,7 +101,7 @@ def _quant_config(a):
                           block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
                           act_group_aware=a.act_group_aware, true_sequential=a.true_sequential,
                           scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
-                          awq_clip=a.awq_clip, awq_from=a.awq_from, bpw=a.bpw, measurement=a.measurement,
+                          awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from, compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 

@@ -5,6 +5,10 @@ gate/up or for the experts and their router; a single linear's own output for o 
 best scales in, then search a clipping threshold per (output channel, group) for every linear except
 q/k (whose error the output MSE does not see). All statistics come from one forward of the block
 before any change.
+
+Each candidate α is judged with the weights as they will be quantized: rounded (AWQ) or, for awq+gptq
+(`gptq_opts`), solved by GPTQ on the scaled input's Hessian, with "no scaling" as one more candidate, so
+the scales GPTQ then solves with are the ones that help GPTQ, not round-to-nearest.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ import torch
 from torch import nn
 
 from ..capture.blocks import BlockCall, _to
+from ..capture.hessian import HessianAccumulator
 from ..capture.linear_inputs import tap_inputs
 from ..models.arch import ArchSpec, LinearRef, block_linears
 from ..solvers import Grid
-from ..solvers.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant, weight_magnitude
+from ..solvers.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant, scaled_gptq_quant, weight_magnitude
 from .fold import FoldUnit, fold_scales, mapping_units
 
 log = logging.getLogger(__name__)
@@ -97,8 +102,11 @@ def _capture(block, units, groups, keys, hidden, calls, device) -> tuple[dict, d
     return X, store
 
 
-def _search(block, u: FoldUnit, X, keys, store, grid, n_grid, duo_scaling, device) -> tuple[float, torch.Tensor] | None:
-    """The best (α, s) of one unit by its judging output's MSE; None when no token reaches its linears."""
+def _search(block, u: FoldUnit, X, keys, store, quant, n_grid, duo_scaling, grid, device,
+            identity: bool = False) -> tuple[float, torch.Tensor] | None:
+    """The best (α, s) of one unit by its judging output's MSE, each candidate's weights being
+    quant(W, input key, s); None when no token reaches its linears. `identity`: s = 1 is a candidate
+    too (returned as α = -1)."""
     x = torch.cat([X[k] for k in dict.fromkeys(keys[r.name] for r in u.lins)])
     if x.shape[0] == 0:
         return None
@@ -108,15 +116,14 @@ def _search(block, u: FoldUnit, X, keys, store, grid, n_grid, duo_scaling, devic
     if u.parent is None:                                 # one linear: its own output error, from its inputs
         xs, W = X[keys[u.lins[0].name]], originals[0].float()
         y = xs @ W.T
+    candidates = [(i / n_grid, awq_scales(x_mag, w_mag, i / n_grid)) for i in range(n_grid)]
     best = (float("inf"), 0.0, torch.ones_like(x_mag))
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = awq_scales(x_mag, w_mag, alpha)
+    for alpha, s in candidates + ([(-1.0, torch.ones_like(x_mag))] if identity else []):
         if u.parent is None:
-            loss = float((xs @ scaled_fake_quant(W, s, grid).T - y).pow(2).mean())
+            loss = float((xs @ quant(W, keys[u.lins[0].name], s).T - y).pow(2).mean())
         else:
             for r, W0 in zip(u.lins, originals):
-                r.set_weight(scaled_fake_quant(W0.float(), s, grid))
+                r.set_weight(quant(W0.float(), keys[r.name], s))
             loss = _mse(_run(block.get_submodule(u.parent), store[u.parent], device), store[u.parent])
         if loss < best[0]:
             best = (loss, alpha, s)
@@ -125,11 +132,29 @@ def _search(block, u: FoldUnit, X, keys, store, grid, n_grid, duo_scaling, devic
     return best[1], best[2]
 
 
+def _quantizer(X: dict, grid: Grid, gptq_opts: dict | None):
+    """quant(W, input key, s) -> the weight the scaled layer uses after quantization, and a function that
+    forgets a key's cached Hessian (its inputs changed)."""
+    if gptq_opts is None:
+        return (lambda W, key, s: scaled_fake_quant(W, s, grid)), (lambda key: None)
+    H: dict[str, torch.Tensor] = {}
+
+    def quant(W, key, s):
+        if key not in H:
+            acc = HessianAccumulator(X[key].shape[1], X[key].device)
+            acc.add(X[key])
+            H[key] = acc.H
+        return scaled_gptq_quant(W, H[key], s, grid, **gptq_opts)
+
+    return quant, (lambda key: H.pop(key, None))
+
+
 @torch.no_grad()
 def awq_block(block: nn.Module, spec: ArchSpec, hidden: list[torch.Tensor], calls: list[BlockCall], grid: Grid,
               n_grid: int = 20, duo_scaling: bool = True, clip: bool = True, clip_tokens: int = 512,
-              device="cpu", given: BlockAWQ | None = None) -> BlockAWQ:
-    """Search (or, with `given`, re-apply) AWQ scales and clips on `block` in place; returns them."""
+              device="cpu", given: BlockAWQ | None = None, gptq_opts: dict | None = None) -> BlockAWQ:
+    """Search (or, with `given`, re-apply) AWQ scales and clips on `block` in place; returns them.
+    gptq_opts: judge the scales with GPTQ (these keyword options of solvers.gptq) instead of rounding."""
     groups = block_linears(block, spec)
     refs = [r for g in groups for r in g]
     units = _units(block, spec, refs)
@@ -146,16 +171,22 @@ def awq_block(block: nn.Module, spec: ArchSpec, hidden: list[torch.Tensor], call
         return result
     keys = _input_keys(groups)
     X, store = _capture(block, units, groups, keys, hidden, calls, device)
+    quant, forget = _quantizer(X, grid, gptq_opts)
     for u in units:
-        found = _search(block, u, X, keys, store, grid, n_grid, duo_scaling, device)
+        found = _search(block, u, X, keys, store, quant, n_grid, duo_scaling, grid, device,
+                        identity=gptq_opts is not None)
         if found is None:
             log.info("AWQ %s: no calibration token reaches its linears; not scaled", u.key)
             continue
         result.alphas[u.key], s = found
+        if result.alphas[u.key] < 0:
+            log.info("AWQ %s: GPTQ does better without scales; not scaled", u.key)
+            continue
         fold_scales(block, u, s, spec.norm_plus_one)
         result.scales[u.key] = s
         for k in dict.fromkeys(keys[r.name] for r in u.lins):
             X[k] = X[k] / s                               # the linears now read x / s
+            forget(k)
     for r in refs:
         base = r.name if r.expert is None else r.name.rpartition(".")[0]
         Xs = X[keys[r.name]]

@@ -1,7 +1,7 @@
 """AWQ search results on disk (`awq_results.safetensors`), so a run can re-apply them (--awq-from).
 
 Tensors: `<blocks>.<i>.<prev>.awq_scale` [in] per folded mapping, `<blocks>.<i>.<linear>.awq_clip`
-[out, G] per clipped linear. Metadata: "alphas" (JSON {mapping: α}) and "grid" (bits/group/sym the
+[out, G] per clipped linear. Metadata: "alphas" (JSON {mapping: α}; -1: left unscaled) and "grid" (bits/group/sym the
 search was judged with).
 """
 from __future__ import annotations

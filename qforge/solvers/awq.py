@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .gptq import gptq
 from .grid import Grid
 from .rtn import rtn
 
@@ -35,6 +36,13 @@ def awq_scales(x_mag: torch.Tensor, w_mag: torch.Tensor | None, alpha: float) ->
 def scaled_fake_quant(W: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Q(W · diag(s)) · diag(s)^-1: the weight the scaled layer effectively uses. [out, in]."""
     return rtn(W * s, grid).dequantize() / s
+
+
+def scaled_gptq_quant(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, grid: Grid, **gptq_opts) -> torch.Tensor:
+    """The same with GPTQ as the quantizer: the scaled layer W·diag(s) reads x/s, whose Hessian is
+    diag(s)^-1 H diag(s)^-1 (H [in, in] of the unscaled input). [out, in]."""
+    Hs = H / s[:, None] / s[None, :]
+    return gptq(W * s, Hs, grid, **gptq_opts).dequantize() / s
 
 
 def _fake_quant_groups(Wg: torch.Tensor, grid: Grid) -> torch.Tensor:
