@@ -60,8 +60,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     c.add_argument("--calib-seqlen", dest="calib_seqlen", type=int, default=2048, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
-                   help="dtype of the calibration passes and Hessian products (summed in fp32); float32 is "
-                        "exact but slower (1.7x on a CPU with AVX512-BF16), use it where bf16 is not native")
+                   help="dtype of quantize's calibration passes and Hessian products (summed in fp32; `measure` "
+                        "always runs fp32); float32 is exact but slower (1.7x on a CPU with AVX512-BF16), use it "
+                        "where bf16 is not native")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
 
