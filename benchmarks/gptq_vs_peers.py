@@ -37,8 +37,8 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 # qforge-gptq[-static][-nts]: static groups; nts = not true-sequential (one statistics pass per block);
 # qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
 # column order; qforge-awq+gptq keeps qforge's defaults (group-aware order since session 14; no AWQ clip with
-# the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search; -minmax: GPTQ with plain min-max group ranges (no scale search; the
-# default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 is
+# the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search;
+# -minmax: GPTQ with plain min-max group ranges (no scale search; the default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 is
 # the default since session 17, fp32 before); llmcompressor-bf16: the model cast to bf16 first, as a bf16
 # checkpoint loads
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-bf16", "qforge-gptq-gar-fp32", "qforge-gptq-bf16", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "llmcompressor-bf16",
@@ -56,8 +56,7 @@ def wanted(tool: str, config: str) -> bool:
     if tool in AWQ_TOOLS:
         return False
     if CONFIGS[config][2]:  # act-order: RTN has no column order, group-aware order is the other order
-        return tool not in ("qforge-rtn", "qforge-gptq-gar", "qforge-gptq-gar-minmax", "qforge-gptq-gar-bf16",
-                            "qforge-gptq-gar-fp32")
+        return tool != "qforge-rtn" and "-gar" not in tool
     return True
 
 
@@ -188,7 +187,8 @@ def worker(args) -> None:
         secs, state = run_qforge(args.tool.split("-")[1], bits, group, act_order, sym, samples,
                                  static_groups="static" in flags, true_sequential="nts" not in flags,
                                  group_aware=None if "awq+gptq" in args.tool else "gar" in flags,
-                                 awq_clip=False if "noclip" in flags else True if "clip" in flags else None, damp=args.qforge_damp,
+                                 awq_clip=False if "noclip" in flags else True if "clip" in flags else None,
+                                 damp=args.qforge_damp,
                                  scale_search=False if "minmax" in flags else None,
                                  compute_dtype="bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else None)
     elif args.tool in ("llmcompressor", "llmcompressor-bf16"):

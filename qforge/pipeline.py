@@ -68,9 +68,13 @@ class GPTQSolver:
         stats.add(x)
 
     def solve(self, W, stats: HessianAccumulator, grid, cfg):
-        return gptq(W.to(stats.H.device), stats.H, grid, damp=cfg.damp, block_size=cfg.block_size,
-                    act_order=cfg.act_order, static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
-                    scale_search=cfg.scale_search)
+        return gptq(W.to(stats.H.device), stats.H, grid, **gptq_options(cfg))
+
+
+def gptq_options(cfg: QuantizeConfig) -> dict:
+    """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement)."""
+    return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
+                group_aware=cfg.act_group_aware, scale_search=cfg.scale_search)
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -170,12 +174,9 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         calls = [cast_call(c, dtype) for c in inputs.for_block(i)]
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
-            gptq_opts = dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
-                             scale_search=cfg.scale_search) if cfg.awq_gptq_aware else None
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
                                       cfg.awq_grid, cfg.awq_duo_scaling, cfg.awq_clip, device=device, given=given,
-                                      gptq_opts=gptq_opts)
+                                      gptq_opts=gptq_options(cfg) if cfg.awq_gptq_aware else None)
         # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
         # solvers read the fp32 block's weights, and each solved weight is written to both
         fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)

@@ -102,7 +102,8 @@ def _quant_config(a):
                           block_size=a.block_size, act_order=a.act_order, static_groups=a.static_groups,
                           act_group_aware=a.act_group_aware, true_sequential=a.true_sequential,
                           scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
-                          awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from, compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
+                          awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from,
+                          compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 

@@ -36,7 +36,7 @@ from ..capture.blocks import make_batches
 from ..config import QuantizeConfig
 from ..errors import QForgeError
 from ..models.arch import arch_spec, block_linears, get_blocks
-from ..pipeline import GPTQSolver, one_pass_stats  # the statistics the quantize pass collects
+from ..pipeline import GPTQSolver, gptq_options, one_pass_stats  # the statistics and solve the quantize pass uses
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
 from .probe import TailProbe, interpolate_loglog
@@ -161,9 +161,7 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
             probes, abs_err, kl = probe_grids(grids), {}, {}
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
-                W_hat = gptq(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                             static_groups=cfg.static_groups, group_aware=cfg.act_group_aware,
-                             scale_search=cfg.scale_search).dequantize().to(W.device)
+                W_hat = gptq(W, H, grid, **gptq_options(cfg)).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:
