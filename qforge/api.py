@@ -46,7 +46,9 @@ class QModel:
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = "builtin:mix", *,
                  nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
-                 batch_size: int = 8, show_progress: bool = False) -> QuantizeResult:
+                 batch_size: int = 8, show_progress: bool = False, allocation=None) -> QuantizeResult:
+        """Quantize in place. `allocation` (a mixed.plan.Allocation, e.g. `Allocation.load("allocation.json")`)
+        gives every linear its scheme instead of measuring and planning for config.bpw."""
         if self.config is None:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
@@ -64,7 +66,10 @@ class QModel:
             else:
                 samples = list(calibration)
         torch.manual_seed(seed)
-        allocation = self._allocate(samples, device, batch_size, show_progress) if self.config.bpw else None
+        if allocation is not None:
+            self._check_allocation(allocation)
+        if allocation is None and self.config.bpw:
+            allocation = self._allocate(samples, device, batch_size, show_progress)
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
                                      show_progress=show_progress, grids=allocation.grids if allocation else None)
         self.result.allocation = allocation
@@ -74,19 +79,34 @@ class QModel:
                         self.result.ragged_layers[0])
         return self.result
 
+    def _check_allocation(self, allocation) -> None:
+        """An allocation names this model's block linears (an allocation of another model is refused)."""
+        from .models.arch import arch_spec, block_linears, get_blocks
+
+        if self.config.method != "gptq":
+            raise QForgeError(f"an allocation needs method gptq, got {self.config.method!r}")
+        spec = arch_spec(self.model)
+        names = {f"{spec.blocks}.{i}.{ref.name}" for i, b in enumerate(get_blocks(self.model, spec))
+                 for g in block_linears(b, spec) for ref in g}
+        foreign = sorted(set(allocation.layers) - names)
+        if foreign:
+            raise QForgeError(f"the allocation names {len(foreign)} layer(s) this model does not have, e.g. "
+                              f"{foreign[0]}: it was planned for another model")
+
     def _allocate(self, samples, device: str, batch_size: int, show_progress: bool):
         """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes."""
         import tempfile
 
         from .mixed import plan
+        from .mixed.plan import restate_costs
 
         cfg = self.config
         if cfg.measurement:
-            return plan(self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress),
-                        cfg.bpw, cfg.skip)
-        with tempfile.TemporaryDirectory() as d:                 # nothing to keep: measured for this run only
-            return plan(self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress),
-                        cfg.bpw, cfg.skip)
+            m = self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress)
+        else:
+            with tempfile.TemporaryDirectory() as d:             # nothing to keep: measured for this run only
+                m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress)
+        return plan(restate_costs(m, cfg.bpw_format), cfg.bpw, cfg.skip)
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""

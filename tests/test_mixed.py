@@ -16,6 +16,7 @@ from qforge.config import QuantizeConfig
 from qforge.errors import QForgeError
 from qforge.mixed import Option, allocate, candidate_grids, load_measurement, measure_model, plan, scheme_bits
 from qforge.mixed.measure import output_error
+from qforge.mixed.plan import restate_costs
 from qforge.capture import capture_block_inputs
 from qforge.capture.blocks import make_batches
 from qforge.models.arch import arch_spec, block_linears, get_blocks
@@ -217,6 +218,36 @@ def test_mixed_quantize_hits_the_budget_and_its_export_stores_exactly_that(fmt, 
     assert (tmp_path / "out" / "allocation.json").is_file() and (tmp_path / "out" / "allocation.png").is_file()
 
 
+def test_a_measurement_serves_another_format_with_that_formats_costs(tiny_llama_dir, tmp_path):
+    meas = tmp_path / "m.json"
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(meas)))   # gptq costs
+    m.quantize(samples())
+    measured = load_measurement(meas)
+    ct = restate_costs(measured, "compressed-tensors")
+    assert ct["format"] == "compressed-tensors" and measured["format"] == "gptq"
+    for name, d in measured["layers"].items():
+        pairs = list(zip(d["options"], ct["layers"][name]["options"]))
+        assert len(pairs) == len(d["options"]) and all(o["err"] == c["err"] for o, c in pairs)
+        assert all(c["stored_bits"] < o["stored_bits"] for o, c in pairs)     # no g_idx in compressed-tensors
+    back = restate_costs(ct, "gptq")
+    assert back["layers"] == measured["layers"]                               # recounted, not remembered
+    opt = {"group_size": 64, "sym": True, "err": 0.1, "stored_bits": 1}          # widths gptq cannot store
+    five = {"format": None, "layers": {"a": {"shape": [64, 128], "options": [{**opt, "bits": 5}, {**opt, "bits": 4}]},
+                                       "b": {"shape": [64, 128], "options": [{**opt, "bits": 6}]}}}
+    with pytest.raises(QForgeError, match="b: none of its measured widths"):
+        restate_costs(five, "gptq")
+    del five["layers"]["b"]
+    assert [o["bits"] for o in restate_costs(five, "gptq")["layers"]["a"]["options"]] == [4]
+    other = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(meas),
+                                                       bpw_format="compressed-tensors"))
+    other.quantize(samples())
+    alloc = other.result.allocation
+    assert alloc.format == "compressed-tensors" and alloc.bpw <= 3.5
+    assert alloc.total_err <= m.result.allocation.total_err     # every scheme is cheaper: gptq's choice still fits
+    sizes = other.export(tmp_path / "x", "compressed-tensors")
+    assert sizes["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)
+
+
 def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tmp_path, caplog):
     meas = tmp_path / "m.json"
     errs = []
@@ -266,3 +297,32 @@ def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys)
     alloc = json.loads((tmp_path / "q" / "allocation.json").read_text())
     rec = json.loads((tmp_path / "q-gptq" / "qforge_export.json").read_text())
     assert rec["bits_per_weight"] == pytest.approx(alloc["bpw"], rel=1e-12) and alloc["bpw"] <= 3.0
+    # the saved allocation is a stage the CLI reuses: same schemes, same codes, no measurement
+    assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--allocation", str(tmp_path / "q" /
+                "allocation.json"), "--out", str(tmp_path / "q2"), "--format", "gptq", *common]) == 0
+    assert json.loads((tmp_path / "q2" / "allocation.json").read_text())["layers"] == alloc["layers"]
+    first, again = (qforge.load(tmp_path / d).result.layers for d in ("q-gptq", "q2-gptq"))
+    assert all(torch.equal(first[n].codes, again[n].codes) and first[n].grid == again[n].grid for n in first)
+    assert not (tmp_path / "q2.measurement.json").exists()
+
+
+def test_a_bad_or_foreign_allocation_is_refused(tiny_llama_dir, tmp_path, capsys):
+    from qforge.mixed import Allocation
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"target_bpw": 3, "layers": {"model.layers.0.mlp.up_proj": {"bits": 1, "group_size": 64, '
+                   '"sym": true, "stored_bits": 10, "numel": 10}}}')
+    with pytest.raises(QForgeError, match="not a qforge allocation: no valid scheme for model.layers.0.mlp.up_proj"):
+        Allocation.load(bad)
+    bad.write_text('{"target_bpw": 3, "layers": ')
+    with pytest.raises(QForgeError, match="not a qforge allocation"):
+        Allocation.load(bad)
+    foreign = Allocation(3.0, "gptq", {"model.layers.7.mlp.up_proj": {"bits": 3, "group_size": 64, "sym": True,
+                                                                      "stored_bits": 10, "numel": 10}})
+    with pytest.raises(QForgeError, match="names 1 layer.s. this model does not have"):
+        qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq")).quantize(samples(), allocation=foreign)
+    with pytest.raises(QForgeError, match="needs method gptq"):
+        qforge.load(tiny_llama_dir, QuantizeConfig(method="rtn")).quantize(samples(), allocation=foreign)
+    assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3", "--allocation", str(bad),
+                "--out", str(tmp_path / "q")]) != 0
+    assert "give it or --bpw, not both" in capsys.readouterr().err and not (tmp_path / "q").exists()

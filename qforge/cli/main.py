@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_quant_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
+    p.add_argument("--allocation", default="", help="mixed precision: reuse the allocation.json of an earlier run "
+                                                    "(one scheme per linear) instead of --bpw")
     _add_export_args(p, "also write a packed checkpoint in this format to --export-out")
     p.add_argument("--export-out", help="where the packed checkpoint goes (default: OUT-FORMAT)")
 
@@ -315,12 +317,20 @@ def cmd_quantize(a) -> int:
 
     check_new_output(a.out, a.overwrite)                     # before quantizing, so no run is lost at save
 
-    if a.bpw is not None and not a.measurement:
+    allocation = None
+    if a.allocation:
+        from ..mixed import Allocation
+
+        if a.bpw is not None:
+            raise QForgeError("--allocation already fixes every layer's scheme: give it or --bpw, not both")
+        allocation = Allocation.load(a.allocation)
+        a.bpw = allocation.target_bpw                          # recorded in the run's config
+    elif a.bpw is not None and not a.measurement:
         a.measurement = f"{str(a.out).rstrip('/')}.measurement.json"   # kept beside the output: resumable
     cfg = _quant_config(a)
     m = qforge.load(a.model, cfg)
     m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
-               batch_size=a.batch_size, show_progress=not a.quiet)
+               batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation)
     out = m.save(a.out, overwrite=a.overwrite)
     if m.result.allocation is not None:
         _print_allocation(m.result.allocation)

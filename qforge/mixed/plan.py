@@ -47,9 +47,18 @@ class Allocation:
     def load(cls, path: str | Path) -> "Allocation":
         try:
             d = json.loads(Path(path).read_text())
-            return cls(float(d["target_bpw"]), d.get("format"), d["layers"])
-        except (OSError, ValueError, KeyError) as e:
+            a = cls(float(d["target_bpw"]), d.get("format"), d["layers"])
+            bad = [n for n, g in a.grids.items() if not _valid(g)]
+            if bad or a.bpw <= 0:
+                raise ValueError(f"no valid scheme for {bad[0] if bad else 'its layers'}")
+            return a
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError) as e:
             raise QForgeError(f"{path} is not a qforge allocation: {e}") from e
+
+
+def _valid(g: Grid) -> bool:
+    return (type(g.bits) is int and 2 <= g.bits <= 8 and type(g.group_size) is int
+            and (g.group_size == -1 or g.group_size > 0) and type(g.sym) is bool)
 
 
 def load_measurement(path: str | Path) -> dict:
@@ -68,13 +77,37 @@ def load_measurement(path: str | Path) -> dict:
     return m
 
 
-def plan(measurement: dict, target_bpw: float, skip: tuple[str, ...] = ()) -> Allocation:
-    """The allocation that minimises the summed error at <= target_bpw (over the measured layers)."""
+def restate_costs(measurement: dict, fmt: str | None) -> dict:
+    """`measurement` with every option's stored bits counted as `fmt` stores them, and the widths `fmt` cannot
+    store dropped: a layer's error does not depend on the format, its cost does (gptq keeps g_idx and zeros
+    that compressed-tensors does not), so one measurement serves every export format."""
+    from .schemes import FORMAT_BITS, scheme_bits
+
+    if measurement.get("format") == fmt:
+        return measurement
+    if fmt not in FORMAT_BITS:
+        raise QForgeError(f"no mixed-precision costs for format {fmt!r}; choose one of gptq, compressed-tensors")
+    layers = {}
+    for n, d in measurement["layers"].items():
+        shape = tuple(d["shape"])
+        options = [{**o, "stored_bits": scheme_bits(shape, Grid(o["bits"], o["group_size"], o["sym"]), fmt,
+                                                    bool(measurement.get("act_order")))}
+                   for o in d["options"] if o["bits"] in FORMAT_BITS[fmt]]
+        if not options:
+            raise QForgeError(f"{n}: none of its measured widths can be stored as {fmt}")
+        layers[n] = {**d, "options": options}
+    log.info("measurement taken for %s storage, costs restated as %s stores them", measurement.get("format"), fmt)
+    return {**measurement, "format": fmt, "layers": layers}
+
+
+def plan(measurement: dict, target_bpw: float, skip: tuple[str, ...] = (), err_power: float = 1.0) -> Allocation:
+    """The allocation that minimises the summed error at <= target_bpw (over the measured layers); with
+    err_power p > 1 it minimises the sum of err^p instead, which spreads error over more layers."""
     from fnmatch import fnmatch
 
     layers = {n: d for n, d in measurement["layers"].items() if not any(fnmatch(n, p) for p in skip)}
-    options = {n: [Option(grid_key(Grid(o["bits"], o["group_size"], o["sym"])), o["stored_bits"], o["err"])
-                   for o in d["options"]] for n, d in layers.items()}
+    options = {n: [Option(grid_key(Grid(o["bits"], o["group_size"], o["sym"])), o["stored_bits"],
+                          o["err"] ** err_power) for o in d["options"]] for n, d in layers.items()}
     numel = {n: d["shape"][0] * d["shape"][1] for n, d in layers.items()}
     chosen = allocate(options, numel, target_bpw)
     out = {}
