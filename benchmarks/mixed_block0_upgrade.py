@@ -9,15 +9,12 @@ from qforge.eval import load_eval_text, perplexity
 from qforge.eval.compare import kl_divergence
 from qforge.mixed import load_measurement, plan, Allocation
 from qforge.mixed.plan import restate_costs
+from benchmarks.mixed_heldout_diag import MEAS, logp       # the same measurement and held-out log-probabilities
 torch.set_num_threads(2)
 every = load_samples_jsonl("benchmarks/results/brown_128x512.jsonl")
 samples, held = every[:32], every[32:40]
 fp = qforge.load("smollm2-135m").model
-def logp(model, s):
-    with torch.no_grad():
-        return torch.log_softmax(model(input_ids=s.view(1, -1)).logits[0].float(), -1)
 ref = [logp(fp, s) for s in held]
-MEAS = "benchmarks/results/mixed_measurement_v3_32x512_gar_ss_b2348_ct.json"
 meas = restate_costs(load_measurement(MEAS), "compressed-tensors")
 a = plan(meas, 3.0)
 layers = dict(a.layers)

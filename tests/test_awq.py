@@ -98,19 +98,11 @@ def test_gptq_aware_search_keeps_no_scaling_when_it_wins():
 def test_awq_gptq_runs_on_every_architecture(model_type):
     """awq+gptq with its defaults (GPTQ-judged scales, no AWQ clip): finite weights, closer to the fp
     model than RTN."""
-    samples = ids(8, 64)
-    x = torch.stack(samples[:4])
-    with torch.no_grad():
-        want = tiny_model(model_type)(input_ids=x).logits
-    errs = {}
-    for method in ("rtn", "awq+gptq"):
-        m = tiny_model(model_type)
-        cfg = QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=4)
-        assert cfg.method == "rtn" or (cfg.awq_gptq_aware and not cfg.awq_clip)
-        res = quantize_model(m, cfg, samples, show_progress=False)
+    cfgs = {method: QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=4) for method in ("rtn", "awq+gptq")}
+    assert cfgs["awq+gptq"].awq_gptq_aware and not cfgs["awq+gptq"].awq_clip
+    errs, results = _logit_errors(model_type, cfgs)
+    for res in results.values():
         assert all(torch.isfinite(q.dequantize()).all() for q in res.layers.values())
-        with torch.no_grad():
-            errs[method] = float((m(input_ids=x).logits - want).norm())
     assert errs["awq+gptq"] < errs["rtn"]
 
 
@@ -176,18 +168,25 @@ def test_mixtral_experts_get_router_balanced_and_per_expert_scales():
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_awq_beats_rtn_on_every_architecture(model_type):
+    errs, _ = _logit_errors(model_type, {method: QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=8)
+                                         for method in ("rtn", "awq")})
+    assert errs["awq"] < errs["rtn"]
+
+
+def _logit_errors(model_type: str, cfgs: dict[str, QuantizeConfig]) -> tuple[dict[str, float], dict]:
+    """Each config quantizes a fresh tiny model on the same samples: the distance of its logits from the fp
+    model's, and its QuantizeResult."""
     samples = ids(8, 64)
     x = torch.stack(samples[:4])
     with torch.no_grad():
         want = tiny_model(model_type)(input_ids=x).logits
-    errs = {}
-    for method in ("rtn", "awq"):
+    errs, results = {}, {}
+    for name, cfg in cfgs.items():
         m = tiny_model(model_type)
-        quantize_model(m, QuantizeConfig(method=method, bits=3, group_size=32, awq_grid=8), samples,
-                       show_progress=False)
+        results[name] = quantize_model(m, cfg, samples, show_progress=False)
         with torch.no_grad():
-            errs[method] = float((m(input_ids=x).logits - want).norm())
-    assert errs["awq"] < errs["rtn"]
+            errs[name] = float((m(input_ids=x).logits - want).norm())
+    return errs, results
 
 
 def test_awq_defaults_and_saved_results_reapply_exactly(tiny_llama_dir, tmp_path):
