@@ -106,7 +106,13 @@ class QModel:
         else:
             with tempfile.TemporaryDirectory() as d:             # nothing to keep: measured for this run only
                 m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress)
-        return plan(restate_costs(m, cfg.bpw_format), cfg.bpw, cfg.skip)
+        m = restate_costs(m, cfg.bpw_format)
+        if not cfg.verify_samples:
+            return plan(m, cfg.bpw, cfg.skip)
+        from .mixed.verify import verified_plan
+
+        return verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
+                             device=device, batch_size=batch_size, show_progress=show_progress)
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""

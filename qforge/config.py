@@ -89,6 +89,11 @@ class QuantizeConfig(_JsonMixin):
     bpw: float | None = None
     measurement: str = ""
     bpw_format: str = "gptq"
+    # > 0: after planning, each block is quantized on its own at its allocated schemes and the model run over
+    # this many calibration sequences (mixed/verify.py); a block that alone costs more than the whole
+    # allocation's predicted KL on one of them has its lowest width raised and the budget re-planned.
+    # Off by default: on SmolLM2 it did not see the one failure known (BENCHMARKS.md), and costs minutes
+    verify_samples: int = 0
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()
@@ -132,6 +137,8 @@ class QuantizeConfig(_JsonMixin):
                    f"bpw must be a number from 2.0 to 8.0, got {self.bpw!r}")
             _check(self.bpw_format in ("gptq", "compressed-tensors"),
                    f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
+            _check(type(self.verify_samples) is int and self.verify_samples >= 0,
+                   f"verify_samples must be a whole number >= 0, got {self.verify_samples!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property

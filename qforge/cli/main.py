@@ -54,6 +54,10 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                                              "(2.0-8.0), counted as --format stores them (gptq by default)")
     x.add_argument("--measurement", default="", help="measurement file from `qforge measure` to reuse (or to "
                                                      "write and resume; default OUT.measurement.json)")
+    x.add_argument("--verify-samples", type=int, default=0,
+                   help="after planning, quantize each block alone at its schemes and run this many calibration "
+                        "sequences through the model; a block costing more than the whole allocation's predicted "
+                        "KL on one of them gets its lowest width raised (default 0: no check)")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -104,6 +108,7 @@ def _quant_config(a):
                           scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
                           awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from,
                           compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
+                          verify_samples=a.verify_samples,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 
@@ -309,6 +314,14 @@ def _print_allocation(alloc) -> None:
     print(format_table(["layer", "scheme", "bpw", "error (proxy)", "rel. output error"], allocation_rows(alloc),
                        title=f"mixed precision: {alloc.bpw:.4f} bpw as {alloc.format} stores it "
                              f"(target {alloc.target_bpw}), summed error {alloc.total_err:.4g}"))
+    v = alloc.verification
+    if v:
+        worst = max(v["blocks"].items(), key=lambda kv: kv[1]["worst_kl"], default=None)
+        print(f"checked {len(v['blocks'])} blocks alone on {v['sequences']} calibration sequences: "
+              + (f"worst block {worst[0]} at {worst[1]['worst_kl']:.3g} nats/token (limit {v['limit']:.3g}); "
+                 if worst else "")
+              + (f"raised {len(v['raised'])} layer(s) above their block's lowest width" if v["raised"]
+                 else "no layer raised"))
 
 
 def cmd_quantize(a) -> int:

@@ -1,7 +1,8 @@
 """From a measurement to a per-layer allocation: the optimiser's input and output as files, a table and a plot.
 
 allocation.json: {"target_bpw", "bpw" (exact, as the format stores it), "format", "total_err",
-                  "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "rel_err", "numel"}}}
+                  "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "rel_err", "numel"}},
+                  "verification": what mixed/verify.py checked and raised (absent when unchecked)}
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Allocation:
     target_bpw: float
     format: str | None
     layers: dict[str, dict]
+    verification: dict | None = None
 
     @property
     def grids(self) -> dict[str, Grid]:
@@ -38,7 +40,7 @@ class Allocation:
 
     def to_json(self) -> dict:
         return {"target_bpw": self.target_bpw, "bpw": self.bpw, "format": self.format, "total_err": self.total_err,
-                "layers": self.layers}
+                "layers": self.layers, **({"verification": self.verification} if self.verification else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -47,7 +49,7 @@ class Allocation:
     def load(cls, path: str | Path) -> "Allocation":
         try:
             d = json.loads(Path(path).read_text())
-            a = cls(float(d["target_bpw"]), d.get("format"), d["layers"])
+            a = cls(float(d["target_bpw"]), d.get("format"), d["layers"], d.get("verification"))
             bad = [n for n, g in a.grids.items() if not _valid(g)]
             if bad or a.bpw <= 0:
                 raise ValueError(f"no valid scheme for {bad[0] if bad else 'its layers'}")

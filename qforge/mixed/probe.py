@@ -39,16 +39,21 @@ class TailProbe:
         self.keep = torch.arange(stride - 1, T, stride)
         self.ref = [torch.log_softmax(self._logits(ids, 0, None), -1) for ids in batches]   # [B, K, vocab]
 
-    @torch.no_grad()
     def kl(self, start: int, hidden: list[torch.Tensor]) -> float:
         """Mean KL per kept position; `hidden[b]` is the fp input of block `start` for batch b."""
-        total, n = 0.0, 0
+        per_seq = self.kl_per_sequence(start, hidden)
+        return sum(per_seq) / max(len(per_seq), 1)          # every sequence has the same kept positions
+
+    @torch.no_grad()
+    def kl_per_sequence(self, start: int, hidden: list[torch.Tensor]) -> list[float]:
+        """Mean KL per kept position of each sequence, in batch order."""
+        out = []
         for b, ids in enumerate(self.batches):
             logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
-            total += float(kl_divergence(self.ref[b], logp).sum())
-            n += self.ref[b].shape[0] * self.ref[b].shape[1]
-        return total / max(n, 1)
+            out += kl_divergence(self.ref[b], logp).mean(-1).tolist()          # [B]
+        return out
 
+    @torch.no_grad()          # also in __init__: a reference kept with its autograd graph holds every activation
     def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
         head = self.model.get_output_embeddings()
         hook = head.register_forward_pre_hook(lambda mod, args: (args[0][:, self.keep],) + args[1:])
