@@ -133,6 +133,21 @@ class _FirstInput:
         self.value = (args[0] if args else kwargs["hidden_states"]).detach()
 
 
+@torch.no_grad()
+def walk_fp_blocks(model: nn.Module, spec: ArchSpec, batch_sets: list[list[torch.Tensor]], last: int,
+                   device: torch.device | str = "cpu"):
+    """Yields (i, block, per set: (hidden, calls)) for blocks 0..last, each set's hidden states being what
+    the unquantized block i receives; block i is run on them after its turn (so a caller may change it
+    during its turn, as long as it puts it back)."""
+    blocks = get_blocks(model, spec)
+    inputs = [capture_block_inputs(model, spec, batches) for batches in batch_sets]
+    hidden = [x.hidden for x in inputs]
+    for i in range(last + 1):
+        yield i, blocks[i], [(h, x.for_block(i)) for h, x in zip(hidden, inputs)]
+        if i < last:
+            hidden = [run_block(blocks[i], h, x.for_block(i), device) for h, x in zip(hidden, inputs)]
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..capture import capture_block_inputs, run_block
-from ..capture.blocks import make_batches
+from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
 from ..errors import QForgeError
 from ..models.arch import arch_spec, block_linears, get_blocks
@@ -132,20 +131,17 @@ def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: Qu
     """Measure the blocks from data["blocks_done"] on, writing `out` after each."""
     batches = make_batches(samples, batch_size)
     probe_batches = make_batches(samples[:max(1, probe_samples)], batch_size)
-    inputs, probe_inputs = (capture_block_inputs(model, spec, b) for b in (batches, probe_batches))
-    hidden, probe_hidden = inputs.hidden, probe_inputs.hidden
     probe = TailProbe(model, spec, probe_batches)
+    walk = walk_fp_blocks(model, spec, [batches, probe_batches], len(blocks) - 1, device)
     with torch.no_grad():
-        for i, block in enumerate(progress(blocks, desc="measure blocks", enabled=show_progress)):
-            calls = inputs.for_block(i)
+        for i, block, ((hidden, calls), (probe_hidden, _)) in progress(walk, total=len(blocks), desc="measure blocks",
+                                                                       enabled=show_progress):
             if i >= data["blocks_done"]:
                 measured = _measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device,
                                           lambda: probe.kl(i, probe_hidden))
                 data["layers"].update(measured)
                 data["blocks_done"] = i + 1
                 _write_atomic(out, data)
-            hidden = run_block(block, hidden, calls, device)
-            probe_hidden = run_block(block, probe_hidden, probe_inputs.for_block(i), device)
 
 
 def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, tail_kl) -> dict:

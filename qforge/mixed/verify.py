@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import capture_block_inputs, run_block
-from ..capture.blocks import make_batches
+from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
 from ..models.arch import arch_spec, block_linears, get_blocks
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
@@ -71,17 +70,14 @@ def check_blocks(model, allocation: Allocation, calib: list[torch.Tensor], valid
     model.to(device)                                          # the probes run every block after the checked one
     try:
         batches, vbatches = make_batches(calib, batch_size), make_batches(valid, batch_size)
-        inputs, vinputs = capture_block_inputs(model, spec, batches), capture_block_inputs(model, spec, vbatches)
-        hidden, vhidden = inputs.hidden, vinputs.hidden
         probe, out = TailProbe(model, spec, vbatches), {}
+        walk = walk_fp_blocks(model, spec, [batches, vbatches], todo[-1], device)
         with torch.no_grad():
-            for i in progress(range(todo[-1] + 1), desc="check blocks", enabled=show_progress):
+            for i, block, ((hidden, calls), (vhidden, _)) in progress(walk, total=todo[-1] + 1, desc="check blocks",
+                                                                      enabled=show_progress):
                 if i in todo:
-                    out[i] = _check_block(blocks[i], i, spec, allocation, hidden, inputs.for_block(i), cfg, device,
+                    out[i] = _check_block(block, i, spec, allocation, hidden, calls, cfg, device,
                                           lambda: probe.kl_per_sequence(i, vhidden))
-                if i < todo[-1]:
-                    hidden = run_block(blocks[i], hidden, inputs.for_block(i), device)
-                    vhidden = run_block(blocks[i], vhidden, vinputs.for_block(i), device)
     finally:
         model.to(home)
     return out
