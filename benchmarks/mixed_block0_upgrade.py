@@ -16,7 +16,7 @@ samples, held = every[:32], every[32:40]
 fp = qforge.load("smollm2-135m").model
 ref = [logp(fp, s) for s in held]
 meas = restate_costs(load_measurement(MEAS), "compressed-tensors")
-a = plan(meas, 3.0)
+a = plan(meas, 3.0, pc_min_bits=0)      # the session-18 allocation: every option allowed
 layers = dict(a.layers)
 for n in list(layers):
     if n.startswith("model.layers.0.self_attn."):

@@ -39,7 +39,7 @@ def main() -> None:
     samples, held = every[:32], every[32:40]
     fp = qforge.load("smollm2-135m").model
     ref = [logp(fp, s) for s in held]
-    alloc = plan(restate_costs(load_measurement(MEAS), a.format), a.bpw)
+    alloc = plan(restate_costs(load_measurement(MEAS), a.format), a.bpw, pc_min_bits=0)   # every option, as in session 18
     runs = [(f"mixed {a.bpw}", qforge.QuantizeConfig(method="gptq", bpw=a.bpw), alloc),
             ("W3 g64 sym", qforge.QuantizeConfig(method="gptq", bits=3, group_size=64, sym=True), None)]
     for name, cfg, al in runs[: 1 if a.blocks is not None else 2]:

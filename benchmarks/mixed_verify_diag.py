@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(2)
     every = load_samples_jsonl("benchmarks/results/brown_128x512.jsonl")
     fp = qforge.load("smollm2-135m").model
-    alloc = plan(restate_costs(load_measurement(MEAS), "compressed-tensors"), 3.0)
+    alloc = plan(restate_costs(load_measurement(MEAS), "compressed-tensors"), 3.0, pc_min_bits=0)   # session 18
     print(f"allocation {alloc.bpw:.4f} bpw, predicted total KL {alloc.total_err:.4f}", flush=True)
     if a.blocks:
         checks = check_blocks(fp, alloc, every[:32], every[:40], QuantizeConfig(method="gptq", bpw=3.0),

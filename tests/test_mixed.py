@@ -278,6 +278,26 @@ def test_a_measurement_without_a_path_leaves_no_temporary_files(tiny_llama_dir, 
     assert list(scratch.iterdir()) == []
 
 
+def _option(bits, group, err, numel=64 * 64):
+    cost = numel * bits + (64 * 16 if group == -1 else 64 * (64 // group) * 16)     # codes + fp16 scales
+    return {"bits": bits, "group_size": group, "sym": True, "stored_bits": cost, "err": err}
+
+
+def test_low_per_channel_schemes_are_taken_only_when_the_budget_needs_them(caplog):
+    # 2b per channel is the cheapest and, per its measured error, the best buy: plan() avoids it while the
+    # target can be met without it, and allows it (with a warning) when it cannot
+    options = [_option(2, -1, 0.10), _option(2, 32, 0.09), _option(3, -1, 0.02), _option(3, 32, 0.015)]
+    meas = {"format": "compressed-tensors", "layers": {f"l{i}": {"shape": [64, 64], "options": options}
+                                                       for i in range(4)}}
+    widths = lambda a: sorted((d["bits"], d["group_size"]) for d in a.layers.values())      # noqa: E731
+    assert (2, -1) in widths(plan(meas, 2.6, pc_min_bits=0))
+    a = plan(meas, 2.6)
+    assert (2, -1) not in widths(a) and a.bpw <= 2.6
+    with caplog.at_level(logging.WARNING, logger="qforge.mixed.plan"):
+        b = plan(meas, 2.3)                     # 2b g32 costs 2.5 bpw: only 2b per channel fits
+    assert (2, -1) in widths(b) and b.bpw <= 2.3 and "needs per-channel schemes below 3 bits" in caplog.text
+
+
 def test_bad_mixed_settings_are_refused():
     with pytest.raises(QForgeError, match="needs method gptq"):
         QuantizeConfig(method="rtn", bpw=3.0)

@@ -1,0 +1,96 @@
+"""Mixed precision at one target against uniform GPTQ on the long evaluation sets, with a per-sequence held-out
+check: which allocation variants stay robust (no held-out sequence broken) and still win?
+
+    PYTHONPATH=. .venv/bin/python benchmarks/mixed_robust.py --variants plain,no2pc,uniform [--bpw 3.0]
+
+Same calibration and measurement as benchmarks/mixed_precision.py (the first 32 of
+benchmarks/results/brown_128x512.jsonl; MEAS of mixed_heldout_diag.py), costs counted as compressed-tensors
+stores them; ppl on the first 16 windows x 2048 of wiki (of 20) and all 12 of news; held-out KL per sequence
+(every position) on calibration-file samples 32-95, which neither the measurement nor the quantization saw.
+Rows go to --out as JSON lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import qforge
+from qforge.calibration import load_samples_jsonl
+from qforge.eval import load_eval_text, perplexity
+from qforge.eval.compare import kl_divergence
+from qforge.mixed import load_measurement, plan
+from qforge.mixed.plan import restate_costs
+from benchmarks.mixed_heldout_diag import MEAS, logp
+
+
+def without(meas: dict, drop) -> dict:
+    """`meas` with the options for which drop(option) is true removed from every layer."""
+    return {**meas, "layers": {n: {**d, "options": [o for o in d["options"] if not drop(o)]}
+                               for n, d in meas["layers"].items()}}
+
+
+VARIANTS = {
+    "plain": lambda meas, bpw: plan(meas, bpw, pc_min_bits=0),           # every measured option
+    "no2pc": lambda meas, bpw: plan(meas, bpw),                           # qforge's default since session 20
+    "no2pc_p1.5": lambda meas, bpw: plan(meas, bpw, err_power=1.5),
+    "no3pc": lambda meas, bpw: plan(without(meas, _pc(3)), bpw),
+    "no3pc_p1.5": lambda meas, bpw: plan(without(meas, _pc(3)), bpw, err_power=1.5),
+    "nopc": lambda meas, bpw: plan(without(meas, _pc(8)), bpw),
+}
+
+
+def _pc(bits: int):
+    """Per-channel options of at most `bits` bits."""
+    return lambda o: o["bits"] <= bits and o["group_size"] == -1
+UNIFORM = {"uniform": (3, 64, True), "uniform4": (4, 64, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="plain,no2pc,uniform")
+    ap.add_argument("--bpw", type=float, default=3.0)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--heldout", default="32:96")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    every = load_samples_jsonl("benchmarks/results/brown_128x512.jsonl")
+    lo, hi = (int(x) for x in a.heldout.split(":"))
+    samples, held = every[:32], every[lo:hi]
+    fp = qforge.load("smollm2-135m").model
+    meas = restate_costs(load_measurement(MEAS), "compressed-tensors")
+    for v in a.variants.split(","):
+        if v in UNIFORM:
+            b, g, sym = UNIFORM[v]
+            cfg, alloc = qforge.QuantizeConfig(method="gptq", bits=b, group_size=g, sym=sym), None
+            name = f"uniform W{b} g{g} {'sym' if sym else 'asym'}"
+        else:
+            cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), VARIANTS[v](meas, a.bpw)
+            name = f"mixed {a.bpw} {v}"
+        m = qforge.load("smollm2-135m", cfg)
+        t = time.perf_counter()
+        m.quantize(samples, allocation=alloc, show_progress=False)
+        secs = time.perf_counter() - t
+        kl = [float(kl_divergence(logp(fp, s), logp(m.model, s)).mean()) for s in held]
+        srt = sorted(kl)
+        ppl = {d: perplexity(m.model, m.tokenizer, load_eval_text(d), 2048, a.windows, show_progress=False)["ppl"]
+               for d in ("wiki", "news")}
+        with tempfile.TemporaryDirectory() as d:          # bpw as the files store it
+            bpw = m.export(Path(d) / "ct", "compressed-tensors")["bits_per_weight"]
+        row = {"run": name, "bpw": bpw,
+               "seconds": secs, "heldout": a.heldout, "heldout_kl_mean": sum(kl) / len(kl),
+               "heldout_kl_median": srt[len(srt) // 2], "heldout_kl_max": srt[-1],
+               "worst": sorted(range(len(kl)), key=lambda i: -kl[i])[:3], "ppl": ppl, "windows": a.windows,
+               "heldout_kl": kl}
+        print(json.dumps({k: v for k, v in row.items() if k != "heldout_kl"}), flush=True)
+        with a.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
