@@ -2,6 +2,10 @@
 check: which allocation variants stay robust (no held-out sequence broken) and still win?
 
     PYTHONPATH=. .venv/bin/python benchmarks/mixed_robust.py --variants plain,no2pc,uniform [--bpw 3.0]
+    PYTHONPATH=. .venv/bin/python benchmarks/mixed_robust.py --variants search --generations 100
+
+"search" is the default plan improved by mixed/search.py (KL of the whole model on calibration samples
+0..--fitness-1); its allocation is saved to benchmarks/results/mixed_search_<bpw>_<generations>.json.
 
 Same calibration and measurement as benchmarks/mixed_precision.py (the first 32 of
 benchmarks/results/brown_128x512.jsonl; MEAS of mixed_heldout_diag.py), costs counted as compressed-tensors
@@ -23,7 +27,7 @@ import qforge
 from qforge.calibration import load_samples_jsonl
 from qforge.eval import load_eval_text, perplexity
 from qforge.eval.compare import kl_divergence
-from qforge.mixed import load_measurement, plan
+from qforge.mixed import Allocation, load_measurement, plan
 from qforge.mixed.plan import restate_costs
 from benchmarks.mixed_heldout_diag import MEAS, logp
 
@@ -45,6 +49,11 @@ def main() -> None:
     ap.add_argument("--bpw", type=float, default=3.0)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--heldout", default="32:96")
+    ap.add_argument("--generations", type=int, default=100)
+    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--search-from", type=Path, help="continue the search from this saved allocation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fitness", type=int, default=16, help="search fitness: calibration samples 0..N-1")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -58,6 +67,20 @@ def main() -> None:
             b, g, sym = UNIFORM[v]
             cfg, alloc = qforge.QuantizeConfig(method="gptq", bits=b, group_size=g, sym=sym), None
             name = f"uniform W{b} g{g} {'sym' if sym else 'asym'}"
+        elif v == "search":
+            from qforge.mixed.search import searched_allocation
+
+            cfg = qforge.QuantizeConfig(method="gptq", bpw=a.bpw)
+            t = time.perf_counter()
+            start = Allocation.load(a.search_from) if a.search_from else plan(meas, a.bpw)
+            alloc = searched_allocation(fp, meas, start, samples, samples[:a.fitness], cfg,
+                                        a.generations, a.offspring, seed=a.seed, show_progress=True)
+            search_s = time.perf_counter() - t
+            done = alloc.search["generations"]
+            alloc.save(f"benchmarks/results/mixed_search_{a.bpw}_{done}.json")
+            name = f"mixed {a.bpw} search g{done} o{a.offspring} f{a.fitness}"
+            print(f"search {search_s:.0f} s, KL {alloc.search['kl_start']:.4f} -> {alloc.search['kl_end']:.4f}, "
+                  f"{alloc.search['accepted']} accepted, {alloc.bpw:.4f} bpw", flush=True)
         else:
             cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), VARIANTS[v](meas, a.bpw)
             name = f"mixed {a.bpw} {v}"

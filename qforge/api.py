@@ -107,12 +107,20 @@ class QModel:
             with tempfile.TemporaryDirectory() as d:             # nothing to keep: measured for this run only
                 m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress)
         m = restate_costs(m, cfg.bpw_format)
-        if not cfg.verify_samples:
-            return plan(m, cfg.bpw, cfg.skip)
-        from .mixed.verify import verified_plan
+        if cfg.verify_samples:
+            from .mixed.verify import verified_plan
 
-        return verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
-                             device=device, batch_size=batch_size, show_progress=show_progress)
+            a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
+                              device=device, batch_size=batch_size, show_progress=show_progress)
+        else:
+            a = plan(m, cfg.bpw, cfg.skip)
+        if not cfg.search_generations:
+            return a
+        from .mixed.search import searched_allocation
+
+        return searched_allocation(self.model, m, a, samples, samples[:cfg.search_samples], cfg,
+                                   cfg.search_generations, cfg.search_offspring, device=device,
+                                   batch_size=batch_size, show_progress=show_progress)
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""

@@ -94,6 +94,12 @@ class QuantizeConfig(_JsonMixin):
     # allocation's predicted KL on one of them has its lowest width raised and the budget re-planned.
     # Off by default: on SmolLM2 it did not see the one failure known (BENCHMARKS.md), and costs minutes
     verify_samples: int = 0
+    # > 0: after planning, this many generations of evolutionary search (mixed/search.py) improve the
+    # allocation, judged by the whole model's KL on the first `search_samples` calibration sequences;
+    # each generation scores `search_offspring` mutants. Off by default: it costs minutes
+    search_generations: int = 0
+    search_samples: int = 16
+    search_offspring: int = 8
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()
@@ -137,8 +143,12 @@ class QuantizeConfig(_JsonMixin):
                    f"bpw must be a number from 2.0 to 8.0, got {self.bpw!r}")
             _check(self.bpw_format in ("gptq", "compressed-tensors"),
                    f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
-            _check(type(self.verify_samples) is int and self.verify_samples >= 0,
-                   f"verify_samples must be a whole number >= 0, got {self.verify_samples!r}")
+            for name in ("verify_samples", "search_generations"):
+                v = getattr(self, name)
+                _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")
+            for name in ("search_samples", "search_offspring"):
+                v = getattr(self, name)
+                _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property

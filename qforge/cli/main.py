@@ -58,6 +58,11 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                    help="after planning, quantize each block alone at its schemes and run this many calibration "
                         "sequences through the model; a block costing more than the whole allocation's predicted "
                         "KL on one of them gets its lowest width raised (default 0: no check)")
+    x.add_argument("--search-generations", type=int, default=0,
+                   help="after planning, improve the allocation by this many generations of evolutionary search "
+                        "judged by the whole model's KL on calibration sequences (default 0: no search)")
+    x.add_argument("--search-samples", type=int, default=16, help="calibration sequences the search is judged on")
+    x.add_argument("--search-offspring", type=int, default=8, help="mutants scored per search generation")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -108,7 +113,8 @@ def _quant_config(a):
                           scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
                           awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from,
                           compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
-                          verify_samples=a.verify_samples,
+                          verify_samples=a.verify_samples, search_generations=a.search_generations,
+                          search_samples=a.search_samples, search_offspring=a.search_offspring,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 

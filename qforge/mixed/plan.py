@@ -2,7 +2,8 @@
 
 allocation.json: {"target_bpw", "bpw" (exact, as the format stores it), "format", "total_err",
                   "layers": {name: {"bits", "group_size", "sym", "stored_bits", "err", "rel_err", "numel"}},
-                  "verification": what mixed/verify.py checked and raised (absent when unchecked)}
+                  "verification": what mixed/verify.py checked and raised (absent when unchecked),
+                  "search": what mixed/search.py tried and found (absent when not searched)}
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Allocation:
     format: str | None
     layers: dict[str, dict]
     verification: dict | None = None
+    search: dict | None = None
 
     @property
     def grids(self) -> dict[str, Grid]:
@@ -40,7 +42,8 @@ class Allocation:
 
     def to_json(self) -> dict:
         return {"target_bpw": self.target_bpw, "bpw": self.bpw, "format": self.format, "total_err": self.total_err,
-                "layers": self.layers, **({"verification": self.verification} if self.verification else {})}
+                "layers": self.layers, **({"verification": self.verification} if self.verification else {}),
+                **({"search": self.search} if self.search else {})}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -49,7 +52,7 @@ class Allocation:
     def load(cls, path: str | Path) -> "Allocation":
         try:
             d = json.loads(Path(path).read_text())
-            a = cls(float(d["target_bpw"]), d.get("format"), d["layers"], d.get("verification"))
+            a = cls(float(d["target_bpw"]), d.get("format"), d["layers"], d.get("verification"), d.get("search"))
             bad = [n for n, g in a.grids.items() if not _valid(g)]
             if bad or a.bpw <= 0:
                 raise ValueError(f"no valid scheme for {bad[0] if bad else 'its layers'}")

@@ -45,10 +45,10 @@ class TailProbe:
         return sum(per_seq) / max(len(per_seq), 1)          # every sequence has the same kept positions
 
     @torch.no_grad()
-    def kl_per_sequence(self, start: int, hidden: list[torch.Tensor]) -> list[float]:
-        """Mean KL per kept position of each sequence, in batch order."""
+    def kl_per_sequence(self, start: int, hidden: list[torch.Tensor], n_batches: int | None = None) -> list[float]:
+        """Mean KL per kept position of each sequence, in batch order (of the first `n_batches` batches)."""
         out = []
-        for b, ids in enumerate(self.batches):
+        for b, ids in enumerate(self.batches[:n_batches]):
             logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
             out += kl_divergence(self.ref[b], logp).mean(-1).tolist()          # [B]
         return out
