@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--search-from", type=Path, help="continue the search from this saved allocation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--span", type=int, default=2, help="search levels either side of the start's pick")
     ap.add_argument("--fitness", type=int, default=16, help="search fitness: calibration samples 0..N-1")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
     a = ap.parse_args()
@@ -74,11 +75,12 @@ def main() -> None:
             t = time.perf_counter()
             start = Allocation.load(a.search_from) if a.search_from else plan(meas, a.bpw)
             alloc = searched_allocation(fp, meas, start, samples, samples[:a.fitness], cfg,
-                                        a.generations, a.offspring, seed=a.seed, show_progress=True)
+                                        a.generations, a.offspring, span=a.span, seed=a.seed, show_progress=True)
             search_s = time.perf_counter() - t
             done = alloc.search["generations"]
-            alloc.save(f"benchmarks/results/mixed_search_{a.bpw}_{done}.json")
-            name = f"mixed {a.bpw} search g{done} o{a.offspring} f{a.fitness}"
+            tag = f"g{done}" + (f"_f{a.fitness}" if a.fitness != 16 else "") + (f"_s{a.span}" if a.span != 2 else "")
+            alloc.save(f"benchmarks/results/mixed_search_{a.bpw}_{tag}.json")
+            name = f"mixed {a.bpw} search {tag} (last run: o{a.offspring} f{a.fitness} span {a.span})"
             print(f"search {search_s:.0f} s, KL {alloc.search['kl_start']:.4f} -> {alloc.search['kl_end']:.4f}, "
                   f"{alloc.search['accepted']} accepted, {alloc.bpw:.4f} bpw", flush=True)
         else:

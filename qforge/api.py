@@ -48,7 +48,8 @@ class QModel:
                  nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
                  batch_size: int = 8, show_progress: bool = False, allocation=None) -> QuantizeResult:
         """Quantize in place. `allocation` (a mixed.plan.Allocation, e.g. `Allocation.load("allocation.json")`)
-        gives every linear its scheme instead of measuring and planning for config.bpw."""
+        gives every linear its scheme instead of measuring and planning for config.bpw; with
+        config.search_generations the search continues from it (on config.measurement's options)."""
         if self.config is None:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
@@ -68,8 +69,8 @@ class QModel:
         torch.manual_seed(seed)
         if allocation is not None:
             self._check_allocation(allocation)
-        if allocation is None and self.config.bpw:
-            allocation = self._allocate(samples, device, batch_size, show_progress)
+        if self.config.bpw and (allocation is None or self.config.search_generations):
+            allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation)
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
                                      show_progress=show_progress, grids=allocation.grids if allocation else None)
         self.result.allocation = allocation
@@ -93,8 +94,9 @@ class QModel:
             raise QForgeError(f"the allocation names {len(foreign)} layer(s) this model does not have, e.g. "
                               f"{foreign[0]}: it was planned for another model")
 
-    def _allocate(self, samples, device: str, batch_size: int, show_progress: bool):
-        """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes."""
+    def _allocate(self, samples, device: str, batch_size: int, show_progress: bool, start=None):
+        """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes (or take
+        `start`'s), then search when config.search_generations asks."""
         import tempfile
 
         from .mixed import plan
@@ -107,7 +109,9 @@ class QModel:
             with tempfile.TemporaryDirectory() as d:             # nothing to keep: measured for this run only
                 m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress)
         m = restate_costs(m, cfg.bpw_format)
-        if cfg.verify_samples:
+        if start is not None:
+            a = start
+        elif cfg.verify_samples:
             from .mixed.verify import verified_plan
 
             a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,

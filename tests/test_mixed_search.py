@@ -173,6 +173,16 @@ def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir
     assert alloc["bpw"] <= 3.0 and alloc["search"]["generations"] == 3 and alloc["search"]["sequences"] == 2
     assert alloc["search"]["kl_end"] <= alloc["search"]["kl_start"]
     assert json.loads((tmp_path / "q" / "qforge_config.json").read_text())["search_generations"] == 3
+    # a saved searched allocation is a stage: the next run continues its search
+    again = ["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--allocation", str(tmp_path / "q" /
+             "allocation.json"), "--search-generations", "2", "--search-samples", "2", "--search-offspring", "3",
+             "--out", str(tmp_path / "q2"), *common]
+    capsys.readouterr()
+    assert cli(again) == 2 and "needs the measurement it was planned from" in capsys.readouterr().err
+    assert cli([*again, "--measurement", str(tmp_path / "m.json")]) == 0
+    more = json.loads((tmp_path / "q2" / "allocation.json").read_text())
+    assert more["search"]["generations"] == 5 and more["search"]["kl_start"] == alloc["search"]["kl_start"]
+    assert more["search"]["kl_end"] <= alloc["search"]["kl_end"] * (1 + 1e-6) and more["bpw"] <= 3.0
 
 
 def test_bad_search_settings_are_refused():

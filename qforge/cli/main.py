@@ -342,6 +342,9 @@ def cmd_quantize(a) -> int:
 
         if a.bpw is not None:
             raise QForgeError("--allocation already fixes every layer's scheme: give it or --bpw, not both")
+        if a.search_generations and not a.measurement:
+            raise QForgeError("continuing the search of --allocation needs the measurement it was planned from "
+                              "(--measurement FILE)")
         allocation = Allocation.load(a.allocation)
         a.bpw = allocation.target_bpw                          # recorded in the run's config
     elif a.bpw is not None and not a.measurement:
