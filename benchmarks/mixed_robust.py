@@ -5,7 +5,8 @@ check: which allocation variants stay robust (no held-out sequence broken) and s
     PYTHONPATH=. .venv/bin/python benchmarks/mixed_robust.py --variants search --generations 100
 
 "search" is the default plan improved by mixed/search.py (KL of the whole model on calibration samples
-0..--fitness-1); its allocation is saved to benchmarks/results/mixed_search_<bpw>_<generations>.json.
+0..--fitness-1); its allocation is saved to benchmarks/results/mixed_search_<bpw>_g<generations>[_f<fitness>][_s<span>].json
+(--search-from continues a saved one; its generations count on).
 
 Same calibration and measurement as benchmarks/mixed_precision.py (the first 32 of
 benchmarks/results/brown_128x512.jsonl; MEAS of mixed_heldout_diag.py), costs counted as compressed-tensors

@@ -82,13 +82,12 @@ class QModel:
 
     def _check_allocation(self, allocation) -> None:
         """An allocation names this model's block linears (an allocation of another model is refused)."""
-        from .models.arch import arch_spec, block_linears, get_blocks
+        from .models.arch import arch_spec, named_block_linears
 
         if self.config.method != "gptq":
             raise QForgeError(f"an allocation needs method gptq, got {self.config.method!r}")
         spec = arch_spec(self.model)
-        names = {f"{spec.blocks}.{i}.{ref.name}" for i, b in enumerate(get_blocks(self.model, spec))
-                 for g in block_linears(b, spec) for ref in g}
+        names = set(named_block_linears(self.model, spec))
         foreign = sorted(set(allocation.layers) - names)
         if foreign:
             raise QForgeError(f"the allocation names {len(foreign)} layer(s) this model does not have, e.g. "

@@ -28,7 +28,7 @@ from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
 from .errors import QForgeError
-from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks
+from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name
 from .smoothing import BlockAWQ, awq_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
@@ -147,7 +147,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
                 result.awq[i] = awq_block(block, spec, [], [], grid, given=saved.get(i, BlockAWQ()))
             for group in block_linears(block, spec):
                 for ref in group:
-                    name = f"{spec.blocks}.{i}.{ref.name}"
+                    name = linear_name(spec, i, ref.name)
                     if not _skipped(name, cfg):
                         _solve_into(ref, name, solver, None, grids.get(name, grid), cfg, result)
     else:
@@ -198,7 +198,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                         frozen.pass_after(k) if frozen else contextlib.nullcontext():
                     feed_block(fwd, hidden, calls, device)
             for ref, fwd_ref in zip(todo, fwd_todo):
-                name = f"{spec.blocks}.{i}.{ref.name}"
+                name = linear_name(spec, i, ref.name)
                 _solve_into(ref, name, solver, stats.get(ref.name), grids.get(name, grid), cfg, result)
                 if fwd is not block:
                     fwd_ref.set_weight(ref.weight)

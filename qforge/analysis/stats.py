@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from ..capture.blocks import make_batches
 from ..errors import QForgeError
-from ..models.arch import arch_spec, block_linears, get_blocks, linear_modules
+from ..models.arch import arch_spec, block_linears, get_blocks, linear_modules, linear_name
 
 log = logging.getLogger(__name__)
 KINDS = ("weights", "activations", "keys", "values")
@@ -86,10 +86,10 @@ def collect_stats(model: nn.Module, samples: list[torch.Tensor], batch_size: int
     tensors: dict[str, dict[str, dict]] = {k: {} for k in KINDS}
     for i, block in enumerate(get_blocks(model, spec)):
         for ref in (r for g in block_linears(block, spec) for r in g):
-            tensors["weights"][f"{spec.blocks}.{i}.{ref.name}"] = tensor_stats(ref.weight)
+            tensors["weights"][linear_name(spec, i, ref.name)] = tensor_stats(ref.weight)
     # a table group's linears read one input tensor: its moments are taken once, at the group's first linear
     mods = linear_modules(model)
-    readers = [[n for n in (f"{spec.blocks}.{i}.{name}" for name in group) if n in mods]
+    readers = [[n for n in (linear_name(spec, i, name) for name in group) if n in mods]
                for i in range(len(get_blocks(model, spec))) for group in spec.groups]
     readers = [r for r in readers if r]
     acts: dict[str, Moments] = {r[0]: Moments() for r in readers}

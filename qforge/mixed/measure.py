@@ -34,7 +34,7 @@ import torch
 from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
 from ..errors import QForgeError
-from ..models.arch import arch_spec, block_linears, get_blocks
+from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats  # the statistics and solve the quantize pass uses
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
@@ -172,5 +172,5 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
                         "err": kl[grid] if grid in kl else interpolate_loglog(abs_err[grid], points),
                         "probed": grid in kl}
                        for grid in grids]
-            layers[f"{spec.blocks}.{i}.{ref.name}"] = {"shape": list(W.shape), "options": options}
+            layers[linear_name(spec, i, ref.name)] = {"shape": list(W.shape), "options": options}
     return layers

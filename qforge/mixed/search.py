@@ -28,7 +28,7 @@ import torch
 
 from ..capture.blocks import capture_block_inputs, make_batches, run_block, walk_fp_blocks
 from ..config import QuantizeConfig
-from ..models.arch import arch_spec, block_linears, get_blocks
+from ..models.arch import arch_spec, block_linears, get_blocks, linear_name, named_block_linears
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
@@ -105,9 +105,9 @@ class ModelJudge:
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype)
         self.spec, self.db, self.assign, self.device = spec, db, dict(assign), device
         blocks = get_blocks(self.model, spec)
-        self.refs = {f"{spec.blocks}.{i}.{r.name}": r for i, b in enumerate(blocks)
-                     for g in block_linears(b, spec) for r in g}
-        self.block_of = {n: int(n[len(spec.blocks) + 1:].split(".")[0]) for n in self.refs}
+        named = named_block_linears(self.model, spec)
+        self.refs = {n: r for n, (_, r) in named.items()}
+        self.block_of = {n: i for n, (i, _) in named.items()}
         self.probe = TailProbe(self.model, spec, batches)        # the reference: the fp weights, in `dtype`
         for n, level in self.assign.items():
             self.refs[n].set_weight(db[n][level])
@@ -147,23 +147,21 @@ def build_database(model, levels: dict[str, list[Grid]], calib: list[torch.Tenso
                    show_progress: bool = False) -> dict[str, list[torch.Tensor]]:
     """{linear: [GPTQ-dequantized weight at each grid]} on the fp model's Hessians from `calib`."""
     spec = arch_spec(model)
-    blocks = get_blocks(model, spec)
-    todo = [i for i in range(len(blocks)) if any(n.startswith(f"{spec.blocks}.{i}.") for n in levels)]
+    last = max(i for n, (i, _) in named_block_linears(model, spec).items() if n in levels)
     db = {}
-    walk = walk_fp_blocks(model, spec, [make_batches(calib, batch_size)], todo[-1], device)
+    walk = walk_fp_blocks(model, spec, [make_batches(calib, batch_size)], last, device)
     with torch.no_grad():
-        for i, block, ((hidden, calls),) in progress(walk, total=todo[-1] + 1, desc="search database",
+        for i, block, ((hidden, calls),) in progress(walk, total=last + 1, desc="search database",
                                                      enabled=show_progress):
             groups = block_linears(block, spec)
-            mine = [r for g in groups for r in g if f"{spec.blocks}.{i}.{r.name}" in levels]
+            mine = {linear_name(spec, i, r.name): r for g in groups for r in g}
+            mine = {n: r for n, r in mine.items() if n in levels}
             if not mine:
                 continue
             stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
-            for r in mine:
+            for n, r in mine.items():
                 W, H = r.weight.detach().float().to(device), stats[r.name].H
-                db[f"{spec.blocks}.{i}.{r.name}"] = [
-                    gptq(W, H, g, **gptq_options(cfg)).dequantize().to("cpu", dtype)
-                    for g in levels[f"{spec.blocks}.{i}.{r.name}"]]
+                db[n] = [gptq(W, H, g, **gptq_options(cfg)).dequantize().to("cpu", dtype) for g in levels[n]]
     return db
 
 
@@ -193,9 +191,8 @@ def searched_allocation(model, measurement: dict, start: Allocation, calib: list
     judge = ModelJudge(model, arch_spec(model), db, assign, make_batches(fitness, batch_size), dtype, device)
     best, history = evolve(costs, assign, budget, judge, generations, offspring, survivors, seed, show_progress)
     del judge, db
-    layers = {n: {**{k: start.layers[n][k] for k in ("numel",)},
-                  **{k: opts[n][best[n]][k] for k in ("bits", "group_size", "sym", "stored_bits", "err")},
-                  "rel_err": opts[n][best[n]].get("rel_err")} for n in names}
+    layers = {n: {**{k: opts[n][best[n]][k] for k in ("bits", "group_size", "sym", "stored_bits", "err")},
+                  "rel_err": opts[n][best[n]].get("rel_err"), "numel": start.layers[n]["numel"]} for n in names}
     before = start.search or {}                        # a searched start: this run continues its record
     history = before.get("history", [])[:-1] + history
     report = {"generations": before.get("generations", 0) + generations, "offspring": offspring,

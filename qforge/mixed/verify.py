@@ -23,7 +23,7 @@ import torch
 
 from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
-from ..models.arch import arch_spec, block_linears, get_blocks
+from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import gptq
 from ..utils.progress import progress
@@ -85,7 +85,7 @@ def check_blocks(model, allocation: Allocation, calib: list[torch.Tensor], valid
 
 def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device, tail_kl) -> BlockCheck:
     groups = block_linears(block, spec)
-    refs = {f"{spec.blocks}.{i}.{r.name}": r for g in groups for r in g}
+    refs = {linear_name(spec, i, r.name): r for g in groups for r in g}
     mine = {n: r for n, r in refs.items() if n in a.layers}
     stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
     originals = {n: r.weight.detach().clone() for n, r in mine.items()}

@@ -226,6 +226,17 @@ def linear_ref(model: nn.Module, full_name: str) -> LinearRef:
     return LinearRef(full_name, model.get_submodule(full_name))
 
 
+def linear_name(spec: ArchSpec, block: int, name: str) -> str:
+    """The full name of block `block`'s linear `name`, as measurements, allocations and run records key it."""
+    return f"{spec.blocks}.{block}.{name}"
+
+
+def named_block_linears(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[int, LinearRef]]:
+    """Every block linear of `model` (one per expert for fused experts) by full name, with its block index."""
+    return {linear_name(spec, i, r.name): (i, r) for i, b in enumerate(get_blocks(model, spec))
+            for g in block_linears(b, spec) for r in g}
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules of the table's linears in every block (nn.Linear, Conv1D or a packed QuantLinear), by
     full name. Fused 3-D expert parameters are not modules and are left out (with a log line)."""
@@ -234,7 +245,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     for i, block in enumerate(get_blocks(model, spec)):
         for name in spec.linear_names:
             try:
-                out[f"{spec.blocks}.{i}.{name}"] = block.get_submodule(name)
+                out[linear_name(spec, i, name)] = block.get_submodule(name)
             except AttributeError:
                 log.info("block %d: %s is not a module (fused experts): left out", i, name)
     return out
