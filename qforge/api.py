@@ -69,7 +69,9 @@ class QModel:
         torch.manual_seed(seed)
         if allocation is not None:
             self._check_allocation(allocation)
-        if self.config.bpw and (allocation is None or self.config.search_generations):
+        if self.config.search_generations and allocation is None and not self.config.bpw:
+            raise QForgeError("search_generations searches a mixed-precision allocation: give bpw or an allocation")
+        if self.config.search_generations if allocation is not None else self.config.bpw:
             allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation)
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
                                      show_progress=show_progress, grids=allocation.grids if allocation else None)

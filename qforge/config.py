@@ -143,12 +143,12 @@ class QuantizeConfig(_JsonMixin):
                    f"bpw must be a number from 2.0 to 8.0, got {self.bpw!r}")
             _check(self.bpw_format in ("gptq", "compressed-tensors"),
                    f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
-            for name in ("verify_samples", "search_generations"):
-                v = getattr(self, name)
-                _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")
-            for name in ("search_samples", "search_offspring"):
-                v = getattr(self, name)
-                _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
+        for name in ("verify_samples", "search_generations"):      # a search can also continue an allocation
+            v = getattr(self, name)
+            _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")
+        for name in ("search_samples", "search_offspring"):
+            v = getattr(self, name)
+            _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property

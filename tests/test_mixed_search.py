@@ -183,12 +183,24 @@ def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir
     more = json.loads((tmp_path / "q2" / "allocation.json").read_text())
     assert more["search"]["generations"] == 5 and more["search"]["kl_start"] == alloc["search"]["kl_start"]
     assert more["search"]["kl_end"] <= alloc["search"]["kl_end"] * (1 + 1e-6) and more["bpw"] <= 3.0
+    # the API continues a given allocation's search too, with no --bpw in the config
+    import qforge
+
+    cfg = QuantizeConfig(method="gptq", compute_dtype="float32", measurement=str(tmp_path / "m.json"),
+                         search_generations=1, search_samples=2, search_offspring=2)
+    m = qforge.load(tiny_llama_dir, cfg)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=64, allocation=Allocation.load(tmp_path / "q2" / "allocation.json"))
+    assert m.result.allocation.search["generations"] == 6 and m.result.allocation.bpw <= 3.0
 
 
-def test_bad_search_settings_are_refused():
+def test_bad_search_settings_are_refused(tiny_llama_dir):
     from qforge.errors import QForgeError
 
     with pytest.raises(QForgeError, match="search_offspring must be a whole number >= 1"):
         QuantizeConfig(method="gptq", bpw=3.0, search_offspring=0)
     with pytest.raises(QForgeError, match="search_generations must be a whole number >= 0"):
         QuantizeConfig(method="gptq", bpw=3.0, search_generations=-1)
+    import qforge
+
+    with pytest.raises(QForgeError, match="give bpw or an allocation"):
+        qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", search_generations=2)).quantize(samples())
