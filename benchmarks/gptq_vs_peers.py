@@ -31,6 +31,7 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
     "W2g32": (2, 32, False, True),
     "W4g64-actorder": (4, 64, True, True),
     "W3g64-actorder": (3, 64, True, True),
+    "W2g32-actorder": (2, 32, True, True),
     "W4g64-asym": (4, 64, False, False),
     "W3g64-asym": (3, 64, False, False),
 }

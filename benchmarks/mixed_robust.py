@@ -6,7 +6,9 @@ check: which allocation variants stay robust (no held-out sequence broken) and s
 
 "search" is the default plan improved by mixed/search.py (KL of the whole model on calibration samples
 0..--fitness-1); its allocation is saved to benchmarks/results/mixed_search_<bpw>_g<generations>[_f<fitness>][_s<span>].json
-(--search-from continues a saved one; its generations count on).
+(--search-from continues a saved one; its generations count on). "stitched" evaluates --search-from's allocation
+as the search judged it: each linear's database weight (GPTQ on the fp model's Hessians, no sequential
+re-quantization), set into the fp32 model; "saved" quantizes it as saved (no further search).
 
 Same calibration and measurement as benchmarks/mixed_precision.py (the first 32 of
 benchmarks/results/brown_128x512.jsonl; MEAS of mixed_heldout_diag.py), costs counted as compressed-tensors
@@ -41,7 +43,20 @@ VARIANTS = {                                    # plan()'s per-channel floor dec
     "no3pc_p1.5": lambda meas, bpw: plan(meas, bpw, err_power=1.5, pc_min_bits=4),
     "nopc": lambda meas, bpw: plan(meas, bpw, pc_min_bits=9),
 }
-UNIFORM = {"uniform": (3, 64, True), "uniform4": (4, 64, True)}
+UNIFORM = {"uniform": (3, 64, True), "uniform4": (4, 64, True), "uniform2": (2, 32, True)}
+
+
+def stitch(model, alloc: Allocation, samples, cfg) -> None:
+    """Set every allocated linear of `model` to its search-database weight (fp Hessians, fp32)."""
+    from qforge.mixed.search import build_database
+    from qforge.models.arch import arch_spec, named_block_linears
+    from qforge.solvers import Grid
+
+    levels = {n: [Grid(d["bits"], d["group_size"], d["sym"])] for n, d in alloc.layers.items()}
+    db = build_database(model, levels, samples, cfg, torch.float32)
+    for n, (_, ref) in named_block_linears(model, arch_spec(model)).items():
+        if n in db:
+            ref.set_weight(db[n][0])
 
 
 def main() -> None:
@@ -49,11 +64,12 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,no2pc,uniform")
     ap.add_argument("--bpw", type=float, default=3.0)
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--datasets", default="wiki,news")
     ap.add_argument("--heldout", default="32:96")
     ap.add_argument("--generations", type=int, default=100)
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--search-from", type=Path, help="continue the search from this saved allocation")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="search seed (default: the number of runs --search-from records)")
     ap.add_argument("--span", type=int, default=2, help="search levels either side of the start's pick")
     ap.add_argument("--fitness", type=int, default=16, help="search fitness: calibration samples 0..N-1")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
@@ -82,22 +98,35 @@ def main() -> None:
             tag = f"g{done}" + (f"_f{a.fitness}" if a.fitness != 16 else "") + (f"_s{a.span}" if a.span != 2 else "")
             alloc.save(f"benchmarks/results/mixed_search_{a.bpw}_{tag}.json")
             name = f"mixed {a.bpw} search {tag} (last run: o{a.offspring} f{a.fitness} span {a.span})"
-            print(f"search {search_s:.0f} s, KL {alloc.search['kl_start']:.4f} -> {alloc.search['kl_end']:.4f}, "
-                  f"{alloc.search['accepted']} accepted, {alloc.bpw:.4f} bpw", flush=True)
+            run = alloc.search["runs"][-1]
+            print(f"search {search_s:.0f} s, fitness KL {run['kl_start']:.4f} -> {run['kl_end']:.4f} on "
+                  f"{run['sequences']} sequences, {run['accepted']} accepted, {alloc.bpw:.4f} bpw", flush=True)
+        elif v == "saved":
+            cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), Allocation.load(a.search_from)
+            name = f"saved allocation {a.search_from.name}"
+        elif v == "stitched":
+            cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), Allocation.load(a.search_from)
+            name = f"stitched database model of {a.search_from.name}"
         else:
             cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), VARIANTS[v](meas, a.bpw)
             name = f"mixed {a.bpw} {v}"
         m = qforge.load("smollm2-135m", cfg)
         t = time.perf_counter()
-        m.quantize(samples, allocation=alloc, show_progress=False)
+        if v == "stitched":
+            stitch(m.model, alloc, samples, cfg)
+        else:
+            m.quantize(samples, allocation=alloc, show_progress=False)
         secs = time.perf_counter() - t
         # the fp reference is recomputed per variant: kept, 64 x 512 x vocab log-probabilities would take 6.4 GB
         kl = [float(kl_divergence(logp(fp, s), logp(m.model, s)).mean()) for s in held]
         srt = sorted(kl)
         ppl = {d: perplexity(m.model, m.tokenizer, load_eval_text(d), 2048, a.windows, show_progress=False)["ppl"]
-               for d in ("wiki", "news")}
-        with tempfile.TemporaryDirectory() as d:          # bpw as the files store it
-            bpw = m.export(Path(d) / "ct", "compressed-tensors")["bits_per_weight"]
+               for d in a.datasets.split(",")}
+        if v == "stitched":                                # no packed layers: the allocation's count
+            bpw = alloc.bpw
+        else:
+            with tempfile.TemporaryDirectory() as d:      # bpw as the files store it
+                bpw = m.export(Path(d) / "ct", "compressed-tensors")["bits_per_weight"]
         row = {"run": name, "bpw": bpw,
                "seconds": secs, "heldout": a.heldout, "heldout_kl_mean": sum(kl) / len(kl),
                "heldout_kl_median": srt[len(srt) // 2], "heldout_kl_max": srt[-1],

@@ -124,7 +124,7 @@ class QModel:
         from .mixed.search import searched_allocation
 
         return searched_allocation(self.model, m, a, samples, samples[:cfg.search_samples], cfg,
-                                   cfg.search_generations, cfg.search_offspring, device=device,
+                                   cfg.search_generations, cfg.search_offspring, span=cfg.search_span, device=device,
                                    batch_size=batch_size, show_progress=show_progress)
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):

@@ -96,10 +96,12 @@ class QuantizeConfig(_JsonMixin):
     verify_samples: int = 0
     # > 0: after planning, this many generations of evolutionary search (mixed/search.py) improve the
     # allocation, judged by the whole model's KL on the first `search_samples` calibration sequences;
-    # each generation scores `search_offspring` mutants. Off by default: it costs minutes
+    # each generation scores `search_offspring` mutants; a linear may move `search_span` levels (measured
+    # options no cheaper one beats) either side of the plan's pick. Off by default: it costs minutes
     search_generations: int = 0
     search_samples: int = 16
     search_offspring: int = 8
+    search_span: int = 2
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
     # are never block linears, so they stay unquantized unless quantize_lm_head is set)
     skip: tuple[str, ...] = ()
@@ -146,7 +148,7 @@ class QuantizeConfig(_JsonMixin):
         for name in ("verify_samples", "search_generations"):      # a search can also continue an allocation
             v = getattr(self, name)
             _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")
-        for name in ("search_samples", "search_offspring"):
+        for name in ("search_samples", "search_offspring", "search_span"):
             v = getattr(self, name)
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         object.__setattr__(self, "skip", tuple(self.skip))

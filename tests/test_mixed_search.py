@@ -143,7 +143,8 @@ def test_searched_allocation_keeps_the_budget_and_lowers_the_fitness_kl(tmp_path
     a = searched_allocation(model, m, start, samples(), samples(4, seed=1), CFG, generations=8, offspring=4)
     assert a.bpw <= 3.0 and set(a.layers) == set(start.layers)
     s = a.search
-    assert s["kl_end"] <= s["kl_start"] and len(s["history"]) == 9 and s["sequences"] == 4
+    (r,) = s["runs"]
+    assert r["kl_end"] <= r["kl_start"] and len(r["history"]) == 9 and r["sequences"] == 4 and s["generations"] == 8
     for n, d in a.layers.items():               # every pick is a measured option with its measured cost and error
         o = next(o for o in m["layers"][n]["options"]
                  if (o["bits"], o["group_size"], o["sym"]) == (d["bits"], d["group_size"], d["sym"]))
@@ -153,9 +154,14 @@ def test_searched_allocation_keeps_the_budget_and_lowers_the_fitness_kl(tmp_path
     more = searched_allocation(model, m, Allocation.load(tmp_path / "a.json"), samples(), samples(4, seed=1), CFG,
                                generations=3, offspring=4, seed=1)
     t = more.search                                      # a searched start: the record goes on from it
-    assert t["generations"] == 11 and t["seeds"] == [0, 1] and len(t["history"]) == 12
-    assert t["kl_start"] == s["kl_start"] and t["history"][8] == pytest.approx(s["kl_end"], rel=1e-6)
-    assert t["kl_end"] <= s["kl_end"] * (1 + 1e-6) and more.bpw <= 3.0
+    assert t["generations"] == 11 and t["runs"][0] == r and [u["seed"] for u in t["runs"]] == [0, 1]
+    assert t["runs"][1]["kl_start"] == pytest.approx(r["kl_end"], rel=1e-6)     # same fitness: it goes on from there
+    assert t["runs"][1]["kl_end"] <= r["kl_end"] * (1 + 1e-6) and more.bpw <= 3.0
+    # other fitness sequences and a wider span: a new run whose KLs are on its own sequences
+    wide = searched_allocation(model, m, more, samples(), samples(6, seed=2), CFG, generations=2, offspring=4, span=3)
+    u = wide.search["runs"][-1]                          # the seed defaults to the run's index: new mutations
+    assert len(wide.search["runs"]) == 3 and (u["sequences"], u["span"], u["seed"]) == (6, 3, 2) and wide.bpw <= 3.0
+    assert u["kl_start"] != pytest.approx(t["runs"][1]["kl_end"], rel=1e-3)
 
 
 def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir, tmp_path, capsys):
@@ -170,8 +176,9 @@ def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir
                 str(tmp_path / "m.json"), "--search-generations", "3", "--search-samples", "2",
                 "--search-offspring", "3", "--out", str(tmp_path / "q"), *common]) == 0
     alloc = json.loads((tmp_path / "q" / "allocation.json").read_text())
-    assert alloc["bpw"] <= 3.0 and alloc["search"]["generations"] == 3 and alloc["search"]["sequences"] == 2
-    assert alloc["search"]["kl_end"] <= alloc["search"]["kl_start"]
+    (run,) = alloc["search"]["runs"]
+    assert alloc["bpw"] <= 3.0 and alloc["search"]["generations"] == 3 and run["sequences"] == 2
+    assert run["kl_end"] <= run["kl_start"] and run["span"] == 2
     assert json.loads((tmp_path / "q" / "qforge_config.json").read_text())["search_generations"] == 3
     # a saved searched allocation is a stage: the next run continues its search
     again = ["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--allocation", str(tmp_path / "q" /
@@ -179,10 +186,11 @@ def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir
              "--out", str(tmp_path / "q2"), *common]
     capsys.readouterr()
     assert cli(again) == 2 and "needs the measurement it was planned from" in capsys.readouterr().err
-    assert cli([*again, "--measurement", str(tmp_path / "m.json")]) == 0
+    assert cli([*again, "--measurement", str(tmp_path / "m.json"), "--search-span", "1"]) == 0
     more = json.loads((tmp_path / "q2" / "allocation.json").read_text())
-    assert more["search"]["generations"] == 5 and more["search"]["kl_start"] == alloc["search"]["kl_start"]
-    assert more["search"]["kl_end"] <= alloc["search"]["kl_end"] * (1 + 1e-6) and more["bpw"] <= 3.0
+    first, then = more["search"]["runs"]
+    assert more["search"]["generations"] == 5 and first == run and then["span"] == 1
+    assert then["kl_end"] <= run["kl_end"] * (1 + 1e-6) and more["bpw"] <= 3.0
     # the API continues a given allocation's search too, with no --bpw in the config
     import qforge
 
@@ -200,6 +208,8 @@ def test_bad_search_settings_are_refused(tiny_llama_dir):
         QuantizeConfig(method="gptq", bpw=3.0, search_offspring=0)
     with pytest.raises(QForgeError, match="search_generations must be a whole number >= 0"):
         QuantizeConfig(method="gptq", bpw=3.0, search_generations=-1)
+    with pytest.raises(QForgeError, match="search_span must be a whole number >= 1"):
+        QuantizeConfig(method="gptq", bpw=3.0, search_span=0)
     import qforge
 
     with pytest.raises(QForgeError, match="give bpw or an allocation"):

@@ -63,6 +63,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                         "judged by the whole model's KL on calibration sequences (default 0: no search)")
     x.add_argument("--search-samples", type=int, default=16, help="calibration sequences the search is judged on")
     x.add_argument("--search-offspring", type=int, default=8, help="mutants scored per search generation")
+    x.add_argument("--search-span", type=int, default=2,
+                   help="levels (measured options no cheaper one beats) a linear may move either side of the plan's pick")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
@@ -115,6 +117,7 @@ def _quant_config(a):
                           compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
                           verify_samples=a.verify_samples, search_generations=a.search_generations,
                           search_samples=a.search_samples, search_offspring=a.search_offspring,
+                          search_span=a.search_span,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 

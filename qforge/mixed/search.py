@@ -16,6 +16,9 @@ down until the allocation fits the budget again. Selection (multi-step, elitist)
 are scored on the first batch of the fitness sequences, the best `survivors` on all of them, and the
 best survivor replaces the parent only if its KL is lower. A mutant runs the model only from the first
 block it changed: the parent's block inputs are cached.
+Record: the allocation's `search` holds one entry per run (generations, seed, span, fitness sequences and
+the KL after each generation); a saved searched allocation continues as a new run, possibly on other
+fitness sequences or another span, whose KLs are not comparable with an earlier run's.
 """
 from __future__ import annotations
 
@@ -165,11 +168,22 @@ def build_database(model, levels: dict[str, list[Grid]], calib: list[torch.Tenso
     return db
 
 
+def search_runs(record: dict | None) -> list[dict]:
+    """The runs of a saved search record, oldest first. Each run's KLs are on its own fitness sequences, so
+    they compare within a run, not across runs. (A record from before runs were kept is one run.)"""
+    if not record:
+        return []
+    return record["runs"] if "runs" in record else [record]
+
+
 def searched_allocation(model, measurement: dict, start: Allocation, calib: list[torch.Tensor],
                         fitness: list[torch.Tensor], cfg: QuantizeConfig, generations: int, offspring: int = 8,
-                        survivors: int = 2, span: int = 2, seed: int = 0, device: str = "cpu",
+                        survivors: int = 2, span: int = 2, seed: int | None = None, device: str = "cpu",
                         batch_size: int = 8, show_progress: bool = False) -> Allocation:
-    """`start` improved by evolve() on the KL over `fitness` sequences; Hessians from `calib`."""
+    """`start` improved by evolve() on the KL over `fitness` sequences; Hessians from `calib`. The seed
+    defaults to the number of runs in `start`'s record, so a continued search draws new mutations."""
+    if seed is None:
+        seed = len(search_runs(start.search))
     names = sorted(start.layers)
     opts, levels, assign = {}, {}, {}
     for n in names:
@@ -193,12 +207,12 @@ def searched_allocation(model, measurement: dict, start: Allocation, calib: list
     del judge, db
     layers = {n: {**{k: opts[n][best[n]][k] for k in ("bits", "group_size", "sym", "stored_bits", "err")},
                   "rel_err": opts[n][best[n]].get("rel_err"), "numel": start.layers[n]["numel"]} for n in names}
-    before = start.search or {}                        # a searched start: this run continues its record
-    history = before.get("history", [])[:-1] + history
-    report = {"generations": before.get("generations", 0) + generations, "offspring": offspring,
-              "survivors": survivors, "span": span, "seeds": before.get("seeds", []) + [seed],
-              "sequences": len(fitness), "kl_start": history[0], "kl_end": history[-1],
-              "accepted": sum(b < a for a, b in zip(history, history[1:])), "history": history}
-    log.info("search: fitness KL %.4f -> %.4f after %d generations (%d accepted)", history[0], history[-1],
-             report["generations"], report["accepted"])
+    accepted = sum(b < a for a, b in zip(history, history[1:]))
+    run = {"generations": generations, "seed": seed, "offspring": offspring, "survivors": survivors, "span": span,
+           "sequences": len(fitness), "kl_start": history[0], "kl_end": history[-1], "accepted": accepted,
+           "history": history}
+    runs = search_runs(start.search) + [run]           # a searched start: this run continues its record
+    report = {"generations": sum(r["generations"] for r in runs), "runs": runs}
+    log.info("search: fitness KL %.4f -> %.4f on %d sequences in %d generations (%d accepted; %d in all)",
+             history[0], history[-1], len(fitness), generations, accepted, report["generations"])
     return Allocation(start.target_bpw, start.format, layers, start.verification, report)
