@@ -28,6 +28,7 @@ def test_mix_draws_equal_shares_from_every_domain(tiny_tokenizer):
     assert len(c) == 10 and all(len(s) == 64 for s in c.samples)
     counts = {d: c.domains.count(d) for d in DOMAINS}
     assert sorted(counts.values()) == [2, 2, 3, 3]
+    assert sorted(c.domains[:4]) == sorted(DOMAINS)      # interleaved: any first k samples are mixed too
     assert not any("narrow" in w or "one domain" in w for w in c.warnings)
 
 

@@ -115,7 +115,7 @@ def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: in
         if not docs:
             raise QForgeError(f"calibration data {spec!r} is empty")
         rng = random.Random(seed)
-        samples, domains = [], []
+        drawn = []
         names = sorted(docs, key=str)
         for i, d in enumerate(names):
             share = nsamples // len(names) + (i < nsamples % len(names))
@@ -124,9 +124,11 @@ def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: in
             stream = torch.tensor(tokenizer("\n\n".join(docs[d]), add_special_tokens=False)["input_ids"], dtype=torch.long)
             if len(stream) < 2:
                 continue
-            got = _windows(stream, share, seqlen, rng)
-            samples += got
-            domains += [d] * len(got)
+            drawn.append([(w, d) for w in _windows(stream, share, seqlen, rng)])
+        # domains interleaved, so that the first k samples (what the mixed-precision probes, check and search
+        # are judged on) are as mixed as the whole set
+        order = [got[k] for k in range(max(map(len, drawn), default=0)) for got in drawn if k < len(got)]
+        samples, domains = [w for w, _ in order], [d for _, d in order]
         if not samples:
             raise QForgeError(f"calibration data {spec!r} holds fewer than 2 tokens")
     calib = CalibrationSet(samples, domains, spec)
