@@ -310,6 +310,9 @@ def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys)
     assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m.json"), "--candidate-bits", "2,3,4,8",
                 *common]) == 0
     assert "summed KL, nats/token" in capsys.readouterr().out
+    assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m16.json"), "--compute-dtype",
+                "bfloat16", *common]) == 2                                     # refused, not silently ignored
+    assert "runs in float32" in capsys.readouterr().err and not (tmp_path / "m16.json").exists()
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3.0", "--measurement",
                 str(tmp_path / "m.json"), "--out", str(tmp_path / "q"), "--format", "gptq", *common]) == 0
     out = capsys.readouterr().out

@@ -72,8 +72,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
                    help="dtype of quantize's calibration passes and Hessian products (summed in fp32; `measure` "
-                        "always runs fp32); float32 is exact but slower (1.7x on a CPU with AVX512-BF16), use it "
-                        "where bf16 is not native")
+                        "runs fp32 and refuses another); float32 is exact but slower (1.7x on a CPU with "
+                        "AVX512-BF16), use it where bf16 is not native")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
 
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
     p.add_argument("--probe-samples", type=int, default=4, help="calibration samples the end-to-end KL probes run on")
     _add_quant_args(p)
+    p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
     p = sub.add_parser("stats", help="AbsMax, Std and kurtosis of weights, linear inputs, keys and values")
@@ -223,6 +224,9 @@ def cmd_measure(a) -> int:
     from ..mixed.measure import grid_key
     from ..solvers import Grid
 
+    if a.compute_dtype != "float32":
+        raise QForgeError(f"qforge measure runs in float32 (--compute-dtype {a.compute_dtype} applies to quantize's "
+                          f"passes, not to the measurement)")
     cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
                          static_groups=a.static_groups, act_group_aware=a.act_group_aware,
                          scale_search=a.scale_search)
