@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help="search seed (default: the number of runs --search-from records)")
     ap.add_argument("--span", type=int, default=2, help="search levels either side of the start's pick")
     ap.add_argument("--fitness", type=int, default=16, help="search fitness: calibration samples 0..N-1")
+    ap.add_argument("--fitness-extra", default="", help="SPEC:N, N more fitness samples of 512 tokens from SPEC "
+                    "(e.g. builtin:code:16): a diagnostic, the fitness is then not the calibration alone")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -91,11 +93,18 @@ def main() -> None:
             cfg = qforge.QuantizeConfig(method="gptq", bpw=a.bpw)
             t = time.perf_counter()
             start = Allocation.load(a.search_from) if a.search_from else plan(meas, a.bpw)
-            alloc = searched_allocation(fp, meas, start, samples, samples[:a.fitness], cfg,
+            fitness = samples[:a.fitness]
+            if a.fitness_extra:
+                from qforge.calibration import build_calibration
+
+                spec, n = a.fitness_extra.rsplit(":", 1)
+                fitness = fitness + build_calibration(spec, qforge.load("smollm2-135m").tokenizer, int(n), 512).samples
+            alloc = searched_allocation(fp, meas, start, samples, fitness, cfg,
                                         a.generations, a.offspring, span=a.span, seed=a.seed, show_progress=True)
             search_s = time.perf_counter() - t
             done = alloc.search["generations"]
             tag = f"g{done}" + (f"_f{a.fitness}" if a.fitness != 16 else "") + (f"_s{a.span}" if a.span != 2 else "")
+            tag += f"_x{a.fitness_extra.replace(':', '-')}" if a.fitness_extra else ""
             alloc.save(f"benchmarks/results/mixed_search_{a.bpw}_{tag}.json")
             name = f"mixed {a.bpw} search {tag} (last run: o{a.offspring} f{a.fitness} span {a.span})"
             run = alloc.search["runs"][-1]
