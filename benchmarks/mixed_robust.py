@@ -76,11 +76,14 @@ def main() -> None:
                     "(e.g. builtin:code:16): a diagnostic, the fitness is then not the calibration alone")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed_robust.jsonl"))
     a = ap.parse_args()
+    if {"saved", "stitched"} & set(a.variants.split(",")) and not a.search_from:
+        ap.error("the saved and stitched variants evaluate the allocation given by --search-from")
     torch.set_num_threads(2)
     every = load_samples_jsonl("benchmarks/results/brown_128x512.jsonl")
     lo, hi = (int(x) for x in a.heldout.split(":"))
     samples, held = every[:32], every[lo:hi]
-    fp = qforge.load("smollm2-135m").model
+    base = qforge.load("smollm2-135m")
+    fp = base.model
     meas = restate_costs(load_measurement(MEAS), "compressed-tensors")
     for v in a.variants.split(","):
         if v in UNIFORM:
@@ -98,7 +101,7 @@ def main() -> None:
                 from qforge.calibration import build_calibration
 
                 spec, n = a.fitness_extra.rsplit(":", 1)
-                fitness = fitness + build_calibration(spec, qforge.load("smollm2-135m").tokenizer, int(n), 512).samples
+                fitness = fitness + build_calibration(spec, base.tokenizer, int(n), 512).samples
             alloc = searched_allocation(fp, meas, start, samples, fitness, cfg,
                                         a.generations, a.offspring, span=a.span, seed=a.seed, show_progress=True)
             search_s = time.perf_counter() - t
@@ -110,12 +113,9 @@ def main() -> None:
             run = alloc.search["runs"][-1]
             print(f"search {search_s:.0f} s, fitness KL {run['kl_start']:.4f} -> {run['kl_end']:.4f} on "
                   f"{run['sequences']} sequences, {run['accepted']} accepted, {alloc.bpw:.4f} bpw", flush=True)
-        elif v == "saved":
+        elif v in ("saved", "stitched"):
             cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), Allocation.load(a.search_from)
-            name = f"saved allocation {a.search_from.name}"
-        elif v == "stitched":
-            cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), Allocation.load(a.search_from)
-            name = f"stitched database model of {a.search_from.name}"
+            name = f"{'saved allocation' if v == 'saved' else 'stitched database model of'} {a.search_from.name}"
         else:
             cfg, alloc = qforge.QuantizeConfig(method="gptq", bpw=a.bpw), VARIANTS[v](meas, a.bpw)
             name = f"mixed {a.bpw} {v}"

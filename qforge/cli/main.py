@@ -64,7 +64,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     x.add_argument("--search-samples", type=int, default=16, help="calibration sequences the search is judged on")
     x.add_argument("--search-offspring", type=int, default=8, help="mutants scored per search generation")
     x.add_argument("--search-span", type=int, default=2,
-                   help="levels (measured options no cheaper one beats) a linear may move either side of the plan's pick")
+                   help="levels (measured options no cheaper one beats) a linear may move either side of the "
+                        "plan's pick")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=int, default=128)
