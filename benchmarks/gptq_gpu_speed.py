@@ -5,7 +5,10 @@ llm-compressor's GPTQModifier, side by side, each tool in its own process on the
     python3 benchmarks/gptq_gpu_speed.py --device cpu --layers 2 --hidden 256 --intermediate 512 \\
         --heads 4 --kv-heads 2 --vocab 1000 --nsamples 4 --seqlen 64        (a smoke run of the script)
 
-W4 g128 symmetric, no act-order, lm_head kept; 128 x 2048 tokens by default (issue 8). The model is built
+W4 g128 symmetric, lm_head kept; 128 x 2048 tokens by default (issue 8). Each tool at its defaults for that
+scheme: qforge with its group-aware order and range search (on CUDA its column loop is one Triton kernel
+per block), llm-compressor without act-order. `--peer-layers N` gives llm-compressor a model of N layers
+(a short GPU lease; the per-layer seconds are what compare). The model is built
 in fp16 from a fixed seed in every process; qforge keeps it on the CPU and moves one block at a time to
 the device, llm-compressor gets it on the device. Prints seconds in total and per decoder layer.
 """
@@ -16,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -44,6 +48,16 @@ def run_qforge(a, model, samples) -> float:
     return time.perf_counter() - t
 
 
+def _stub_tokenizer():
+    """oneshot wants a processor even for a tokenized dataset; a random model has none: a two-token one."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")),
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
 def run_llmcompressor(a, model, samples) -> float:
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -54,10 +68,13 @@ def run_llmcompressor(a, model, samples) -> float:
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
     recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
                           actorder=None)
+    cfg_dir = tempfile.mkdtemp()                  # oneshot re-reads the model's config from name_or_path
+    model.config.save_pretrained(cfg_dir)
+    model.config.name_or_path = cfg_dir
     model.to(a.device)
     t = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=a.seqlen, num_calibration_samples=len(samples),
-            shuffle_calibration_samples=False)
+            shuffle_calibration_samples=False, processor=_stub_tokenizer())
     return time.perf_counter() - t
 
 
@@ -66,6 +83,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tools", default="qforge,llmcompressor")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--peer-layers", type=int, help="decoder layers of the model the peer quantizes (default --layers; "
+                    "fewer fit a short GPU lease, and the per-layer time is what compares)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--heads", type=int, default=32)
@@ -76,14 +95,18 @@ def main() -> None:
     ap.add_argument("--worker")
     a = ap.parse_args()
     if a.worker:
+        if a.worker != "qforge" and a.peer_layers:
+            a.layers = a.peer_layers
         model, samples = build(a)
         secs = {"qforge": run_qforge, "llmcompressor": run_llmcompressor}[a.worker](a, model, samples)
-        print("RESULT " + json.dumps({"tool": a.worker, "seconds": secs, "per_layer": secs / a.layers}), flush=True)
+        print("RESULT " + json.dumps({"tool": a.worker, "layers": a.layers, "seconds": secs, "per_layer": secs / a.layers}),
+              flush=True)
         return
     shape = f"{a.layers} layers, hidden {a.hidden}, MLP {a.intermediate}, {a.nsamples} x {a.seqlen} tokens"
     print(f"GPTQ W4 g128 on a random Llama ({shape}) on {a.device}", flush=True)
     for tool in a.tools.split(","):
-        same = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("tools", "worker")]
+        same = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                if k not in ("tools", "worker") and v is not None]
         cmd = [sys.executable, __file__, "--worker", tool, *same]
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -91,7 +114,8 @@ def main() -> None:
             print(f"{tool}: FAILED\n{p.stderr[-2000:]}", flush=True)
             continue
         r = json.loads(line[0][7:])
-        print(f"{tool:15s} {r['seconds']:8.1f} s total   {r['per_layer']:6.2f} s per layer", flush=True)
+        print(f"{tool:15s} {r['layers']:3d} layers {r['seconds']:8.1f} s total   {r['per_layer']:6.2f} s per layer",
+              flush=True)
 
 
 if __name__ == "__main__":

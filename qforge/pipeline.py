@@ -28,6 +28,7 @@ from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
 from .errors import QForgeError
+from .kernels.gptq_loop import column_loop_for
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name
 from .smoothing import BlockAWQ, awq_block
 from .smoothing.store import load_awq
@@ -68,13 +69,14 @@ class GPTQSolver:
         stats.add(x)
 
     def solve(self, W, stats: HessianAccumulator, grid, cfg):
-        return gptq(W.to(stats.H.device), stats.H, grid, **gptq_options(cfg))
+        return gptq(W.to(stats.H.device), stats.H, grid, **gptq_options(cfg, stats.H.device))
 
 
-def gptq_options(cfg: QuantizeConfig) -> dict:
-    """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement)."""
+def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
+    """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
+    with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
-                group_aware=cfg.act_group_aware, scale_search=cfg.scale_search)
+                group_aware=cfg.act_group_aware, scale_search=cfg.scale_search, loop=column_loop_for(device))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -102,18 +104,47 @@ class QuantizeResult:
 def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
                 result: QuantizeResult) -> None:
     W = ref.weight.detach().float()
-    q = solver.solve(W, stats, grid, cfg)
+    _write_back(ref, full_name, W, solver.solve(W, stats, grid, cfg), result)
+
+
+def _solve_stacked(refs: list[LinearRef], names: list[str], solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
+                   result: QuantizeResult) -> None:
+    """Linears that read one input (one statistic) on one grid solved as one matrix, their rows stacked:
+    GPTQ's rows are independent given H, so q/k/v (or gate/up) cost one factorisation and one column
+    loop instead of three (or two). Each part is then checked and recorded on its own."""
+    if len(refs) == 1:
+        return _solve_into(refs[0], names[0], solver, stats, grid, cfg, result)
+    Ws = [r.weight.detach().float() for r in refs]
+    q = solver.solve(torch.cat(Ws), stats, grid, cfg)
+    r0 = 0
+    for ref, name, W in zip(refs, names, Ws):
+        part = q.rows(r0, r0 + W.shape[0])
+        part.info["stacked_with"] = [n for n in names if n != name]
+        _write_back(ref, name, W, part, result)
+        r0 += W.shape[0]
+
+
+def _write_back(ref: LinearRef, full_name: str, W: torch.Tensor, q: LayerQuant, result: QuantizeResult) -> None:
     W_hat = q.dequantize()
     if not torch.isfinite(W_hat).all():
         raise QForgeError(f"{full_name}: the solver produced non-finite weights")  # never written back
     if q.w_hat is not None and not torch.equal(W_hat, q.w_hat):
         raise QForgeError(f"{full_name}: codes/scales/g_idx do not reproduce the solver's weights")
-    q.w_hat = None
+    q.w_hat = q.row_loss = None
     q.codes, q.scales, q.zeros, q.g_idx = (t.cpu() for t in (q.codes, q.scales, q.zeros, q.g_idx))
-    q.info["rel_weight_err"] = float((W - W_hat).norm() / W.norm().clamp_min(1e-12))
+    q.info["rel_weight_err"] = float((W - W_hat.to(W.device)).norm() / W.norm().clamp_min(1e-12))
     ref.set_weight(W_hat)
     result.layers[full_name] = q
     log.debug("%s: %s", full_name, {k: v for k, v in q.info.items() if k != "method"})
+
+
+def _stackable(refs: list[LinearRef], names: list[str], stats: dict, grids: dict, grid: Grid) -> list[list[int]]:
+    """Indices of `refs` in runs to solve together: one statistic object and one grid (in first-seen order)."""
+    runs: dict[tuple, list[int]] = {}
+    for j, (ref, name) in enumerate(zip(refs, names)):
+        st = stats.get(ref.name)
+        runs.setdefault((j,) if st is None else (id(st), grids.get(name, grid)), []).append(j)
+    return list(runs.values())
 
 
 def _skipped(name: str, cfg: QuantizeConfig) -> bool:
@@ -176,7 +207,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             given = None if saved is None else saved.get(i, BlockAWQ())
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
                                       cfg.awq_grid, cfg.awq_duo_scaling, cfg.awq_clip, device=device, given=given,
-                                      gptq_opts=gptq_options(cfg) if cfg.awq_gptq_aware else None)
+                                      gptq_opts=gptq_options(cfg, device) if cfg.awq_gptq_aware else None)
         # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
         # solvers read the fp32 block's weights, and each solved weight is written to both
         fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
@@ -197,10 +228,12 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                 with collect_group_inputs(fwd, fwd_todo, sinks, later, stop_early=reuse_passes), \
                         frozen.pass_after(k) if frozen else contextlib.nullcontext():
                     feed_block(fwd, hidden, calls, device)
-            for ref, fwd_ref in zip(todo, fwd_todo):
-                name = linear_name(spec, i, ref.name)
-                _solve_into(ref, name, solver, stats.get(ref.name), grids.get(name, grid), cfg, result)
-                if fwd is not block:
+            names = [linear_name(spec, i, ref.name) for ref in todo]
+            for run in _stackable(todo, names, stats, grids, grid):
+                _solve_stacked([todo[j] for j in run], [names[j] for j in run], solver, stats.get(todo[run[0]].name),
+                               grids.get(names[run[0]], grid), cfg, result)
+            if fwd is not block:
+                for ref, fwd_ref in zip(todo, fwd_todo):
                     fwd_ref.set_weight(ref.weight)
         with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
             hidden = run_block(fwd, hidden, calls, device)   # the quantized block feeds the next one

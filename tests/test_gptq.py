@@ -7,7 +7,9 @@ from qforge.capture.blocks import make_batches
 from qforge.models.arch import arch_spec, block_linears, get_blocks
 from qforge.pipeline import quantize_model
 from qforge.solvers import Grid, gptq, inverse_hessian_cholesky, rtn
-from qforge.solvers.gptq import column_order
+from qforge.kernels import triton_matmul
+from qforge.kernels.gptq_loop import column_loop_for, triton_column_loop
+from qforge.solvers.gptq import column_loop, column_order
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
 
@@ -447,3 +449,75 @@ def test_bfloat16_passes_keep_fp32_weights_and_quantize_as_well(model_type):
         with torch.no_grad():
             err[dtype] = float((m(batch).logits - ref).pow(2).mean())
     assert err["bfloat16"] < 1.25 * err["float32"], err
+
+
+@pytest.mark.parametrize("act_order,scale_search", [(False, False), (True, True)])
+def test_stacked_rows_solve_as_each_matrix_alone(act_order, scale_search):
+    """GPTQ's rows are independent given H: linears sharing an input, solved as one stacked matrix and split
+    with LayerQuant.rows, give each matrix's own solve (what the pipeline does for q/k/v and gate/up)."""
+    X = correlated_inputs()
+    H = hessian(X)
+    g = torch.Generator().manual_seed(3)
+    Ws = [torch.randn(r, 128, generator=g) for r in (48, 16, 16)]
+    grid = Grid(3, 32, False)
+    opts = dict(act_order=act_order, scale_search=scale_search)
+    stacked = gptq(torch.cat(Ws), H, grid, **opts)
+    r0 = 0
+    for W in Ws:
+        part, alone = stacked.rows(r0, r0 + W.shape[0]), gptq(W, H, grid, **opts)
+        r0 += W.shape[0]
+        assert torch.equal(part.g_idx, alone.g_idx) and torch.equal(part.dequantize(), part.w_hat)
+        assert (part.codes == alone.codes).float().mean() > 0.995     # BLAS blocking may flip a rare tie
+        assert torch.allclose(part.dequantize(), alone.dequantize(), atol=1e-5, rtol=0) or \
+            out_err(X, W, part.dequantize()) == pytest.approx(out_err(X, W, alone.dequantize()), rel=1e-2)
+        assert part.info["loss"] == pytest.approx(alone.info["loss"], rel=1e-3)
+        assert part.codes.untyped_storage().data_ptr() != stacked.codes.untyped_storage().data_ptr()
+    assert sum(stacked.rows(a, b).info["loss"] for a, b in ((0, 48), (48, 64), (64, 80))) == \
+        pytest.approx(stacked.info["loss"], rel=1e-6)
+
+
+def test_pipeline_solves_shared_input_linears_stacked():
+    model = tiny_model("llama")
+    samples = [torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    result = quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=32), samples, show_progress=False)
+    q = result.layers["model.layers.0.self_attn.q_proj"]
+    assert sorted(q.info["stacked_with"]) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert result.layers["model.layers.0.mlp.up_proj"].info["stacked_with"] == ["model.layers.0.mlp.gate_proj"]
+    assert "stacked_with" not in result.layers["model.layers.0.mlp.down_proj"].info
+    assert "stacked_with" not in result.layers["model.layers.0.self_attn.o_proj"].info
+    assert q.shape == tuple(model.model.layers[0].self_attn.q_proj.weight.shape) and q.w_hat is None
+
+
+def test_linears_on_different_grids_are_solved_apart():
+    model = tiny_model("llama")
+    samples = [torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    q_name = "model.layers.0.self_attn.q_proj"
+    result = quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=32), samples, show_progress=False,
+                            grids={q_name: Grid(8, 32, True)})
+    assert "stacked_with" not in result.layers[q_name].info and result.layers[q_name].grid.bits == 8
+    assert result.layers["model.layers.0.self_attn.k_proj"].info["stacked_with"] == ["model.layers.0.self_attn.v_proj"]
+
+
+@pytest.mark.skipif(not triton_matmul.available(), reason="triton is not installed")
+@pytest.mark.parametrize("grid,block_size,opts", [
+    (Grid(4, 32, False), 128, {}), (Grid(3, 64, True), 64, {"act_order": True}),
+    (Grid(4, 48, False), 96, {"scale_search": True}), (Grid(2, -1, True), 128, {"scale_search": True}),
+    (Grid(3, 16, True), 256, {"act_order": True, "static_groups": True}),
+    (Grid(8, 32, False), 128, {"group_aware": True, "scale_search": True}),
+])
+def test_triton_column_loop_matches_the_reference(grid, block_size, opts):
+    """The one-kernel-per-block column loop (CUDA's) in Triton's interpreter: the reference's codes, grids and
+    weights (ragged rows, ragged last group and block, fitted and given grids, the range search)."""
+    X = correlated_inputs()
+    W = torch.randn(37, 128, generator=torch.Generator().manual_seed(2))
+    want = gptq(W, hessian(X), grid, block_size=block_size, **opts)
+    got = gptq(W, hessian(X), grid, block_size=block_size, loop=triton_column_loop, **opts)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert torch.equal(got.zeros, want.zeros) and torch.equal(got.w_hat, want.w_hat)
+
+
+def test_column_loop_choice_follows_the_device():
+    assert column_loop_for("cpu") is column_loop
+    assert column_loop_for("cuda") is (triton_column_loop if triton_matmul.available() else column_loop)
+    with pytest.raises(ValueError, match="256 columns"):
+        triton_column_loop(torch.zeros(4, 512), torch.eye(512), Grid(4, 32), 32)

@@ -1,12 +1,13 @@
 """Triton dequant-matmul kernels against the PyTorch reference: in Triton's interpreter on CPU tensors
-(small shapes, every schedule and layout, fp16 activations: Triton 3.9's interpreter miscasts bf16, so
-bf16 is checked by the CUDA test), and compiled on a GPU where one is present."""
+(small shapes, every schedule a Tuner may pick, fp16 activations: Triton 3.9's interpreter miscasts bf16,
+so bf16 is checked by the CUDA test), and compiled on a GPU where one is present."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qforge.kernels import QuantLinear, matmul_reference
+from qforge.kernels import QuantLinear, matmul_reference, use_tuner
+from qforge.kernels import aot
 from qforge.kernels import triton_matmul as tm
 from test_formats import random_quant
 
@@ -25,32 +26,96 @@ CASES = [
 ]
 
 
+def _layer(N, K, bits, group, sym, act_order, seed=0):
+    return QuantLinear.from_quant(random_quant(N, K, bits, group, sym, act_order, seed=seed),
+                                  torch.randn(N, generator=torch.Generator().manual_seed(seed)))
+
+
 def _packed(N, K, bits, group, sym, act_order, seed=0):
-    m = QuantLinear.from_quant(random_quant(N, K, bits, group, sym, act_order, seed=seed))
+    m = _layer(N, K, bits, group, sym, act_order, seed)
     return m.qweight, m.qzeros, m.scales, m.g_idx
 
 
 @pytest.mark.parametrize("M,N,K,bits,group,sym,act_order", CASES)
 def test_interpreted_kernel_matches_the_reference(M, N, K, bits, group, sym, act_order):
-    qw, qz, s, g = _packed(N, K, bits, group, sym, act_order, seed=M)
+    """The heuristic's schedule and every one a Tuner may pick (split-K or not, tensor-core tiles or GEMV,
+    words loaded once or per code), with a bias, and in-order groups also read through g_idx."""
+    m = _layer(N, K, bits, group, sym, act_order, seed=M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half()
-    gs = tm.in_order_group_size(g, K)
+    gs = tm.in_order_group_size(m.g_idx, K)
     assert (gs == 0) == act_order
-    want = matmul_reference(x.float(), qw, qz, s, g, bits)              # fp32: what the fp16 tiles approximate
-    got = tm.triton_matmul(x, qw, qz, s, g, bits, gs, interpret=True)
-    assert got.dtype == torch.float16 and got.shape == (M, N)
-    assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
-    if gs:                                  # the same result when the kernel reads g_idx row by row
-        by_row = tm.triton_matmul(x, qw, qz, s, g, bits, 0, interpret=True)
-        assert torch.allclose(by_row.float(), got.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    args = (m.qweight, m.qzeros, m.scales, m.g_idx, bits)
+    want = matmul_reference(x.float(), *args, m.bias.float())           # fp32: what the fp16 tiles approximate
+    configs = tm.candidates(M, N, K, gs, n_sm=2)                        # 2 SMs: small shapes still split K
+    assert configs[0] == tm.plan(M, N, K, gs, n_sm=2)
+    assert any(c.split > 1 for c in configs) == (M <= tm.SMALL_M)
+    for c in configs:
+        for group_size in {gs, 0}:                                      # 0: read g_idx row by row
+            got = tm.triton_matmul(x, *args, group_size, m.bias, config=c)
+            assert got.dtype == torch.float16 and got.shape == (M, N)
+            err = float((got.float() - want).abs().max() / want.abs().max())
+            assert err < 2e-3, (c, group_size, err)
+
+
+def test_kernel_without_bias_and_on_batched_input():
+    m = _layer(64, 128, 4, 32, False, False)
+    x = torch.randn(2, 3, 128).half()
+    got = tm.triton_matmul(x, m.qweight, m.qzeros, m.scales, m.g_idx, 4, 32)
+    want = matmul_reference(x.float(), m.qweight, m.qzeros, m.scales, m.g_idx, 4)
+    assert got.shape == (2, 3, 64) and torch.allclose(got.float(), want, atol=2e-3 * float(want.abs().max()))
 
 
 def test_plan_picks_split_k_for_decoding_and_tiles_that_respect_groups():
     small, big = tm.plan(1, 4096, 4096, 128), tm.plan(256, 4096, 4096, 128)
-    assert small["split"] > 1 and small["BLOCK_M"] == 16 and big["split"] == 1
-    for p, group in ((small, 128), (big, 128), (tm.plan(4, 576, 576, 64), 64)):
-        assert p["k_per_split"] % p["BLOCK_K"] == 0 and group % p["BLOCK_K"] == 0   # a K tile never spans two groups
-    assert tm.plan(1, 576, 576, 32)["BLOCK_K"] == 32
+    assert small.split > 1 and small.block_m == 16 and big.split == 1
+    for M, group in ((1, 128), (4, 64), (256, 128), (300, 32)):
+        for c in tm.candidates(M, 576 * 4, 576, group):
+            assert group % c.block_k == 0                               # a K tile never spans two groups
+    assert tm.plan(1, 576, 576, 32).block_k == 32
+
+
+def test_kernel_config_refuses_impossible_schedules():
+    with pytest.raises(ValueError, match="power of two"):
+        tm.KernelConfig(16, 96, 64)
+    with pytest.raises(ValueError, match="block_m >= 16"):
+        tm.KernelConfig(4, 64, 64)
+    with pytest.raises(ValueError, match="GEMV"):
+        tm.KernelConfig(16, 64, 64, dot=False)
+    with pytest.raises(ValueError, match="block_k"):
+        tm.KernelConfig(16, 64, 8)
+    with pytest.raises(ValueError, match="split"):
+        tm.KernelConfig(16, 64, 64, split=0)
+
+
+def test_tuner_keeps_the_fastest_correct_config_per_shape_bucket():
+    m = _layer(64, 128, 4, 32, True, False)
+    args = (m.qweight, m.qzeros, m.scales, m.g_idx, 4, 32, m.bias)
+    timed = []
+
+    def timer(fn):                                  # a fake clock: the later a config is timed, the faster
+        timed.append(fn.keywords["config"])
+        return 1.0 / len(timed)
+
+    tuner = tm.Tuner(timer=timer)
+    x = torch.randn(3, 128).half()
+    best = tuner.config(x, *args)
+    assert timed == tm.candidates(3, 64, 128, 32) and best == timed[-1]
+    assert tuner.config(torch.randn(4, 128).half(), *args) == best and len(timed) == len(tm.candidates(3, 64, 128, 32))
+    tuner.config(torch.randn(5, 128).half(), *args)                     # M 5 is another bucket (<= 8)
+    assert len(timed) > len(tm.candidates(3, 64, 128, 32))
+    assert tuner.rejected == []
+    strict = tm.Tuner(timer=timer, tol=0.0)
+    with pytest.raises(RuntimeError, match="no kernel config ran correctly"):
+        strict.config(x, *args)                                         # every config is checked first
+    assert len(strict.rejected) == len(tm.candidates(3, 64, 128, 32))
+    assert all(r["why"].startswith("off the reference") for r in strict.rejected)
+
+
+def test_use_tuner_reaches_every_quant_linear():
+    model = torch.nn.Sequential(_layer(64, 128, 4, 32, True, False), torch.nn.ReLU(), _layer(32, 64, 4, 32, True, False))
+    tuner = tm.Tuner()
+    assert use_tuner(model, tuner) == 2 and model[0].tuner is tuner and model[2].tuner is tuner
+    assert use_tuner(model, None) == 2 and model[0].tuner is None
 
 
 def test_in_order_group_size_detection():
@@ -65,7 +130,39 @@ def test_in_order_group_size_detection():
 def test_other_widths_are_refused_by_the_kernel():
     qw, qz, s, g = _packed(32, 64, 3, 32, True, False)
     with pytest.raises(ValueError, match="bits"):
-        tm.triton_matmul(torch.randn(2, 64).half(), qw, qz, s, g, 3, interpret=True)
+        tm.triton_matmul(torch.randn(2, 64).half(), qw, qz, s, g, 3)
+
+
+hopper = pytest.mark.skipif(not aot.available(), reason="needs triton's NVIDIA backend tools (ptxas, cuobjdump)")
+
+
+@hopper
+@pytest.mark.parametrize("M,group,bits,dtype,bias", [
+    (1, 128, 4, torch.float16, False), (4, 0, 4, torch.float16, True), (16, 128, 8, torch.bfloat16, False),
+    (64, 0, 4, torch.bfloat16, True), (256, 128, 4, torch.float16, False), (300, 1 << 30, 8, torch.float16, False),
+])
+def test_heuristic_schedules_compile_for_hopper_without_spills(M, group, bits, dtype, bias):
+    """Built for sm_90 here, without a GPU (kernels/aot.py): the kernel the JIT would build for this call."""
+    r = aot.matmul_report(tm.plan(M, 4096, 4096, group), M, 4096, 4096, bits=bits, group_size=group, dtype=dtype,
+                          bias=bias)
+    assert r["stack"] <= 64 and r["local"] == 0 and r["regs"] <= 255
+    assert r["shared_static"] <= 227 * 1024                            # what one program may take on sm_90
+
+
+@hopper
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_every_tuner_candidate_compiles_for_hopper(M):
+    for c in tm.candidates(M, 4096, 14336, 128):
+        r = aot.matmul_report(c, M, 4096, 14336)
+        assert r["regs"] <= 255 and r["shared_static"] <= 227 * 1024, c
+
+
+@hopper
+@pytest.mark.parametrize("bits,sym,fit,search,b", [(4, False, True, True, 128), (3, True, True, False, 128),
+                                                   (2, True, False, False, 64), (8, False, True, True, 256)])
+def test_gptq_loop_kernel_compiles_for_hopper_without_spills(bits, sym, fit, search, b):
+    r = aot.gptq_loop_report(b, bits, sym, fit, search)
+    assert r["stack"] <= 64 and r["local"] == 0                         # (Triton 3.6 keeps 8 bytes in one case)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -80,3 +177,18 @@ def test_compiled_kernel_matches_the_reference_on_cuda(M, dtype, act_order):
     got = m(x)                                                          # QuantLinear picks the kernel on CUDA
     assert got.dtype == dtype
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M,act_order", [(1, False), (3, True), (64, False)])
+def test_every_tuner_candidate_is_right_on_cuda(M, act_order, caplog):
+    """The Tuner checks each candidate against the reference before timing it: none may be dropped."""
+    m = QuantLinear.from_quant(random_quant(2048, 1024, 4, 128, False, act_order), torch.randn(2048)).cuda()
+    m.tuner = tm.Tuner(warmup_ms=1, rep_ms=2)
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
+    with caplog.at_level("WARNING", logger=tm.__name__):
+        got = m(x)
+    assert not [r for r in caplog.records if "off the reference" in r.getMessage()]
+    want = matmul_reference(x.float(), m.qweight, m.qzeros, m.scales, m.g_idx, 4, m.bias)
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert len(m.tuner.best) == 1

@@ -1,4 +1,5 @@
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, use_tuner
 from .reference import dequantize_packed, matmul_reference
+from .triton_matmul import KernelConfig, Tuner
 
-__all__ = ["QuantLinear", "dequantize_packed", "matmul_reference"]
+__all__ = ["KernelConfig", "QuantLinear", "Tuner", "dequantize_packed", "matmul_reference", "use_tuner"]

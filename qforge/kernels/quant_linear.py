@@ -1,6 +1,7 @@
 """QuantLinear: a linear layer that keeps its weight packed (kernels/reference.py's layout) and
 dequantizes on the fly. On CUDA with 4- or 8-bit weights it runs the Triton kernel
-(kernels/triton_matmul.py); elsewhere the PyTorch reference. Another kernel plugs in through
+(kernels/triton_matmul.py), with the heuristic's schedule or, once `use_tuner` gave it a Tuner, the
+fastest one measured for its shape; elsewhere the PyTorch reference. Another kernel plugs in through
 `QuantLinear.kernel`.
 
 Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
@@ -29,6 +30,7 @@ class QuantLinear(nn.Module):
         self.cache = cache
         self._w_cache: torch.Tensor | None = None
         self._group_size: int | None = None         # the kernel's in-order group size, found on first use
+        self.tuner: triton_matmul.Tuner | None = None   # picks the Triton kernel's schedule (None: plan's)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         b = grid.bits
         self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32))
@@ -67,8 +69,9 @@ class QuantLinear(nn.Module):
         if x.is_cuda and triton_matmul.available() and self.grid.bits in triton_matmul.KERNEL_BITS:
             if self._group_size is None:
                 self._group_size = triton_matmul.in_order_group_size(self.g_idx, self.in_features)
-            return triton_matmul.triton_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits,
-                                               self._group_size, self.bias)
+            args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self._group_size, self.bias)
+            config = self.tuner.config(*args) if self.tuner is not None else None
+            return triton_matmul.triton_matmul(*args, config=config)
         if not self.cache:
             return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
         w = self._w_cache
@@ -92,3 +95,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.grid.bits}, "
                 f"group={self.grid.group_size}, sym={self.grid.sym}")
+
+
+def use_tuner(model: nn.Module, tuner: "triton_matmul.Tuner | None") -> int:
+    """Give every QuantLinear of `model` this Tuner (one shared: a shape is timed once); None restores the
+    heuristic. Returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.tuner = tuner
+    return len(layers)

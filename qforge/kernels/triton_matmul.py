@@ -3,27 +3,36 @@
 Layout read (4 or 8 bits, where a word holds P = 32 / bits whole values; other widths use the reference):
   qweight int32 [K / P, N]   input row k of output column n at bits [(k % P)·b, (k % P + 1)·b) of word k // P
   qzeros  int32 [G, N / P]   zero point of (group g, column n) at bits [(n % P)·b, ...) of word n // P
-  scales  [G, N]             fp16 / bf16 / fp32, used as stored
+  scales  [G, N]             fp16 / bf16 / fp32
   g_idx   int32 [K]          group of every input row (any order: act-order reads it row by row)
 
-One kernel body, two schedules chosen by the number of rows M of x (`plan`):
-- GEMM (M > 16): one program per BLOCK_M x BLOCK_N output tile, looping over K, each dequantized
-  [BLOCK_K, BLOCK_N] weight tile fed to tl.dot with fp32 accumulation.
-- split-K (M <= 16, decoding): BLOCK_M = 16 and K cut into SPLIT_K slices, each program adding its
-  partial tile atomically into an fp32 output, so that batch 1 still spreads the weight reads over
-  every SM (the weights, not the flops, bound a small-batch linear).
-In-order groups (`group_size` > 0, static groups or no act-order) read one scale/zero row per K tile
-instead of one per weight row: BLOCK_K then divides the group size.
+One kernel body; a `KernelConfig` picks its schedule:
+- tiles: each program computes a BLOCK_M x BLOCK_N output tile over one of `split` slices of K, BLOCK_K
+  rows at a time. split > 1 (decoding: the weights, not the flops, bound a small-batch linear, so batch 1
+  must still spread the weight reads over every SM) adds the slices' tiles atomically into the output,
+  in the output's dtype (as Marlin reduces its K slices in fp16); within a slice accumulation is fp32.
+- `dot`: each tile product on the tensor cores (tl.dot, BLOCK_M >= 16), or, for a GEMV (BLOCK_M = 1),
+  multiply-and-sum on the CUDA cores.
+- `word_load`: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile and its P codes unpacked
+  along a new axis, or one (cached) load per code, as the GPTQ-triton kernels do.
+In-order groups (`group_size` > 0: static groups or no act-order; BLOCK_K divides the group size) read one
+scale and zero row per K tile and apply the scale after the product: the tile holds the integers q - z,
+exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Act-order (`group_size` 0) reads
+a group per row and dequantizes s · (q - z) in the activation dtype, as the reference does.
+`plan` picks a config by a heuristic; `Tuner` times `candidates` on the device and keeps the fastest.
 
 The kernel is compiled with triton.jit for CUDA tensors, or run by Triton's interpreter on CPU tensors
-(`interpret=True`, how the tests check it without a GPU).
+(how the tests check it without a GPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import torch
 
+log = logging.getLogger(__name__)
 triton = tl = None               # imported on first use (importing triton takes a while)
 KERNEL_BITS = (4, 8)
 SMALL_M = 16
@@ -42,9 +51,37 @@ def available() -> bool:
     return True
 
 
-def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch's schedule (see the module docstring)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split: int = 1
+    dot: bool = True
+    word_load: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {v}")
+        if self.block_k < 16 or self.block_n < 16:
+            raise ValueError("KernelConfig needs block_k and block_n >= 16 (a K tile holds whole packed words)")
+        if self.dot and self.block_m < 16:
+            raise ValueError("a tl.dot tile needs block_m >= 16; use dot=False (GEMV) for block_m 1")
+        if not self.dot and self.block_m != 1:
+            raise ValueError("the multiply-and-sum (GEMV) schedule takes block_m 1")
+        if self.split < 1 or self.num_stages < 1:
+            raise ValueError("KernelConfig needs split >= 1 and num_stages >= 1")
+
+
+def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
           BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+          BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, WORD_LOAD: tl.constexpr,
+          HAS_BIAS: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,27 +94,50 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, y_ptr, M, N, K, stride_xm, stride
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)        # [BM, BK]
+        if DOT:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)    # [BM, BK]
+        else:
+            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                        mask=m_ok[None, :] & k_ok[:, None], other=0.0)    # [BK, 1]
         wk_ok = k_ok[:, None] & n_ok[None, :]
-        qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
-        q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK              # [BK, BN] codes
+        if WORD_LOAD:                                                     # each word once, codes on a new axis
+            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+                            mask=(offs_w < k_end // PACK)[:, None] & n_ok[None, :], other=0)  # [BK/P, BN]
+            shifts = tl.arange(0, PACK) * BITS
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+        else:                                                             # one load per code (cache hits)
+            qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
+            q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK          # [BK, BN] codes
         if GROUP_SIZE > 0:                                                # the whole tile is one group
             g = k0 // GROUP_SIZE
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = ((tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK)[None, :]
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            z = (tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK
+            w = (q - z[None, :]).to(x.dtype)                              # small integers: exact
         else:                                                             # act-order: a group per row
             g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)[:, None]
-            s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(x.dtype)
             z = (tl.load(qz_ptr + g * (N // PACK) + offs_n[None, :] // PACK, mask=wk_ok, other=0)
                  >> z_shift[None, :]) & MASK
-        w = ((q - z).to(tl.float32) * s).to(x.dtype)                       # exact in fp32, rounded once
-        acc += tl.dot(x, w)
+            w = (q - z).to(x.dtype) * s                                   # as the reference rounds it
+        if DOT:
+            part = tl.dot(x, w)                                           # [BM, BN] fp32
+        else:
+            # tl.sum is itself a jitted helper, which the interpreter cannot call: reduce with its combine fn
+            part = tl.reduce(x.to(tl.float32) * w.to(tl.float32), 0, tl.standard._sum_combine)[None, :]
+        if GROUP_SIZE > 0:
+            part = part * s[None, :]
+        acc += part
+    if HAS_BIAS:                                                          # added once, by the first K slice
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(tl.program_id(2) == 0, 1.0, 0.0) * bias[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
     if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.atomic_add(y_ptrs, out, mask=m_ok[:, None] & n_ok[None, :])
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptrs, out, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @functools.cache
@@ -91,19 +151,66 @@ def _kernel(interpret: bool):
     return triton.jit(_body)
 
 
-def plan(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> dict:
-    """Tile sizes and split for one call (a heuristic; benchmarks/kernels.py measures it)."""
-    available()
-    block_k = 64 if group_size <= 0 else next(b for b in (128, 64, 32, 16) if group_size % b == 0)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_k(group_size: int, want: int) -> int:
+    """The largest K tile <= want that divides the group size (a tile never spans two groups)."""
+    return next(b for b in (want, 128, 64, 32, 16) if b <= want and (group_size <= 0 or group_size % b == 0))
+
+
+def _with_split(c: KernelConfig, M: int, N: int, K: int, programs: int) -> KernelConfig:
+    """c with K cut so that the grid holds about `programs` programs (no cut when the tiles already do)."""
+    tiles = _cdiv(M, c.block_m) * _cdiv(N, c.block_n)
+    return dataclasses.replace(c, split=max(1, min(_cdiv(K, c.block_k), _cdiv(programs, tiles))))
+
+
+def plan(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> KernelConfig:
+    """A config by heuristic (the Tuner measures): split-K tensor-core tiles for M <= 16, plain tiles above.
+    Chosen from the sm_90 compiler report (benchmarks/kernel_resources.py: registers, shared memory, programs
+    per SM), not yet from GPU timings: words loaded once (one load per code keeps 8 copies of every word in
+    shared memory: 169 KB for a 128 x 128 tile, one program per SM), no spills, several programs per SM."""
     if M <= SMALL_M:
-        block_m, block_n = 16, 128
-        k_tiles = triton.cdiv(K, block_k)
-        split = max(1, min(k_tiles, triton.cdiv(4 * n_sm, triton.cdiv(N, block_n))))
+        return _with_split(KernelConfig(16, 64, _block_k(group_size, 128)), M, N, K, 4 * n_sm)
+    return KernelConfig(32 if M <= 64 else 64, 128, _block_k(group_size, 32), num_stages=4)
+
+
+# (block_n, block_k, num_warps, num_stages) a Tuner tries per schedule, and the programs per SM of a split;
+# tables pruned by the sm_90 compiler report (no configuration that spills registers)
+_SPLIT_DOT = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 2, 4))
+_SPLIT_GEMV = ((128, 64, 4, 2), (256, 64, 4, 2), (64, 128, 4, 2), (256, 32, 2, 2), (128, 32, 2, 2))
+_TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)), 64: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
+          128: ((128, 64, 8, 3), (64, 64, 4, 4))}
+
+
+def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> list[KernelConfig]:
+    """The configs a Tuner times for one call shape, the heuristic's first; the small-batch ones also with one
+    load per code (word_load False)."""
+    out = [plan(M, N, K, group_size, n_sm)]
+    if M <= SMALL_M:
+        for dot, table, per_sm in ((True, _SPLIT_DOT, (2, 4, 8)), (False, _SPLIT_GEMV, (4, 8, 16))):
+            if not dot and (M > 4 or group_size <= 0):  # GEMV programs read the weights once per row of x;
+                continue                                  # with act-order's per-row grids they spill (sm_90)
+            for bn, bk, warps, stages in table:
+                c = KernelConfig(16 if dot else 1, bn, _block_k(group_size, bk), dot=dot, num_warps=warps,
+                                 num_stages=stages)
+                out += [_with_split(c, M, N, K, p * n_sm) for p in per_sm]
+        out += [dataclasses.replace(c, word_load=False) for c in out]
     else:
-        block_m, block_n, split = (64 if M <= 64 else 128), 128, 1
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k   # whole tiles, so groups stay aligned
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, split=triton.cdiv(K, k_per_split),
-                k_per_split=k_per_split)
+        for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
+            out += [KernelConfig(bm, bn, _block_k(group_size, bk), num_warps=w, num_stages=s) for bn, bk, w, s in _TILES[bm]]
+    return list(dict.fromkeys(out))
+
+
+def k_per_split(c: KernelConfig, K: int) -> int:
+    """Rows of K per slice: whole K tiles, so a tile never straddles two groups."""
+    return _cdiv(_cdiv(K, c.split), c.block_k) * c.block_k
+
+
+def launch_split(c: KernelConfig, K: int) -> int:
+    """The K slices a launch of c really has (c.split, fewer where whole tiles leave a slice empty)."""
+    return _cdiv(K, k_per_split(c, K))
 
 
 def in_order_group_size(g_idx: torch.Tensor, K: int) -> int:
@@ -115,22 +222,87 @@ def in_order_group_size(g_idx: torch.Tensor, K: int) -> int:
     return gs if gs % 16 == 0 and torch.equal(g, torch.arange(K) // gs) else 0
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _atomic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype K slices are added in: fp16 and fp32 as they are; bf16 in fp32 (bf16 atomics need sm_90, and
+    Triton's interpreter miscasts bf16), cast once at the end."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                   g_idx: torch.Tensor, bits: int, group_size: int = 0, bias: torch.Tensor | None = None,
-                  interpret: bool = False, n_sm: int = 132) -> torch.Tensor:
-    """x [..., K] @ Wᵀ [K, N] (+ bias) in x's dtype; `group_size` from in_order_group_size (0: read g_idx)."""
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """x [..., K] @ Wᵀ [K, N] (+ bias) in x's dtype; `group_size` from in_order_group_size (0: read g_idx);
+    `config` None: plan's. Compiled for CUDA tensors, interpreted for CPU ones."""
     if bits not in KERNEL_BITS:
         raise ValueError(f"the Triton kernel handles {KERNEL_BITS} bits, not {bits}")
     K, N = x.shape[-1], scales.shape[1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    p = plan(M, N, K, group_size, n_sm)
-    atomic = p["split"] > 1
-    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else torch.empty(M, N, dtype=x.dtype,
-                                                                                             device=x.device)
-    grid = (triton.cdiv(M, p["BLOCK_M"]), triton.cdiv(N, p["BLOCK_N"]), p["split"])
-    _kernel(interpret)[grid](x2, qweight, qzeros, scales, g_idx, y, M, N, K, x2.stride(0), y.stride(0),
-                             p["k_per_split"], BITS=bits, GROUP_SIZE=group_size, BLOCK_M=p["BLOCK_M"],
-                             BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"], ATOMIC=atomic)
-    y = y.to(x.dtype).reshape(*x.shape[:-1], N)
-    return y + bias.to(x.dtype) if bias is not None else y
+    c = config or plan(M, N, K, group_size, sm_count(x.device))
+    split = launch_split(c, K)
+    if split > 1:
+        y = torch.zeros(M, N, dtype=_atomic_dtype(x.dtype), device=x.device)
+    else:
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (_cdiv(M, c.block_m), _cdiv(N, c.block_n), split)
+    _kernel(not x.is_cuda)[grid](x2, qweight, qzeros, scales, g_idx, bias if bias is not None else y, y, M, N, K,
+                             x2.stride(0), y.stride(0), k_per_split(c, K), BITS=bits, GROUP_SIZE=group_size,
+                             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, ATOMIC=split > 1, DOT=c.dot,
+                             WORD_LOAD=c.word_load, HAS_BIAS=bias is not None, num_warps=c.num_warps,
+                             num_stages=c.num_stages, enable_fp_fusion=True)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _m_bucket(M: int) -> int:
+    return 1 << max(0, (M - 1).bit_length()) if M <= 1024 else 1024
+
+
+def _do_bench(fn, warmup_ms: float, rep_ms: float) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+
+
+class Tuner:
+    """Times `candidates` for each call shape on its first use (triton.testing.do_bench, median; each run
+    allocates its output, as a call does) and keeps the fastest config per (M rounded up to a power of two,
+    N, K, group, bits, dtype, device). A config whose result is off the PyTorch reference (relative error
+    over `tol`) is dropped with a warning. Share one across layers: `qforge.kernels.use_tuner(model, Tuner())`."""
+
+    def __init__(self, warmup_ms: float = 5, rep_ms: float = 20, tol: float = 5e-3, timer=None):
+        self.tol = tol
+        self.timer = timer or functools.partial(_do_bench, warmup_ms=warmup_ms, rep_ms=rep_ms)  # fn -> seconds
+        self.best: dict[tuple, tuple[KernelConfig, float]] = {}
+        self.rejected: list[dict] = []              # {"shape", "config", "why"} of every candidate not timed
+
+    def config(self, x, qweight, qzeros, scales, g_idx, bits: int, group_size: int, bias=None) -> KernelConfig:
+        from .reference import matmul_reference
+
+        K, N = x.shape[-1], scales.shape[1]
+        M = x.numel() // K
+        key = (_m_bucket(M), N, K, group_size, bits, x.dtype, x.device)
+        if key in self.best:
+            return self.best[key][0]
+        want = matmul_reference(x.float(), qweight, qzeros, scales, g_idx, bits, bias)
+        times = {}
+        for c in candidates(M, N, K, group_size, sm_count(x.device)):
+            fn = functools.partial(triton_matmul, x, qweight, qzeros, scales, g_idx, bits, group_size, bias, config=c)
+            try:
+                err = float((fn().float() - want).norm() / want.norm().clamp_min(1e-30))
+                if not err <= self.tol:             # NaN fails too
+                    log.warning("kernel config %s is off the reference (relative error %.2g): skipped", c, err)
+                    self.rejected.append({"shape": key[:3], "config": str(c), "why": f"off the reference ({err:.2g})"})
+                    continue
+                times[c] = self.timer(fn)
+            except Exception as e:                  # a config the compiler refuses (shared memory, registers)
+                log.debug("kernel config %s failed: %s", c, e)
+                self.rejected.append({"shape": key[:3], "config": str(c), "why": f"failed: {e!r}"[:300]})
+        if not times:
+            raise RuntimeError(f"no kernel config ran correctly for M={M}, N={N}, K={K}")
+        best = min(times, key=times.get)
+        self.best[key] = (best, times[best])
+        log.info("kernel M<=%d N=%d K=%d: %s, %.1f µs", key[0], N, K, best, 1e6 * times[best])
+        return best

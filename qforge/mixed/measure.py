@@ -157,7 +157,7 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
             probes, abs_err, kl = probe_grids(grids), {}, {}
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
-                W_hat = gptq(W, H, grid, **gptq_options(cfg)).dequantize().to(W.device)
+                W_hat = gptq(W, H, grid, **gptq_options(cfg, device)).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:

@@ -164,7 +164,7 @@ def build_database(model, levels: dict[str, list[Grid]], calib: list[torch.Tenso
             stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
             for n, r in mine.items():
                 W, H = r.weight.detach().float().to(device), stats[r.name].H
-                db[n] = [gptq(W, H, g, **gptq_options(cfg)).dequantize().to("cpu", dtype) for g in levels[n]]
+                db[n] = [gptq(W, H, g, **gptq_options(cfg, device)).dequantize().to("cpu", dtype) for g in levels[n]]
     return db
 
 

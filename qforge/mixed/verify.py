@@ -93,7 +93,7 @@ def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device,
     try:
         for n, r in mine.items():
             W = originals[n].float().to(device)
-            r.set_weight(gptq(W, stats[r.name].H, grids[n], **gptq_options(cfg)).dequantize().to(W.device))
+            r.set_weight(gptq(W, stats[r.name].H, grids[n], **gptq_options(cfg, device)).dequantize().to(W.device))
         kl = tuple(tail_kl())
     finally:
         for n, r in mine.items():

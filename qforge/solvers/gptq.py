@@ -61,9 +61,38 @@ def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool
     return torch.cat([perm, tail])
 
 
+def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torch.Tensor | None = None,
+                Z: torch.Tensor | None = None, cost1: torch.Tensor | None = None, scale_search: bool = False):
+    """GPTQ's sequential part on one block of b columns: quantize each column in turn and spread its
+    error over the block's later columns (the reference; kernels/gptq_loop.py runs it as one kernel).
+
+    W1 [out, b] the block's weights after the earlier blocks' updates (not modified); U1 [b, b] the
+    block's diagonal block of the upper Cholesky factor of H^-1. S, Z [out, b]: every column's grid, or
+    None: fitted at every gs-th column on the compensated weights (search_params weighted by cost1 [b]
+    when scale_search, else fit_params). Returns codes, Q1 = ŵ, Err1 = (w - ŵ) / U_ii, S, Z, all [out, b].
+    """
+    W1 = W1.clone()
+    fit = S is None
+    if fit:
+        S, Z = torch.empty_like(W1), torch.empty_like(W1)
+    codes, Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    d = torch.diag(U1).tolist()
+    for i in range(W1.shape[1]):
+        if fit and i % gs == 0:
+            cols = W1[:, i:i + gs]
+            s, z = search_params(cols, grid, cost1[i:i + gs]) if scale_search else fit_params(cols, grid)
+            S[:, i:i + gs], Z[:, i:i + gs] = s[:, None], z[:, None]
+        s, z, w = S[:, i], Z[:, i], W1[:, i]
+        q = torch.div(w, s, out=codes[:, i]).round_().add_(z).clamp_(0, grid.maxq)   # [out] codes
+        torch.mul(q - z, s, out=Q1[:, i])
+        err = torch.sub(w, Q1[:, i], out=Err1[:, i]).div_(d[i])
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)                     # compensate the rest of the block
+    return codes, Q1, Err1, S, Z
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
-         scale_search: bool = False) -> LayerQuant:
+         scale_search: bool = False, loop=column_loop) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -74,6 +103,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     it, on the error-compensated weights.
     scale_search: each group's range is shrunk to minimise its rounding error weighted by what each
     column's error costs in GPTQ's loss, 1 / U_jj^2 (grid.search_params); otherwise min-max.
+    loop: the column loop of one block, column_loop or a kernel with its signature (kernels.gptq_loop).
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
@@ -102,47 +132,35 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 
-    def fit(cols: torch.Tensor, c: torch.Tensor):
-        return search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
-
     prefit = static_groups or grid.group_size == -1
     if prefit:                                        # grids of the original column ranges
         c0 = cost[inv]
         for k in range(n_groups):
-            scales[:, k], zeros[:, k] = fit(W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs])
+            cols, c = W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs]
+            scales[:, k], zeros[:, k] = search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
     codes = torch.zeros(out_f, in_f, device=dev)
     Q = torch.zeros(out_f, in_f, device=dev)                     # Ŵ in permuted order, as the loop computed it
-    loss = 0.0
+    row_loss = torch.zeros(out_f, device=dev)                  # [out] sum (w - ŵ)^2 / 2 of each row, in GPTQ's loss
     group_list = group_of_pos.tolist()
-    # blocks never split a group, so each group's grid is fitted on up-to-date weights
+    # blocks never split a group (B is a multiple of gs), so each group's grid is fitted on up-to-date weights
     B = max(gs, (block_size // gs) * gs) if gs < in_f else block_size
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
-        W1 = W[:, i1:i2].clone()                      # [out, b]
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        ks = group_list[i1:i2]                        # group of each column of the block
+        S, Z = (scales[:, ks], zeros[:, ks]) if prefit else (None, None)
         U1 = U[i1:i2, i1:i2]
-        d_t = torch.diag(U1)
-        d = d_t.tolist()
-        for i in range(i2 - i1):
-            k = group_list[i1 + i]
-            if not prefit and (i1 + i) % gs == 0:
-                scales[:, k], zeros[:, k] = fit(W1[:, i:i + gs], cost[i1 + i:i1 + i + gs])
-            s, z = scales[:, k], zeros[:, k]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, grid.maxq)       # [out] codes
-            codes[:, i1 + i] = q
-            Q1[:, i] = s * (q - z)
-            err = (w - Q1[:, i]) / d[i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)                  # compensate the rest of the block
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        loss += float((Err1**2 * d_t**2).sum()) / 2                      # sum (w - ŵ)^2 / 2
+        C1, Q1, Err1, S, Z = loop(W[:, i1:i2], U1, grid, gs, S, Z, cost[i1:i2], scale_search)
+        if not prefit:
+            for j in range(0, i2 - i1, gs):
+                scales[:, ks[j]], zeros[:, ks[j]] = S[:, j], Z[:, j]
+        codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
+        row_loss += (Err1**2 * torch.diag(U1) ** 2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]             # lazy batch update of the remaining columns
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
-    info.update(method="gptq", loss=loss, dead_columns=int(dead.sum()))
+    info.update(method="gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
     if info["fallback"] or info["retries"]:
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
-    return LayerQuant(grid, codes[:, inv].to(torch.uint8), scales, zeros, g_idx, info, w_hat=Q[:, inv])
+    return LayerQuant(grid, codes[:, inv].to(torch.uint8), scales, zeros, g_idx, info, w_hat=Q[:, inv],
+                      row_loss=row_loss)

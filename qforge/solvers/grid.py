@@ -109,11 +109,21 @@ class LayerQuant:
     g_idx: torch.Tensor
     info: dict
     w_hat: torch.Tensor | None = None  # the solver's own reconstruction, for a consistency check; not saved
+    row_loss: torch.Tensor | None = None  # [out] the solver's loss of each output row (GPTQ); not saved
 
     def dequantize(self) -> torch.Tensor:
         """W_hat [out, in] fp32."""
         g = self.g_idx.long()
         return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
+
+    def rows(self, r0: int, r1: int) -> "LayerQuant":
+        """Output rows r0:r1 as a layer of their own (rows solved as one matrix, then split)."""
+        info = dict(self.info)
+        if self.row_loss is not None:
+            info["loss"] = float(self.row_loss[r0:r1].sum())
+        cut = (lambda t: None if t is None else t[r0:r1].clone())     # own storage: saved as separate tensors
+        return LayerQuant(self.grid, cut(self.codes), cut(self.scales), cut(self.zeros), self.g_idx.clone(), info,
+                          cut(self.w_hat), cut(self.row_loss))
 
     @property
     def shape(self) -> tuple[int, int]:
