@@ -9,8 +9,8 @@ W4 g128 symmetric, lm_head kept; 128 x 2048 tokens by default (issue 8). Each to
 scheme: qforge with its group-aware order and range search (on CUDA its column loop is one Triton kernel
 per block), llm-compressor without act-order. `--peer-layers N` gives llm-compressor a model of N layers
 (a short GPU lease; the per-layer seconds are what compare). The model is built
-in fp16 from a fixed seed in every process; qforge keeps it on the CPU and moves one block at a time to
-the device, llm-compressor gets it on the device. Prints seconds in total and per decoder layer.
+in fp16 from a fixed seed on the device in every process; qforge then keeps it on the CPU and moves one
+block at a time to the device, llm-compressor keeps it on the device. Prints seconds in total and per decoder layer.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def build(a):
                       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
                       max_position_embeddings=max(4096, a.seqlen))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    with torch.device(a.device):                  # random init on the GPU: seconds, not a minute on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, a.vocab, (a.seqlen,), generator=g) for _ in range(a.nsamples)]
     return model, samples
@@ -42,6 +43,7 @@ def run_qforge(a, model, samples) -> float:
     from qforge import QuantizeConfig
     from qforge.pipeline import quantize_model
 
+    model.to("cpu")                               # qforge holds the model on the CPU, a block at a time on the device
     t = time.perf_counter()
     quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=128), samples, device=a.device,
                    show_progress=False)

@@ -6,7 +6,8 @@ model with random weights, W4 vs fp16.
     python3 benchmarks/kernels.py --smoke       (CPU, Triton's interpreter, tiny shapes: checks the script runs)
 
 Per (shape, batch): median time by triton.testing.do_bench (CUDA events, warm-up, L2 flushed before every
-run; a call's output allocation and split-K zeroing included); effective GB/s counts the bytes a call
+run; a call's output allocation and split-K zeroing included), and for layers larger than L2 also replayed
+as a CUDA graph (no launch gaps, as in graph-captured decoding); effective GB/s counts the bytes a call
 must move (packed weights, scales, zeros, x, y); "% copy" is that over the device's measured
 device-to-device copy bandwidth (read + write of a 1 GiB buffer); speed-up is fp16 matmul time over the
 kernel's. Shapes are [out x in]: Llama-3-8B (4096x4096, 14336x4096, 4096x14336) and 70B (8192x8192,
@@ -37,9 +38,16 @@ def bench(fn, device: str = "cuda") -> float:
             fn()
             times.append(time.perf_counter() - t)
         return sorted(times)[1]
-    import triton
+    import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def graph_bench(fn) -> float:
+    """Median seconds of fn() replayed in a CUDA graph (triton.testing.do_bench_cudagraph)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
 
 
 def copy_bandwidth(device: str) -> float:
@@ -85,10 +93,15 @@ def layer_rows(dtype, tuner, shapes, batches, device: str) -> list[dict]:
             best = tuner.config(*args)
             t_tuned = bench(lambda: tm.triton_matmul(*args, config=best), device)
             t_fp = bench(lambda: torch.nn.functional.linear(x, w16), device)
+            # replayed as a CUDA graph: no launch gaps (the zeroing of a split-K output included); only for
+            # layers larger than L2, since graph replays do not flush it
+            big = device == "cuda" and qbytes > torch.cuda.get_device_properties(device).L2_cache_size
+            t_graph = graph_bench(lambda: tm.triton_matmul(*args, config=best)) if big else None
             moved = qbytes + (x.numel() + M * out_f) * x.element_size()
             r = {"shape": f"{out_f}x{in_f}", "batch": M, "plan_us": t_plan * 1e6, "tuned_us": t_tuned * 1e6,
                  "fp16_us": t_fp * 1e6, "GB/s": moved / t_tuned / 1e9, "pct_copy_bw": 100 * moved / t_tuned / bw,
                  "speedup_plan": t_fp / t_plan, "speedup_tuned": t_fp / t_tuned,
+                 "graph_us": t_graph and t_graph * 1e6, "pct_copy_bw_graph": t_graph and 100 * moved / t_graph / bw,
                  "plan": str(tm.plan(M, out_f, in_f, gs, tm.sm_count(x.device))), "tuned": str(best)}
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -160,7 +173,7 @@ def main() -> None:
         device, shapes, batches = "cuda", SHAPES, BATCHES
         cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.decode_layers,
                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096)
-        tuner = Tuner()
+        tuner = Tuner(warmup_ms=2, rep_ms=10)
     rows = layer_rows(dtype, tuner, shapes, batches, device)
     if a.decode_layers:
         rows += decode_rows(cfg, dtype, tuner, device, steps=4 if a.smoke else 64)
@@ -168,9 +181,11 @@ def main() -> None:
         with open(a.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows + [{"tuner_rejected": tuner.rejected}])
     layer = [r for r in rows if "shape" in r]
-    print(format_table(["shape", "batch", "plan µs", "tuned µs", "fp16 µs", "GB/s", "% copy BW", "× plan", "× tuned"],
+    print(format_table(["shape", "batch", "plan µs", "tuned µs", "fp16 µs", "GB/s", "% copy BW", "× plan", "× tuned",
+                        "graph µs", "% BW graph"],
                        [[r["shape"], r["batch"], r["plan_us"], r["tuned_us"], r["fp16_us"], r["GB/s"],
-                         r["pct_copy_bw"], r["speedup_plan"], r["speedup_tuned"]] for r in layer],
+                         r["pct_copy_bw"], r["speedup_plan"], r["speedup_tuned"], r["graph_us"] or "-",
+                         r["pct_copy_bw_graph"] or "-"] for r in layer],
                        title=f"W4 g128 asym Triton kernel vs {a.dtype} matmul (GB/s, % and × tuned: the Tuner's pick)"))
     print(f"tuner: {len(tuner.rejected)} candidate configs rejected "
           f"({sum(1 for r in tuner.rejected if r['why'].startswith('off'))} off the reference)")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
-from .capture.blocks import cast_call, make_batches
+from .capture.blocks import call_on, cast_call, fits_on_device, make_batches
 from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
@@ -200,9 +200,14 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     dtype = getattr(torch, cfg.compute_dtype)
     inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = [h.to(dtype) for h in inputs.hidden]
+    nbytes = sum(h.numel() * h.element_size() for h in hidden)
+    resident = fits_on_device(nbytes, device)
+    if resident:                                       # activations stay on the device between passes
+        hidden = [h.to(device) for h in hidden]
+        log.info("calibration activations kept on %s (%.2f GB)", device, nbytes / 1e9)
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         block.to(device)
-        calls = [cast_call(c, dtype) for c in inputs.for_block(i)]
+        calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,

@@ -521,3 +521,25 @@ def test_column_loop_choice_follows_the_device():
     assert column_loop_for("cuda") is (triton_column_loop if triton_matmul.available() else column_loop)
     with pytest.raises(ValueError, match="256 columns"):
         triton_column_loop(torch.zeros(4, 512), torch.eye(512), Grid(4, 32), 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("opts", [{}, {"scale_search": True}, {"act_order": True, "static_groups": True}])
+def test_compiled_column_loop_on_cuda_matches_the_reference(opts):
+    """The compiled kernel (enable_fp_fusion off, IEEE divisions) against the CPU reference: only the blocks'
+    lazy updates (cuBLAS vs the CPU's BLAS) differ, so nearly every code agrees."""
+    X = correlated_inputs(d=512)
+    W = torch.randn(300, 512, generator=torch.Generator().manual_seed(4))
+    grid = Grid(4, 128, False)
+    want = gptq(W, hessian(X), grid, **opts)
+    got = gptq(W.cuda(), hessian(X).cuda(), grid, loop=column_loop_for("cuda"), **opts)
+    assert column_loop_for("cuda") is triton_column_loop
+    assert float((got.codes.cpu() == want.codes).float().mean()) > 0.995
+    assert got.info["loss"] == pytest.approx(want.info["loss"], rel=2e-2)
+
+
+def test_activations_stay_on_a_cuda_device_only_when_four_copies_fit():
+    from qforge.capture.blocks import fits_on_device
+
+    assert not fits_on_device(1, "cpu")
+    assert fits_on_device(2 << 30, "cuda", free_bytes=8 << 30) and not fits_on_device(2 << 30, "cuda", free_bytes=7 << 30)

@@ -166,6 +166,7 @@ def _with_split(c: KernelConfig, M: int, N: int, K: int, programs: int) -> Kerne
     return dataclasses.replace(c, split=max(1, min(_cdiv(K, c.block_k), _cdiv(programs, tiles))))
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> KernelConfig:
     """A config by heuristic (the Tuner measures): split-K tensor-core tiles for M <= 16, plain tiles above.
     Chosen from the sm_90 compiler report (benchmarks/kernel_resources.py: registers, shared memory, programs
