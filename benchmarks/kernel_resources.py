@@ -61,10 +61,12 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     short = lambda s: (s.replace("KernelConfig(", "").replace("block_", "").replace("num_", "")
                        .replace("word_load", "wl").rstrip(")"))
-    print(format_table(["kernel", "M", "config", "regs", "stack", "shared KB", "progs/SM"],
+    print(format_table(["kernel", "M", "config", "regs", "stack", "shared KB", "progs/SM", "SASS", "I2F", "STS.U16",
+                        "STS.128"],
                        [[r["mode"], r["M"], ("* " if r["heuristic"] else "  ") + short(r["config"]),
                          r.get("regs", "-"), r.get("stack", "-"), round(r.get("shared_static", 0) / 1024, 1),
-                         r.get("programs_per_sm", r.get("error", "-"))] for r in rows],
+                         r.get("programs_per_sm", r.get("error", "-")), r.get("instructions", "-"), r.get("i2f", "-"),
+                         r.get("sts16", "-"), r.get("sts128", "-")] for r in rows],
                        title=f"sm_90 resources, layer {a.shape}, fp16 activations (* the heuristic's pick)"))
 
 

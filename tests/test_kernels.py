@@ -23,6 +23,8 @@ CASES = [
     (40, 64, 128, 8, 32, True, False),
     (5, 32, 320, 8, 64, False, True),
     (33, 96, 160, 4, 32, True, True),
+    (2, 64, 256, 4, 128, False, False),     # K tiles of 128 rows: the interleaved products (word_load 2) fit
+    (20, 96, 384, 8, 64, True, False),
 ]
 
 
@@ -46,11 +48,12 @@ def test_interpreted_kernel_matches_the_reference(M, N, K, bits, group, sym, act
     assert (gs == 0) == act_order
     args = (m.qweight, m.qzeros, m.scales, m.g_idx, bits)
     want = matmul_reference(x.float(), *args, m.bias.float())           # fp32: what the fp16 tiles approximate
-    configs = tm.candidates(M, N, K, gs, n_sm=2)                        # 2 SMs: small shapes still split K
+    configs = tm.candidates(M, N, K, gs, n_sm=2, bits=bits)             # 2 SMs: small shapes still split K
     assert configs[0] == tm.plan(M, N, K, gs, n_sm=2)
     assert any(c.split > 1 for c in configs) == (M <= tm.SMALL_M)
+    assert any(c.word_load == 2 for c in configs) == (gs > 0 and any(c.dot and c.block_k * bits >= 512 for c in configs))
     for c in configs:
-        for group_size in {gs, 0}:                                      # 0: read g_idx row by row
+        for group_size in (g for g in {gs, 0} if c.fits(bits, g)):      # 0: read g_idx row by row
             got = tm.triton_matmul(x, *args, group_size, m.bias, config=c)
             assert got.dtype == torch.float16 and got.shape == (M, N)
             err = float((got.float() - want).abs().max() / want.abs().max())
@@ -85,6 +88,14 @@ def test_kernel_config_refuses_impossible_schedules():
         tm.KernelConfig(16, 64, 8)
     with pytest.raises(ValueError, match="split"):
         tm.KernelConfig(16, 64, 64, split=0)
+    with pytest.raises(ValueError, match="word_load"):
+        tm.KernelConfig(1, 64, 64, dot=False, word_load=2)
+    interleaved = tm.KernelConfig(16, 64, 128, word_load=2)
+    assert interleaved.fits(4, 128) and interleaved.fits(8, 32) and not interleaved.fits(4, 0)
+    assert not tm.KernelConfig(16, 64, 64, word_load=2).fits(4, 64)    # 64 / 8 = 8 rows: under the MMA's 16
+    m = _layer(64, 128, 4, 32, False, False)
+    with pytest.raises(ValueError, match="does not fit"):
+        tm.triton_matmul(torch.randn(2, 128).half(), m.qweight, m.qzeros, m.scales, m.g_idx, 4, 0, config=interleaved)
 
 
 def test_tuner_keeps_the_fastest_correct_config_per_shape_bucket():

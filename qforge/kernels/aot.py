@@ -3,7 +3,8 @@
 Triton's wheel ships ptxas and cuobjdump, so `triton.compile` builds the same cubin the JIT would build
 for a launch (argument kinds, 16-divisible arguments and constexprs as the launch would specialise
 them) without a device. `cuobjdump -res-usage` then gives registers, stack frame, local and shared
-memory per thread/program: a stack frame or local memory means spills. The tests compile every
+memory per thread/program (a stack frame or local memory means spills), and `cuobjdump -sass` the
+machine code, of which a few instruction counts are kept (I2F conversions, scalar 16-bit shared stores). The tests compile every
 schedule this way, so a kernel that cannot build for Hopper fails in CI rather than on a lent GPU;
 benchmarks/kernel_resources.py prints the table for every candidate.
 """
@@ -49,11 +50,16 @@ def compile_report(fn, signature: dict[str, str], constexprs: dict, aligned: set
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(_tools() / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        dump = lambda flag: subprocess.run([str(_tools() / "cuobjdump"), flag, f.name], capture_output=True,
+                                           text=True, check=True).stdout
+        usage, sass = dump("-res-usage"), dump("-sass")
     found = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
     return {"regs": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"]),
-            "shared": int(found["SHARED"]), "shared_static": kernel.metadata.shared}
+            "shared": int(found["SHARED"]), "shared_static": kernel.metadata.shared, "instructions": len(ops),
+            # per program, static counts: int->float conversions, 16-bit and 16-byte shared stores
+            "i2f": sum(o.startswith("I2F") for o in ops), "sts16": sum(o.startswith("STS.U16") for o in ops),
+            "sts128": sum(o.startswith("STS.128") for o in ops)}
 
 
 def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits: int = 4, group_size: int = 128,
@@ -69,7 +75,8 @@ def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits:
     k_per_split = triton_matmul.k_per_split(c, K)
     ints = dict(M=M, N=N, K=K, stride_xm=K, stride_ym=N, k_per_split=k_per_split)
     constexprs = dict(BITS=bits, GROUP_SIZE=group_size, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                      ATOMIC=split > 1, DOT=c.dot, WORD_LOAD=c.word_load, HAS_BIAS=bias)
+                      ATOMIC=split > 1, DOT=c.dot, WORD_LOAD=c.word_load, HAS_BIAS=bias,
+                      MAGIC=triton_matmul.magic_bits(dtype, bits))
     constexprs.update({n: 1 for n, v in ints.items() if v == 1})           # the JIT specialises ints equal to 1
     aligned = {n for n in signature if n.endswith("_ptr")} | {n for n, v in ints.items() if v % 16 == 0}
     return compile_report(triton_matmul._body, signature, constexprs, aligned - set(constexprs), c.num_warps,

@@ -13,11 +13,17 @@ One kernel body; a `KernelConfig` picks its schedule:
   in the output's dtype (as Marlin reduces its K slices in fp16); within a slice accumulation is fp32.
 - `dot`: each tile product on the tensor cores (tl.dot, BLOCK_M >= 16), or, for a GEMV (BLOCK_M = 1),
   multiply-and-sum on the CUDA cores.
-- `word_load`: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile and its P codes unpacked
-  along a new axis, or one (cached) load per code, as the GPTQ-triton kernels do.
+- `word_load`: 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes unpacked along
+  a new axis and reshaped to [BLOCK_K, BLOCK_N]; 2: the same words tile, but P products of BLOCK_K / P
+  rows each (rows k = P·i + j for code position j), so no reshape and the weight tile reaches shared memory
+  in 16-byte stores (in-order groups, tensor cores, BLOCK_K / P >= 16 only); 0: one (cached) load per code,
+  as the GPTQ-triton kernels do.
 In-order groups (`group_size` > 0: static groups or no act-order; BLOCK_K divides the group size) read one
 scale and zero row per K tile and apply the scale after the product: the tile holds the integers q - z,
-exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Act-order (`group_size` 0) reads
+exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Codes become floats by the
+magic-number trick (Marlin's, FasterTransformer's): OR the code into the bits of 1024.0 (fp16) or 128.0
+(bf16), subtract the zero made the same way; the conversion units (I2F, 16 per clock per SM) would
+otherwise bound a memory-bound GEMV. Act-order (`group_size` 0) reads
 a group per row and dequantizes s · (q - z) in the activation dtype, as the reference does.
 `plan` picks a config by a heuristic; `Tuner` times `candidates` on the device and keeps the fastest.
 
@@ -59,7 +65,7 @@ class KernelConfig:
     block_k: int
     split: int = 1
     dot: bool = True
-    word_load: bool = True
+    word_load: int = 1
     num_warps: int = 4
     num_stages: int = 3
 
@@ -76,12 +82,19 @@ class KernelConfig:
             raise ValueError("the multiply-and-sum (GEMV) schedule takes block_m 1")
         if self.split < 1 or self.num_stages < 1:
             raise ValueError("KernelConfig needs split >= 1 and num_stages >= 1")
+        if self.word_load not in (0, 1, 2) or (self.word_load == 2 and not self.dot):
+            raise ValueError("KernelConfig.word_load is 0, 1 or 2 (2: tensor-core tiles only)")
+
+    def fits(self, bits: int, group_size: int) -> bool:
+        """Whether a launch with these weights can use this config (word_load 2: in-order groups and
+        BLOCK_K / codes-per-word >= 16, the smallest tensor-core K)."""
+        return self.word_load != 2 or (group_size > 0 and self.block_k // (32 // bits) >= 16)
 
 
 def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
           BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, WORD_LOAD: tl.constexpr,
-          HAS_BIAS: tl.constexpr):
+          HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,41 +107,63 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        if DOT:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)    # [BM, BK]
-        else:
-            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                        mask=m_ok[None, :] & k_ok[:, None], other=0.0)    # [BK, 1]
-        wk_ok = k_ok[:, None] & n_ok[None, :]
-        if WORD_LOAD:                                                     # each word once, codes on a new axis
-            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
-                            mask=(offs_w < k_end // PACK)[:, None] & n_ok[None, :], other=0)  # [BK/P, BN]
-            shifts = tl.arange(0, PACK) * BITS
-            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-        else:                                                             # one load per code (cache hits)
-            qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
-            q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK          # [BK, BN] codes
-        if GROUP_SIZE > 0:                                                # the whole tile is one group
+        offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)                # the tile's packed rows
+        w_ok = (offs_w < k_end // PACK)[:, None] & n_ok[None, :]
+        if WORD_LOAD == 2:                  # P products over the rows k = P·i + j, one per code position j
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK
-            w = (q - z[None, :]).to(x.dtype)                              # small integers: exact
-        else:                                                             # act-order: a group per row
-            g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)[:, None]
-            s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(x.dtype)
-            z = (tl.load(qz_ptr + g * (N // PACK) + offs_n[None, :] // PACK, mask=wk_ok, other=0)
-                 >> z_shift[None, :]) & MASK
-            w = (q - z).to(x.dtype) * s                                   # as the reference rounds it
-        if DOT:
-            part = tl.dot(x, w)                                           # [BM, BN] fp32
+            part = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PACK + j)[None, :],
+                             mask=m_ok[:, None] & (offs_w < k_end // PACK)[None, :], other=0.0)   # [BM, BK/P]
+                qj = (words >> (j * BITS)) & MASK
+                if MAGIC > 0:
+                    wj = ((qj | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)
+                          - (z | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)[None, :])
+                else:
+                    wj = (qj - z[None, :]).to(xj.dtype)
+                part += tl.dot(xj, wj)
+            acc += part * s[None, :]
         else:
-            # tl.sum is itself a jitted helper, which the interpreter cannot call: reduce with its combine fn
-            part = tl.reduce(x.to(tl.float32) * w.to(tl.float32), 0, tl.standard._sum_combine)[None, :]
-        if GROUP_SIZE > 0:
-            part = part * s[None, :]
-        acc += part
+            if DOT:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)        # [BM, BK]
+            else:
+                x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                            mask=m_ok[None, :] & k_ok[:, None], other=0.0)        # [BK, 1]
+            wk_ok = k_ok[:, None] & n_ok[None, :]
+            if WORD_LOAD == 1:                                                    # words once, codes on a new axis
+                words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
+                shifts = tl.arange(0, PACK) * BITS
+                q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+            else:                                                                 # one load per code (cache hits)
+                qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
+                q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK              # [BK, BN] codes
+            if GROUP_SIZE > 0:                                                    # the whole tile is one group
+                g = k0 // GROUP_SIZE
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                z = ((tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK)[None, :]
+            else:                                                                 # act-order: a group per row
+                g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)[:, None]
+                s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(x.dtype)
+                z = (tl.load(qz_ptr + g * (N // PACK) + offs_n[None, :] // PACK, mask=wk_ok, other=0)
+                     >> z_shift[None, :]) & MASK
+            if MAGIC > 0:   # the bits MAGIC | c read as a float are MAGIC's value + c exactly: an OR, not an I2F
+                w = (q | MAGIC).to(tl.int16).to(x.dtype, bitcast=True) - (z | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+            else:
+                w = (q - z).to(x.dtype)                                           # q - z: small integers, exact
+            if GROUP_SIZE <= 0:
+                w = w * s                                                         # act-order: as the reference rounds it
+            if DOT:
+                part = tl.dot(x, w)                                               # [BM, BN] fp32
+            else:
+                # tl.sum is itself a jitted helper, which the interpreter cannot call: reduce with its combine fn
+                part = tl.reduce(x.to(tl.float32) * w.to(tl.float32), 0, tl.standard._sum_combine)[None, :]
+            if GROUP_SIZE > 0:
+                part = part * s[None, :]
+            acc += part
     if HAS_BIAS:                                                          # added once, by the first K slice
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc += tl.where(tl.program_id(2) == 0, 1.0, 0.0) * bias[None, :]
@@ -185,9 +220,9 @@ _TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)), 64: ((128, 64,
           128: ((128, 64, 8, 3), (64, 64, 4, 4))}
 
 
-def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> list[KernelConfig]:
-    """The configs a Tuner times for one call shape, the heuristic's first; the small-batch ones also with one
-    load per code (word_load False)."""
+def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: int = 4) -> list[KernelConfig]:
+    """The configs a Tuner times for one call shape, the heuristic's first; each tensor-core one also with
+    the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code."""
     out = [plan(M, N, K, group_size, n_sm)]
     if M <= SMALL_M:
         for dot, table, per_sm in ((True, _SPLIT_DOT, (2, 4, 8)), (False, _SPLIT_GEMV, (4, 8, 16))):
@@ -197,10 +232,11 @@ def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> list
                 c = KernelConfig(16 if dot else 1, bn, _block_k(group_size, bk), dot=dot, num_warps=warps,
                                  num_stages=stages)
                 out += [_with_split(c, M, N, K, p * n_sm) for p in per_sm]
-        out += [dataclasses.replace(c, word_load=False) for c in out]
+        out += [dataclasses.replace(c, word_load=0) for c in out]
     else:
         for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
             out += [KernelConfig(bm, bn, _block_k(group_size, bk), num_warps=w, num_stages=s) for bn, bk, w, s in _TILES[bm]]
+    out += [c2 for c in out if c.dot and c.word_load == 1 and (c2 := dataclasses.replace(c, word_load=2)).fits(bits, group_size)]
     return list(dict.fromkeys(out))
 
 
@@ -234,6 +270,14 @@ def _atomic_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
+def magic_bits(dtype: torch.dtype, bits: int) -> int:
+    """The fp16/bf16 bit pattern of 1024.0 / 128.0, whose low mantissa bits take a code exactly (fp16: codes
+    < 1024; bf16: < 128); 0 where the kernel converts codes with I2F instead."""
+    if dtype == torch.float16:
+        return 0x6400
+    return 0x4300 if dtype == torch.bfloat16 and bits <= 7 else 0
+
+
 def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                   g_idx: torch.Tensor, bits: int, group_size: int = 0, bias: torch.Tensor | None = None,
                   config: KernelConfig | None = None) -> torch.Tensor:
@@ -241,6 +285,8 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
     `config` None: plan's. Compiled for CUDA tensors, interpreted for CPU ones."""
     if bits not in KERNEL_BITS:
         raise ValueError(f"the Triton kernel handles {KERNEL_BITS} bits, not {bits}")
+    if config is not None and not config.fits(bits, group_size):
+        raise ValueError(f"{config} does not fit {bits}-bit weights with group size {group_size}")
     K, N = x.shape[-1], scales.shape[1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
@@ -254,7 +300,8 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
     _kernel(not x.is_cuda)[grid](x2, qweight, qzeros, scales, g_idx, bias if bias is not None else y, y, M, N, K,
                              x2.stride(0), y.stride(0), k_per_split(c, K), BITS=bits, GROUP_SIZE=group_size,
                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, ATOMIC=split > 1, DOT=c.dot,
-                             WORD_LOAD=c.word_load, HAS_BIAS=bias is not None, num_warps=c.num_warps,
+                             WORD_LOAD=c.word_load, HAS_BIAS=bias is not None, MAGIC=magic_bits(x.dtype, bits),
+                             num_warps=c.num_warps,
                              num_stages=c.num_stages, enable_fp_fusion=True)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
@@ -289,7 +336,7 @@ class Tuner:
             return self.best[key][0]
         want = matmul_reference(x.float(), qweight, qzeros, scales, g_idx, bits, bias)
         times = {}
-        for c in candidates(M, N, K, group_size, sm_count(x.device)):
+        for c in candidates(M, N, K, group_size, sm_count(x.device), bits):
             fn = functools.partial(triton_matmul, x, qweight, qzeros, scales, g_idx, bits, group_size, bias, config=c)
             try:
                 err = float((fn().float() - want).norm() / want.norm().clamp_min(1e-30))
