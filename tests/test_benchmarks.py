@@ -35,3 +35,8 @@ def test_gptq_speed_benchmark_smoke():
                "--intermediate", "512", "--heads", "4", "--kv-heads", "2", "--vocab", "1000", "--nsamples", "4",
                "--seqlen", "64")
     assert "qforge            2 layers" in out and "FAILED" not in out
+
+
+def test_gptq_solver_speed_benchmark_smoke():
+    out = _run("benchmarks/gptq_solver_speed.py", "--device", "cpu", "--shapes", "64x256", "--tokens", "1024")
+    assert out.count("eager loop") == 3 and "triton loop" not in out        # the kernel is CUDA's only
