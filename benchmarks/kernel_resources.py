@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--json")
     a = ap.parse_args()
     from qforge.cli.table import format_table
-    from qforge.kernels import aot, triton_matmul as tm
+    from qforge.kernels import aot, tuning, triton_matmul as tm
 
     if not aot.available():
         raise SystemExit("needs triton with its NVIDIA backend tools (ptxas, cuobjdump)")
@@ -42,7 +42,7 @@ def main() -> None:
     rows = []
     for group, mode in ((128, "g128"), (0, "act-order")):
         for M in map(int, a.batches.split(",")):
-            for i, c in enumerate(tm.candidates(M, N, K, group)):
+            for i, c in enumerate(tuning.candidates(M, N, K, group)):
                 try:
                     r = aot.matmul_report(c, M, N, K, group_size=group)
                 except Exception as e:           # noqa: BLE001 - a schedule the compiler refuses is a row too

@@ -9,6 +9,7 @@ import torch
 from qforge.kernels import QuantLinear, matmul_reference, use_tuner
 from qforge.kernels import aot
 from qforge.kernels import triton_matmul as tm
+from qforge.kernels import tuning
 from test_formats import random_quant
 
 pytestmark = pytest.mark.skipif(not tm.available(), reason="triton is not installed")
@@ -48,7 +49,7 @@ def test_interpreted_kernel_matches_the_reference(M, N, K, bits, group, sym, act
     assert (gs == 0) == act_order
     args = (m.qweight, m.qzeros, m.scales, m.g_idx, bits)
     want = matmul_reference(x.float(), *args, m.bias.float())           # fp32: what the fp16 tiles approximate
-    configs = tm.candidates(M, N, K, gs, n_sm=2, bits=bits)             # 2 SMs: small shapes still split K
+    configs = tuning.candidates(M, N, K, gs, n_sm=2, bits=bits)             # 2 SMs: small shapes still split K
     assert configs[0] == tm.plan(M, N, K, gs, n_sm=2)
     assert any(c.split > 1 for c in configs) == (M <= tm.SMALL_M)
     assert any(c.word_load == 2 for c in configs) == (gs > 0 and any(c.dot and c.block_k * bits >= 512 for c in configs))
@@ -72,7 +73,7 @@ def test_plan_picks_split_k_for_decoding_and_tiles_that_respect_groups():
     small, big = tm.plan(1, 4096, 4096, 128), tm.plan(256, 4096, 4096, 128)
     assert small.split > 1 and small.block_m == 16 and big.split == 1
     for M, group in ((1, 128), (4, 64), (256, 128), (300, 32)):
-        for c in tm.candidates(M, 576 * 4, 576, group):
+        for c in tuning.candidates(M, 576 * 4, 576, group):
             assert group % c.block_k == 0                               # a K tile never spans two groups
     assert tm.plan(1, 576, 576, 32).block_k == 32
 
@@ -107,24 +108,24 @@ def test_tuner_keeps_the_fastest_correct_config_per_shape_bucket():
         timed.append(fn.keywords["config"])
         return 1.0 / len(timed)
 
-    tuner = tm.Tuner(timer=timer)
+    tuner = tuning.Tuner(timer=timer)
     x = torch.randn(3, 128).half()
     best = tuner.config(x, *args)
-    assert timed == tm.candidates(3, 64, 128, 32) and best == timed[-1]
-    assert tuner.config(torch.randn(4, 128).half(), *args) == best and len(timed) == len(tm.candidates(3, 64, 128, 32))
+    assert timed == tuning.candidates(3, 64, 128, 32) and best == timed[-1]
+    assert tuner.config(torch.randn(4, 128).half(), *args) == best and len(timed) == len(tuning.candidates(3, 64, 128, 32))
     tuner.config(torch.randn(5, 128).half(), *args)                     # M 5 is another bucket (<= 8)
-    assert len(timed) > len(tm.candidates(3, 64, 128, 32))
+    assert len(timed) > len(tuning.candidates(3, 64, 128, 32))
     assert tuner.rejected == []
-    strict = tm.Tuner(timer=timer, tol=0.0)
+    strict = tuning.Tuner(timer=timer, tol=0.0)
     with pytest.raises(RuntimeError, match="no kernel config ran correctly"):
         strict.config(x, *args)                                         # every config is checked first
-    assert len(strict.rejected) == len(tm.candidates(3, 64, 128, 32))
+    assert len(strict.rejected) == len(tuning.candidates(3, 64, 128, 32))
     assert all(r["why"].startswith("off the reference") for r in strict.rejected)
 
 
 def test_use_tuner_reaches_every_quant_linear():
     model = torch.nn.Sequential(_layer(64, 128, 4, 32, True, False), torch.nn.ReLU(), _layer(32, 64, 4, 32, True, False))
-    tuner = tm.Tuner()
+    tuner = tuning.Tuner()
     assert use_tuner(model, tuner) == 2 and model[0].tuner is tuner and model[2].tuner is tuner
     assert use_tuner(model, None) == 2 and model[0].tuner is None
 
@@ -163,7 +164,7 @@ def test_heuristic_schedules_compile_for_hopper_without_spills(M, group, bits, d
 @hopper
 @pytest.mark.parametrize("M", [1, 16, 256])
 def test_every_tuner_candidate_compiles_for_hopper(M):
-    for c in tm.candidates(M, 4096, 14336, 128):
+    for c in tuning.candidates(M, 4096, 14336, 128):
         r = aot.matmul_report(c, M, 4096, 14336)
         assert r["regs"] <= 255 and r["shared_static"] <= 227 * 1024, c
 
@@ -195,9 +196,9 @@ def test_compiled_kernel_matches_the_reference_on_cuda(M, dtype, act_order):
 def test_every_tuner_candidate_is_right_on_cuda(M, act_order, caplog):
     """The Tuner checks each candidate against the reference before timing it: none may be dropped."""
     m = QuantLinear.from_quant(random_quant(2048, 1024, 4, 128, False, act_order), torch.randn(2048)).cuda()
-    m.tuner = tm.Tuner(warmup_ms=1, rep_ms=2)
+    m.tuner = tuning.Tuner(warmup_ms=1, rep_ms=2)
     x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
-    with caplog.at_level("WARNING", logger=tm.__name__):
+    with caplog.at_level("WARNING", logger=tuning.__name__):
         got = m(x)
     assert not [r for r in caplog.records if "off the reference" in r.getMessage()]
     want = matmul_reference(x.float(), m.qweight, m.qzeros, m.scales, m.g_idx, 4, m.bias)

@@ -18,6 +18,7 @@ from torch import nn
 from ..formats.bitpack import pack_int32, unpack_int32
 from ..solvers import Grid, LayerQuant
 from . import triton_matmul
+from .tuning import Tuner
 from .reference import dequantize_packed, matmul_reference
 
 
@@ -30,7 +31,7 @@ class QuantLinear(nn.Module):
         self.cache = cache
         self._w_cache: torch.Tensor | None = None
         self._group_size: int | None = None         # the kernel's in-order group size, found on first use
-        self.tuner: triton_matmul.Tuner | None = None   # picks the Triton kernel's schedule (None: plan's)
+        self.tuner: Tuner | None = None   # picks the Triton kernel's schedule (None: plan's)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         b = grid.bits
         self.register_buffer("qweight", torch.zeros(in_features * b // 32, out_features, dtype=torch.int32))
@@ -97,7 +98,7 @@ class QuantLinear(nn.Module):
                 f"group={self.grid.group_size}, sym={self.grid.sym}")
 
 
-def use_tuner(model: nn.Module, tuner: "triton_matmul.Tuner | None") -> int:
+def use_tuner(model: nn.Module, tuner: Tuner | None) -> int:
     """Give every QuantLinear of `model` this Tuner (one shared: a shape is timed once); None restores the
     heuristic. Returns how many layers it set."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -25,7 +25,8 @@ magic-number trick (Marlin's, FasterTransformer's): OR the code into the bits of
 (bf16), subtract the zero made the same way; the conversion units (I2F, 16 per clock per SM) would
 otherwise bound a memory-bound GEMV. Act-order (`group_size` 0) reads
 a group per row and dequantizes s · (q - z) in the activation dtype, as the reference does.
-`plan` picks a config by a heuristic; `Tuner` times `candidates` on the device and keeps the fastest.
+`plan` picks a config by a heuristic; kernels/tuning.py's `Tuner` times `candidates` on the device and keeps
+the fastest.
 
 The kernel is compiled with triton.jit for CUDA tensors, or run by Triton's interpreter on CPU tensors
 (how the tests check it without a GPU).
@@ -34,11 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import torch
 
-log = logging.getLogger(__name__)
 triton = tl = None               # imported on first use (importing triton takes a while)
 KERNEL_BITS = (4, 8)
 SMALL_M = 16
@@ -190,12 +189,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _block_k(group_size: int, want: int) -> int:
+def fit_block_k(group_size: int, want: int) -> int:
     """The largest K tile <= want that divides the group size (a tile never spans two groups)."""
     return next(b for b in (want, 128, 64, 32, 16) if b <= want and (group_size <= 0 or group_size % b == 0))
 
 
-def _with_split(c: KernelConfig, M: int, N: int, K: int, programs: int) -> KernelConfig:
+def with_split(c: KernelConfig, M: int, N: int, K: int, programs: int) -> KernelConfig:
     """c with K cut so that the grid holds about `programs` programs (no cut when the tiles already do)."""
     tiles = _cdiv(M, c.block_m) * _cdiv(N, c.block_n)
     return dataclasses.replace(c, split=max(1, min(_cdiv(K, c.block_k), _cdiv(programs, tiles))))
@@ -208,36 +207,8 @@ def plan(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> KernelConf
     per SM), not yet from GPU timings: words loaded once (one load per code keeps 8 copies of every word in
     shared memory: 169 KB for a 128 x 128 tile, one program per SM), no spills, several programs per SM."""
     if M <= SMALL_M:
-        return _with_split(KernelConfig(16, 64, _block_k(group_size, 128)), M, N, K, 4 * n_sm)
-    return KernelConfig(32 if M <= 64 else 64, 128, _block_k(group_size, 32), num_stages=4)
-
-
-# (block_n, block_k, num_warps, num_stages) a Tuner tries per schedule, and the programs per SM of a split;
-# tables pruned by the sm_90 compiler report (no configuration that spills registers)
-_SPLIT_DOT = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 2, 4))
-_SPLIT_GEMV = ((128, 64, 4, 2), (256, 64, 4, 2), (64, 128, 4, 2), (256, 32, 2, 2), (128, 32, 2, 2))
-_TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)), 64: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
-          128: ((128, 64, 8, 3), (64, 64, 4, 4))}
-
-
-def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: int = 4) -> list[KernelConfig]:
-    """The configs a Tuner times for one call shape, the heuristic's first; each tensor-core one also with
-    the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code."""
-    out = [plan(M, N, K, group_size, n_sm)]
-    if M <= SMALL_M:
-        for dot, table, per_sm in ((True, _SPLIT_DOT, (2, 4, 8)), (False, _SPLIT_GEMV, (4, 8, 16))):
-            if not dot and (M > 4 or group_size <= 0):  # GEMV programs read the weights once per row of x;
-                continue                                  # with act-order's per-row grids they spill (sm_90)
-            for bn, bk, warps, stages in table:
-                c = KernelConfig(16 if dot else 1, bn, _block_k(group_size, bk), dot=dot, num_warps=warps,
-                                 num_stages=stages)
-                out += [_with_split(c, M, N, K, p * n_sm) for p in per_sm]
-        out += [dataclasses.replace(c, word_load=0) for c in out]
-    else:
-        for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
-            out += [KernelConfig(bm, bn, _block_k(group_size, bk), num_warps=w, num_stages=s) for bn, bk, w, s in _TILES[bm]]
-    out += [c2 for c in out if c.dot and c.word_load == 1 and (c2 := dataclasses.replace(c, word_load=2)).fits(bits, group_size)]
-    return list(dict.fromkeys(out))
+        return with_split(KernelConfig(16, 64, fit_block_k(group_size, 128)), M, N, K, 4 * n_sm)
+    return KernelConfig(32 if M <= 64 else 64, 128, fit_block_k(group_size, 32), num_stages=4)
 
 
 def k_per_split(c: KernelConfig, K: int) -> int:
@@ -304,53 +275,3 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
                              num_warps=c.num_warps,
                              num_stages=c.num_stages, enable_fp_fusion=True)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
-
-
-def _m_bucket(M: int) -> int:
-    return 1 << max(0, (M - 1).bit_length()) if M <= 1024 else 1024
-
-
-def _do_bench(fn, warmup_ms: float, rep_ms: float) -> float:
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
-
-
-class Tuner:
-    """Times `candidates` for each call shape on its first use (triton.testing.do_bench, median; each run
-    allocates its output, as a call does) and keeps the fastest config per (M rounded up to a power of two,
-    N, K, group, bits, dtype, device). A config whose result is off the PyTorch reference (relative error
-    over `tol`) is dropped with a warning. Share one across layers: `qforge.kernels.use_tuner(model, Tuner())`."""
-
-    def __init__(self, warmup_ms: float = 5, rep_ms: float = 20, tol: float = 5e-3, timer=None):
-        self.tol = tol
-        self.timer = timer or functools.partial(_do_bench, warmup_ms=warmup_ms, rep_ms=rep_ms)  # fn -> seconds
-        self.best: dict[tuple, tuple[KernelConfig, float]] = {}
-        self.rejected: list[dict] = []              # {"shape", "config", "why"} of every candidate not timed
-
-    def config(self, x, qweight, qzeros, scales, g_idx, bits: int, group_size: int, bias=None) -> KernelConfig:
-        from .reference import matmul_reference
-
-        K, N = x.shape[-1], scales.shape[1]
-        M = x.numel() // K
-        key = (_m_bucket(M), N, K, group_size, bits, x.dtype, x.device)
-        if key in self.best:
-            return self.best[key][0]
-        want = matmul_reference(x.float(), qweight, qzeros, scales, g_idx, bits, bias)
-        times = {}
-        for c in candidates(M, N, K, group_size, sm_count(x.device), bits):
-            fn = functools.partial(triton_matmul, x, qweight, qzeros, scales, g_idx, bits, group_size, bias, config=c)
-            try:
-                err = float((fn().float() - want).norm() / want.norm().clamp_min(1e-30))
-                if not err <= self.tol:             # NaN fails too
-                    log.warning("kernel config %s is off the reference (relative error %.2g): skipped", c, err)
-                    self.rejected.append({"shape": key[:3], "config": str(c), "why": f"off the reference ({err:.2g})"})
-                    continue
-                times[c] = self.timer(fn)
-            except Exception as e:                  # a config the compiler refuses (shared memory, registers)
-                log.debug("kernel config %s failed: %s", c, e)
-                self.rejected.append({"shape": key[:3], "config": str(c), "why": f"failed: {e!r}"[:300]})
-        if not times:
-            raise RuntimeError(f"no kernel config ran correctly for M={M}, N={N}, K={K}")
-        best = min(times, key=times.get)
-        self.best[key] = (best, times[best])
-        log.info("kernel M<=%d N=%d K=%d: %s, %.1f µs", key[0], N, K, best, 1e6 * times[best])
-        return best
