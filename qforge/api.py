@@ -201,15 +201,29 @@ def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
     return QModel(lm.model, lm.tokenizer, model, config)
 
 
+def tune_kernels(model: torch.nn.Module, device) -> int:
+    """Have every packed layer (QuantLinear) of `model` run the Triton schedule measured fastest for its
+    shape on `device` (one shared kernels.Tuner; each shape is timed on first use). Returns the layer count."""
+    from .kernels import Tuner, use_tuner
+
+    if torch.device(device).type != "cuda":
+        raise QForgeError(f"kernel tuning times the Triton kernels on a CUDA device, not {device!r}")
+    n = use_tuner(model, Tuner())
+    if n == 0:
+        log.warning("no packed layers to tune: only packed checkpoints (gptq/awq/compressed-tensors) run the kernels")
+    return n
+
+
 def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "code"), seqlen: int = 2048,
              max_windows: int | None = None, device: str = "cpu", batch_size: int = 1,
              show_progress: bool = False, simulate: SimulationConfig | None = None,
-             reference: str | Path | QModel | None = None) -> list[dict]:
+             reference: str | Path | QModel | None = None, tune: bool = False) -> list[dict]:
     """Perplexity on each dataset SPEC by the shared protocol; one record per dataset.
 
     `simulate` applies simulated quantization first (SmoothQuant folding, RTN weights, then per-token
     activations and the KV cache during the forward; a QModel passed in is changed in place); `reference`
-    adds KLD / top-1 / Δp against that model, computed from the same forward passes."""
+    adds KLD / top-1 / Δp against that model, computed from the same forward passes. `tune`: tune_kernels
+    (a packed checkpoint on CUDA)."""
     from .eval.compare import ReferenceComparison
     from .eval.simulate import kv_cache_factory, quantized_activations
 
@@ -220,6 +234,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
     if ref is not None:
         ref.model.to(device)
+    if tune:
+        tune_kernels(qm.model, device)
     qm.model.to(device)
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []

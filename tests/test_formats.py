@@ -242,6 +242,11 @@ def test_cli_quantize_with_format_export_and_generate(tiny_llama_dir, tmp_path, 
     assert main(["-q", "eval", str(tmp_path / "run-gptq"), "--dataset", "code", "--seqlen", "64",
                  "--max-windows", "2"]) == 0
     assert "perplexity of" in capsys.readouterr().out
+    # kernel tuning times the Triton kernels on a GPU: asked for on the CPU it is refused clearly
+    assert main(["-q", "generate", str(tmp_path / "awq"), "--prompt", "x", "--tune-kernels"]) == 2
+    assert main(["-q", "eval", str(tmp_path / "run-gptq"), "--dataset", "code", "--seqlen", "64",
+                 "--max-windows", "1", "--tune-kernels"]) == 2
+    assert capsys.readouterr().err.count("kernel tuning times the Triton kernels on a CUDA device") == 2
 
 
 def test_zero_points_of_zero_are_reported_once_per_export(quantized_tiny, tmp_path, caplog):

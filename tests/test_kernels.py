@@ -204,3 +204,15 @@ def test_every_tuner_candidate_is_right_on_cuda(M, act_order, caplog):
     want = matmul_reference(x.float(), m.qweight, m.qzeros, m.scales, m.g_idx, 4, m.bias)
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
     assert len(m.tuner.best) == 1
+
+
+def test_tune_kernels_gives_packed_layers_one_tuner(caplog):
+    import qforge
+
+    model = torch.nn.Sequential(_layer(64, 128, 4, 32, True, False), _layer(32, 64, 4, 32, True, False))
+    assert qforge.tune_kernels(model, "cuda") == 2 and model[0].tuner is model[1].tuner is not None
+    with caplog.at_level("WARNING"):
+        assert qforge.tune_kernels(torch.nn.Linear(4, 4), "cuda") == 0
+    assert "no packed layers to tune" in caplog.text
+    with pytest.raises(qforge.QForgeError, match="CUDA device"):
+        qforge.tune_kernels(model, "cpu")

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized output directory")
     p.add_argument("model")
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval-seqlen")
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
     sim = p.add_argument_group("simulated quantization (fake quant: values rounded to the grid, math in float)")
     sim.add_argument("--w-bits", type=int, help="RTN symmetric weights on an unquantized model (W8, W4 ...)")
     sim.add_argument("--w-group-size", type=int, default=-1, help="weight group size (-1: per channel)")
@@ -387,12 +392,16 @@ def cmd_generate(a) -> int:
     import torch
 
     m = qforge.load(a.model)
+    if a.tune_kernels:
+        qforge.tune_kernels(m.model, a.device)
+    m.model.to(a.device)
     tok = m.tokenizer
     if a.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(a.device)
     with torch.no_grad():
         out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
                                do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
@@ -419,7 +428,8 @@ def cmd_eval(a) -> int:
     sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, a.kv_bits, a.kv_group_size, a.smoothquant,
                            CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen))
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
-                           device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference)
+                           device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
+                           tune=a.tune_kernels)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
