@@ -201,29 +201,33 @@ def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
     return QModel(lm.model, lm.tokenizer, model, config)
 
 
-def tune_kernels(model: torch.nn.Module, device) -> int:
+def tune_kernels(model: torch.nn.Module, device, picks: str | Path | None = None):
     """Have every packed layer (QuantLinear) of `model` run the Triton schedule measured fastest for its
-    shape on `device` (one shared kernels.Tuner; each shape is timed on first use). Returns the layer count."""
+    shape on `device` (one shared kernels.Tuner; each shape is timed on first use). `picks`: a file of
+    earlier picks (Tuner.save) adopted where it exists, for GPUs of the same name. Returns the Tuner."""
     from .kernels import Tuner, use_tuner
 
     if torch.device(device).type != "cuda":
         raise QForgeError(f"kernel tuning times the Triton kernels on a CUDA device, not {device!r}")
-    n = use_tuner(model, Tuner())
-    if n == 0:
+    tuner = Tuner()
+    if picks is not None and Path(picks).is_file():
+        log.info("%d kernel picks adopted from %s", tuner.load(picks, device), picks)
+    if use_tuner(model, tuner) == 0:
         log.warning("no packed layers to tune: only packed checkpoints (gptq/awq/compressed-tensors) run the kernels")
-    return n
+    return tuner
 
 
 def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "code"), seqlen: int = 2048,
              max_windows: int | None = None, device: str = "cpu", batch_size: int = 1,
              show_progress: bool = False, simulate: SimulationConfig | None = None,
-             reference: str | Path | QModel | None = None, tune: bool = False) -> list[dict]:
+             reference: str | Path | QModel | None = None, tune: bool = False,
+             kernel_picks: str | Path | None = None) -> list[dict]:
     """Perplexity on each dataset SPEC by the shared protocol; one record per dataset.
 
     `simulate` applies simulated quantization first (SmoothQuant folding, RTN weights, then per-token
     activations and the KV cache during the forward; a QModel passed in is changed in place); `reference`
     adds KLD / top-1 / Δp against that model, computed from the same forward passes. `tune`: tune_kernels
-    (a packed checkpoint on CUDA)."""
+    (a packed checkpoint on CUDA), with its picks read from and saved back to `kernel_picks` if given."""
     from .eval.compare import ReferenceComparison
     from .eval.simulate import kv_cache_factory, quantized_activations
 
@@ -234,8 +238,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
     if ref is not None:
         ref.model.to(device)
-    if tune:
-        tune_kernels(qm.model, device)
+    tuner = tune_kernels(qm.model, device, kernel_picks) if tune else None
     qm.model.to(device)
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
@@ -254,6 +257,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
             log.info("%s on %s: ppl %.3f (%d windows x %d)", qm.source, spec, r["ppl"], r["windows"], seqlen)
+    if tuner is not None and kernel_picks is not None:
+        tuner.save(kernel_picks)
     return rows
 
 

@@ -210,9 +210,21 @@ def test_tune_kernels_gives_packed_layers_one_tuner(caplog):
     import qforge
 
     model = torch.nn.Sequential(_layer(64, 128, 4, 32, True, False), _layer(32, 64, 4, 32, True, False))
-    assert qforge.tune_kernels(model, "cuda") == 2 and model[0].tuner is model[1].tuner is not None
+    tuner = qforge.tune_kernels(model, "cuda", picks="no/such/file.json")
+    assert model[0].tuner is model[1].tuner is tuner and tuner.best == {}
     with caplog.at_level("WARNING"):
-        assert qforge.tune_kernels(torch.nn.Linear(4, 4), "cuda") == 0
+        qforge.tune_kernels(torch.nn.Linear(4, 4), "cuda")
     assert "no packed layers to tune" in caplog.text
     with pytest.raises(qforge.QForgeError, match="CUDA device"):
         qforge.tune_kernels(model, "cpu")
+
+
+def test_tuner_picks_save_and_load(tmp_path):
+    m = _layer(64, 128, 4, 32, True, False)
+    args = (m.qweight, m.qzeros, m.scales, m.g_idx, 4, 32, m.bias)
+    tuner = tuning.Tuner(timer=lambda fn: 1e-6 * (1 + len(str(fn.keywords["config"]))))
+    best = tuner.config(torch.randn(2, 128).half(), *args)
+    tuner.save(tmp_path / "picks.json")
+    again = tuning.Tuner(timer=lambda fn: pytest.fail("a loaded pick is not timed again"))
+    assert again.load(tmp_path / "picks.json", "cpu") == 1 and again.load(tmp_path / "picks.json", "cuda") == 0
+    assert again.config(torch.randn(2, 128).half(), *args) == best

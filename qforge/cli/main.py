@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tune-kernels", action="store_true",
                    help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
+    p.add_argument("--kernel-picks", metavar="FILE", help="with --tune-kernels: earlier picks to reuse, saved back")
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized output directory")
     p.add_argument("model")
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tune-kernels", action="store_true",
                    help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
+    p.add_argument("--kernel-picks", metavar="FILE", help="with --tune-kernels: earlier picks to reuse, saved back")
     sim = p.add_argument_group("simulated quantization (fake quant: values rounded to the grid, math in float)")
     sim.add_argument("--w-bits", type=int, help="RTN symmetric weights on an unquantized model (W8, W4 ...)")
     sim.add_argument("--w-group-size", type=int, default=-1, help="weight group size (-1: per channel)")
@@ -392,8 +394,7 @@ def cmd_generate(a) -> int:
     import torch
 
     m = qforge.load(a.model)
-    if a.tune_kernels:
-        qforge.tune_kernels(m.model, a.device)
+    tuner = qforge.tune_kernels(m.model, a.device, a.kernel_picks) if a.tune_kernels else None
     m.model.to(a.device)
     tok = m.tokenizer
     if a.chat and getattr(tok, "chat_template", None):
@@ -406,6 +407,8 @@ def cmd_generate(a) -> int:
         out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
                                do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    if tuner is not None and a.kernel_picks:
+        tuner.save(a.kernel_picks)
     return 0
 
 
@@ -429,7 +432,7 @@ def cmd_eval(a) -> int:
                            CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen))
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
                            device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
-                           tune=a.tune_kernels)
+                           tune=a.tune_kernels, kernel_picks=a.kernel_picks)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],

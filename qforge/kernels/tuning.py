@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+from pathlib import Path
+
+import torch
 
 from . import triton_matmul
 from .triton_matmul import SMALL_M, KernelConfig, fit_block_k, with_split, plan, sm_count
@@ -94,3 +98,28 @@ class Tuner:
         self.best[key] = (best, times[best])
         log.info("kernel M<=%d N=%d K=%d: %s, %.1f µs", key[0], N, K, best, 1e6 * times[best])
         return best
+
+    def save(self, path) -> None:
+        """The picks as JSON (device by name, so a file serves every machine with that GPU), written atomically."""
+        from ..utils.atomic import atomic_write_text
+
+        rows = [{"m_bucket": k[0], "N": k[1], "K": k[2], "group_size": k[3], "bits": k[4], "dtype": str(k[5]),
+                 "device": _device_name(k[6]), "config": dataclasses.asdict(c), "seconds": t}
+                for k, (c, t) in self.best.items()]
+        atomic_write_text(path, json.dumps(rows, indent=1))
+
+    def load(self, path, device) -> int:
+        """Adopt the picks of a saved file that were made on a GPU like `device`; returns how many."""
+        n = 0
+        for r in json.loads(Path(path).read_text()):
+            if r["device"] == _device_name(device):
+                key = (r["m_bucket"], r["N"], r["K"], r["group_size"], r["bits"],
+                       getattr(torch, r["dtype"].removeprefix("torch.")), torch.device(device))
+                self.best[key] = (KernelConfig(**r["config"]), r["seconds"])
+                n += 1
+        return n
+
+
+def _device_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type

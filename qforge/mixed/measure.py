@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ import torch
 from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
 from ..errors import QForgeError
+from ..utils.atomic import atomic_write_text
 from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats  # the statistics and solve the quantize pass uses
 from ..solvers import Grid, gptq
@@ -88,9 +88,7 @@ def probe_grids(grids: list[Grid]) -> list[Grid]:
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: QuantizeConfig, fmt: str | None = "gptq",

@@ -1,4 +1,4 @@
-"""Atomic output directories: build in a hidden sibling, then rename into place in one step.
+"""Atomic outputs (directories and single files): build in a hidden sibling, then rename into place in one step.
 
 A crash or an error leaves either the previous directory or nothing, never a half-written one.
 """
@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import QForgeError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary file beside it, renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def check_new_output(path: str | Path, overwrite: bool = False) -> None:
