@@ -66,6 +66,8 @@ def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits:
                   dtype: torch.dtype = torch.float16, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
                   capability: int = 90) -> dict:
     """compile_report of the dequant-matmul kernel as triton_matmul would launch it for this call."""
+    if not available():
+        raise RuntimeError("compiling for a GPU target needs triton with its NVIDIA backend tools")
     split = triton_matmul.launch_split(c, K)
     y = _TYPES[triton_matmul._atomic_dtype(dtype) if split > 1 else dtype]
     t, s = _TYPES[dtype], _TYPES[scale_dtype]
@@ -87,6 +89,9 @@ def gptq_loop_report(b: int, grid_bits: int = 4, sym: bool = False, fit: bool = 
                      block_r: int = 16, capability: int = 90) -> dict:
     """compile_report of the GPTQ column-loop kernel for a block of b columns."""
     from . import gptq_loop
+
+    if not available():
+        raise RuntimeError("compiling for a GPU target needs triton with its NVIDIA backend tools")
 
     gptq_loop._kernel(False)                        # binds the module's triton globals
     bb = gptq_loop.block_width(b)

@@ -13,8 +13,9 @@ One kernel body; a `KernelConfig` picks its schedule:
   in the output's dtype (as Marlin reduces its K slices in fp16); within a slice accumulation is fp32.
 - `dot`: each tile product on the tensor cores (tl.dot, BLOCK_M >= 16), or, for a GEMV (BLOCK_M = 1),
   multiply-and-sum on the CUDA cores.
-- `word_load`: 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes unpacked along
-  a new axis and reshaped to [BLOCK_K, BLOCK_N]; 2: the same words tile, but P products of BLOCK_K / P
+- `word_load`: 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes joined on new
+  axes (tl.join keeps them in the thread), permuted before N and reshaped to [BLOCK_K, BLOCK_N] (the sm_90
+  code then stores the tile to shared memory 16 bytes at a time; a broadcast shift did it 2 bytes at a time); 2: the same words tile, but P products of BLOCK_K / P
   rows each (rows k = P·i + j for code position j), so no reshape and the weight tile reaches shared memory
   in 16-byte stores (in-order groups, tensor cores, BLOCK_K / P >= 16 only); 0: one (cached) load per code,
   as the GPTQ-triton kernels do.
@@ -133,10 +134,18 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
                 x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                             mask=m_ok[None, :] & k_ok[:, None], other=0.0)        # [BK, 1]
             wk_ok = k_ok[:, None] & n_ok[None, :]
-            if WORD_LOAD == 1:                                                    # words once, codes on a new axis
+            if WORD_LOAD == 1:          # words once; codes joined on new in-thread axes, moved before N
                 words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
-                shifts = tl.arange(0, PACK) * BITS
-                q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+                if BITS == 4:           # code c = 4·a + 2·b + d sits at [row, n, a, b, d] after the joins
+                    q = tl.join(tl.join(tl.join(words & MASK, (words >> 16) & MASK),
+                                        tl.join((words >> 8) & MASK, (words >> 24) & MASK)),
+                                tl.join(tl.join((words >> 4) & MASK, (words >> 20) & MASK),
+                                        tl.join((words >> 12) & MASK, (words >> 28) & MASK)))
+                    q = tl.reshape(tl.permute(q, (0, 2, 3, 4, 1)), (BLOCK_K, BLOCK_N))
+                else:                   # 8 bits: code c = 2·a + b at [row, n, a, b]
+                    q = tl.join(tl.join(words & MASK, (words >> 16) & MASK),
+                                tl.join((words >> 8) & MASK, (words >> 24) & MASK))
+                    q = tl.reshape(tl.permute(q, (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
             else:                                                                 # one load per code (cache hits)
                 qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
                 q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK              # [BK, BN] codes
