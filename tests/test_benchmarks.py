@@ -40,3 +40,11 @@ def test_gptq_speed_benchmark_smoke():
 def test_gptq_solver_speed_benchmark_smoke():
     out = _run("benchmarks/gptq_solver_speed.py", "--device", "cpu", "--shapes", "64x256", "--tokens", "1024")
     assert out.count("eager loop") == 3 and "triton loop" not in out        # the kernel is CUDA's only
+
+
+def test_device_script_parses_and_refuses_unknown_steps(tmp_path):
+    assert subprocess.run(["bash", "-n", "benchmarks/device_issue8.sh"], cwd=ROOT).returncode == 0
+    p = subprocess.run(["bash", "benchmarks/device_issue8.sh", "bogus"], cwd=ROOT, capture_output=True, text=True,
+                       env={"OUT": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+                       timeout=120)
+    assert p.returncode == 2 and "unknown step bogus" in p.stdout
