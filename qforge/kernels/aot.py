@@ -4,9 +4,9 @@ Triton's wheel ships ptxas and cuobjdump, so `triton.compile` builds the same cu
 for a launch (argument kinds, 16-divisible arguments and constexprs as the launch would specialise
 them) without a device. `cuobjdump -res-usage` then gives registers, stack frame, local and shared
 memory per thread/program (a stack frame or local memory means spills), and `cuobjdump -sass` the
-machine code, of which a few instruction counts are kept (I2F conversions, scalar 16-bit shared stores). The tests compile every
-schedule this way, so a kernel that cannot build for Hopper fails in CI rather than on a lent GPU;
-benchmarks/kernel_resources.py prints the table for every candidate.
+machine code, of which a few instruction counts are kept (I2F conversions, scalar 16-bit shared stores).
+The tests compile every schedule this way, so a kernel that cannot build for Hopper fails in CI rather
+than on a lent GPU; benchmarks/kernel_resources.py prints the table for every candidate.
 """
 from __future__ import annotations
 

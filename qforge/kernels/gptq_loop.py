@@ -145,9 +145,10 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
     codes, Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     BB = block_width(b)
     kernel = _kernel(not W1.is_cuda)
-    kernel[(-(-R // block_r),)](W1, U1.float().contiguous(), S, Z, cost1, _shrinks(W1.device), codes, Q1, Err1, R, b, gs,
-                                MAXQ=grid.maxq, SYM=grid.sym, FIT=fit, SEARCH=scale_search, STEPS=SEARCH_STEPS,
-                                BLOCK_R=block_r, BB=BB, num_warps=num_warps(BB), num_stages=1, enable_fp_fusion=False)
+    kernel[(-(-R // block_r),)](W1, U1.float().contiguous(), S, Z, cost1, _shrinks(W1.device), codes, Q1, Err1,
+                                R, b, gs, MAXQ=grid.maxq, SYM=grid.sym, FIT=fit, SEARCH=scale_search,
+                                STEPS=SEARCH_STEPS, BLOCK_R=block_r, BB=BB, num_warps=num_warps(BB), num_stages=1,
+                                enable_fp_fusion=False)
     return codes, Q1, Err1, S, Z
 
 

@@ -9,25 +9,26 @@ Layout read (4 or 8 bits, where a word holds P = 32 / bits whole values; other w
 One kernel body; a `KernelConfig` picks its schedule:
 - tiles: each program computes a BLOCK_M x BLOCK_N output tile over one of `split` slices of K, BLOCK_K
   rows at a time. split > 1 (decoding: the weights, not the flops, bound a small-batch linear, so batch 1
-  must still spread the weight reads over every SM) adds the slices' tiles atomically into the output,
-  in the output's dtype (as Marlin reduces its K slices in fp16); within a slice accumulation is fp32.
+  must still spread the weight reads over every SM) adds the slices' tiles atomically into the output, in
+  fp16 for fp16 outputs (as Marlin reduces its K slices in fp16), in fp32 then cast for bf16; within a
+  slice accumulation is fp32.
 - `dot`: each tile product on the tensor cores (tl.dot, BLOCK_M >= 16), or, for a GEMV (BLOCK_M = 1),
   multiply-and-sum on the CUDA cores.
-- `word_load`: 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes joined on new
-  axes (tl.join keeps them in the thread), permuted before N and reshaped to [BLOCK_K, BLOCK_N] (the sm_90
-  code then stores the tile to shared memory 16 bytes at a time; a broadcast shift did it 2 bytes at a time); 2: the same words tile, but P products of BLOCK_K / P
-  rows each (rows k = P·i + j for code position j), so no reshape and the weight tile reaches shared memory
-  in 16-byte stores (in-order groups, tensor cores, BLOCK_K / P >= 16 only); 0: one (cached) load per code,
-  as the GPTQ-triton kernels do.
+- `word_load` 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes joined on new
+  axes (tl.join keeps them in the thread), permuted before N and reshaped to [BLOCK_K, BLOCK_N]; the sm_90
+  code then stores the tile to shared memory 16 bytes at a time (a broadcast shift did it 2 at a time).
+  2: the same words tile as P products of BLOCK_K / P rows each (rows k = P·i + j for code position j), no
+  reshape (in-order groups, tensor cores, BLOCK_K / P >= 16 only). 0: one (cached) load per code, as the
+  GPTQ-triton kernels do.
 In-order groups (`group_size` > 0: static groups or no act-order; BLOCK_K divides the group size) read one
 scale and zero row per K tile and apply the scale after the product: the tile holds the integers q - z,
-exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Codes become floats by the
-magic-number trick (Marlin's, FasterTransformer's): OR the code into the bits of 1024.0 (fp16) or 128.0
-(bf16), subtract the zero made the same way; the conversion units (I2F, 16 per clock per SM) would
-otherwise bound a memory-bound GEMV. Act-order (`group_size` 0) reads
-a group per row and dequantizes s · (q - z) in the activation dtype, as the reference does.
+exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Act-order (`group_size` 0) reads a
+group per row and dequantizes s · (q - z) in the activation dtype, as the reference does. Codes become
+floats by the magic-number trick (Marlin's, FasterTransformer's): OR the code into the bits of 1024.0 (fp16)
+or 128.0 (bf16), subtract the zero made the same way; the conversion units (I2F, 16 per clock per SM) would
+otherwise bound a memory-bound GEMV.
 `plan` picks a config by a heuristic; kernels/tuning.py's `Tuner` times `candidates` on the device and keeps
-the fastest.
+the fastest. benchmarks/KERNEL_NOTES.md has the byte floors and the versions so far.
 
 The kernel is compiled with triton.jit for CUDA tensors, or run by Triton's interpreter on CPU tensors
 (how the tests check it without a GPU).
@@ -103,7 +104,8 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
     k_end = tl.minimum(k_start + k_per_split, K)
     m_ok, n_ok = offs_m < M, offs_n < N
     z_shift = (offs_n % PACK) * BITS                                      # [BN]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # not tl.zeros: a jitted helper the interpreter cannot call
+    # not tl.zeros: a jitted helper, which the interpreter cannot call
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
@@ -152,18 +154,20 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
             if GROUP_SIZE > 0:                                                    # the whole tile is one group
                 g = k0 // GROUP_SIZE
                 s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                z = ((tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK)[None, :]
+                z = tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0)
+                z = ((z >> z_shift) & MASK)[None, :]
             else:                                                                 # act-order: a group per row
                 g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)[:, None]
                 s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(x.dtype)
                 z = (tl.load(qz_ptr + g * (N // PACK) + offs_n[None, :] // PACK, mask=wk_ok, other=0)
                      >> z_shift[None, :]) & MASK
             if MAGIC > 0:   # the bits MAGIC | c read as a float are MAGIC's value + c exactly: an OR, not an I2F
-                w = (q | MAGIC).to(tl.int16).to(x.dtype, bitcast=True) - (z | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+                w = ((q | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+                     - (z | MAGIC).to(tl.int16).to(x.dtype, bitcast=True))
             else:
                 w = (q - z).to(x.dtype)                                           # q - z: small integers, exact
             if GROUP_SIZE <= 0:
-                w = w * s                                                         # act-order: as the reference rounds it
+                w = w * s                                           # act-order: as the reference rounds it
             if DOT:
                 part = tl.dot(x, w)                                               # [BM, BN] fp32
             else:

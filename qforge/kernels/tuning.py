@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # tables pruned by the sm_90 compiler report (no configuration that spills registers)
 _SPLIT_DOT = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 2, 4))
 _SPLIT_GEMV = ((128, 64, 4, 2), (256, 64, 4, 2), (64, 128, 4, 2), (256, 32, 2, 2), (128, 32, 2, 2))
-_TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)), 64: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
+_TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
+          64: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
           128: ((128, 64, 8, 3), (64, 64, 4, 4))}
 
 
@@ -42,8 +43,10 @@ def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: i
         out += [dataclasses.replace(c, word_load=0) for c in out]
     else:
         for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
-            out += [KernelConfig(bm, bn, fit_block_k(group_size, bk), num_warps=w, num_stages=s) for bn, bk, w, s in _TILES[bm]]
-    out += [c2 for c in out if c.dot and c.word_load == 1 and (c2 := dataclasses.replace(c, word_load=2)).fits(bits, group_size)]
+            out += [KernelConfig(bm, bn, fit_block_k(group_size, bk), num_warps=w, num_stages=s)
+                    for bn, bk, w, s in _TILES[bm]]
+    interleaved = [dataclasses.replace(c, word_load=2) for c in out if c.dot and c.word_load == 1]
+    out += [c for c in interleaved if c.fits(bits, group_size)]
     return list(dict.fromkeys(out))
 
 
