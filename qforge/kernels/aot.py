@@ -78,7 +78,7 @@ def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits:
     ints = dict(M=M, N=N, K=K, stride_xm=K, stride_ym=N, k_per_split=k_per_split)
     constexprs = dict(BITS=bits, GROUP_SIZE=group_size, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                       ATOMIC=split > 1, DOT=c.dot, WORD_LOAD=c.word_load, HAS_BIAS=bias,
-                      MAGIC=triton_matmul.magic_bits(dtype, bits))
+                      MAGIC=triton_matmul.magic_bits(dtype, bits), PREFETCH=c.prefetch)
     constexprs.update({n: 1 for n, v in ints.items() if v == 1})           # the JIT specialises ints equal to 1
     aligned = {n for n in signature if n.endswith("_ptr")} | {n for n, v in ints.items() if v % 16 == 0}
     return compile_report(triton_matmul._body, signature, constexprs, aligned - set(constexprs), c.num_warps,

@@ -13,7 +13,8 @@ One kernel body; a `KernelConfig` picks its schedule:
   fp16 for fp16 outputs (as Marlin reduces its K slices in fp16), in fp32 then cast for bf16; within a
   slice accumulation is fp32.
 - `dot`: each tile product on the tensor cores (tl.dot, BLOCK_M >= 16), or, for a GEMV (BLOCK_M = 1),
-  multiply-and-sum on the CUDA cores.
+  multiply-and-sum on the CUDA cores; `prefetch` has a GEMV load tile k+1 before reducing tile k (Triton
+  software-pipelines only the loads that feed tl.dot).
 - `word_load` 1: each packed word loaded once as a [BLOCK_K / P, BLOCK_N] tile, its P codes joined on new
   axes (tl.join keeps them in the thread), permuted before N and reshaped to [BLOCK_K, BLOCK_N]; the sm_90
   code then stores the tile to shared memory 16 bytes at a time (a broadcast shift did it 2 at a time).
@@ -69,6 +70,7 @@ class KernelConfig:
     word_load: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -85,6 +87,8 @@ class KernelConfig:
             raise ValueError("KernelConfig needs split >= 1 and num_stages >= 1")
         if self.word_load not in (0, 1, 2) or (self.word_load == 2 and not self.dot):
             raise ValueError("KernelConfig.word_load is 0, 1 or 2 (2: tensor-core tiles only)")
+        if self.prefetch and (self.dot or self.word_load != 1):
+            raise ValueError("KernelConfig.prefetch is for the GEMV schedule with word_load 1")
 
     def fits(self, bits: int, group_size: int) -> bool:
         """Whether a launch with these weights can use this config (word_load 2: in-order groups and
@@ -95,7 +99,7 @@ class KernelConfig:
 def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
           BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, WORD_LOAD: tl.constexpr,
-          HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr):
+          HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,6 +110,13 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
     z_shift = (offs_n % PACK) * BITS                                      # [BN]
     # not tl.zeros: a jitted helper, which the interpreter cannot call
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    if PREFETCH:            # GEMV: the next tile's words and x load while this one is reduced (Triton
+        k_first = k_start + tl.arange(0, BLOCK_K)    # pipelines only loads that feed tl.dot)
+        w_first = k_start // PACK + tl.arange(0, BLOCK_K // PACK)
+        x_next = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_first[:, None],
+                         mask=m_ok[None, :] & (k_first < k_end)[:, None], other=0.0)
+        words_next = tl.load(qw_ptr + w_first[:, None] * N + offs_n[None, :],
+                             mask=(w_first < k_end // PACK)[:, None] & n_ok[None, :], other=0)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
@@ -132,12 +143,22 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
             if DOT:
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)        # [BM, BK]
+            elif PREFETCH:
+                x = x_next
+                x_next = tl.load(x_ptr + offs_m[None, :] * stride_xm + (offs_k + BLOCK_K)[:, None],
+                                 mask=m_ok[None, :] & (offs_k + BLOCK_K < k_end)[:, None], other=0.0)
             else:
                 x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                             mask=m_ok[None, :] & k_ok[:, None], other=0.0)        # [BK, 1]
             wk_ok = k_ok[:, None] & n_ok[None, :]
             if WORD_LOAD == 1:          # words once; codes joined on new in-thread axes, moved before N
-                words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
+                if PREFETCH:
+                    words = words_next
+                    nxt = offs_w + BLOCK_K // PACK
+                    words_next = tl.load(qw_ptr + nxt[:, None] * N + offs_n[None, :],
+                                         mask=(nxt < k_end // PACK)[:, None] & n_ok[None, :], other=0)
+                else:
+                    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
                 if BITS == 4:           # code c = 4·a + 2·b + d sits at [row, n, a, b, d] after the joins
                     q = tl.join(tl.join(tl.join(words & MASK, (words >> 16) & MASK),
                                         tl.join((words >> 8) & MASK, (words >> 24) & MASK)),
@@ -285,6 +306,7 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
                              x2.stride(0), y.stride(0), k_per_split(c, K), BITS=bits, GROUP_SIZE=group_size,
                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, ATOMIC=split > 1, DOT=c.dot,
                              WORD_LOAD=c.word_load, HAS_BIAS=bias is not None, MAGIC=magic_bits(x.dtype, bits),
+                             PREFETCH=c.prefetch,
                              num_warps=c.num_warps,
                              num_stages=c.num_stages, enable_fp_fusion=True)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -30,7 +30,8 @@ _TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
 
 def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: int = 4) -> list[KernelConfig]:
     """The configs a Tuner times for one call shape, the heuristic's first; each tensor-core one also with
-    the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code."""
+    the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code,
+    each GEMV also with its next tile prefetched."""
     out = [plan(M, N, K, group_size, n_sm)]
     if M <= SMALL_M:
         for dot, table, per_sm in ((True, _SPLIT_DOT, (2, 4, 8)), (False, _SPLIT_GEMV, (4, 8, 16))):
@@ -40,7 +41,8 @@ def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: i
                 c = KernelConfig(16 if dot else 1, bn, fit_block_k(group_size, bk), dot=dot, num_warps=warps,
                                  num_stages=stages)
                 out += [with_split(c, M, N, K, p * n_sm) for p in per_sm]
-        out += [dataclasses.replace(c, word_load=0) for c in out]
+        out += [dataclasses.replace(c, prefetch=True) for c in out if not c.dot]
+        out += [dataclasses.replace(c, word_load=0) for c in out if not c.prefetch]
     else:
         for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
             out += [KernelConfig(bm, bn, fit_block_k(group_size, bk), num_warps=w, num_stages=s)
