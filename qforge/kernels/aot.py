@@ -19,7 +19,7 @@ import torch
 
 from . import triton_matmul
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _tools() -> Path:
@@ -69,7 +69,7 @@ def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits:
     if not available():
         raise RuntimeError("compiling for a GPU target needs triton with its NVIDIA backend tools")
     split = triton_matmul.launch_split(c, K)
-    y = _TYPES[triton_matmul._atomic_dtype(dtype) if split > 1 else dtype]
+    y = _TYPES[triton_matmul.atomic_dtype(dtype) if split > 1 else dtype]
     t, s = _TYPES[dtype], _TYPES[scale_dtype]
     signature = dict(x_ptr=f"*{t}", qw_ptr="*i32", qz_ptr="*i32", s_ptr=f"*{s}", g_ptr="*i32",
                      b_ptr=f"*{t}" if bias else f"*{y}", y_ptr=f"*{y}", M="i32", N="i32", K="i32",

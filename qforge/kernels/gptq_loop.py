@@ -14,6 +14,7 @@ run by Triton's interpreter for CPU ones (the tests).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -152,7 +153,7 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
     return codes, Q1, Err1, S, Z
 
 
-def column_loop_for(device) -> object:
+def column_loop_for(device) -> Callable:
     """The column loop to hand gptq() for tensors on `device`: the kernel on CUDA with triton, else the reference."""
     from ..solvers.gptq import column_loop
 

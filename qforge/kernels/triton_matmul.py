@@ -122,11 +122,12 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
         k_ok = offs_k < k_end
         offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)                # the tile's packed rows
         w_ok = (offs_w < k_end // PACK)[:, None] & n_ok[None, :]
-        if WORD_LOAD == 2:                  # P products over the rows k = P·i + j, one per code position j
-            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
+        if GROUP_SIZE > 0:                  # the whole tile is one group: one scale row, one zero row [BN]
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK
+        if WORD_LOAD == 2:                  # P products over the rows k = P·i + j, one per code position j
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
             part = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
             for j in tl.static_range(PACK):
                 xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PACK + j)[None, :],
@@ -172,11 +173,8 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
             else:                                                                 # one load per code (cache hits)
                 qw = tl.load(qw_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=wk_ok, other=0)
                 q = (qw >> ((offs_k[:, None] % PACK) * BITS)) & MASK              # [BK, BN] codes
-            if GROUP_SIZE > 0:                                                    # the whole tile is one group
-                g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                z = tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0)
-                z = ((z >> z_shift) & MASK)[None, :]
+            if GROUP_SIZE > 0:
+                z = z[None, :]
             else:                                                                 # act-order: a group per row
                 g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)[:, None]
                 s = tl.load(s_ptr + g * N + offs_n[None, :], mask=wk_ok, other=0.0).to(x.dtype)
@@ -269,7 +267,7 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _atomic_dtype(dtype: torch.dtype) -> torch.dtype:
+def atomic_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype K slices are added in: fp16 and fp32 as they are; bf16 in fp32 (bf16 atomics need sm_90, and
     Triton's interpreter miscasts bf16), cast once at the end."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
@@ -298,7 +296,7 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
     c = config or plan(M, N, K, group_size, sm_count(x.device))
     split = launch_split(c, K)
     if split > 1:
-        y = torch.zeros(M, N, dtype=_atomic_dtype(x.dtype), device=x.device)
+        y = torch.zeros(M, N, dtype=atomic_dtype(x.dtype), device=x.device)
     else:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (_cdiv(M, c.block_m), _cdiv(N, c.block_n), split)
@@ -306,7 +304,6 @@ def triton_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
                              x2.stride(0), y.stride(0), k_per_split(c, K), BITS=bits, GROUP_SIZE=group_size,
                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, ATOMIC=split > 1, DOT=c.dot,
                              WORD_LOAD=c.word_load, HAS_BIAS=bias is not None, MAGIC=magic_bits(x.dtype, bits),
-                             PREFETCH=c.prefetch,
-                             num_warps=c.num_warps,
-                             num_stages=c.num_stages, enable_fp_fusion=True)
+                             PREFETCH=c.prefetch, num_warps=c.num_warps, num_stages=c.num_stages,
+                             enable_fp_fusion=True)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
