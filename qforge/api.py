@@ -211,7 +211,10 @@ def tune_kernels(model: torch.nn.Module, device, picks: str | Path | None = None
         raise QForgeError(f"kernel tuning times the Triton kernels on a CUDA device, not {device!r}")
     tuner = Tuner()
     if picks is not None and Path(picks).is_file():
-        log.info("%d kernel picks adopted from %s", tuner.load(picks, device), picks)
+        try:
+            log.info("%d kernel picks adopted from %s", tuner.load(picks, device), picks)
+        except (ValueError, KeyError, TypeError) as e:     # not a picks file (json errors are ValueErrors)
+            raise QForgeError(f"{picks} is not a file of kernel picks (Tuner.save writes them): {e}") from e
     if use_tuner(model, tuner) == 0:
         log.warning("no packed layers to tune: only packed checkpoints (gptq/awq/compressed-tensors) run the kernels")
     return tuner

@@ -219,6 +219,15 @@ def test_tune_kernels_gives_packed_layers_one_tuner(caplog):
         qforge.tune_kernels(model, "cpu")
 
 
+@pytest.mark.parametrize("text", ["{not json", '[{"m_bucket": 1}]'])
+def test_a_file_that_is_not_kernel_picks_is_refused_clearly(tmp_path, text):
+    import qforge
+
+    (tmp_path / "picks.json").write_text(text)
+    with pytest.raises(qforge.QForgeError, match="not a file of kernel picks"):
+        qforge.tune_kernels(torch.nn.Sequential(_layer(64, 128, 4, 32, True, False)), "cuda", tmp_path / "picks.json")
+
+
 def test_tuner_picks_save_and_load(tmp_path):
     m = _layer(64, 128, 4, 32, True, False)
     args = (m.qweight, m.qzeros, m.scales, m.g_idx, 4, 32, m.bias)
