@@ -23,6 +23,7 @@ from .models import load_model
 from .models.packed import load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .storage import model_storage
+from .utils.device import check_device
 from .utils.runrecord import run_record
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class QModel:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
             raise QForgeError("this model is already quantized")
+        check_device(device)
         samples = None
         if self.config.needs_calibration:
             if calibration is None:
@@ -149,6 +151,15 @@ class QModel:
         return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
                              device=device, batch_size=batch_size, show_progress=show_progress)
 
+    def check_export(self, fmt: str, allocation=None) -> None:
+        """Raise QForgeError now if quantizing with this config (or `allocation`'s schemes) would give layers
+        `fmt` cannot store: call it before a long quantization that is meant to be exported."""
+        from .export import check_exportable
+
+        if self.config is None:
+            raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
+        check_exportable(self.model, self.config, fmt, allocation.grids if allocation is not None else None)
+
     def export(self, out: str | Path, fmt: str = "gptq", dtype: torch.dtype = torch.float16,
                overwrite: bool = False, max_shard_size: str | int = "4GB") -> dict:
         """Write a packed checkpoint (formats: gptq, compressed-tensors, awq); returns its measured sizes."""
@@ -234,6 +245,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     from .eval.compare import ReferenceComparison
     from .eval.simulate import kv_cache_factory, quantized_activations
 
+    check_device(device)
     qm = model if isinstance(model, QModel) else load(model)
     sim = simulate or SimulationConfig()
     if sim.active:

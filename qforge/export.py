@@ -22,26 +22,51 @@ from safetensors.torch import save_file
 from .errors import QForgeError
 from .formats import FORMATS
 from .models.arch import linear_ref
-from .solvers import LayerQuant
+from .solvers import Grid, LayerQuant
+from .solvers.grid import group_index
 from .utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 EXPORT_RECORD = "qforge_export.json"
 
 
-def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> bool:
-    """Refuse what `fmt` cannot store; True when a GPTQ v1 zero point of 0 needs the borrow (see formats/gptq.py)."""
+def _check_kind(name: str, ref) -> None:
     if ref.expert is not None or ref.transposed:
         raise QForgeError(f"{name}: packed export of {'fused expert' if ref.expert is not None else 'Conv1D'} "
                           f"weights is not supported yet; use qforge's own output directory")
-    out_f, in_f = q.shape
-    if fmt in ("gptq", "awq") and (in_f % 32 or out_f % 32):
-        raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the {fmt} format (both dimensions must "
-                          f"be multiples of 32)")
-    mod = FORMATS[fmt]
-    if hasattr(mod, "check"):
-        mod.check(q, name)
+
+
+def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> bool:
+    """Refuse what `fmt` cannot store; True when a GPTQ v1 zero point of 0 needs the borrow (see formats/gptq.py)."""
+    _check_kind(name, ref)
+    in_order = torch.equal(q.g_idx.to(torch.int32), group_index(q.shape[1], q.grid).to(torch.int32))
+    FORMATS[fmt].check(name, q.shape, q.grid, in_order)
     return fmt == "gptq" and q.grid.bits != 3 and not q.grid.sym and bool((q.zeros == 0).any())
+
+
+def _mixed_formats() -> str:
+    return " or ".join(n for n, m in FORMATS.items() if m.MIXED)
+
+
+def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None) -> None:
+    """Refuse, before any quantization, settings `fmt` cannot store for the linears `cfg` will quantize:
+    their kind and shape, and (unless a mixed allocation is still to be planned) their bits, groups and
+    column order. `grids` gives a planned allocation's schemes by full name."""
+    if fmt not in FORMATS:
+        raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    from .pipeline import quantized_linears
+
+    planned_later = cfg.bpw is not None and grids is None
+    base = None if planned_later else Grid(cfg.bits, cfg.group_size, cfg.sym)
+    layers = {n: (r, (grids or {}).get(n, base)) for n, r in quantized_linears(model, cfg).items()}
+    if not FORMATS[fmt].MIXED and (planned_later or len({g for _, g in layers.values()}) > 1):
+        raise QForgeError(f"the {fmt} format stores one scheme for all layers; export mixed precision as "
+                          f"{_mixed_formats()}")
+    in_order = not (cfg.act_order and not cfg.static_groups)
+    for name, (ref, grid) in layers.items():
+        _check_kind(name, ref)
+        # per-channel layers of an allocation are visited in act-order order, but one group is always in order
+        FORMATS[fmt].check(name, ref.shape, grid, in_order or (grid is not None and grid.group_size == -1))
 
 
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -80,9 +105,9 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
         quantized = set(layers)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
         return build_config({n: q.grid for n, q in layers.items()}, ignore)
-    if len(grids) != 1 and fmt != "gptq":
+    if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
-                          f"(export mixed precision as gptq or compressed-tensors)")
+                          f"(export mixed precision as {_mixed_formats()})")
     from . import __version__
 
     act_order = bool(getattr(qcfg, "act_order", False))

@@ -29,7 +29,7 @@ from .capture.replay import FrozenOutputs
 from .config import QuantizeConfig
 from .errors import QForgeError
 from .kernels.gptq_loop import column_loop_for
-from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name
+from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name, named_block_linears
 from .smoothing import BlockAWQ, awq_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
@@ -149,6 +149,11 @@ def _stackable(refs: list[LinearRef], names: list[str], stats: dict, grids: dict
 
 def _skipped(name: str, cfg: QuantizeConfig) -> bool:
     return any(fnmatch(name, pat) for pat in cfg.skip)
+
+
+def quantized_linears(model: nn.Module, cfg: QuantizeConfig) -> dict[str, LinearRef]:
+    """The linears quantize_model will quantize under `cfg`, by full name."""
+    return {n: r for n, (_, r) in named_block_linears(model, arch_spec(model)).items() if not _skipped(n, cfg)}
 
 
 def _kept(groups: list[list[LinearRef]], prefix: str, cfg: QuantizeConfig) -> list[list[LinearRef]]:

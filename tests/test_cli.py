@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from qforge.cli.main import main
 
 
@@ -28,6 +30,11 @@ def test_bad_input_exits_2_with_a_message(tiny_llama_dir, tmp_path, capsys):
     assert "bits must be" in capsys.readouterr().err
     assert main(["eval", str(tiny_llama_dir), "--dataset", "nonsense"]) == 2
     assert "unknown evaluation set" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "--device", "gpu", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    missing = "cuda:64" if torch.cuda.is_available() else "cuda"
+    assert main(["eval", str(tiny_llama_dir), "--device", missing]) == 2
+    assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -204,10 +204,45 @@ def test_export_errors_are_clear_and_leave_nothing(quantized_tiny, tmp_path):
         m.export(tmp_path / "c", "compressed-tensors")
     with pytest.raises(QForgeError, match="unknown export format"):
         m.export(tmp_path / "u", "exl2")
+    with pytest.raises(QForgeError, match="2, 3, 4 or 8-bit"):
+        quantized_tiny(QuantizeConfig(method="rtn", bits=6, group_size=32)).export(tmp_path / "b", "gptq")
     assert not [p for p in tmp_path.iterdir() if p.name != "tiny-llama"]   # nothing half-written
     m.export(tmp_path / "g", "gptq")
     with pytest.raises(QForgeError, match="already exists"):
         m.export(tmp_path / "g", "gptq")
+
+
+def test_impossible_exports_are_refused_before_quantizing(tiny_llama_dir, tmp_path):
+    from qforge.mixed import Allocation
+
+    def check(fmt, allocation=None, **kw):
+        qforge.load(tiny_llama_dir, QuantizeConfig(**kw)).check_export(fmt, allocation)
+
+    check("gptq", bits=3, group_size=32, act_order=True)                      # g_idx keeps any order
+    check("compressed-tensors", bits=5, group_size=32, act_order=True, static_groups=True)
+    for fmt, kw, match in [("gptq", dict(bits=5), "2, 3, 4 or 8-bit"), ("awq", dict(bits=3), "4-bit"),
+                           ("awq", dict(method="awq", group_size=32, act_order=True), "in-order"),
+                           ("compressed-tensors", dict(bits=4, group_size=48), "does not divide"),
+                           ("compressed-tensors", dict(group_size=32, act_order=True), "column order"),
+                           ("awq", dict(method="gptq", bpw=3.0), "one scheme"), ("exl2", {}, "unknown")]:
+        with pytest.raises(QForgeError, match=match):
+            check(fmt, **kw)
+    a = Allocation(3.0, "gptq", {"model.layers.0.mlp.up_proj": {"bits": 8, "group_size": 32, "sym": True}})
+    with pytest.raises(QForgeError, match="one scheme"):
+        check("awq", a, method="gptq", bits=4, group_size=32)
+    check("gptq", a, method="gptq", bits=4, group_size=32)
+
+
+def test_cli_refuses_an_impossible_export_before_quantizing(tiny_llama_dir, tmp_path, capsys):
+    from qforge.cli.main import main
+
+    assert main(["quantize", str(tiny_llama_dir), "--bits", "5", "--format", "gptq",
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "compressed-tensors" in capsys.readouterr().err
+    (tmp_path / "r-gptq").mkdir()
+    assert main(["quantize", str(tiny_llama_dir), "--format", "gptq", "--out", str(tmp_path / "r")]) == 2
+    assert "r-gptq already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-gptq", "tiny-llama"]     # nothing quantized or saved
 
 
 def test_corrupt_or_foreign_packed_checkpoints(quantized_tiny, tmp_path):

@@ -97,6 +97,11 @@ def test_measurement_resumes_after_the_last_finished_block(tiny_llama, tmp_path)
     with pytest.raises(QForgeError, match="other settings"):
         measure_model(tiny_llama, samples(), tmp_path / "p.json", cfg, "compressed-tensors", (2, 4),
                       show_progress=False)
+    for bad, match in [("[1, 2", "cannot read measurement"), ("[1, 2]", "not a qforge measurement")]:
+        (tmp_path / "bad.json").write_text(bad)                       # refused, and left as it was
+        with pytest.raises(QForgeError, match=match):
+            measure_model(tiny_llama, samples(), tmp_path / "bad.json", cfg, "gptq", (2, 4), show_progress=False)
+        assert (tmp_path / "bad.json").read_text() == bad
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))

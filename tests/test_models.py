@@ -37,11 +37,14 @@ def test_hub_id_offline_fails_cleanly(monkeypatch):
         load_model("some-org/some-model-that-is-not-here")
 
 
-def test_nan_weights_are_refused(tiny_llama_dir, tmp_path):
-    m = load_model(str(tiny_llama_dir)).model
+def test_nan_weights_and_a_missing_tokenizer_are_refused(tiny_llama_dir, tmp_path):
+    lm = load_model(str(tiny_llama_dir))
     with torch.no_grad():
-        m.model.layers[0].mlp.up_proj.weight[3, 3] = float("nan")
-    m.save_pretrained(tmp_path / "nan")
+        lm.model.model.layers[0].mlp.up_proj.weight[3, 3] = float("nan")
+    lm.model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(QForgeError, match="has no tokenizer"):
+        load_model(str(tmp_path / "nan"))
+    lm.tokenizer.save_pretrained(tmp_path / "nan")
     with pytest.raises(QForgeError, match="NaN.*up_proj"):
         load_model(str(tmp_path / "nan"))
 

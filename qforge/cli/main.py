@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import COMPUTE_DTYPES, METHODS
 from ..errors import QForgeError
+from ..utils.device import check_device
 from .table import format_table, human_bytes
 
 log = logging.getLogger("qforge")
@@ -345,6 +346,10 @@ def _print_allocation(alloc) -> None:
                  else "no layer raised"))
 
 
+def _export_dir(a, out) -> str:
+    return a.export_out or f"{str(out).rstrip('/')}-{a.format}"
+
+
 def cmd_quantize(a) -> int:
     import qforge
     from ..utils.atomic import check_new_output
@@ -366,6 +371,9 @@ def cmd_quantize(a) -> int:
         a.measurement = f"{str(a.out).rstrip('/')}.measurement.json"   # kept beside the output: resumable
     cfg = _quant_config(a)
     m = qforge.load(a.model, cfg)
+    if a.format:                                             # also before quantizing: an impossible export
+        check_new_output(_export_dir(a, a.out), a.overwrite)
+        m.check_export(a.format, allocation)
     m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
                batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation)
     out = m.save(a.out, overwrite=a.overwrite)
@@ -373,7 +381,7 @@ def cmd_quantize(a) -> int:
         _print_allocation(m.result.allocation)
     _print_quant_summary(m, out)
     if a.format:
-        _export(m, a.export_out or f"{str(out).rstrip('/')}-{a.format}", a)
+        _export(m, _export_dir(a, out), a)
     return 0
 
 
@@ -488,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        if getattr(a, "device", None) is not None:
+            check_device(a.device)                              # before any model is loaded
         return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "study": cmd_study, "report": cmd_report, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
                 "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:

@@ -19,6 +19,8 @@ from .bitpack import pack_int32, unpack_int32
 
 NAME = "awq"
 KEYS = ("qweight", "qzeros", "scales")
+BITS = (4,)
+MIXED = False                # one scheme for every layer
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -27,13 +29,19 @@ def _perm(n: int) -> torch.Tensor:
     return (torch.arange(n).view(-1, 8)[:, list(ORDER)]).reshape(-1)
 
 
-def check(q: LayerQuant, name: str) -> None:
-    if q.grid.bits != 4:
-        raise QForgeError(f"{name}: the AWQ GEMM format stores 4-bit weights only (this layer has {q.grid.bits})")
-    in_order = torch.arange(q.shape[1], dtype=torch.int32) // q.grid.group_len(q.shape[1])
-    if not torch.equal(q.g_idx.to(torch.int32), in_order) or q.grid.ragged(q.shape[1]):
+def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:
+    """Refuse what this format cannot store (`grid` None: the shape alone, before a scheme is chosen)."""
+    out_f, in_f = shape
+    if in_f % 32 or out_f % 32:
+        raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the awq format (both dimensions must be "
+                          f"multiples of 32)")
+    if grid is None:
+        return
+    if grid.bits not in BITS:
+        raise QForgeError(f"{name}: the AWQ GEMM format stores 4-bit weights only (this layer has {grid.bits})")
+    if not in_order or grid.ragged(in_f):
         raise QForgeError(f"{name}: the AWQ format needs in-order, whole groups (no act-order, group size "
-                          f"dividing {q.shape[1]}); export as 'gptq' instead")
+                          f"dividing {in_f}); export as 'gptq' instead")
 
 
 def pack(q: LayerQuant) -> dict[str, torch.Tensor]:

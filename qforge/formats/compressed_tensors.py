@@ -22,6 +22,8 @@ from ..solvers import Grid, LayerQuant
 
 NAME = "compressed-tensors"
 KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+BITS = (2, 3, 4, 5, 6, 7, 8)
+MIXED = True                 # per-layer schemes: one config group per scheme
 
 
 def _args(grid: Grid):
@@ -39,13 +41,17 @@ def _scheme(grid: Grid, targets: list[str]):
     return QuantizationScheme(targets=targets, weights=_args(grid))
 
 
-def check(q: LayerQuant, name: str) -> None:
-    in_order = torch.arange(q.shape[1], dtype=torch.int32) // q.grid.group_len(q.shape[1])
-    if not torch.equal(q.g_idx.to(torch.int32), in_order):
+def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:
+    """Refuse what this format cannot store (`grid` None: the shape alone, before a scheme is chosen)."""
+    if grid is None:
+        return
+    if grid.bits not in BITS:
+        raise QForgeError(f"{name}: compressed-tensors pack-quantized stores 2 to 8 bits (this layer has {grid.bits})")
+    if not in_order:
         raise QForgeError(f"{name}: compressed-tensors stores groups in column order only; quantize with "
                           f"--static-groups (or without --act-order), or export as 'gptq'")
-    if q.grid.ragged(q.shape[1]):
-        raise QForgeError(f"{name}: group size {q.grid.group_size} does not divide {q.shape[1]}; "
+    if grid.ragged(shape[1]):
+        raise QForgeError(f"{name}: group size {grid.group_size} does not divide {shape[1]}; "
                           f"compressed-tensors needs whole groups")
 
 

@@ -22,11 +22,26 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QForgeError
 from ..solvers import Grid, LayerQuant
 from .bitpack import pack_int32, unpack_int32
 
 NAME = "gptq"
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
+BITS = (2, 3, 4, 8)          # what GPTQModel's and vLLM's gptq readers accept
+MIXED = True                 # per-layer schemes: quantization_config["dynamic"] overrides
+
+
+def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:
+    """Refuse what this format cannot store (`grid` None: the shape alone, before a scheme is chosen).
+    Any column order is stored (g_idx), ragged last groups included."""
+    out_f, in_f = shape
+    if in_f % 32 or out_f % 32:
+        raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the gptq format (both dimensions must be "
+                          f"multiples of 32)")
+    if grid is not None and grid.bits not in BITS:
+        raise QForgeError(f"{name}: the gptq format stores {', '.join(map(str, BITS[:-1]))} or {BITS[-1]}-bit weights, which its "
+                          f"readers accept (this layer has {grid.bits}); export as 'compressed-tensors' instead")
 
 
 def _ones(shape: tuple[int, ...], bits: int) -> torch.Tensor:

@@ -106,7 +106,13 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
                      "group per width <= 4 bits, other schemes interpolated in log-log over tr(dW H dW^T)"}
     data = {**head, "n_blocks": len(blocks), "blocks_done": 0, "layers": {}}
     if out.is_file():
-        old = json.loads(out.read_text())
+        try:
+            old = json.loads(out.read_text())
+        except (OSError, ValueError) as e:
+            raise QForgeError(f"cannot read measurement {out} to resume it ({e}); remove it or choose another "
+                              f"path") from e
+        if not isinstance(old, dict):
+            raise QForgeError(f"{out} is not a qforge measurement; remove it or choose another path")
         if {k: old.get(k) for k in head} == head and old.get("n_blocks") == len(blocks):
             data = old
             log.info("resuming measurement %s after block %d of %d", out, data["blocks_done"], len(blocks))

@@ -16,8 +16,10 @@ from ..formats import FORMATS
 from ..solvers import Grid, LayerQuant
 from ..solvers.grid import group_index
 
-# bit widths each format's readers accept (GPTQModel / vLLM gptq kernels: 2, 3, 4, 8)
-FORMAT_BITS = {"gptq": (2, 3, 4, 8), "compressed-tensors": (2, 3, 4, 5, 6, 8), None: (2, 3, 4, 5, 6, 8)}
+CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)
+# the candidate widths each format stores (its module's BITS: gptq's readers take 2, 3, 4 and 8)
+FORMAT_BITS = {**{f: tuple(b for b in CANDIDATE_BITS if b in FORMATS[f].BITS) for f in ("gptq", "compressed-tensors")},
+               None: CANDIDATE_BITS}
 GROUPS = (32, 64, 128, -1)
 
 

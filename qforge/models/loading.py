@@ -96,10 +96,17 @@ def resolve_model(spec: str) -> Path | str:
             raise QForgeError(f"{p} is neither a model directory nor a .gguf file")
         if not (p / "config.json").is_file():
             raise QForgeError(f"{p} is not a Hugging Face model directory (no config.json)")
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise QForgeError(f"{p} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
+                              f"the model it was made from into it")
         return p
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a hub id is NAME or ORG/NAME
         raise QForgeError(f"no such model directory or file: {spec}")
     return spec  # a hub id
+
+
+# any one of these lets AutoTokenizer load a local directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_finite(model: torch.nn.Module) -> None:
