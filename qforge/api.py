@@ -67,7 +67,9 @@ class QModel:
                 self.calibration = calibration
                 samples = calibration.samples
             else:
-                samples = list(calibration)
+                from .calibration.checks import token_samples
+
+                samples = token_samples(calibration, self.model.get_input_embeddings().num_embeddings)
         torch.manual_seed(seed)
         if allocation is not None:
             self._check_allocation(allocation)

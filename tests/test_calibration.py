@@ -8,7 +8,7 @@ import torch
 
 from qforge import QForgeError
 from qforge.calibration import DOMAINS, build_calibration, builtin_documents, load_samples_jsonl
-from qforge.calibration.checks import NARROW_JSD, jsd_bits
+from qforge.calibration.checks import NARROW_JSD, jsd_bits, token_samples
 from qforge.eval import load_eval_text
 
 
@@ -119,6 +119,16 @@ def test_token_ids_beyond_vocab_are_rejected(tmp_path, tiny_tokenizer):
     (tmp_path / "ids.jsonl").write_text(json.dumps({"input_ids": [1, 10**6]}) + "\n")
     with pytest.raises(QForgeError, match="vocabulary"):
         build_calibration(str(tmp_path / "ids.jsonl"), tiny_tokenizer, 4, 16)
+
+
+def test_tensor_samples_are_checked():
+    rows = token_samples([torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([[4, 5], [6, 7]])], vocab=8)
+    assert [r.tolist() for r in rows] == [[1, 2, 3], [4, 5], [6, 7]] and all(r.dtype == torch.long for r in rows)
+    for bad, match in [([torch.rand(4)], "integer tensor"), ([[1, 2]], "integer tensor"),
+                       ([torch.zeros(1, 1, 4, dtype=torch.long)], "1-D"), ([torch.tensor([3])], "at least 2"),
+                       ([torch.tensor([1, 8])], r"outside \[0, 8\)"), ([torch.tensor([-1, 2])], "outside")]:
+        with pytest.raises(QForgeError, match=match):
+            token_samples(bad, vocab=8)
 
 
 def test_eval_sets_load_and_unknown_names_fail():

@@ -45,6 +45,8 @@ def test_text_shorter_than_a_window_is_an_error(tiny_llama, tiny_tokenizer):
         perplexity(tiny_llama, tiny_tokenizer, "too short", seqlen=64, show_progress=False)
 
 
-def test_seqlen_beyond_context_is_an_error(tiny_llama, tiny_tokenizer):
+def test_seqlen_beyond_context_or_below_2_is_an_error(tiny_llama, tiny_tokenizer):
     with pytest.raises(QForgeError, match="context length"):
         perplexity(tiny_llama, tiny_tokenizer, "x " * 5000, seqlen=4096, show_progress=False)
+    with pytest.raises(QForgeError, match="at least 2"):
+        perplexity(tiny_llama, tiny_tokenizer, "x " * 5000, seqlen=1, show_progress=False)

@@ -86,3 +86,30 @@ def calibration_warnings(calib, tokenizer, nsamples: int, seqlen: int) -> list[s
             out.append(f"calibration data looks narrow: its token distribution is far from the diverse built-in "
                        f"mix (Jensen-Shannon {jsd:.2f} bits > {NARROW_JSD}); other domains may degrade at low bits")
     return out
+
+
+def token_samples(samples, vocab: int) -> list:
+    """Calibration samples given as tensors, checked: each a 1-D integer tensor of at least 2 token ids in
+    [0, vocab) (a 2-D tensor counts as one sample per row); QForgeError names the first bad one."""
+    import torch
+
+    from ..errors import QForgeError
+
+    out = []
+    for k, s in enumerate(samples):
+        integer = isinstance(s, torch.Tensor) and not (s.dtype.is_floating_point or s.dtype.is_complex
+                                                      or s.dtype == torch.bool)
+        if not integer:
+            kind = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
+            raise QForgeError(f"calibration sample {k}: expected an integer tensor of token ids, got {kind}")
+        rows = [s] if s.dim() == 1 else list(s) if s.dim() == 2 else None
+        if rows is None:
+            raise QForgeError(f"calibration sample {k}: expected a 1-D tensor of token ids, got shape {tuple(s.shape)}")
+        for r in rows:
+            if r.numel() < 2:
+                raise QForgeError(f"calibration sample {k}: {r.numel()} token(s); a sample needs at least 2")
+            if int(r.min()) < 0 or int(r.max()) >= vocab:
+                raise QForgeError(f"calibration sample {k}: token ids outside [0, {vocab}) of the model's "
+                                  f"embedding; wrong tokenizer?")
+            out.append(r.to(torch.long))
+    return out

@@ -69,6 +69,8 @@ def bucket_ppl(nll: torch.Tensor, seqlen: int) -> list[dict]:
 def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
                device: str = "cpu", batch_size: int = 1, desc: str = "eval", show_progress: bool = True,
                make_cache=None, on_logits=None) -> dict:
+    if seqlen < 2:
+        raise QForgeError(f"seqlen must be at least 2 (a window predicts tokens 1..seqlen-1), got {seqlen}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise QForgeError(f"seqlen {seqlen} exceeds the model's context length {max_pos}")

@@ -40,7 +40,8 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
         raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the gptq format (both dimensions must be "
                           f"multiples of 32)")
     if grid is not None and grid.bits not in BITS:
-        raise QForgeError(f"{name}: the gptq format stores {', '.join(map(str, BITS[:-1]))} or {BITS[-1]}-bit weights, which its "
+        widths = f"{', '.join(map(str, BITS[:-1]))} or {BITS[-1]}"
+        raise QForgeError(f"{name}: the gptq format stores {widths}-bit weights, which its "
                           f"readers accept (this layer has {grid.bits}); export as 'compressed-tensors' instead")
 
 
