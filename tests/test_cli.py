@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from qforge.cli.main import main
@@ -30,6 +31,11 @@ def test_bad_input_exits_2_with_a_message(tiny_llama_dir, tmp_path, capsys):
     assert "bits must be" in capsys.readouterr().err
     assert main(["eval", str(tiny_llama_dir), "--dataset", "nonsense"]) == 2
     assert "unknown evaluation set" in capsys.readouterr().err
+    for argv in (["eval", str(tiny_llama_dir), "--max-windows", "-1"], ["generate", str(tiny_llama_dir), "--prompt",
+                 "x", "--max-new-tokens", "0"], ["stats", str(tiny_llama_dir), "--out", "s", "--nsamples", "0"]):
+        with pytest.raises(SystemExit) as e:                     # argparse's usage error
+            main(argv)
+        assert e.value.code == 2 and "must be at least" in capsys.readouterr().err
     assert main(["quantize", str(tiny_llama_dir), "--device", "gpu", "--out", str(tmp_path / "o")]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
     missing = "cuda:64" if torch.cuda.is_available() else "cuda"

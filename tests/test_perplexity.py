@@ -50,3 +50,5 @@ def test_seqlen_beyond_context_or_below_2_is_an_error(tiny_llama, tiny_tokenizer
         perplexity(tiny_llama, tiny_tokenizer, "x " * 5000, seqlen=4096, show_progress=False)
     with pytest.raises(QForgeError, match="at least 2"):
         perplexity(tiny_llama, tiny_tokenizer, "x " * 5000, seqlen=1, show_progress=False)
+    with pytest.raises(QForgeError, match="max_windows must be at least 1"):
+        perplexity(tiny_llama, tiny_tokenizer, "x " * 5000, seqlen=16, max_windows=0, show_progress=False)

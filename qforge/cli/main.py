@@ -16,6 +16,23 @@ from .table import format_table, human_bytes
 log = logging.getLogger("qforge")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (a count, a length), refused by argparse with a message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+COUNT, WHOLE = _at_least(1), _at_least(0)
+
+
 def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
     q = p.add_argument_group("quantization")
     q.add_argument("--method", default="rtn", choices=METHODS,
@@ -69,7 +86,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                         "plan's pick")
     c = p.add_argument_group("calibration (ignored by rtn)")
     c.add_argument("--calib", default="builtin:mix", help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
-    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--nsamples", type=COUNT, default=128)
     c.add_argument("--calib-seqlen", dest="calib_seqlen", type=int, default=2048, help="tokens per calibration sample")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
@@ -77,13 +94,13 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                         "runs fp32 and refuses another); float32 is exact but slower (1.7x on a CPU with "
                         "AVX512-BF16), use it where bf16 is not native")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="calibration samples per forward")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, default_windows: int | None = None) -> None:
     p.add_argument("--dataset", default="wiki,brown,news,code", help="comma-separated built-in sets or files")
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=2048, help="evaluation window length")
-    p.add_argument("--max-windows", type=int, default=default_windows,
+    p.add_argument("--max-windows", type=WHOLE, default=default_windows,
                    help="evaluate the first K windows of each set (0: all)")
 
 
@@ -146,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="measurement JSON (resumed when it exists)")
     p.add_argument("--format", choices=MIXED_FORMATS, default="gptq", help="whose storage the costs count")
     p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
-    p.add_argument("--probe-samples", type=int, default=4, help="calibration samples the end-to-end KL probes run on")
+    p.add_argument("--probe-samples", type=COUNT, default=4, help="calibration samples the end-to-end KL probes run on")
     _add_quant_args(p)
     p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
@@ -155,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True, help="directory for stats.json and the plots (written atomically)")
     p.add_argument("--calib", default="builtin:mix", help="calibration data for the activations")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=COUNT, default=16)
+    p.add_argument("--calib-seqlen", type=_at_least(2), default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=10, help="how many heaviest-tailed tensors to name")
+    p.add_argument("--top", type=COUNT, default=10, help="how many heaviest-tailed tensors to name")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("study", help="studies that quantize several times (calibration: one run per domain)")
@@ -189,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy continuation of a prompt, for a quick look at a model")
     p.add_argument("model", help="any model spec, a qforge output or a packed checkpoint")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tune-kernels", action="store_true",
@@ -213,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--kv-group-size", type=int, default=-1, help="head_dim channels per KV scale (-1: whole head)")
     sim.add_argument("--smoothquant", type=float, metavar="ALPHA", help="fold SmoothQuant scales in first")
     sim.add_argument("--calib", default="builtin:mix", help="SmoothQuant's calibration data")
-    sim.add_argument("--nsamples", type=int, default=32)
-    sim.add_argument("--calib-seqlen", type=int, default=512)
+    sim.add_argument("--nsamples", type=COUNT, default=32)
+    sim.add_argument("--calib-seqlen", type=_at_least(2), default=512)
     p.add_argument("--reference", help="a model to compare distributions with: mean KLD, top-1 agreement, delta p")
 
     p = sub.add_parser("demo", help="quantize the built-in model and compare perplexity with fp32")

@@ -24,6 +24,8 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = N
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = len(ids) // seqlen
     if max_windows is not None:
+        if max_windows < 1:
+            raise QForgeError(f"max_windows must be at least 1 (None: every window), got {max_windows}")
         n = min(n, max_windows)
     if n == 0:
         raise QForgeError(f"the evaluation text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
