@@ -51,14 +51,19 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
 def load_layers(path: Path) -> dict[str, LayerQuant]:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    t = load_file(str(path))
-    out = {}
-    for name, m in meta.items():
-        g = json.loads(m)
-        out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"]), t[f"{name}.codes"], t[f"{name}.scales"],
-                               t[f"{name}.zeros"], t[f"{name}.g_idx"], info={})
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        t = load_file(str(path))
+        out = {}
+        for name, m in meta.items():
+            g = json.loads(m)
+            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"]), t[f"{name}.codes"],
+                                   t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={})
+    except QForgeError:
+        raise
+    except Exception as e:  # SafetensorError, bad JSON metadata, a missing tensor or field
+        raise QForgeError(f"{path} is corrupt or not written by qforge: {type(e).__name__}: {e}") from e
     return out
 
 

@@ -42,6 +42,9 @@ def test_tampered_output_is_detected(tiny_llama_dir, tmp_path):
     layers[name].codes[0, 0] ^= 1
     with pytest.raises(QForgeError, match="disagree"):
         check_layers_match(layers, qforge.load(str(out)).model)
+    (out / QUANT_FILE).write_bytes(b"junk")
+    with pytest.raises(QForgeError, match="corrupt"):
+        qforge.load(str(out))
 
 
 def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path):
