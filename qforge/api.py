@@ -40,6 +40,7 @@ class QModel:
         self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
+        self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
 
     @property
     def quantized(self) -> bool:
@@ -47,10 +48,14 @@ class QModel:
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = "builtin:mix", *,
                  nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
-                 batch_size: int = 8, show_progress: bool = False, allocation=None) -> QuantizeResult:
+                 batch_size: int = 8, show_progress: bool = False, allocation=None,
+                 resume: str | Path | None = None) -> QuantizeResult:
         """Quantize in place. `allocation` (a mixed.plan.Allocation, e.g. `Allocation.load("allocation.json")`)
         gives every linear its scheme instead of measuring and planning for config.bpw; with
-        config.search_generations the search continues from it (on config.measurement's options)."""
+        config.search_generations the search continues from it (on config.measurement's options).
+        `resume`: a directory where each calibrated block is saved as it finishes (runstate.py); a run
+        interrupted there continues after its last finished block when started again with the same
+        settings and data. save() removes it once the output is written."""
         if self.config is None:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
@@ -77,8 +82,18 @@ class QModel:
             raise QForgeError("search_generations searches a mixed-precision allocation: give bpw or an allocation")
         if self.config.search_generations if allocation is not None else self.config.bpw:
             allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation)
+        grids = allocation.grids if allocation else None
+        store = None
+        if resume is not None and self.config.needs_calibration:
+            from .models.arch import arch_spec, get_blocks
+            from .runstate import BlockStore, run_key
+
+            n_blocks = len(get_blocks(self.model, arch_spec(self.model)))
+            store = BlockStore(resume, run_key(self.config.to_dict(), samples or [], self.source, n_blocks,
+                                               grids or {}))
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
-                                     show_progress=show_progress, grids=allocation.grids if allocation else None)
+                                     show_progress=show_progress, grids=grids, store=store)
+        self._store = store
         self.result.allocation = allocation
         if self.result.ragged_layers:
             log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
@@ -191,9 +206,13 @@ class QModel:
             calibration_warnings=self.calibration.warnings if self.calibration else [],
             layers=self.result.summary(), **record_fields)
         samples = self.calibration.samples if self.calibration else None
-        return save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
+        saved = save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
                            self.calibration_config, samples, overwrite, awq=self.result.awq,
                            allocation=self.result.allocation)
+        if self._store is not None:                          # the output holds everything the run state did
+            self._store.clear()
+            self._store = None
+        return saved
 
 
 def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:

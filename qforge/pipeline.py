@@ -162,10 +162,12 @@ def _kept(groups: list[list[LinearRef]], prefix: str, cfg: QuantizeConfig) -> li
 
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
                    device: str = "cpu", batch_size: int = 8, show_progress: bool = True,
-                   grids: dict[str, Grid] | None = None) -> QuantizeResult:
+                   grids: dict[str, Grid] | None = None, store=None) -> QuantizeResult:
     """Quantize `model` in place (its weights become the dequantized grid values) and return the codes.
 
-    `grids` (mixed precision) gives some layers, by full name, their own grid instead of the config's."""
+    `grids` (mixed precision) gives some layers, by full name, their own grid instead of the config's.
+    `store` (a runstate.BlockStore) saves each calibrated block as it finishes and restores the blocks an
+    interrupted run had finished."""
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
@@ -190,7 +192,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
         if not samples:
             raise QForgeError(f"method {cfg.method!r} needs calibration samples")
         _quantize_calibrated(model, spec, blocks, solver, grid, cfg, samples, device, batch_size, result, show_progress,
-                             saved, grids)
+                             saved, grids, store=store)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -198,7 +200,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
                          samples, device, batch_size, result: QuantizeResult, show_progress: bool,
                          saved: dict[int, BlockAWQ] | None = None, grids: dict[str, Grid] | None = None,
-                         reuse_passes: bool = True) -> None:
+                         reuse_passes: bool = True, store=None) -> None:
     """`reuse_passes=False` runs every pass in full (no early exit, no replay): the reference the tests
     compare the fast schedule with."""
     grids = grids or {}
@@ -213,6 +215,16 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         block.to(device)
         calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
+        if store is not None and i < store.blocks_done:      # finished by an interrupted run: restore, re-run
+            layers, awq = store.restore(i, block)
+            result.layers.update(layers)
+            if cfg.uses_awq:
+                result.awq[i] = awq
+            fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+            hidden = run_block(fwd, hidden, calls, device)
+            block.to("cpu")
+            del fwd
+            continue
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
@@ -251,6 +263,9 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         del fwd
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
+        if store is not None:
+            prefix = f"{spec.blocks}.{i}."
+            store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
 
 
 def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device) -> dict:

@@ -391,8 +391,15 @@ def cmd_quantize(a) -> int:
     if a.format:                                             # also before quantizing: an impossible export
         check_new_output(_export_dir(a, a.out), a.overwrite)
         m.check_export(a.format, allocation)
-    m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
-               batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation)
+    state = f"{str(a.out).rstrip('/')}.partial"               # finished blocks, kept until the output is saved
+    try:
+        m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
+                   batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation, resume=state)
+    except KeyboardInterrupt:
+        if Path(state).is_dir():
+            print(f"\ninterrupted: the finished blocks are saved in {state}; the same command resumes after them",
+                  file=sys.stderr)
+        return 130
     out = m.save(a.out, overwrite=a.overwrite)
     if m.result.allocation is not None:
         _print_allocation(m.result.allocation)

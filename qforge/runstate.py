@@ -1,0 +1,110 @@
+"""Finished blocks of a calibrated quantization run, saved as they finish, so an interrupted run resumes.
+
+A directory (the CLI uses `OUT.partial/` beside the output, removed once the output is saved):
+  state.json                 {"key": <what the run depends on>, "blocks_done": n}: blocks 0..n-1 are saved
+  block_<i>.safetensors      block i after quantization, as it fed block i+1:
+                               "state.<param>"          the block's whole state dict (solved weights, and the
+                                                        norms / linears AWQ folded its scales into)
+                               "layer.<name>.<field>"   codes, scales, zeros, g_idx of each quantized linear
+                               "awq.scale.<unit>", "awq.clip.<linear>"   the block's AWQ results
+                             metadata "layers" (JSON {name: {grid, info}}) and "alphas" (JSON {unit: α})
+Each file is written beside its final name and renamed into place before state.json counts it. A run
+resumes only when its key (the quantization config, a hash of the calibration token ids, the model's
+source, its block count and the per-layer grids) equals the saved one: the restored blocks are then
+exactly what this run would have computed, and the pipeline only re-runs them to rebuild the next
+block's inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import QForgeError
+from .smoothing.awq_search import BlockAWQ
+from .solvers import Grid, LayerQuant
+from .utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+STATE = "state.json"
+
+
+def run_key(cfg_dict: dict, samples: list[torch.Tensor], source: str, n_blocks: int, grids: dict) -> dict:
+    """What a run's blocks depend on (JSON-comparable)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.to(torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return {"config": cfg_dict, "samples": h.hexdigest(), "n_samples": len(samples), "source": source,
+            "n_blocks": n_blocks, "grids": {n: [g.bits, g.group_size, g.sym] for n, g in sorted(grids.items())}}
+
+
+class BlockStore:
+    """The saved blocks of one run in directory `path` (created on the first save)."""
+
+    def __init__(self, path: str | Path, key: dict):
+        self.path, self.key = Path(path), json.loads(json.dumps(key))   # key as it reads back from JSON
+        self.blocks_done = 0
+        state = self.path / STATE
+        if state.is_file():
+            try:
+                saved = json.loads(state.read_text())
+                done = int(saved["blocks_done"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise QForgeError(f"{state} is corrupt ({e}); remove {self.path} to start the run again") from e
+            if saved.get("key") != self.key:
+                differ = sorted(k for k in self.key if saved.get("key", {}).get(k) != self.key[k])
+                raise QForgeError(f"{self.path} holds the finished blocks of another run ({', '.join(differ)} "
+                                  f"differ); remove it, or run with the settings it was made with")
+            self.blocks_done = done
+            log.info("resuming after block %d of %d (saved in %s)", done, self.key["n_blocks"], self.path)
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise QForgeError(f"{self.path} exists and is not a qforge run state; remove it or choose another --out")
+
+    def save(self, i: int, block: torch.nn.Module, layers: dict[str, LayerQuant], awq: BlockAWQ | None) -> None:
+        if i != self.blocks_done:
+            raise QForgeError(f"run state: block {i} saved after {self.blocks_done} blocks")
+        self.path.mkdir(parents=True, exist_ok=True)
+        t = {f"state.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        for n, q in layers.items():
+            for f in ("codes", "scales", "zeros", "g_idx"):
+                t[f"layer.{n}.{f}"] = getattr(q, f).cpu().contiguous()
+        awq = awq or BlockAWQ()
+        t.update({f"awq.scale.{u}": s.cpu().contiguous() for u, s in awq.scales.items()})
+        t.update({f"awq.clip.{n}": c.cpu().contiguous() for n, c in awq.clips.items()})
+        meta = {"layers": json.dumps({n: {"grid": [q.grid.bits, q.grid.group_size, q.grid.sym], "info": q.info}
+                                      for n, q in layers.items()}), "alphas": json.dumps(awq.alphas)}
+        final = self.path / f"block_{i}.safetensors"
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_file(t, str(tmp), metadata=meta)
+        os.replace(tmp, final)
+        self.blocks_done = i + 1
+        atomic_write_text(self.path / STATE, json.dumps({"key": self.key, "blocks_done": self.blocks_done}) + "\n")
+
+    def restore(self, i: int, block: torch.nn.Module) -> tuple[dict[str, LayerQuant], BlockAWQ]:
+        """Load saved block i into `block`; returns its layers and AWQ results."""
+        path = self.path / f"block_{i}.safetensors"
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            block.load_state_dict({k[len("state."):]: v for k, v in t.items() if k.startswith("state.")})
+            layers = {n: LayerQuant(Grid(*d["grid"]), t[f"layer.{n}.codes"], t[f"layer.{n}.scales"],
+                                    t[f"layer.{n}.zeros"], t[f"layer.{n}.g_idx"], d["info"])
+                      for n, d in json.loads(meta["layers"]).items()}
+            awq = BlockAWQ({k[len("awq.scale."):]: v for k, v in t.items() if k.startswith("awq.scale.")},
+                           json.loads(meta["alphas"]),
+                           {k[len("awq.clip."):]: v for k, v in t.items() if k.startswith("awq.clip.")})
+        except Exception as e:  # a missing or damaged file: SafetensorError, KeyError, a shape mismatch ...
+            raise QForgeError(f"{path} cannot be restored ({type(e).__name__}: {e}); remove {self.path} to start "
+                              f"the run again") from e
+        return layers, awq
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
