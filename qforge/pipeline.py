@@ -220,10 +220,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             result.layers.update(layers)
             if cfg.uses_awq:
                 result.awq[i] = awq
-            fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
-            hidden = run_block(fwd, hidden, calls, device)
+            hidden = run_block(_compute_copy(block, dtype), hidden, calls, device)
             block.to("cpu")
-            del fwd
             continue
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
@@ -232,7 +230,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                                       gptq_opts=gptq_options(cfg, device) if cfg.awq_gptq_aware else None)
         # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
         # solvers read the fp32 block's weights, and each solved weight is written to both
-        fwd = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        fwd = _compute_copy(block, dtype)
         groups, fwd_groups = (_kept(block_linears(b, spec), f"{spec.blocks}.{i}", cfg) for b in (block, fwd))
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
@@ -266,6 +264,11 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         if store is not None:
             prefix = f"{spec.blocks}.{i}."
             store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
+
+
+def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The block the passes run: a copy in the compute dtype, or the block itself in fp32."""
+    return block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
 
 
 def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device) -> dict:
