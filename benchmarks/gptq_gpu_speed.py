@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def run_qforge(a, model, samples) -> float:
     from qforge import QuantizeConfig
     from qforge.pipeline import quantize_model
 
+    t = time.perf_counter()
     model.to("cpu")                               # qforge holds the model on the CPU, a block at a time on the device
+    print(f"qforge: model moved to the CPU in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     t = time.perf_counter()
     quantize_model(model, QuantizeConfig(method="gptq", bits=4, group_size=128), samples, device=a.device,
                    show_progress=False)
@@ -99,7 +102,12 @@ def main() -> None:
     if a.worker:
         if a.worker != "qforge" and a.peer_layers:
             a.layers = a.peer_layers
+        # the worker's log (qforge: one line per block) streams to the caller's stderr as it runs
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format=f"%(relativeCreated)7.0f ms {a.worker} %(name)s: %(message)s")
+        t = time.perf_counter()
         model, samples = build(a)
+        print(f"{a.worker}: model built on {a.device} in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         secs = {"qforge": run_qforge, "llmcompressor": run_llmcompressor}[a.worker](a, model, samples)
         print("RESULT " + json.dumps({"tool": a.worker, "layers": a.layers, "seconds": secs, "per_layer": secs / a.layers}),
               flush=True)
@@ -110,10 +118,10 @@ def main() -> None:
         same = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                 if k not in ("tools", "worker") and v is not None]
         cmd = [sys.executable, __file__, "--worker", tool, *same]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))   # stderr: streamed
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
-            print(f"{tool}: FAILED\n{p.stderr[-2000:]}", flush=True)
+            print(f"{tool}: FAILED (exit {p.returncode}; its log is above)", flush=True)
             continue
         r = json.loads(line[0][7:])
         print(f"{tool:15s} {r['layers']:3d} layers {r['seconds']:8.1f} s total   {r['per_layer']:6.2f} s per layer",

@@ -25,7 +25,7 @@ from torch import nn
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
 from .capture.blocks import call_on, cast_call, fits_on_device, make_batches
 from .capture.linear_inputs import feed_block, tap_inputs
-from .capture.replay import FrozenOutputs
+from .capture.replay import FrozenOutputs, recordings_fit
 from .config import QuantizeConfig
 from .errors import QForgeError
 from .kernels.gptq_loop import column_loop_for
@@ -212,7 +212,11 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     if resident:                                       # activations stay on the device between passes
         hidden = [h.to(device) for h in hidden]
         log.info("calibration activations kept on %s (%.2f GB)", device, nbytes / 1e9)
+    keep_on_device = resident and recordings_fit(nbytes, device)     # the replays' recordings too
+    if keep_on_device:
+        log.info("sub-module recordings for replay kept on %s", device)
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
+        t_block = time.perf_counter()
         block.to(device)
         calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
         if store is not None and i < store.blocks_done:      # finished by an interrupted run: restore, re-run
@@ -238,7 +242,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         # sub-modules whose linears are all solved are recorded once and replayed (capture/replay.py)
         sequential = solver.needs_inputs and cfg.true_sequential
         width = hidden[0].shape[-1]
-        frozen = FrozenOutputs(fwd, fwd_groups, len(calls), width, device) if reuse_passes and sequential else None
+        frozen = FrozenOutputs(fwd, fwd_groups, len(calls), width, device,
+                               keep_on=device if keep_on_device else "cpu") if reuse_passes and sequential else None
         for k, (todo, fwd_todo) in enumerate(zip(groups, fwd_groups)):
             if not todo:
                 continue
@@ -264,6 +269,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         if store is not None:
             prefix = f"{spec.blocks}.{i}."
             store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
+        log.info("block %d/%d quantized in %.2f s", i + 1, len(blocks), time.perf_counter() - t_block)
 
 
 def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -11,18 +11,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_on_cuda_matches_cpu(model_type, act_order):
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_gptq_on_cuda_matches_cpu(model_type, act_order, compute_dtype):
     ids = [torch.randint(0, VOCAB, (64,), generator=torch.Generator().manual_seed(s)) for s in range(8)]
-    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=act_order)
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=act_order, compute_dtype=compute_dtype)
     ref, cpu, gpu = tiny_model(model_type), tiny_model(model_type), tiny_model(model_type)
     r_cpu = quantize_model(cpu, cfg, ids, device="cpu", show_progress=False)
     r_gpu = quantize_model(gpu, cfg, ids, device="cuda", show_progress=False)
     assert next(gpu.parameters()).device.type == "cpu"        # blocks go back after their turn
-    # GPTQ's error feedback turns a last-bit float difference into different codes downstream, and
-    # later blocks see inputs shaped by those codes: the first layer agrees almost bit for bit, the
-    # model reaches the same quality
+    # GPTQ's error feedback turns a last-bit float difference into different codes downstream, and later
+    # blocks see inputs shaped by those codes. In fp32 passes the first layer agrees almost bit for bit; in
+    # bf16 passes the two devices round the first layer's inputs differently (seen on an H200: 95-98% of
+    # its codes agree); either way the model reaches the same quality
     first = next(iter(r_cpu.layers))
-    assert float((r_cpu.layers[first].codes == r_gpu.layers[first].codes).float().mean()) > 0.98
+    agree = float((r_cpu.layers[first].codes == r_gpu.layers[first].codes).float().mean())
+    assert agree > (0.98 if compute_dtype == "float32" else 0.9), agree
     x = torch.randint(0, VOCAB, (2, 32))
     with torch.no_grad():
         want = ref(input_ids=x).logits

@@ -543,3 +543,12 @@ def test_activations_stay_on_a_cuda_device_only_when_four_copies_fit():
 
     assert not fits_on_device(1, "cpu")
     assert fits_on_device(2 << 30, "cuda", free_bytes=8 << 30) and not fits_on_device(2 << 30, "cuda", free_bytes=7 << 30)
+
+
+def test_replay_recordings_stay_on_the_device_only_when_they_fit_beside_the_activations():
+    from qforge.capture.replay import TAIL_RATIO, recordings_fit
+
+    need = int(2 * (2 + TAIL_RATIO)) * (2 << 30)                         # 2 GB of activations: 24 GB free
+    assert recordings_fit(2 << 30, "cuda", free_bytes=need) and not recordings_fit(2 << 30, "cuda", free_bytes=need - 1)
+    assert not recordings_fit(1, "cpu")
+

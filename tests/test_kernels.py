@@ -70,8 +70,10 @@ def test_kernel_without_bias_and_on_batched_input():
 
 
 def test_plan_picks_split_k_for_decoding_and_tiles_that_respect_groups():
-    small, big = tm.plan(1, 4096, 4096, 128), tm.plan(256, 4096, 4096, 128)
-    assert small.split > 1 and small.block_m == 16 and big.split == 1
+    gemv, small, big = tm.plan(1, 4096, 4096, 128), tm.plan(4, 4096, 4096, 128), tm.plan(256, 4096, 4096, 128)
+    assert gemv.split > 1 and not gemv.dot and small.split > 1 and small.block_m == 16 and big.split == 1
+    assert small.word_load == 2 and tm.plan(4, 4096, 4096, 0).word_load == 1   # act-order: words loaded once
+    assert tm.plan(1, 4096, 4096, 0).dot                                      # act-order: no GEMV (it spills)
     for M, group in ((1, 128), (4, 64), (256, 128), (300, 32)):
         for c in tuning.candidates(M, 576 * 4, 576, group):
             assert group % c.block_k == 0                               # a K tile never spans two groups

@@ -173,16 +173,16 @@ def call_on(call: BlockCall, device) -> BlockCall:
     return BlockCall(_to(call.args, device), _to(call.kwargs, device))
 
 
-def fits_on_device(nbytes: int, device, free_bytes: int | None = None) -> bool:
+def fits_on_device(nbytes: int, device, free_bytes: int | None = None, times: float = 4) -> bool:
     """Whether calibration activations of `nbytes` may stay on `device` between passes instead of the CPU:
-    a CUDA device with 4x that free (inputs, outputs and an fp32 copy at once). Keeping them there saves
-    a host round trip of every pass (2 GB each way per pass for 128 x 2048 tokens of a 4096-wide model)."""
+    a CUDA device with `times` x that free (4: inputs, outputs and an fp32 copy at once). Keeping them there
+    saves a host round trip of every pass (2 GB each way per pass for 128 x 2048 tokens of a 4096-wide model)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    return 4 * nbytes <= free_bytes
+    return times * nbytes <= free_bytes
 
 
 def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:

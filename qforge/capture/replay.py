@@ -16,7 +16,7 @@ solved the sub-module's output is that linear applied to them: the attention is 
 the gate/up pass, nor gate/up for the block's output pass. Whether the sub-module's output really is
 its last linear's output is checked on the first call of each such pass (the real module runs and
 must match bit for bit, with any other outputs None); on a mismatch the module simply runs as before.
-Tail inputs are kept only up to `tail_ratio` times the hidden width (MLP inputs are 2.7–3.5x).
+Tail inputs are kept only up to `tail_ratio` (TAIL_RATIO) times the hidden width (MLP inputs are 2.7–3.5x).
 """
 from __future__ import annotations
 
@@ -28,9 +28,18 @@ import torch
 from torch import nn
 
 from ..models.arch import LinearRef
-from .blocks import ModuleSwaps, StandIn, _to
+from .blocks import ModuleSwaps, StandIn, _to, fits_on_device
 
 log = logging.getLogger(__name__)
+
+TAIL_RATIO = 4.0      # tail inputs are kept up to this many times the hidden width
+
+
+def recordings_fit(nbytes: int, device, free_bytes: int | None = None) -> bool:
+    """Whether FrozenOutputs' recordings may stay on `device` beside resident activations of `nbytes` (one
+    hidden-width copy of them): the attention output, the attention tail's input (about 1x each) and the
+    MLP tail's input (up to TAIL_RATIO x), with as much again free for the passes' own work."""
+    return fits_on_device(nbytes, device, free_bytes, times=2 * (2 + TAIL_RATIO))
 
 
 class _Replay(StandIn):
@@ -49,9 +58,10 @@ class _Replay(StandIn):
 class _TailReplay(StandIn):
     """Stands in for a finished sub-module whose output is its last linear applied to recorded inputs."""
 
-    def __init__(self, module: nn.Module, linear: nn.Module, inputs: list, device, outputs: list | None):
+    def __init__(self, module: nn.Module, linear: nn.Module, inputs: list, device, outputs: list | None,
+                 keep_on="cpu"):
         super().__init__(module)
-        self.linear, self.inputs, self.device, self.outputs = linear, inputs, device, outputs
+        self.linear, self.inputs, self.device, self.outputs, self.keep_on = linear, inputs, device, outputs, keep_on
         self.calls, self.n_rest = 0, None          # n_rest: the real output's extra (None) entries; None = unchecked
 
     def forward(self, *args, **kwargs):
@@ -68,7 +78,7 @@ class _TailReplay(StandIn):
             y = self.linear(x.to(self.device))
             out = (y,) + (None,) * self.n_rest if self.n_rest else y
         if self.outputs is not None:
-            self.outputs.append(_detach_cpu(out))
+            self.outputs.append(_detach_to(out, self.keep_on))
         return out
 
 
@@ -81,11 +91,11 @@ def _rest_if_linear_output(out, y: torch.Tensor) -> int:
     return -1
 
 
-def _detach_cpu(out):
+def _detach_to(out, device):
     if isinstance(out, torch.Tensor):
-        return out.detach().to("cpu", copy=True)   # a copy: the block may add into its sub-modules' outputs
+        return out.detach().to(device, copy=True)   # a copy: the block may add into its sub-modules' outputs
     if isinstance(out, tuple):
-        return tuple(_detach_cpu(o) for o in out)
+        return tuple(_detach_to(o, device) for o in out)
     return out
 
 
@@ -95,11 +105,13 @@ class FrozenOutputs:
     `groups[i]` are the block's linear groups in execution order; `n_calls` is how many times the
     block is called per pass (calibration batches). Only outputs no wider than `width` (the block's
     hidden size) are kept, so the recordings never cost more memory than the block's own inputs
-    (attention outputs qualify; gate/up projections do not)."""
+    (attention outputs qualify; gate/up projections do not). Recordings are kept on `keep_on`: the CPU, or
+    the device when the activations stay there and the recordings fit beside them (recordings_fit); a host
+    round trip of every recording costs more than the passes it saves on a GPU (seen: 16 s per 8B block)."""
 
     def __init__(self, block: nn.Module, groups: list[list[LinearRef]], n_calls: int, width: int, device,
-                 tail_ratio: float = 4.0):
-        self.block, self.n_calls, self.width, self.device = block, n_calls, width, device
+                 tail_ratio: float = TAIL_RATIO, keep_on="cpu"):
+        self.block, self.n_calls, self.width, self.device, self.keep_on = block, n_calls, width, device, keep_on
         path_of = {id(m): p for p, m in block.named_modules()}
         ref_at = [(path_of[id(r.module)], k, r) for k, g in enumerate(groups) for r in g]
         self.last_group: dict[str, int] = {}     # sub-module path -> last group it contains
@@ -130,7 +142,7 @@ class FrozenOutputs:
             if not isinstance(first, torch.Tensor) or first.shape[-1] > self.width:
                 self.too_wide.add(path)
             elif path not in self.too_wide:
-                store.append(_detach_cpu(out))
+                store.append(_detach_to(out, self.keep_on))
         return hook
 
     @contextlib.contextmanager
@@ -151,7 +163,7 @@ class FrozenOutputs:
                 if record and self.last_group[path] == done and path not in self.tail_inputs:
                     taken[path] = []
                     handles.append(self.block.get_submodule(linear).register_forward_pre_hook(
-                        lambda m, args, store=taken[path]: store.append(_detach_cpu(args[0]))))
+                        lambda m, args, store=taken[path]: store.append(_detach_to(args[0], self.keep_on))))
             for path in replay:
                 module = self.block.get_submodule(path)
                 if path in self.recorded:
@@ -159,7 +171,7 @@ class FrozenOutputs:
                 else:
                     fresh[path] = [] if record else None
                     swaps.swap(path, _TailReplay(module, self.block.get_submodule(self.tails[path]),
-                                                 self.tail_inputs[path], self.device, fresh[path]))
+                                                 self.tail_inputs[path], self.device, fresh[path], self.keep_on))
             yield
         finally:
             for h in handles:

@@ -28,7 +28,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     if int(v.min()) < 0 or int(v.max()) >= 1 << bits:
         raise QForgeError(f"values out of the {bits}-bit range [0, {(1 << bits) - 1}]")
     runs = v.reshape(*v.shape[:-1], n // 32, 32)                    # [..., R, 32]
-    words = torch.zeros(*runs.shape[:-1], bits, dtype=torch.int64)  # [..., R, bits]
+    words = torch.zeros(*runs.shape[:-1], bits, dtype=torch.int64, device=v.device)  # [..., R, bits]
     for i in range(32):
         off = i * bits
         w, s = divmod(off, 32)
@@ -46,7 +46,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor
         raise QForgeError(f"unpack_int32: {p.shape[-1]} words is not a whole number of {bits}-bit runs")
     words = p.reshape(*p.shape[:-1], p.shape[-1] // bits, bits)      # [..., R, bits]
     mask = (1 << bits) - 1
-    out = torch.empty(*words.shape[:-1], 32, dtype=torch.int64)
+    out = torch.empty(*words.shape[:-1], 32, dtype=torch.int64, device=p.device)
     for i in range(32):
         w, s = divmod(i * bits, 32)
         val = words[..., w] >> s

@@ -234,13 +234,20 @@ def with_split(c: KernelConfig, M: int, N: int, K: int, programs: int) -> Kernel
 
 @functools.lru_cache(maxsize=4096)
 def plan(M: int, N: int, K: int, group_size: int, n_sm: int = 132) -> KernelConfig:
-    """A config by heuristic (the Tuner measures): split-K tensor-core tiles for M <= 16, plain tiles above.
-    Chosen from the sm_90 compiler report (benchmarks/kernel_resources.py: registers, shared memory, programs
-    per SM), not yet from GPU timings: words loaded once (one load per code keeps 8 copies of every word in
-    shared memory: 169 KB for a 128 x 128 tile, one program per SM), no spills, several programs per SM."""
+    """A config by heuristic (the Tuner measures), set from the Tuner's picks on an H200 (Triton 3.6, fp16,
+    W4 g128, six Llama-3 8B/70B shapes; BENCHMARKS.md, benchmarks/KERNEL_NOTES.md): batch 1 with in-order
+    groups a split-K GEMV of 256 columns x 32 rows, about 16 programs per SM (the pick on the two 70B MLP
+    shapes, 2.8x faster than the tensor-core tiles); other batches up to 16 split-K tensor-core tiles
+    16 x 128 x 128 with the interleaved products (word_load 2) where the groups allow, about 4 programs per
+    SM; larger batches 64-column tiles, K tiles of 64, 4 stages, no split (the picks at batch 64 and 256)."""
+    if M == 1 and group_size > 0:              # act-order's per-row grids make GEMV programs spill (sm_90)
+        gemv = KernelConfig(1, 256, fit_block_k(group_size, 32), dot=False, num_warps=2, num_stages=2)
+        return with_split(gemv, M, N, K, 16 * n_sm)
     if M <= SMALL_M:
-        return with_split(KernelConfig(16, 64, fit_block_k(group_size, 128)), M, N, K, 4 * n_sm)
-    return KernelConfig(32 if M <= 64 else 64, 128, fit_block_k(group_size, 32), num_stages=4)
+        bk = fit_block_k(group_size, 128)
+        interleaved = group_size > 0 and bk == 128          # 128 / (32 / bits) >= 16 rows for 4 and 8 bits
+        return with_split(KernelConfig(16, 128, bk, word_load=2 if interleaved else 1), M, N, K, 4 * n_sm)
+    return KernelConfig(32 if M <= 32 else 64 if M <= 64 else 128, 64, fit_block_k(group_size, 64), num_stages=4)
 
 
 def k_per_split(c: KernelConfig, K: int) -> int:

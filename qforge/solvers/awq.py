@@ -64,7 +64,7 @@ def clip_search(W: torch.Tensor, X: torch.Tensor, grid: Grid, n_grid: int = 20, 
     pad = (-in_f) % g
     Wg = torch.nn.functional.pad(W, (0, pad)).view(out_f, -1, g)          # [out, G, g]
     Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], -1, g)     # [n, G, g]
-    best = torch.empty(out_f, Wg.shape[1])
+    best = torch.empty(out_f, Wg.shape[1], device=W.device)
     for r0 in range(0, out_f, row_batch):
         w = Wg[r0:r0 + row_batch]                                          # [r, G, g]
         org_out = torch.einsum("ngk,rgk->rng", Xg, w)                      # [r, n, G]
@@ -84,6 +84,6 @@ def clip_search(W: torch.Tensor, X: torch.Tensor, grid: Grid, n_grid: int = 20, 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Clamp each (row, group) of W [out, in] to ±max_val [out, G]."""
     in_f = W.shape[1]
-    g_idx = torch.arange(in_f) // grid.group_len(in_f)
-    m = max_val[:, g_idx]
+    g_idx = torch.arange(in_f, device=max_val.device) // grid.group_len(in_f)
+    m = max_val[:, g_idx].to(W.device)
     return torch.clamp(W, -m, m)
