@@ -25,9 +25,9 @@ for step in $STEPS; do
     # mis-evaluates scalar loop bounds; its compiler was checked here with the sm_90 tests under Triton 3.6)
     tests) timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_kernels.py tests/test_gptq.py \
              tests/test_decode.py tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
-    kernels) timeout 250 python3 benchmarks/kernels.py --out "$OUT/kernels.jsonl" 2>&1 | tee "$OUT/kernels.log" | tail -45 ;;
+    kernels) timeout 200 python3 benchmarks/kernels.py --out "$OUT/kernels.jsonl" 2>&1 | tee "$OUT/kernels.log" | tail -45 ;;
     solver) timeout 40 python3 benchmarks/gptq_solver_speed.py --device cuda 2>&1 | tee "$OUT/solver.log" ;;
-    gptq) timeout 200 python3 benchmarks/gptq_gpu_speed.py --device cuda --peer-layers 4 2>&1 | tee "$OUT/gptq.log" ;;
+    gptq) timeout 240 python3 benchmarks/gptq_gpu_speed.py --device cuda --peer-layers 4 2>&1 | tee "$OUT/gptq.log" ;;
     *) echo "unknown step $step (tests, kernels, solver, gptq)"; exit 2 ;;
   esac
 done

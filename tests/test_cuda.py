@@ -9,6 +9,14 @@ from tiny_models import VOCAB, tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _logit_errors(ref, *quantized) -> list[float]:
+    """‖logits − the unquantized model's‖ of each quantized model on the same random tokens."""
+    x = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+        return [float((q(input_ids=x).logits - want).norm()) for q in quantized]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2"])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
@@ -26,9 +34,21 @@ def test_gptq_on_cuda_matches_cpu(model_type, act_order, compute_dtype):
     first = next(iter(r_cpu.layers))
     agree = float((r_cpu.layers[first].codes == r_gpu.layers[first].codes).float().mean())
     assert agree > (0.98 if compute_dtype == "float32" else 0.9), agree
-    x = torch.randint(0, VOCAB, (2, 32))
-    with torch.no_grad():
-        want = ref(input_ids=x).logits
-        err_cpu = float((cpu(input_ids=x).logits - want).norm())
-        err_gpu = float((gpu(input_ids=x).logits - want).norm())
+    err_cpu, err_gpu = _logit_errors(ref, cpu, gpu)
+    assert err_gpu < 1.15 * err_cpu
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq", "awq+gptq"])
+def test_other_methods_on_cuda_match_cpu(method):
+    """RTN needs no inputs: the same codes on both devices; AWQ's searches see device-rounded activations,
+    so the model reaches the same quality."""
+    ids = [torch.randint(0, VOCAB, (64,), generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    cfg = QuantizeConfig(method=method, bits=4, group_size=32)
+    ref, cpu, gpu = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    r_cpu = quantize_model(cpu, cfg, ids, device="cpu", show_progress=False)
+    r_gpu = quantize_model(gpu, cfg, ids, device="cuda", show_progress=False)
+    assert r_cpu.layers.keys() == r_gpu.layers.keys() and next(gpu.parameters()).device.type == "cpu"
+    if method == "rtn":
+        assert all(torch.equal(r_cpu.layers[n].codes, r_gpu.layers[n].codes) for n in r_cpu.layers)
+    err_cpu, err_gpu = _logit_errors(ref, cpu, gpu)
     assert err_gpu < 1.15 * err_cpu

@@ -1,4 +1,6 @@
 """An interrupted calibrated run resumes after its last finished block and gives the uninterrupted result."""
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,26 @@ def test_the_cli_says_how_to_resume_and_cleans_up(tiny_llama_dir, tmp_path, monk
     monkeypatch.undo()
     assert main(argv) == 0
     assert (tmp_path / "q" / "qforge_quant.safetensors").is_file() and not (tmp_path / "q.partial").exists()
+
+
+def test_an_interrupted_measurement_says_it_resumes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `qforge measure` after a block: the file holds the finished blocks and the message says so."""
+    from qforge.cli.main import main
+    from qforge.mixed import measure as measure_mod
+
+    meas = tmp_path / "m.json"
+    argv = ["-q", "measure", str(tiny_llama_dir), "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32",
+            "--candidate-bits", "4", "--out", str(meas)]
+    write = measure_mod._write_atomic
+
+    def write_then_stop(path, data):
+        write(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(measure_mod, "_write_atomic", write_then_stop)
+    assert main(argv) == 130
+    assert f"saved in {meas}" in capsys.readouterr().err
+    assert json.loads(meas.read_text())["blocks_done"] == 1
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert json.loads(meas.read_text())["blocks_done"] == json.loads(meas.read_text())["n_blocks"]

@@ -260,8 +260,11 @@ def cmd_measure(a) -> int:
     m = qforge.load(a.model)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}
-    data = measure_model(m.model, calib.samples, a.out, cfg, a.format, bits, identity, a.device, a.batch_size,
-                         show_progress=not a.quiet, probe_samples=a.probe_samples)
+    try:
+        data = measure_model(m.model, calib.samples, a.out, cfg, a.format, bits, identity, a.device, a.batch_size,
+                             show_progress=not a.quiet, probe_samples=a.probe_samples)
+    except KeyboardInterrupt:
+        return _interrupted(a.out)
     by_scheme: dict[str, list] = {}
     for d in data["layers"].values():
         for o in d["options"]:
@@ -367,6 +370,15 @@ def _export_dir(a, out) -> str:
     return a.export_out or f"{str(out).rstrip('/')}-{a.format}"
 
 
+def _interrupted(*saved) -> int:
+    """Ctrl-C: say which of the stages' saved results (a block directory, a measurement) the same command resumes."""
+    kept = [str(p) for p in saved if p and Path(p).exists()]
+    if kept:
+        print(f"\ninterrupted: finished work is saved in {' and '.join(kept)}; the same command resumes from it",
+              file=sys.stderr)
+    return 130
+
+
 def cmd_quantize(a) -> int:
     import qforge
     from ..utils.atomic import check_new_output
@@ -396,10 +408,7 @@ def cmd_quantize(a) -> int:
         m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation, resume=state)
     except KeyboardInterrupt:
-        if Path(state).is_dir():
-            print(f"\ninterrupted: the finished blocks are saved in {state}; the same command resumes after them",
-                  file=sys.stderr)
-        return 130
+        return _interrupted(state, a.measurement)
     out = m.save(a.out, overwrite=a.overwrite)
     if m.result.allocation is not None:
         _print_allocation(m.result.allocation)
