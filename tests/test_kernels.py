@@ -52,7 +52,7 @@ def test_interpreted_kernel_matches_the_reference(M, N, K, bits, group, sym, act
     configs = tuning.candidates(M, N, K, gs, n_sm=2, bits=bits)             # 2 SMs: small shapes still split K
     assert configs[0] == tm.plan(M, N, K, gs, n_sm=2)
     assert any(c.split > 1 for c in configs) == (M <= tm.SMALL_M)
-    assert any(c.word_load == 2 for c in configs) == (gs > 0 and any(c.dot and c.block_k * bits >= 512 for c in configs))
+    assert any(c.word_load == 2 for c in configs) == (gs > 0 and any(not c.dot or c.block_k * bits >= 512 for c in configs))
     for c in configs:
         for group_size in (g for g in {gs, 0} if c.fits(bits, g)):      # 0: read g_idx row by row
             got = tm.triton_matmul(x, *args, group_size, m.bias, config=c)
@@ -92,7 +92,9 @@ def test_kernel_config_refuses_impossible_schedules():
     with pytest.raises(ValueError, match="split"):
         tm.KernelConfig(16, 64, 64, split=0)
     with pytest.raises(ValueError, match="word_load"):
-        tm.KernelConfig(1, 64, 64, dot=False, word_load=2)
+        tm.KernelConfig(1, 64, 64, dot=False, word_load=3)
+    assert tm.KernelConfig(1, 64, 32, dot=False, word_load=2).fits(4, 32)    # the GEMV's: any K tile, in-order
+    assert not tm.KernelConfig(1, 64, 32, dot=False, word_load=2).fits(4, 0)
     interleaved = tm.KernelConfig(16, 64, 128, word_load=2)
     assert interleaved.fits(4, 128) and interleaved.fits(8, 32) and not interleaved.fits(4, 0)
     assert not tm.KernelConfig(16, 64, 64, word_load=2).fits(4, 64)    # 64 / 8 = 8 rows: under the MMA's 16

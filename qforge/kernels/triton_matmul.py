@@ -19,8 +19,11 @@ One kernel body; a `KernelConfig` picks its schedule:
   axes (tl.join keeps them in the thread), permuted before N and reshaped to [BLOCK_K, BLOCK_N]; the sm_90
   code then stores the tile to shared memory 16 bytes at a time (a broadcast shift did it 2 at a time).
   2: the same words tile as P products of BLOCK_K / P rows each (rows k = P·i + j for code position j), no
-  reshape (in-order groups, tensor cores, BLOCK_K / P >= 16 only). 0: one (cached) load per code, as the
-  GPTQ-triton kernels do.
+  reshape (in-order groups only; tensor cores: BLOCK_K / P >= 16). The GEMV's version makes each code a
+  float by exponent bits alone — code c shifted under the exponent of 1.0 reads as f = 1 + c·2^-b — and
+  sums x·f in fp32 with one FMA per code; per tile Σ x (c - z) = 2^b (Σ x f - Σ x) - z Σ x (fp32: the
+  cancellation costs ~2^-24·2^b·K relative, far under fp16's 2^-11). 0: one (cached) load per code, as
+  the GPTQ-triton kernels do.
 In-order groups (`group_size` > 0: static groups or no act-order; BLOCK_K divides the group size) read one
 scale and zero row per K tile and apply the scale after the product: the tile holds the integers q - z,
 exact in fp16/bf16, so the only roundings are the fp32 accumulation's. Act-order (`group_size` 0) reads a
@@ -85,15 +88,15 @@ class KernelConfig:
             raise ValueError("the multiply-and-sum (GEMV) schedule takes block_m 1")
         if self.split < 1 or self.num_stages < 1:
             raise ValueError("KernelConfig needs split >= 1 and num_stages >= 1")
-        if self.word_load not in (0, 1, 2) or (self.word_load == 2 and not self.dot):
-            raise ValueError("KernelConfig.word_load is 0, 1 or 2 (2: tensor-core tiles only)")
+        if self.word_load not in (0, 1, 2):
+            raise ValueError("KernelConfig.word_load is 0, 1 or 2")
         if self.prefetch and (self.dot or self.word_load != 1):
             raise ValueError("KernelConfig.prefetch is for the GEMV schedule with word_load 1")
 
     def fits(self, bits: int, group_size: int) -> bool:
-        """Whether a launch with these weights can use this config (word_load 2: in-order groups and
-        BLOCK_K / codes-per-word >= 16, the smallest tensor-core K)."""
-        return self.word_load != 2 or (group_size > 0 and self.block_k // (32 // bits) >= 16)
+        """Whether a launch with these weights can use this config (word_load 2: in-order groups, and for
+        tensor-core tiles BLOCK_K / codes-per-word >= 16, the smallest tensor-core K)."""
+        return self.word_load != 2 or (group_size > 0 and (not self.dot or self.block_k // (32 // bits) >= 16))
 
 
 def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
@@ -126,7 +129,26 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK
-        if WORD_LOAD == 2:                  # P products over the rows k = P·i + j, one per code position j
+        if WORD_LOAD == 2 and not DOT:      # GEMV: one FMA per code on f = 1 + c·2^-b (module docstring)
+            w_rows = offs_w < k_end // PACK
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
+            xf = tl.full((BLOCK_K // PACK, BLOCK_N), 0.0, dtype=tl.float32)                       # Σ_j x·f
+            xs = tl.full((BLOCK_K // PACK, 1), 0.0, dtype=tl.float32)                             # Σ_j x
+            for j in tl.static_range(PACK):
+                xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + (offs_w * PACK + j)[:, None],
+                             mask=m_ok[None, :] & w_rows[:, None], other=0.0).to(tl.float32)       # [BK/P, 1]
+                if 23 - BITS - j * BITS >= 0:    # code j (bits [j·b, (j+1)·b)) to bits [23 - b, 23)
+                    top = words << (23 - BITS - j * BITS)
+                else:
+                    top = words >> (j * BITS + BITS - 23)
+                f = ((top & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+                xf += xj * f
+                xs += xj
+            sum_x = tl.reduce(xs, 0, tl.standard._sum_combine)                                    # [1]
+            part = ((tl.reduce(xf, 0, tl.standard._sum_combine) - sum_x) * (1 << BITS)
+                    - z.to(tl.float32) * sum_x)                                                   # [BN]
+            acc += (part * s)[None, :]
+        elif WORD_LOAD == 2:                # P products over the rows k = P·i + j, one per code position j
             words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
             part = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
             for j in tl.static_range(PACK):

@@ -22,15 +22,15 @@ log = logging.getLogger(__name__)
 # (block_n, block_k, num_warps, num_stages) a Tuner tries per schedule, and the programs per SM of a split;
 # tables pruned by the sm_90 compiler report (no configuration that spills registers)
 _SPLIT_DOT = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 2, 4))
-_SPLIT_GEMV = ((128, 64, 4, 2), (256, 64, 4, 2), (64, 128, 4, 2), (256, 32, 2, 2), (128, 32, 2, 2))
+_SPLIT_GEMV = ((128, 64, 4, 2), (256, 64, 4, 2), (256, 64, 2, 2), (64, 128, 4, 2), (256, 32, 2, 2), (128, 32, 2, 2))
 _TILES = {32: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
           64: ((128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
           128: ((128, 64, 8, 3), (64, 64, 4, 4))}
 
 
 def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: int = 4) -> list[KernelConfig]:
-    """The configs a Tuner times for one call shape, the heuristic's first; each tensor-core one also with
-    the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code,
+    """The configs a Tuner times for one call shape, the heuristic's first; each tensor-core one and each
+    GEMV also with the P interleaved products (word_load 2) where it fits, the small-batch ones also with one load per code,
     each GEMV also with its next tile prefetched."""
     out = [plan(M, N, K, group_size, n_sm)]
     if M <= SMALL_M:
@@ -47,7 +47,7 @@ def candidates(M: int, N: int, K: int, group_size: int, n_sm: int = 132, bits: i
         for bm in (bm for bm in _TILES if bm <= max(32, 2 * M)):
             out += [KernelConfig(bm, bn, fit_block_k(group_size, bk), num_warps=w, num_stages=s)
                     for bn, bk, w, s in _TILES[bm]]
-    interleaved = [dataclasses.replace(c, word_load=2) for c in out if c.dot and c.word_load == 1]
+    interleaved = [dataclasses.replace(c, word_load=2) for c in out if c.word_load == 1 and not c.prefetch]
     out += [c for c in interleaved if c.fits(bits, group_size)]
     return list(dict.fromkeys(out))
 
