@@ -86,11 +86,11 @@ class QModel:
         store = None
         if resume is not None and self.config.needs_calibration:
             from .models.arch import arch_spec, get_blocks
-            from .runstate import BlockStore, run_key
+            from .runstate import BlockStore, run_key, weights_fingerprint
 
             n_blocks = len(get_blocks(self.model, arch_spec(self.model)))
             store = BlockStore(resume, run_key(self.config.to_dict(), samples or [], self.source, n_blocks,
-                                               grids or {}))
+                                               grids or {}, weights_fingerprint(self.model)))
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
                                      show_progress=show_progress, grids=grids, store=store)
         self._store = store

@@ -10,7 +10,7 @@ A directory (the CLI uses `OUT.partial/` beside the output, removed once the out
                              metadata "layers" (JSON {name: {grid, info}}) and "alphas" (JSON {unit: α})
 Each file is written beside its final name and renamed into place before state.json counts it. A run
 resumes only when its key (the quantization config, a hash of the calibration token ids, the model's
-source, its block count and the per-layer grids) equals the saved one: the restored blocks are then
+source, a fingerprint of its weights, its block count and the per-layer grids) equals the saved one: the restored blocks are then
 exactly what this run would have computed, and the pipeline only re-runs them to rebuild the next
 block's inputs.
 """
@@ -36,14 +36,29 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 
 
-def run_key(cfg_dict: dict, samples: list[torch.Tensor], source: str, n_blocks: int, grids: dict) -> dict:
-    """What a run's blocks depend on (JSON-comparable)."""
+def run_key(cfg_dict: dict, samples: list[torch.Tensor], source: str, n_blocks: int, grids: dict,
+            weights: str = "") -> dict:
+    """What a run's blocks depend on (JSON-comparable); `weights`: weights_fingerprint of the model."""
     h = hashlib.sha256()
     for s in samples:
         h.update(s.to(torch.int64).numpy().tobytes())
         h.update(b"|")
     return {"config": cfg_dict, "samples": h.hexdigest(), "n_samples": len(samples), "source": source,
-            "n_blocks": n_blocks, "grids": {n: [g.bits, g.group_size, g.sym] for n, g in sorted(grids.items())}}
+            "weights": weights, "n_blocks": n_blocks,
+            "grids": {n: [g.bits, g.group_size, g.sym] for n, g in sorted(grids.items())}}
+
+
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """sha256 of every tensor's name, shape and dtype and of up to `per_tensor` evenly spaced values of it: a
+    different checkpoint at the same path is noticed without reading every byte (a change confined to the
+    unsampled values is not)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // per_tensor)][:per_tensor]
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(sample.to("cpu", torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
+    return h.hexdigest()
 
 
 class BlockStore:

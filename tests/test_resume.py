@@ -57,6 +57,11 @@ def test_a_run_state_of_other_settings_is_refused(tiny_llama_dir, tmp_path, monk
     assert (state / "state.json").is_file()
     with pytest.raises(QForgeError, match="another run.*config"):
         _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=64), state)
+    m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq", group_size=32))
+    with torch.no_grad():
+        next(m.model.parameters()).mul_(2)                # as if another checkpoint were at the same path
+    with pytest.raises(QForgeError, match="another run.*weights"):
+        m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=state)
     (state / "state.json").write_text("{")
     with pytest.raises(QForgeError, match="corrupt"):
         _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32), state)
