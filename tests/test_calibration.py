@@ -91,6 +91,7 @@ def test_txt_jsonl_text_and_parquet_sources_agree(tmp_path, tiny_tokenizer):
     ('{"input_ids": [1, 2]}\n{"oops"\n', "bad.jsonl", "not valid JSON"),
     ('{"input_ids": []}\n', "bad2.jsonl", "non-empty list"),
     ('{"input_ids": [1]}\n{"text": "x"}\n', "mixed.jsonl", "mixes"),
+    ('{"input_ids": [1, 2]}\n{"input_ids": [5]}\n', "short.jsonl", "sample 1: 1 token"),
     ("x", "data.csv", "unsupported file type"),
     (b"\xff\xfe\x00garbage", "bin.txt", "could not read"),
     (b"not a parquet file", "x.parquet", "could not read"),
@@ -117,7 +118,7 @@ def test_parquet_without_text_column(tmp_path, tiny_tokenizer):
 
 def test_token_ids_beyond_vocab_are_rejected(tmp_path, tiny_tokenizer):
     (tmp_path / "ids.jsonl").write_text(json.dumps({"input_ids": [1, 10**6]}) + "\n")
-    with pytest.raises(QForgeError, match="vocabulary"):
+    with pytest.raises(QForgeError, match=r"ids.jsonl: calibration sample 0: token ids outside \[0, "):
         build_calibration(str(tmp_path / "ids.jsonl"), tiny_tokenizer, 4, 16)
 
 

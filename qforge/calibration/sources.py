@@ -19,7 +19,7 @@ import torch
 
 from ..errors import QForgeError
 from .builtin import DOMAINS, builtin_documents
-from .checks import calibration_warnings
+from .checks import calibration_warnings, token_samples
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,10 @@ def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: in
     docs, ids = read_documents(spec)
     vocab = len(tokenizer)
     if ids is not None:
-        chosen = ids[:nsamples]
-        if max(max(r) for r in chosen) >= vocab:
-            raise QForgeError(f"{spec}: token ids exceed the tokenizer's vocabulary ({vocab}); wrong model?")
-        samples = [torch.tensor(r, dtype=torch.long) for r in chosen]
+        try:                             # the checks samples passed as tensors get (length, id range)
+            samples = token_samples([torch.tensor(r, dtype=torch.long) for r in ids[:nsamples]], vocab)
+        except QForgeError as e:
+            raise QForgeError(f"{spec}: {e}") from None
         domains: list[str | None] = [None] * len(samples)
     else:
         docs = {d: [t for t in texts if t.strip()] for d, texts in docs.items()}
