@@ -263,7 +263,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
             hidden = run_block(fwd, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
-        del fwd
+        fwd = frozen = stats = sinks = None     # the copy, its recordings, the last Hessians: freed before the next block
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
         if store is not None:
