@@ -86,7 +86,8 @@ def run_llmcompressor(a, model, samples) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tools", default="qforge,llmcompressor")
+    ap.add_argument("--tools", default="llmcompressor,qforge",
+                    help="in this order: the peer first, on its few layers, so a run cut short still has both")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--peer-layers", type=int, help="decoder layers of the model the peer quantizes (default --layers; "
                     "fewer fit a short GPU lease, and the per-layer time is what compares)")
