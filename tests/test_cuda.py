@@ -52,3 +52,20 @@ def test_other_methods_on_cuda_match_cpu(method):
         assert all(torch.equal(r_cpu.layers[n].codes, r_gpu.layers[n].codes) for n in r_cpu.layers)
     err_cpu, err_gpu = _logit_errors(ref, cpu, gpu)
     assert err_gpu < 1.15 * err_cpu
+
+
+def test_cli_quantize_export_and_eval_on_cuda(tiny_llama_dir, tmp_path):
+    """The user's path on a GPU: GPTQ on CUDA with a packed export, then the export evaluated through the
+    Triton kernels (plan's schedules, then the Tuner's) at the dense output's perplexity."""
+    import qforge
+    from qforge.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--calib", "builtin:wiki", "--nsamples", "8", "--seqlen", "64", "--device", "cuda",
+                 "--out", str(out), "--format", "gptq"]) == 0
+    ppl = lambda d, tune: qforge.evaluate(str(d), datasets=["code"], seqlen=64, max_windows=2, device="cuda",
+                                          show_progress=False, tune=tune)[0]["ppl"]
+    dense = ppl(out, False)
+    assert ppl(tmp_path / "run-gptq", False) == pytest.approx(dense, rel=2e-2)
+    assert ppl(tmp_path / "run-gptq", True) == pytest.approx(dense, rel=2e-2)
