@@ -26,6 +26,8 @@ CASES = [
     (33, 96, 160, 4, 32, True, True),
     (2, 64, 256, 4, 128, False, False),     # K tiles of 128 rows: the interleaved products (word_load 2) fit
     (20, 96, 384, 8, 64, True, False),
+    (1, 96, 256, 8, 64, True, False),       # 8-bit and per-channel GEMVs (both word loads)
+    (2, 160, 96, 4, -1, False, False),
 ]
 
 
