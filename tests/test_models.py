@@ -35,6 +35,8 @@ def test_hub_id_offline_fails_cleanly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(QForgeError, match="hub id"):
         load_model("some-org/some-model-that-is-not-here")
+    with pytest.raises(QForgeError, match="Did you mean the built-in 'smollm2-135m'"):
+        load_model("SmolLM2")                                    # a near miss of an alias
 
 
 def test_nan_weights_and_a_missing_tokenizer_are_refused(tiny_llama_dir, tmp_path):

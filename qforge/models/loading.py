@@ -5,6 +5,7 @@ by transformers + gguf and cached under $XDG_CACHE_HOME/qforge/dense), or a hub 
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -131,9 +132,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         raise
     except OSError as e:
         if isinstance(where, str):
+            near = difflib.get_close_matches(spec.lower(), ALIASES, n=1, cutoff=0.6)
+            hint = f" Did you mean the built-in {near[0]!r}?" if near else ""
             raise QForgeError(
                 f"could not load {spec!r} as a Hugging Face hub id (no local directory of that name, and "
-                f"the hub is unreachable or has no such model). Give a local directory, a .gguf file or one "
+                f"the hub is unreachable or has no such model).{hint} Give a local directory, a .gguf file or one "
                 f"of the built-in aliases: {', '.join(ALIASES)}. ({e.__class__.__name__}: {str(e).splitlines()[0]})"
             ) from e
         raise QForgeError(f"could not load the model in {where}: {e}") from e
