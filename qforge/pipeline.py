@@ -269,7 +269,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         if store is not None:
             prefix = f"{spec.blocks}.{i}."
             store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
-        log.info("block %d/%d quantized in %.2f s", i + 1, len(blocks), time.perf_counter() - t_block)
+        (log.debug if show_progress else log.info)("block %d/%d quantized in %.2f s", i + 1, len(blocks),
+                                                   time.perf_counter() - t_block)      # a bar shows it already
 
 
 def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
