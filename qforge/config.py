@@ -72,6 +72,11 @@ class QuantizeConfig(_JsonMixin):
     # the fp32 weights. bfloat16 (default) is how GPTQModel and llm-compressor run a bf16 checkpoint, and its
     # matmuls are 3.5x faster than fp32 on CPUs with AVX512-BF16 (BENCHMARKS.md); float32 is exact but slower
     compute_dtype: str = "bfloat16"
+    # with bfloat16 passes, how each batch's Hessian products are summed: "bfloat16" rounds every panel of
+    # products to bf16 once (fast on CPUs with AVX512-BF16), which can leave H slightly indefinite where the
+    # inputs are nearly dependent (o_proj behind grouped-query attention: damping then has to be raised);
+    # "float32" sums the same exact products in fp32 (H is the Gram matrix of the bf16 activations, PSD)
+    hessian_dtype: str = "bfloat16"
     # AWQ options (methods awq / awq+gptq): α grid points in [0, 1), duo scaling (x^α / w^(1-α), as
     # AutoAWQ and llm-compressor) or x^α alone, clipping search, and saved results to apply instead of searching.
     # awq_clip None: on for awq; for awq+gptq only without scale_search (the two range shrinks stack and
@@ -118,6 +123,8 @@ class QuantizeConfig(_JsonMixin):
                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        _check(self.hessian_dtype in ("float32", "bfloat16"),
+               f"hessian_dtype must be float32 or bfloat16, got {self.hessian_dtype!r}")
         _check(0.0 < self.damp < 1.0, f"damp must be in (0, 1), got {self.damp!r}")
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),

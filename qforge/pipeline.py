@@ -171,8 +171,9 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
-    # bf16 passes: bf16 Hessian products too (capture/hessian.py); fp16 products would overflow
-    solver = SOLVERS[cfg.method](device, torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32)
+    # bf16 passes: bf16 Hessian products unless hessian_dtype float32 (capture/hessian.py); fp16 would overflow
+    bf16_products = cfg.compute_dtype == "bfloat16" and cfg.hessian_dtype == "bfloat16"
+    solver = SOLVERS[cfg.method](device, torch.bfloat16 if bf16_products else torch.float32)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qforge import QuantizeConfig
+from qforge import QForgeError, QuantizeConfig
 from qforge.capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
 from qforge.capture.blocks import make_batches
 from qforge.models.arch import arch_spec, block_linears, get_blocks
@@ -552,3 +552,24 @@ def test_replay_recordings_stay_on_the_device_only_when_they_fit_beside_the_acti
     assert recordings_fit(2 << 30, "cuda", free_bytes=need) and not recordings_fit(2 << 30, "cuda", free_bytes=need - 1)
     assert not recordings_fit(1, "cpu")
 
+
+
+def test_fp32_sums_of_bf16_products_keep_the_hessian_positive_semidefinite():
+    """Nearly dependent bf16 inputs (as o_proj's behind grouped-query attention): rounding each batch's panel
+    of products to bf16 leaves H indefinite by more than the default damping, so GPTQ raises it;
+    hessian_dtype float32 sums the same exact products in fp32, a Gram matrix: no damping raised."""
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(4096, 4, generator=g) @ torch.randn(4, 256, generator=g)
+         + 1e-3 * torch.randn(4096, 256, generator=g)).bfloat16()
+    W = torch.randn(32, 256, generator=g)
+    retries = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        acc = HessianAccumulator(256, product_dtype=dtype)
+        for chunk in X.split(512):
+            acc.add(chunk)
+        retries[dtype] = gptq(W, acc.H, Grid(4, 64, True), damp=0.01).info["retries"]
+        if dtype == torch.float32:
+            assert float(torch.linalg.eigvalsh(acc.H.double()).min()) > -1e-6 * float(torch.diag(acc.H).mean())
+    assert retries == {torch.float32: 0, torch.bfloat16: 1}
+    with pytest.raises(QForgeError, match="hessian_dtype"):
+        QuantizeConfig(hessian_dtype="float16")

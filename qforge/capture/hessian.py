@@ -10,7 +10,8 @@ down-projection input is a large part of GPTQ's time on a CPU. `H` mirrors it on
 
 `product_dtype` bfloat16 (compute_dtype bf16): each batch's panel products run as bf16 GEMMs (exact
 products, fp32 sums inside the GEMM, the panel rounded to bf16 once on output, relative 2^-9) and are
-accumulated into the fp32 H; 3.5x faster on CPUs with AVX512-BF16.
+accumulated into the fp32 H; 3.5x faster on CPUs with AVX512-BF16. The rounding can leave H indefinite
+where inputs are nearly dependent (QuantizeConfig.hessian_dtype float32 keeps fp32 products instead).
 """
 from __future__ import annotations
 

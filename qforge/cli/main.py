@@ -93,6 +93,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                    help="dtype of quantize's calibration passes and Hessian products (summed in fp32; `measure` "
                         "runs fp32 and refuses another); float32 is exact but slower (1.7x on a CPU with "
                         "AVX512-BF16), use it where bf16 is not native")
+    c.add_argument("--hessian-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="with bf16 passes: round each batch's Hessian products to bf16 (fast) or sum them in "
+                        "fp32 (a positive semi-definite H: no damping raised for rounding)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=COUNT, default=8, help="calibration samples per forward")
 
@@ -133,7 +136,7 @@ def _quant_config(a):
                           act_group_aware=a.act_group_aware, true_sequential=a.true_sequential,
                           scale_search=a.scale_search, awq_grid=a.awq_grid, awq_duo_scaling=a.awq_duo_scaling,
                           awq_clip=a.awq_clip, awq_gptq_aware=a.awq_gptq_aware, awq_from=a.awq_from,
-                          compute_dtype=a.compute_dtype, bpw=a.bpw, measurement=a.measurement,
+                          compute_dtype=a.compute_dtype, hessian_dtype=a.hessian_dtype, bpw=a.bpw, measurement=a.measurement,
                           verify_samples=a.verify_samples, search_generations=a.search_generations,
                           search_samples=a.search_samples, search_offspring=a.search_offspring,
                           search_span=a.search_span,
