@@ -46,8 +46,8 @@ def main() -> None:
     print(f"GPTQ W{a.bits} g{a.group_size}, bf16 passes, {a.nsamples} x {a.seqlen} {a.calib}, "
           f"ppl on the first {a.max_windows} windows", flush=True)
     for dtype in ("bfloat16", "float32"):
-        argv = [a for a in sys.argv[1:]]
-        out = subprocess.run([sys.executable, __file__, *argv, "--worker", dtype], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", dtype], capture_output=True,
+                             text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         print(line[0][7:] if line else f"{dtype}: FAILED\n{out.stderr[-1500:]}", flush=True)
 

@@ -12,6 +12,7 @@ from .errors import QForgeError
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+HESSIAN_DTYPES = ("float32", "bfloat16")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -123,8 +124,8 @@ class QuantizeConfig(_JsonMixin):
                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        _check(self.hessian_dtype in ("float32", "bfloat16"),
-               f"hessian_dtype must be float32 or bfloat16, got {self.hessian_dtype!r}")
+        _check(self.hessian_dtype in HESSIAN_DTYPES,
+               f"hessian_dtype must be one of {', '.join(HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
         _check(0.0 < self.damp < 1.0, f"damp must be in (0, 1), got {self.damp!r}")
         _check(self.block_size >= 1, f"block_size must be positive, got {self.block_size!r}")
         _check(not (self.static_groups and self.group_size == -1),

@@ -213,8 +213,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     if resident:                                       # activations stay on the device between passes
         hidden = [h.to(device) for h in hidden]
         log.info("calibration activations kept on %s (%.2f GB)", device, nbytes / 1e9)
-    keep_on_device = resident and recordings_fit(nbytes, device)     # the replays' recordings too
-    if keep_on_device:
+    recordings_on = device if resident and recordings_fit(nbytes, device) else "cpu"   # the replays' too
+    if recordings_on != "cpu":
         log.info("sub-module recordings for replay kept on %s", device)
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         t_block = time.perf_counter()
@@ -244,7 +244,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         sequential = solver.needs_inputs and cfg.true_sequential
         width = hidden[0].shape[-1]
         frozen = FrozenOutputs(fwd, fwd_groups, len(calls), width, device,
-                               keep_on=device if keep_on_device else "cpu") if reuse_passes and sequential else None
+                               keep_on=recordings_on) if reuse_passes and sequential else None
         for k, (todo, fwd_todo) in enumerate(zip(groups, fwd_groups)):
             if not todo:
                 continue

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import COMPUTE_DTYPES, METHODS
+from ..config import COMPUTE_DTYPES, HESSIAN_DTYPES, METHODS
 from ..errors import QForgeError
 from ..utils.device import check_device
 from .table import format_table, human_bytes
@@ -93,7 +93,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                    help="dtype of quantize's calibration passes and Hessian products (summed in fp32; `measure` "
                         "runs fp32 and refuses another); float32 is exact but slower (1.7x on a CPU with "
                         "AVX512-BF16), use it where bf16 is not native")
-    c.add_argument("--hessian-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+    c.add_argument("--hessian-dtype", default="bfloat16", choices=HESSIAN_DTYPES,
                    help="with bf16 passes: round each batch's Hessian products to bf16 (fast) or sum them in "
                         "fp32 (a positive semi-definite H: no damping raised for rounding)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -22,7 +22,7 @@ One kernel body; a `KernelConfig` picks its schedule:
   reshape (in-order groups only; tensor cores: BLOCK_K / P >= 16). The GEMV's version makes each code a
   float by exponent bits alone — code c shifted under the exponent of 1.0 reads as f = 1 + c·2^-b — and
   sums x·f in fp32 with one FMA per code; per tile Σ x (c - z) = 2^b (Σ x f - Σ x) - z Σ x (fp32: the
-  cancellation costs ~2^-24·2^b·K relative, far under fp16's 2^-11). 0: one (cached) load per code, as
+  cancellation costs ~2^-24·2^b·BLOCK_K relative, far under fp16's 2^-11). 0: one (cached) load per code, as
   the GPTQ-triton kernels do.
 In-order groups (`group_size` > 0: static groups or no act-order; BLOCK_K divides the group size) read one
 scale and zero row per K tile and apply the scale after the product: the tile holds the integers q - z,
@@ -129,39 +129,39 @@ def _body(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PACK) + offs_n // PACK, mask=n_ok, other=0) >> z_shift) & MASK
-        if WORD_LOAD == 2 and not DOT:      # GEMV: one FMA per code on f = 1 + c·2^-b (module docstring)
+        if WORD_LOAD == 2:                  # P products over the rows k = P·i + j, one per code position j
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
             w_rows = offs_w < k_end // PACK
-            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
-            xf = tl.full((BLOCK_K // PACK, BLOCK_N), 0.0, dtype=tl.float32)                       # Σ_j x·f
-            xs = tl.full((BLOCK_K // PACK, 1), 0.0, dtype=tl.float32)                             # Σ_j x
-            for j in tl.static_range(PACK):
-                xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + (offs_w * PACK + j)[:, None],
-                             mask=m_ok[None, :] & w_rows[:, None], other=0.0).to(tl.float32)       # [BK/P, 1]
-                if 23 - BITS - j * BITS >= 0:    # code j (bits [j·b, (j+1)·b)) to bits [23 - b, 23)
-                    top = words << (23 - BITS - j * BITS)
-                else:
-                    top = words >> (j * BITS + BITS - 23)
-                f = ((top & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
-                xf += xj * f
-                xs += xj
-            sum_x = tl.reduce(xs, 0, tl.standard._sum_combine)                                    # [1]
-            part = ((tl.reduce(xf, 0, tl.standard._sum_combine) - sum_x) * (1 << BITS)
-                    - z.to(tl.float32) * sum_x)                                                   # [BN]
-            acc += (part * s)[None, :]
-        elif WORD_LOAD == 2:                # P products over the rows k = P·i + j, one per code position j
-            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_ok, other=0)   # [BK/P, BN]
-            part = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-            for j in tl.static_range(PACK):
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PACK + j)[None, :],
-                             mask=m_ok[:, None] & (offs_w < k_end // PACK)[None, :], other=0.0)   # [BM, BK/P]
-                qj = (words >> (j * BITS)) & MASK
-                if MAGIC > 0:
-                    wj = ((qj | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)
-                          - (z | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)[None, :])
-                else:
-                    wj = (qj - z[None, :]).to(xj.dtype)
-                part += tl.dot(xj, wj)
-            acc += part * s[None, :]
+            if not DOT:                     # GEMV: one FMA per code on f = 1 + c·2^-b (module docstring)
+                xf = tl.full((BLOCK_K // PACK, BLOCK_N), 0.0, dtype=tl.float32)                   # Σ_j x·f
+                xs = tl.full((BLOCK_K // PACK, 1), 0.0, dtype=tl.float32)                         # Σ_j x
+                for j in tl.static_range(PACK):
+                    xj = tl.load(x_ptr + offs_m[None, :] * stride_xm + (offs_w * PACK + j)[:, None],
+                                 mask=m_ok[None, :] & w_rows[:, None], other=0.0).to(tl.float32)   # [BK/P, 1]
+                    if 23 - BITS - j * BITS >= 0:    # code j (bits [j·b, (j+1)·b)) to bits [23 - b, 23)
+                        top = words << (23 - BITS - j * BITS)
+                    else:
+                        top = words >> (j * BITS + BITS - 23)
+                    f = ((top & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+                    xf += xj * f
+                    xs += xj
+                sum_x = tl.reduce(xs, 0, tl.standard._sum_combine)                                # [1]
+                part = ((tl.reduce(xf, 0, tl.standard._sum_combine) - sum_x) * (1 << BITS)
+                        - z.to(tl.float32) * sum_x)                                               # [BN]
+                acc += (part * s)[None, :]
+            else:
+                part = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+                for j in tl.static_range(PACK):
+                    xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PACK + j)[None, :],
+                                 mask=m_ok[:, None] & w_rows[None, :], other=0.0)                 # [BM, BK/P]
+                    qj = (words >> (j * BITS)) & MASK
+                    if MAGIC > 0:
+                        wj = ((qj | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)
+                              - (z | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)[None, :])
+                    else:
+                        wj = (qj - z[None, :]).to(xj.dtype)
+                    part += tl.dot(xj, wj)
+                acc += part * s[None, :]
         else:
             if DOT:
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],

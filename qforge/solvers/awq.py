@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .gptq import gptq
-from .grid import Grid
+from .grid import Grid, group_index
 from .rtn import rtn
 
 
@@ -84,6 +84,5 @@ def clip_search(W: torch.Tensor, X: torch.Tensor, grid: Grid, n_grid: int = 20, 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Clamp each (row, group) of W [out, in] to ±max_val [out, G]."""
     in_f = W.shape[1]
-    g_idx = torch.arange(in_f, device=max_val.device) // grid.group_len(in_f)
-    m = max_val[:, g_idx].to(W.device)
+    m = max_val[:, group_index(in_f, grid).to(max_val.device, torch.long)].to(W.device)
     return torch.clamp(W, -m, m)
