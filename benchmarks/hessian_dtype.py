@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import subprocess
-import sys
 import time
+
+from one_process_each import add_worker_args, dispatch
 
 
 def run(a) -> dict:
@@ -36,20 +35,11 @@ def main() -> None:
     ap.add_argument("--calib", default="builtin:mix")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--datasets", default="wiki,news,code")
-    ap.add_argument("--max-windows", type=int, default=4)
-    ap.add_argument("--worker")
+    add_worker_args(ap)
     a = ap.parse_args()
-    if a.worker:
-        print("RESULT " + json.dumps(run(a)), flush=True)
-        return
-    print(f"GPTQ W{a.bits} g{a.group_size}, bf16 passes, {a.nsamples} x {a.seqlen} {a.calib}, "
-          f"ppl on the first {a.max_windows} windows", flush=True)
-    for dtype in ("bfloat16", "float32"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", dtype], capture_output=True,
-                             text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        print(line[0][7:] if line else f"{dtype}: FAILED\n{out.stderr[-1500:]}", flush=True)
+    header = (f"GPTQ W{a.bits} g{a.group_size}, bf16 passes, {a.nsamples} x {a.seqlen} {a.calib}, "
+              f"ppl on the first {a.max_windows} windows")
+    dispatch(a, run, header, ("bfloat16", "float32"))
 
 
 if __name__ == "__main__":

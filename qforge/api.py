@@ -47,7 +47,8 @@ class QModel:
         return self.result is not None
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = "builtin:mix", *,
-                 nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "cpu",
+                 nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
+                 seed: int = 0, device: str = "cpu",
                  batch_size: int = 8, show_progress: bool = False, allocation=None,
                  resume: str | Path | None = None) -> QuantizeResult:
         """Quantize in place. `allocation` (a mixed.plan.Allocation, e.g. `Allocation.load("allocation.json")`)

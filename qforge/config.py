@@ -172,11 +172,15 @@ class QuantizeConfig(_JsonMixin):
 
 @dataclass(frozen=True)
 class CalibrationConfig(_JsonMixin):
-    """Which calibration samples to draw: `source` is a SPEC (builtin:NAME or a .txt/.jsonl/.parquet path)."""
+    """Which calibration samples to draw: `source` is a SPEC (builtin:NAME or a .txt/.jsonl/.parquet path).
+    These defaults are also `QModel.quantize`'s and the CLI's. Windows of 512 tokens, not the GPTQ paper's 2048:
+    at the same token count, windows of 2048 left GPTQ's ppl on SmolLM2 8-34% higher (each window's first
+    token, the attention sink, is one token in 2048 instead of one in 512; BENCHMARKS.md "Calibration window
+    length")."""
 
     source: str = "builtin:mix"
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int = 512
     seed: int = 0
 
     def __post_init__(self) -> None:

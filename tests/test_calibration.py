@@ -137,3 +137,19 @@ def test_eval_sets_load_and_unknown_names_fail():
         assert len(load_eval_text(d)) > 50_000
     with pytest.raises(QForgeError, match="unknown evaluation set"):
         load_eval_text("wikitext")
+
+
+def test_cli_and_api_calibration_defaults_are_the_configs():
+    # one place decides the default calibration (CalibrationConfig); the CLI and QModel.quantize read it
+    import inspect
+
+    from qforge.api import QModel
+    from qforge.cli.main import build_parser
+    from qforge.config import CalibrationConfig
+
+    want = (CalibrationConfig().source, CalibrationConfig().nsamples, CalibrationConfig().seqlen)
+    for cmd in (["quantize", "m", "--out", "o"], ["measure", "m", "--out", "o.json"], ["demo"]):
+        a = build_parser().parse_args(cmd)
+        assert (a.calib, a.nsamples, a.calib_seqlen) == want, cmd
+    sig = inspect.signature(QModel.quantize).parameters
+    assert (sig["calibration"].default, sig["nsamples"].default, sig["seqlen"].default) == want
