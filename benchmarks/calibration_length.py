@@ -1,7 +1,9 @@
 """Calibration window length at a fixed token budget: the same N x 2048 tokens of builtin:mix cut into windows
 of L tokens (L = 2048, 512, 128, 32), plus the 2048-token windows with 3 two-token samples per window added (one
 more sequence start, "sink", per 512 tokens, and almost no more text). A variant NxL is instead a fresh draw of
-N windows of L tokens (the CLI's `--nsamples N --calib-seqlen L`). GPTQ on SmolLM2, one process per variant.
+N windows of L tokens (the CLI's `--nsamples N --calib-seqlen L`); "multi" mixes scales on the shared tokens
+(a quarter in windows of 2048, a quarter of 512, half of 128; the nsamples must divide into those shares).
+GPTQ on SmolLM2, one process per variant.
 
     PYTHONPATH=. .venv/bin/python benchmarks/calibration_length.py [--bits 4] [--method gptq] [--nsamples 16]
     PYTHONPATH=. .venv/bin/python benchmarks/calibration_length.py --variants 128x2048,128x512,512x128
@@ -23,6 +25,8 @@ def samples_for(variant: str, tokenizer, nsamples: int):
         n, length = map(int, variant.split("x"))
         return build_calibration("builtin:mix", tokenizer, n, length, 0).samples
     base = build_calibration("builtin:mix", tokenizer, nsamples, 2048, 0).samples
+    if variant == "multi":               # several scales: 4 windows kept at 2048, 4 cut into 512, 8 into 128
+        return base[:4] + [w for x in base[4:8] for w in x.split(512)] + [w for x in base[8:] for w in x.split(128)]
     if variant == "2048+starts":
         return base + [w[:2] for x in base for w in x.split(512)[1:]]
     return [w for x in base for w in x.split(int(variant))]
