@@ -57,9 +57,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     add_worker_args(ap)
     a = ap.parse_args()
-    header = (f"{a.method} W{a.bits} g{a.group_size}, bf16 passes; variants {a.variants} (L: the same {a.nsamples} x 2048 "
-              f"builtin:mix tokens cut into windows of L; NxL: a fresh draw); ppl on the first {a.max_windows} x 2048 "
-              f"windows")
+    header = (f"{a.method} W{a.bits} g{a.group_size}, bf16 passes; variants {a.variants} (L: the same "
+              f"{a.nsamples} x 2048 builtin:mix tokens cut into windows of L; NxL: a fresh draw); ppl on the first "
+              f"{a.max_windows} x 2048 windows")
     dispatch(a, run, header, a.variants.split(","))
 
 

@@ -46,7 +46,7 @@ class QModel:
     def quantized(self) -> bool:
         return self.result is not None
 
-    def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = "builtin:mix", *,
+    def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = CalibrationConfig.source, *,
                  nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
                  seed: int = 0, device: str = "cpu",
                  batch_size: int = 8, show_progress: bool = False, allocation=None,

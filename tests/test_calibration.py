@@ -147,7 +147,8 @@ def test_cli_and_api_calibration_defaults_are_the_configs():
     from qforge.cli.main import build_parser
     from qforge.config import CalibrationConfig
 
-    want = (CalibrationConfig().source, CalibrationConfig().nsamples, CalibrationConfig().seqlen)
+    c = CalibrationConfig()
+    want = (c.source, c.nsamples, c.seqlen)
     for cmd in (["quantize", "m", "--out", "o"], ["measure", "m", "--out", "o.json"], ["demo"]):
         a = build_parser().parse_args(cmd)
         assert (a.calib, a.nsamples, a.calib_seqlen) == want, cmd

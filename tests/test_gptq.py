@@ -553,7 +553,6 @@ def test_replay_recordings_stay_on_the_device_only_when_they_fit_beside_the_acti
     assert not recordings_fit(1, "cpu")
 
 
-
 def test_fp32_sums_of_bf16_products_keep_the_hessian_positive_semidefinite():
     """Nearly dependent bf16 inputs (as o_proj's behind grouped-query attention): rounding each batch's panel
     of products to bf16 leaves H indefinite by more than the default damping, so GPTQ raises it;

@@ -85,7 +85,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                    help="levels (measured options no cheaper one beats) a linear may move either side of the "
                         "plan's pick")
     c = p.add_argument_group("calibration (ignored by rtn)")
-    c.add_argument("--calib", default=CalibrationConfig.source, help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
+    c.add_argument("--calib", default=CalibrationConfig.source,
+                   help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=COUNT, default=CalibrationConfig.nsamples)
     c.add_argument("--calib-seqlen", dest="calib_seqlen", type=int, default=CalibrationConfig.seqlen,
                    help="tokens per calibration sample (each starts a sequence: windows of 2048 gave SmolLM2 8-34%% "
