@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .calibration import CalibrationSet, build_calibration
-from .checkpoint import is_qforge_output, load_layers, read_config, save_output, QUANT_FILE
+from .checkpoint import is_qforge_output, read_config, read_layers, save_output
 from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
@@ -33,8 +33,10 @@ class QModel:
     """A loaded causal LM with its tokenizer, quantization config and (once quantized) results."""
 
     def __init__(self, model, tokenizer, source: str, config: QuantizeConfig | None = None,
-                 result: QuantizeResult | None = None, packed_format: str | None = None):
+                 result: QuantizeResult | None = None, packed_format: str | None = None, blocks=None):
         self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.blocks = blocks                # streamed (load(stream=True)): the models.streaming.BlockLoader
+        self._output = Path(source) if blocks is not None and result is not None else None   # streamed, saved
         self.config = config
         self.result = result
         self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
@@ -61,6 +63,12 @@ class QModel:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
             raise QForgeError("this model is already quantized")
+        if self.blocks is not None:
+            if self.config.bpw or allocation is not None or self.config.search_generations:
+                raise QForgeError("mixed precision (bpw, an allocation, a search) runs the whole model and does "
+                                  "not stream yet: load the model without stream")
+            if resume is None:
+                raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
         samples = None
         if self.config.needs_calibration:
@@ -85,15 +93,16 @@ class QModel:
             allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation)
         grids = allocation.grids if allocation else None
         store = None
-        if resume is not None and self.config.needs_calibration:
+        if resume is not None and (self.config.needs_calibration or self.blocks is not None):
             from .models.arch import arch_spec, get_blocks
             from .runstate import BlockStore, run_key, weights_fingerprint
 
             n_blocks = len(get_blocks(self.model, arch_spec(self.model)))
+            weights = self.blocks.fingerprint() if self.blocks is not None else weights_fingerprint(self.model)
             store = BlockStore(resume, run_key(self.config.to_dict(), samples or [], self.source, n_blocks,
-                                               grids or {}, weights_fingerprint(self.model)))
+                                               grids or {}, weights))
         self.result = quantize_model(self.model, self.config, samples, device=device, batch_size=batch_size,
-                                     show_progress=show_progress, grids=grids, store=store)
+                                     show_progress=show_progress, grids=grids, store=store, weights=self.blocks)
         self._store = store
         self.result.allocation = allocation
         if self.result.ragged_layers:
@@ -187,6 +196,12 @@ class QModel:
             raise QForgeError("nothing to export: call quantize() first")
         if self.packed_format is not None:
             raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint already")
+        if self.blocks is not None:
+            from .export import export_streamed
+
+            if self._output is None:
+                raise QForgeError("a streamed model is exported from its saved output: call save() first")
+            return export_streamed(self._output, out, fmt, dtype, overwrite, loaded=(self.model, self.tokenizer))
         return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
                       max_shard_size)
 
@@ -200,6 +215,8 @@ class QModel:
             raise QForgeError("nothing to save: call quantize() first")
         if self.packed_format is not None:
             raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint; nothing new to save")
+        if self.blocks is not None and self._store is None:
+            raise QForgeError(f"{self.source} was saved already; nothing new to save")
         record = run_record(
             source=self.source, seed=(self.calibration_config.seed if self.calibration_config else None),
             quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
@@ -209,29 +226,43 @@ class QModel:
         samples = self.calibration.samples if self.calibration else None
         saved = save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
                            self.calibration_config, samples, overwrite, awq=self.result.awq,
-                           allocation=self.result.allocation)
+                           allocation=self.result.allocation, store=self._store if self.blocks is not None else None)
+        if self.blocks is not None:
+            self._output = saved
         if self._store is not None:                          # the output holds everything the run state did
             self._store.clear()
             self._store = None
         return saved
 
 
-def load(model: str | Path, config: QuantizeConfig | None = None) -> QModel:
+def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool = False) -> QModel:
     """Load a model spec. A qforge output directory comes back quantized, with its config and codes; a packed
-    gptq/awq/compressed-tensors checkpoint comes back with QuantLinear modules and its codes."""
+    gptq/awq/compressed-tensors checkpoint comes back with QuantLinear modules and its codes.
+
+    `stream` (models larger than RAM, models/streaming.py): only the weights outside the decoder blocks are
+    loaded; quantize() reads one block at a time and keeps each finished block in its `resume` directory,
+    save() writes the output block by block and export() packs it block by block. A qforge output loaded
+    this way can only be exported."""
     model = str(model)
     if Path(model).is_dir() and packed_format(model) is not None:
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
+        if stream:
+            raise QForgeError(f"{model} is a packed checkpoint; streaming reads dense checkpoints")
         net, tok, layers, fmt = load_packed(model)
         return QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
-    lm = load_model(model)
+    if stream:
+        from .models.streaming import load_streamed
+
+        lm, blocks = load_streamed(model)
+    else:
+        lm, blocks = load_model(model), None
     if is_qforge_output(model):
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
-        result = QuantizeResult(layers=load_layers(Path(model) / QUANT_FILE))
-        return QModel(lm.model, lm.tokenizer, model, read_config(model), result)
-    return QModel(lm.model, lm.tokenizer, model, config)
+        result = QuantizeResult(layers=read_layers(model, values=not stream))
+        return QModel(lm.model, lm.tokenizer, model, read_config(model), result, blocks=blocks)
+    return QModel(lm.model, lm.tokenizer, model, config, blocks=blocks)
 
 
 def tune_kernels(model: torch.nn.Module, device, picks: str | Path | None = None):

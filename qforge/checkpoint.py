@@ -5,6 +5,10 @@
   qforge_quant.safetensors   per quantized linear NAME: NAME.codes uint8 [out, in], NAME.scales fp32
                              [out, G], NAME.zeros fp32 [out, G], NAME.g_idx int32 [in] (what packed
                              formats are made from)
+  A streamed run (models/streaming.py) writes both block by block instead: model-00001-of-N.safetensors
+  holds everything outside the decoder blocks and model-0000<i+2>-of-N block i (model.safetensors.index.json
+  maps tensors to files, as transformers reads it); qforge_quant-0000<i+1>-of-M.safetensors holds block i's
+  layers and qforge_quant.safetensors.index.json {"layers": {NAME: file}} lists them.
   qforge_config.json         the QuantizeConfig;   qforge_calibration.json  the CalibrationConfig
   calibration.jsonl          the exact calibration samples ({"input_ids": [...]}), reusable with --calib
   run_record.json            versions, timings, peak memory, sizes, per-layer errors, ragged groups
@@ -26,6 +30,7 @@ from .solvers import Grid, LayerQuant
 from .utils.atomic import atomic_dir
 
 QUANT_FILE = "qforge_quant.safetensors"
+QUANT_INDEX = "qforge_quant.safetensors.index.json"
 CONFIG_FILE = "qforge_config.json"
 CALIB_CONFIG_FILE = "qforge_calibration.json"
 CALIB_SAMPLES_FILE = "calibration.jsonl"
@@ -67,14 +72,38 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
     return out
 
 
+def read_layers(out: str | Path, prefix: str = "", values: bool = True) -> dict[str, LayerQuant]:
+    """The layers of output directory `out` (one file or a streamed run's shards) whose names start with
+    `prefix`; without `values`, their shapes only (LayerQuant.on_meta), read a shard at a time."""
+    out = Path(out)
+    if (out / QUANT_INDEX).is_file():
+        try:
+            where = json.loads((out / QUANT_INDEX).read_text())["layers"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QForgeError(f"{out / QUANT_INDEX} is corrupt: {e}") from e
+        files = sorted({f for n, f in where.items() if n.startswith(prefix)})
+    else:
+        files = [QUANT_FILE]
+    layers: dict[str, LayerQuant] = {}
+    for f in files:
+        layers.update({n: q if values else q.on_meta() for n, q in load_layers(out / f).items()
+                       if n.startswith(prefix)})
+    return layers
+
+
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
-                overwrite: bool = False, awq: dict | None = None, allocation=None) -> Path:
+                overwrite: bool = False, awq: dict | None = None, allocation=None, store=None) -> Path:
+    """`store`: a streamed run's runstate.BlockStore; the model's blocks and `layers`' values are read from it
+    one block at a time (the model holds only its non-block weights)."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if store is None:
+            model.save_pretrained(tmp)
+            save_layers(layers, tmp / QUANT_FILE)
+        else:
+            _save_streamed(tmp, model, store)
         tokenizer.save_pretrained(tmp)
-        save_layers(layers, tmp / QUANT_FILE)
         qcfg.save(tmp / CONFIG_FILE)
         if calib_cfg is not None:
             calib_cfg.save(tmp / CALIB_CONFIG_FILE)
@@ -93,6 +122,41 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
             allocation.save(tmp / "allocation.json")
             plot_allocation(allocation, tmp / "allocation.png")
     return out
+
+
+def _save_streamed(tmp: Path, model, store) -> None:
+    """The dense model and the layers, one shard per block from `store`, plus the non-block tensors."""
+    from .models.arch import arch_spec, get_blocks
+    from .models.streaming import INDEX
+
+    blocks = arch_spec(model).blocks
+    n = len(get_blocks(model, arch_spec(model)))
+    shard = (lambda k: f"model-{k:05d}-of-{n + 1:05d}.safetensors")
+    qshard = (lambda k: f"qforge_quant-{k:05d}-of-{n:05d}.safetensors")
+    outside, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta" or t.data_ptr() in seen:   # the blocks; a tied lm_head (written once)
+            continue
+        seen.add(t.data_ptr())
+        outside[name] = t.detach().contiguous()
+    weight_map, qmap = {}, {}
+
+    def write(k: int, state: dict) -> int:
+        save_file(state, str(tmp / shard(k)), metadata={"format": "pt"})
+        weight_map.update({name: shard(k) for name in state})
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    total = write(1, outside)
+    for i in range(n):
+        rel, layers, _ = store.read(i)
+        total += write(i + 2, {f"{blocks}.{i}.{name}": t for name, t in rel.items()})
+        save_layers(layers, tmp / qshard(i + 1))
+        qmap.update({name: qshard(i + 1) for name in layers})
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (tmp / QUANT_INDEX).write_text(json.dumps({"layers": qmap}, indent=2) + "\n")
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
 
 
 def read_config(path: str | Path) -> QuantizeConfig:

@@ -69,11 +69,16 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
         FORMATS[fmt].check(name, ref.shape, grid, in_order or (grid is not None and grid.group_size == -1))
 
 
-def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
+    streamed model's other blocks, are left out); `layers` replace their linears' weights."""
     mod = FORMATS[fmt]
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in model.state_dict().items():
+        if not name.startswith(prefix) or t.device.type == "meta":
+            continue
         if t.data_ptr() in seen and t.numel():
             continue  # tied (lm_head = embed_tokens): written once
         seen.add(t.data_ptr())
@@ -166,24 +171,77 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     qconf = _quant_config(fmt, layers, qcfg, model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        if fmt == "compressed-tensors":
-            from compressed_tensors.compressors import ModelCompressor
-
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            ModelCompressor(quantization_config=qconf).update_config(str(tmp))
-        else:
-            config["quantization_config"] = qconf
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            if fmt == "gptq":
-                (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        sizes = {"format": fmt, **measured_sizes(tmp, layers)}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(sizes, indent=2) + "\n")
+        sizes = _write_configs(tmp, model, tokenizer, layers, fmt, qconf, dtype)
     log.info("exported %s to %s: %.3f bits/weight over the quantized linears", fmt, out, sizes["bits_per_weight"])
+    return sizes
+
+
+def export_streamed(src: str | Path, out: str | Path, fmt: str, dtype: torch.dtype = torch.float16,
+                    overwrite: bool = False, loaded=None) -> dict:
+    """Export qforge output directory `src` block by block (models/streaming.py): memory holds the weights
+    outside the decoder blocks and one block. One shard for those weights, then one per block. `loaded`:
+    (model, tokenizer) of the streamed run that wrote `src`, whose non-block weights are those saved there."""
+    from .checkpoint import read_config, read_layers
+    from .models.arch import arch_spec, get_blocks
+    from .models.streaming import INDEX, BlockLoader, CheckpointFiles, load_streamed
+
+    if fmt not in FORMATS:
+        raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if loaded is None:
+        lm, loader = load_streamed(str(src))
+        model, tokenizer = lm.model, lm.tokenizer
+    else:
+        (model, tokenizer), loader = loaded, BlockLoader(CheckpointFiles(Path(src)), arch_spec(loaded[0]).blocks)
+    qcfg = read_config(src)
+    spec = arch_spec(model)
+    blocks = get_blocks(model, spec)
+    shard = (lambda k: f"model-{k:05d}-of-{len(blocks) + 1:05d}.safetensors")
+    weight_map: dict[str, str] = {}
+    seen: dict[str, LayerQuant] = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for k in range(len(blocks) + 1):
+            if k == 0:
+                state = packed_state_dict(model, {}, fmt, dtype)   # the blocks are on the meta device
+            else:
+                prefix = f"{spec.blocks}.{k - 1}."
+                loader.load(k - 1, blocks[k - 1])
+                layers = read_layers(src, prefix)
+                state = packed_state_dict(model, layers, fmt, dtype, prefix)
+                loader.release(blocks[k - 1])
+                seen.update({n: q.on_meta() for n, q in layers.items()})
+            save_file(state, str(tmp / shard(k + 1)), metadata={"format": "pt"})
+            weight_map.update({n: shard(k + 1) for n in state})
+        if not seen:
+            raise QForgeError("nothing to export: no quantized layers")
+        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
+                 "weight_map": weight_map}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype)
+    log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,
+             sizes["bits_per_weight"])
+    return sizes
+
+
+def _write_configs(tmp: Path, model, tokenizer, layers: dict[str, LayerQuant], fmt: str, qconf: dict,
+                   dtype: torch.dtype) -> dict:
+    """config.json with the format's quantization config, generation config, tokenizer, qforge_export.json."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if fmt == "compressed-tensors":
+        from compressed_tensors.compressors import ModelCompressor
+
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        ModelCompressor(quantization_config=qconf).update_config(str(tmp))
+    else:
+        config["quantization_config"] = qconf
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if fmt == "gptq":
+            (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    sizes = {"format": fmt, **measured_sizes(tmp, layers)}
+    (tmp / EXPORT_RECORD).write_text(json.dumps(sizes, indent=2) + "\n")
     return sizes

@@ -162,12 +162,14 @@ def _kept(groups: list[list[LinearRef]], prefix: str, cfg: QuantizeConfig) -> li
 
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Tensor] | None = None,
                    device: str = "cpu", batch_size: int = 8, show_progress: bool = True,
-                   grids: dict[str, Grid] | None = None, store=None) -> QuantizeResult:
+                   grids: dict[str, Grid] | None = None, store=None, weights=None) -> QuantizeResult:
     """Quantize `model` in place (its weights become the dequantized grid values) and return the codes.
 
     `grids` (mixed precision) gives some layers, by full name, their own grid instead of the config's.
     `store` (a runstate.BlockStore) saves each calibrated block as it finishes and restores the blocks an
-    interrupted run had finished."""
+    interrupted run had finished. `weights` (a models.streaming.BlockLoader; needs `store`) streams a model
+    whose blocks are on the meta device: each is read before its turn and dropped once saved, and the result
+    keeps its layers' shapes only (LayerQuant.on_meta), their values being in the store."""
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
@@ -180,8 +182,16 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     grids = grids or {}
     saved = load_awq(cfg.awq_from, spec.blocks)[0] if cfg.awq_from else None
     t0 = time.perf_counter()
+    if weights is not None and store is None:
+        raise QForgeError("a streamed model needs a run state (store) to hold its finished blocks")
     if not solver.needs_inputs and not (cfg.uses_awq and saved is None):
         for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
+            if weights is not None:
+                weights.load(i, block)
+            if store is not None and i < store.blocks_done:
+                _restore(i, block, store, cfg, result)
+                _block_done(i, block, spec, result, None, weights)
+                continue
             if saved is not None:
                 result.awq[i] = awq_block(block, spec, [], [], grid, given=saved.get(i, BlockAWQ()))
             for group in block_linears(block, spec):
@@ -189,11 +199,12 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
                     name = linear_name(spec, i, ref.name)
                     if not _skipped(name, cfg):
                         _solve_into(ref, name, solver, None, grids.get(name, grid), cfg, result)
+            _block_done(i, block, spec, result, store, weights)
     else:
         if not samples:
             raise QForgeError(f"method {cfg.method!r} needs calibration samples")
         _quantize_calibrated(model, spec, blocks, solver, grid, cfg, samples, device, batch_size, result, show_progress,
-                             saved, grids, store=store)
+                             saved, grids, store=store, weights=weights)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -201,7 +212,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
 def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Grid, cfg: QuantizeConfig,
                          samples, device, batch_size, result: QuantizeResult, show_progress: bool,
                          saved: dict[int, BlockAWQ] | None = None, grids: dict[str, Grid] | None = None,
-                         reuse_passes: bool = True, store=None) -> None:
+                         reuse_passes: bool = True, store=None, weights=None) -> None:
     """`reuse_passes=False` runs every pass in full (no early exit, no replay): the reference the tests
     compare the fast schedule with."""
     grids = grids or {}
@@ -218,15 +229,15 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         log.info("sub-module recordings for replay kept on %s", device)
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         t_block = time.perf_counter()
+        if weights is not None:
+            weights.load(i, block)
         block.to(device)
         calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
         if store is not None and i < store.blocks_done:      # finished by an interrupted run: restore, re-run
-            layers, awq = store.restore(i, block)
-            result.layers.update(layers)
-            if cfg.uses_awq:
-                result.awq[i] = awq
+            _restore(i, block, store, cfg, result)
             hidden = run_block(_compute_copy(block, dtype), hidden, calls, device)
             block.to("cpu")
+            _block_done(i, block, spec, result, None, weights)
             continue
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
@@ -267,11 +278,26 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         fwd = frozen = stats = sinks = None     # the copy, its recordings, the last Hessians: freed before the next block
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
-        if store is not None:
-            prefix = f"{spec.blocks}.{i}."
-            store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
+        _block_done(i, block, spec, result, store, weights)
         (log.debug if show_progress else log.info)("block %d/%d quantized in %.2f s", i + 1, len(blocks),
                                                    time.perf_counter() - t_block)      # a bar shows it already
+
+
+def _restore(i: int, block: nn.Module, store, cfg: QuantizeConfig, result: QuantizeResult) -> None:
+    layers, awq = store.restore(i, block)
+    result.layers.update(layers)
+    if cfg.uses_awq:
+        result.awq[i] = awq
+
+
+def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult, store, weights) -> None:
+    """Block i is final: saved to `store` (when given), then, streaming, dropped with its layers' values."""
+    prefix = f"{spec.blocks}.{i}."
+    if store is not None:
+        store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
+    if weights is not None:
+        weights.release(block)
+        result.layers.update({n: q.on_meta() for n, q in result.layers.items() if n.startswith(prefix)})
 
 
 def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:

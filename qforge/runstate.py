@@ -105,11 +105,21 @@ class BlockStore:
 
     def restore(self, i: int, block: torch.nn.Module) -> tuple[dict[str, LayerQuant], BlockAWQ]:
         """Load saved block i into `block`; returns its layers and AWQ results."""
+        state, layers, awq = self.read(i)
+        try:
+            block.load_state_dict(state)
+        except Exception as e:  # a shape mismatch, a missing key
+            raise QForgeError(f"block {i} in {self.path} does not fit the model ({type(e).__name__}: {e}); remove "
+                              f"{self.path} to start the run again") from e
+        return layers, awq
+
+    def read(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, LayerQuant], BlockAWQ]:
+        """Saved block i: its state dict (names relative to the block), its layers and AWQ results."""
         path = self.path / f"block_{i}.safetensors"
         try:
             with safe_open(str(path), "pt") as f:
                 meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-            block.load_state_dict({k[len("state."):]: v for k, v in t.items() if k.startswith("state.")})
+            state = {k[len("state."):]: v for k, v in t.items() if k.startswith("state.")}
             layers = {n: LayerQuant(Grid(*d["grid"]), t[f"layer.{n}.codes"], t[f"layer.{n}.scales"],
                                     t[f"layer.{n}.zeros"], t[f"layer.{n}.g_idx"], d["info"])
                       for n, d in json.loads(meta["layers"]).items()}
@@ -119,7 +129,7 @@ class BlockStore:
         except Exception as e:  # a missing or damaged file: SafetensorError, KeyError, a shape mismatch ...
             raise QForgeError(f"{path} cannot be restored ({type(e).__name__}: {e}); remove {self.path} to start "
                               f"the run again") from e
-        return layers, awq
+        return state, layers, awq
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(one scheme per linear) instead of --bpw")
     _add_export_args(p, "also write a packed checkpoint in this format to --export-out")
     p.add_argument("--export-out", help="where the packed checkpoint goes (default: OUT-FORMAT)")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than RAM: read one decoder block at a time from the safetensors files, and "
+                        "write the output (and --format's checkpoint) block by block (no mixed precision yet)")
 
     p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
     p.add_argument("model")
@@ -208,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the packed checkpoint directory (written atomically)")
     p.add_argument("--overwrite", action="store_true")
     _add_export_args(p, "packed format", default="gptq")
+    p.add_argument("--stream", action="store_true", help="pack one decoder block at a time (models larger than RAM)")
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt, for a quick look at a model")
     p.add_argument("model", help="any model spec, a qforge output or a packed checkpoint")
@@ -405,7 +409,7 @@ def cmd_quantize(a) -> int:
     elif a.bpw is not None and not a.measurement:
         a.measurement = f"{str(a.out).rstrip('/')}.measurement.json"   # kept beside the output: resumable
     cfg = _quant_config(a)
-    m = qforge.load(a.model, cfg)
+    m = qforge.load(a.model, cfg, stream=a.stream)
     if a.format:                                             # also before quantizing: an impossible export
         check_new_output(_export_dir(a, a.out), a.overwrite)
         m.check_export(a.format, allocation)
@@ -432,7 +436,7 @@ def cmd_export(a) -> int:
     if not is_qforge_output(a.result):
         raise QForgeError(f"{a.result} is not a qforge output directory (no qforge_config.json); "
                           f"quantize first with `qforge quantize ... --out DIR`")
-    _export(qforge.load(a.result), a.out, a)
+    _export(qforge.load(a.result, stream=a.stream), a.out, a)
     return 0
 
 

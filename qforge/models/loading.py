@@ -111,8 +111,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def check_finite(model: torch.nn.Module) -> None:
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+    check_finite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
+
+
+def check_finite_tensors(named) -> None:
+    """Refuse NaN/Inf in any floating-point tensor of `named` ((name, tensor) pairs; meta tensors skipped)."""
+    for name, t in named:
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
             raise QForgeError(f"the model has {bad} NaN/Inf value(s) in {name}; refusing to quantize or evaluate it")
 

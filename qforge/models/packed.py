@@ -15,7 +15,7 @@ import torch
 from ..errors import QForgeError
 from ..formats import FORMATS
 from ..kernels import QuantLinear
-from ..solvers import Grid, LayerQuant
+from ..solvers import Grid
 
 log = logging.getLogger(__name__)
 

@@ -125,6 +125,13 @@ class LayerQuant:
         return LayerQuant(self.grid, cut(self.codes), cut(self.scales), cut(self.zeros), self.g_idx.clone(), info,
                           cut(self.w_hat), cut(self.row_loss))
 
+    def on_meta(self) -> "LayerQuant":
+        """The layer without its values: tensors on the meta device (shapes, dtypes), grid and info kept; what a
+        streamed run holds of a block once its codes are on disk."""
+        meta = (lambda t: t.to("meta"))
+        return LayerQuant(self.grid, meta(self.codes), meta(self.scales), meta(self.zeros), meta(self.g_idx),
+                          self.info)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]

@@ -1,0 +1,171 @@
+"""Models larger than RAM: a skeleton model whose decoder blocks are read from the checkpoint one at a time.
+
+`load_streamed(spec)` builds the model with its parameters on the meta device (accelerate's
+init_empty_weights; buffers such as rotary tables are real), then loads everything outside the block list
+(embeddings, final norm, lm_head) in fp32. `BlockLoader.load(i, block)` reads block i's tensors from the
+safetensors files in fp32 (checked finite); `release(block)` puts its parameters back on the meta device.
+Memory holds the non-block weights, one block and the calibration activations.
+
+Checkpoint keys must be the model's own parameter names (what save_pretrained writes for the Llama, Mistral,
+Qwen, Gemma, OPT and GPT-2 families). A checkpoint transformers renames or converts while loading (Mixtral's
+per-expert tensors fused into 3-D parameters, GPT-NeoX's embed_out) is refused, naming keys that differ.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import QForgeError
+from .arch import arch_spec, get_blocks
+from .loading import LoadedModel, check_finite_tensors, resolve_model
+
+log = logging.getLogger(__name__)
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointFiles:
+    """The tensors of a safetensors checkpoint directory (one file, or shards listed by an index), by key."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        index = path / INDEX
+        try:
+            if index.is_file():
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            elif (path / "model.safetensors").is_file():
+                files = ["model.safetensors"]
+            else:
+                raise QForgeError(f"{path} has no model.safetensors or {INDEX}: streaming reads safetensors only")
+            self.where: dict[str, str] = {}
+            for f in files:
+                with safe_open(str(path / f), "pt") as sf:
+                    self.where.update({k: f for k in sf.keys()})
+        except QForgeError:
+            raise
+        except Exception as e:  # a missing shard, bad JSON, a damaged header
+            raise QForgeError(f"could not read the checkpoint index of {path}: {type(e).__name__}: {e}") from e
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` in fp32 (floating point) or as stored."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        for f, ks in by_file.items():
+            try:
+                with safe_open(str(self.path / f), "pt") as sf:
+                    for k in ks:
+                        t = sf.get_tensor(k)
+                        out[k] = t.float() if t.is_floating_point() else t
+            except Exception as e:
+                raise QForgeError(f"could not read {self.path / f}: {type(e).__name__}: {e}") from e
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of every file's name, size and safetensors header (names, dtypes, shapes, offsets)."""
+        h = hashlib.sha256()
+        for f in sorted(set(self.where.values())):
+            p = self.path / f
+            with open(p, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(f"{f}|{p.stat().st_size}|".encode() + fh.read(n))
+        return h.hexdigest()
+
+
+def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
+    """A skeleton of MODEL `spec` (a local directory, GGUF file or alias) and the loader of its blocks."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model(spec)
+    if isinstance(where, str):
+        raise QForgeError(f"streaming reads a local checkpoint; {spec!r} is not a local directory or GGUF file")
+    where = Path(where)
+    files = CheckpointFiles(where)
+    try:
+        config = AutoConfig.from_pretrained(str(where))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
+    except Exception as e:
+        raise QForgeError(f"could not build the model of {where}: {type(e).__name__}: {e}") from e
+    model.eval()
+    spec_ = arch_spec(model)
+    names = model.state_dict()
+    tied = _tied_aliases(model, files.where)
+    missing = sorted(n for n in names if n not in files.where and n not in tied)
+    extra = sorted(k for k in files.where if k not in names)
+    if missing or extra:
+        raise QForgeError(f"{where}: the checkpoint's tensor names are not the model's parameter names ("
+                          f"{len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}), "
+                          f"so its blocks cannot be read one at a time; load it without streaming")
+    prefix = spec_.blocks + "."
+    outside = files.read([n for n in names if not n.startswith(prefix) and n in files.where])
+    outside.update({n: outside[stored] for n, stored in tied.items()})
+    model.load_state_dict(outside, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    check_finite_tensors(model.state_dict().items())
+    return_freed_memory()
+    log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, spec_)))
+    return LoadedModel(model, tokenizer, spec, where), BlockLoader(files, spec_.blocks)
+
+
+def _tied_aliases(model: nn.Module, stored) -> dict[str, str]:
+    """Tied embeddings the checkpoint stores once (under either name): {the absent name: the stored one}."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None or emb is None:
+        return {}
+    by_module = {id(m): f"{n}.weight" for n, m in model.named_modules()}
+    pair = (by_module[id(head)], by_module[id(emb)])
+    present = [n for n in pair if n in stored]
+    return {n: present[0] for n in pair if n not in stored} if len(present) == 1 else {}
+
+
+class BlockLoader:
+    """Reads decoder block i of the model at `blocks` (its ModuleList path) from `files`, and drops it again."""
+
+    def __init__(self, files: CheckpointFiles, blocks: str):
+        self.files, self.blocks = files, blocks
+
+    def fingerprint(self) -> str:
+        return self.files.fingerprint()
+
+    def load(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.blocks}.{i}."
+        keys = [prefix + n for n in block.state_dict()]
+        t = self.files.read(keys)
+        check_finite_tensors(t.items())
+        block.load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True, assign=True)
+
+    @staticmethod
+    def release(block: nn.Module) -> None:
+        """Parameters and persistent buffers back on the meta device (non-persistent buffers stay), and the
+        freed memory handed back to the system."""
+        block.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in block.state_dict().items()},
+                              assign=True)
+        return_freed_memory()
+
+    @staticmethod
+    def materialized(block: nn.Module) -> bool:
+        return any(t.device.type != "meta" for t in block.state_dict().values())
+
+
+def return_freed_memory() -> None:
+    """glibc's malloc_trim: a block's tensors below malloc's mmap threshold (32 MB) live on the heap, and reading
+    and dropping one block after another fragments it, resident memory growing by ~30 MB per block of a
+    1B-parameter model; trimming after each block returns those pages. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
