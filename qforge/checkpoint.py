@@ -127,32 +127,20 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
 def _save_streamed(tmp: Path, model, store) -> None:
     """The dense model and the layers, one shard per block from `store`, plus the non-block tensors."""
     from .models.arch import arch_spec, get_blocks
-    from .models.streaming import INDEX
+    from .models.streaming import ShardWriter, materialized_state
 
     blocks = arch_spec(model).blocks
     n = len(get_blocks(model, arch_spec(model)))
-    shard = (lambda k: f"model-{k:05d}-of-{n + 1:05d}.safetensors")
     qshard = (lambda k: f"qforge_quant-{k:05d}-of-{n:05d}.safetensors")
-    outside, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if t.device.type == "meta" or t.data_ptr() in seen:   # the blocks; a tied lm_head (written once)
-            continue
-        seen.add(t.data_ptr())
-        outside[name] = t.detach().contiguous()
-    weight_map, qmap = {}, {}
-
-    def write(k: int, state: dict) -> int:
-        save_file(state, str(tmp / shard(k)), metadata={"format": "pt"})
-        weight_map.update({name: shard(k) for name in state})
-        return sum(t.numel() * t.element_size() for t in state.values())
-
-    total = write(1, outside)
+    shards = ShardWriter(tmp, n + 1)
+    shards.write(materialized_state(model))                    # outside the blocks (on the meta device)
+    qmap = {}
     for i in range(n):
         rel, layers, _ = store.read(i)
-        total += write(i + 2, {f"{blocks}.{i}.{name}": t for name, t in rel.items()})
+        shards.write({f"{blocks}.{i}.{name}": t for name, t in rel.items()})
         save_layers(layers, tmp / qshard(i + 1))
         qmap.update({name: qshard(i + 1) for name in layers})
-    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    shards.finish()
     (tmp / QUANT_INDEX).write_text(json.dumps({"layers": qmap}, indent=2) + "\n")
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:

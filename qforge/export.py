@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .errors import QForgeError
 from .formats import FORMATS
 from .models.arch import linear_ref
+from .models.streaming import materialized_state
 from .solvers import Grid, LayerQuant
 from .solvers.grid import group_index
 from .utils.atomic import atomic_dir
@@ -74,15 +75,8 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights."""
     mod = FORMATS[fmt]
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        if not name.startswith(prefix) or t.device.type == "meta":
-            continue
-        if t.data_ptr() in seen and t.numel():
-            continue  # tied (lm_head = embed_tokens): written once
-        seen.add(t.data_ptr())
-        state[name] = t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
+    state = {name: t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
+             for name, t in materialized_state(model, prefix).items()}   # tied lm_head = embed_tokens: once
     borrowed = []
     for name, q in layers.items():
         ref = linear_ref(model, name)
@@ -183,7 +177,7 @@ def export_streamed(src: str | Path, out: str | Path, fmt: str, dtype: torch.dty
     (model, tokenizer) of the streamed run that wrote `src`, whose non-block weights are those saved there."""
     from .checkpoint import read_config, read_layers
     from .models.arch import arch_spec, get_blocks
-    from .models.streaming import INDEX, BlockLoader, CheckpointFiles, load_streamed
+    from .models.streaming import BlockLoader, CheckpointFiles, ShardWriter, load_streamed
 
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -195,27 +189,20 @@ def export_streamed(src: str | Path, out: str | Path, fmt: str, dtype: torch.dty
     qcfg = read_config(src)
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
-    shard = (lambda k: f"model-{k:05d}-of-{len(blocks) + 1:05d}.safetensors")
-    weight_map: dict[str, str] = {}
     seen: dict[str, LayerQuant] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for k in range(len(blocks) + 1):
-            if k == 0:
-                state = packed_state_dict(model, {}, fmt, dtype)   # the blocks are on the meta device
-            else:
-                prefix = f"{spec.blocks}.{k - 1}."
-                loader.load(k - 1, blocks[k - 1])
-                layers = read_layers(src, prefix)
-                state = packed_state_dict(model, layers, fmt, dtype, prefix)
-                loader.release(blocks[k - 1])
-                seen.update({n: q.on_meta() for n, q in layers.items()})
-            save_file(state, str(tmp / shard(k + 1)), metadata={"format": "pt"})
-            weight_map.update({n: shard(k + 1) for n in state})
+        shards = ShardWriter(tmp, len(blocks) + 1)
+        shards.write(packed_state_dict(model, {}, fmt, dtype))      # outside the blocks (on the meta device)
+        for i, block in enumerate(blocks):
+            prefix = f"{spec.blocks}.{i}."
+            loader.load(i, block)
+            layers = read_layers(src, prefix)
+            shards.write(packed_state_dict(model, layers, fmt, dtype, prefix))
+            loader.release(block)
+            seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:
             raise QForgeError("nothing to export: no quantized layers")
-        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
-                 "weight_map": weight_map}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        shards.finish()
         sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,
              sizes["bits_per_weight"])

@@ -101,7 +101,7 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
         raise QForgeError(f"could not build the model of {where}: {type(e).__name__}: {e}") from e
     model.eval()
     spec_ = arch_spec(model)
-    names = model.state_dict()
+    names = model.state_dict()                  # every tensor name the model has, blocks included
     tied = _tied_aliases(model, files.where)
     missing = sorted(n for n in names if n not in files.where and n not in tied)
     extra = sorted(k for k in files.where if k not in names)
@@ -159,6 +159,44 @@ class BlockLoader:
     @staticmethod
     def materialized(block: nn.Module) -> bool:
         return any(t.device.type != "meta" for t in block.state_dict().values())
+
+
+def materialized_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """`model`'s state tensors whose names start with `prefix` and that are in memory (a streamed model's blocks,
+    on the meta device, are left out); tied tensors once, under the first name (as save_pretrained writes them)."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if not name.startswith(prefix) or t.device.type == "meta" or (t.data_ptr() in seen and t.numel()):
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t
+    return state
+
+
+class ShardWriter:
+    """Writes a checkpoint as `n` safetensors shards, one `write` each (model-0000k-of-0000n.safetensors), and
+    `finish` writes the index transformers reads (weight_map, total_size = the tensors' bytes)."""
+
+    def __init__(self, out: Path, n: int):
+        self.out, self.n, self.k = out, n, 0
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write(self, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.k += 1
+        name = f"model-{self.k:05d}-of-{self.n:05d}.safetensors"
+        save_file({k: t.contiguous() for k, t in state.items()}, str(self.out / name), metadata={"format": "pt"})
+        self.weight_map.update({k: name for k in state})
+        self.total += sum(t.numel() * t.element_size() for t in state.values())
+
+    def finish(self) -> None:
+        if self.k != self.n:
+            raise QForgeError(f"{self.out}: {self.k} of {self.n} shards written")
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def return_freed_memory() -> None:
