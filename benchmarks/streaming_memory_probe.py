@@ -1,0 +1,65 @@
+"""Where a streamed run's memory goes: RssAnon / RssFile peaks (from /proc/self/status, sampled every 0.2 s)
+in each stage of one streamed run (load, quantize, save, export), and the process's VmHWM at the end.
+
+    .venv/bin/python benchmarks/streaming_memory_probe.py MODEL_DIR [--method rtn] [--nsamples 4]
+
+MODEL_DIR: e.g. the random model benchmarks/streaming.py saves under /tmp/qforge-streaming-bench/.
+Linux only (reads /proc).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _status(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=512)
+    a = ap.parse_args()
+    stage, peaks = ["start"], {}
+
+    def sample():
+        while True:
+            anon, file = _status("RssAnon"), _status("RssFile")
+            p = peaks.get(stage[0], (0.0, 0.0))
+            peaks[stage[0]] = (max(p[0], anon), max(p[1], file))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    import qforge
+    from qforge import QuantizeConfig
+
+    work = Path(tempfile.mkdtemp(prefix="qforge-probe-"))
+    try:
+        stage[0] = "load"
+        m = qforge.load(a.model, QuantizeConfig(method=a.method, bits=4, group_size=128), stream=True)
+        stage[0] = "quantize"
+        m.quantize("builtin:mix", nsamples=a.nsamples, seqlen=a.seqlen, resume=work / "o.partial")
+        stage[0] = "save"
+        m.save(work / "o")
+        stage[0] = "export"
+        m.export(work / "o-gptq", "gptq")
+        stage[0] = "end"
+        time.sleep(0.5)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("stage      RssAnon GB  RssFile GB")
+    for k, (anon, file) in peaks.items():
+        print(f"{k:10s} {anon:10.2f}  {file:10.2f}")
+    print(f"VmHWM {_status('VmHWM'):.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
