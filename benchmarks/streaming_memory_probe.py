@@ -1,10 +1,12 @@
 """Where a streamed run's memory goes: RssAnon / RssFile peaks (from /proc/self/status, sampled every 0.2 s)
 in each stage of one streamed run (load, quantize, save, export), and the process's VmHWM at the end.
 
-    .venv/bin/python benchmarks/streaming_memory_probe.py MODEL_DIR [--method rtn] [--nsamples 4]
+    .venv/bin/python benchmarks/streaming_memory_probe.py MODEL_DIR [--method rtn] [--nsamples 4] [--packed-only]
 
-MODEL_DIR: e.g. the random model benchmarks/streaming.py saves under /tmp/qforge-streaming-bench/.
-Linux only (reads /proc).
+MODEL_DIR: e.g. the random model benchmarks/streaming.py saves under /tmp/qforge-streaming-bench/, or a
+one-block one from `benchmarks/larger_than_ram.py --layers 1 --steps none`. It also prints the run state's size
+after quantizing. To measure another version of qforge with the same driver, put its checkout first on
+PYTHONPATH (without --packed-only if that version cannot export before saving). Linux only (reads /proc).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--packed-only", action="store_true", help="export from the run state, without saving")
     a = ap.parse_args()
     stage, peaks = ["start"], {}
 
@@ -47,8 +50,12 @@ def main() -> None:
         m = qforge.load(a.model, QuantizeConfig(method=a.method, bits=4, group_size=128), stream=True)
         stage[0] = "quantize"
         m.quantize("builtin:mix", nsamples=a.nsamples, seqlen=a.seqlen, resume=work / "o.partial")
-        stage[0] = "save"
-        m.save(work / "o")
+        state = sum(f.stat().st_size for f in (work / "o.partial").iterdir())
+        print(f"run state after quantize: {state / 1e9:.2f} GB for {m.storage()['quantized_weights'] / 1e9:.2f} B "
+              f"quantized weights", flush=True)
+        if not a.packed_only:
+            stage[0] = "save"
+            m.save(work / "o")
         stage[0] = "export"
         m.export(work / "o-gptq", "gptq")
         stage[0] = "end"

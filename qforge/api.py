@@ -198,12 +198,32 @@ class QModel:
             raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint already")
         if self.blocks is not None:
             from .export import export_streamed
+            from .models.streaming import SavedBlocks
 
-            if self._output is None:
-                raise QForgeError("a streamed model is exported from its saved output: call save() first")
-            return export_streamed(self._output, out, fmt, dtype, overwrite, loaded=(self.model, self.tokenizer))
+            if self._output is not None:
+                blocks = SavedBlocks(self._output_loader(), output=self._output)
+            elif self._store is not None:
+                blocks = SavedBlocks(self.blocks, store=self._store)
+            else:
+                raise QForgeError("this streamed run's blocks are gone (drop_run_state() was called); quantize again")
+            return export_streamed(self.model, self.tokenizer, self.config, blocks, out, fmt, dtype, overwrite)
         return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
                       max_shard_size)
+
+    def _output_loader(self):
+        """A streamed run's blocks as saved in its output directory."""
+        from .models.streaming import BlockLoader, CheckpointFiles
+
+        return BlockLoader(CheckpointFiles(self._output), self.model)
+
+    def streamed_weights(self):
+        """The loader of a streamed model's current weights (None when it is in memory): the source checkpoint's
+        before quantize(), the saved output's after."""
+        if self.blocks is None or not self.quantized or self.packed_format is not None:
+            return self.blocks
+        if self._output is None:
+            raise QForgeError("a streamed run's quantized blocks are read from its saved output: call save() first")
+        return self._output_loader()
 
     def storage(self) -> dict:
         layers = self.result.layers if self.result else {}
@@ -216,7 +236,8 @@ class QModel:
         if self.packed_format is not None:
             raise QForgeError(f"{self.source} is a packed {self.packed_format} checkpoint; nothing new to save")
         if self.blocks is not None and self._store is None:
-            raise QForgeError(f"{self.source} was saved already; nothing new to save")
+            raise QForgeError(f"{self.source}: this streamed run was saved already, or its run state dropped; "
+                              f"nothing to save")
         record = run_record(
             source=self.source, seed=(self.calibration_config.seed if self.calibration_config else None),
             quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
@@ -226,29 +247,40 @@ class QModel:
         samples = self.calibration.samples if self.calibration else None
         saved = save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
                            self.calibration_config, samples, overwrite, awq=self.result.awq,
-                           allocation=self.result.allocation, store=self._store if self.blocks is not None else None)
+                           allocation=self.result.allocation,
+                           streamed=(self._store, self.blocks) if self.blocks is not None else None)
         if self.blocks is not None:
             self._output = saved
-        if self._store is not None:                          # the output holds everything the run state did
+        self.drop_run_state()                                # the output holds everything the run state did
+        return saved
+
+    def drop_run_state(self) -> None:
+        """Remove the run state of the last quantize(resume=...), its finished blocks on disk, as save() does
+        once the output is written. A streamed run kept there can then no longer be saved or exported."""
+        if self._store is not None:
             self._store.clear()
             self._store = None
-        return saved
 
 
 def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool = False) -> QModel:
     """Load a model spec. A qforge output directory comes back quantized, with its config and codes; a packed
     gptq/awq/compressed-tensors checkpoint comes back with QuantLinear modules and its codes.
 
-    `stream` (models larger than RAM, models/streaming.py): only the weights outside the decoder blocks are
-    loaded; quantize() reads one block at a time and keeps each finished block in its `resume` directory,
-    save() writes the output block by block and export() packs it block by block. A qforge output loaded
-    this way can only be exported."""
+    `stream` (models larger than RAM, models/streaming.py): no weight is loaded yet; quantize() reads one
+    block at a time (the weights outside the blocks only to capture the first block's inputs) and keeps each
+    finished block in its `resume` directory; save() writes the output block by block and export() packs it
+    block by block, from the saved output or, before save(), from the run state. A qforge output loaded this
+    way can be exported and evaluated; a packed checkpoint, evaluated (its layers read with their blocks)."""
     model = str(model)
     if Path(model).is_dir() and packed_format(model) is not None:
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
-        if stream:
-            raise QForgeError(f"{model} is a packed checkpoint; streaming reads dense checkpoints")
+        if stream:                      # evaluated block by block; its layers are read with their blocks
+            from .models.streaming import load_streamed
+
+            lm, blocks = load_streamed(model)
+            return QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
+                          packed_format=blocks.fmt, blocks=blocks)
         net, tok, layers, fmt = load_packed(model)
         return QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
     if stream:
@@ -288,8 +320,12 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
              max_windows: int | None = None, device: str = "cpu", batch_size: int = 1,
              show_progress: bool = False, simulate: SimulationConfig | None = None,
              reference: str | Path | QModel | None = None, tune: bool = False,
-             kernel_picks: str | Path | None = None) -> list[dict]:
+             kernel_picks: str | Path | None = None, stream: bool = False) -> list[dict]:
     """Perplexity on each dataset SPEC by the shared protocol; one record per dataset.
+
+    `stream` (a path; a streamed QModel always is): the model is read and run one decoder block at a time over
+    every window (eval/streamed.py), for models larger than RAM: perplexity only, no simulation, reference or
+    kernel tuning.
 
     `simulate` applies simulated quantization first (SmoothQuant folding, RTN weights, then per-token
     activations and the KV cache during the forward; a QModel passed in is changed in place); `reference`
@@ -299,15 +335,20 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     from .eval.simulate import kv_cache_factory, quantized_activations
 
     check_device(device)
-    qm = model if isinstance(model, QModel) else load(model)
+    qm = model if isinstance(model, QModel) else load(model, stream=stream)
     sim = simulate or SimulationConfig()
+    weights = qm.streamed_weights()
+    if weights is not None and (sim.active or reference is not None or tune):
+        raise QForgeError("a streamed evaluation measures perplexity only: no simulated quantization, reference "
+                          "or kernel tuning")
     if sim.active:
         _apply_simulated_weights(qm, sim, batch_size)
     ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
     if ref is not None:
         ref.model.to(device)
     tuner = tune_kernels(qm.model, device, kernel_picks) if tune else None
-    qm.model.to(device)
+    if weights is None:
+        qm.model.to(device)
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
     with quantized_activations(qm.model, sim.act_bits):
@@ -316,7 +357,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
             t0 = time.perf_counter()
             comparison = ReferenceComparison(ref.model) if ref is not None else None
             r = perplexity(qm.model, qm.tokenizer, text, seqlen, max_windows, device, batch_size,
-                           desc=f"ppl {spec}", show_progress=show_progress, make_cache=make_cache, on_logits=comparison)
+                           desc=f"ppl {spec}", show_progress=show_progress, make_cache=make_cache, on_logits=comparison,
+                           weights=weights)
             row = {"model": qm.source, "dataset": spec, **r}
             if sim.active:
                 row["simulation"] = sim.to_dict()

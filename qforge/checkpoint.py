@@ -93,16 +93,17 @@ def read_layers(out: str | Path, prefix: str = "", values: bool = True) -> dict[
 
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
-                overwrite: bool = False, awq: dict | None = None, allocation=None, store=None) -> Path:
-    """`store`: a streamed run's runstate.BlockStore; the model's blocks and `layers`' values are read from it
-    one block at a time (the model holds only its non-block weights)."""
+                overwrite: bool = False, awq: dict | None = None, allocation=None, streamed=None) -> Path:
+    """`streamed`: a streamed run's (runstate.BlockStore, models.streaming.BlockLoader); the model's blocks and
+    `layers`' values are read from the store one block at a time, the weights outside the blocks by the loader
+    (the model holds neither)."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if store is None:
+        if streamed is None:
             model.save_pretrained(tmp)
             save_layers(layers, tmp / QUANT_FILE)
         else:
-            _save_streamed(tmp, model, store)
+            _save_streamed(tmp, model, *streamed)
         tokenizer.save_pretrained(tmp)
         qcfg.save(tmp / CONFIG_FILE)
         if calib_cfg is not None:
@@ -124,8 +125,8 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
     return out
 
 
-def _save_streamed(tmp: Path, model, store) -> None:
-    """The dense model and the layers, one shard per block from `store`, plus the non-block tensors."""
+def _save_streamed(tmp: Path, model, store, loader) -> None:
+    """The dense model and the layers, one shard per block from `store`, plus the non-block tensors (`loader`)."""
     from .models.arch import arch_spec, get_blocks
     from .models.streaming import ShardWriter, materialized_state
 
@@ -133,7 +134,8 @@ def _save_streamed(tmp: Path, model, store) -> None:
     n = len(get_blocks(model, arch_spec(model)))
     qshard = (lambda k: f"qforge_quant-{k:05d}-of-{n:05d}.safetensors")
     shards = ShardWriter(tmp, n + 1)
-    shards.write(materialized_state(model))                    # outside the blocks (on the meta device)
+    with loader.outside(model):
+        shards.write(materialized_state(model))                # outside the blocks (on the meta device)
     qmap = {}
     for i in range(n):
         rel, layers, _ = store.read(i)

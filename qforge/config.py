@@ -109,7 +109,7 @@ class QuantizeConfig(_JsonMixin):
     search_offspring: int = 8
     search_span: int = 2
     # modules kept in full precision, as glob patterns on full module names (lm_head / embeddings
-    # are never block linears, so they stay unquantized unless quantize_lm_head is set)
+    # are never block linears: they stay unquantized; quantize_lm_head=True is refused, not implemented)
     skip: tuple[str, ...] = ()
     quantize_lm_head: bool = False
 
@@ -159,6 +159,7 @@ class QuantizeConfig(_JsonMixin):
         for name in ("search_samples", "search_offspring", "search_span"):
             v = getattr(self, name)
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
+        _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property

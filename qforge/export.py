@@ -2,7 +2,8 @@
 
   config.json (with quantization_config), generation_config.json, tokenizer files,
   model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json,
-  quantize_config.json (gptq only), qforge_export.json (sizes and bits per weight measured on the files).
+  quantize_config.json (gptq only), qforge_export.json (sizes and bits per weight measured on the files, and the
+  qforge QuantizeConfig the layers were made with).
 
 Non-quantized tensors (embeddings, norms, lm_head) are stored in `dtype`; quantized linears as their
 format's packed tensors. Tied weights are written once, as transformers does.
@@ -82,7 +83,7 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
         ref = linear_ref(model, name)
         if _check_layer(fmt, name, q, ref):
             borrowed.append(name)
-        state.pop(f"{name}.weight")
+        state.pop(f"{name}.weight", None)                 # absent when on the meta device (a run state's)
         packed = mod.pack(q, dtype) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
             state[f"{name}.{key}"] = t.contiguous()
@@ -165,52 +166,45 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     qconf = _quant_config(fmt, layers, qcfg, model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
-        sizes = _write_configs(tmp, model, tokenizer, layers, fmt, qconf, dtype)
+        sizes = _write_configs(tmp, model, tokenizer, layers, fmt, qconf, dtype, qcfg)
     log.info("exported %s to %s: %.3f bits/weight over the quantized linears", fmt, out, sizes["bits_per_weight"])
     return sizes
 
 
-def export_streamed(src: str | Path, out: str | Path, fmt: str, dtype: torch.dtype = torch.float16,
-                    overwrite: bool = False, loaded=None) -> dict:
-    """Export qforge output directory `src` block by block (models/streaming.py): memory holds the weights
-    outside the decoder blocks and one block. One shard for those weights, then one per block. `loaded`:
-    (model, tokenizer) of the streamed run that wrote `src`, whose non-block weights are those saved there."""
-    from .checkpoint import read_config, read_layers
+def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, dtype: torch.dtype = torch.float16,
+                    overwrite: bool = False) -> dict:
+    """Export a streamed run block by block: memory holds one block (then the weights outside the blocks).
+    `model`: its skeleton (blocks on the meta device); `blocks`: a models.streaming.SavedBlocks (`load(i,
+    block)` -> that block's layers, `release(block)`, `outside(model, dtype)`). One shard for the weights outside
+    the blocks, then one per block."""
     from .models.arch import arch_spec, get_blocks
-    from .models.streaming import BlockLoader, CheckpointFiles, ShardWriter, load_streamed
+    from .models.streaming import ShardWriter
 
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if loaded is None:
-        lm, loader = load_streamed(str(src))
-        model, tokenizer = lm.model, lm.tokenizer
-    else:
-        (model, tokenizer), loader = loaded, BlockLoader(CheckpointFiles(Path(src)), arch_spec(loaded[0]).blocks)
-    qcfg = read_config(src)
     spec = arch_spec(model)
-    blocks = get_blocks(model, spec)
+    skeleton = get_blocks(model, spec)
     seen: dict[str, LayerQuant] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        shards = ShardWriter(tmp, len(blocks) + 1)
-        shards.write(packed_state_dict(model, {}, fmt, dtype))      # outside the blocks (on the meta device)
-        for i, block in enumerate(blocks):
-            prefix = f"{spec.blocks}.{i}."
-            loader.load(i, block)
-            layers = read_layers(src, prefix)
-            shards.write(packed_state_dict(model, layers, fmt, dtype, prefix))
-            loader.release(block)
+        shards = ShardWriter(tmp, len(skeleton) + 1)
+        with blocks.outside(model, dtype):
+            shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
+        for i, block in enumerate(skeleton):
+            layers = blocks.load(i, block)
+            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}."))
+            blocks.release(block)
             seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:
             raise QForgeError("nothing to export: no quantized layers")
         shards.finish()
-        sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype)
+        sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype, qcfg)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,
              sizes["bits_per_weight"])
     return sizes
 
 
 def _write_configs(tmp: Path, model, tokenizer, layers: dict[str, LayerQuant], fmt: str, qconf: dict,
-                   dtype: torch.dtype) -> dict:
+                   dtype: torch.dtype, qcfg=None) -> dict:
     """config.json with the format's quantization config, generation config, tokenizer, qforge_export.json."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -230,5 +224,6 @@ def _write_configs(tmp: Path, model, tokenizer, layers: dict[str, LayerQuant], f
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     sizes = {"format": fmt, **measured_sizes(tmp, layers)}
-    (tmp / EXPORT_RECORD).write_text(json.dumps(sizes, indent=2) + "\n")
+    record = {**sizes, "qforge_config": qcfg.to_dict()} if qcfg is not None else sizes
+    (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return sizes

@@ -30,6 +30,7 @@ from .config import QuantizeConfig
 from .errors import QForgeError
 from .kernels.gptq_loop import column_loop_for
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name, named_block_linears
+from .models.loading import all_finite
 from .smoothing import BlockAWQ, awq_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
@@ -126,7 +127,7 @@ def _solve_stacked(refs: list[LinearRef], names: list[str], solver: Solver, stat
 
 def _write_back(ref: LinearRef, full_name: str, W: torch.Tensor, q: LayerQuant, result: QuantizeResult) -> None:
     W_hat = q.dequantize()
-    if not torch.isfinite(W_hat).all():
+    if not all_finite(W_hat):
         raise QForgeError(f"{full_name}: the solver produced non-finite weights")  # never written back
     if q.w_hat is not None and not torch.equal(W_hat, q.w_hat):
         raise QForgeError(f"{full_name}: codes/scales/g_idx do not reproduce the solver's weights")
@@ -168,8 +169,9 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     `grids` (mixed precision) gives some layers, by full name, their own grid instead of the config's.
     `store` (a runstate.BlockStore) saves each calibrated block as it finishes and restores the blocks an
     interrupted run had finished. `weights` (a models.streaming.BlockLoader; needs `store`) streams a model
-    whose blocks are on the meta device: each is read before its turn and dropped once saved, and the result
-    keeps its layers' shapes only (LayerQuant.on_meta), their values being in the store."""
+    whose parameters are on the meta device: each block is read before its turn and dropped once saved, the
+    weights outside the blocks only for the capture pass (`weights.outside`), and the result keeps its layers'
+    shapes only (LayerQuant.on_meta), their values being in the store."""
     spec = arch_spec(model)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
@@ -217,7 +219,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     compare the fast schedule with."""
     grids = grids or {}
     dtype = getattr(torch, cfg.compute_dtype)
-    inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
+    with weights.outside(model) if weights is not None else contextlib.nullcontext():   # streamed: embeddings...
+        inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = [h.to(dtype) for h in inputs.hidden]
     nbytes = sum(h.numel() * h.element_size() for h in hidden)
     resident = fits_on_device(nbytes, device)
@@ -294,7 +297,8 @@ def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult
     """Block i is final: saved to `store` (when given), then, streaming, dropped with its layers' values."""
     prefix = f"{spec.blocks}.{i}."
     if store is not None:
-        store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i))
+        store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i),
+                   prefix)
     if weights is not None:
         weights.release(block)
         result.layers.update({n: q.on_meta() for n, q in result.layers.items() if n.startswith(prefix)})

@@ -67,6 +67,14 @@ def test_rtn_groups_and_ragged_last_group(group):
         assert torch.equal(q.dequantize()[:, cols], alone.dequantize())
 
 
+def test_dequantize_by_row_chunks_is_the_formula_bit_for_bit():
+    W = torch.randn(600, 8192)                   # 600 rows: several chunks of 2^20 elements
+    q = rtn(W, Grid(3, 128, False))
+    q.g_idx = q.g_idx[torch.randperm(8192)]      # act-order: columns in any group order
+    g = q.g_idx.long()
+    assert torch.equal(q.dequantize(), q.scales[:, g] * (q.codes.float() - q.zeros[:, g]))
+
+
 def test_more_bits_less_error():
     W = torch.randn(64, 128)
     errs = [(rtn(W, Grid(b, 32, True)).dequantize() - W).norm() for b in range(2, 9)]
@@ -77,6 +85,7 @@ def test_more_bits_less_error():
     (dict(bits=0), "bits"), (dict(bits=9), "bits"), (dict(group_size=0), "group_size"),
     (dict(method="magic"), "unknown method"), (dict(damp=0), "damp"), (dict(static_groups=True, group_size=-1), "static_groups"),
     (dict(compute_dtype="float64"), "compute_dtype"), (dict(compute_dtype="bf16"), "compute_dtype"),
+    (dict(quantize_lm_head=True), "not implemented"),
 ])
 def test_config_rejects_impossible_settings(kwargs, match):
     with pytest.raises(QForgeError, match=match):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qforge.kernels import QuantLinear, matmul_reference, use_tuner
+from qforge.kernels import QuantLinear, dequantize_packed, matmul_reference, use_tuner
 from qforge.kernels import aot
 from qforge.kernels import triton_matmul as tm
 from qforge.kernels import tuning
@@ -243,3 +243,18 @@ def test_tuner_picks_save_and_load(tmp_path):
     again = tuning.Tuner(timer=lambda fn: pytest.fail("a loaded pick is not timed again"))
     assert again.load(tmp_path / "picks.json", "cpu") == 1 and again.load(tmp_path / "picks.json", "cuda") == 0
     assert again.config(torch.randn(2, 128).half(), *args) == best
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_dequantize_packed_by_row_chunks_is_the_formula_bit_for_bit(bits):
+    from qforge.formats.bitpack import pack_int32
+
+    in_f, out_f, G = 2048, 2048, 16                       # more input rows than one chunk of 2^20 values
+    codes = torch.randint(0, 1 << bits, (in_f, out_f))
+    zeros = torch.randint(0, 1 << bits, (G, out_f))
+    scales = (torch.rand(G, out_f) + 0.1).half()
+    g_idx = torch.randint(0, G, (in_f,), dtype=torch.int32)   # act-order: any group per row
+    W = dequantize_packed(pack_int32(codes, bits, dim=0), pack_int32(zeros, bits, dim=1), scales, g_idx, bits,
+                          torch.float32)
+    g = g_idx.long()
+    assert torch.equal(W, scales.float()[g] * (codes - zeros[g]).float())

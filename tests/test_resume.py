@@ -114,3 +114,43 @@ def test_an_interrupted_measurement_says_it_resumes(tiny_llama_dir, tmp_path, mo
     monkeypatch.undo()
     assert main(argv) == 0
     assert json.loads(meas.read_text())["blocks_done"] == json.loads(meas.read_text())["n_blocks"]
+
+
+@pytest.mark.parametrize("model_type,skip", [("llama", "*.0.mlp.up_proj"),
+                                             ("mixtral", "*.0.mlp.experts.gate_up_proj.1"),   # fused 3-D experts
+                                             ("gpt2", "*.0.mlp.c_proj")])                    # Conv1D: [in, out]
+def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_tokenizer, model_type, skip):
+    from qforge.models.arch import arch_spec, get_blocks
+    from safetensors import safe_open
+    from tiny_models import tiny_model
+
+    d = tmp_path / model_type
+    tiny_model(model_type, seed=1).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    m = qforge.load(str(d), QuantizeConfig(method="gptq", bits=4, group_size=16, skip=(skip,)))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "s")
+    block = get_blocks(m.model, arch_spec(m.model))[0]
+    with safe_open(str(tmp_path / "s" / "block_0.safetensors"), "pt") as f:
+        stored = {k[len("state."):] for k in f.keys() if k.startswith("state.")}
+        rebuilt = json.loads(f.metadata()["rebuilt"])
+    assert rebuilt and stored.isdisjoint(rebuilt) and stored | set(rebuilt) == set(block.state_dict())
+    skipped = {"llama": "mlp.up_proj.weight", "mixtral": "mlp.experts.gate_up_proj", "gpt2": "mlp.c_proj.weight"}
+    assert skipped[model_type] in stored           # an unquantized linear (or a partly quantized expert tensor)
+    state, _, _ = m._store.read(0)                 # rebuilt from the codes: the block exactly as it was solved
+    assert state.keys() == block.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
+
+
+def test_a_weight_that_differs_from_its_codes_stays_in_the_run_state(tiny_llama_dir):
+    from qforge.models.arch import arch_spec, get_blocks
+    from qforge.runstate import rebuildable_weights
+
+    m = _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32))
+    prefix = "model.layers.0."
+    layers = {n: q for n, q in m.result.layers.items() if n.startswith(prefix)}
+    block = get_blocks(m.model, arch_spec(m.model))[0]
+    assert "self_attn.o_proj.weight" in rebuildable_weights(block, layers, prefix)
+    with torch.no_grad():
+        block.self_attn.o_proj.weight[0, 0] += 1e-6
+    got = rebuildable_weights(block, layers, prefix)
+    assert "self_attn.o_proj.weight" not in got and "self_attn.q_proj.weight" in got

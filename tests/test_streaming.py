@@ -48,6 +48,7 @@ def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokeniz
 
     def one_at_a_time(self, i, block):
         assert not any(BlockLoader.materialized(b) for b in blocks), "a block was still in memory"
+        assert m.model.get_input_embeddings().weight.device.type == "meta", "the embeddings were still in memory"
         loads.append(i)
         load(self, i, block)
 
@@ -55,6 +56,8 @@ def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokeniz
     m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
     assert loads == list(range(len(blocks)))
     assert all(q.codes.device.type == "meta" for q in m.result.layers.values())   # values are on disk only
+    fmt = "gptq" if cfg.method != "rtn" else "compressed-tensors"
+    early = m.export(tmp_path / "packed-early", fmt)          # before save(): packed from the run state
     out = m.save(tmp_path / "out")
     assert not (tmp_path / "out.partial").exists()
     assert len(list(out.glob("model-*-of-*.safetensors"))) == len(blocks) + 1
@@ -74,14 +77,15 @@ def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokeniz
     ids = torch.randint(0, 500, (1, 24))
     with torch.no_grad():
         assert torch.equal(back.model(ids).logits, ref.model(ids).logits)
-    fmt = "gptq" if cfg.method != "rtn" else "compressed-tensors"
     ref.export(tmp_path / "ref-packed", fmt)
     sizes = m.export(tmp_path / "packed", fmt)
-    want, got = _tensors(tmp_path / "ref-packed"), _tensors(tmp_path / "packed")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    want = _tensors(tmp_path / "ref-packed")
     conf = (lambda d: json.loads((d / "config.json").read_text())["quantization_config"])
-    assert conf(tmp_path / "ref-packed") == conf(tmp_path / "packed")
-    assert sizes["quantized_weights"] == ref.storage()["quantized_weights"]
+    for d in ("packed", "packed-early"):
+        got = _tensors(tmp_path / d)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), d
+        assert conf(tmp_path / "ref-packed") == conf(tmp_path / d)
+    assert sizes["quantized_weights"] == early["quantized_weights"] == ref.storage()["quantized_weights"]
 
 
 def test_a_streamed_run_resumes_after_its_last_saved_block(tmp_path, tiny_llama_dir, monkeypatch):
@@ -120,8 +124,13 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
             "builtin:wiki", nsamples=2, seqlen=32, resume=tmp_path / "p")
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True)
     m.quantize(None, resume=tmp_path / "rtn.partial")
-    with pytest.raises(QForgeError, match="save\\(\\) first"):
+    m.drop_run_state()
+    assert not (tmp_path / "rtn.partial").exists()
+    with pytest.raises(QForgeError, match="blocks are gone"):
         m.export(tmp_path / "x")
+    with pytest.raises(QForgeError, match="run state dropped"):
+        m.save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
     junk = _saved_dir(tmp_path, tiny_tokenizer, "llama")
     (junk / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -151,6 +160,29 @@ def test_stream_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_packed_only_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
+    """--packed-only: the packed checkpoint alone at --out, as the two-step run exports it; no run state left."""
+    args = ["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+            "--nsamples", "4", "--calib-seqlen", "32", "--format", "gptq"]
+    assert main(args + ["--out", str(tmp_path / "two-step")]) == 0
+    for mode in (["--stream"], []):
+        out = tmp_path / f"only{''.join(mode)}"
+        assert main(args + mode + ["--packed-only", "--out", str(out)]) == 0
+        assert not (tmp_path / f"{out.name}.partial").exists() and not (tmp_path / f"{out.name}-gptq").exists()
+        assert not (out / "qforge_config.json").exists()                   # not a dense qforge output
+        want, got = _tensors(tmp_path / "two-step-gptq"), _tensors(out)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), mode
+        record = json.loads((out / "qforge_export.json").read_text())
+        assert record["qforge_config"]["method"] == "gptq" and record["format"] == "gptq"
+        assert qforge.load(str(out)).packed_format == "gptq"
+    capsys.readouterr()
+    assert main(args[:-2] + ["--packed-only", "--out", str(tmp_path / "x")]) == 2
+    assert "name one" in capsys.readouterr().err
+    assert main(args + ["--packed-only", "--export-out", str(tmp_path / "y"), "--out", str(tmp_path / "x")]) == 2
+    assert "drop --export-out" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokenizer):
     """safetensors' save_model (qforge's GGUF conversion) may keep lm_head.weight and drop the embeddings."""
     from safetensors.torch import save_file
@@ -165,6 +197,69 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
     for i, b in enumerate(get_blocks(lm.model, arch_spec(lm.model))):
         loader.load(i, b)
     ids = torch.randint(0, 500, (1, 16))
-    with torch.no_grad():
+    assert lm.model.get_input_embeddings().weight.device.type == "meta"      # read only when needed
+    with torch.no_grad(), loader.outside(lm.model):
         assert torch.equal(lm.model(ids).logits, net(ids).logits)
+        assert lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight
     assert lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight
+    assert lm.model.get_input_embeddings().weight.device.type == "meta"      # and dropped again
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt"])   # gemma2: logit soft-capping, tied head
+def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
+    from qforge.eval.datasets import load_eval_text
+    from qforge.eval.perplexity import perplexity, token_nll, token_windows
+    from qforge.eval.streamed import streamed_token_nll
+
+    src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
+    ref = qforge.load(str(src))
+    lm, loader = load_streamed(str(src))
+    windows = token_windows(tiny_tokenizer, load_eval_text("wiki"), 48, 5)
+    want = token_nll(ref.model, windows, batch_size=2, show_progress=False)
+    got = streamed_token_nll(lm.model, loader, windows, batch_size=2, show_progress=False)
+    assert torch.equal(got, want)                 # the same operations on the same values
+    assert lm.model.get_input_embeddings().weight.device.type == "meta"
+    assert not any(BlockLoader.materialized(b) for b in get_blocks(lm.model, arch_spec(lm.model)))
+    text = load_eval_text("news")
+    a = perplexity(ref.model, tiny_tokenizer, text, 32, 3, show_progress=False)
+    b = perplexity(lm.model, tiny_tokenizer, text, 32, 3, show_progress=False, weights=loader)
+    assert b["ppl"] == a["ppl"] and b["windows"] == a["windows"] == 3
+
+
+def test_a_streamed_run_is_evaluated_from_its_saved_output(tmp_path, tiny_llama_dir, capsys):
+    cfg = QuantizeConfig(method="gptq", bits=3, group_size=32)
+    ref = qforge.load(str(tiny_llama_dir), cfg)
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
+    with pytest.raises(QForgeError, match="call save\\(\\) first"):
+        qforge.evaluate(m, ["wiki"], seqlen=32, max_windows=2)
+    m.save(tmp_path / "q")
+    want = qforge.evaluate(ref, ["wiki"], seqlen=32, max_windows=2)[0]
+    got = qforge.evaluate(m, ["wiki"], seqlen=32, max_windows=2)[0]
+    assert got["ppl"] == want["ppl"]
+    fp = qforge.evaluate(str(tiny_llama_dir), ["wiki"], seqlen=32, max_windows=2, stream=True)[0]
+    assert abs(fp["ppl"] / got["ppl"] - 1) > 1e-4              # the quantized weights, not the source's
+    with pytest.raises(QForgeError, match="perplexity only"):
+        qforge.evaluate(str(tmp_path / "q"), ["wiki"], seqlen=32, max_windows=2, stream=True, reference=ref)
+    assert main(["-q", "eval", str(tmp_path / "q"), "--stream", "--dataset", "wiki", "--seqlen", "32",
+                 "--max-windows", "2", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())[0]["ppl"] == want["ppl"]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
+def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_llama_dir, fmt):
+    m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq" if fmt != "awq" else "awq", bits=4,
+                                                          group_size=32, awq_grid=4))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.export(tmp_path / fmt, fmt)
+    want = qforge.evaluate(str(tmp_path / fmt), ["wiki", "code"], seqlen=32, max_windows=2)
+    streamed = qforge.load(str(tmp_path / fmt), stream=True)
+    assert streamed.packed_format == fmt
+    assert streamed.model.get_input_embeddings().weight.device.type == "meta"
+    got = qforge.evaluate(streamed, ["wiki", "code"], seqlen=32, max_windows=2)
+    for a, b in zip(want, got):
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-6) and b["windows"] == a["windows"] == 2
+    blocks = get_blocks(streamed.model, arch_spec(streamed.model))
+    assert not any(BlockLoader.materialized(b) for b in blocks)
+    assert all(type(b.self_attn.q_proj).__name__ == "Linear" for b in blocks)   # the meta modules back in place

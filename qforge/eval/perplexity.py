@@ -70,7 +70,9 @@ def bucket_ppl(nll: torch.Tensor, seqlen: int) -> list[dict]:
 
 def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
                device: str = "cpu", batch_size: int = 1, desc: str = "eval", show_progress: bool = True,
-               make_cache=None, on_logits=None) -> dict:
+               make_cache=None, on_logits=None, weights=None) -> dict:
+    """`weights`: a streamed skeleton's models.streaming.BlockLoader (eval/streamed.py runs the windows one
+    block at a time; no KV cache or logits hook then)."""
     if seqlen < 2:
         raise QForgeError(f"seqlen must be at least 2 (a window predicts tokens 1..seqlen-1), got {seqlen}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -78,7 +80,14 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
         raise QForgeError(f"seqlen {seqlen} exceeds the model's context length {max_pos}")
     windows = token_windows(tokenizer, text, seqlen, max_windows)
     t0 = time.perf_counter()
-    tok = token_nll(model, windows, device, batch_size, desc, show_progress, make_cache, on_logits)
+    if weights is not None:
+        if make_cache is not None or on_logits is not None:
+            raise QForgeError("a streamed evaluation measures perplexity only (no simulated KV cache or reference)")
+        from .streamed import streamed_token_nll
+
+        tok = streamed_token_nll(model, weights, windows, device, batch_size, desc, show_progress)
+    else:
+        tok = token_nll(model, windows, device, batch_size, desc, show_progress, make_cache, on_logits)
     n_pred = windows.shape[0] * (seqlen - 1)
     mean_nll = float(tok.sum() / n_pred)
     if not math.isfinite(mean_nll):

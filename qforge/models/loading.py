@@ -114,10 +114,17 @@ def check_finite(model: torch.nn.Module) -> None:
     check_finite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """torch.isfinite(t).all() a chunk of elements at a time: on a whole 1B-element tensor isfinite's temporaries
+    take 2.2x the tensor's own memory (13.5 GB of peak for a 70B vocabulary's fp32 embeddings)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def check_finite_tensors(named) -> None:
     """Refuse NaN/Inf in any floating-point tensor of `named` ((name, tensor) pairs; meta tensors skipped)."""
     for name, t in named:
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
             bad = (~torch.isfinite(t)).sum().item()
             raise QForgeError(f"the model has {bad} NaN/Inf value(s) in {name}; refusing to quantize or evaluate it")
 

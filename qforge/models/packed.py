@@ -15,7 +15,7 @@ import torch
 from ..errors import QForgeError
 from ..formats import FORMATS
 from ..kernels import QuantLinear
-from ..solvers import Grid
+from ..solvers import Grid, LayerQuant
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,10 @@ def _grid(fmt: str, qc: dict, name: str) -> Grid:
     return grid
 
 
-def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
-    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
+def packed_config(path: Path) -> tuple[str, dict, object]:
+    """(format, quantization_config, the model's config without it) of a packed checkpoint directory."""
+    from transformers import AutoConfig
 
-    `cache_dequantized`: QuantLinear keeps each dequantized weight after its first forward (fast CPU
-    decoding at the memory of a dense model; see kernels/quant_linear.py)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
     fmt = packed_format(path)
     if fmt is None:
         raise QForgeError(f"{path} is not a packed (gptq/awq/compressed-tensors) checkpoint")
@@ -87,32 +83,54 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    return fmt, qc, config
+
+
+def quantized_names(fmt: str, keys) -> list[str]:
+    """The modules that checkpoint tensor names `keys` store in `fmt`'s packed form."""
+    first = FORMATS[fmt].KEYS[0]
+    return sorted(k[: -len(first) - 1] for k in keys if k.endswith("." + first))
+
+
+def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], old: torch.nn.Module,
+                 dtype: torch.dtype, cache_dequantized: bool, where: Path) -> tuple[QuantLinear, LayerQuant]:
+    """The QuantLinear replacing module `old` (full name `name`) from its packed tensors, popped from `state`
+    (keyed by full name; its bias too)."""
+    grid = _grid(fmt, qc, name)
+    t = {k: state.pop(f"{name}.{k}") for k in FORMATS[fmt].KEYS if f"{name}.{k}" in state}
+    scale_dtype = next((v.dtype for k, v in t.items() if "scale" in k and v.is_floating_point()), torch.float16)
+    try:
+        v1 = {"v1": qc.get("checkpoint_format") != "gptq_v2"} if fmt == "gptq" else {}
+        q = FORMATS[fmt].unpack(t, grid, **v1)
+    except Exception as e:
+        raise QForgeError(f"{where}: cannot unpack {name} as {fmt}: {type(e).__name__}: {e}") from e
+    bias = state.pop(f"{name}.bias", None)
+    if tuple(old.weight.shape) != q.shape:
+        raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(old.weight.shape)}")
+    bias = bias.to(dtype) if bias is not None else None
+    return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q
+
+
+def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
+    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
+
+    `cache_dequantized`: QuantLinear keeps each dequantized weight after its first forward (fast CPU
+    decoding at the memory of a dense model; see kernels/quant_linear.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    fmt, qc, config = packed_config(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = _read_tensors(path)
-    keys = FORMATS[fmt].KEYS
-    first = keys[0]
-    names = sorted(k[: -len(first) - 1] for k in state if k.endswith("." + first))
     layers = {}
-    v2 = qc.get("checkpoint_format") == "gptq_v2"
-    for name in names:
-        grid = _grid(fmt, qc, name)
-        t = {k: state.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in state}
-        scale_dtype = next((v.dtype for k, v in t.items() if "scale" in k and v.is_floating_point()), torch.float16)
-        try:
-            q = FORMATS[fmt].unpack(t, grid, v1=not v2) if fmt == "gptq" else FORMATS[fmt].unpack(t, grid)
-        except Exception as e:
-            raise QForgeError(f"{path}: cannot unpack {name} as {fmt}: {type(e).__name__}: {e}") from e
+    for name in quantized_names(fmt, state):
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
             raise QForgeError(f"{path}: the checkpoint quantizes {name}, which the model has no module for") from e
-        bias = state.pop(f"{name}.bias", None)
-        if tuple(old.weight.shape) != q.shape:
-            raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(old.weight.shape)}")
+        qlin, layers[name] = quant_linear(fmt, qc, name, state, old, dtype, cache_dequantized, path)
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf,
-                QuantLinear.from_quant(q, bias.to(dtype) if bias is not None else None, scale_dtype, cache_dequantized))
-        layers[name] = q
+        setattr(model.get_submodule(parent), leaf, qlin)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):

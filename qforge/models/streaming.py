@@ -1,10 +1,13 @@
 """Models larger than RAM: a skeleton model whose decoder blocks are read from the checkpoint one at a time.
 
 `load_streamed(spec)` builds the model with its parameters on the meta device (accelerate's
-init_empty_weights; buffers such as rotary tables are real), then loads everything outside the block list
-(embeddings, final norm, lm_head) in fp32. `BlockLoader.load(i, block)` reads block i's tensors from the
-safetensors files in fp32 (checked finite); `release(block)` puts its parameters back on the meta device.
-Memory holds the non-block weights, one block and the calibration activations.
+init_empty_weights; buffers such as rotary tables are real). `BlockLoader.load(i, block)` reads block i's
+tensors from the safetensors files in fp32 (checked finite); `release(block)` puts its parameters back on the
+meta device. The weights outside the block list (embeddings, final norm, lm_head) are read only inside
+`BlockLoader.outside(model)`: for the calibration capture and for writing the outputs. Memory holds one block
+and the calibration activations (a 70B model's fp32 embeddings and lm_head alone are 8.4 GB). A packed
+checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader` turns each block's packed
+linears into QuantLinear modules. `SavedBlocks` reads a finished streamed run's blocks for export.
 
 Checkpoint keys must be the model's own parameter names (what save_pretrained writes for the Llama, Mistral,
 Qwen, Gemma, OPT and GPT-2 families). A checkpoint transformers renames or converts while loading (Mixtral's
@@ -12,6 +15,7 @@ per-expert tensors fused into 3-D parameters, GPT-NeoX's embed_out) is refused, 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -24,6 +28,7 @@ from torch import nn
 from ..errors import QForgeError
 from .arch import arch_spec, get_blocks
 from .loading import LoadedModel, check_finite_tensors, resolve_model
+from .packed import packed_config, packed_format, quant_linear, quantized_names
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -53,8 +58,8 @@ class CheckpointFiles:
         except Exception as e:  # a missing shard, bad JSON, a damaged header
             raise QForgeError(f"could not read the checkpoint index of {path}: {type(e).__name__}: {e}") from e
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors `keys` in fp32 (floating point) or as stored."""
+    def read(self, keys: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """The tensors `keys` in `dtype` (floating point; None: as stored) or as stored."""
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
@@ -66,7 +71,7 @@ class CheckpointFiles:
                 with safe_open(str(self.path / f), "pt") as sf:
                     for k in ks:
                         t = sf.get_tensor(k)
-                        out[k] = t.float() if t.is_floating_point() else t
+                        out[k] = t.to(dtype) if t.is_floating_point() and dtype is not None else t
             except Exception as e:
                 raise QForgeError(f"could not read {self.path / f}: {type(e).__name__}: {e}") from e
         return out
@@ -83,7 +88,9 @@ class CheckpointFiles:
 
 
 def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
-    """A skeleton of MODEL `spec` (a local directory, GGUF file or alias) and the loader of its blocks."""
+    """A skeleton of MODEL `spec` (a local directory, GGUF file or alias), every parameter on the meta device,
+    and the loader of its blocks and of the weights outside them. Those are read once here, one tensor at a
+    time, to refuse a non-finite one before any work, then dropped until `BlockLoader.outside` is entered."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,33 +99,30 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
         raise QForgeError(f"streaming reads a local checkpoint; {spec!r} is not a local directory or GGUF file")
     where = Path(where)
     files = CheckpointFiles(where)
+    fmt = packed_format(where)
     try:
-        config = AutoConfig.from_pretrained(str(where))
+        config = packed_config(where)[2] if fmt else AutoConfig.from_pretrained(str(where))
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(where))
     except Exception as e:
         raise QForgeError(f"could not build the model of {where}: {type(e).__name__}: {e}") from e
     model.eval()
-    spec_ = arch_spec(model)
+    loader = PackedBlockLoader(files, model, where) if fmt else BlockLoader(files, model)
     names = model.state_dict()                  # every tensor name the model has, blocks included
-    tied = _tied_aliases(model, files.where)
-    missing = sorted(n for n in names if n not in files.where and n not in tied)
-    extra = sorted(k for k in files.where if k not in names)
+    packed = set(quantized_names(fmt, files.where)) if fmt else set()     # their weights come packed
+    missing = sorted(n for n in names if n not in files.where and n not in loader.tied
+                     and not (n.endswith(".weight") and n[:-len(".weight")] in packed))
+    extra = sorted(k for k in files.where if k not in names and k.rpartition(".")[0] not in packed)
     if missing or extra:
         raise QForgeError(f"{where}: the checkpoint's tensor names are not the model's parameter names ("
                           f"{len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}), "
                           f"so its blocks cannot be read one at a time; load it without streaming")
-    prefix = spec_.blocks + "."
-    outside = files.read([n for n in names if not n.startswith(prefix) and n in files.where])
-    outside.update({n: outside[stored] for n, stored in tied.items()})
-    model.load_state_dict(outside, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    check_finite_tensors(model.state_dict().items())
+    for k in loader.outside_keys:
+        check_finite_tensors(files.read([k], dtype=None).items())     # as stored: no fp32 copy
     return_freed_memory()
-    log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, spec_)))
-    return LoadedModel(model, tokenizer, spec, where), BlockLoader(files, spec_.blocks)
+    log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, loader.spec)))
+    return LoadedModel(model, tokenizer, spec, where), loader
 
 
 def _tied_aliases(model: nn.Module, stored) -> dict[str, str]:
@@ -133,10 +137,16 @@ def _tied_aliases(model: nn.Module, stored) -> dict[str, str]:
 
 
 class BlockLoader:
-    """Reads decoder block i of the model at `blocks` (its ModuleList path) from `files`, and drops it again."""
+    """Reads `model`'s decoder block i from `files` and drops it again; and, inside `outside(model)`, the
+    weights outside the blocks (embeddings, final norm, lm_head), which a streamed run needs only to capture
+    the first block's inputs and to write its outputs: the rest of the time memory holds one block."""
 
-    def __init__(self, files: CheckpointFiles, blocks: str):
-        self.files, self.blocks = files, blocks
+    def __init__(self, files: CheckpointFiles, model: nn.Module):
+        self.files, self.spec = files, arch_spec(model)
+        self.blocks = self.spec.blocks
+        self.tied = _tied_aliases(model, files.where)
+        prefix = self.blocks + "."
+        self.outside_keys = [n for n in model.state_dict() if not n.startswith(prefix) and n in files.where]
 
     def fingerprint(self) -> str:
         return self.files.fingerprint()
@@ -147,6 +157,27 @@ class BlockLoader:
         t = self.files.read(keys)
         check_finite_tensors(t.items())
         block.load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True, assign=True)
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        """The weights outside the blocks in memory (checked finite) while inside, on the meta device after.
+        `dtype`: theirs while inside (an export reads them straight into its dtype: a 70B vocabulary's embeddings
+        and lm_head take 4.2 GB in fp16 instead of 8.4 GB in fp32 plus the fp16 copies)."""
+        t = {k: self.files.read([k], dtype)[k] for k in self.outside_keys}   # one at a time: one file mapping
+        check_finite_tensors(t.items())
+        t.update({n: t[stored] for n, stored in self.tied.items()})
+        model.load_state_dict(t, strict=False, assign=True)
+        if self.tied:
+            model.tie_weights()
+        empty = {k: torch.empty_like(v, device="meta") for k, v in t.items()}
+        del t
+        try:
+            yield model
+        finally:
+            model.load_state_dict(empty, strict=False, assign=True)
+            if self.tied:
+                model.tie_weights()
+            return_freed_memory()
 
     @staticmethod
     def release(block: nn.Module) -> None:
@@ -159,6 +190,72 @@ class BlockLoader:
     @staticmethod
     def materialized(block: nn.Module) -> bool:
         return any(t.device.type != "meta" for t in block.state_dict().values())
+
+
+class PackedBlockLoader(BlockLoader):
+    """Block i of a packed checkpoint (models/packed.py's formats): its packed linears become QuantLinear modules
+    (each dequantized on its first forward and kept until the block is released: one dense block in memory,
+    as a dense checkpoint streams), everything else loads in fp32; `release` puts the skeleton's meta modules
+    back. For evaluating a packed model larger than RAM."""
+
+    def __init__(self, files: CheckpointFiles, model: nn.Module, where: Path):
+        super().__init__(files, model)
+        self.where = where
+        self.fmt, self.qc, _ = packed_config(where)
+        self.swapped: dict[int, list[tuple[nn.Module, str, nn.Module]]] = {}    # id(block): (parent, leaf, meta)
+
+    def load(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.blocks}.{i}."
+        state = self.files.read([k for k in self.files.where if k.startswith(prefix)], dtype=None)
+        swapped = self.swapped.setdefault(id(block), [])
+        for name in quantized_names(self.fmt, state):
+            rel = name[len(prefix):]
+            parent, _, leaf = rel.rpartition(".")
+            parent = block.get_submodule(parent) if parent else block
+            old = getattr(parent, leaf)
+            qlin, _ = quant_linear(self.fmt, self.qc, name, state, old, torch.float32, True, self.where)
+            setattr(parent, leaf, qlin)
+            swapped.append((parent, leaf, old))
+        rest = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        check_finite_tensors(rest.items())
+        missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
+        missing = [k for k in missing if not any(k.startswith(f"{p}.") for p in self._swapped_names(block))]
+        if missing or unexpected:
+            raise QForgeError(f"{self.where}: block {i}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+
+    def _swapped_names(self, block: nn.Module) -> list[str]:
+        where = {id(m): n for n, m in block.named_modules()}
+        return [f"{where[id(parent)]}.{leaf}".lstrip(".") for parent, leaf, _ in self.swapped.get(id(block), [])]
+
+    def release(self, block: nn.Module) -> None:
+        for parent, leaf, old in reversed(self.swapped.pop(id(block), [])):
+            setattr(parent, leaf, old)
+        BlockLoader.release(block)
+
+
+class SavedBlocks:
+    """The finished blocks of a streamed run, for export: from its saved output directory `output` (dense
+    shards and layer shards), or, before it is saved, from its run state `store` (runstate.BlockStore); the
+    weights outside the blocks from `loader`'s checkpoint (quantizing never changes them)."""
+
+    def __init__(self, loader: BlockLoader, output: Path | None = None, store=None):
+        if (output is None) == (store is None):
+            raise QForgeError("SavedBlocks reads an output directory or a run state")
+        self.loader, self.output, self.store = loader, output, store
+        self.outside = loader.outside
+        self.release = loader.release
+
+    def load(self, i: int, block: nn.Module) -> dict:
+        """Block i into `block` (from a run state, its quantized weights on the meta device); returns its layers by
+        full name."""
+        if self.store is not None:
+            state, layers, _ = self.store.read(i, rebuild=False)     # the packed layers replace those weights
+            block.load_state_dict(state, strict=True, assign=True)
+            return layers
+        from ..checkpoint import read_layers
+
+        self.loader.load(i, block)
+        return read_layers(self.output, f"{self.loader.blocks}.{i}.")
 
 
 def materialized_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
