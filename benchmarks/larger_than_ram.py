@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -191,9 +192,11 @@ def evaluate(a, src: Path) -> None:
 
 def quantize(a, src: Path, layers: int, params: int) -> None:
     out = Path(a.work) / f"out-{a.method}"
+    for p in (out, out.with_name(out.name + ".partial")):    # an earlier run's: not counted in this one's disk
+        shutil.rmtree(p, ignore_errors=True)
     cmd = [str(Path(sys.executable).with_name("qforge")), "quantize", str(src), "--stream", "--method", a.method,
            "--bits", "4", "--group-size", str(a.group_size), "--format", "gptq", "--packed-only", "--out", str(out),
-           "--overwrite", "--nsamples", str(a.nsamples), "--calib-seqlen", str(a.seqlen)]
+           "--nsamples", str(a.nsamples), "--calib-seqlen", str(a.seqlen)]
     wall, rss, peak_disk = child(cmd, Path(a.work), src)
     print(f"\n| model | params | bf16 on disk | fp32 | method | wall | peak RSS | peak extra disk | packed output |")
     print("|---|---|---|---|---|---|---|---|---|")

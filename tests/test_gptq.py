@@ -572,3 +572,16 @@ def test_fp32_sums_of_bf16_products_keep_the_hessian_positive_semidefinite():
     assert retries == {torch.float32: 0, torch.bfloat16: 1}
     with pytest.raises(QForgeError, match="hessian_dtype"):
         QuantizeConfig(hessian_dtype="float16")
+
+
+def test_gptq_leaves_its_inputs_untouched():
+    """H is permuted into one copy (no clone of the caller's [in, in] matrix): the caller's W and H stay as given,
+    dead columns included."""
+    X = torch.randn(256, 64)
+    X[:, 5] = 0
+    H = 2 / 256 * X.T @ X
+    W = torch.randn(16, 64)
+    H0, W0 = H.clone(), W.clone()
+    q = gptq(W, H, Grid(4, 16, True), act_order=True)
+    assert torch.equal(H, H0) and torch.equal(W, W0)
+    assert q.info["dead_columns"] == 1 and torch.all(q.dequantize()[:, 5] == 0)

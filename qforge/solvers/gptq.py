@@ -21,13 +21,17 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 4) -
     eigenvalues clamped positive, which always factorises. Returns (U, info) with U^T U = (H + λI)^-1.
     """
     mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     d = damp
-    for attempt in range(max_tries):
-        L, err = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+    for attempt in range(max_tries):          # at most two [in, in] matrices alive besides H (28672²: 3.3 GB each)
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)     # H + λI
+        L, err = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if err.item() == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, err = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if err.item() == 0 and torch.isfinite(U).all():
                 return U, {"damp": d, "retries": attempt, "fallback": None}
         d *= 10
@@ -107,38 +111,40 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
-    W = W.clone().float()
-    H = H.clone().float()
+    W, H = W.float(), H.float()                       # not modified: each permuted into one copy below
     out_f, in_f = W.shape
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise ValueError("gptq: W and H must be finite")
 
-    dead = torch.diag(H) == 0                         # inputs that are always zero
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0                                  # as the paper's code: no signal, no weight
+    diag = torch.diag(H).clone()
+    dead = diag == 0                                  # inputs that are always zero
+    diag[dead] = 1.0                                  # H_jj := 1 and W[:, j] := 0 for them, in the copies below
 
     gs = grid.group_len(in_f)
     n_groups = grid.n_groups(in_f)
     dev = W.device
     scales = torch.zeros(out_f, n_groups, device=dev)
     zeros = torch.zeros(out_f, n_groups, device=dev)
-    perm = column_order(torch.diag(H), gs, act_order, group_aware)
+    perm = column_order(diag, gs, act_order, group_aware)
     inv = torch.argsort(perm)
-    W0 = W
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H = W[:, perm], H[perm[:, None], perm]         # [out, in] and [in, in] copies, permuted
+    W[:, dead[perm]] = 0.0                            # as the paper's code: no signal, no weight
+    H[dead[perm], dead[perm]] = 1.0
     in_order_groups = static_groups or group_aware   # groups are column ranges, not runs of the visiting order
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
     U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
+    del H
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 
     prefit = static_groups or grid.group_size == -1
     if prefit:                                        # grids of the original column ranges
-        c0 = cost[inv]
+        c0, W0 = cost[inv], W[:, inv]
         for k in range(n_groups):
             cols, c = W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs]
             scales[:, k], zeros[:, k] = search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
-    codes = torch.zeros(out_f, in_f, device=dev)
+        del W0
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)   # the loop's integer-valued codes
     Q = torch.zeros(out_f, in_f, device=dev)                     # Ŵ in permuted order, as the loop computed it
     row_loss = torch.zeros(out_f, device=dev)                  # [out] sum (w - ŵ)^2 / 2 of each row, in GPTQ's loss
     group_list = group_of_pos.tolist()
@@ -156,11 +162,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
         row_loss += (Err1**2 * torch.diag(U1) ** 2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]             # lazy batch update of the remaining columns
+    del W, U
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
     info.update(method="gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
     if info["fallback"] or info["retries"]:
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
-    return LayerQuant(grid, codes[:, inv].to(torch.uint8), scales, zeros, g_idx, info, w_hat=Q[:, inv],
+    return LayerQuant(grid, codes[:, inv], scales, zeros, g_idx, info, w_hat=Q[:, inv],
                       row_loss=row_loss)
