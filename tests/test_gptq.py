@@ -585,3 +585,21 @@ def test_gptq_leaves_its_inputs_untouched():
     q = gptq(W, H, Grid(4, 16, True), act_order=True)
     assert torch.equal(H, H0) and torch.equal(W, W0)
     assert q.info["dead_columns"] == 1 and torch.all(q.dequantize()[:, 5] == 0)
+
+
+def test_the_hessian_is_mirrored_in_place_and_then_closed():
+    """H is built from the accumulated upper triangle in its own storage (no second [in, in] matrix), equal to
+    the sum of the two triangles bit for bit (signs of zeros too); adding inputs after reading it is refused."""
+    for n in (5, 191, 193, 500):                      # around and across the panel size
+        acc = HessianAccumulator(n)
+        for m in (7, 64):
+            x = torch.randn(m, n)
+            x[:, 0] = 0
+            acc.add(x)
+        U = acc._upper.clone()
+        H = acc.H
+        want = torch.triu(U) + torch.triu(U, diagonal=1).t()
+        assert H.data_ptr() == acc._upper.data_ptr()
+        assert torch.equal(H, want) and torch.equal(torch.signbit(H), torch.signbit(want))
+        with pytest.raises(RuntimeError, match="H was read"):
+            acc.add(torch.randn(2, n))

@@ -6,7 +6,7 @@ Only real tokens reach it: calibration batches are built from equal-length sampl
 
 H is symmetric, so only its upper triangle is accumulated, one panel of rows at a time (rows [a, a+P)
 against columns [a, in)): about 40% less work than the full product, which for the MLP's wide
-down-projection input is a large part of GPTQ's time on a CPU. `H` mirrors it on demand.
+down-projection input is a large part of GPTQ's time on a CPU. `H` mirrors it in place on demand.
 
 `product_dtype` bfloat16 (compute_dtype bf16): each batch's panel products run as bf16 GEMMs (exact
 products, fp32 sums inside the GEMM, the panel rounded to bf16 once on output, relative 2^-9) and are
@@ -29,6 +29,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """x [tokens, in] (any float dtype)."""
+        if self._full is not None:
+            raise RuntimeError("HessianAccumulator: H was read (built in place); no input can be added after")
         x = x.reshape(-1, x.shape[-1]).to(self._upper.device, self.product_dtype)
         m = x.shape[0]
         if m == 0:
@@ -45,7 +47,15 @@ class HessianAccumulator:
 
     @property
     def H(self) -> torch.Tensor:
-        """[in, in], exactly symmetric."""
+        """[in, in], exactly symmetric: the upper triangle mirrored in place, a panel at a time (no second
+        [in, in] matrix: 3.3 GB for a 28672-wide input, four with the triangles' temporaries), so no input can
+        be added once it is read. Equal to triu(U) + triu(U, 1)^T, zeros' signs included."""
         if self._full is None:
-            self._full = torch.triu(self._upper) + torch.triu(self._upper, diagonal=1).t()
+            U, n = self._upper, self._upper.shape[0]
+            for a in range(0, n, PANEL):
+                b = min(a + PANEL, n)
+                blk = U[a:b, a:b]                     # the panel's diagonal block holds both triangles
+                blk.copy_(torch.triu(blk) + torch.triu(blk, diagonal=1).t())
+                U[b:, a:b] = U[a:b, b:].t()           # below it: the mirror of the upper part
+            self._full = U.add_(0.0)                  # -0.0 + 0.0 = +0.0, as the sum of the triangles gives
         return self._full
