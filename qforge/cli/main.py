@@ -431,18 +431,14 @@ def cmd_quantize(a) -> int:
                    batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation, resume=state)
     except KeyboardInterrupt:
         return _interrupted(state, a.measurement)
-    if a.packed_only:                                        # packed from memory or, streamed, from the run state
-        if m.result.allocation is not None:
-            _print_allocation(m.result.allocation)
-        _print_quant_summary(m, Path(a.out))
-        _export(m, a.out, a)
-        m.drop_run_state()
-        return 0
-    out = m.save(a.out, overwrite=a.overwrite)
+    out = Path(a.out) if a.packed_only else m.save(a.out, overwrite=a.overwrite)
     if m.result.allocation is not None:
         _print_allocation(m.result.allocation)
     _print_quant_summary(m, out)
-    if a.format:
+    if a.packed_only:                                        # packed from memory or, streamed, from the run state
+        _export(m, out, a)
+        m.drop_run_state()
+    elif a.format:
         _export(m, _export_dir(a, out), a)
     return 0
 

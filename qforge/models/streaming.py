@@ -208,24 +208,20 @@ class PackedBlockLoader(BlockLoader):
         prefix = f"{self.blocks}.{i}."
         state = self.files.read([k for k in self.files.where if k.startswith(prefix)], dtype=None)
         swapped = self.swapped.setdefault(id(block), [])
-        for name in quantized_names(self.fmt, state):
-            rel = name[len(prefix):]
-            parent, _, leaf = rel.rpartition(".")
+        packed = tuple(f"{name[len(prefix):]}." for name in quantized_names(self.fmt, state))
+        for rel in packed:
+            parent, _, leaf = rel[:-1].rpartition(".")
             parent = block.get_submodule(parent) if parent else block
             old = getattr(parent, leaf)
-            qlin, _ = quant_linear(self.fmt, self.qc, name, state, old, torch.float32, True, self.where)
+            qlin, _ = quant_linear(self.fmt, self.qc, prefix + rel[:-1], state, old, torch.float32, True, self.where)
             setattr(parent, leaf, qlin)
             swapped.append((parent, leaf, old))
         rest = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in state.items()}
         check_finite_tensors(rest.items())
         missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
-        missing = [k for k in missing if not any(k.startswith(f"{p}.") for p in self._swapped_names(block))]
+        missing = [k for k in missing if not k.startswith(packed)]     # QuantLinear buffers, filled already
         if missing or unexpected:
             raise QForgeError(f"{self.where}: block {i}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-
-    def _swapped_names(self, block: nn.Module) -> list[str]:
-        where = {id(m): n for n, m in block.named_modules()}
-        return [f"{where[id(parent)]}.{leaf}".lstrip(".") for parent, leaf, _ in self.swapped.get(id(block), [])]
 
     def release(self, block: nn.Module) -> None:
         for parent, leaf, old in reversed(self.swapped.pop(id(block), [])):
