@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--json")
     a = ap.parse_args()
     from qforge.cli.table import format_table
-    from qforge.kernels import aot, tuning, triton_matmul as tm
+    from qforge.kernels import aot, tuning
 
     if not aot.available():
         raise SystemExit("needs triton with its NVIDIA backend tools (ptxas, cuobjdump)")

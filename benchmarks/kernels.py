@@ -112,7 +112,7 @@ def layer_rows(dtype, tuner, shapes, batches, device: str) -> list[dict]:
 
 def decode_rows(cfg, dtype, tuner, device: str, steps: int = 64) -> list[dict]:
     """tokens/s of greedy decoding, batch 1, a random-weight Llama of config cfg: fp16, then W4 (plan, tuned)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from qforge.eval.decode import greedy_decode
     from qforge.kernels import use_tuner

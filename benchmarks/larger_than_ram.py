@@ -198,7 +198,7 @@ def quantize(a, src: Path, layers: int, params: int) -> None:
            "--bits", "4", "--group-size", str(a.group_size), "--format", "gptq", "--packed-only", "--out", str(out),
            "--nsamples", str(a.nsamples), "--calib-seqlen", str(a.seqlen)]
     wall, rss, peak_disk = child(cmd, Path(a.work), src)
-    print(f"\n| model | params | bf16 on disk | fp32 | method | wall | peak RSS | peak extra disk | packed output |")
+    print("\n| model | params | bf16 on disk | fp32 | method | wall | peak RSS | peak extra disk | packed output |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| random Llama, 70B block shape, {layers} blocks | {params / 1e9:.2f} B | {du([src]) / 2**30:.1f} GiB | "
           f"{params * 4 / 2**30:.1f} GiB | {a.method} W4 g{a.group_size} | {wall / 60:.1f} min | "

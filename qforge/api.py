@@ -208,7 +208,7 @@ class QModel:
                 raise QForgeError("this streamed run's blocks are gone (drop_run_state() was called); quantize again")
             return export_streamed(self.model, self.tokenizer, self.config, blocks, out, fmt, dtype, overwrite)
         return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
-                      max_shard_size)
+                      max_shard_size, self.result.allocation)
 
     def _output_loader(self):
         """A streamed run's blocks as saved in its output directory."""
@@ -293,6 +293,10 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
         result = QuantizeResult(layers=read_layers(model, values=not stream))
+        if (Path(model) / "allocation.json").is_file():                 # mixed precision: exports carry it
+            from .mixed import Allocation
+
+            result.allocation = Allocation.load(Path(model) / "allocation.json")
         return QModel(lm.model, lm.tokenizer, model, read_config(model), result, blocks=blocks)
     return QModel(lm.model, lm.tokenizer, model, config, blocks=blocks)
 

@@ -118,10 +118,7 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
             save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
                      {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
         if allocation is not None:
-            from .mixed import plot_allocation
-
-            allocation.save(tmp / "allocation.json")
-            plot_allocation(allocation, tmp / "allocation.png")
+            allocation.write_beside(tmp)
     return out
 
 

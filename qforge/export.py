@@ -3,7 +3,7 @@
   config.json (with quantization_config), generation_config.json, tokenizer files,
   model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json,
   quantize_config.json (gptq only), qforge_export.json (sizes and bits per weight measured on the files, and the
-  qforge QuantizeConfig the layers were made with).
+  qforge QuantizeConfig the layers were made with), allocation.json and .png (mixed precision: every layer's scheme).
 
 Non-quantized tensors (embeddings, norms, lm_head) are stored in `dtype`; quantized linears as their
 format's packed tensors. Tied weights are written once, as transformers does.
@@ -156,8 +156,9 @@ def measured_sizes(out: Path, layers: dict[str, LayerQuant]) -> dict:
 
 def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Path, fmt: str,
            dtype: torch.dtype = torch.float16, overwrite: bool = False,
-           max_shard_size: str | int = "4GB") -> dict:
-    """Write `model` (its quantized linears given by `layers`) in format `fmt`; returns the measured sizes."""
+           max_shard_size: str | int = "4GB", allocation=None) -> dict:
+    """Write `model` (its quantized linears given by `layers`) in format `fmt`; returns the measured sizes.
+    `allocation` (mixed precision: a mixed.plan.Allocation) is written beside, as in a saved output."""
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not layers:
@@ -167,6 +168,8 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
         sizes = _write_configs(tmp, model, tokenizer, layers, fmt, qconf, dtype, qcfg)
+        if allocation is not None:
+            allocation.write_beside(tmp)
     log.info("exported %s to %s: %.3f bits/weight over the quantized linears", fmt, out, sizes["bits_per_weight"])
     return sizes
 

@@ -219,7 +219,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     compare the fast schedule with."""
     grids = grids or {}
     dtype = getattr(torch, cfg.compute_dtype)
-    with weights.outside(model) if weights is not None else contextlib.nullcontext():   # streamed: embeddings...
+    with weights.outside(model, without="head") if weights is not None else contextlib.nullcontext():   # streamed
         inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = [h.to(dtype) for h in inputs.hidden]
     nbytes = sum(h.numel() * h.element_size() for h in hidden)

@@ -603,3 +603,21 @@ def test_the_hessian_is_mirrored_in_place_and_then_closed():
         assert torch.equal(H, want) and torch.equal(torch.signbit(H), torch.signbit(want))
         with pytest.raises(RuntimeError, match="H was read"):
             acc.add(torch.randn(2, n))
+
+
+def test_inverse_hessian_cholesky_factors_the_permuted_hessian_without_touching_it():
+    """One work matrix, filled with H[perm][:, perm] panel by panel and factored in place: the factor of the
+    permuted matrix (dead inputs' H_jj = 1), and the caller's H unchanged."""
+    X = correlated_inputs(d=96)
+    X[:, 7] = 0.0                                                # a dead input: zero row and column of H
+    H = hessian(X)
+    before = H.clone()
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))
+    U, info = inverse_hessian_cholesky(H, damp=0.01, perm=perm)
+    assert torch.equal(H, before) and info["retries"] == 0
+    Hp = H[perm][:, perm]
+    Hp.diagonal()[Hp.diagonal() == 0] = 1.0
+    Hp.diagonal().add_(0.01 * Hp.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+    torch.testing.assert_close(U, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(U, U.triu())

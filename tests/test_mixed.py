@@ -332,6 +332,12 @@ def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys)
     first, again = (qforge.load(tmp_path / d).result.layers for d in ("q-gptq", "q2-gptq"))
     assert all(torch.equal(first[n].codes, again[n].codes) and first[n].grid == again[n].grid for n in first)
     assert not (tmp_path / "q2.measurement.json").exists()
+    # the export carries the allocation too: from memory, from the saved output, and as --packed-only's one output
+    assert json.loads((tmp_path / "q-gptq" / "allocation.json").read_text())["layers"] == alloc["layers"]
+    assert qforge.load(tmp_path / "q").result.allocation.layers == alloc["layers"]
+    assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--allocation", str(tmp_path / "q" /
+                "allocation.json"), "--out", str(tmp_path / "p"), "--format", "gptq", "--packed-only", *common]) == 0
+    assert json.loads((tmp_path / "p" / "allocation.json").read_text())["layers"] == alloc["layers"]
 
 
 def test_a_bad_or_foreign_allocation_is_refused(tiny_llama_dir, tmp_path, capsys):

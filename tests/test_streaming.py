@@ -263,3 +263,25 @@ def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_llama_di
     blocks = get_blocks(streamed.model, arch_spec(streamed.model))
     assert not any(BlockLoader.materialized(b) for b in blocks)
     assert all(type(b.self_attn.q_proj).__name__ == "Linear" for b in blocks)   # the meta modules back in place
+
+
+def test_a_pass_reads_only_the_outside_weights_it_needs(tmp_path, tiny_tokenizer):
+    """The capture pass reads no lm_head, the evaluation's head pass no embeddings (untied: two big matrices
+    of a large vocabulary); tied embeddings are one tensor and always load."""
+    def devices(model):
+        return (model.get_input_embeddings().weight.device.type, model.get_output_embeddings().weight.device.type)
+
+    lm, loader = load_streamed(str(_saved_dir(tmp_path, tiny_tokenizer, "llama")))
+    assert not lm.model.config.tie_word_embeddings
+    with loader.outside(lm.model, without="head"):
+        assert devices(lm.model) == ("cpu", "meta") and lm.model.model.norm.weight.device.type == "cpu"
+    with loader.outside(lm.model, without="embeddings"):
+        assert devices(lm.model) == ("meta", "cpu")
+    with loader.outside(lm.model):
+        assert devices(lm.model) == ("cpu", "cpu")
+    assert devices(lm.model) == ("meta", "meta")
+    with pytest.raises(ValueError, match="without"), loader.outside(lm.model, without="lm_head"):
+        pass
+    tied, tied_loader = load_streamed(str(_saved_dir(tmp_path, tiny_tokenizer, "gemma")))
+    with tied_loader.outside(tied.model, without="head"):
+        assert devices(tied.model) == ("cpu", "cpu")

@@ -61,7 +61,6 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, cuda_graph: bool = Fa
                 step(scratch)
         del scratch
         cache, first = prefill()
-        run = functools.partial(step, cache)
         if cuda_graph:                       # captured, not run: the cache's counter stays at P until replays
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -72,6 +71,8 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, cuda_graph: bool = Fa
             def run() -> torch.Tensor:
                 graph.replay()
                 return next_tok
+        else:
+            run = functools.partial(step, cache)
         ids.fill_(first)
         out = torch.empty(steps + 1, dtype=torch.long, device=prompt.device)
         out[0] = first

@@ -48,6 +48,11 @@ class Allocation:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
+    def write_beside(self, directory: str | Path) -> None:
+        """allocation.json and its plot, allocation.png, in an output directory (saved or exported)."""
+        self.save(Path(directory) / "allocation.json")
+        plot_allocation(self, Path(directory) / "allocation.png")
+
     @classmethod
     def load(cls, path: str | Path) -> "Allocation":
         try:

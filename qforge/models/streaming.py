@@ -159,11 +159,15 @@ class BlockLoader:
         block.load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True, assign=True)
 
     @contextlib.contextmanager
-    def outside(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+    def outside(self, model: nn.Module, dtype: torch.dtype = torch.float32, without: str | None = None):
         """The weights outside the blocks in memory (checked finite) while inside, on the meta device after.
         `dtype`: theirs while inside (an export reads them straight into its dtype: a 70B vocabulary's embeddings
-        and lm_head take 4.2 GB in fp16 instead of 8.4 GB in fp32 plus the fp16 copies)."""
-        t = {k: self.files.read([k], dtype)[k] for k in self.outside_keys}   # one at a time: one file mapping
+        and lm_head take 4.2 GB in fp16 instead of 8.4 GB in fp32 plus the fp16 copies).
+        `without`: "head" leaves the output embeddings on the meta device (the capture pass runs only the
+        module that owns the blocks), "embeddings" the input embeddings (a pass that stands something in for
+        them: eval/streamed.py). Tied embeddings are one tensor and always load."""
+        skip = self._keys_of(model, without)
+        t = {k: self.files.read([k], dtype)[k] for k in self.outside_keys if k not in skip}   # one at a time
         check_finite_tensors(t.items())
         t.update({n: t[stored] for n, stored in self.tied.items()})
         model.load_state_dict(t, strict=False, assign=True)
@@ -178,6 +182,16 @@ class BlockLoader:
             if self.tied:
                 model.tie_weights()
             return_freed_memory()
+
+    @staticmethod
+    def _keys_of(model: nn.Module, part: str | None) -> set[str]:
+        if part is None or getattr(model.config, "tie_word_embeddings", False):
+            return set()
+        if part not in ("head", "embeddings"):
+            raise ValueError(f"outside(without={part!r}): expected 'head' or 'embeddings'")
+        module = model.get_output_embeddings() if part == "head" else model.get_input_embeddings()
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        return set() if name is None else {f"{name}.{k}" for k in module.state_dict()}
 
     @staticmethod
     def release(block: nn.Module) -> None:

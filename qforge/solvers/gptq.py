@@ -14,29 +14,48 @@ from .grid import Grid, LayerQuant, fit_params, search_params
 log = logging.getLogger(__name__)
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float, max_tries: int = 4) -> tuple[torch.Tensor, dict]:
-    """Upper Cholesky factor of (H + λI)^-1, λ = damp * mean(diag H), escalating λ x10 on failure.
+def _fill(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, panel: int = 2048) -> torch.Tensor:
+    """work := H[perm][:, perm] (a panel of rows at a time: no [in, in] temporary) with its zero diagonal
+    entries set to 1; returns mean(diag work)."""
+    if perm is None:
+        work.copy_(H)
+    else:
+        for r in range(0, H.shape[0], panel):
+            torch.index_select(H.index_select(0, perm[r:r + panel]), 1, perm, out=work[r:r + panel])
+    d = work.diagonal()
+    d.masked_fill_(d == 0, 1.0)
+    return d.mean().clamp_min(1e-12)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
+                              max_tries: int = 4) -> tuple[torch.Tensor, dict]:
+    """Upper Cholesky factor of (Hp + λI)^-1, Hp = H[perm][:, perm], λ = damp * mean(diag Hp), escalating
+    λ x10 on failure. A zero diagonal entry of H (an input that is always zero: its whole row is zero)
+    counts as 1 in Hp.
 
     If every try fails (a huge or badly conditioned H), fall back to an eigendecomposition with the
-    eigenvalues clamped positive, which always factorises. Returns (U, info) with U^T U = (H + λI)^-1.
+    eigenvalues clamped positive, which always factorises. Returns (U, info) with U^T U = (Hp + λI)^-1.
+    H is not modified. Memory: one [in, in] matrix besides H (28672²: 3.3 GB), which Hp, its Cholesky
+    factor, their inverse and U take in turn: every step runs in place on its column-major view.
     """
-    mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-12)
+    work = torch.empty_like(H)                        # [in, in]; work.mT is column-major, as LAPACK works
+    v, status = work.mT, torch.empty((), dtype=torch.int32, device=H.device)
+
     d = damp
-    for attempt in range(max_tries):          # at most two [in, in] matrices alive besides H (28672²: 3.3 GB each)
-        Hd = H.clone()
-        Hd.diagonal().add_(d * mean_diag)     # H + λI
-        L, err = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        if err.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, err = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if err.item() == 0 and torch.isfinite(U).all():
-                return U, {"damp": d, "retries": attempt, "fallback": None}
+    for attempt in range(max_tries):
+        mean_diag = _fill(work, H, perm)              # Hp is symmetric: v holds it too
+        work.diagonal().add_(d * mean_diag)           # Hp + λI
+        torch.linalg.cholesky_ex(v, out=(v, status))  # v := L, Hp + λI = L L^T
+        if status.item() == 0:
+            torch.cholesky_inverse(v, out=v)          # v := (Hp + λI)^-1
+            torch.linalg.cholesky_ex(v, upper=True, out=(v, status))   # v := U, (Hp + λI)^-1 = U^T U
+            if status.item() == 0 and torch.isfinite(v).all():
+                return v, {"damp": d, "retries": attempt, "fallback": None}   # column-major, as cholesky's own
         d *= 10
-    # eigen fallback: H = V diag(e) V^T with e clamped to >= 1e-6 * max(e) (+ the last damping)
-    e, V = torch.linalg.eigh(H.double())
+    # eigen fallback: Hp = V diag(e) V^T with e clamped to >= 1e-6 * max(e) (+ the last damping)
+    mean_diag = _fill(work, H, perm)
+    e, V = torch.linalg.eigh(work.double())
+    del work, v
     e = e.clamp_min(1e-6 * e.max().clamp_min(1e-12)) + d * float(mean_diag)
     Hinv = (V / e) @ V.T
     U = torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
@@ -111,14 +130,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
-    W, H = W.float(), H.float()                       # not modified: each permuted into one copy below
+    W, H = W.float(), H.float()                       # not modified (W is permuted into a copy below)
     out_f, in_f = W.shape
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise ValueError("gptq: W and H must be finite")
 
     diag = torch.diag(H).clone()
     dead = diag == 0                                  # inputs that are always zero
-    diag[dead] = 1.0                                  # H_jj := 1 and W[:, j] := 0 for them, in the copies below
+    diag[dead] = 1.0                                  # H_jj := 1 (in Hp) and W[:, j] := 0 for them
 
     gs = grid.group_len(in_f)
     n_groups = grid.n_groups(in_f)
@@ -127,14 +146,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     zeros = torch.zeros(out_f, n_groups, device=dev)
     perm = column_order(diag, gs, act_order, group_aware)
     inv = torch.argsort(perm)
-    W, H = W[:, perm], H[perm[:, None], perm]         # [out, in] and [in, in] copies, permuted
+    W = W[:, perm]                                    # [out, in] copy, permuted
     W[:, dead[perm]] = 0.0                            # as the paper's code: no signal, no weight
-    H[dead[perm], dead[perm]] = 1.0
     in_order_groups = static_groups or group_aware   # groups are column ranges, not runs of the visiting order
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
-    U, info = inverse_hessian_cholesky(H, damp)       # [in, in] upper, U^T U = H^-1
-    del H
+    reordered = act_order or group_aware              # else perm is the identity
+    U, info = inverse_hessian_cholesky(H, damp, perm if reordered else None)   # [in, in] upper, U^T U = Hp^-1
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 
     prefit = static_groups or grid.group_size == -1
