@@ -92,10 +92,10 @@ def quantized_names(fmt: str, keys) -> list[str]:
     return sorted(k[: -len(first) - 1] for k in keys if k.endswith("." + first))
 
 
-def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], old: torch.nn.Module,
-                 dtype: torch.dtype, cache_dequantized: bool, where: Path) -> tuple[QuantLinear, LayerQuant]:
-    """The QuantLinear replacing module `old` (full name `name`) from its packed tensors, popped from `state`
-    (keyed by full name; its bias too)."""
+def packed_layer(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], shape: tuple[int, int],
+                 where: Path) -> tuple[LayerQuant, torch.Tensor | None, torch.dtype]:
+    """(layer, bias or None, the checkpoint's scale dtype) of module `name` (full name; its weight [out, in] is
+    `shape`) from its packed tensors, popped from `state` (keyed by full name; its bias too)."""
     grid = _grid(fmt, qc, name)
     t = {k: state.pop(f"{name}.{k}") for k in FORMATS[fmt].KEYS if f"{name}.{k}" in state}
     scale_dtype = next((v.dtype for k, v in t.items() if "scale" in k and v.is_floating_point()), torch.float16)
@@ -104,9 +104,16 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
         q = FORMATS[fmt].unpack(t, grid, **v1)
     except Exception as e:
         raise QForgeError(f"{where}: cannot unpack {name} as {fmt}: {type(e).__name__}: {e}") from e
-    bias = state.pop(f"{name}.bias", None)
-    if tuple(old.weight.shape) != q.shape:
-        raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(old.weight.shape)}")
+    if tuple(shape) != q.shape:
+        raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(shape)}")
+    return q, state.pop(f"{name}.bias", None), scale_dtype
+
+
+def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], old: torch.nn.Module,
+                 dtype: torch.dtype, cache_dequantized: bool, where: Path) -> tuple[QuantLinear, LayerQuant]:
+    """The QuantLinear replacing module `old` (full name `name`) from its packed tensors, popped from `state`
+    (keyed by full name; its bias too)."""
+    q, bias, scale_dtype = packed_layer(fmt, qc, name, state, tuple(old.weight.shape), where)
     bias = bias.to(dtype) if bias is not None else None
     return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q
 

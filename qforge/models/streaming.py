@@ -6,8 +6,8 @@ tensors from the safetensors files in fp32 (checked finite); `release(block)` pu
 meta device. The weights outside the block list (embeddings, final norm, lm_head) are read only inside
 `BlockLoader.outside(model)`: for the calibration capture and for writing the outputs. Memory holds one block
 and the calibration activations (a 70B model's fp32 embeddings and lm_head alone are 8.4 GB). A packed
-checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader` turns each block's packed
-linears into QuantLinear modules. `SavedBlocks` reads a finished streamed run's blocks for export.
+checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader` dequantizes each block's packed
+linears into the skeleton's own modules. `SavedBlocks` reads a finished streamed run's blocks for export.
 
 Checkpoint keys must be the model's own parameter names (what save_pretrained writes for the Llama, Mistral,
 Qwen, Gemma, OPT and GPT-2 families). A checkpoint transformers renames or converts while loading (Mixtral's
@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import QForgeError
 from .arch import arch_spec, get_blocks
 from .loading import LoadedModel, check_finite_tensors, resolve_model
-from .packed import packed_config, packed_format, quant_linear, quantized_names
+from .packed import packed_config, packed_format, packed_layer, quantized_names
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -207,40 +207,33 @@ class BlockLoader:
 
 
 class PackedBlockLoader(BlockLoader):
-    """Block i of a packed checkpoint (models/packed.py's formats): its packed linears become QuantLinear modules
-    (each dequantized on its first forward and kept until the block is released: one dense block in memory,
-    as a dense checkpoint streams), everything else loads in fp32; `release` puts the skeleton's meta modules
-    back. For evaluating a packed model larger than RAM."""
+    """Block i of a packed checkpoint (models/packed.py's formats), dequantized: each packed linear's codes become
+    the skeleton's own dense fp32 weight (what QuantLinear computes with on the CPU, without its repacking), and
+    everything else loads in fp32. One dense block in memory, as a dense checkpoint streams. For evaluating a
+    packed model larger than RAM."""
 
     def __init__(self, files: CheckpointFiles, model: nn.Module, where: Path):
         super().__init__(files, model)
         self.where = where
         self.fmt, self.qc, _ = packed_config(where)
-        self.swapped: dict[int, list[tuple[nn.Module, str, nn.Module]]] = {}    # id(block): (parent, leaf, meta)
 
     def load(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.blocks}.{i}."
         state = self.files.read([k for k in self.files.where if k.startswith(prefix)], dtype=None)
-        swapped = self.swapped.setdefault(id(block), [])
-        packed = tuple(f"{name[len(prefix):]}." for name in quantized_names(self.fmt, state))
-        for rel in packed:
-            parent, _, leaf = rel[:-1].rpartition(".")
-            parent = block.get_submodule(parent) if parent else block
-            old = getattr(parent, leaf)
-            qlin, _ = quant_linear(self.fmt, self.qc, prefix + rel[:-1], state, old, torch.float32, True, self.where)
-            setattr(parent, leaf, qlin)
-            swapped.append((parent, leaf, old))
+        dense = {}
+        for name in quantized_names(self.fmt, state):
+            rel = name[len(prefix):]
+            shape = tuple(block.get_submodule(rel).weight.shape)
+            q, bias, _ = packed_layer(self.fmt, self.qc, name, state, shape, self.where)
+            dense[f"{rel}.weight"] = q.dequantize()
+            if bias is not None:
+                dense[f"{rel}.bias"] = bias
         rest = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        rest.update({k: v.float() for k, v in dense.items()})
         check_finite_tensors(rest.items())
         missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
-        missing = [k for k in missing if not k.startswith(packed)]     # QuantLinear buffers, filled already
         if missing or unexpected:
             raise QForgeError(f"{self.where}: block {i}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
-
-    def release(self, block: nn.Module) -> None:
-        for parent, leaf, old in reversed(self.swapped.pop(id(block), [])):
-            setattr(parent, leaf, old)
-        BlockLoader.release(block)
 
 
 class SavedBlocks:
