@@ -30,7 +30,7 @@ from .config import QuantizeConfig
 from .errors import QForgeError
 from .kernels.gptq_loop import column_loop_for
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name, named_block_linears
-from .models.loading import all_finite
+from .utils.tensors import all_finite
 from .smoothing import BlockAWQ, awq_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn

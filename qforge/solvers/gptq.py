@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ..utils.tensors import all_finite
 from .grid import Grid, LayerQuant, fit_params, search_params
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def _fill(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, panel:
             torch.index_select(H.index_select(0, perm[r:r + panel]), 1, perm, out=work[r:r + panel])
     d = work.diagonal()
     d.masked_fill_(d == 0, 1.0)
-    return d.mean().clamp_min(1e-12)
+    return torch.diag(work).mean().clamp_min(1e-12)    # as a contiguous copy: the sum order of a plain mean
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
@@ -49,7 +50,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | 
         if status.item() == 0:
             torch.cholesky_inverse(v, out=v)          # v := (Hp + λI)^-1
             torch.linalg.cholesky_ex(v, upper=True, out=(v, status))   # v := U, (Hp + λI)^-1 = U^T U
-            if status.item() == 0 and torch.isfinite(v).all():
+            if status.item() == 0 and all_finite(v):
                 return v, {"damp": d, "retries": attempt, "fallback": None}   # column-major, as cholesky's own
         d *= 10
     # eigen fallback: Hp = V diag(e) V^T with e clamped to >= 1e-6 * max(e) (+ the last damping)
@@ -132,7 +133,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
     W, H = W.float(), H.float()                       # not modified (W is permuted into a copy below)
     out_f, in_f = W.shape
-    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+    if not (all_finite(W) and all_finite(H)):
         raise ValueError("gptq: W and H must be finite")
 
     diag = torch.diag(H).clone()
@@ -179,7 +180,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
                 scales[:, ks[j]], zeros[:, ks[j]] = S[:, j], Z[:, j]
         codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
         row_loss += (Err1**2 * torch.diag(U1) ** 2).sum(dim=1) / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]             # lazy batch update of the remaining columns
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)   # lazy batch update of the remaining columns, in place
     del W, U
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
