@@ -57,3 +57,18 @@ def test_quantized_dir_refuses_a_second_config(tiny_llama_dir, tmp_path):
     m.save(tmp_path / "q")
     with pytest.raises(QForgeError, match="already quantized"):
         qforge.load(str(tmp_path / "q"), qforge.QuantizeConfig())
+
+
+def test_the_chunked_finiteness_check_finds_every_bad_value():
+    """utils.tensors.all_finite, a chunk at a time (GPTQ's Hessians, a 70B vocabulary's embeddings): NaN and
+    Inf anywhere, in the last ragged chunk and in column-major views (the Cholesky factor's), are found."""
+    import torch
+
+    from qforge.utils.tensors import all_finite
+
+    t = torch.randn(37, 53)
+    assert all_finite(t, chunk=100) and all_finite(t.mT, chunk=100) and all_finite(t[:, ::2], chunk=7)
+    for pos, bad in [((0, 0), float("nan")), ((36, 52), float("inf")), ((20, 11), float("-inf"))]:
+        u = t.clone()
+        u[pos] = bad
+        assert not all_finite(u, chunk=100) and not all_finite(u.mT, chunk=100) and not all_finite(u, chunk=1 << 20)

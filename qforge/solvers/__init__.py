@@ -3,6 +3,7 @@ from .grid import Grid, LayerQuant, dequantize, fit_params, group_index, quantiz
 from .rtn import rtn
 
 __all__ = ["Grid", "LayerQuant", "dequantize", "fit_params", "group_index", "quantize", "rtn"]
-from .gptq import gptq, inverse_hessian_cholesky  # noqa: E402
+from .gptq import gptq  # noqa: E402
+from .inverse_hessian import inverse_hessian_cholesky  # noqa: E402
 
 __all__ += ["gptq", "inverse_hessian_cholesky"]

@@ -11,56 +11,9 @@ import torch
 
 from ..utils.tensors import all_finite
 from .grid import Grid, LayerQuant, fit_params, search_params
+from .inverse_hessian import inverse_hessian_cholesky
 
 log = logging.getLogger(__name__)
-
-
-def _fill(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, panel: int = 2048) -> torch.Tensor:
-    """work := H[perm][:, perm] (a panel of rows at a time: no [in, in] temporary) with its zero diagonal
-    entries set to 1; returns mean(diag work)."""
-    if perm is None:
-        work.copy_(H)
-    else:
-        for r in range(0, H.shape[0], panel):
-            torch.index_select(H.index_select(0, perm[r:r + panel]), 1, perm, out=work[r:r + panel])
-    d = work.diagonal()
-    d.masked_fill_(d == 0, 1.0)
-    return torch.diag(work).mean().clamp_min(1e-12)    # as a contiguous copy: the sum order of a plain mean
-
-
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
-                              max_tries: int = 4) -> tuple[torch.Tensor, dict]:
-    """Upper Cholesky factor of (Hp + λI)^-1, Hp = H[perm][:, perm], λ = damp * mean(diag Hp), escalating
-    λ x10 on failure. A zero diagonal entry of H (an input that is always zero: its whole row is zero)
-    counts as 1 in Hp.
-
-    If every try fails (a huge or badly conditioned H), fall back to an eigendecomposition with the
-    eigenvalues clamped positive, which always factorises. Returns (U, info) with U^T U = (Hp + λI)^-1.
-    H is not modified. Memory: one [in, in] matrix besides H (28672²: 3.3 GB), which Hp, its Cholesky
-    factor, their inverse and U take in turn: every step runs in place on its column-major view.
-    """
-    work = torch.empty_like(H)                        # [in, in]; work.mT is column-major, as LAPACK works
-    v, status = work.mT, torch.empty((), dtype=torch.int32, device=H.device)
-
-    d = damp
-    for attempt in range(max_tries):
-        mean_diag = _fill(work, H, perm)              # Hp is symmetric: v holds it too
-        work.diagonal().add_(d * mean_diag)           # Hp + λI
-        torch.linalg.cholesky_ex(v, out=(v, status))  # v := L, Hp + λI = L L^T
-        if status.item() == 0:
-            torch.cholesky_inverse(v, out=v)          # v := (Hp + λI)^-1
-            torch.linalg.cholesky_ex(v, upper=True, out=(v, status))   # v := U, (Hp + λI)^-1 = U^T U
-            if status.item() == 0 and all_finite(v):
-                return v, {"damp": d, "retries": attempt, "fallback": None}   # column-major, as cholesky's own
-        d *= 10
-    # eigen fallback: Hp = V diag(e) V^T with e clamped to >= 1e-6 * max(e) (+ the last damping)
-    mean_diag = _fill(work, H, perm)
-    e, V = torch.linalg.eigh(work.double())
-    del work, v
-    e = e.clamp_min(1e-6 * e.max().clamp_min(1e-12)) + d * float(mean_diag)
-    Hinv = (V / e) @ V.T
-    U = torch.linalg.cholesky(Hinv, upper=True).to(H.dtype)
-    return U, {"damp": d, "retries": max_tries, "fallback": "eigh"}
 
 
 def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool) -> torch.Tensor:
