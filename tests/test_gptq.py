@@ -621,3 +621,37 @@ def test_inverse_hessian_cholesky_factors_the_permuted_hessian_without_touching_
     want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
     torch.testing.assert_close(U, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(U, U.triu())
+
+
+@pytest.mark.parametrize("n,nb", [(1, 4), (13, 5), (64, 64), (70, 16)])
+def test_the_in_place_triangular_inverse_and_reversal(n, nb):
+    """inverse_hessian's two steps after the Cholesky, at block and chunk sizes that leave ragged ends."""
+    from qforge.solvers.inverse_hessian import _invert_lower_, _reverse_
+
+    g = torch.Generator().manual_seed(n)
+    L = torch.randn(n, n, generator=g, dtype=torch.float64).tril_() * 0.1
+    L.diagonal().copy_(torch.rand(n, generator=g, dtype=torch.float64) + 1.0)
+    want = torch.linalg.inv(L)
+    got = L.clone().mT.contiguous().mT                          # column-major, as the factor is held
+    _invert_lower_(got, nb=nb)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    flat = torch.arange(n * n + (n % 2), dtype=torch.float32)
+    rev = flat.clone()
+    _reverse_(rev, chunk=nb)
+    assert torch.equal(rev, flat.flip(0))
+
+
+def test_factors_kept_across_grids_give_the_same_result():
+    """gptq(factors=...): one factorization serves every grid of one H (a measurement's candidates); the codes
+    equal those of independent calls, and a dict of another H is refused."""
+    X = correlated_inputs(d=96)
+    H, W = hessian(X), torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
+    for opts in [{}, {"act_order": True}, {"group_aware": True}]:
+        factors = {}
+        for grid in [Grid(4, 32, False), Grid(3, 32, True), Grid(2, -1, False), Grid(4, 16, False)]:
+            got, want = gptq(W, H, grid, factors=factors, **opts), gptq(W, H, grid, **opts)
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+            assert got.info == want.info
+        assert len(factors) == 2                                  # H and one factor
+        with pytest.raises(ValueError, match="another H"):
+            gptq(W, H.clone(), Grid(4, 32, False), factors=factors, **opts)

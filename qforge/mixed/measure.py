@@ -154,6 +154,7 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
     stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
     layers = {}
     for g in groups:
+        factors = {}                                                  # one factorization per group's H
         for ref in g:
             original = ref.weight.detach().clone()                    # a copy: probes write into the weight
             W, H = original.float().to(device), stats[ref.name].H
@@ -161,7 +162,7 @@ def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt,
             probes, abs_err, kl = probe_grids(grids), {}, {}
             w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
             for grid in grids:
-                W_hat = gptq(W, H, grid, **gptq_options(cfg, device)).dequantize().to(W.device)
+                W_hat = gptq(W, H, grid, **gptq_options(cfg, device), factors=factors).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:

@@ -162,9 +162,11 @@ def build_database(model, levels: dict[str, list[Grid]], calib: list[torch.Tenso
             if not mine:
                 continue
             stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
+            factors = {}                              # one factorization per statistic (q/k/v share one)
             for n, r in mine.items():
-                W, H = r.weight.detach().float().to(device), stats[r.name].H
-                db[n] = [gptq(W, H, g, **gptq_options(cfg, device)).dequantize().to("cpu", dtype) for g in levels[n]]
+                W, f = r.weight.detach().float().to(device), factors.setdefault(id(stats[r.name]), {})
+                db[n] = [gptq(W, stats[r.name].H, g, **gptq_options(cfg, device), factors=f).dequantize()
+                         .to("cpu", dtype) for g in levels[n]]
     return db
 
 

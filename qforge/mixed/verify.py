@@ -91,9 +91,11 @@ def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device,
     originals = {n: r.weight.detach().clone() for n, r in mine.items()}
     grids = a.grids
     try:
+        factors = {}                                  # one factorization per statistic (q/k/v share one)
         for n, r in mine.items():
-            W = originals[n].float().to(device)
-            r.set_weight(gptq(W, stats[r.name].H, grids[n], **gptq_options(cfg, device)).dequantize().to(W.device))
+            W, f = originals[n].float().to(device), factors.setdefault(id(stats[r.name]), {})
+            r.set_weight(gptq(W, stats[r.name].H, grids[n], **gptq_options(cfg, device), factors=f).dequantize()
+                         .to(W.device))
         kl = tuple(tail_kl())
     finally:
         for n, r in mine.items():

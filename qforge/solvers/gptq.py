@@ -69,7 +69,7 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
-         scale_search: bool = False, loop=column_loop) -> LayerQuant:
+         scale_search: bool = False, loop=column_loop, factors: dict | None = None) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -81,9 +81,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     scale_search: each group's range is shrunk to minimise its rounding error weighted by what each
     column's error costs in GPTQ's loss, 1 / U_jj^2 (grid.search_params); otherwise min-max.
     loop: the column loop of one block, column_loop or a kernel with its signature (kernels.gptq_loop).
+    factors: a dict the caller keeps for one H across calls (a measurement's candidate grids): U is kept there
+    for the next call with the same visiting order and damping (one [in, in] matrix: the latest order's).
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
+    if factors is not None and factors.setdefault("H", H) is not H:
+        raise ValueError("gptq: these factors belong to another H")
     W, H = W.float(), H.float()                       # not modified (W is permuted into a copy below)
     out_f, in_f = W.shape
     if not (all_finite(W) and all_finite(H)):
@@ -106,7 +110,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
     reordered = act_order or group_aware              # else perm is the identity
-    U, info = inverse_hessian_cholesky(H, damp, perm if reordered else None)   # [in, in] upper, U^T U = Hp^-1
+    key = (damp, perm.cpu().numpy().tobytes() if reordered else None)
+    if factors is not None and key in factors:
+        U, info = factors[key]
+    else:                                             # [in, in] upper, U^T U = Hp^-1
+        U, info = inverse_hessian_cholesky(H, damp, perm if reordered else None)
+        if factors is not None:                       # the latest order's only: one [in, in] matrix kept
+            for k in [k for k in factors if k != "H"]:
+                del factors[k]
+            factors[key] = (U, info)
+    info = dict(info)
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 
     prefit = static_groups or grid.group_size == -1
