@@ -15,8 +15,9 @@ import contextlib
 import copy
 import logging
 import time
-from fnmatch import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Callable, Protocol
 
 import torch
@@ -44,7 +45,8 @@ class Solver(Protocol):
 
     def new_stats(self, in_features: int) -> object: ...
     def add(self, stats: object, x: torch.Tensor) -> None: ...
-    def solve(self, W: torch.Tensor, stats: object, grid: Grid, cfg: QuantizeConfig) -> LayerQuant: ...
+    def solve(self, W: torch.Tensor, stats: object, grid: Grid, cfg: QuantizeConfig,
+              shared: dict | None = None) -> LayerQuant: ...   # shared: kept across one statistic's grids
 
 
 class RTNSolver:
@@ -53,7 +55,7 @@ class RTNSolver:
     def __init__(self, device: str = "cpu", product_dtype: torch.dtype = torch.float32):
         self.device = device
 
-    def solve(self, W, stats, grid, cfg):
+    def solve(self, W, stats, grid, cfg, shared=None):
         return rtn(W, grid)
 
 
@@ -69,8 +71,8 @@ class GPTQSolver:
     def add(self, stats: HessianAccumulator, x: torch.Tensor) -> None:
         stats.add(x)
 
-    def solve(self, W, stats: HessianAccumulator, grid, cfg):
-        return gptq(W.to(stats.H.device), stats.H, grid, **gptq_options(cfg, stats.H.device))
+    def solve(self, W, stats: HessianAccumulator, grid, cfg, shared=None):
+        return gptq(W.to(stats.H.device), stats.H, grid, **gptq_options(cfg, stats.H.device), factors=shared)
 
 
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
@@ -103,20 +105,21 @@ class QuantizeResult:
 
 
 def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
-                result: QuantizeResult) -> None:
+                result: QuantizeResult, shared: dict | None = None) -> None:
     W = ref.weight.detach().float()
-    _write_back(ref, full_name, W, solver.solve(W, stats, grid, cfg), result)
+    _write_back(ref, full_name, W, solver.solve(W, stats, grid, cfg, shared), result)
 
 
 def _solve_stacked(refs: list[LinearRef], names: list[str], solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
-                   result: QuantizeResult) -> None:
+                   result: QuantizeResult, shared: dict | None = None) -> None:
     """Linears that read one input (one statistic) on one grid solved as one matrix, their rows stacked:
     GPTQ's rows are independent given H, so q/k/v (or gate/up) cost one factorisation and one column
-    loop instead of three (or two). Each part is then checked and recorded on its own."""
+    loop instead of three (or two). Each part is then checked and recorded on its own. `shared`: the solver's
+    dict for this statistic's other grids (mixed precision), or None."""
     if len(refs) == 1:
-        return _solve_into(refs[0], names[0], solver, stats, grid, cfg, result)
+        return _solve_into(refs[0], names[0], solver, stats, grid, cfg, result, shared)
     Ws = [r.weight.detach().float() for r in refs]
-    q = solver.solve(torch.cat(Ws), stats, grid, cfg)
+    q = solver.solve(torch.cat(Ws), stats, grid, cfg, shared)
     r0 = 0
     for ref, name, W in zip(refs, names, Ws):
         part = q.rows(r0, r0 + W.shape[0])
@@ -269,9 +272,15 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                         frozen.pass_after(k) if frozen else contextlib.nullcontext():
                     feed_block(fwd, hidden, calls, device)
             names = [linear_name(spec, i, ref.name) for ref in todo]
-            for run in _stackable(todo, names, stats, grids, grid):
-                _solve_stacked([todo[j] for j in run], [names[j] for j in run], solver, stats.get(todo[run[0]].name),
-                               grids.get(names[run[0]], grid), cfg, result)
+            runs = _stackable(todo, names, stats, grids, grid)
+            grids_of = Counter(id(stats.get(todo[run[0]].name)) for run in runs)
+            shared: dict[int, dict] = {}              # one statistic on several grids: one GPTQ factorization
+            for run in runs:
+                st = stats.get(todo[run[0]].name)
+                _solve_stacked([todo[j] for j in run], [names[j] for j in run], solver, st,
+                               grids.get(names[run[0]], grid), cfg, result,
+                               shared.setdefault(id(st), {}) if st is not None and grids_of[id(st)] > 1 else None)
+            del shared
             if fwd is not block:
                 for ref, fwd_ref in zip(todo, fwd_todo):
                     fwd_ref.set_weight(ref.weight)

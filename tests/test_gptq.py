@@ -498,6 +498,26 @@ def test_linears_on_different_grids_are_solved_apart():
     assert result.layers["model.layers.0.self_attn.k_proj"].info["stacked_with"] == ["model.layers.0.self_attn.v_proj"]
 
 
+def test_one_statistic_on_several_grids_is_factored_once(monkeypatch):
+    """q on its own grid and k/v stacked read one Hessian: one factorization serves both solves, as in a uniform
+    run (test_factors_kept_across_grids_give_the_same_result: the same codes as separate factorizations)."""
+    import importlib
+
+    gptq_module = importlib.import_module("qforge.solvers.gptq")
+
+    calls = []
+    real = gptq_module.inverse_hessian_cholesky
+    monkeypatch.setattr(gptq_module, "inverse_hessian_cholesky", lambda H, *a: calls.append(H.shape) or real(H, *a))
+    samples = [torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    q_name = "model.layers.0.self_attn.q_proj"
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True)
+    mixed = quantize_model(tiny_model("llama"), cfg, samples, show_progress=False, grids={q_name: Grid(3, 32, True)})
+    n_mixed, calls[:] = len(calls), []
+    quantize_model(tiny_model("llama"), cfg, samples, show_progress=False)
+    assert n_mixed == len(calls) == 4 * tiny_model("llama").config.num_hidden_layers   # qkv, o, gate/up, down
+    assert mixed.layers[q_name].grid.bits == 3 and "stacked_with" not in mixed.layers[q_name].info
+
+
 @pytest.mark.skipif(not triton_matmul.available(), reason="triton is not installed")
 @pytest.mark.parametrize("grid,block_size,opts", [
     (Grid(4, 32, False), 128, {}), (Grid(3, 64, True), 64, {"act_order": True}),
