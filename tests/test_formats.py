@@ -39,6 +39,21 @@ def test_bitpack_round_trip_random_shapes(bits):
         assert p.dtype == torch.int32 and p.shape == (rows, runs * bits)
         assert torch.equal(unpack_int32(p, bits), v)
         assert torch.equal(unpack_int32(pack_int32(v.t(), bits, dim=0), bits, dim=0), v.t())
+        small = unpack_int32(p, bits, dtype=torch.uint8)                  # codes' own dtype
+        assert small.dtype == torch.uint8 and torch.equal(small.long(), v)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_unpacked_in_chunks_and_transposed(bits):
+    """bitpack.unpack_codes_t (GPTQ's qweight -> codes [out, in]) at chunk sizes that leave a ragged last chunk."""
+    from qforge.formats.bitpack import unpack_codes_t
+
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randint(0, 2**bits, (32 * 7, 24), generator=g)           # [in, out]: 7 runs of 32 rows
+    p = pack_int32(v, bits, dim=0)
+    for chunk in (1, 32 * 24 * 2, 32 * 24 * 3, 1 << 20):
+        got = unpack_codes_t(p, bits, chunk=chunk)
+        assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got.long(), v.t())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

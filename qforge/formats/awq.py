@@ -55,7 +55,7 @@ def pack(q: LayerQuant) -> dict[str, torch.Tensor]:
 
 def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     inv = torch.argsort(_perm(t["qweight"].shape[1] * 8))
-    codes = unpack_int32(t["qweight"], 4, dim=1)[:, inv].t()                  # [out, in]
+    codes = unpack_int32(t["qweight"], 4, dim=1, dtype=torch.uint8)[:, inv].t()   # [out, in]
     zeros = unpack_int32(t["qzeros"], 4, dim=1)[:, inv].t()                   # [out, G]
     g_idx = torch.arange(codes.shape[1], dtype=torch.int32) // grid.group_len(codes.shape[1])
     return LayerQuant(grid, codes.to(torch.uint8).contiguous(), t["scales"].float().t().contiguous(),

@@ -56,8 +56,9 @@ def _pack_whole_words(v: torch.Tensor, bits: int) -> torch.Tensor:
     return out.view(*v.shape[:-1], v.shape[-1] // per)
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Inverse of pack_int32: int32 [.., n*bits/32 along dim] -> int64 values [.., n along dim]."""
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of pack_int32: int32 [.., n*bits/32 along dim] -> values [.., n along dim] as `dtype` (uint8 for
+    codes: an int64 result of a 28672 x 8192 layer is 1.9 GB to fault in)."""
     if packed.shape[dim] % bits:
         raise QForgeError(f"unpack_int32: {packed.shape[dim]} words is not a whole number of {bits}-bit runs")
     if 32 % bits == 0:          # no value straddles two words: every shift at once, in the words' own layout
@@ -67,7 +68,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor
         vals = (p >> shifts.view(-1, *[1] * (p.dim() - dim - 2))) & ((1 << bits) - 1)   # [..., W, 32/bits, ...]
         shape = list(packed.shape)                                       # (arithmetic shifts: the sign bits
         shape[dim] *= 32 // bits                                         # are masked off)
-        return vals.reshape(shape).to(torch.int64)
+        return vals.reshape(shape).to(dtype)
     p = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     words = p.reshape(*p.shape[:-1], p.shape[-1] // bits, bits)      # [..., R, bits]
     mask = (1 << bits) - 1
@@ -78,4 +79,18 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor
         if s + bits > 32:
             val = val | (words[..., w + 1] << (32 - s))
         out[..., i] = val & mask
-    return out.reshape(*p.shape[:-1], -1).movedim(-1, dim)
+    return out.reshape(*p.shape[:-1], -1).movedim(-1, dim).to(dtype)
+
+
+def unpack_codes_t(packed: torch.Tensor, bits: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """unpack_int32(packed, bits, dim=0).t() as a contiguous uint8 [m, n]: codes packed along dim 0 of an int32
+    [n*bits/32, m] tensor (GPTQ's qweight), a few rows of words at a time, so each temporary stays in cache
+    (unpacking a whole 28672 x 8192 layer and then transposing it takes ~4x longer)."""
+    words, m = packed.shape
+    out = torch.empty(m, words * 32 // bits, dtype=torch.uint8, device=packed.device)
+    step = bits * max(1, chunk // (32 * m))                            # whole runs of `bits` words: ~chunk values
+    for w0 in range(0, words, step):
+        c = unpack_int32(packed[w0:w0 + step], bits, dim=0, dtype=torch.uint8)   # [rows, m]
+        r0 = w0 * 32 // bits
+        out[:, r0:r0 + c.shape[0]] = c.t()
+    return out

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import QForgeError
 from ..solvers import Grid, LayerQuant
-from .bitpack import pack_int32, unpack_int32
+from .bitpack import pack_int32, unpack_codes_t, unpack_int32
 
 NAME = "gptq"
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
@@ -72,7 +72,7 @@ def pack(q: LayerQuant) -> dict[str, torch.Tensor]:
 def unpack(t: dict[str, torch.Tensor], grid: Grid, v1: bool = True) -> LayerQuant:
     """v1=False reads GPTQModel's "gptq_v2" checkpoints (zero points stored as they are)."""
     bits = grid.bits
-    codes = unpack_int32(t["qweight"], bits, dim=0).t()                # [out, in]
+    codes = unpack_codes_t(t["qweight"], bits)                          # [out, in] uint8
     G = t["scales"].shape[0]
     if v1 and bits == 3:
         zeros = ((unpack_int32(t["qzeros"], bits, dim=1).to(torch.int64) + 1) & 7).t()      # [out, G]
@@ -82,7 +82,7 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid, v1: bool = True) -> LayerQuan
     g_idx = t.get("g_idx")
     if g_idx is None:
         g_idx = torch.arange(codes.shape[1], dtype=torch.int32) // grid.group_len(codes.shape[1])
-    return LayerQuant(grid, codes.to(torch.uint8).contiguous(), t["scales"].float().t().contiguous(),
+    return LayerQuant(grid, codes, t["scales"].float().t().contiguous(),
                       zeros.float().contiguous(), g_idx.to(torch.int32), info={})
 
 

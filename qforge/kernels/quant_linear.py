@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.bitpack import pack_int32, unpack_int32
+from ..formats.bitpack import pack_int32, unpack_codes_t, unpack_int32
 from ..solvers import Grid, LayerQuant
 from . import triton_matmul
 from .tuning import Tuner
@@ -55,7 +55,7 @@ class QuantLinear(nn.Module):
 
     def to_quant(self) -> LayerQuant:
         b = self.grid.bits
-        return LayerQuant(self.grid, unpack_int32(self.qweight, b, dim=0).t().to(torch.uint8).contiguous(),
+        return LayerQuant(self.grid, unpack_codes_t(self.qweight, b),
                           self.scales.float().t().contiguous(),
                           unpack_int32(self.qzeros, b, dim=1).t().float().contiguous(), self.g_idx.clone(), info={})
 
