@@ -12,7 +12,7 @@ from qforge import QForgeError, QuantizeConfig
 from qforge.formats import FORMATS, awq, gptq
 from qforge.formats.bitpack import pack_int32, unpack_int32
 from qforge.kernels import QuantLinear, matmul_reference
-from qforge.solvers import Grid, LayerQuant
+from qforge.solvers import Grid, LayerQuant, rtn
 
 
 def random_quant(out_f, in_f, bits, group, sym, act_order=False, seed=0) -> LayerQuant:
@@ -54,6 +54,17 @@ def test_codes_unpacked_in_chunks_and_transposed(bits):
     for chunk in (1, 32 * 24 * 2, 32 * 24 * 3, 1 << 20):
         got = unpack_codes_t(p, bits, chunk=chunk)
         assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got.long(), v.t())
+
+
+@pytest.mark.parametrize("fmt,grid", [("gptq", Grid(3, 128, False)), ("compressed-tensors", Grid(8, 128, True)),
+                                      ("compressed-tensors", Grid(4, 64, False))])
+def test_a_layer_unpacked_in_several_chunks_round_trips(fmt, grid):
+    """Layers wide and tall enough that the formats unpack their codes in several ~1M-code chunks, a ragged one
+    last: the codes, scales and zeros packed."""
+    q = rtn(torch.randn(608, 4096, generator=torch.Generator().manual_seed(grid.bits)), grid)
+    got = FORMATS[fmt].unpack(FORMATS[fmt].pack(q), grid)
+    assert torch.equal(got.codes, q.codes) and torch.equal(got.zeros, q.zeros)
+    torch.testing.assert_close(got.scales, q.scales.half().float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
