@@ -57,7 +57,7 @@ def test_codes_unpacked_in_chunks_and_transposed(bits):
 
 
 @pytest.mark.parametrize("fmt,grid", [("gptq", Grid(3, 128, False)), ("compressed-tensors", Grid(8, 128, True)),
-                                      ("compressed-tensors", Grid(4, 64, False))])
+                                      ("compressed-tensors", Grid(4, 64, False)), ("awq", Grid(4, 64, False))])
 def test_a_layer_unpacked_in_several_chunks_round_trips(fmt, grid):
     """Layers wide and tall enough that the formats unpack their codes in several ~1M-code chunks, a ragged one
     last: the codes, scales and zeros packed."""
