@@ -293,10 +293,10 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
         result = QuantizeResult(layers=read_layers(model, values=not stream))
-        if (Path(model) / "allocation.json").is_file():                 # mixed precision: exports carry it
-            from .mixed import Allocation
+        from .mixed.plan import ALLOCATION_FILE, Allocation
 
-            result.allocation = Allocation.load(Path(model) / "allocation.json")
+        if (Path(model) / ALLOCATION_FILE).is_file():                   # mixed precision: exports carry it
+            result.allocation = Allocation.load(Path(model) / ALLOCATION_FILE)
         return QModel(lm.model, lm.tokenizer, model, read_config(model), result, blocks=blocks)
     return QModel(lm.model, lm.tokenizer, model, config, blocks=blocks)
 

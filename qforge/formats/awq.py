@@ -15,6 +15,7 @@ import torch
 
 from ..errors import QForgeError
 from ..solvers import Grid, LayerQuant
+from ..utils.tensors import row_slices
 from .bitpack import pack_int32, unpack_int32
 
 NAME = "awq"
@@ -57,9 +58,8 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     in_f, out_f = t["qweight"].shape[0], t["qweight"].shape[1] * 8
     inv = torch.argsort(_perm(out_f))
     codes = torch.empty(out_f, in_f, dtype=torch.uint8)                         # [out, in]
-    step = max(1, (1 << 20) // out_f)                  # ~1M codes at a time: cache-sized, ~2x faster than whole
-    for r in range(0, in_f, step):
-        codes[:, r:r + step] = unpack_int32(t["qweight"][r:r + step], 4, dim=1, dtype=torch.uint8)[:, inv].t()
+    for r in row_slices(in_f, out_f):                  # ~1M codes at a time: cache-sized, ~2x faster than whole
+        codes[:, r] = unpack_int32(t["qweight"][r], 4, dim=1, dtype=torch.uint8)[:, inv].t()
     zeros = unpack_int32(t["qzeros"], 4, dim=1)[:, inv].t()                   # [out, G]
     g_idx = torch.arange(codes.shape[1], dtype=torch.int32) // grid.group_len(codes.shape[1])
     return LayerQuant(grid, codes, t["scales"].float().t().contiguous(),

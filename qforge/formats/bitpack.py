@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QForgeError
+from ..utils.tensors import row_slices
 
 
 def _check(n: int, bits: int, what: str) -> None:
@@ -49,10 +50,9 @@ def _pack_whole_words(v: torch.Tensor, bits: int) -> torch.Tensor:
     rows = v.reshape(-1, v.shape[-1])
     out = torch.empty(rows.shape[0], rows.shape[1] // per, dtype=torch.int32, device=v.device)
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device)
-    step = max(1, (1 << 20) // max(1, rows.shape[1]))
-    for r in range(0, rows.shape[0], step):
-        words = (rows[r:r + step].to(torch.int64).view(-1, rows.shape[1] // per, per) << shifts).sum(-1)
-        out[r:r + step] = torch.where(words >= 1 << 31, words - (1 << 32), words)   # as signed int32
+    for r in row_slices(*rows.shape):
+        words = (rows[r].to(torch.int64).view(-1, rows.shape[1] // per, per) << shifts).sum(-1)
+        out[r] = torch.where(words >= 1 << 31, words - (1 << 32), words)   # as signed int32
     return out.view(*v.shape[:-1], v.shape[-1] // per)
 
 

@@ -18,6 +18,7 @@ from .allocate import Option, allocate
 from .measure import grid_key
 
 log = logging.getLogger(__name__)
+ALLOCATION_FILE = "allocation.json"     # beside a saved or exported mixed-precision run
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Allocation:
 
     def write_beside(self, directory: str | Path) -> None:
         """allocation.json and its plot, allocation.png, in an output directory (saved or exported)."""
-        self.save(Path(directory) / "allocation.json")
+        self.save(Path(directory) / ALLOCATION_FILE)
         plot_allocation(self, Path(directory) / "allocation.png")
 
     @classmethod

@@ -225,11 +225,11 @@ class PackedBlockLoader(BlockLoader):
             rel = name[len(prefix):]
             shape = tuple(block.get_submodule(rel).weight.shape)
             q, bias, _ = packed_layer(self.fmt, self.qc, name, state, shape, self.where)
-            dense[f"{rel}.weight"] = q.dequantize()
+            dense[f"{rel}.weight"] = q.dequantize()                   # fp32
             if bias is not None:
-                dense[f"{rel}.bias"] = bias
+                dense[f"{rel}.bias"] = bias.float()
         rest = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        rest.update({k: v.float() for k, v in dense.items()})
+        rest.update(dense)
         check_finite_tensors(rest.items())
         missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
         if missing or unexpected:

@@ -110,8 +110,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     group_of_pos = (perm // gs) if in_order_groups else (torch.arange(in_f, device=dev) // gs)  # [in], permuted order
 
     reordered = act_order or group_aware              # else perm is the identity
-    key = (damp, perm.cpu().numpy().tobytes() if reordered else None)
-    if factors is not None and key in factors:
+    key = None if factors is None else (damp, perm.cpu().numpy().tobytes() if reordered else None)  # no host copy
+    if key is not None and key in factors:
         U, info = factors[key]
     else:                                             # [in, in] upper, U^T U = Hp^-1
         U, info = inverse_hessian_cholesky(H, damp, perm if reordered else None)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.tensors import row_slices
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -116,9 +118,7 @@ class LayerQuant:
         take three times its size in temporaries (2.8 GB for a 28672 x 8192 layer)."""
         g = self.g_idx.long()
         W_hat = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
-        step = max(1, (1 << 20) // max(1, self.codes.shape[1]))
-        for r in range(0, W_hat.shape[0], step):
-            rows = slice(r, r + step)
+        for rows in row_slices(*self.codes.shape):
             torch.mul(self.scales[rows][:, g], self.codes[rows].float() - self.zeros[rows][:, g], out=W_hat[rows])
         return W_hat
 
