@@ -64,9 +64,9 @@ class QModel:
         if self.quantized:
             raise QForgeError("this model is already quantized")
         if self.blocks is not None:
-            if self.config.bpw or allocation is not None or self.config.search_generations:
-                raise QForgeError("mixed precision (bpw, an allocation, a search) runs the whole model and does "
-                                  "not stream yet: load the model without stream")
+            if self.config.search_generations or (self.config.bpw and allocation is None):
+                raise QForgeError("mixed precision's measurement and search run the whole model and do not stream "
+                                  "yet: measure without stream, then quantize streamed with that allocation")
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
@@ -206,7 +206,8 @@ class QModel:
                 blocks = SavedBlocks(self.blocks, store=self._store)
             else:
                 raise QForgeError("this streamed run's blocks are gone (drop_run_state() was called); quantize again")
-            return export_streamed(self.model, self.tokenizer, self.config, blocks, out, fmt, dtype, overwrite)
+            return export_streamed(self.model, self.tokenizer, self.config, blocks, out, fmt, dtype, overwrite,
+                                   max_shard_size, self.result.allocation)
         return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
                       max_shard_size, self.result.allocation)
 

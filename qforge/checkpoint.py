@@ -125,12 +125,13 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
 def _save_streamed(tmp: Path, model, store, loader) -> None:
     """The dense model and the layers, one shard per block from `store`, plus the non-block tensors (`loader`)."""
     from .models.arch import arch_spec, get_blocks
-    from .models.streaming import ShardWriter, materialized_state
+    from .models.streaming import materialized_state
+    from .utils.shards import ShardWriter
 
     blocks = arch_spec(model).blocks
     n = len(get_blocks(model, arch_spec(model)))
     qshard = (lambda k: f"qforge_quant-{k:05d}-of-{n:05d}.safetensors")
-    shards = ShardWriter(tmp, n + 1)
+    shards = ShardWriter(tmp)                                  # one shard per write: per block
     with loader.outside(model):
         shards.write(materialized_state(model))                # outside the blocks (on the meta device)
     qmap = {}

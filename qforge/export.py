@@ -1,7 +1,8 @@
 """Write a quantized model as a packed checkpoint that serving engines load (formats/), atomically:
 
   config.json (with quantization_config), generation_config.json, tokenizer files,
-  model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json,
+  model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json (shards of at most
+  max_shard_size, tensors in model order),
   quantize_config.json (gptq only), qforge_export.json (sizes and bits per weight measured on the files, and the
   qforge QuantizeConfig the layers were made with), allocation.json and .png (mixed precision: every layer's scheme).
 
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import QForgeError
 from .formats import FORMATS
@@ -27,6 +27,7 @@ from .models.streaming import materialized_state
 from .solvers import Grid, LayerQuant
 from .solvers.grid import group_index
 from .utils.atomic import atomic_dir
+from .utils.shards import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 EXPORT_RECORD = "qforge_export.json"
@@ -124,15 +125,10 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
     return FORMATS[fmt].quantization_config(base, act_order, static, extra)
 
 
-def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size: str | int) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, str(out / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size: int) -> None:
+    shards = ShardWriter(out, max_shard_size)
+    shards.write(state)
+    shards.finish()
 
 
 def measured_sizes(out: Path, layers: dict[str, LayerQuant]) -> dict:
@@ -163,6 +159,7 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not layers:
         raise QForgeError("nothing to export: no quantized layers")
+    max_shard_size = parse_size(max_shard_size)
     state = packed_state_dict(model, layers, fmt, dtype)
     qconf = _quant_config(fmt, layers, qcfg, model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -175,21 +172,21 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
 
 
 def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, dtype: torch.dtype = torch.float16,
-                    overwrite: bool = False) -> dict:
-    """Export a streamed run block by block: memory holds one block (then the weights outside the blocks).
-    `model`: its skeleton (blocks on the meta device); `blocks`: a models.streaming.SavedBlocks (`load(i,
-    block)` -> that block's layers, `release(block)`, `outside(model, dtype)`). One shard for the weights outside
-    the blocks, then one per block."""
+                    overwrite: bool = False, max_shard_size: str | int = "4GB", allocation=None) -> dict:
+    """Export a streamed run block by block: memory holds one block (then the weights outside the blocks) and
+    at most one shard of packed tensors. `model`: its skeleton (blocks on the meta device); `blocks`: a
+    models.streaming.SavedBlocks (`load(i, block)` -> that block's layers, `release(block)`, `outside(model,
+    dtype)`). The weights outside the blocks come first, then the blocks in order."""
     from .models.arch import arch_spec, get_blocks
-    from .models.streaming import ShardWriter
 
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    limit = parse_size(max_shard_size)
     spec = arch_spec(model)
     skeleton = get_blocks(model, spec)
     seen: dict[str, LayerQuant] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        shards = ShardWriter(tmp, len(skeleton) + 1)
+        shards = ShardWriter(tmp, limit)
         with blocks.outside(model, dtype):
             shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
         for i, block in enumerate(skeleton):
@@ -201,6 +198,8 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             raise QForgeError("nothing to export: no quantized layers")
         shards.finish()
         sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype, qcfg)
+        if allocation is not None:
+            allocation.write_beside(tmp)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,
              sizes["bits_per_weight"])
     return sizes

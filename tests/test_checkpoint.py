@@ -86,3 +86,38 @@ def test_evaluating_an_output_dir_matches_the_in_memory_model(tiny_llama_dir, tm
     assert a[0]["ppl"] == pytest.approx(b[0]["ppl"], rel=1e-6)
     base = qforge.evaluate(str(tiny_llama_dir), datasets=[str(text)], seqlen=32)
     assert base[0]["ppl"] != a[0]["ppl"]
+
+
+def test_shard_sizes_are_read_as_transformers_writes_them():
+    from qforge.utils.shards import parse_size
+
+    assert parse_size("4GB") == 4 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500mb") == 5 * 10**8
+    assert parse_size("1.5 GB") == 15 * 10**8 and parse_size(123) == parse_size("123") == 123
+    for bad in ("0", "-1GB", "4 lots", "GB", True, 0):
+        with pytest.raises(QForgeError, match="shard size"):
+            parse_size(bad)
+
+
+def test_shard_writer_fills_shards_in_order_up_to_the_limit(tmp_path):
+    from safetensors.torch import load_file
+
+    from qforge.utils.shards import INDEX, ShardWriter
+
+    state = {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate([10, 10, 10, 40, 5, 5])}   # fp32: 4 B each
+    w = ShardWriter(tmp_path, max_bytes=80)
+    w.write(dict(list(state.items())[:2]))
+    w.write(dict(list(state.items())[2:]))
+    names = w.finish()
+    shards = [list(load_file(str(tmp_path / n))) for n in names]
+    assert shards == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]          # t3 (160 B) alone, over the limit
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index["metadata"]["total_size"] == 4 * 80 and index["weight_map"]["t4"] == names[3]
+    assert names[0] == "model-00001-of-00004.safetensors" and sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted(names + [INDEX])
+    one = tmp_path / "one"
+    one.mkdir()
+    w = ShardWriter(one)
+    w.write({"a": torch.ones(3)})
+    assert w.finish() == ["model.safetensors"] and not (one / INDEX).exists()
+    with pytest.raises(QForgeError, match="no tensors"):
+        ShardWriter(one).finish()

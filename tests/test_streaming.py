@@ -119,7 +119,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
         load_streamed(str(mixtral))
     with pytest.raises(QForgeError, match="give resume=DIR"):
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True).quantize(None)
-    with pytest.raises(QForgeError, match="does not stream yet"):
+    with pytest.raises(QForgeError, match="do not stream yet"):
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq", bpw=3.5), stream=True).quantize(
             "builtin:wiki", nsamples=2, seqlen=32, resume=tmp_path / "p")
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True)
@@ -181,6 +181,84 @@ def test_packed_only_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
     assert main(args + ["--packed-only", "--export-out", str(tmp_path / "y"), "--out", str(tmp_path / "x")]) == 2
     assert "drop --export-out" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _allocation(model, fmt="gptq"):
+    """A hand-made mixed allocation over every block linear of `model`: 2, 3, 4 and 8 bits in turn."""
+    from qforge.mixed import Allocation
+    from qforge.mixed.schemes import scheme_bits
+    from qforge.models.arch import named_block_linears
+    from qforge.solvers import Grid
+
+    layers = {}
+    for k, (name, (_, ref)) in enumerate(named_block_linears(model, arch_spec(model)).items()):
+        grid = Grid((2, 3, 4, 8)[k % 4], (16, 32, -1)[k % 3], k % 2 == 0)
+        shape = tuple(ref.weight.shape)
+        layers[name] = {"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "err": 0.1,
+                        "stored_bits": scheme_bits(shape, grid, fmt), "numel": shape[0] * shape[1]}
+    return Allocation(3.5, fmt, layers)
+
+
+def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
+    """Mixed precision streams with an allocation measured beforehand: the codes of the in-memory run, the
+    allocation carried into the output and every export; a measurement or a search is still refused."""
+    cfg = QuantizeConfig(method="gptq", act_order=True)
+    ref = qforge.load(str(tiny_llama_dir), cfg)
+    alloc = _allocation(ref.model)
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32, allocation=alloc)
+    m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
+    m.check_export("gptq", alloc)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, allocation=alloc, resume=tmp_path / "s.partial")
+    early = m.export(tmp_path / "early", "gptq")
+    out = m.save(tmp_path / "s")
+    got = read_layers(out)
+    assert len({q.grid for q in got.values()}) > 3
+    for name, q in ref.result.layers.items():
+        assert q.grid == alloc.grids[name] == got[name].grid and torch.equal(q.codes, got[name].codes), name
+    ref.export(tmp_path / "ref-packed", "gptq")
+    sizes = qforge.load(str(out), stream=True).export(tmp_path / "late", "gptq")
+    want = _tensors(tmp_path / "ref-packed")
+    for d in ("early", "late"):
+        got = _tensors(tmp_path / d)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), d
+        assert json.loads((tmp_path / d / "allocation.json").read_text())["layers"] == alloc.layers, d
+    assert sizes["bits_per_weight"] == early["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)
+    assert qforge.load(str(out)).result.allocation.layers == alloc.layers
+    searched = QuantizeConfig(method="gptq", search_generations=2, measurement=str(tmp_path / "m.json"))
+    with pytest.raises(QForgeError, match="measure without stream, then quantize streamed"):
+        qforge.load(str(tiny_llama_dir), searched, stream=True).quantize(
+            "builtin:wiki", nsamples=2, seqlen=32, allocation=alloc, resume=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_streamed_export_keeps_shards_under_the_size_limit(tmp_path, tiny_llama_dir, capsys):
+    from qforge.utils.shards import INDEX
+
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--stream", "--method", "rtn", "--out", str(out)]) == 0
+    limit = 40_000
+    assert main(["-q", "export", str(out), "--stream", "--format", "gptq", "--max-shard-size", "40KB",
+                 "--out", str(tmp_path / "small")]) == 0
+    assert main(["-q", "export", str(out), "--format", "gptq", "--out", str(tmp_path / "whole")]) == 0
+    shards = sorted((tmp_path / "small").glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "small" / INDEX).read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    for f in shards:
+        t = load_file(str(f))
+        assert sum(v.numel() * v.element_size() for v in t.values()) <= limit or len(t) == 1, f.name
+    assert [f.name for f in (tmp_path / "whole").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "whole" / INDEX).exists()
+    want, got = _tensors(tmp_path / "whole"), _tensors(tmp_path / "small")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not list((tmp_path / "small").glob(".shard-*"))                     # every temporary name resolved
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():
+        a, b = (qforge.load(str(tmp_path / d)).model(ids).logits for d in ("whole", "small"))
+    assert torch.equal(a, b)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):                                             # argparse's usage error
+        main(["-q", "export", str(out), "--format", "gptq", "--max-shard-size", "4 lots", "--out", str(tmp_path / "bad")])
+    assert "4GB, 500MB, 2GiB" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokenizer):

@@ -33,6 +33,19 @@ def _at_least(low: int):
 COUNT, WHOLE = _at_least(1), _at_least(0)
 
 
+def _size(text: str) -> int:
+    """An argparse type: a byte size, 4GB or 500MB or 2GiB (utils.shards.parse_size)."""
+    from ..utils.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except QForgeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_size.__name__ = "size"
+
+
 def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
     q = p.add_argument_group("quantization")
     q.add_argument("--method", default="rtn", choices=METHODS,
@@ -116,7 +129,9 @@ def _add_export_args(p: argparse.ArgumentParser, help_text: str, default: str | 
     p.add_argument("--format", choices=list(FORMATS), default=default, help=help_text)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the non-quantized tensors in the packed checkpoint")
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--max-shard-size", type=_size, default="4GB",
+                   help="largest safetensors shard: 4GB (10^9 bytes), 500MB, 2GiB (2^30); a streamed export holds "
+                        "one shard in memory")
 
 
 def _export(m, out, a) -> None:
@@ -169,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-exported or reported on)")
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: read one decoder block at a time from the safetensors files, and "
-                        "write the output (and --format's checkpoint) block by block (no mixed precision yet)")
+                        "write the output (and --format's checkpoint) block by block (mixed precision: with an "
+                        "--allocation measured without --stream)")
 
     p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
     p.add_argument("model")

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..errors import QForgeError
+from ..utils.shards import INDEX
 from .arch import arch_spec, get_blocks
 from .loading import LoadedModel, check_finite_tensors, resolve_model
 from .packed import packed_config, packed_format, packed_layer, quantized_names
 
 log = logging.getLogger(__name__)
-INDEX = "model.safetensors.index.json"
 
 
 class CheckpointFiles:
@@ -272,31 +272,6 @@ def materialized_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Te
         seen.add(t.data_ptr())
         state[name] = t
     return state
-
-
-class ShardWriter:
-    """Writes a checkpoint as `n` safetensors shards, one `write` each (model-0000k-of-0000n.safetensors), and
-    `finish` writes the index transformers reads (weight_map, total_size = the tensors' bytes)."""
-
-    def __init__(self, out: Path, n: int):
-        self.out, self.n, self.k = out, n, 0
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def write(self, state: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        self.k += 1
-        name = f"model-{self.k:05d}-of-{self.n:05d}.safetensors"
-        save_file({k: t.contiguous() for k, t in state.items()}, str(self.out / name), metadata={"format": "pt"})
-        self.weight_map.update({k: name for k in state})
-        self.total += sum(t.numel() * t.element_size() for t in state.values())
-
-    def finish(self) -> None:
-        if self.k != self.n:
-            raise QForgeError(f"{self.out}: {self.k} of {self.n} shards written")
-        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def return_freed_memory() -> None:
