@@ -213,9 +213,10 @@ class QModel:
 
     def _output_loader(self):
         """A streamed run's blocks as saved in its output directory."""
+        from .models.checkpoint_keys import converted
         from .models.streaming import BlockLoader, CheckpointFiles
 
-        return BlockLoader(CheckpointFiles(self._output), self.model)
+        return BlockLoader(converted(CheckpointFiles(self._output), self.model), self.model)   # stored as saved
 
     def streamed_weights(self):
         """The loader of a streamed model's current weights (None when it is in memory): the source checkpoint's

@@ -125,6 +125,7 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
 def _save_streamed(tmp: Path, model, store, loader) -> None:
     """The dense model and the layers, one shard per block from `store`, plus the non-block tensors (`loader`)."""
     from .models.arch import arch_spec, get_blocks
+    from .models.checkpoint_keys import save_keys
     from .models.streaming import materialized_state
     from .utils.shards import ShardWriter
 
@@ -133,11 +134,11 @@ def _save_streamed(tmp: Path, model, store, loader) -> None:
     qshard = (lambda k: f"qforge_quant-{k:05d}-of-{n:05d}.safetensors")
     shards = ShardWriter(tmp)                                  # one shard per write: per block
     with loader.outside(model):
-        shards.write(materialized_state(model))                # outside the blocks (on the meta device)
+        shards.write(save_keys(model, materialized_state(model)))   # outside the blocks (on the meta device)
     qmap = {}
     for i in range(n):
         rel, layers, _ = store.read(i)
-        shards.write({f"{blocks}.{i}.{name}": t for name, t in rel.items()})
+        shards.write(save_keys(model, {f"{blocks}.{i}.{name}": t for name, t in rel.items()}))   # as save_pretrained
         save_layers(layers, tmp / qshard(i + 1))
         qmap.update({name: qshard(i + 1) for name in layers})
     shards.finish()

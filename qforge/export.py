@@ -34,9 +34,43 @@ EXPORT_RECORD = "qforge_export.json"
 
 
 def _check_kind(name: str, ref) -> None:
-    if ref.expert is not None or ref.transposed:
-        raise QForgeError(f"{name}: packed export of {'fused expert' if ref.expert is not None else 'Conv1D'} "
-                          f"weights is not supported yet; use qforge's own output directory")
+    if ref.transposed:
+        raise QForgeError(f"{name}: packed export of Conv1D weights is not supported yet; use qforge's own output "
+                          f"directory")
+
+
+def stored_layers(model, layers: dict[str, LayerQuant]) -> dict[str, tuple[str, LayerQuant]]:
+    """The packed modules to write: {stored module name: (linear name, its layer or the rows stored there)}. Names
+    and rows as the model's checkpoints store them (models/checkpoint_keys.stored_linears): a fused expert's
+    gate/up rows become its two modules (Mixtral's experts.{e}.w1 and .w3). Rows are cut lazily by the caller
+    from `layers` when values are needed; here they are cut on whatever device the layers are (meta: no copy)."""
+    from .models.checkpoint_keys import stored_linears
+
+    out = {}
+    for stored, (name, r0, r1) in stored_linears(model, list(layers)).items():
+        q = layers[name]
+        out[stored] = (name, q if (r0, r1) == (0, q.shape[0]) else q.rows(r0, r1))
+    missing = set(layers) - {n for n, _ in out.values()}
+    if missing:
+        raise QForgeError(f"{sorted(missing)[0]}: no tensor of the checkpoint layout stores it; cannot export it")
+    return out
+
+
+def _fused_params(model, layers) -> dict[str, int]:
+    """Fused-expert parameters among `layers` ({param path: experts quantized}); each must be quantized whole."""
+    from .models.arch import linear_ref
+
+    count: dict[str, int] = {}
+    for name in layers:
+        ref = linear_ref(model, name)
+        if ref.expert is not None:
+            path = name.rpartition(".")[0]
+            count[path] = count.get(path, 0) + 1
+    for path, n in count.items():
+        total = model.get_parameter(path).shape[0]
+        if n != total:
+            raise QForgeError(f"{path}: {n} of its {total} experts are quantized; a packed export needs all or none")
+    return count
 
 
 def _check_layer(fmt: str, name: str, q: LayerQuant, ref) -> bool:
@@ -66,31 +100,43 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; export mixed precision as "
                           f"{_mixed_formats()}")
     in_order = not (cfg.act_order and not cfg.static_groups)
-    for name, (ref, grid) in layers.items():
+    from .models.checkpoint_keys import stored_linears
+
+    _fused_params(model, layers)                             # experts: all of a fused parameter or none
+
+    for stored, (name, r0, r1) in stored_linears(model, list(layers)).items():   # as the checkpoint stores them
+        ref, grid = layers[name]
         _check_kind(name, ref)
         # per-channel layers of an allocation are visited in act-order order, but one group is always in order
-        FORMATS[fmt].check(name, ref.shape, grid, in_order or (grid is not None and grid.group_size == -1))
+        FORMATS[fmt].check(stored, (r1 - r0, ref.shape[1]), grid,
+                           in_order or (grid is not None and grid.group_size == -1))
 
 
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype,
                       prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights."""
+    from .models.checkpoint_keys import save_keys
+
     mod = FORMATS[fmt]
-    state = {name: t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
+    dense = {name: t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
              for name, t in materialized_state(model, prefix).items()}   # tied lm_head = embed_tokens: once
+    for name in layers:                                   # absent when on the meta device (a run state's)
+        dense.pop(f"{name}.weight", None)
+    for path in _fused_params(model, layers):
+        dense.pop(path, None)
+    state = save_keys(model, dense)                       # the names the model's checkpoints use (Mixtral's router)
     borrowed = []
-    for name, q in layers.items():
+    for stored, (name, q) in stored_layers(model, layers).items():
         ref = linear_ref(model, name)
-        if _check_layer(fmt, name, q, ref):
-            borrowed.append(name)
-        state.pop(f"{name}.weight", None)                 # absent when on the meta device (a run state's)
+        if _check_layer(fmt, stored, q, ref):
+            borrowed.append(stored)
         packed = mod.pack(q, dtype) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
-            state[f"{name}.{key}"] = t.contiguous()
-        bias = getattr(ref.module, "bias", None)
+            state[f"{stored}.{key}"] = t.contiguous()
+        bias = getattr(ref.module, "bias", None) if ref.expert is None else None
         if isinstance(bias, torch.Tensor) and fmt != "compressed-tensors":
-            state[f"{name}.bias"] = bias.detach().to(torch.float16).contiguous()
+            state[f"{stored}.bias"] = bias.detach().to(torch.float16).contiguous()
     if borrowed:
         log.warning("%d of %d layers (first: %s) have zero points of 0, which GPTQ v1 stores with a borrow that "
                     "GPTQModel and transformers undo but per-field readers (vLLM's exllama path) misread",
@@ -99,12 +145,16 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
 
 
 def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
+    """The format's quantization_config; `layers` keyed by stored module names (stored_layers)."""
     grids = {q.grid for q in layers.values()}
     if fmt == "compressed-tensors":
         from .formats.compressed_tensors import build_config
+        from .models.checkpoint_keys import save_keys
 
-        quantized = set(layers)
-        ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
+        plain = {f"{n}.weight": torch.empty(0, device="meta") for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear)}
+        names = [k[: -len(".weight")] for k in save_keys(model, plain)]        # as stored
+        ignore = sorted(n for n in names if n not in layers)
         return build_config({n: q.grid for n, q in layers.items()}, ignore)
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
@@ -161,10 +211,11 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
         raise QForgeError("nothing to export: no quantized layers")
     max_shard_size = parse_size(max_shard_size)
     state = packed_state_dict(model, layers, fmt, dtype)
-    qconf = _quant_config(fmt, layers, qcfg, model)
+    stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
+    qconf = _quant_config(fmt, stored, qcfg, model)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
-        sizes = _write_configs(tmp, model, tokenizer, layers, fmt, qconf, dtype, qcfg)
+        sizes = _write_configs(tmp, model, tokenizer, stored, fmt, qconf, dtype, qcfg)
         if allocation is not None:
             allocation.write_beside(tmp)
     log.info("exported %s to %s: %.3f bits/weight over the quantized linears", fmt, out, sizes["bits_per_weight"])
@@ -197,7 +248,9 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
         if not seen:
             raise QForgeError("nothing to export: no quantized layers")
         shards.finish()
-        sizes = _write_configs(tmp, model, tokenizer, seen, fmt, _quant_config(fmt, seen, qcfg, model), dtype, qcfg)
+        stored = {s: q for s, (_, q) in stored_layers(model, seen).items()}          # on the meta device
+        sizes = _write_configs(tmp, model, tokenizer, stored, fmt, _quant_config(fmt, stored, qcfg, model), dtype,
+                               qcfg)
         if allocation is not None:
             allocation.write_beside(tmp)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,

@@ -107,3 +107,24 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ours = qforge_side(tmp_path / "ckpt")
     assert ours[0]["model"].packed_format == fmt and len(ours[0]["model"].result.layers) == 30 * 7
     assert_same_model(theirs, ours)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe"])
+def test_gptqmodel_loads_qforge_moe_gptq_export(model_type, tiny_tokenizer, tmp_path):
+    """MoE experts, fused into 3-D parameters in transformers, exported one module per expert as the models'
+    checkpoints store them: GPTQModel builds its own MoE model from them and computes what qforge computes.
+    (Mixtral is left out: qforge writes its original names, block_sparse_moe.experts.{e}.w1/w2/w3, as
+    save_pretrained and vLLM's Mixtral loader name them, while GPTQModel 7.6 requires its runtime names,
+    mlp.experts.{e}.gate_proj/up_proj/down_proj, and refuses them.)"""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True))
+    m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
+    m.export(tmp_path / "gptq", "gptq")
+    ours = qforge_side(tmp_path / "gptq")
+    theirs = run_worker("gptqmodel-load", tmp_path / "gptq", tmp_path / "worker")
+    assert theirs[0]["packed"]                                   # GPTQModel's own packed linears
+    assert_same_model(ours, theirs)

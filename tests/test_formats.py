@@ -322,3 +322,55 @@ def test_zero_points_of_zero_are_reported_once_per_export(quantized_tiny, tmp_pa
     back = qforge.load(tmp_path / "x")
     for name, q in layers.items():
         assert torch.equal(back.result.layers[name].zeros, q.zeros), name   # the borrow is undone exactly
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
+def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_type, fmt, tiny_tokenizer, tmp_path):
+    """transformers fuses MoE experts into 3-D parameters; a packed export stores each expert's linears as the
+    model's own checkpoints do (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2, the router renamed with them;
+    Qwen3-MoE: mlp.experts.{e}.gate_proj/up_proj/down_proj), and loads back to the quantized model."""
+    from safetensors.torch import load_file
+
+    from tiny_models import tiny_model
+
+    src = tmp_path / model_type
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    stored = set(load_file(str(src / "model.safetensors")))                  # what save_pretrained writes
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, sym=fmt == "compressed-tensors",
+                         act_order=fmt == "gptq")
+    m = qforge.load(str(src), cfg)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    assert any(".experts.gate_up_proj." in n for n in m.result.layers)
+    sizes = m.export(tmp_path / "x", fmt, dtype=torch.float32)      # fp16 router weights could flip near-tied routes
+    packed = set(load_file(str(tmp_path / "x" / "model.safetensors")))
+    first = FORMATS[fmt].KEYS[0]
+    modules = {k[: -len(first) - 1] for k in packed if k.endswith("." + first)}
+    assert {f"{n}.weight" for n in modules} <= stored                        # every packed module a stored one
+    assert len(modules) == len([k for k in stored if ".layers." in k and k.endswith("proj.weight") or
+                                ".w1." in k or ".w2." in k or ".w3." in k])
+    assert {k for k in packed if not k.startswith(tuple(f"{n}." for n in modules))} <= stored   # the router too
+    assert sizes["quantized_weights"] == m.storage()["quantized_weights"]
+    back = qforge.load(tmp_path / "x")
+    assert set(back.result.layers) == modules
+    rows = {}                                                      # stored modules in order: the fused rows again
+    for n, q in back.result.layers.items():
+        rows.setdefault(n.replace(".w3", ".w1").replace(".up_proj", ".gate_proj"), []).append(q.codes)
+    for name, q in m.result.layers.items():
+        i, e, kind = int(name.split(".")[2]), name.rsplit(".", 1)[1], name.split(".")[-2]
+        if kind in ("gate_up_proj", "down_proj") and ".experts." in name:
+            moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+            part = {"gate_up_proj": ("w1", "gate_proj"), "down_proj": ("w2", "down_proj")}[kind]
+            key = f"model.layers.{i}.{moe}.experts.{e}.{part[0] if model_type == 'mixtral' else part[1]}"
+            got = torch.cat(rows[key])
+        else:
+            got = back.result.layers[name].codes
+        assert torch.equal(got, q.codes), name
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        a, b = m.model(x).logits, back.model(x).logits
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()             # fp16 scales only
+    part = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32, skip=("*.gate_up_proj.1",)))
+    with pytest.raises(QForgeError, match="3 of its 4 experts are quantized"):
+        part.check_export(fmt)                                        # refused before quantizing

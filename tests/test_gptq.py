@@ -232,7 +232,7 @@ def test_each_table_group_shares_one_input(model_type):
         assert all(seen[n] is seen[names[0]] for n in names)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "mixtral", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "mixtral", "qwen3_moe", "gemma3_text"])
 def test_stubbed_collection_equals_a_full_forward(model_type):
     """Swapping later linears for zeros does not change any group's inputs."""
     m = tiny_model(model_type)
@@ -386,7 +386,7 @@ def test_tail_sub_modules_run_once_per_block(model_type):
     spec = arch_spec(m)
     blocks = get_blocks(m, spec)
     tails = FrozenOutputs(blocks[0], block_linears(blocks[0], spec), 3, m.config.hidden_size, "cpu").tails
-    assert "mlp" in tails or model_type in ("mixtral", "opt")    # fused experts / fc1,fc2 in the block itself
+    assert "mlp" in tails or model_type in ("mixtral", "qwen3_moe", "opt")   # fused experts / fc1,fc2 in the block
     assert any("att" in p for p in tails)
     ran = {}
     for i, block in enumerate(blocks):
@@ -675,3 +675,46 @@ def test_factors_kept_across_grids_give_the_same_result():
         assert len(factors) == 2                                  # H and one factor
         with pytest.raises(ValueError, match="another H"):
             gptq(W, H.clone(), Grid(4, 32, False), factors=factors, **opts)
+
+
+def test_a_handed_over_hessian_is_freed_before_the_column_loop():
+    """GPTQSolver.solve hands a once-used H over (HessianAccumulator.take): the 3.3 GB of a 28672-wide H are gone
+    before the column loop's W-sized work is made. A shared H (several grids) stays with its accumulator."""
+    import weakref
+
+    from qforge.pipeline import GPTQSolver
+    from qforge.solvers.gptq import column_loop
+
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    acc = HessianAccumulator(64)
+    acc.add(torch.randn(256, 64))
+    ref = weakref.ref(acc.H)
+    alive = []
+
+    def loop(*args):
+        alive.append(ref() is not None)
+        return column_loop(*args)
+
+    want = gptq(W, acc.H.clone(), Grid(4, 32, False))
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, sym=False)
+    solver = GPTQSolver()
+    got = gptq(W, acc.take(), Grid(4, 32, False), loop=loop)
+    assert alive and not any(alive) and ref() is None and torch.equal(got.codes, want.codes)
+    for use in (lambda: acc.add(torch.randn(4, 64)), acc.take):    # an emptied accumulator is refused
+        with pytest.raises(RuntimeError, match="handed over"):
+            use()
+
+    torch.manual_seed(1)
+    acc = HessianAccumulator(64)
+    acc.add(torch.randn(256, 64))
+    ref = weakref.ref(acc.H)
+    q = solver.solve(W, acc, Grid(4, 32, False), cfg)                   # solved once: handed over, freed
+    assert ref() is None and q.codes.shape == W.shape
+    torch.manual_seed(1)
+    acc = HessianAccumulator(64)
+    acc.add(torch.randn(256, 64))
+    H = acc.H
+    shared = {}
+    again = solver.solve(W, acc, Grid(4, 32, False), cfg, shared=shared)
+    assert acc.H is H and shared["H"] is H and torch.equal(again.codes, q.codes)   # kept for the next grid

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import qforge
 from qforge import QForgeError, QuantizeConfig
@@ -11,7 +11,7 @@ from qforge.checkpoint import read_layers
 from qforge.cli.main import main
 from qforge.models.arch import arch_spec, get_blocks
 from qforge.models.streaming import BlockLoader, load_streamed
-from tiny_models import tiny_model
+from tiny_models import CONFIGS, tiny_model
 
 
 def _tensors(d):
@@ -33,6 +33,8 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("llama", QuantizeConfig(method="gptq", bits=3, group_size=32, act_order=True)),
     ("gemma", QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4)),   # tied lm_head
     ("opt", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
+    ("mixtral", QuantizeConfig(method="gptq", bits=4, group_size=32)),      # per-expert keys, fused on load
+    ("qwen3_moe", QuantizeConfig(method="awq+gptq", bits=3, group_size=16, awq_grid=4)),   # its own expert keys
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
@@ -114,9 +116,12 @@ def test_a_streamed_run_resumes_after_its_last_saved_block(tmp_path, tiny_llama_
 
 
 def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llama_dir):
-    mixtral = _saved_dir(tmp_path, tiny_tokenizer, "mixtral")     # per-expert keys, fused on load
-    with pytest.raises(QForgeError, match="not the model's parameter names"):
-        load_streamed(str(mixtral))
+    foreign = _saved_dir(tmp_path, tiny_tokenizer, "llama")          # a key no transform turns into a parameter
+    state = load_file(str(foreign / "model.safetensors"))
+    state["model.layers.1.mlp.gate.weight"] = state.pop("model.layers.1.mlp.gate_proj.weight")
+    save_file(state, str(foreign / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(QForgeError, match="not the model's parameter names.*model.layers.1.mlp.gate_proj.weight"):
+        load_streamed(str(foreign))
     with pytest.raises(QForgeError, match="give resume=DIR"):
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True).quantize(None)
     with pytest.raises(QForgeError, match="do not stream yet"):
@@ -261,6 +266,30 @@ def test_a_streamed_export_keeps_shards_under_the_size_limit(tmp_path, tiny_llam
     assert "4GB, 500MB, 2GiB" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_converted_checkpoint_keys_stream_as_from_pretrained_loads_them(tmp_path, tiny_tokenizer):
+    """Mixtral's per-expert keys go through transformers' own transforms one block at a time: 12 experts are
+    stacked in their natural order (0, 1, ..., 11; not the string order 0, 1, 10, 11, 2, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **{**CONFIGS["mixtral"],
+                                                                              "num_local_experts": 12}))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    d = tmp_path / "moe"
+    net.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    assert "model.layers.0.block_sparse_moe.experts.11.w1.weight" in load_file(str(d / "model.safetensors"))
+    want = AutoModelForCausalLM.from_pretrained(str(d)).state_dict()
+    lm, loader = load_streamed(str(d))
+    for i, block in enumerate(get_blocks(lm.model, arch_spec(lm.model))):
+        loader.load(i, block)
+        for name, t in block.state_dict().items():
+            assert torch.equal(t, want[f"model.layers.{i}.{name}"]), (i, name)
+        loader.release(block)
+
+
 def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokenizer):
     """safetensors' save_model (qforge's GGUF conversion) may keep lm_head.weight and drop the embeddings."""
     from safetensors.torch import save_file
@@ -283,7 +312,7 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
     assert lm.model.get_input_embeddings().weight.device.type == "meta"      # and dropped again
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt"])   # gemma2: logit soft-capping, tied head
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral"])   # gemma2: logit soft-capping, tied head
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows
@@ -325,10 +354,12 @@ def test_a_streamed_run_is_evaluated_from_its_saved_output(tmp_path, tiny_llama_
     assert json.loads((tmp_path / "e.json").read_text())[0]["ppl"] == want["ppl"]
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
-def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_llama_dir, fmt):
-    m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq" if fmt != "awq" else "awq", bits=4,
-                                                          group_size=32, awq_grid=4))
+@pytest.mark.parametrize("fmt,model_type", [("gptq", "llama"), ("compressed-tensors", "llama"), ("awq", "llama"),
+                                            ("gptq", "mixtral")])     # experts stored one module each
+def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_tokenizer, fmt, model_type):
+    src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
+    m = qforge.load(str(src), QuantizeConfig(method="gptq" if fmt != "awq" else "awq", bits=4, group_size=32,
+                                             awq_grid=4))
     m.quantize("builtin:wiki", nsamples=4, seqlen=32)
     m.export(tmp_path / fmt, fmt)
     want = qforge.evaluate(str(tmp_path / fmt), ["wiki", "code"], seqlen=32, max_windows=2)

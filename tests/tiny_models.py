@@ -22,6 +22,7 @@ CONFIGS = {
                      num_attention_heads=4, max_position_embeddings=512),
     "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0),
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
 }
 
 

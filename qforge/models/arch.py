@@ -74,6 +74,19 @@ _GEMMA2 = ArchSpec(
     ),
 )
 
+# transformers 5 MoE blocks: experts fused into [experts, 2·I, in] gate/up and [experts, out, I] down parameters,
+# the router `mlp.gate` reads the same input as the experts
+_MOE = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
+        SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
+    ),
+)
+
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -104,16 +117,8 @@ ARCHS: dict[str, ArchSpec] = {
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         smooth=(SmoothMapping("ln_1", ("attn.c_attn",)), SmoothMapping("ln_2", ("mlp.c_fc",))),
     ),
-    "mixtral": ArchSpec(
-        blocks="model.layers",
-        groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
-        smooth=(
-            SmoothMapping("input_layernorm", _ATTN),
-            SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-            SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
-            SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
-        ),
-    ),
+    "mixtral": _MOE,
+    "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
 }
 
 

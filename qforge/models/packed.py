@@ -2,7 +2,9 @@
 transformers model whose quantized linears are qforge QuantLinear modules.
 
 The format is read from config.json's quantization_config. Every module that has its format's packed
-tensors becomes a QuantLinear; every other tensor loads as usual (cast to `dtype`).
+tensors becomes a QuantLinear; every other tensor loads as usual (cast to `dtype`). Packed modules the model
+has no module for (MoE experts stored one module each, which transformers fuses into 3-D parameters) are
+dequantized and go through transformers' own load transforms (models/checkpoint_keys.py) with the rest.
 """
 from __future__ import annotations
 
@@ -92,10 +94,11 @@ def quantized_names(fmt: str, keys) -> list[str]:
     return sorted(k[: -len(first) - 1] for k in keys if k.endswith("." + first))
 
 
-def packed_layer(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], shape: tuple[int, int],
+def packed_layer(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], shape: tuple[int, int] | None,
                  where: Path) -> tuple[LayerQuant, torch.Tensor | None, torch.dtype]:
     """(layer, bias or None, the checkpoint's scale dtype) of module `name` (full name; its weight [out, in] is
-    `shape`) from its packed tensors, popped from `state` (keyed by full name; its bias too)."""
+    `shape`, or None: a stored module the model fuses, checked once fused) from its packed tensors, popped from
+    `state` (keyed by full name; its bias too)."""
     grid = _grid(fmt, qc, name)
     t = {k: state.pop(f"{name}.{k}") for k in FORMATS[fmt].KEYS if f"{name}.{k}" in state}
     scale_dtype = next((v.dtype for k, v in t.items() if "scale" in k and v.is_floating_point()), torch.float16)
@@ -104,7 +107,7 @@ def packed_layer(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
         q = FORMATS[fmt].unpack(t, grid, **v1)
     except Exception as e:
         raise QForgeError(f"{where}: cannot unpack {name} as {fmt}: {type(e).__name__}: {e}") from e
-    if tuple(shape) != q.shape:
+    if shape is not None and tuple(shape) != q.shape:
         raise QForgeError(f"{name}: packed shape {q.shape} does not match the model's {tuple(shape)}")
     return q, state.pop(f"{name}.bias", None), scale_dtype
 
@@ -118,6 +121,13 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
     return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q
 
 
+def _module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
     """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
 
@@ -129,16 +139,24 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     fmt, qc, config = packed_config(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = _read_tensors(path)
-    layers = {}
+    layers, fused = {}, False
     for name in quantized_names(fmt, state):
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise QForgeError(f"{path}: the checkpoint quantizes {name}, which the model has no module for") from e
+        old = _module(model, name)
+        if old is None:              # a module the model fuses (Mixtral's experts.{e}.w1): dense, fused below
+            layers[name], bias, _ = packed_layer(fmt, qc, name, state, None, path)
+            state[f"{name}.weight"] = layers[name].dequantize()
+            if bias is not None:
+                state[f"{name}.bias"] = bias
+            fused = True
+            continue
         qlin, layers[name] = quant_linear(fmt, qc, name, state, old, dtype, cache_dequantized, path)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if fused or any(_module(model, k.rpartition(".")[0]) is None for k in state):
+        from .checkpoint_keys import to_model_keys
+
+        state = to_model_keys(model, state)            # stored keys -> the model's (experts stacked and fused)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

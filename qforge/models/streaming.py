@@ -9,9 +9,10 @@ and the calibration activations (a 70B model's fp32 embeddings and lm_head alone
 checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader` dequantizes each block's packed
 linears into the skeleton's own modules. `SavedBlocks` reads a finished streamed run's blocks for export.
 
-Checkpoint keys must be the model's own parameter names (what save_pretrained writes for the Llama, Mistral,
-Qwen, Gemma, OPT and GPT-2 families). A checkpoint transformers renames or converts while loading (Mixtral's
-per-expert tensors fused into 3-D parameters, GPT-NeoX's embed_out) is refused, naming keys that differ.
+Checkpoint keys are read under the model's parameter names: keys transformers renames or converts while
+loading (Mixtral's per-expert tensors fused into 3-D parameters) go through transformers' own transforms, a
+block's tensors at a time (models/checkpoint_keys.py); a checkpoint whose keys still do not name the model's
+parameters is refused, naming keys that differ.
 """
 from __future__ import annotations
 
@@ -108,12 +109,21 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
     except Exception as e:
         raise QForgeError(f"could not build the model of {where}: {type(e).__name__}: {e}") from e
     model.eval()
+    if not fmt:                                 # stored keys that from_pretrained converts (Mixtral's experts)
+        from .checkpoint_keys import converted
+
+        files = converted(files, model)
     loader = PackedBlockLoader(files, model, where) if fmt else BlockLoader(files, model)
     names = model.state_dict()                  # every tensor name the model has, blocks included
-    packed = set(quantized_names(fmt, files.where)) if fmt else set()     # their weights come packed
-    missing = sorted(n for n in names if n not in files.where and n not in loader.tied
-                     and not (n.endswith(".weight") and n[:-len(".weight")] in packed))
-    extra = sorted(k for k in files.where if k not in names and k.rpartition(".")[0] not in packed)
+    targets = set(files.where)                  # the names the checkpoint's tensors load as
+    if fmt:                                     # packed modules load as their dense weights, then as any key
+        from .checkpoint_keys import model_names
+
+        packed = set(quantized_names(fmt, files.where))
+        targets = model_names(model, [k for k in files.where if k.rpartition(".")[0] not in packed or
+                                      k.endswith(".bias")] + [f"{p}.weight" for p in packed])
+    missing = sorted(n for n in names if n not in targets and n not in loader.tied)
+    extra = sorted(k for k in targets if k not in names)
     if missing or extra:
         raise QForgeError(f"{where}: the checkpoint's tensor names are not the model's parameter names ("
                           f"{len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}), "
@@ -206,6 +216,13 @@ class BlockLoader:
         return any(t.device.type != "meta" for t in block.state_dict().values())
 
 
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 class PackedBlockLoader(BlockLoader):
     """Block i of a packed checkpoint (models/packed.py's formats), dequantized: each packed linear's codes become
     the skeleton's own dense fp32 weight (what QuantLinear computes with on the CPU, without its repacking), and
@@ -214,22 +231,25 @@ class PackedBlockLoader(BlockLoader):
 
     def __init__(self, files: CheckpointFiles, model: nn.Module, where: Path):
         super().__init__(files, model)
-        self.where = where
+        self.where, self.model = where, model
         self.fmt, self.qc, _ = packed_config(where)
 
     def load(self, i: int, block: nn.Module) -> None:
+        from .checkpoint_keys import to_model_keys
+
         prefix = f"{self.blocks}.{i}."
         state = self.files.read([k for k in self.files.where if k.startswith(prefix)], dtype=None)
         dense = {}
         for name in quantized_names(self.fmt, state):
-            rel = name[len(prefix):]
-            shape = tuple(block.get_submodule(rel).weight.shape)
+            module = _submodule(block, name[len(prefix):])   # None: stored apart, fused by the model (experts)
+            shape = tuple(module.weight.shape) if module is not None else None
             q, bias, _ = packed_layer(self.fmt, self.qc, name, state, shape, self.where)
-            dense[f"{rel}.weight"] = q.dequantize()                   # fp32
+            dense[f"{name}.weight"] = q.dequantize()                  # fp32
             if bias is not None:
-                dense[f"{rel}.bias"] = bias.float()
-        rest = {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        rest.update(dense)
+                dense[f"{name}.bias"] = bias.float()
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state.update(dense)
+        rest = {k[len(prefix):]: v for k, v in to_model_keys(self.model, state).items()}
         check_finite_tensors(rest.items())
         missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
         if missing or unexpected:

@@ -83,6 +83,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     loop: the column loop of one block, column_loop or a kernel with its signature (kernels.gptq_loop).
     factors: a dict the caller keeps for one H across calls (a measurement's candidate grids): U is kept there
     for the next call with the same visiting order and damping (one [in, in] matrix: the latest order's).
+    H is read only until U is made: when the call holds its last reference (HessianAccumulator.take), it is freed
+    before the column loop.
     """
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
@@ -119,6 +121,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
             for k in [k for k in factors if k != "H"]:
                 del factors[k]
             factors[key] = (U, info)
+    del H                                             # the caller's last reference, if it handed H over
     info = dict(info)
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 

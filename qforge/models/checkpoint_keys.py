@@ -1,0 +1,161 @@
+"""Checkpoint keys -> model parameter names, by transformers' own conversion table (conversion_mapping.py).
+
+from_pretrained renames and converts some checkpoints' tensors while loading: Mixtral's per-expert
+`block_sparse_moe.experts.{e}.w1/w3/w2.weight` are stacked and fused into `mlp.experts.gate_up_proj` and
+`mlp.experts.down_proj`, legacy names are renamed. A streamed run reads a block's tensors itself, so it applies
+the same transforms (transformers' WeightRenaming / WeightConverter objects, not a copy of them) to the tensors of
+one block at a time. `ConvertedFiles` wraps a streaming.CheckpointFiles and offers the model's names instead of
+the stored keys; `save_keys` goes the other way for writing, as save_pretrained does.
+
+Which stored keys make which parameter is learnt once, by running every conversion on meta tensors of the
+stored shapes: a converter with several outputs (a fused qkv split in three) is read once for all of them.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import torch
+from torch import nn
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _Transforms:
+    """The model's load-time transforms, split as transformers applies them."""
+
+    def __init__(self, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+
+    def groups(self, keys: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+        """{first target name: [(stored key, the converter's source pattern or None for a renaming)]}."""
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        for k in sorted(keys, key=dot_natural_key):            # experts 0, 1, ..., 10 stacked in that order
+            target, pattern = rename_source_key(k, self.renamings, self.converters)
+            out.setdefault(target, []).append((k, pattern))
+        return out
+
+    def apply(self, model: nn.Module, first: str, sources: list[tuple[str, str | None]],
+              tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parameters one group of stored tensors makes."""
+        key, pattern = sources[0]
+        if pattern is None:
+            return {first: tensors[key]}
+        conv = deepcopy(self.by_pattern[pattern])               # one converter instance per group, as transformers
+        for k, p in sources:
+            conv.add_tensor(first, k, p, tensors[k])
+        made = conv.convert(first, model=model, config=model.config)
+        return {n: v[0] if isinstance(v, list) else v for n, v in made.items()}
+
+
+class ConvertedFiles:
+    """A checkpoint's tensors under the model's parameter names: `where` (name -> file of its first stored
+    tensor), `read(names, dtype)`, `fingerprint()`, as streaming.CheckpointFiles offers the stored keys."""
+
+    def __init__(self, files, model: nn.Module, transforms: _Transforms, shapes: dict[str, tuple[list[int], str]]):
+        self.files, self.model, self.transforms = files, model, transforms
+        self.path = files.path
+        self.group_of: dict[str, str] = {}                      # parameter name -> its group's first name
+        self.groups = transforms.groups(list(files.where))
+        for first, sources in self.groups.items():
+            meta = {k: torch.empty(shapes[k][0], dtype=_DTYPES.get(shapes[k][1], torch.float32), device="meta")
+                    for k, _ in sources}
+            for name in transforms.apply(model, first, sources, meta):
+                self.group_of[name] = first
+        self.where = {n: files.where[self.groups[g][0][0]] for n, g in self.group_of.items()}
+
+    def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for first in dict.fromkeys(self.group_of[n] for n in names):     # each group once, in order
+            sources = self.groups[first]
+            stored = self.files.read([k for k, _ in sources], dtype)
+            made = self.transforms.apply(self.model, first, sources, stored)
+            del stored
+            out.update({n: t for n, t in made.items() if n in names})
+        return out
+
+    def fingerprint(self) -> str:
+        return self.files.fingerprint()
+
+
+def converted(files, model: nn.Module):
+    """`files` under `model`'s parameter names: itself when its keys need no transform, else a ConvertedFiles."""
+    from safetensors import safe_open
+
+    transforms = _Transforms(model)
+    groups = transforms.groups(list(files.where))
+    if all(len(s) == 1 and s[0] == (first, None) for first, s in groups.items()):
+        return files
+    shapes = {}
+    for f in sorted(set(files.where.values())):
+        with safe_open(str(files.path / f), "pt") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                shapes[k] = (list(sl.get_shape()), sl.get_dtype())
+    return ConvertedFiles(files, model, transforms, shapes)
+
+
+def save_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (parameter names) under the keys save_pretrained writes (transformers' transforms reversed):
+    a streamed output stores what an in-memory one does."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state)
+
+
+def model_names(model: nn.Module, keys: list[str]) -> set[str]:
+    """The parameter names stored keys `keys` load as (each converter's first target: a converter that splits one
+    stored tensor into several parameters names only the first)."""
+    return set(_Transforms(model).groups(keys))
+
+
+def to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (stored keys, full names) under `model`'s parameter names: the in-memory form of ConvertedFiles."""
+    transforms = _Transforms(model)
+    out: dict[str, torch.Tensor] = {}
+    for first, sources in transforms.groups(list(state)).items():
+        out.update(transforms.apply(model, first, sources, state))
+    return out
+
+
+def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, int, int]]:
+    """The modules a checkpoint stores the quantized linears `names` as (LayerQuant keys: module paths, or
+    `<parent>.<param>.<e>` for one expert of a fused parameter): {stored module name: (linear name, first row,
+    end row)}. Found by reverting transformers' load transforms on an index tensor that numbers the rows of each
+    weight (e.g. Mixtral's `mlp.experts.gate_up_proj.3` -> `block_sparse_moe.experts.3.w1` rows 0:I and `.w3`
+    rows I:2I). A weight the transforms split other than by whole rows is refused."""
+    from ..errors import QForgeError
+    from .arch import linear_ref
+
+    by_weight: dict[str, dict[int, str]] = {}          # weight parameter -> {expert (0 if not fused): linear name}
+    for n in names:
+        ref = linear_ref(model, n)
+        weight = n.rpartition(".")[0] if ref.expert is not None else f"{n}.weight"
+        by_weight.setdefault(weight, {})[ref.expert or 0] = n
+    out: dict[str, tuple[str, int, int]] = {}
+    for weight, linears in by_weight.items():
+        shape = model.get_parameter(weight).shape        # [out, in] or [experts, out, in]
+        rows = shape[-2]
+        lead = list(shape[:-2])
+        ids = torch.arange(math.prod(lead) * rows, dtype=torch.float64).view(*lead, rows, 1)
+        for key, t in save_keys(model, {weight: ids.expand(*lead, rows, 2).contiguous()}).items():
+            run = t[:, 0].long() if t.dim() == 2 and t.shape[1] == 2 and torch.equal(t[:, 0], t[:, 1]) else None
+            if run is None or not key.endswith(".weight") or not run.numel() or \
+                    not torch.equal(run, torch.arange(int(run[0]), int(run[0]) + run.numel())) or \
+                    int(run[0]) // rows != int(run[-1]) // rows:      # whole rows, in order, of one expert
+                raise QForgeError(f"{weight}: the checkpoint stores it as {key}, not as whole rows of one linear; "
+                                  f"its packed export is not supported")
+            expert, r0 = divmod(int(run[0]), rows)
+            if expert in linears:
+                out[key[: -len(".weight")]] = (linears[expert], r0, r0 + run.numel())
+    return out
