@@ -2,6 +2,7 @@
 in each stage of one streamed run (load, quantize, save, export), and the process's VmHWM at the end.
 
     .venv/bin/python benchmarks/streaming_memory_probe.py MODEL_DIR [--method rtn] [--nsamples 4] [--packed-only]
+        [--where-peak]
 
 MODEL_DIR: e.g. the random model benchmarks/streaming.py saves under /tmp/qforge-streaming-bench/, or a
 one-block one from `benchmarks/larger_than_ram.py --layers 1 --steps none`. It also prints the run state's size
@@ -14,8 +15,10 @@ import argparse
 import re
 import shutil
 import tempfile
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -30,14 +33,21 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--packed-only", action="store_true", help="export from the run state, without saving")
+    ap.add_argument("--where-peak", action="store_true",
+                    help="also print the main thread's qforge stack at the highest RssAnon sample")
     a = ap.parse_args()
-    stage, peaks = ["start"], {}
+    stage, peaks, top = ["start"], {}, [0.0, ""]
+    main_id = threading.get_ident()
 
     def sample():
         while True:
             anon, file = _status("RssAnon"), _status("RssFile")
             p = peaks.get(stage[0], (0.0, 0.0))
             peaks[stage[0]] = (max(p[0], anon), max(p[1], file))
+            if a.where_peak and anon > top[0]:
+                frames = traceback.extract_stack(sys._current_frames()[main_id])
+                top[:] = [anon, "\n".join(f"  {f.filename.split('/qforge/')[-1]}:{f.lineno} {f.name}"
+                                          for f in frames if "/qforge/" in f.filename)]
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -66,6 +76,8 @@ def main() -> None:
     for k, (anon, file) in peaks.items():
         print(f"{k:10s} {anon:10.2f}  {file:10.2f}")
     print(f"VmHWM {_status('VmHWM'):.2f} GB")
+    if a.where_peak:
+        print(f"highest RssAnon sample {top[0]:.2f} GB, in:\n{top[1]}")
 
 
 if __name__ == "__main__":

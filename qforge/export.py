@@ -42,8 +42,8 @@ def _check_kind(name: str, ref) -> None:
 def stored_layers(model, layers: dict[str, LayerQuant]) -> dict[str, tuple[str, LayerQuant]]:
     """The packed modules to write: {stored module name: (linear name, its layer or the rows stored there)}. Names
     and rows as the model's checkpoints store them (models/checkpoint_keys.stored_linears): a fused expert's
-    gate/up rows become its two modules (Mixtral's experts.{e}.w1 and .w3). Rows are cut lazily by the caller
-    from `layers` when values are needed; here they are cut on whatever device the layers are (meta: no copy)."""
+    gate/up rows become its two modules (Mixtral's experts.{e}.w1 and .w3), cut by LayerQuant.rows (a copy of
+    their rows; shapes only for layers on the meta device)."""
     from .models.checkpoint_keys import stored_linears
 
     out = {}
@@ -103,7 +103,6 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     from .models.checkpoint_keys import stored_linears
 
     _fused_params(model, layers)                             # experts: all of a fused parameter or none
-
     for stored, (name, r0, r1) in stored_linears(model, list(layers)).items():   # as the checkpoint stores them
         ref, grid = layers[name]
         _check_kind(name, ref)

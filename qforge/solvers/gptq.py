@@ -132,8 +132,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
             cols, c = W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs]
             scales[:, k], zeros[:, k] = search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
         del W0
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)   # the loop's integer-valued codes
-    Q = torch.zeros(out_f, in_f, device=dev)                     # Ŵ in permuted order, as the loop computed it
+    # the loop's integer-valued codes and Ŵ as it computed them, each block written straight to its original
+    # columns (no permuted copy to undo at the end: a W-sized matrix less at the solve's peak)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+    Q = torch.zeros(out_f, in_f, device=dev)
     row_loss = torch.zeros(out_f, device=dev)                  # [out] sum (w - ŵ)^2 / 2 of each row, in GPTQ's loss
     group_list = group_of_pos.tolist()
     # blocks never split a group (B is a multiple of gs), so each group's grid is fitted on up-to-date weights
@@ -147,7 +149,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
         if not prefit:
             for j in range(0, i2 - i1, gs):
                 scales[:, ks[j]], zeros[:, ks[j]] = S[:, j], Z[:, j]
-        codes[:, i1:i2], Q[:, i1:i2] = C1, Q1
+        cols = perm[i1:i2] if reordered else slice(i1, i2)   # the block's original columns
+        codes[:, cols], Q[:, cols] = C1.to(codes.dtype), Q1
         row_loss += (Err1**2 * torch.diag(U1) ** 2).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)   # lazy batch update of the remaining columns, in place
     del W, U
@@ -157,5 +160,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     if info["fallback"] or info["retries"]:
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
-    return LayerQuant(grid, codes[:, inv], scales, zeros, g_idx, info, w_hat=Q[:, inv],
-                      row_loss=row_loss)
+    return LayerQuant(grid, codes, scales, zeros, g_idx, info, w_hat=Q, row_loss=row_loss)
