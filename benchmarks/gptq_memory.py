@@ -42,7 +42,7 @@ def main() -> None:
     Path("/proc/self/clear_refs").write_text("5")          # reset VmHWM to the current RSS
     before = _status("VmRSS")
     t = time.perf_counter()
-    q = gptq(W, hold.pop(), Grid(4, 128, False), act_order=a.act_order)
+    q = gptq(W, hold, Grid(4, 128, False), act_order=a.act_order)     # handed over: gptq empties the list
     seconds = time.perf_counter() - t
     extra = _status("VmHWM") - before
     h = a.in_f * a.in_f * 4 / 1e9

@@ -73,11 +73,9 @@ class GPTQSolver:
 
     def solve(self, W, stats: HessianAccumulator, grid, cfg, shared=None):
         device = stats.H.device
-        # solved once (no shared factors): H is handed over, so gptq frees it once factored. It is passed as an
-        # expression, not a local: CPython moves call arguments into the callee's frame, which then holds the last
-        # reference
-        return gptq(W.to(device), stats.H if shared is not None else stats.take(), grid, **gptq_options(cfg, device),
-                    factors=shared)
+        # solved once (no shared factors): H is handed over in a list gptq empties, so it is freed once factored
+        return gptq(W.to(device), stats.H if shared is not None else [stats.take()], grid,
+                    **gptq_options(cfg, device), factors=shared)
 
 
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:

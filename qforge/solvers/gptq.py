@@ -67,7 +67,7 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
     return codes, Q1, Err1, S, Z
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, block_size: int = 128,
+def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
          scale_search: bool = False, loop=column_loop, factors: dict | None = None) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
@@ -83,9 +83,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, damp: float = 0.01, bl
     loop: the column loop of one block, column_loop or a kernel with its signature (kernels.gptq_loop).
     factors: a dict the caller keeps for one H across calls (a measurement's candidate grids): U is kept there
     for the next call with the same visiting order and damping (one [in, in] matrix: the latest order's).
-    H is read only until U is made: when the call holds its last reference (HessianAccumulator.take), it is freed
-    before the column loop.
+    H is read only until U is made. Given as a one-element list, it is handed over: gptq empties the list, so when
+    the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
     """
+    if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
+        H = H.pop()
     if act_order and group_aware:
         raise ValueError("gptq: act_order and group_aware are two different column orders; pick one")
     if factors is not None and factors.setdefault("H", H) is not H:
