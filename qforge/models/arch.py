@@ -136,6 +136,14 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     return spec
 
 
+def submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    """module.get_submodule(path), or None when there is no such module."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     blocks = model.get_submodule(spec.blocks)
     if not isinstance(blocks, nn.ModuleList):

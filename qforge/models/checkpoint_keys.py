@@ -62,11 +62,11 @@ class ConvertedFiles:
     """A checkpoint's tensors under the model's parameter names: `where` (name -> file of its first stored
     tensor), `read(names, dtype)`, `fingerprint()`, as streaming.CheckpointFiles offers the stored keys."""
 
-    def __init__(self, files, model: nn.Module, transforms: _Transforms, shapes: dict[str, tuple[list[int], str]]):
-        self.files, self.model, self.transforms = files, model, transforms
+    def __init__(self, files, model: nn.Module, transforms: _Transforms,
+                 groups: dict[str, list[tuple[str, str | None]]], shapes: dict[str, tuple[list[int], str]]):
+        self.files, self.model, self.transforms, self.groups = files, model, transforms, groups
         self.path = files.path
         self.group_of: dict[str, str] = {}                      # parameter name -> its group's first name
-        self.groups = transforms.groups(list(files.where))
         for first, sources in self.groups.items():
             meta = {k: torch.empty(shapes[k][0], dtype=_DTYPES.get(shapes[k][1], torch.float32), device="meta")
                     for k, _ in sources}
@@ -102,7 +102,7 @@ def converted(files, model: nn.Module):
             for k in sf.keys():
                 sl = sf.get_slice(k)
                 shapes[k] = (list(sl.get_shape()), sl.get_dtype())
-    return ConvertedFiles(files, model, transforms, shapes)
+    return ConvertedFiles(files, model, transforms, groups, shapes)
 
 
 def save_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

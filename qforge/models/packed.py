@@ -18,6 +18,7 @@ from ..errors import QForgeError
 from ..formats import FORMATS
 from ..kernels import QuantLinear
 from ..solvers import Grid, LayerQuant
+from .arch import submodule_or_none
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +122,6 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
     return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q
 
 
-def _module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
     """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
 
@@ -141,7 +135,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     state = _read_tensors(path)
     layers, fused = {}, False
     for name in quantized_names(fmt, state):
-        old = _module(model, name)
+        old = submodule_or_none(model, name)
         if old is None:              # a module the model fuses (Mixtral's experts.{e}.w1): dense, fused below
             layers[name], bias, _ = packed_layer(fmt, qc, name, state, None, path)
             state[f"{name}.weight"] = layers[name].dequantize()
@@ -153,7 +147,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if fused or any(_module(model, k.rpartition(".")[0]) is None for k in state):
+    if fused or any(submodule_or_none(model, k.rpartition(".")[0]) is None for k in state):
         from .checkpoint_keys import to_model_keys
 
         state = to_model_keys(model, state)            # stored keys -> the model's (experts stacked and fused)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import QForgeError
 from ..utils.shards import INDEX
-from .arch import arch_spec, get_blocks
+from .arch import arch_spec, get_blocks, submodule_or_none
 from .loading import LoadedModel, check_finite_tensors, resolve_model
 from .packed import packed_config, packed_format, packed_layer, quantized_names
 
@@ -216,13 +216,6 @@ class BlockLoader:
         return any(t.device.type != "meta" for t in block.state_dict().values())
 
 
-def _submodule(module: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 class PackedBlockLoader(BlockLoader):
     """Block i of a packed checkpoint (models/packed.py's formats), dequantized: each packed linear's codes become
     the skeleton's own dense fp32 weight (what QuantLinear computes with on the CPU, without its repacking), and
@@ -241,7 +234,7 @@ class PackedBlockLoader(BlockLoader):
         state = self.files.read([k for k in self.files.where if k.startswith(prefix)], dtype=None)
         dense = {}
         for name in quantized_names(self.fmt, state):
-            module = _submodule(block, name[len(prefix):])   # None: stored apart, fused by the model (experts)
+            module = submodule_or_none(block, name[len(prefix):])   # None: stored apart, fused by the model (experts)
             shape = tuple(module.weight.shape) if module is not None else None
             q, bias, _ = packed_layer(self.fmt, self.qc, name, state, shape, self.where)
             dense[f"{name}.weight"] = q.dequantize()                  # fp32

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.arch import LinearRef, SmoothMapping
+from ..models.arch import LinearRef, SmoothMapping, submodule_or_none
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,14 @@ def _mapped(refs: list[LinearRef], names: tuple[str, ...]) -> list[LinearRef]:
 def _parent_path(block: nn.Module, names: list[str]) -> str:
     """The smallest module holding every named weight ("" is the block itself)."""
     path = ".".join(os.path.commonprefix([n.split(".") for n in names]))
-    while path and not isinstance(_submodule(block, path), nn.Module):
+    while path and not isinstance(submodule_or_none(block, path), nn.Module):
         path = path.rpartition(".")[0]
     return path
 
 
-def _submodule(block: nn.Module, path: str):
-    try:
-        return block.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _fused_param(block: nn.Module, path: str) -> torch.Tensor | None:
     owner, _, leaf = path.rpartition(".")
-    p = getattr(_submodule(block, owner) if owner else block, leaf, None)
+    p = getattr(submodule_or_none(block, owner) if owner else block, leaf, None)
     return p if isinstance(p, nn.Parameter) and p.dim() == 3 else None
 
 
@@ -68,7 +61,7 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
         return [], "its linears are not in the block"
     balance = []
     for name in mapping.balance:
-        m = _submodule(block, name)
+        m = submodule_or_none(block, name)
         if m is None or getattr(m, "weight", None) is None or m.weight.dim() != 2:
             return [], f"the block has no 2-D weight {name}"
         balance.append(LinearRef(name, m))
@@ -79,7 +72,7 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
         if fused.shape[1] != 2 * lins[0].shape[1]:
             return [], f"{mapping.prev}'s up half has {fused.shape[1] // 2} rows, the linears read {lins[0].shape[1]}"
         return [FoldUnit(f"{mapping.prev}.{r.expert}", mapping, [r], [], None, r.expert) for r in lins], None
-    prev = _submodule(block, mapping.prev)
+    prev = submodule_or_none(block, mapping.prev)
     w = getattr(prev, "weight", None)
     if not isinstance(w, torch.Tensor) or mapping.prev_rows != "all":
         return [], f"the block has no module {mapping.prev} with a weight"
