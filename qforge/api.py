@@ -64,9 +64,10 @@ class QModel:
         if self.quantized:
             raise QForgeError("this model is already quantized")
         if self.blocks is not None:
-            if self.config.search_generations or (self.config.bpw and allocation is None):
-                raise QForgeError("mixed precision's measurement and search run the whole model and do not stream "
-                                  "yet: measure without stream, then quantize streamed with that allocation")
+            if self.config.search_generations or self.config.verify_samples:
+                raise QForgeError("mixed precision's verification and search run the whole model many times and do "
+                                  "not stream: plan without them (the measurement streams), or verify/search "
+                                  "without stream and quantize streamed with that allocation")
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
@@ -176,7 +177,7 @@ class QModel:
         identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
                     if self.calibration_config else f"{len(samples)} samples"}
         return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
-                             device=device, batch_size=batch_size, show_progress=show_progress)
+                             device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks)
 
     def check_export(self, fmt: str, allocation=None) -> None:
         """Raise QForgeError now if quantizing with this config (or `allocation`'s schemes) would give layers

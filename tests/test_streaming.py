@@ -124,9 +124,10 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
         load_streamed(str(foreign))
     with pytest.raises(QForgeError, match="give resume=DIR"):
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True).quantize(None)
-    with pytest.raises(QForgeError, match="do not stream yet"):
-        qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq", bpw=3.5), stream=True).quantize(
-            "builtin:wiki", nsamples=2, seqlen=32, resume=tmp_path / "p")
+    with pytest.raises(QForgeError, match="verification and search .* do not stream"):
+        verified = QuantizeConfig(method="gptq", bpw=3.5, verify_samples=2)
+        qforge.load(str(tiny_llama_dir), verified, stream=True).quantize("builtin:wiki", nsamples=2, seqlen=32,
+                                                                         resume=tmp_path / "p")
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True)
     m.quantize(None, resume=tmp_path / "rtn.partial")
     m.drop_run_state()
@@ -205,8 +206,8 @@ def _allocation(model, fmt="gptq"):
 
 
 def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
-    """Mixed precision streams with an allocation measured beforehand: the codes of the in-memory run, the
-    allocation carried into the output and every export; a measurement or a search is still refused."""
+    """Mixed precision streams with an allocation planned beforehand: the codes of the in-memory run, the
+    allocation carried into the output and every export; a search is refused (it runs the whole model)."""
     cfg = QuantizeConfig(method="gptq", act_order=True)
     ref = qforge.load(str(tiny_llama_dir), cfg)
     alloc = _allocation(ref.model)
@@ -230,7 +231,7 @@ def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
     assert sizes["bits_per_weight"] == early["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)
     assert qforge.load(str(out)).result.allocation.layers == alloc.layers
     searched = QuantizeConfig(method="gptq", search_generations=2, measurement=str(tmp_path / "m.json"))
-    with pytest.raises(QForgeError, match="measure without stream, then quantize streamed"):
+    with pytest.raises(QForgeError, match="search without stream and quantize streamed"):
         qforge.load(str(tiny_llama_dir), searched, stream=True).quantize(
             "builtin:wiki", nsamples=2, seqlen=32, allocation=alloc, resume=tmp_path / "p")
     assert not (tmp_path / "p").exists()

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-exported or reported on)")
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: read one decoder block at a time from the safetensors files, and "
-                        "write the output (and --format's checkpoint) block by block (mixed precision: with an "
-                        "--allocation measured without --stream)")
+                        "write the output (and --format's checkpoint) block by block (--bpw measures streamed too; "
+                        "--verify-samples and --search-generations need the model in memory)")
 
     p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
     p.add_argument("model")
@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=MIXED_FORMATS, default="gptq", help="whose storage the costs count")
     p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
     p.add_argument("--probe-samples", type=COUNT, default=4, help="calibration samples the end-to-end KL probes run on")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than RAM: one decoder block in memory at a time, the same numbers (the "
+                        "probes of a span of blocks share sweeps over the model: see qforge.mixed.streamed)")
+    p.add_argument("--probe-memory", type=_size, default="4GiB",         # mixed.measure.PROBE_MEMORY
+                   help="--stream: memory for the probes' activations; more holds a longer span of blocks per sweep, "
+                        "so fewer reads of the model (default 4GiB)")
     _add_quant_args(p)
     p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
@@ -290,12 +296,13 @@ def cmd_measure(a) -> int:
                          static_groups=a.static_groups, act_group_aware=a.act_group_aware,
                          scale_search=a.scale_search)
     bits = tuple(int(b) for b in a.candidate_bits.split(",") if b) or None
-    m = qforge.load(a.model)
+    m = qforge.load(a.model, stream=a.stream)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}
     try:
         data = measure_model(m.model, calib.samples, a.out, cfg, a.format, bits, identity, a.device, a.batch_size,
-                             show_progress=not a.quiet, probe_samples=a.probe_samples)
+                             show_progress=not a.quiet, probe_samples=a.probe_samples, weights=m.blocks,
+                             probe_memory=a.probe_memory)
     except KeyboardInterrupt:
         return _interrupted(a.out)
     by_scheme: dict[str, list] = {}
@@ -321,7 +328,7 @@ def cmd_stats(a) -> int:
     from ..utils.atomic import atomic_dir, check_new_output
 
     check_new_output(a.out, a.overwrite)
-    m = qforge.load(a.model)
+    m = qforge.load(a.model, stream=a.stream)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     stats = collect_stats(m.model, calib.samples)
     with atomic_dir(a.out, overwrite=a.overwrite) as tmp:

@@ -76,15 +76,36 @@ def streamed_token_nll(model, weights, windows: torch.Tensor, device="cpu", batc
         hidden = run_block(block, hidden, inputs.for_block(i), device)
         block.to("cpu")
         weights.release(block)
-    given = _Given(blocks[0])
     out = []
-    stand_ins = [given] + [_PassThrough(b) for b in blocks[1:]]
-    with (weights.outside(model, without="embeddings"), swapped_blocks(model, spec, stand_ins),
-          _input_embeddings(model, _NoEmbedding(model.get_input_embeddings()))):
+    with head_pass(model, weights) as logits_of:
         for x, h in zip(batches, hidden):
-            given.value = h
-            logits = model(input_ids=x, use_cache=False).logits.float()
+            logits = logits_of(x, h).float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                   reduction="none")
             out.append(nll.view(len(x), -1).double())
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def head_pass(model, weights, keep: torch.Tensor | None = None):
+    """Inside: `logits_of(ids, h)`, the model's logits for `ids` [B, T] whose last block returned `h` [B, T, hidden]:
+    its own forward, the blocks swapped for stand-ins that hand `h` over, so its final norm, head and any logit
+    soft-capping run as they always do; the head reads only positions `keep` when given. The weights outside the
+    blocks, but the input embeddings, are in memory while inside (`weights`: a models.streaming.BlockLoader)."""
+    blocks = get_blocks(model, arch_spec(model))
+    given = _Given(blocks[0])
+    stand_ins = [given] + [_PassThrough(b) for b in blocks[1:]]
+
+    def logits_of(ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        given.value = h
+        return model(input_ids=ids, use_cache=False).logits
+
+    with (weights.outside(model, without="embeddings"), swapped_blocks(model, arch_spec(model), stand_ins),
+          _input_embeddings(model, _NoEmbedding(model.get_input_embeddings()))):
+        head = model.get_output_embeddings()
+        hook = None if keep is None else head.register_forward_pre_hook(lambda m, args: (args[0][:, keep],) + args[1:])
+        try:
+            yield logits_of
+        finally:
+            if hook is not None:
+                hook.remove()

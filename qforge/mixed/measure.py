@@ -16,8 +16,9 @@ Earlier proxies (withdrawn: their allocations lost to uniform quantization): a l
 error (version 1), and a first-order residual-stream error at the block output (version 2).
 
 Hessians come from the unquantized model (one pass per block; the next block reads the unquantized
-block's output), so every scheme of a layer is judged on the same inputs. The probes need the whole
-model resident (they run the remaining blocks); they use the first `probe_samples` calibration samples.
+block's output), so every scheme of a layer is judged on the same inputs. The probes run the
+remaining blocks, so this pass needs the whole model resident; mixed/streamed.py measures a model larger than
+RAM to the same numbers. The probes use the first `probe_samples` calibration samples.
 
 The measurement file is JSON, rewritten atomically after every block; a run that finds a file for
 the same model, calibration and candidate set continues after its last finished block.
@@ -43,6 +44,7 @@ from .schemes import candidate_grids, scheme_bits
 
 log = logging.getLogger(__name__)
 VERSION = 3
+PROBE_MEMORY = 4 << 30       # streamed: bytes of probe activations kept at once (mixed/streamed.py)
 
 
 def grid_key(g: Grid) -> str:
@@ -93,8 +95,12 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: QuantizeConfig, fmt: str | None = "gptq",
                   bits: tuple[int, ...] | None = None, identity: dict | None = None, device: str = "cpu",
-                  batch_size: int = 8, show_progress: bool = True, probe_samples: int = 4) -> dict:
-    """Measure every block linear of `model` (left as it was) and write/return the measurement."""
+                  batch_size: int = 8, show_progress: bool = True, probe_samples: int = 4, weights=None,
+                  probe_memory: int = PROBE_MEMORY) -> dict:
+    """Measure every block linear of `model` (left as it was) and write/return the measurement.
+    `weights` (a models.streaming.BlockLoader of a skeleton model) streams it: one block in memory at a time,
+    the probes' perturbed activations up to `probe_memory` bytes (mixed/streamed.py); the numbers are the
+    in-memory pass's, and either pass resumes the other's file."""
     if not samples:
         raise QForgeError("measurement needs calibration samples")
     out = Path(out)
@@ -120,6 +126,12 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
             raise QForgeError(f"{out} holds a measurement of other settings; remove it or choose another path")
     if data["blocks_done"] == len(blocks):
         return data
+    if weights is not None:
+        from .streamed import measure_streamed
+
+        measure_streamed(model, weights, spec, samples, data, lambda d: _write_atomic(out, d), cfg, fmt, bits, device,
+                         batch_size, show_progress, probe_samples, probe_memory)
+        return data
     home = next(model.parameters()).device
     model.to(device)                        # the probes run every block after the measured one
     try:
@@ -141,41 +153,50 @@ def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: Qu
         for i, block, ((hidden, calls), (probe_hidden, _)) in progress(walk, total=len(blocks), desc="measure blocks",
                                                                        enabled=show_progress):
             if i >= data["blocks_done"]:
-                measured = _measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device,
-                                          lambda: probe.kl(i, probe_hidden))
-                data["layers"].update(measured)
+                records = measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device,
+                                        lambda: probe.kl(i, probe_hidden))
+                data["layers"].update({name: finish_layer(r) for name, r in records.items()})
                 data["blocks_done"] = i + 1
                 _write_atomic(out, data)
 
 
-def _measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, tail_kl) -> dict:
-    """Every option of every linear of block `i`, whose inputs are `hidden`; tail_kl() probes the model."""
+def measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, probe) -> dict:
+    """Every option of every linear of block `i`, whose inputs are `hidden`, as records for `finish_layer`:
+    probe() is called with each probe scheme's Ŵ in the linear (the block otherwise unquantized) and returns
+    the KL, or a handle that finish_layer's `kl_of` turns into it once known (streamed: mixed/streamed.py)."""
     groups = block_linears(block, spec)
     stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
-    layers = {}
+    records = {}
+    factors_of: dict[int, dict] = {}          # one factorization per H: a group's shared one, or an expert's own
     for g in groups:
-        factors = {}                                                  # one factorization per group's H
         for ref in g:
+            factors = factors_of.setdefault(id(stats[ref.name]), {})
             original = ref.weight.detach().clone()                    # a copy: probes write into the weight
             W, H = original.float().to(device), stats[ref.name].H
             grids = candidate_grids(W.shape[1], fmt, bits)
-            probes, abs_err, kl = probe_grids(grids), {}, {}
-            w_energy = max(_trace_form(W, H), 1e-30)                  # tr(W H Wᵀ), the rel_err denominator
+            probes, abs_err, probed = probe_grids(grids), {}, {}
             for grid in grids:
                 W_hat = gptq(W, H, grid, **gptq_options(cfg, device), factors=factors).dequantize().to(W.device)
                 abs_err[grid] = _trace_form(W - W_hat, H)
                 if grid in probes:
                     try:
                         ref.set_weight(W_hat)
-                        kl[grid] = tail_kl()
+                        probed[grid] = probe()
                     finally:
                         ref.set_weight(original)
-            points = [(abs_err[p], kl[p]) for p in probes]
-            options = [{"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
-                        "stored_bits": scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order),
-                        "rel_err": abs_err[grid] / w_energy,
-                        "err": kl[grid] if grid in kl else interpolate_loglog(abs_err[grid], points),
-                        "probed": grid in kl}
-                       for grid in grids]
-            layers[linear_name(spec, i, ref.name)] = {"shape": list(W.shape), "options": options}
-    return layers
+            records[linear_name(spec, i, ref.name)] = {
+                "shape": list(W.shape), "w_energy": max(_trace_form(W, H), 1e-30),   # tr(W H Wᵀ), rel_err's base
+                "abs_err": abs_err, "probed": probed,
+                "stored_bits": {grid: scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order) for grid in grids}}
+    return records
+
+
+def finish_layer(record: dict, kl_of=float) -> dict:
+    """A linear's entry in the measurement from measure_block's record; `kl_of` maps a probe's result to its KL."""
+    kl = {grid: kl_of(h) for grid, h in record["probed"].items()}
+    points = [(record["abs_err"][p], kl[p]) for p in kl]
+    return {"shape": record["shape"],
+            "options": [{"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
+                         "stored_bits": record["stored_bits"][grid], "rel_err": e / record["w_energy"],
+                         "err": kl[grid] if grid in kl else interpolate_loglog(e, points), "probed": grid in kl}
+                        for grid, e in record["abs_err"].items()]}

@@ -35,14 +35,12 @@ class TailProbe:
 
     def __init__(self, model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], stride: int = 4):
         self.model, self.spec, self.batches = model, spec, batches
-        T = min(b.shape[1] for b in batches)
-        self.keep = torch.arange(stride - 1, T, stride)
+        self.keep = kept_positions(batches, stride)
         self.ref = [torch.log_softmax(self._logits(ids, 0, None), -1) for ids in batches]   # [B, K, vocab]
 
     def kl(self, start: int, hidden: list[torch.Tensor]) -> float:
         """Mean KL per kept position; `hidden[b]` is the fp input of block `start` for batch b."""
-        per_seq = self.kl_per_sequence(start, hidden)
-        return sum(per_seq) / max(len(per_seq), 1)          # every sequence has the same kept positions
+        return mean_kl(self.kl_per_sequence(start, hidden))
 
     @torch.no_grad()
     def kl_per_sequence(self, start: int, hidden: list[torch.Tensor], n_batches: int | None = None) -> list[float]:
@@ -50,7 +48,7 @@ class TailProbe:
         out = []
         for b, ids in enumerate(self.batches[:n_batches]):
             logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
-            out += kl_divergence(self.ref[b], logp).mean(-1).tolist()          # [B]
+            out += sequence_kls(self.ref[b], logp)
         return out
 
     @torch.no_grad()          # also in __init__: a reference kept with its autograd graph holds every activation
@@ -71,6 +69,21 @@ class TailProbe:
         source = {"hidden": hidden}
         return swapped_blocks(self.model, self.spec, [_Handover(b, source if k == 0 else None) if k < start else b
                                                       for k, b in enumerate(blocks)])
+
+
+def kept_positions(batches: list[torch.Tensor], stride: int = 4) -> torch.Tensor:
+    """The positions the head reads: every `stride`-th of the shortest batch's."""
+    T = min(b.shape[1] for b in batches)
+    return torch.arange(stride - 1, T, stride)
+
+
+def sequence_kls(ref_logp: torch.Tensor, logp: torch.Tensor) -> list[float]:
+    """Mean KL(P_ref ‖ P) over the kept positions of each sequence, from log-probabilities [B, K, vocab]."""
+    return kl_divergence(ref_logp, logp).mean(-1).tolist()
+
+
+def mean_kl(per_sequence: list[float]) -> float:
+    return sum(per_sequence) / max(len(per_sequence), 1)          # every sequence has the same kept positions
 
 
 def interpolate_loglog(x: float, points: list[tuple[float, float]], min_slope: float = 0.5,

@@ -1,0 +1,138 @@
+"""Mixed precision of a model larger than RAM: the streamed measurement gives the in-memory one's numbers, one
+block in memory at a time, and either resumes the other's file."""
+import json
+
+import pytest
+import torch
+
+import qforge
+from qforge import QForgeError, QuantizeConfig
+from qforge.mixed import measure_model
+from qforge.mixed.streamed import span_end
+from qforge.models.arch import arch_spec, get_blocks
+from qforge.models.streaming import BlockLoader
+from tiny_models import tiny_model
+
+CFG = QuantizeConfig(method="gptq")
+
+
+def _saved_dir(tmp_path, tokenizer, model_type):
+    d = tmp_path / model_type
+    tiny_model(model_type, seed=3).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def _samples(vocab, n=4, length=40):
+    return [torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def _streamed(src, monkeypatch, cfg=None):
+    """A skeleton of `src`, and the list of block indices its loader reads (one block in memory at a time)."""
+    m = qforge.load(str(src), cfg, stream=True)
+    blocks = get_blocks(m.model, arch_spec(m.model))
+    loads, load = [], BlockLoader.load
+
+    def one_at_a_time(self, i, block):
+        assert not any(BlockLoader.materialized(b) for b in blocks), "a block was still in memory"
+        loads.append(i)
+        load(self, i, block)
+
+    monkeypatch.setattr(BlockLoader, "load", one_at_a_time)
+    return m, loads
+
+
+def _assert_same(got, want):
+    assert set(got["layers"]) == set(want["layers"]) and got["blocks_done"] == want["blocks_done"]
+    for name, d in want["layers"].items():
+        for o, w in zip(got["layers"][name]["options"], d["options"], strict=True):
+            assert {k: o[k] for k in ("bits", "group_size", "sym", "stored_bits", "probed")} == \
+                   {k: w[k] for k in ("bits", "group_size", "sym", "stored_bits", "probed")}
+            assert o["rel_err"] == pytest.approx(w["rel_err"], rel=1e-4), name
+            assert o["err"] == pytest.approx(w["err"], rel=1e-4, abs=1e-12), (name, o, w)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "mixtral"])
+def test_a_streamed_measurement_gives_the_in_memory_numbers(tmp_path, tiny_tokenizer, monkeypatch, model_type):
+    src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
+    samples = _samples(len(tiny_tokenizer))
+    want = measure_model(qforge.load(str(src)).model, samples, tmp_path / "mem.json", CFG, "gptq", (2, 4),
+                         show_progress=False, probe_samples=2)
+    assert any(o["err"] > 0 for d in want["layers"].values() for o in d["options"])
+    m, loads = _streamed(src, monkeypatch)
+    n = len(get_blocks(m.model, arch_spec(m.model)))
+    got = measure_model(m.model, samples, tmp_path / "one.json", CFG, "gptq", (2, 4), show_progress=False,
+                        probe_samples=2, weights=m.blocks, probe_memory=1)      # one block per span: n sweeps
+    _assert_same(got, want)
+    assert loads == [j for start in range(n) for j in range(start, n)]
+    assert json.loads((tmp_path / "one.json").read_text()) == got
+    loads.clear()
+    got = measure_model(m.model, samples, tmp_path / "all.json", CFG, "gptq", (2, 4), show_progress=False,
+                        probe_samples=2, weights=m.blocks)                      # every block in one sweep
+    _assert_same(got, want)
+    assert loads == list(range(n))
+
+
+def test_a_streamed_measurement_resumes_either_passes_file(tmp_path, tiny_tokenizer, monkeypatch):
+    src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
+    samples = _samples(len(tiny_tokenizer))
+    full = measure_model(qforge.load(str(src)).model, samples, tmp_path / "m.json", CFG, "gptq", (2, 4),
+                         show_progress=False, probe_samples=2)
+    part = dict(full, blocks_done=1, layers={n: d for n, d in full["layers"].items() if ".0." in n})
+    marker = next(iter(part["layers"].values()))["options"][0]
+    marker["err"] = 123.0                                   # block 0 is not measured again
+    (tmp_path / "p.json").write_text(json.dumps(part))
+    m, loads = _streamed(src, monkeypatch)
+    resumed = measure_model(m.model, samples, tmp_path / "p.json", CFG, "gptq", (2, 4), show_progress=False,
+                            probe_samples=2, weights=m.blocks)
+    assert loads == [0, 1]                                  # block 0 only to walk the fp model to block 1
+    assert next(iter(resumed["layers"].values()))["options"][0]["err"] == 123.0
+    marker["err"] = full["layers"][next(iter(part["layers"]))]["options"][0]["err"]
+    _assert_same(resumed, full)
+
+
+def test_spans_hold_as_many_blocks_as_the_probe_memory_takes():
+    assert span_end([3, 3, 3, 3], 0, 10, 60) == 2
+    assert span_end([3, 3, 3, 3], 2, 10, 60) == 4
+    assert span_end([3, 3, 3, 3], 1, 10, 1) == 2          # one block at least, whatever the budget
+    assert span_end([3, 3, 3, 3], 0, 10, 10 ** 9) == 4
+
+
+def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
+    """--bpw with --stream: measured, planned and quantized one block at a time, to the in-memory run's codes."""
+    src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = QuantizeConfig(method="gptq", bpw=3.0, bpw_format="gptq", measurement=str(tmp_path / "m.json"))
+    ref = qforge.load(str(src), cfg)
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m, loads = _streamed(src, monkeypatch, QuantizeConfig(**{**cfg.to_dict(), "measurement": str(tmp_path / "s.json")}))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
+    n = len(get_blocks(m.model, arch_spec(m.model)))
+    assert loads == list(range(n)) * 2                      # one measuring sweep, then the quantizing pass
+    assert m.result.allocation.grids == ref.result.allocation.grids
+    out = m.save(tmp_path / "q")
+    from qforge.checkpoint import read_layers
+    got, want = read_layers(out), ref.result.layers
+    assert set(got) == set(want)
+    for name, q in want.items():
+        assert torch.equal(got[name].codes, q.codes), name
+    with pytest.raises(QForgeError, match="verification and search"):
+        qforge.load(str(src), QuantizeConfig(method="gptq", bpw=3.0, verify_samples=2), stream=True).quantize(
+            "builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "v.partial")
+
+
+def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer, capsys):
+    from qforge.cli.main import main
+
+    src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
+    calib = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32", "--candidate-bits", "2,4"]
+    assert main(["-q", "measure", str(src), "--out", str(tmp_path / "mem.json"), *calib]) == 0
+    assert main(["-q", "measure", str(src), "--stream", "--probe-memory", "1KB", "--out", str(tmp_path / "s.json"),
+                 *calib]) == 0
+    _assert_same(json.loads((tmp_path / "s.json").read_text()), json.loads((tmp_path / "mem.json").read_text()))
+    assert "summed KL" in capsys.readouterr().out
+    assert main(["-q", "quantize", str(src), "--stream", "--method", "gptq", "--bpw", "3", "--measurement",
+                 str(tmp_path / "s.json"), "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "allocation.json").read_text())["bpw"] <= 3
+    with pytest.raises(SystemExit):
+        main(["-q", "measure", str(src), "--stream", "--probe-memory", "lots", "--out", str(tmp_path / "x.json")])
