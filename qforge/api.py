@@ -64,10 +64,10 @@ class QModel:
         if self.quantized:
             raise QForgeError("this model is already quantized")
         if self.blocks is not None:
-            if self.config.search_generations or self.config.verify_samples:
-                raise QForgeError("mixed precision's verification and search run the whole model many times and do "
-                                  "not stream: plan without them (the measurement streams), or verify/search "
-                                  "without stream and quantize streamed with that allocation")
+            if self.config.search_generations:
+                raise QForgeError("mixed precision's search runs the whole model once per candidate and does not "
+                                  "stream (the measurement and verification do): search without stream, then "
+                                  "quantize streamed with that allocation")
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
@@ -146,7 +146,7 @@ class QModel:
             from .mixed.verify import verified_plan
 
             a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
-                              device=device, batch_size=batch_size, show_progress=show_progress)
+                              device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks)
         else:
             a = plan(m, cfg.bpw, cfg.skip)
         if not cfg.search_generations:

@@ -115,9 +115,18 @@ def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatc
     assert set(got) == set(want)
     for name, q in want.items():
         assert torch.equal(got[name].codes, q.codes), name
-    with pytest.raises(QForgeError, match="verification and search"):
-        qforge.load(str(src), QuantizeConfig(method="gptq", bpw=3.0, verify_samples=2), stream=True).quantize(
-            "builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "v.partial")
+    verified = QuantizeConfig(**{**cfg.to_dict(), "verify_samples": 2})
+    ref = qforge.load(str(src), verified)
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m = qforge.load(str(src), verified, stream=True)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "v.partial")
+    assert m.result.allocation.grids == ref.result.allocation.grids
+    got, want = m.result.allocation.verification["blocks"], ref.result.allocation.verification["blocks"]
+    assert got.keys() == want.keys() and len(want) == n
+    assert [c["worst_kl"] for c in got.values()] == pytest.approx([c["worst_kl"] for c in want.values()], rel=1e-4)
+    with pytest.raises(QForgeError, match="search runs the whole model"):
+        qforge.load(str(src), QuantizeConfig(method="gptq", bpw=3.0, search_generations=2), stream=True).quantize(
+            "builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "s.partial")
 
 
 def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer, capsys):
@@ -136,3 +145,32 @@ def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer
     assert json.loads((tmp_path / "q" / "allocation.json").read_text())["bpw"] <= 3
     with pytest.raises(SystemExit):
         main(["-q", "measure", str(src), "--stream", "--probe-memory", "lots", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_streamed_block_check_gives_the_in_memory_numbers(tmp_path, tiny_tokenizer, monkeypatch):
+    """mixed/verify.check_blocks streamed: one variant per checked block, all in one sweep (or one per sweep),
+    the in-memory checks' per-sequence KLs; validation sequences of two lengths."""
+    from qforge.mixed import plan
+    from qforge.mixed.verify import check_blocks
+
+    src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
+    vocab = len(tiny_tokenizer)
+    calib, valid = _samples(vocab), _samples(vocab, 2, 48) + _samples(vocab, 3, 40)[1:]
+    model = qforge.load(str(src)).model
+    a = plan(measure_model(model, calib, tmp_path / "m.json", CFG, "gptq", (2, 4), show_progress=False,
+                           probe_samples=2), 3.0)
+    want = check_blocks(model, a, calib, valid, CFG)
+    m, loads = _streamed(src, monkeypatch)
+    n = len(get_blocks(m.model, arch_spec(m.model)))
+    for probe_memory, sweeps in [(1 << 30, [list(range(n))]), (1, [list(range(s, n)) for s in range(n)])]:
+        loads.clear()
+        got = check_blocks(m.model, a, calib, valid, CFG, weights=m.blocks, probe_memory=probe_memory)
+        assert loads == [j for sweep in sweeps for j in sweep]
+        assert sorted(got) == sorted(want)
+        for i, c in want.items():
+            assert got[i].schemes == c.schemes and got[i].predicted == c.predicted
+            assert got[i].kl == pytest.approx(c.kl, rel=1e-4, abs=1e-12)
+    loads.clear()
+    got = check_blocks(m.model, a, calib, valid, CFG, only={1}, weights=m.blocks)
+    assert sorted(got) == [1] and got[1].kl == pytest.approx(want[1].kl, rel=1e-4, abs=1e-12)
+    assert loads == [0, 1]                                  # block 0 only to walk the fp model to block 1

@@ -124,9 +124,9 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
         load_streamed(str(foreign))
     with pytest.raises(QForgeError, match="give resume=DIR"):
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True).quantize(None)
-    with pytest.raises(QForgeError, match="verification and search .* do not stream"):
-        verified = QuantizeConfig(method="gptq", bpw=3.5, verify_samples=2)
-        qforge.load(str(tiny_llama_dir), verified, stream=True).quantize("builtin:wiki", nsamples=2, seqlen=32,
+    with pytest.raises(QForgeError, match="search runs the whole model .* does not stream"):
+        searched = QuantizeConfig(method="gptq", bpw=3.5, search_generations=2)
+        qforge.load(str(tiny_llama_dir), searched, stream=True).quantize("builtin:wiki", nsamples=2, seqlen=32,
                                                                          resume=tmp_path / "p")
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True)
     m.quantize(None, resume=tmp_path / "rtn.partial")
@@ -231,7 +231,7 @@ def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
     assert sizes["bits_per_weight"] == early["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)
     assert qforge.load(str(out)).result.allocation.layers == alloc.layers
     searched = QuantizeConfig(method="gptq", search_generations=2, measurement=str(tmp_path / "m.json"))
-    with pytest.raises(QForgeError, match="search without stream and quantize streamed"):
+    with pytest.raises(QForgeError, match="search without stream, then quantize streamed"):
         qforge.load(str(tiny_llama_dir), searched, stream=True).quantize(
             "builtin:wiki", nsamples=2, seqlen=32, allocation=alloc, resume=tmp_path / "p")
     assert not (tmp_path / "p").exists()

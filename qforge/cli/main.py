@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-exported or reported on)")
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: read one decoder block at a time from the safetensors files, and "
-                        "write the output (and --format's checkpoint) block by block (--bpw measures streamed too; "
-                        "--verify-samples and --search-generations need the model in memory)")
+                        "write the output (and --format's checkpoint) block by block (--bpw measures and --verify-samples checks "
+                        "streamed too; --search-generations needs the model in memory)")
 
     p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
     p.add_argument("model")

@@ -39,7 +39,7 @@ from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats  # the statistics and solve the quantize pass uses
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
-from .probe import TailProbe, interpolate_loglog
+from .probe import TailProbe, interpolate_loglog, mean_kl
 from .schemes import candidate_grids, scheme_bits
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,8 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
     if data["blocks_done"] == len(blocks):
         return data
     if weights is not None:
-        from .streamed import measure_streamed
-
-        measure_streamed(model, weights, spec, samples, data, lambda d: _write_atomic(out, d), cfg, fmt, bits, device,
-                         batch_size, show_progress, probe_samples, probe_memory)
+        _measure_streamed(model, weights, spec, samples, data, out, cfg, fmt, bits, device, batch_size, show_progress,
+                          probe_samples, probe_memory)
         return data
     home = next(model.parameters()).device
     model.to(device)                        # the probes run every block after the measured one
@@ -158,6 +156,29 @@ def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: Qu
                 data["layers"].update({name: finish_layer(r) for name, r in records.items()})
                 data["blocks_done"] = i + 1
                 _write_atomic(out, data)
+
+
+def _measure_streamed(model, weights, spec, samples, data: dict, out: Path, cfg: QuantizeConfig, fmt, bits, device,
+                      batch_size: int, show_progress: bool, probe_samples: int, probe_memory: int) -> None:
+    """_measure_blocks for a skeleton model: mixed/streamed.py's sweeps, the file written after each span."""
+    from .streamed import sweep_probes
+
+    blocks = get_blocks(model, spec)
+    probes = [sum(len(probe_grids(candidate_grids(r.shape[1], fmt, bits))) for g in block_linears(b, spec) for r in g)
+              for b in blocks]
+
+    def visit(i, block, hidden, calls, probe):
+        return measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device, probe)
+
+    def span_done(records: dict, kls: list[list[float]]) -> None:
+        for recs in records.values():
+            data["layers"].update({name: finish_layer(r, lambda h: mean_kl(kls[h])) for name, r in recs.items()})
+        data["blocks_done"] = max(records) + 1
+        _write_atomic(out, data)
+
+    sweep_probes(model, weights, make_batches(samples, batch_size), make_batches(samples[:max(1, probe_samples)],
+                 batch_size), list(range(data["blocks_done"], len(blocks))), probes.__getitem__, visit, span_done,
+                 device, probe_memory, show_progress, desc="measure blocks")
 
 
 def measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, probe) -> dict:

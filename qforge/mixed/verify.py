@@ -27,6 +27,7 @@ from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import gptq
 from ..utils.progress import progress
+from .measure import PROBE_MEMORY
 from .plan import Allocation, plan
 from .probe import TailProbe
 
@@ -57,33 +58,50 @@ def _block_schemes(a: Allocation, prefix: str) -> tuple[tuple[str, tuple], ...]:
 
 def check_blocks(model, allocation: Allocation, calib: list[torch.Tensor], valid: list[torch.Tensor],
                  cfg: QuantizeConfig, only: set[int] | None = None, device: str = "cpu", batch_size: int = 8,
-                 show_progress: bool = False) -> dict[int, BlockCheck]:
+                 show_progress: bool = False, weights=None, probe_memory: int = PROBE_MEMORY) -> dict[int, BlockCheck]:
     """BlockCheck of every block (or of those in `only`) holding allocated layers; `model` is left as it was.
-    Hessians come from `calib`, the KL from `valid` (sequences of any lengths)."""
+    Hessians come from `calib`, the KL from `valid` (sequences of any lengths). `weights` (a skeleton's
+    models.streaming.BlockLoader): streamed, one block in memory at a time (mixed/streamed.py)."""
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
     todo = [i for i in range(len(blocks)) if (only is None or i in only)
             and _block_schemes(allocation, f"{spec.blocks}.{i}.")]
     if not todo:
         return {}
+    batches, vbatches = make_batches(calib, batch_size), make_batches(valid, batch_size)
+    out = {}
+    if weights is not None:
+        from .streamed import sweep_probes
+
+        def span_done(records: dict, kls: list[list[float]]) -> None:
+            out.update({i: BlockCheck(i, schemes, predicted, tuple(kls[h])) for i, (schemes, predicted, h)
+                        in records.items()})
+
+        sweep_probes(model, weights, batches, vbatches, todo, lambda i: 1,
+                     lambda i, block, hidden, calls, probe: _check_block(block, i, spec, allocation, hidden, calls,
+                                                                         cfg, device, probe),
+                     span_done, device, probe_memory, show_progress, desc="check blocks")
+        return out
     home = next(model.parameters()).device
     model.to(device)                                          # the probes run every block after the checked one
     try:
-        batches, vbatches = make_batches(calib, batch_size), make_batches(valid, batch_size)
-        probe, out = TailProbe(model, spec, vbatches), {}
+        probe = TailProbe(model, spec, vbatches)
         walk = walk_fp_blocks(model, spec, [batches, vbatches], todo[-1], device)
         with torch.no_grad():
             for i, block, ((hidden, calls), (vhidden, _)) in progress(walk, total=todo[-1] + 1, desc="check blocks",
                                                                       enabled=show_progress):
                 if i in todo:
-                    out[i] = _check_block(block, i, spec, allocation, hidden, calls, cfg, device,
-                                          lambda: probe.kl_per_sequence(i, vhidden))
+                    schemes, predicted, kl = _check_block(block, i, spec, allocation, hidden, calls, cfg, device,
+                                                          lambda: probe.kl_per_sequence(i, vhidden))
+                    out[i] = BlockCheck(i, schemes, predicted, tuple(kl))
     finally:
         model.to(home)
     return out
 
 
-def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device, tail_kl) -> BlockCheck:
+def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device, probe) -> tuple:
+    """(schemes, predicted KL, probe()'s result) of block i quantized alone at the allocation's schemes;
+    probe() runs with the block so quantized, which is then put back."""
     groups = block_linears(block, spec)
     refs = {linear_name(spec, i, r.name): r for g in groups for r in g}
     mine = {n: r for n, r in refs.items() if n in a.layers}
@@ -96,11 +114,11 @@ def _check_block(block, i: int, spec, a: Allocation, hidden, calls, cfg, device,
             W, f = originals[n].float().to(device), factors.setdefault(id(stats[r.name]), {})
             r.set_weight(gptq(W, stats[r.name].H, grids[n], **gptq_options(cfg, device), factors=f).dequantize()
                          .to(W.device))
-        kl = tuple(tail_kl())
+        probed = probe()
     finally:
         for n, r in mine.items():
             r.set_weight(originals[n])
-    return BlockCheck(i, _block_schemes(a, f"{spec.blocks}.{i}."), sum(a.layers[n]["err"] for n in mine), kl)
+    return _block_schemes(a, f"{spec.blocks}.{i}."), sum(a.layers[n]["err"] for n in mine), probed
 
 
 def without_widths(measurement: dict, raised: dict[str, int]) -> dict:
@@ -127,7 +145,7 @@ def _raise(checks: list[BlockCheck], measurement: dict, raised: dict[str, int]) 
 def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch.Tensor],
                   valid: list[torch.Tensor], cfg: QuantizeConfig, skip: tuple[str, ...] = (), err_power: float = 1.0,
                   tolerance: float = 1.0, rounds: int = 3, device: str = "cpu", batch_size: int = 8,
-                  show_progress: bool = False) -> Allocation:
+                  show_progress: bool = False, weights=None) -> Allocation:
     """plan(), then check_blocks() and repair as the module says; the allocation records what was checked."""
     a = plan(measurement, target_bpw, skip, err_power)
     spec = arch_spec(model)
@@ -136,7 +154,7 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
     for r in range(rounds + 1):
         stale = {i for i in range(len(get_blocks(model, spec)))
                  if i not in checks or checks[i].schemes != _block_schemes(a, f"{spec.blocks}.{i}.")}
-        checks.update(check_blocks(model, a, calib, valid, cfg, stale, device, batch_size, show_progress))
+        checks.update(check_blocks(model, a, calib, valid, cfg, stale, device, batch_size, show_progress, weights))
         limit = tolerance * a.total_err
         flagged = [c for c in checks.values() if c.worst > limit]
         for c in flagged:
