@@ -128,3 +128,22 @@ def test_gptqmodel_loads_qforge_moe_gptq_export(model_type, tiny_tokenizer, tmp_
     theirs = run_worker("gptqmodel-load", tmp_path / "gptq", tmp_path / "worker")
     assert theirs[0]["packed"]                                   # GPTQModel's own packed linears
     assert_same_model(ours, theirs)
+
+
+def test_qforge_loads_gptqmodels_mixtral_export(tiny_tokenizer, tmp_path):
+    """GPTQModel 7.6 writes a Mixtral's experts under its runtime names (mlp.experts.{e}.gate_proj/up_proj/
+    down_proj), not the model's own (block_sparse_moe.experts.{e}.w1/w3/w2): qforge reads them into the fused
+    expert parameters and computes what GPTQModel computes."""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model("mixtral", seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    theirs = run_worker("gptqmodel-quantize-tiny", src, tmp_path / "worker")
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "worker" / "ckpt").glob("*.safetensors"))), "pt") as f:
+        assert any(".mlp.experts.0.gate_proj.qweight" in k for k in f.keys())
+    ours = qforge_side(tmp_path / "worker" / "ckpt")
+    assert ours[0]["model"].packed_format == "gptq"
+    assert_same_model(theirs, ours)

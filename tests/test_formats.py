@@ -3,6 +3,7 @@ qforge's exports loading back, and clear errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -374,3 +375,38 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
     part = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32, skip=("*.gate_up_proj.1",)))
     with pytest.raises(QForgeError, match="3 of its 4 experts are quantized"):
         part.check_export(fmt)                                        # refused before quantizing
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_tokenizer, tmp_path):
+    """GPTQModel writes a Mixtral's experts as mlp.experts.{e}.gate_proj/up_proj/down_proj (its names for every
+    gate/up/down MoE, qwen2_moe's layout) and its router as mlp.gate; qforge reads that layout too, in memory and
+    block by block, to the same model as its own export (block_sparse_moe.experts.{e}.w1/w3/w2)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import tiny_model
+
+    src = tmp_path / "mixtral"
+    tiny_model("mixtral", seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.export(tmp_path / "ours", "gptq", dtype=torch.float32)
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    renamed = {k.replace(".block_sparse_moe.", ".mlp.").replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.")
+               .replace(".w2.", ".down_proj."): v for k, v in ours.items()}
+    assert any(".mlp.experts.0.gate_proj.qweight" in k for k in renamed)
+    theirs = tmp_path / "theirs"
+    shutil.copytree(tmp_path / "ours", theirs)
+    save_file(renamed, str(theirs / "model.safetensors"), metadata={"format": "pt"})
+    x = torch.randint(0, 500, (2, 40))
+    got = [qforge.load(str(d), stream=stream) for d in (tmp_path / "ours", theirs)]
+    if stream:
+        nll = [qforge.evaluate(g, ["wiki"], seqlen=32, max_windows=2)[0]["ppl"] for g in got]
+        assert nll[0] == nll[1]
+    else:
+        assert set(got[1].result.layers) == {n.replace(".block_sparse_moe.", ".mlp.").replace(".w1", ".gate_proj")
+                                             .replace(".w3", ".up_proj").replace(".w2", ".down_proj")
+                                             for n in got[0].result.layers}
+        with torch.no_grad():
+            assert torch.equal(got[0].model(x).logits, got[1].model(x).logits)

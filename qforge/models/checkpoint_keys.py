@@ -31,6 +31,7 @@ class _Transforms:
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         transforms = get_model_conversion_mapping(model)
+        transforms += _per_expert_layout(model, transforms)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
@@ -56,6 +57,20 @@ class _Transforms:
             conv.add_tensor(first, k, p, tensors[k])
         made = conv.convert(first, model=model, config=model.config)
         return {n: v[0] if isinstance(v, list) else v for n, v in made.items()}
+
+
+def _per_expert_layout(model: nn.Module, transforms: list) -> list:
+    """Loading only: for a model with fused gate/up/down experts whose own table reads another layout (Mixtral's
+    w1/w3/w2), also qwen2_moe's converters for one module per expert, `mlp.experts.{e}.gate_proj/up_proj/down_proj`:
+    the names GPTQModel writes for every such MoE. Its patterns cannot match the model's own keys."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    if not any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters()):
+        return []
+    have = {p for t in transforms if isinstance(t, WeightConverter) for p in t.source_patterns}
+    return [c for c in get_checkpoint_conversion_mapping("qwen2_moe") or []
+            if isinstance(c, WeightConverter) and not set(c.source_patterns) & have]
 
 
 class ConvertedFiles:

@@ -84,12 +84,13 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task == "gptqmodel-quantize":
+    elif task in ("gptqmodel-quantize", "gptqmodel-quantize-tiny"):
         from gptqmodel import GPTQModel, QuantizeConfig
 
-        m = GPTQModel.load(model_dir, QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False,
+        tiny = task.endswith("-tiny")                 # tests/tiny_models.py's widths: 64 and 96, so group 32
+        m = GPTQModel.load(model_dir, QuantizeConfig(bits=4, group_size=32 if tiny else 64, sym=True, desc_act=False,
                                                      offload_to_disk=False), device="cpu", dtype=torch.float32)
-        m.quantize([{"input_ids": s.tolist()} for s in calibration(tok)])
+        m.quantize([{"input_ids": s.tolist()} for s in calibration(tok, *((16, 64) if tiny else ()))])
         m.save(str(out_dir / "ckpt"))
         tok.save_pretrained(out_dir / "ckpt")
         report(gptqmodel_torch_fp32(str(out_dir / "ckpt")).model, tok, out_dir)
