@@ -52,13 +52,14 @@ class QModel:
                  nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
                  seed: int = 0, device: str = "cpu",
                  batch_size: int = 8, show_progress: bool = False, allocation=None,
-                 resume: str | Path | None = None) -> QuantizeResult:
+                 resume: str | Path | None = None, probe_memory: int | None = None) -> QuantizeResult:
         """Quantize in place. `allocation` (a mixed.plan.Allocation, e.g. `Allocation.load("allocation.json")`)
         gives every linear its scheme instead of measuring and planning for config.bpw; with
         config.search_generations the search continues from it (on config.measurement's options).
         `resume`: a directory where each calibrated block is saved as it finishes (runstate.py); a run
         interrupted there continues after its last finished block when started again with the same
-        settings and data. save() removes it once the output is written."""
+        settings and data. save() removes it once the output is written. `probe_memory` (bytes; streamed mixed
+        precision): room for the end-to-end probes' activations (mixed.measure.PROBE_MEMORY when None)."""
         if self.config is None:
             raise QForgeError("no QuantizeConfig: pass one to qforge.load(model, config)")
         if self.quantized:
@@ -91,7 +92,8 @@ class QModel:
         if self.config.search_generations and allocation is None and not self.config.bpw:
             raise QForgeError("search_generations searches a mixed-precision allocation: give bpw or an allocation")
         if self.config.search_generations if allocation is not None else self.config.bpw:
-            allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation)
+            allocation = self._allocate(samples, device, batch_size, show_progress, start=allocation,
+                                        probe_memory=probe_memory)
         grids = allocation.grids if allocation else None
         store = None
         if resume is not None and (self.config.needs_calibration or self.blocks is not None):
@@ -125,7 +127,8 @@ class QModel:
             raise QForgeError(f"the allocation names {len(foreign)} layer(s) this model does not have, e.g. "
                               f"{foreign[0]}: it was planned for another model")
 
-    def _allocate(self, samples, device: str, batch_size: int, show_progress: bool, start=None):
+    def _allocate(self, samples, device: str, batch_size: int, show_progress: bool, start=None,
+                  probe_memory: int | None = None):
         """Mixed precision: measure (or reuse / resume config.measurement), then choose the schemes (or take
         `start`'s), then search when config.search_generations asks."""
         import tempfile
@@ -135,10 +138,11 @@ class QModel:
 
         cfg = self.config
         if cfg.measurement:
-            m = self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress)
+            m = self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress, probe_memory)
         else:
             with tempfile.TemporaryDirectory() as d:             # nothing to keep: measured for this run only
-                m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress)
+                m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress,
+                                      probe_memory)
         m = restate_costs(m, cfg.bpw_format)
         if start is not None:
             a = start
@@ -146,7 +150,8 @@ class QModel:
             from .mixed.verify import verified_plan
 
             a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
-                              device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks)
+                              device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
+                              **({"probe_memory": probe_memory} if probe_memory else {}))
         else:
             a = plan(m, cfg.bpw, cfg.skip)
         if not cfg.search_generations:
@@ -157,7 +162,8 @@ class QModel:
                                    cfg.search_generations, cfg.search_offspring, span=cfg.search_span, device=device,
                                    batch_size=batch_size, show_progress=show_progress)
 
-    def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool):
+    def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool,
+                     probe_memory: int | None = None):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""
         from .mixed import load_measurement, measure_model
         from .mixed.measure import settings_mismatch
@@ -177,7 +183,8 @@ class QModel:
         identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
                     if self.calibration_config else f"{len(samples)} samples"}
         return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
-                             device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks)
+                             device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
+                             **({"probe_memory": probe_memory} if probe_memory else {}))
 
     def check_export(self, fmt: str, allocation=None) -> None:
         """Raise QForgeError now if quantizing with this config (or `allocation`'s schemes) would give layers

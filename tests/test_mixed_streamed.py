@@ -105,9 +105,9 @@ def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatc
     ref = qforge.load(str(src), cfg)
     ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
     m, loads = _streamed(src, monkeypatch, QuantizeConfig(**{**cfg.to_dict(), "measurement": str(tmp_path / "s.json")}))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial", probe_memory=1)
     n = len(get_blocks(m.model, arch_spec(m.model)))
-    assert loads == list(range(n)) * 2                      # one measuring sweep, then the quantizing pass
+    assert loads == [j for s in range(n) for j in range(s, n)] + list(range(n))   # a sweep per block, then quantized
     assert m.result.allocation.grids == ref.result.allocation.grids
     out = m.save(tmp_path / "q")
     from qforge.checkpoint import read_layers
@@ -140,8 +140,8 @@ def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer
     _assert_same(json.loads((tmp_path / "s.json").read_text()), json.loads((tmp_path / "mem.json").read_text()))
     assert "summed KL" in capsys.readouterr().out
     assert main(["-q", "quantize", str(src), "--stream", "--method", "gptq", "--bpw", "3", "--measurement",
-                 str(tmp_path / "s.json"), "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32",
-                 "--out", str(tmp_path / "q")]) == 0
+                 str(tmp_path / "s.json"), "--verify-samples", "2", "--probe-memory", "1KB", "--calib", "builtin:wiki",
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q")]) == 0
     assert json.loads((tmp_path / "q" / "allocation.json").read_text())["bpw"] <= 3
     with pytest.raises(SystemExit):
         main(["-q", "measure", str(src), "--stream", "--probe-memory", "lots", "--out", str(tmp_path / "x.json")])

@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-exported or reported on)")
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: read one decoder block at a time from the safetensors files, and "
-                        "write the output (and --format's checkpoint) block by block (--bpw measures and --verify-samples checks "
-                        "streamed too; --search-generations needs the model in memory)")
+                        "write the output (and --format's checkpoint) block by block (--bpw measures and "
+                        "--verify-samples checks streamed too; --search-generations needs the model in memory)")
+    _add_probe_memory(p)
 
     p = sub.add_parser("measure", help="mixed precision: every layer's error at every candidate scheme")
     p.add_argument("model")
@@ -196,9 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: one decoder block in memory at a time, the same numbers (the "
                         "probes of a span of blocks share sweeps over the model: see qforge.mixed.streamed)")
-    p.add_argument("--probe-memory", type=_size, default="4GiB",         # mixed.measure.PROBE_MEMORY
-                   help="--stream: memory for the probes' activations; more holds a longer span of blocks per sweep, "
-                        "so fewer reads of the model (default 4GiB)")
+    _add_probe_memory(p)
     _add_quant_args(p)
     p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
@@ -281,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_probe_memory(p) -> None:
+    p.add_argument("--probe-memory", type=_size, default="4GiB",         # mixed.measure.PROBE_MEMORY
+                   help="mixed precision with --stream: memory for the end-to-end probes' activations; more holds "
+                        "a longer span of blocks per sweep over the model, so fewer reads of it (default 4GiB)")
+
+
 def cmd_measure(a) -> int:
     import qforge
     from ..calibration import build_calibration
@@ -328,7 +333,7 @@ def cmd_stats(a) -> int:
     from ..utils.atomic import atomic_dir, check_new_output
 
     check_new_output(a.out, a.overwrite)
-    m = qforge.load(a.model, stream=a.stream)
+    m = qforge.load(a.model)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     stats = collect_stats(m.model, calib.samples)
     with atomic_dir(a.out, overwrite=a.overwrite) as tmp:
@@ -451,7 +456,8 @@ def cmd_quantize(a) -> int:
     state = f"{str(a.out).rstrip('/')}.partial"               # finished blocks, kept until the output is saved
     try:
         m.quantize(a.calib, nsamples=a.nsamples, seqlen=a.calib_seqlen, seed=a.seed, device=a.device,
-                   batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation, resume=state)
+                   batch_size=a.batch_size, show_progress=not a.quiet, allocation=allocation, resume=state,
+                   probe_memory=a.probe_memory)
     except KeyboardInterrupt:
         return _interrupted(state, a.measurement)
     out = Path(a.out) if a.packed_only else m.save(a.out, overwrite=a.overwrite)

@@ -145,7 +145,7 @@ def _raise(checks: list[BlockCheck], measurement: dict, raised: dict[str, int]) 
 def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch.Tensor],
                   valid: list[torch.Tensor], cfg: QuantizeConfig, skip: tuple[str, ...] = (), err_power: float = 1.0,
                   tolerance: float = 1.0, rounds: int = 3, device: str = "cpu", batch_size: int = 8,
-                  show_progress: bool = False, weights=None) -> Allocation:
+                  show_progress: bool = False, weights=None, probe_memory: int = PROBE_MEMORY) -> Allocation:
     """plan(), then check_blocks() and repair as the module says; the allocation records what was checked."""
     a = plan(measurement, target_bpw, skip, err_power)
     spec = arch_spec(model)
@@ -154,7 +154,8 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
     for r in range(rounds + 1):
         stale = {i for i in range(len(get_blocks(model, spec)))
                  if i not in checks or checks[i].schemes != _block_schemes(a, f"{spec.blocks}.{i}.")}
-        checks.update(check_blocks(model, a, calib, valid, cfg, stale, device, batch_size, show_progress, weights))
+        checks.update(check_blocks(model, a, calib, valid, cfg, stale, device, batch_size, show_progress, weights,
+                                   probe_memory))
         limit = tolerance * a.total_err
         flagged = [c for c in checks.values() if c.worst > limit]
         for c in flagged:
