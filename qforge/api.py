@@ -134,9 +134,11 @@ class QModel:
         import tempfile
 
         from .mixed import plan
+        from .mixed.measure import PROBE_MEMORY
         from .mixed.plan import restate_costs
 
         cfg = self.config
+        probe_memory = probe_memory or PROBE_MEMORY
         if cfg.measurement:
             m = self._measurement(Path(cfg.measurement), samples, device, batch_size, show_progress, probe_memory)
         else:
@@ -151,7 +153,7 @@ class QModel:
 
             a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
                               device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
-                              **({"probe_memory": probe_memory} if probe_memory else {}))
+                              probe_memory=probe_memory)
         else:
             a = plan(m, cfg.bpw, cfg.skip)
         if not cfg.search_generations:
@@ -163,7 +165,7 @@ class QModel:
                                    batch_size=batch_size, show_progress=show_progress)
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool,
-                     probe_memory: int | None = None):
+                     probe_memory: int):
         """The finished measurement at `path`, measured (or resumed) there first when it is not finished."""
         from .mixed import load_measurement, measure_model
         from .mixed.measure import settings_mismatch
@@ -184,7 +186,7 @@ class QModel:
                     if self.calibration_config else f"{len(samples)} samples"}
         return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
                              device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
-                             **({"probe_memory": probe_memory} if probe_memory else {}))
+                             probe_memory=probe_memory)
 
     def check_export(self, fmt: str, allocation=None) -> None:
         """Raise QForgeError now if quantizing with this config (or `allocation`'s schemes) would give layers

@@ -71,11 +71,8 @@ def streamed_token_nll(model, weights, windows: torch.Tensor, device="cpu", batc
         inputs = capture_block_inputs(model, spec, batches)
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{desc} (blocks)", enabled=show_progress)):
-        weights.load(i, block)
-        block.to(device)
-        hidden = run_block(block, hidden, inputs.for_block(i), device)
-        block.to("cpu")
-        weights.release(block)
+        with weights.loaded(i, block, device):
+            hidden = run_block(block, hidden, inputs.for_block(i), device)
     out = []
     with head_pass(model, weights) as logits_of:
         for x, h in zip(batches, hidden):
@@ -92,7 +89,8 @@ def head_pass(model, weights, keep: torch.Tensor | None = None):
     its own forward, the blocks swapped for stand-ins that hand `h` over, so its final norm, head and any logit
     soft-capping run as they always do; the head reads only positions `keep` when given. The weights outside the
     blocks, but the input embeddings, are in memory while inside (`weights`: a models.streaming.BlockLoader)."""
-    blocks = get_blocks(model, arch_spec(model))
+    spec = arch_spec(model)
+    blocks = get_blocks(model, spec)
     given = _Given(blocks[0])
     stand_ins = [given] + [_PassThrough(b) for b in blocks[1:]]
 
@@ -100,7 +98,7 @@ def head_pass(model, weights, keep: torch.Tensor | None = None):
         given.value = h
         return model(input_ids=ids, use_cache=False).logits
 
-    with (weights.outside(model, without="embeddings"), swapped_blocks(model, arch_spec(model), stand_ins),
+    with (weights.outside(model, without="embeddings"), swapped_blocks(model, spec, stand_ins),
           _input_embeddings(model, _NoEmbedding(model.get_input_embeddings()))):
         head = model.get_output_embeddings()
         hook = None if keep is None else head.register_forward_pre_hook(lambda m, args: (args[0][:, keep],) + args[1:])

@@ -14,7 +14,6 @@ the fp model to the first block to visit (a resumed measurement's, or the first 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Callable
 
@@ -27,16 +26,6 @@ from ..utils.progress import progress
 from .probe import kept_positions, sequence_kls
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _loaded(weights, i: int, block, device):
-    weights.load(i, block)
-    block.to(device)
-    try:
-        yield block
-    finally:
-        weights.release(block)
 
 
 def span_end(variants_per_block: list[int], start: int, variant_bytes: int, probe_memory: int) -> int:
@@ -65,7 +54,7 @@ def sweep_probes(model, weights, batches: list[torch.Tensor], probe_batches: lis
     hidden, probe_hidden = calib.hidden, probe_in.hidden
     variant_bytes = sum(h.numel() * h.element_size() for h in probe_hidden)
     for i in progress(range(todo[0]), desc="fp blocks", enabled=show_progress and todo[0] > 0):
-        with _loaded(weights, i, blocks[i], device) as block:        # to the first block to visit
+        with weights.loaded(i, blocks[i], device) as block:        # to the first block to visit
             hidden = run_block(block, hidden, calib.for_block(i), device)
             probe_hidden = run_block(block, probe_hidden, probe_in.for_block(i), device)
     keep, ref = kept_positions(probe_batches), None       # ref: the fp model's log-probs, from the first sweep
@@ -81,7 +70,7 @@ def sweep_probes(model, weights, batches: list[torch.Tensor], probe_batches: lis
         variants: list[list[torch.Tensor]] = []
         records = {}
         for j in range(todo[s], n):
-            with _loaded(weights, j, blocks[j], device) as block:
+            with weights.loaded(j, blocks[j], device) as block:
                 calls = probe_in.for_block(j)
                 for k, v in enumerate(variants):                  # the earlier blocks' variants, one at a time
                     variants[k] = run_block(block, v, calls, device)

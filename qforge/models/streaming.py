@@ -169,6 +169,16 @@ class BlockLoader:
         block.load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True, assign=True)
 
     @contextlib.contextmanager
+    def loaded(self, i: int, block: nn.Module, device="cpu"):
+        """Block i read and on `device` while inside, dropped after (release)."""
+        self.load(i, block)
+        block.to(device)
+        try:
+            yield block
+        finally:
+            self.release(block)
+
+    @contextlib.contextmanager
     def outside(self, model: nn.Module, dtype: torch.dtype = torch.float32, without: str | None = None):
         """The weights outside the blocks in memory (checked finite) while inside, on the meta device after.
         `dtype`: theirs while inside (an export reads them straight into its dtype: a 70B vocabulary's embeddings
