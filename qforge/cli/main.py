@@ -238,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_args(p, "packed format", default="gptq")
     p.add_argument("--stream", action="store_true", help="pack one decoder block at a time (models larger than RAM)")
 
+    p = sub.add_parser("convert", help="dequantize a GGUF file into a Hugging Face directory (fp32 safetensors)")
+    p.add_argument("gguf", help="a .gguf file")
+    p.add_argument("--out", required=True, help="the model directory (written atomically)")
+    p.add_argument("--max-shard-size", default="500MB", help="largest shard (memory holds about two)")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("generate", help="greedy continuation of a prompt, for a quick look at a model")
     p.add_argument("model", help="any model spec, a qforge output or a packed checkpoint")
     p.add_argument("--prompt", required=True)
@@ -484,6 +490,23 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from ..models.gguf import write_dense
+    from ..models.loading import gguf_file
+    from ..utils.atomic import atomic_dir
+    from ..utils.shards import parse_size
+
+    gguf = gguf_file(a.gguf)
+    if gguf is None:
+        raise QForgeError(f"{a.gguf} is not a .gguf file")
+    size = parse_size(a.max_shard_size)
+    with atomic_dir(Path(a.out), overwrite=a.overwrite) as tmp:
+        write_dense(gguf, tmp, size, show_progress=not a.quiet)
+    files = sorted(Path(a.out).glob("*.safetensors"))
+    print(f"wrote {a.out}: {len(files)} safetensors file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
+    return 0
+
+
 def cmd_generate(a) -> int:
     import qforge
     import torch
@@ -585,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(a, "device", None) is not None:
             check_device(a.device)                              # before any model is loaded
-        return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "study": cmd_study, "report": cmd_report, "export": cmd_export, "eval": cmd_eval, "generate": cmd_generate,
+        return {"quantize": cmd_quantize, "measure": cmd_measure, "stats": cmd_stats, "study": cmd_study, "report": cmd_report, "export": cmd_export, "convert": cmd_convert, "eval": cmd_eval, "generate": cmd_generate,
                 "demo": cmd_demo}[a.cmd](a)
     except QForgeError as e:
         print(f"qforge: error: {e}", file=sys.stderr)

@@ -1,14 +1,13 @@
 """Turn a MODEL spec into a dense fp32 transformers model and its tokenizer.
 
-A MODEL is: a built-in alias (ALIASES), a local Hugging Face directory, a GGUF file (dequantized once
-by transformers + gguf and cached under $XDG_CACHE_HOME/qforge/dense), or a hub id (needs network).
+A MODEL is: a built-in alias (ALIASES), a local Hugging Face directory, a GGUF file (dequantized once, a tensor
+at a time, and cached under $XDG_CACHE_HOME/qforge/dense: models/gguf.py), or a hub id (needs network).
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -54,45 +53,40 @@ def _alias_file(alias: str) -> Path:
 
 
 def _dense_from_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file to a safetensors directory once; later calls reuse the cache."""
+    """Dequantize a GGUF file to a safetensors directory once, a tensor at a time (models/gguf.py); later calls
+    reuse the cache."""
+    from .gguf import write_dense
+
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / "dense" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         log.info("using cached dense conversion %s", out)
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("dequantizing %s (one time; cached in %s)", gguf.name, out)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as e:  # the gguf reader raises many types on a corrupt or foreign file
-        raise QForgeError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
-    # transformers marks GGUF-loaded models as non-serializable; the weights are dense fp32 by now,
-    # so write them and a config without the GGUF quantization entry ourselves
-    from safetensors.torch import save_model
-
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
     with atomic_dir(out, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        write_dense(gguf, tmp)
     return out
+
+
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file MODEL `spec` names (a built-in alias or a .gguf path), or None for any other spec."""
+    if spec in ALIASES:
+        return _alias_file(spec)
+    p = Path(spec).expanduser()
+    if p.suffix != ".gguf":
+        return None
+    if not p.is_file():
+        raise QForgeError(f"no such GGUF file: {p}")
+    return p
 
 
 def resolve_model(spec: str) -> Path | str:
     """A local directory to load from, or the hub id unchanged."""
-    if spec in ALIASES:
-        return _dense_from_gguf(_alias_file(spec))
+    gguf = gguf_file(spec)
+    if gguf is not None:
+        return _dense_from_gguf(gguf)
     p = Path(spec).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise QForgeError(f"no such GGUF file: {p}")
-        return _dense_from_gguf(p)
     if p.exists():
         if not p.is_dir():
             raise QForgeError(f"{p} is neither a model directory nor a .gguf file")

@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import QForgeError
 from ..utils.shards import INDEX
 from .arch import arch_spec, get_blocks, submodule_or_none
-from .loading import LoadedModel, check_finite_tensors, resolve_model
+from .gguf import skeleton
+from .loading import LoadedModel, check_finite_tensors, gguf_file, resolve_model
 from .packed import packed_config, packed_format, packed_layer, quantized_names
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,18 @@ class CheckpointFiles:
 
 
 def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
-    """A skeleton of MODEL `spec` (a local directory, GGUF file or alias), every parameter on the meta device,
-    and the loader of its blocks and of the weights outside them. Those are read once here, one tensor at a
-    time, to refuse a non-finite one before any work, then dropped until `BlockLoader.outside` is entered."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A skeleton of MODEL `spec` (a local directory, GGUF file or alias: read straight from the GGUF file,
+    models/gguf.py), every parameter on the meta device, and the loader of its blocks and of the weights outside
+    them. Those are read once here, one tensor at a time, to refuse a non-finite one before any work, then
+    dropped until `BlockLoader.outside` is entered."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    gguf = gguf_file(spec)
+    if gguf is not None:                        # read straight from the file: no dense copy on disk
+        from .gguf import GGUFTensors, gguf_config, gguf_tokenizer
+
+        model, tokenizer = skeleton(gguf_config(gguf)), gguf_tokenizer(gguf)
+        return _streamed(spec, gguf, model, tokenizer, GGUFTensors(gguf, model), None)
     where = resolve_model(spec)
     if isinstance(where, str):
         raise QForgeError(f"streaming reads a local checkpoint; {spec!r} is not a local directory or GGUF file")
@@ -102,17 +109,20 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
     files = CheckpointFiles(where)
     fmt = packed_format(where)
     try:
-        config = packed_config(where)[2] if fmt else AutoConfig.from_pretrained(str(where))
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = skeleton(packed_config(where)[2] if fmt else AutoConfig.from_pretrained(str(where)))
         tokenizer = AutoTokenizer.from_pretrained(str(where))
     except Exception as e:
         raise QForgeError(f"could not build the model of {where}: {type(e).__name__}: {e}") from e
-    model.eval()
     if not fmt:                                 # stored keys that from_pretrained converts (Mixtral's experts)
         from .checkpoint_keys import converted
 
         files = converted(files, model)
+    return _streamed(spec, where, model, tokenizer, files, fmt)
+
+
+def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: str | None):
+    """Check that `files` (a checkpoint's tensors under `model`'s names) make every parameter and that the
+    weights outside the blocks are finite; the loader of its blocks."""
     loader = PackedBlockLoader(files, model, where) if fmt else BlockLoader(files, model)
     names = model.state_dict()                  # every tensor name the model has, blocks included
     targets = set(files.where)                  # the names the checkpoint's tensors load as

@@ -1,0 +1,210 @@
+"""GGUF files read one tensor at a time, under the transformers model's parameter names.
+
+gguf-py's GGUFReader memory-maps the file; `GGUFTensors.read(keys)` dequantizes only the GGUF tensors those
+parameters come from (gguf-py's `dequantize`, to fp32) and passes each through transformers' tensor processor
+for the file's architecture, as transformers' own GGUF loading does: Llama's q/k rows un-permuted, Qwen-MoE's
+per-expert gate and up tensors written into halves of one fused `gate_up_proj`. Memory holds the tensors asked
+for, not the model (transformers' `from_pretrained(gguf_file=)` holds every dequantized tensor and the model,
+twice the fp32 model).
+
+Two uses: `write_dense` converts a GGUF file to a safetensors directory one tensor at a time (the dense cache of
+loading.py, and `qforge convert`), and a streamed run (streaming.py) reads a GGUF file's blocks straight from it, with no dense copy
+on disk (a Q4 file's fp32 copy is eight times its size).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import QForgeError
+
+log = logging.getLogger(__name__)
+
+
+def _read_error(path: Path, e: Exception) -> QForgeError:
+    return QForgeError(f"could not read GGUF file {path}: {type(e).__name__}: {e}")
+
+
+def gguf_config(path: Path):
+    """The transformers config of GGUF file `path` (its metadata only; no tensor is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # the gguf reader raises many types on a corrupt or foreign file
+        raise _read_error(path, e) from e
+
+
+def gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise _read_error(path, e) from e
+
+
+def skeleton(config) -> nn.Module:
+    """The model of `config` with every parameter on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:  # an architecture this transformers lacks, an inconsistent config
+        raise QForgeError(f"could not build the {getattr(config, 'model_type', '?')} model of its config: "
+                          f"{type(e).__name__}: {e}") from e
+    return model.eval()
+
+
+class GGUFTensors:
+    """The tensors of GGUF file `path` under the parameter names of `model` (its skeleton), read on demand.
+    Has the interface of streaming.CheckpointFiles: `where` (parameter name -> file), `read`, `fingerprint`."""
+
+    def __init__(self, path: Path, model: nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
+
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path))
+            arch = read_field(self.reader, "general.architecture")[0]
+        except Exception as e:
+            raise _read_error(self.path, e) from e
+        # the processors read the config's head counts under transformers' names
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        self.mapping = gguf_names(model, self.processor, arch)              # GGUF name -> parameter name
+        # the GGUF tensors each parameter is made of (a fused MoE parameter: several; the processors' MoE
+        # patterns look the mapping up without the ".weight" suffix)
+        self.sources: dict[str, list] = {}
+        for t in self.reader.tensors:
+            target = self.mapping.get(t.name) or self.mapping.get(t.name.removesuffix(".weight"))
+            if target is not None:
+                self.sources.setdefault(target, []).append(t)
+            else:
+                log.debug("%s: tensor %s names no parameter of the model; skipped", self.path.name, t.name)
+        self.where = {k: self.path.name for k in self.sources}
+        self.shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+    def read(self, keys: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Parameters `keys`, dequantized, in `dtype` (None: fp32, as dequantized)."""
+        from gguf import dequantize
+
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            made: dict[str, dict] = {"tensors": {}}      # what a processor writes into (fused MoE parameters)
+            for t in self.sources[key]:
+                try:
+                    weights = dequantize(t.data, t.tensor_type)
+                except Exception as e:
+                    raise QForgeError(f"{self.path}: could not dequantize {t.name} "
+                                      f"({t.tensor_type.name}): {type(e).__name__}: {e}") from e
+                r = self.processor.process(weights=weights, name=t.name, tensor_key_mapping=self.mapping,
+                                           parsed_parameters=made)
+                if r.name is not None and r.name in self.mapping:
+                    made["tensors"][self.mapping[r.name]] = torch.from_numpy(np.array(r.weights, copy=True))
+            if key not in made["tensors"]:
+                raise QForgeError(f"{self.path}: the tensors of {key} did not make it (transformers' processor for "
+                                  f"this architecture names them otherwise)")
+            t = made["tensors"][key]
+            if tuple(t.shape) != self.shapes[key]:
+                raise QForgeError(f"{self.path}: {key} is {list(t.shape)} in the file but {list(self.shapes[key])} in "
+                                  f"the model its metadata describes (as transformers reads it)")
+            out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's name and size and of every tensor's name, type, shape and offset."""
+        h = hashlib.sha256(f"{self.path.name}|{self.path.stat().st_size}|".encode())
+        for t in self.reader.tensors:
+            h.update(f"{t.name}|{t.tensor_type.name}|{list(t.shape)}|{t.data_offset};".encode())
+        return h.hexdigest()
+
+
+def gguf_names(model: nn.Module, processor, arch: str) -> dict[str, str]:
+    """{GGUF tensor name: parameter name} for `model` and GGUF architecture `arch`: what transformers'
+    get_gguf_hf_weights_map returns, with gguf-py's name table built once. That function recurses into every
+    submodule, matching the names relative to it too, and builds the table (every layer's names) at each: quadratic
+    in depth, 103 of the 106 s of converting a 120-block SmolLM2 (BENCHMARKS.md "GGUF files"). Here each
+    submodule, in the same pre-order, maps the names below it with one table; earlier matches win, as there."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    ids = [k for k, v in MODEL_ARCH_NAMES.items() if v == arch]
+    if not ids:
+        raise QForgeError(f"GGUF architecture {arch!r} is unknown to gguf-py {_gguf_version()}")
+    table = get_tensor_name_map(ids[0], model.config.num_hidden_layers)
+    names = list(model.state_dict())
+    mapping: dict[str, str] = {}
+    for qual, _ in model.named_modules():
+        prefix = f"{qual}." if qual else ""
+        found: dict[str, str] = {}
+        for full in names:
+            if not full.startswith(prefix):
+                continue
+            hf_name = processor.preprocess_name(full[len(prefix):])
+            name, suffix = hf_name.rsplit(".", 1) if hf_name.endswith((".weight", ".bias")) else (hf_name, "")
+            suffix = f".{suffix}" if suffix else ""
+            gguf_name = table.get_name(name)
+            if gguf_name is None:
+                processor.perform_fallback_tensor_mapping(found, suffix, prefix, hf_name)
+            else:
+                found[gguf_name + suffix] = prefix + hf_name
+        for k, v in found.items():
+            mapping.setdefault(k, v)
+    return mapping
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
+def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_progress: bool = False) -> None:
+    """Write GGUF file `path` as a Hugging Face directory `out` (fp32 safetensors shards under the keys
+    save_pretrained writes, config, generation config, tokenizer) into existing empty directory `out` (the caller's
+    atomic directory). Memory holds the shard being filled (safetensors writes a file whole), hence small shards."""
+    from transformers import GenerationConfig
+
+    from ..utils.progress import progress
+    from ..utils.shards import ShardWriter
+    from .checkpoint_keys import save_keys
+    from .loading import check_finite_tensors
+
+    config = gguf_config(path)
+    model = skeleton(config)
+    tensors = GGUFTensors(path, model)
+    stored, seen = [], set()
+    for name, p in model.state_dict(keep_vars=True).items():      # tied parameters once, under the stored name
+        if name in tensors.where and id(p) not in seen:
+            stored.append(name)
+            seen.add(id(p))
+    missing = [n for n in model.state_dict() if n not in tensors.where and not _tied(model, n)]
+    if missing:
+        raise QForgeError(f"{path}: no tensor of the GGUF file makes {len(missing)} parameter(s) of the "
+                          f"{config.model_type} model, e.g. {missing[:3]}")
+    writer = ShardWriter(out, max_shard_bytes)
+    for name in progress(stored, f"dequantizing {path.name}", enabled=show_progress):
+        t = tensors.read([name])
+        check_finite_tensors(t.items())
+        writer.write(save_keys(model, t))         # as a hub checkpoint stores it (Qwen-MoE: one tensor per expert)
+    writer.finish()
+    conf = config.to_dict()
+    conf.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    gguf_tokenizer(path).save_pretrained(out)
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    """`name` is the output embedding tied to the input embeddings (stored once, as the input embeddings)."""
+    head = model.get_output_embeddings()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and \
+        name.endswith("weight") and model.get_parameter(name) is head.weight

@@ -1,0 +1,124 @@
+"""Small GGUF files for tests, written with gguf-py: SmolLM2's first blocks (its Q4_1/Q8_0 bytes copied) and
+random models of other architectures, all with a cut-down copy of SmolLM2's BPE tokenizer (its first `vocab`
+tokens and the merges among them), so transformers reads them as it reads a real file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def smollm2_reader():
+    from gguf import GGUFReader
+
+    from qforge.models.loading import _alias_file
+
+    return GGUFReader(str(_alias_file("smollm2-135m")))
+
+
+def _tokenizer_fields(reader, vocab: int) -> list[tuple]:
+    """(key, value, type, sub type) of SmolLM2's tokenizer fields, cut to its first `vocab` tokens."""
+    from gguf import GGUFValueType
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    known = set(tokens)
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if key == "tokenizer.ggml.tokens":
+            value = tokens
+        elif key == "tokenizer.ggml.token_type":
+            value = value[:vocab]
+        elif key == "tokenizer.ggml.merges":
+            value = [m for m in value if set(m.split(" ")) <= known and m.replace(" ", "") in known]
+        sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        out.append((key, value, field.types[0], sub))
+    return out
+
+
+def _write(path: Path, arch: str, fields: list[tuple], tensors: list[tuple]) -> Path:
+    """tensors: (name, array, raw GGML type or None for a float array)."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    for key, value, vtype, sub in fields:
+        w.add_key_value(key, value, vtype, sub)
+    for name, data, raw in tensors:
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def smollm2_blocks(path: Path, blocks: int = 2, vocab: int | None = 2048) -> Path:
+    """SmolLM2-135M cut to `blocks` decoder blocks (more than its 30: its blocks again, in turn) and its first
+    `vocab` tokens (None: all), its quantized bytes unchanged."""
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    r = smollm2_reader()
+    vocab = vocab or len(r.fields["tokenizer.ggml.tokens"].data)
+    fields = [(k, f.contents(), f.types[0], f.types[1] if f.types[0] == GGUFValueType.ARRAY else None)
+              for k, f in r.fields.items() if not k.startswith(("GGUF.", "tokenizer.")) and
+              k != "general.architecture"]
+    fields = [(k, blocks if k == "llama.block_count" else vocab if k == "llama.vocab_size" else v, t, s)
+              for k, v, t, s in fields] + _tokenizer_fields(r, vocab)
+    by_block: dict[int, list] = {}
+    outside = []
+    for t in r.tensors:
+        (by_block.setdefault(int(t.name.split(".")[1]), []) if t.name.startswith("blk.") else outside).append(t)
+
+    def raw(t):
+        return t.tensor_type if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None
+
+    tensors = [(t.name, np.array(t.data[:vocab] if t.name == "token_embd.weight" else t.data), raw(t))
+               for t in outside]
+    for b in range(blocks):
+        tensors += [(f"blk.{b}.{t.name.split('.', 2)[2]}", np.array(t.data), raw(t))
+                    for t in by_block[b % len(by_block)]]
+    return _write(path, "llama", fields, tensors)
+
+
+def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int = 4, vocab: int = 512,
+                     expert_width: int = 768, seed: int = 0) -> Path:
+    """A random Qwen3-MoE in float32: per-expert gate/up/down stacked as llama.cpp writes them
+    (`ffn_{gate,up,down}_exps`, [experts, out, in]), which transformers fuses into one gate_up_proj. The expert
+    width must be 768 for transformers 5.17 to read the file right: it does not read GGUF's
+    expert_feed_forward_length and takes Qwen3-MoE's default."""
+    from gguf import GGUFValueType as T
+
+    rng = np.random.default_rng(seed)
+    heads, kv, head_dim, inter = 4, 2, 16, expert_width
+    u32, f32 = T.UINT32, T.FLOAT32
+    meta = [("context_length", 256, u32), ("block_count", blocks, u32), ("embedding_length", hidden, u32),
+            ("feed_forward_length", inter, u32), ("expert_feed_forward_length", inter, u32),
+            ("attention.head_count", heads, u32), ("attention.head_count_kv", kv, u32),
+            ("attention.key_length", head_dim, u32), ("attention.value_length", head_dim, u32),
+            ("rope.freq_base", 10000.0, f32), ("attention.layer_norm_rms_epsilon", 1e-6, f32),
+            ("expert_count", experts, u32), ("expert_used_count", 2, u32), ("vocab_size", vocab, u32)]
+    fields = [(f"qwen3moe.{k}", v, t, None) for k, v, t in meta] + \
+        [("general.name", "tiny-qwen3-moe", T.STRING, None)] + _tokenizer_fields(smollm2_reader(), vocab)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    tensors = [("token_embd.weight", w(vocab, hidden), None), ("output_norm.weight", norm(hidden), None),
+               ("output.weight", w(vocab, hidden), None)]
+    for b in range(blocks):
+        p = f"blk.{b}."
+        tensors += [(p + "attn_norm.weight", norm(hidden), None), (p + "attn_q.weight", w(heads * head_dim, hidden), None),
+                    (p + "attn_k.weight", w(kv * head_dim, hidden), None),
+                    (p + "attn_v.weight", w(kv * head_dim, hidden), None),
+                    (p + "attn_output.weight", w(hidden, heads * head_dim), None),
+                    (p + "attn_q_norm.weight", norm(head_dim), None), (p + "attn_k_norm.weight", norm(head_dim), None),
+                    (p + "ffn_norm.weight", norm(hidden), None), (p + "ffn_gate_inp.weight", w(experts, hidden), None),
+                    (p + "ffn_gate_exps.weight", w(experts, inter, hidden), None),
+                    (p + "ffn_up_exps.weight", w(experts, inter, hidden), None),
+                    (p + "ffn_down_exps.weight", w(experts, hidden, inter), None)]
+    return _write(path, "qwen3moe", fields, tensors)

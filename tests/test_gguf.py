@@ -1,0 +1,182 @@
+"""GGUF files read a tensor at a time (models/gguf.py): the dense conversion and streaming straight from the file
+give what transformers' own GGUF loading gives, bit for bit."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qforge
+from qforge import QForgeError, QuantizeConfig
+from qforge.models.arch import arch_spec, get_blocks
+from qforge.models.gguf import GGUFTensors
+from qforge.models.loading import cache_root, resolve_model
+from qforge.models.streaming import BlockLoader, load_streamed
+from gguf_files import random_qwen3_moe, smollm2_blocks
+
+MAKERS = {"llama": smollm2_blocks, "qwen3_moe": random_qwen3_moe}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _transformers_model(gguf):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+
+
+def _dense(d):
+    t = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if not f.name.startswith("qforge_quant"):
+            t.update(load_file(str(f)))
+    return t
+
+
+@pytest.mark.parametrize("model_type", list(MAKERS))
+def test_the_dense_conversion_is_what_transformers_loads(tmp_path, cache, monkeypatch, model_type):
+    from qforge.models import gguf as gguf_module
+
+    gguf = MAKERS[model_type](tmp_path / f"{model_type}.gguf")
+    write_dense = gguf_module.write_dense
+    monkeypatch.setattr(gguf_module, "write_dense", lambda p, out: write_dense(p, out, max_shard_bytes=400_000))
+    d = resolve_model(str(gguf))
+    assert d.parent == cache_root() / "dense"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2                  # shards of at most 400 kB (or one tensor)
+
+    ref = _transformers_model(gguf)
+    got = qforge.load(str(gguf)).model
+    assert got.config.model_type == model_type
+    want, have = ref.state_dict(), got.state_dict()
+    assert want.keys() == have.keys()
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():      # equal weights; MoE's expert sums may run in another order, so not bit for bit
+        torch.testing.assert_close(ref(ids).logits, got(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,cfg", [
+    ("llama", QuantizeConfig(method="gptq", bits=3, group_size=64, act_order=True)),
+    ("qwen3_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),
+])
+def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, model_type, cfg):
+    gguf = MAKERS[model_type](tmp_path / f"{model_type}.gguf")
+    m = qforge.load(str(gguf), cfg, stream=True)
+    assert not (cache / "qforge").exists(), "streaming wrote a dense copy"
+    blocks = get_blocks(m.model, arch_spec(m.model))
+    loads = []
+    load = BlockLoader.load
+
+    def one_at_a_time(self, i, block):
+        assert not any(BlockLoader.materialized(b) for b in blocks), "a block was still in memory"
+        loads.append(i)
+        load(self, i, block)
+
+    monkeypatch.setattr(BlockLoader, "load", one_at_a_time)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
+    assert loads == list(range(len(blocks)))
+    out = m.save(tmp_path / "streamed")
+    assert not (cache / "qforge").exists()
+    monkeypatch.undo()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    ref = qforge.load(str(gguf), cfg)                          # converted to the dense cache, then in memory
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.save(tmp_path / "ref")
+    want, got = _dense(tmp_path / "ref"), _dense(out)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("model_type", list(MAKERS))
+def test_the_name_map_is_transformers(tmp_path, model_type):
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    from qforge.models.gguf import gguf_config, skeleton
+
+    gguf = MAKERS[model_type](tmp_path / "m.gguf", blocks=3)
+    model = skeleton(gguf_config(gguf))
+    tensors = GGUFTensors(gguf, model)
+    assert tensors.mapping == get_gguf_hf_weights_map(model, tensors.processor)
+    assert set(tensors.where) | {"lm_head.weight"} >= set(model.state_dict())
+
+
+def test_each_streamed_block_is_transformers_block(tmp_path, cache):
+    gguf = random_qwen3_moe(tmp_path / "moe.gguf", blocks=3)
+    ref = _transformers_model(gguf)
+    lm, loader = load_streamed(str(gguf))
+    spec = arch_spec(lm.model)
+    for i, (block, want) in enumerate(zip(get_blocks(lm.model, spec), get_blocks(ref, spec))):
+        with loader.loaded(i, block):
+            have = block.state_dict()
+            assert have.keys() == want.state_dict().keys()
+            assert all(torch.equal(t, want.state_dict()[k]) for k, t in have.items())
+        assert not BlockLoader.materialized(block)
+    again = GGUFTensors(gguf, lm.model)
+    assert again.fingerprint() == loader.fingerprint()
+    other = GGUFTensors(random_qwen3_moe(tmp_path / "other.gguf", blocks=2), lm.model)
+    assert other.fingerprint() != loader.fingerprint()
+
+
+def test_a_gguf_file_is_evaluated_block_by_block(tmp_path, cache):
+    gguf = smollm2_blocks(tmp_path / "s.gguf", blocks=3)
+    kw = dict(datasets=["wiki", "code"], seqlen=64, max_windows=2)
+    streamed = qforge.evaluate(str(gguf), stream=True, **kw)
+    assert not (cache / "qforge").exists()
+    whole = qforge.evaluate(str(gguf), **kw)
+    assert [r["ppl"] for r in streamed] == pytest.approx([r["ppl"] for r in whole], rel=1e-5)
+
+
+def test_convert_from_the_command_line(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from qforge.cli.main import main
+
+    gguf = random_qwen3_moe(tmp_path / "moe.gguf")
+    out = tmp_path / "dense"
+    assert main(["-q", "convert", str(gguf), "--out", str(out), "--max-shard-size", "1MB"]) == 0
+    assert "safetensors file(s)" in capsys.readouterr().out
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    want = _transformers_model(gguf).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    stored = set(_dense(out))                                   # the keys a hub checkpoint stores: one per expert
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in stored
+    assert main(["-q", "convert", str(gguf), "--out", str(out)]) == 2             # exists: refused
+    assert "already exists" in capsys.readouterr().err
+    assert main(["-q", "convert", str(out), "--out", str(tmp_path / "x")]) == 2   # not a GGUF file
+    assert "not a .gguf file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch):
+    # an expert width the metadata does not give (transformers reads the default): shapes disagree
+    narrow = random_qwen3_moe(tmp_path / "narrow.gguf", expert_width=32)
+    with pytest.raises(QForgeError, match=r"gate_up_proj is \[4, 64, 64\] in the file but \[4, 1536, 64\]"):
+        resolve_model(str(narrow))
+    with pytest.raises(QForgeError, match="in the file but"):
+        qforge.load(str(narrow), QuantizeConfig(method="rtn"), stream=True).quantize("builtin:wiki", nsamples=2, seqlen=16,
+                                                       resume=tmp_path / "r.partial")
+    # a NaN weight
+    from gguf import GGUFReader
+
+    bad = random_qwen3_moe(tmp_path / "nan.gguf")
+    data = next(t for t in GGUFReader(str(bad), "r+").tensors if t.name == "blk.1.attn_q.weight").data
+    data[0, 0] = np.nan
+    data.flush()
+    with pytest.raises(QForgeError, match="NaN"):
+        resolve_model(str(bad))
+    # a truncated file
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(random_qwen3_moe(tmp_path / "whole.gguf").read_bytes()[:100_000])
+    with pytest.raises(QForgeError, match="could not read GGUF"):
+        resolve_model(str(cut))
+    with pytest.raises(QForgeError, match="could not read GGUF"):
+        load_streamed(str(cut))
+    dense = cache / "qforge" / "dense"
+    assert not dense.exists() or not any(dense.iterdir())
