@@ -3,7 +3,8 @@ conversion (models/gguf.py), and a streamed pass straight from the GGUF file vs 
 
 The file is SmolLM2-135M's GGUF with its 30 blocks repeated (--blocks, default 120: 453M parameters, 1.8 GB in
 fp32; its Q4_1/Q8_0 bytes copied). Each variant runs in a fresh process and reports its peak resident memory
-(ru_maxrss: it counts the memory-mapped GGUF pages read, up to the file's size) and time:
+(ru_maxrss: it counts the memory-mapped GGUF pages read, up to the file's size; and the anonymous memory alone,
+sampled) and time:
   transformers  from_pretrained(gguf_file=) then save_model (what qforge did before session 32)
   qforge        write_dense: one tensor in memory at a time plus the shard being filled (2 GB)
   stream-gguf   load_streamed(gguf) and every block read once (loader.loaded), as one streamed pass does
@@ -36,9 +37,33 @@ def make_gguf(a) -> Path:
     return p
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (RssAnon, sampled every 20 ms): ru_maxrss also counts the memory-mapped
+    GGUF pages read, which the kernel drops under pressure."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.02):
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return round(self.peak / 1e9, 2)
+
+
 def run(a) -> dict:
     import torch
 
+    anon = AnonPeak()
     gguf = make_gguf(a)
     out = Path(a.work) / a.worker
     t0 = time.perf_counter()
@@ -67,6 +92,7 @@ def run(a) -> dict:
                 pass
     return {"variant": a.worker, "blocks": a.blocks, "gguf_MB": round(gguf.stat().st_size / 1e6),
             "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+            "peak_anon_GB": anon.stop(),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -43,6 +43,7 @@ class QModel:
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
+        self.source_types: dict[str, str] | None = None   # loaded from GGUF: {parameter: GGML type stored as}
 
     @property
     def quantized(self) -> bool:
@@ -72,6 +73,12 @@ class QModel:
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
+        if allocation is None and not self.config.bpw:        # one grid for every linear
+            from .models.arch import arch_spec
+            from .models.gguf import warn_if_source_grid
+
+            warn_if_source_grid(self.source_types, arch_spec(self.model).blocks, self.config.bits,
+                                self.config.group_size)
         samples = None
         if self.config.needs_calibration:
             if calibration is None:
@@ -310,7 +317,9 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if (Path(model) / ALLOCATION_FILE).is_file():                   # mixed precision: exports carry it
             result.allocation = Allocation.load(Path(model) / ALLOCATION_FILE)
         return QModel(lm.model, lm.tokenizer, model, read_config(model), result, blocks=blocks)
-    return QModel(lm.model, lm.tokenizer, model, config, blocks=blocks)
+    q = QModel(lm.model, lm.tokenizer, model, config, blocks=blocks)
+    q.source_types = lm.source_types
+    return q
 
 
 def tune_kernels(model: torch.nn.Module, device, picks: str | Path | None = None):

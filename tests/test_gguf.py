@@ -152,6 +152,22 @@ def test_convert_from_the_command_line(tmp_path, capsys):
     assert main(["-q", "convert", str(out), "--out", str(tmp_path / "x")]) == 2   # not a GGUF file
     assert "not a .gguf file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    types = qforge.load(str(out), stream=True).source_types                # kept beside the conversion
+    assert types["model.layers.1.mlp.experts.gate_up_proj"] == "F32"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quantizing_on_the_files_own_grid_is_flagged(tmp_path, cache, caplog, stream):
+    gguf = smollm2_blocks(tmp_path / "s.gguf", blocks=2)       # linears Q4_1: 4-bit, groups of 32
+    flagged = {}
+    for bits, group in [(4, 32), (8, 16), (4, 64), (3, 32), (4, -1)]:
+        m = qforge.load(str(gguf), QuantizeConfig(method="rtn", bits=bits, group_size=group), stream=stream)
+        assert set(m.source_types.values()) == {"Q8_0", "Q4_1", "F32"}
+        caplog.clear()
+        m.quantize(resume=tmp_path / f"r{bits}{group}{stream}" if stream else None)
+        flagged[bits, group] = [r.getMessage() for r in caplog.records if "artificially small" in r.getMessage()]
+    assert [k for k, v in flagged.items() if v] == [(4, 32), (8, 16)]
+    assert "tensors 14 as Q4_1 (4-bit, groups of 32)" in flagged[4, 32][0]         # 7 linears x 2 blocks
 
 
 def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch):

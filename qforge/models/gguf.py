@@ -27,6 +27,15 @@ from ..errors import QForgeError
 log = logging.getLogger(__name__)
 
 
+# GGML types whose weights lie on a uniform grid per group: (bits, group size, symmetric). K-quants: their
+# sub-blocks (the scales are quantized again, which leaves the weights on a sub-block's grid); IQ types are
+# codebooks, not grids, and F16/BF16/F32 are not quantized.
+GGML_GRIDS = {"Q4_0": (4, 32, True), "Q4_1": (4, 32, False), "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
+              "Q8_0": (8, 32, True), "Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
+              "Q5_K": (5, 32, False), "Q6_K": (6, 16, True)}
+SOURCE_FILE = "gguf_source.json"       # beside a dense conversion: {"file": name, "types": {parameter: GGML type}}
+
+
 def _read_error(path: Path, e: Exception) -> QForgeError:
     return QForgeError(f"could not read GGUF file {path}: {type(e).__name__}: {e}")
 
@@ -92,6 +101,10 @@ class GGUFTensors:
                 log.debug("%s: tensor %s names no parameter of the model; skipped", self.path.name, t.name)
         self.where = {k: self.path.name for k in self.sources}
         self.shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+    def stored_types(self) -> dict[str, str]:
+        """{parameter name: the GGML type it is stored as in the file} (a fused parameter: its first part's)."""
+        return {k: ts[0].tensor_type.name for k, ts in self.sources.items()}
 
     def read(self, keys: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Parameters `keys`, dequantized, in `dtype` (None: fp32, as dequantized)."""
@@ -199,8 +212,34 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
     conf = config.to_dict()
     conf.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    (out / SOURCE_FILE).write_text(json.dumps({"file": path.name, "types": tensors.stored_types()}, indent=1) + "\n")
     GenerationConfig.from_model_config(config).save_pretrained(out)
     gguf_tokenizer(path).save_pretrained(out)
+
+
+def source_types(directory: Path) -> dict[str, str] | None:
+    """The GGML types a dense conversion's parameters were stored as (None: not converted from GGUF)."""
+    f = Path(directory) / SOURCE_FILE
+    return json.loads(f.read_text())["types"] if f.is_file() else None
+
+
+def warn_if_source_grid(types: dict[str, str] | None, blocks: str, bits: int, group_size: int) -> None:
+    """Warn when quantizing at `bits` and `group_size` re-creates the grid the GGUF file stored the block weights
+    on (as many bits or more, groups that split the file's groups): the weights are already on such a grid, so
+    the quantization error, and any comparison of methods, comes out artificially small."""
+    if not types or group_size <= 0:
+        return
+    prefix = blocks + "."
+    hits: dict[str, int] = {}
+    for name, t in types.items():
+        grid = GGML_GRIDS.get(t)
+        if name.startswith(prefix) and grid and bits >= grid[0] and grid[1] % group_size == 0:
+            hits[t] = hits.get(t, 0) + 1
+    if hits:
+        kinds = "; ".join(f"{n} as {t} ({GGML_GRIDS[t][0]}-bit, groups of {GGML_GRIDS[t][1]})" for t, n in hits.items())
+        log.warning("the GGUF file stored the blocks' weight tensors %s: quantizing them at %d bits in groups of %d "
+                    "nearly re-creates that grid, so their error (and any comparison of methods) is artificially "
+                    "small; judge at coarser groups (e.g. 64, or per-channel) or fewer bits", kinds, bits, group_size)
 
 
 def _tied(model: nn.Module, name: str) -> bool:

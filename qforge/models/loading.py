@@ -34,6 +34,7 @@ class LoadedModel:
     tokenizer: object
     source: str        # the spec the user gave
     path: Path         # the local directory the dense model was loaded from
+    source_types: dict[str, str] | None = None   # from a GGUF file: {parameter: GGML type it was stored as}
 
 
 def cache_root() -> Path:
@@ -58,7 +59,8 @@ def _dense_from_gguf(gguf: Path) -> Path:
     from .gguf import write_dense
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # v2: sharded, with gguf_source.json (a conversion of the first version is made again)
+    key = hashlib.sha256(f"v2|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / "dense" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         log.info("using cached dense conversion %s", out)
@@ -143,4 +145,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     except Exception as e:  # corrupt weights or config: SafetensorError, ValueError, KeyError, ...
         raise QForgeError(f"could not load the model in {where}: {type(e).__name__}: {e}") from e
     model.eval()
-    return LoadedModel(model, tokenizer, spec, Path(where) if not isinstance(where, str) else Path(spec))
+    if isinstance(where, str):
+        return LoadedModel(model, tokenizer, spec, Path(spec))
+    from .gguf import source_types
+
+    return LoadedModel(model, tokenizer, spec, Path(where), source_types(Path(where)))

@@ -101,7 +101,10 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
         from .gguf import GGUFTensors, gguf_config, gguf_tokenizer
 
         model, tokenizer = skeleton(gguf_config(gguf)), gguf_tokenizer(gguf)
-        return _streamed(spec, gguf, model, tokenizer, GGUFTensors(gguf, model), None)
+        tensors = GGUFTensors(gguf, model)
+        lm, loader = _streamed(spec, gguf, model, tokenizer, tensors, None)
+        lm.source_types = tensors.stored_types()
+        return lm, loader
     where = resolve_model(spec)
     if isinstance(where, str):
         raise QForgeError(f"streaming reads a local checkpoint; {spec!r} is not a local directory or GGUF file")
@@ -142,7 +145,9 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
         check_finite_tensors(files.read([k], dtype=None).items())     # as stored: no fp32 copy
     return_freed_memory()
     log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, loader.spec)))
-    return LoadedModel(model, tokenizer, spec, where), loader
+    from .gguf import source_types
+
+    return LoadedModel(model, tokenizer, spec, where, source_types(where) if where.is_dir() else None), loader
 
 
 def _tied_aliases(model: nn.Module, stored) -> dict[str, str]:
