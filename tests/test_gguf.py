@@ -194,5 +194,13 @@ def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, mon
         resolve_model(str(cut))
     with pytest.raises(QForgeError, match="could not read GGUF"):
         load_streamed(str(cut))
+    # an architecture transformers does not read from GGUF
+    from gguf_files import _write
+
+    foreign = _write(tmp_path / "foreign.gguf", "rwkv6", [], [("token_embd.weight", np.ones((4, 4), np.float32), None)])
+    with pytest.raises(QForgeError, match="could not read GGUF.*not supported"):
+        resolve_model(str(foreign))
+    with pytest.raises(QForgeError, match="could not read GGUF.*not supported"):
+        load_streamed(str(foreign))
     dense = cache / "qforge" / "dense"
     assert not dense.exists() or not any(dense.iterdir())
