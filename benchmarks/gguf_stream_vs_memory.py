@@ -2,7 +2,10 @@
 
     .venv/bin/python benchmarks/gguf_stream_vs_memory.py
 """
-import shutil, time, resource, torch
+import shutil
+import time
+
+import torch
 from pathlib import Path
 from safetensors.torch import load_file
 import qforge
