@@ -83,11 +83,11 @@ def smollm2_blocks(path: Path, blocks: int = 2, vocab: int | None = 2048) -> Pat
 
 
 def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int = 4, vocab: int = 512,
-                     expert_width: int = 768, seed: int = 0) -> Path:
+                     expert_width: int = 768, seed: int = 0, metadata: dict | None = None) -> Path:
     """A random Qwen3-MoE in float32: per-expert gate/up/down stacked as llama.cpp writes them
-    (`ffn_{gate,up,down}_exps`, [experts, out, in]), which transformers fuses into one gate_up_proj. The expert
-    width must be 768 for transformers 5.17 to read the file right: it does not read GGUF's
-    expert_feed_forward_length and takes Qwen3-MoE's default."""
+    (`ffn_{gate,up,down}_exps`, [experts, out, in]), which transformers fuses into one gate_up_proj. Transformers
+    5.17 alone reads the file right only at expert width 768: it does not read GGUF's expert_feed_forward_length
+    and takes Qwen3-MoE's default. `metadata`: fields (after "qwen3moe.") written as given instead."""
     from gguf import GGUFValueType as T
 
     rng = np.random.default_rng(seed)
@@ -99,7 +99,7 @@ def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int
             ("attention.key_length", head_dim, u32), ("attention.value_length", head_dim, u32),
             ("rope.freq_base", 10000.0, f32), ("attention.layer_norm_rms_epsilon", 1e-6, f32),
             ("expert_count", experts, u32), ("expert_used_count", 2, u32), ("vocab_size", vocab, u32)]
-    fields = [(f"qwen3moe.{k}", v, t, None) for k, v, t in meta] + \
+    fields = [(f"qwen3moe.{k}", (metadata or {}).get(k, v), t, None) for k, v, t in meta] + \
         [("general.name", "tiny-qwen3-moe", T.STRING, None)] + _tokenizer_fields(smollm2_reader(), vocab)
 
     def w(*shape):

@@ -133,6 +133,25 @@ def test_a_gguf_file_is_evaluated_block_by_block(tmp_path, cache):
     assert [r["ppl"] for r in streamed] == pytest.approx([r["ppl"] for r in whole], rel=1e-5)
 
 
+def test_an_expert_width_transformers_does_not_read_is_taken_from_the_file(tmp_path, cache):
+    from gguf import GGUFReader
+
+    gguf = random_qwen3_moe(tmp_path / "narrow.gguf", expert_width=32)
+    assert _transformers_model(gguf).config.moe_intermediate_size == 768       # transformers alone: the default
+    model = qforge.load(str(gguf)).model
+    assert model.config.moe_intermediate_size == 32
+    raw = {t.name: np.array(t.data) for t in GGUFReader(str(gguf)).tensors}
+    experts = model.model.layers[1].mlp.experts
+    want = np.concatenate([raw["blk.1.ffn_gate_exps.weight"], raw["blk.1.ffn_up_exps.weight"]], axis=1)
+    assert np.array_equal(experts.gate_up_proj.detach().numpy(), want)
+    assert np.array_equal(experts.down_proj.detach().numpy(), raw["blk.1.ffn_down_exps.weight"])
+    lm, loader = load_streamed(str(gguf))
+    assert lm.model.config.moe_intermediate_size == 32
+    block = get_blocks(lm.model, arch_spec(lm.model))[1]
+    with loader.loaded(1, block):
+        assert torch.equal(block.mlp.experts.gate_up_proj, experts.gate_up_proj)
+
+
 def test_convert_from_the_command_line(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -171,9 +190,9 @@ def test_quantizing_on_the_files_own_grid_is_flagged(tmp_path, cache, caplog, st
 
 
 def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch):
-    # an expert width the metadata does not give (transformers reads the default): shapes disagree
-    narrow = random_qwen3_moe(tmp_path / "narrow.gguf", expert_width=32)
-    with pytest.raises(QForgeError, match=r"gate_up_proj is \[4, 64, 64\] in the file but \[4, 1536, 64\]"):
+    # metadata that does not describe the tensors (head width 8, tensors of 16)
+    narrow = random_qwen3_moe(tmp_path / "narrow.gguf", metadata={"attention.key_length": 8})
+    with pytest.raises(QForgeError, match=r"q_proj.weight is \[64, 64\] in the file but \[32, 64\]"):
         resolve_model(str(narrow))
     with pytest.raises(QForgeError, match="in the file but"):
         qforge.load(str(narrow), QuantizeConfig(method="rtn"), stream=True).quantize("builtin:wiki", nsamples=2, seqlen=16,

@@ -40,14 +40,40 @@ def _read_error(path: Path, e: Exception) -> QForgeError:
     return QForgeError(f"could not read GGUF file {path}: {type(e).__name__}: {e}")
 
 
-def gguf_config(path: Path):
-    """The transformers config of GGUF file `path` (its metadata only; no tensor is read)."""
-    from transformers import AutoConfig
+# GGUF metadata transformers 5.17 does not read, leaving the model type's default (Qwen3-MoE's expert width 768
+# for every file): {field after "<arch>.": config attribute}
+_UNREAD_FIELDS = {"expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def gguf_reader(path: Path):
+    from gguf import GGUFReader
 
     try:
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return GGUFReader(str(path))
     except Exception as e:  # the gguf reader raises many types on a corrupt or foreign file
         raise _read_error(path, e) from e
+
+
+def gguf_config(path: Path, reader=None):
+    """The transformers config of GGUF file `path` (its metadata only; no tensor is read), with the fields
+    transformers leaves unread (_UNREAD_FIELDS) taken from the file. `reader`: the file's GGUFReader if open."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise _read_error(path, e) from e
+    reader = reader or gguf_reader(path)
+    arch = read_field(reader, "general.architecture")[0]
+    for field, attr in _UNREAD_FIELDS.items():
+        value = read_field(reader, f"{arch}.{field}")
+        if value and hasattr(config, attr) and getattr(config, attr) != int(value[0]):
+            log.info("%s: %s = %d from the file's %s (transformers keeps %s)", path.name, attr, int(value[0]),
+                     field, getattr(config, attr))
+            setattr(config, attr, int(value[0]))
+    return config
 
 
 def gguf_tokenizer(path: Path):
@@ -74,16 +100,18 @@ def skeleton(config) -> nn.Module:
 
 
 class GGUFTensors:
-    """The tensors of GGUF file `path` under the parameter names of `model` (its skeleton), read on demand.
-    Has the interface of streaming.CheckpointFiles: `where` (parameter name -> file), `read`, `fingerprint`."""
+    """The tensors of GGUF file `path` under the parameter names of `model` (its skeleton; None: built here from
+    the file's config, as `.model`), read on demand. Has the interface of streaming.CheckpointFiles: `where`
+    (parameter name -> file), `read`, `fingerprint`."""
 
-    def __init__(self, path: Path, model: nn.Module):
-        from gguf import GGUFReader
+    def __init__(self, path: Path, model: nn.Module | None = None):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
         self.path = Path(path)
+        self.reader = gguf_reader(self.path)                  # parsed once: the config's fields come from it too
+        self.model = model if model is not None else skeleton(gguf_config(self.path, self.reader))
+        model = self.model
         try:
-            self.reader = GGUFReader(str(self.path))
             arch = read_field(self.reader, "general.architecture")[0]
         except Exception as e:
             raise _read_error(self.path, e) from e
@@ -191,9 +219,8 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
     from .checkpoint_keys import save_keys
     from .loading import check_finite_tensors
 
-    config = gguf_config(path)
-    model = skeleton(config)
-    tensors = GGUFTensors(path, model)
+    tensors = GGUFTensors(path)
+    model, config = tensors.model, tensors.model.config
     stored, seen = [], set()
     for name, p in model.state_dict(keep_vars=True).items():      # tied parameters once, under the stored name
         if name in tensors.where and id(p) not in seen:

@@ -98,11 +98,10 @@ def load_streamed(spec: str) -> tuple[LoadedModel, "BlockLoader"]:
 
     gguf = gguf_file(spec)
     if gguf is not None:                        # read straight from the file: no dense copy on disk
-        from .gguf import GGUFTensors, gguf_config, gguf_tokenizer
+        from .gguf import GGUFTensors, gguf_tokenizer
 
-        model, tokenizer = skeleton(gguf_config(gguf)), gguf_tokenizer(gguf)
-        tensors = GGUFTensors(gguf, model)
-        lm, loader = _streamed(spec, gguf, model, tokenizer, tensors, None)
+        tensors = GGUFTensors(gguf)
+        lm, loader = _streamed(spec, gguf, tensors.model, gguf_tokenizer(gguf), tensors, None)
         lm.source_types = tensors.stored_types()
         return lm, loader
     where = resolve_model(spec)
