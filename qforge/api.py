@@ -44,6 +44,7 @@ class QModel:
         self.calibration_config: CalibrationConfig | None = None
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
         self.source_types: dict[str, str] | None = None   # loaded from GGUF: {parameter: GGML type stored as}
+        self._source_warning: str | None = None           # quantize()'s, recorded by save()
 
     @property
     def quantized(self) -> bool:
@@ -73,12 +74,15 @@ class QModel:
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
+        self._source_warning = None
         if allocation is None and not self.config.bpw:        # one grid for every linear
             from .models.arch import arch_spec
-            from .models.gguf import warn_if_source_grid
+            from .models.gguf import source_grid_warning
 
-            warn_if_source_grid(self.source_types, arch_spec(self.model).blocks, self.config.bits,
-                                self.config.group_size)
+            self._source_warning = source_grid_warning(self.source_types, arch_spec(self.model).blocks,
+                                                       self.config.bits, self.config.group_size)
+            if self._source_warning:
+                log.warning("%s", self._source_warning)
         samples = None
         if self.config.needs_calibration:
             if calibration is None:
@@ -257,8 +261,12 @@ class QModel:
         if self.blocks is not None and self._store is None:
             raise QForgeError(f"{self.source}: this streamed run was saved already, or its run state dropped; "
                               f"nothing to save")
+        from .models.gguf import type_counts
+
         record = run_record(
-            source=self.source, seed=(self.calibration_config.seed if self.calibration_config else None),
+            source=self.source, source_types=type_counts(self.source_types),
+            source_warnings=[self._source_warning] if self._source_warning else [],
+            seed=(self.calibration_config.seed if self.calibration_config else None),
             quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
             ragged_layers=self.result.ragged_layers,
             calibration_warnings=self.calibration.warnings if self.calibration else [],

@@ -185,8 +185,18 @@ def test_quantizing_on_the_files_own_grid_is_flagged(tmp_path, cache, caplog, st
         caplog.clear()
         m.quantize(resume=tmp_path / f"r{bits}{group}{stream}" if stream else None)
         flagged[bits, group] = [r.getMessage() for r in caplog.records if "artificially small" in r.getMessage()]
+        if (bits, group) == (4, 32):
+            out = m.save(tmp_path / "flagged")
     assert [k for k, v in flagged.items() if v] == [(4, 32), (8, 16)]
     assert "tensors 14 as Q4_1 (4-bit, groups of 32)" in flagged[4, 32][0]         # 7 linears x 2 blocks
+    record = json.loads((out / "run_record.json").read_text())                    # the output says so too
+    assert record["source_types"] == {"Q4_1": 14, "F32": 5, "Q8_0": 1}            # + norms, embeddings
+    assert record["source_warnings"] == flagged[4, 32]
+    from qforge.analysis.report import build_report
+
+    (tmp_path / "report").mkdir()
+    page = build_report(out, tmp_path / "report").read_text()
+    assert "stored the tensors as Q4_1 x 14, F32 x 5, Q8_0 x 1" in page and "artificially small" in page
 
 
 def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch):

@@ -38,7 +38,12 @@ def build_report(run_dir: str | Path, out: str | Path, evaluate: bool = False, s
     calib_file = run_dir / "qforge_calibration.json"
     calib = json.loads(calib_file.read_text()) if calib_file.is_file() else None
     md = [f"# qforge report: {run_dir.name}", "",
-          f"Source model `{record.get('source')}`, written {record.get('created')}.", "", "## Settings", "",
+          f"Source model `{record.get('source')}`, written {record.get('created')}."]
+    if record.get("source_types"):
+        md += ["", "Its GGUF file stored the tensors as " +
+               ", ".join(f"{t} x {n}" for t, n in record["source_types"].items()) + "."]
+        md += [f"- warning: {w}" for w in record.get("source_warnings", [])]
+    md += ["", "## Settings", "",
           _table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in cfg.items()])]
     if calib:
         md += ["", "## Calibration", "", _table(["setting", "value"], [[k, v] for k, v in calib.items()])]

@@ -250,23 +250,34 @@ def source_types(directory: Path) -> dict[str, str] | None:
     return json.loads(f.read_text())["types"] if f.is_file() else None
 
 
-def warn_if_source_grid(types: dict[str, str] | None, blocks: str, bits: int, group_size: int) -> None:
-    """Warn when quantizing at `bits` and `group_size` re-creates the grid the GGUF file stored the block weights
-    on (as many bits or more, groups that split the file's groups): the weights are already on such a grid, so
-    the quantization error, and any comparison of methods, comes out artificially small."""
+def source_grid_warning(types: dict[str, str] | None, blocks: str, bits: int, group_size: int) -> str | None:
+    """A warning when quantizing at `bits` and `group_size` re-creates the grid the GGUF file stored the block
+    weights on (as many bits or more, groups that split the file's groups): the weights are already on such a
+    grid, so the quantization error, and any comparison of methods, comes out artificially small."""
     if not types or group_size <= 0:
-        return
+        return None
     prefix = blocks + "."
     hits: dict[str, int] = {}
     for name, t in types.items():
         grid = GGML_GRIDS.get(t)
         if name.startswith(prefix) and grid and bits >= grid[0] and grid[1] % group_size == 0:
             hits[t] = hits.get(t, 0) + 1
-    if hits:
-        kinds = "; ".join(f"{n} as {t} ({GGML_GRIDS[t][0]}-bit, groups of {GGML_GRIDS[t][1]})" for t, n in hits.items())
-        log.warning("the GGUF file stored the blocks' weight tensors %s: quantizing them at %d bits in groups of %d "
-                    "nearly re-creates that grid, so their error (and any comparison of methods) is artificially "
-                    "small; judge at coarser groups (e.g. 64, or per-channel) or fewer bits", kinds, bits, group_size)
+    if not hits:
+        return None
+    kinds = "; ".join(f"{n} as {t} ({GGML_GRIDS[t][0]}-bit, groups of {GGML_GRIDS[t][1]})" for t, n in hits.items())
+    return (f"the GGUF file stored the blocks' weight tensors {kinds}: quantizing them at {bits} bits in groups of "
+            f"{group_size} nearly re-creates that grid, so their error (and any comparison of methods) is "
+            f"artificially small; judge at coarser groups (e.g. 64, or per-channel) or fewer bits")
+
+
+def type_counts(types: dict[str, str] | None) -> dict[str, int] | None:
+    """How many of the file's tensors (those the model uses) each GGML type stored, most first."""
+    if not types:
+        return None
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _tied(model: nn.Module, name: str) -> bool:
