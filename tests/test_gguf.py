@@ -61,6 +61,24 @@ def test_the_dense_conversion_is_what_transformers_loads(tmp_path, cache, monkey
         torch.testing.assert_close(ref(ids).logits, got(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_the_cache_keeps_one_conversion_per_file(tmp_path, cache):
+    import os
+
+    gguf = smollm2_blocks(tmp_path / "s.gguf", blocks=2)
+    (tmp_path / "other").mkdir()
+    other = smollm2_blocks(tmp_path / "other" / "s.gguf", blocks=2)             # another file of the same name
+    old = cache_root() / "dense" / "s-0123456789abcdef"                  # a first-version conversion of "s"
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    first, kept = resolve_model(str(gguf)), resolve_model(str(other))
+    assert not old.exists()
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))            # reinstalled: a new mtime
+    again = resolve_model(str(gguf))
+    assert again != first and again.is_dir() and not first.exists()
+    assert kept.is_dir() and resolve_model(str(other)) == kept            # another file of the same name stays
+
+
 @pytest.mark.parametrize("model_type,cfg", [
     ("llama", QuantizeConfig(method="gptq", bits=3, group_size=64, act_order=True)),
     ("qwen3_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 GGML_GRIDS = {"Q4_0": (4, 32, True), "Q4_1": (4, 32, False), "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
               "Q8_0": (8, 32, True), "Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
               "Q5_K": (5, 32, False), "Q6_K": (6, 16, True)}
-SOURCE_FILE = "gguf_source.json"       # beside a dense conversion: {"file": name, "types": {parameter: GGML type}}
+SOURCE_FILE = "gguf_source.json"   # beside a dense conversion: {"file", "path", "types": {parameter: GGML type}}
 
 
 def _read_error(path: Path, e: Exception) -> QForgeError:
@@ -239,7 +239,8 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
     conf = config.to_dict()
     conf.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    (out / SOURCE_FILE).write_text(json.dumps({"file": path.name, "types": tensors.stored_types()}, indent=1) + "\n")
+    (out / SOURCE_FILE).write_text(json.dumps({"file": path.name, "path": str(path.resolve()),
+                                               "types": tensors.stored_types()}, indent=1) + "\n")
     GenerationConfig.from_model_config(config).save_pretrained(out)
     gguf_tokenizer(path).save_pretrained(out)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -68,7 +69,30 @@ def _dense_from_gguf(gguf: Path) -> Path:
     log.info("dequantizing %s (one time; cached in %s)", gguf.name, out)
     with atomic_dir(out, overwrite=True) as tmp:
         write_dense(gguf, tmp)
+    _remove_stale(out, gguf)
     return out
+
+
+def _remove_stale(keep: Path, gguf: Path) -> None:
+    """Remove earlier conversions of the same file (another size or mtime: reinstalling a package that ships it
+    makes a new one each time) and first-version conversions of a file of its name (their key is never made
+    again), so the cache holds one conversion per GGUF file."""
+    import shutil
+
+    from .gguf import SOURCE_FILE
+
+    for d in keep.parent.iterdir():
+        if d == keep or not d.is_dir() or d.name.startswith("."):
+            continue
+        src = d / SOURCE_FILE
+        try:
+            stale = json.loads(src.read_text()).get("path") == str(gguf.resolve()) if src.is_file() else \
+                d.name.startswith(f"{gguf.stem}-") and (d / "config.json").is_file()
+        except (OSError, ValueError):
+            continue
+        if stale:
+            log.info("removing the stale conversion %s", d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def gguf_file(spec: str) -> Path | None:
