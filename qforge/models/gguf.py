@@ -8,8 +8,10 @@ for, not the model (transformers' `from_pretrained(gguf_file=)` holds every dequ
 twice the fp32 model).
 
 Two uses: `write_dense` converts a GGUF file to a safetensors directory one tensor at a time (the dense cache of
-loading.py, and `qforge convert`), and a streamed run (streaming.py) reads a GGUF file's blocks straight from it, with no dense copy
-on disk (a Q4 file's fp32 copy is eight times its size).
+loading.py, and `qforge convert`), and a streamed run (streaming.py) reads a GGUF file's blocks straight from
+it, with no dense copy on disk (a Q4 file's fp32 copy is eight times its size). The GGML types the file stored
+its weights as are kept (`stored_types`, gguf_source.json beside a conversion): `source_grid_warning` flags a
+quantization that re-creates the file's own grid.
 """
 from __future__ import annotations
 
