@@ -100,6 +100,7 @@ def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, 
     m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
     assert loads == list(range(len(blocks)))
     out = m.save(tmp_path / "streamed")
+    m.export(tmp_path / "streamed-gptq", "gptq")
     assert not (cache / "qforge").exists()
     monkeypatch.undo()
 
@@ -107,9 +108,11 @@ def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, 
     ref = qforge.load(str(gguf), cfg)                          # converted to the dense cache, then in memory
     ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
     ref.save(tmp_path / "ref")
-    want, got = _dense(tmp_path / "ref"), _dense(out)
-    assert want.keys() == got.keys()
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    ref.export(tmp_path / "ref-gptq", "gptq")
+    for mine, theirs in ((out, tmp_path / "ref"), (tmp_path / "streamed-gptq", tmp_path / "ref-gptq")):
+        want, got = _dense(theirs), _dense(mine)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), mine.name
 
 
 @pytest.mark.parametrize("model_type", list(MAKERS))
