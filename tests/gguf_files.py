@@ -38,11 +38,12 @@ def _tokenizer_fields(reader, vocab: int) -> list[tuple]:
     return out
 
 
-def _write(path: Path, arch: str, fields: list[tuple], tensors: list[tuple]) -> Path:
-    """tensors: (name, array, raw GGML type or None for a float array)."""
+def _write(path: Path, arch: str, fields: list[tuple], tensors: list[tuple], split_max_tensors: int = 0) -> Path:
+    """tensors: (name, array, raw GGML type or None for a float array). `split_max_tensors`: split into files
+    `<stem>-0000i-of-0000n.gguf` of at most that many tensors, as llama.cpp's gguf-split does; returns the first."""
     from gguf import GGUFWriter
 
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub)
     for name, data, raw in tensors:
@@ -51,10 +52,11 @@ def _write(path: Path, arch: str, fields: list[tuple], tensors: list[tuple]) -> 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    parts = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf")) if split_max_tensors else []
+    return parts[0] if parts else path
 
 
-def smollm2_blocks(path: Path, blocks: int = 2, vocab: int | None = 2048) -> Path:
+def smollm2_blocks(path: Path, blocks: int = 2, vocab: int | None = 2048, split_max_tensors: int = 0) -> Path:
     """SmolLM2-135M cut to `blocks` decoder blocks (more than its 30: its blocks again, in turn) and its first
     `vocab` tokens (None: all), its quantized bytes unchanged."""
     from gguf import GGMLQuantizationType, GGUFValueType
@@ -79,11 +81,12 @@ def smollm2_blocks(path: Path, blocks: int = 2, vocab: int | None = 2048) -> Pat
     for b in range(blocks):
         tensors += [(f"blk.{b}.{t.name.split('.', 2)[2]}", np.array(t.data), raw(t))
                     for t in by_block[b % len(by_block)]]
-    return _write(path, "llama", fields, tensors)
+    return _write(path, "llama", fields, tensors, split_max_tensors)
 
 
 def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int = 4, vocab: int = 512,
-                     expert_width: int = 768, seed: int = 0, metadata: dict | None = None) -> Path:
+                     expert_width: int = 768, seed: int = 0, metadata: dict | None = None,
+                     split_max_tensors: int = 0) -> Path:
     """A random Qwen3-MoE in float32: per-expert gate/up/down stacked as llama.cpp writes them
     (`ffn_{gate,up,down}_exps`, [experts, out, in]), which transformers fuses into one gate_up_proj. Transformers
     5.17 alone reads the file right only at expert width 768: it does not read GGUF's expert_feed_forward_length
@@ -108,8 +111,8 @@ def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int
     def norm(n):
         return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    tensors = [("token_embd.weight", w(vocab, hidden), None), ("output_norm.weight", norm(hidden), None),
-               ("output.weight", w(vocab, hidden), None)]
+    tensors = [("token_embd.weight", w(vocab, hidden), None), ("output_norm.weight", norm(hidden), None)]
+    head = ("output.weight", w(vocab, hidden), None)                   # last, as llama.cpp's converter writes it
     for b in range(blocks):
         p = f"blk.{b}."
         tensors += [(p + "attn_norm.weight", norm(hidden), None), (p + "attn_q.weight", w(heads * head_dim, hidden), None),
@@ -121,4 +124,4 @@ def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int
                     (p + "ffn_gate_exps.weight", w(experts, inter, hidden), None),
                     (p + "ffn_up_exps.weight", w(experts, inter, hidden), None),
                     (p + "ffn_down_exps.weight", w(experts, hidden, inter), None)]
-    return _write(path, "qwen3moe", fields, tensors)
+    return _write(path, "qwen3moe", fields, tensors + [head], split_max_tensors)

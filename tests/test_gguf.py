@@ -61,6 +61,31 @@ def test_the_dense_conversion_is_what_transformers_loads(tmp_path, cache, monkey
         torch.testing.assert_close(ref(ids).logits, got(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", list(MAKERS))
+def test_a_split_model_reads_as_the_whole_file(tmp_path, cache, model_type):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "split").mkdir()
+    whole = MAKERS[model_type](tmp_path / "whole" / "m.gguf", blocks=3)
+    first = MAKERS[model_type](tmp_path / "split" / "m.gguf", blocks=3, split_max_tensors=7)
+    parts = sorted((tmp_path / "split").glob("m-*-of-*.gguf"))
+    assert first == parts[0] and len(parts) >= 3
+    want = qforge.load(str(whole)).model
+    for named in (parts[0], parts[-1]):                               # any part names the model
+        got = qforge.load(str(named)).model
+        assert got.config.tie_word_embeddings == want.config.tie_word_embeddings
+        assert want.state_dict().keys() == got.state_dict().keys()
+        assert all(torch.equal(t, got.state_dict()[k]) for k, t in want.state_dict().items())
+    lm, loader = load_streamed(str(parts[1]))
+    assert loader.files.parts == parts and {loader.files.where[k] for k in loader.files.where} == \
+        {p.name for p in parts}
+    block = get_blocks(lm.model, arch_spec(lm.model))[2]
+    with loader.loaded(2, block):
+        assert all(torch.equal(t, want.state_dict()[f"model.layers.2.{k}"]) for k, t in block.state_dict().items())
+    parts[1].unlink()
+    with pytest.raises(QForgeError, match=r"split in \d+ files; missing: m-00002-of"):
+        resolve_model(str(parts[0]))
+
+
 def test_the_cache_keeps_one_conversion_per_file(tmp_path, cache):
     import os
 

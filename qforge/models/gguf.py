@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,23 @@ _UNREAD_FIELDS = {"expert_feed_forward_length": "moe_intermediate_size",
                   "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 
 
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def gguf_parts(path: Path) -> list[Path]:
+    """The files of GGUF model `path`: itself, or for a split model (llama.cpp's gguf-split names, any part
+    given: `<stem>-00001-of-00003.gguf`, ...) every part in order, the first holding the metadata."""
+    m = _SPLIT.match(path.name)
+    if m is None:
+        return [path]
+    count = int(m["count"])
+    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise QForgeError(f"{path.name} is part of a model split in {count} files; missing: {', '.join(missing)}")
+    return parts
+
+
 def gguf_reader(path: Path):
     from gguf import GGUFReader
 
@@ -57,9 +75,11 @@ def gguf_reader(path: Path):
         raise _read_error(path, e) from e
 
 
-def gguf_config(path: Path, reader=None):
-    """The transformers config of GGUF file `path` (its metadata only; no tensor is read), with the fields
-    transformers leaves unread (_UNREAD_FIELDS) taken from the file. `reader`: the file's GGUFReader if open."""
+def gguf_config(path: Path, readers: list | None = None):
+    """The transformers config of GGUF model `path` (the first file of a split one; its metadata only, no tensor
+    is read), with the fields transformers leaves unread (_UNREAD_FIELDS) taken from the file. A split model's
+    lm_head is untied when a later part holds it (transformers looks in the first file only). `readers`: the
+    GGUFReaders of its parts if open."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import read_field
 
@@ -67,7 +87,10 @@ def gguf_config(path: Path, reader=None):
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise _read_error(path, e) from e
-    reader = reader or gguf_reader(path)
+    readers = readers or [gguf_reader(p) for p in gguf_parts(path)]
+    if config.tie_word_embeddings and any(t.name == "output.weight" for r in readers[1:] for t in r.tensors):
+        config.tie_word_embeddings = False
+    reader = readers[0]
     arch = read_field(reader, "general.architecture")[0]
     for field, attr in _UNREAD_FIELDS.items():
         value = read_field(reader, f"{arch}.{field}")
@@ -109,12 +132,13 @@ class GGUFTensors:
     def __init__(self, path: Path, model: nn.Module | None = None):
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
-        self.path = Path(path)
-        self.reader = gguf_reader(self.path)                  # parsed once: the config's fields come from it too
-        self.model = model if model is not None else skeleton(gguf_config(self.path, self.reader))
+        self.parts = gguf_parts(Path(path))
+        self.path = self.parts[0]
+        self.readers = [gguf_reader(p) for p in self.parts]      # parsed once: the config's fields come from them too
+        self.model = model if model is not None else skeleton(gguf_config(self.path, self.readers))
         model = self.model
         try:
-            arch = read_field(self.reader, "general.architecture")[0]
+            arch = read_field(self.readers[0], "general.architecture")[0]
         except Exception as e:
             raise _read_error(self.path, e) from e
         # the processors read the config's head counts under transformers' names
@@ -123,13 +147,15 @@ class GGUFTensors:
         # the GGUF tensors each parameter is made of (a fused MoE parameter: several; the processors' MoE
         # patterns look the mapping up without the ".weight" suffix)
         self.sources: dict[str, list] = {}
-        for t in self.reader.tensors:
-            target = self.mapping.get(t.name) or self.mapping.get(t.name.removesuffix(".weight"))
-            if target is not None:
-                self.sources.setdefault(target, []).append(t)
-            else:
-                log.debug("%s: tensor %s names no parameter of the model; skipped", self.path.name, t.name)
-        self.where = {k: self.path.name for k in self.sources}
+        self.where: dict[str, str] = {}                       # parameter -> the file of its (first) tensor
+        for part, reader in zip(self.parts, self.readers):
+            for t in reader.tensors:
+                target = self.mapping.get(t.name) or self.mapping.get(t.name.removesuffix(".weight"))
+                if target is not None:
+                    self.sources.setdefault(target, []).append(t)
+                    self.where.setdefault(target, part.name)
+                else:
+                    log.debug("%s: tensor %s names no parameter of the model; skipped", part.name, t.name)
         self.shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
     def stored_types(self) -> dict[str, str]:
@@ -164,10 +190,12 @@ class GGUFTensors:
         return out
 
     def fingerprint(self) -> str:
-        """sha256 of the file's name and size and of every tensor's name, type, shape and offset."""
-        h = hashlib.sha256(f"{self.path.name}|{self.path.stat().st_size}|".encode())
-        for t in self.reader.tensors:
-            h.update(f"{t.name}|{t.tensor_type.name}|{list(t.shape)}|{t.data_offset};".encode())
+        """sha256 of every file's name and size and of every tensor's name, type, shape and offset."""
+        h = hashlib.sha256()
+        for part, reader in zip(self.parts, self.readers):
+            h.update(f"{part.name}|{part.stat().st_size}|".encode())
+            for t in reader.tensors:
+                h.update(f"{t.name}|{t.tensor_type.name}|{list(t.shape)}|{t.data_offset};".encode())
         return h.hexdigest()
 
 
@@ -241,10 +269,10 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
     conf = config.to_dict()
     conf.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    (out / SOURCE_FILE).write_text(json.dumps({"file": path.name, "path": str(path.resolve()),
+    (out / SOURCE_FILE).write_text(json.dumps({"file": tensors.path.name, "path": str(tensors.path.resolve()),
                                                "types": tensors.stored_types()}, indent=1) + "\n")
     GenerationConfig.from_model_config(config).save_pretrained(out)
-    gguf_tokenizer(path).save_pretrained(out)
+    gguf_tokenizer(tensors.path).save_pretrained(out)
 
 
 def source_types(directory: Path) -> dict[str, str] | None:

@@ -57,11 +57,11 @@ def _alias_file(alias: str) -> Path:
 def _dense_from_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file to a safetensors directory once, a tensor at a time (models/gguf.py); later calls
     reuse the cache."""
-    from .gguf import write_dense
+    from .gguf import gguf_parts, write_dense
 
-    st = gguf.stat()
     # v2: sharded, with gguf_source.json (a conversion of the first version is made again)
-    key = hashlib.sha256(f"v2|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256("|".join(["v2"] + [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}"
+                                            for p in gguf_parts(gguf)]).encode()).hexdigest()[:16]
     out = cache_root() / "dense" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         log.info("using cached dense conversion %s", out)
@@ -96,7 +96,10 @@ def _remove_stale(keep: Path, gguf: Path) -> None:
 
 
 def gguf_file(spec: str) -> Path | None:
-    """The GGUF file MODEL `spec` names (a built-in alias or a .gguf path), or None for any other spec."""
+    """The GGUF file MODEL `spec` names (a built-in alias or a .gguf path; a split model's first part, whichever
+    part is named, all parts checked present), or None for any other spec."""
+    from .gguf import gguf_parts
+
     if spec in ALIASES:
         return _alias_file(spec)
     p = Path(spec).expanduser()
@@ -104,7 +107,7 @@ def gguf_file(spec: str) -> Path | None:
         return None
     if not p.is_file():
         raise QForgeError(f"no such GGUF file: {p}")
-    return p
+    return gguf_parts(p)[0]
 
 
 def resolve_model(spec: str) -> Path | str:
