@@ -3,11 +3,12 @@
 `load_streamed(spec)` builds the model with its parameters on the meta device (accelerate's
 init_empty_weights; buffers such as rotary tables are real). `BlockLoader.load(i, block)` reads block i's
 tensors from the safetensors files (or a GGUF file, dequantized: models/gguf.py) in fp32 (checked finite);
-`release(block)` puts its parameters back on the meta device. The weights outside the block list (embeddings, final norm, lm_head) are read only inside
-`BlockLoader.outside(model)`: for the calibration capture and for writing the outputs. Memory holds one block
-and the calibration activations (a 70B model's fp32 embeddings and lm_head alone are 8.4 GB). A packed
-checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader` dequantizes each block's packed
-linears into the skeleton's own modules. `SavedBlocks` reads a finished streamed run's blocks for export.
+`release(block)` puts its parameters back on the meta device. The weights outside the block list (embeddings,
+final norm, lm_head) are read only inside `BlockLoader.outside(model)`: for the calibration capture and for
+writing the outputs. Memory holds one block and the calibration activations (a 70B model's fp32 embeddings and
+lm_head alone are 8.4 GB). A packed checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader`
+dequantizes each block's packed linears into the skeleton's own modules. `SavedBlocks` reads a finished streamed
+run's blocks for export.
 
 Checkpoint keys are read under the model's parameter names: keys transformers renames or converts while
 loading (Mixtral's per-expert tensors fused into 3-D parameters) go through transformers' own transforms, a
