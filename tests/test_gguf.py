@@ -219,6 +219,11 @@ def test_convert_from_the_command_line(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     types = qforge.load(str(out), stream=True).source_types                # kept beside the conversion
     assert types["model.layers.1.mlp.experts.gate_up_proj"] == "F32"
+    half = tmp_path / "bf16"
+    assert main(["-q", "convert", str(gguf), "--out", str(half), "--dtype", "bfloat16"]) == 0
+    got = AutoModelForCausalLM.from_pretrained(str(half)).state_dict()
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].bfloat16()) for k in want)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf", help="a .gguf file")
     p.add_argument("--out", required=True, help="the model directory (written atomically)")
     p.add_argument("--max-shard-size", default="500MB", help="largest shard (memory holds about two)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="of the weights: float32 holds the dequantized values exactly, the others round them")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt, for a quick look at a model")
@@ -491,6 +493,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_convert(a) -> int:
+    import torch
+
     from ..models.gguf import write_dense
     from ..models.loading import gguf_file
     from ..utils.atomic import atomic_dir
@@ -501,7 +505,7 @@ def cmd_convert(a) -> int:
         raise QForgeError(f"{a.gguf} is not a .gguf file")
     size = parse_size(a.max_shard_size)
     with atomic_dir(Path(a.out), overwrite=a.overwrite) as tmp:
-        write_dense(gguf, tmp, size, show_progress=not a.quiet)
+        write_dense(gguf, tmp, size, show_progress=not a.quiet, dtype=getattr(torch, a.dtype))
     files = sorted(Path(a.out).glob("*.safetensors"))
     print(f"wrote {a.out}: {len(files)} safetensors file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
     return 0

@@ -238,10 +238,12 @@ def _gguf_version() -> str:
     return version("gguf")
 
 
-def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_progress: bool = False) -> None:
-    """Write GGUF file `path` as a Hugging Face directory `out` (fp32 safetensors shards under the keys
-    save_pretrained writes, config, generation config, tokenizer) into existing empty directory `out` (the caller's
-    atomic directory). Memory holds the shard being filled (safetensors writes a file whole), hence small shards."""
+def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_progress: bool = False,
+                dtype: torch.dtype = torch.float32) -> None:
+    """Write GGUF file `path` as a Hugging Face directory `out` (safetensors shards under the keys save_pretrained
+    writes, config, generation config, tokenizer) into existing empty directory `out` (the caller's atomic
+    directory). Memory holds the shard being filled (safetensors writes a file whole), hence small shards.
+    `dtype`: the weights' (fp32 holds the dequantized values exactly; bf16/fp16 halve the size and round them)."""
     from transformers import GenerationConfig
 
     from ..utils.progress import progress
@@ -262,12 +264,13 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
                           f"{config.model_type} model, e.g. {missing[:3]}")
     writer = ShardWriter(out, max_shard_bytes)
     for name in progress(stored, f"dequantizing {path.name}", enabled=show_progress):
-        t = tensors.read([name])
-        check_finite_tensors(t.items())
+        t = tensors.read([name], dtype)
+        check_finite_tensors(t.items())                          # after the cast: fp16 may overflow
         writer.write(save_keys(model, t))         # as a hub checkpoint stores it (Qwen-MoE: one tensor per expert)
     writer.finish()
     conf = config.to_dict()
     conf.pop("quantization_config", None)
+    conf["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     (out / SOURCE_FILE).write_text(json.dumps({"file": tensors.path.name, "path": str(tensors.path.resolve()),
                                                "types": tensors.stored_types()}, indent=1) + "\n")
