@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import qforge
 from qforge import QForgeError, QuantizeConfig
@@ -14,6 +13,7 @@ from qforge.models.gguf import GGUFTensors
 from qforge.models.loading import cache_root, resolve_model
 from qforge.models.streaming import BlockLoader, load_streamed
 from gguf_files import random_qwen3_moe, smollm2_blocks
+from tiny_models import saved_tensors
 
 MAKERS = {"llama": smollm2_blocks, "qwen3_moe": random_qwen3_moe}
 
@@ -28,14 +28,6 @@ def _transformers_model(gguf):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-
-
-def _dense(d):
-    t = {}
-    for f in sorted(d.glob("*.safetensors")):
-        if not f.name.startswith("qforge_quant"):
-            t.update(load_file(str(f)))
-    return t
 
 
 @pytest.mark.parametrize("model_type", list(MAKERS))
@@ -135,7 +127,7 @@ def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, 
     ref.save(tmp_path / "ref")
     ref.export(tmp_path / "ref-gptq", "gptq")
     for mine, theirs in ((out, tmp_path / "ref"), (tmp_path / "streamed-gptq", tmp_path / "ref-gptq")):
-        want, got = _dense(theirs), _dense(mine)
+        want, got = saved_tensors(theirs), saved_tensors(mine)
         assert want.keys() == got.keys()
         assert all(torch.equal(want[k], got[k]) for k in want), mine.name
 
@@ -210,7 +202,7 @@ def test_convert_from_the_command_line(tmp_path, capsys):
     got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
     want = _transformers_model(gguf).state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    stored = set(_dense(out))                                   # the keys a hub checkpoint stores: one per expert
+    stored = set(saved_tensors(out))                                   # the keys a hub checkpoint stores: one per expert
     assert "model.layers.0.mlp.experts.3.up_proj.weight" in stored
     assert main(["-q", "convert", str(gguf), "--out", str(out)]) == 2             # exists: refused
     assert "already exists" in capsys.readouterr().err

@@ -12,14 +12,7 @@ from qforge.cli.main import main
 from qforge.models.arch import arch_spec, get_blocks
 from qforge.models.streaming import BlockLoader, load_streamed
 from tiny_models import CONFIGS, tiny_model
-
-
-def _tensors(d):
-    t = {}
-    for f in sorted(d.glob("*.safetensors")):
-        if not f.name.startswith("qforge_quant"):
-            t.update(load_file(str(f)))
-    return t
+from tiny_models import saved_tensors as _tensors
 
 
 def _saved_dir(tmp_path, tokenizer, model_type):

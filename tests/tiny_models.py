@@ -35,3 +35,14 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+def saved_tensors(d) -> dict[str, torch.Tensor]:
+    """Every dense tensor of the saved model directory `d` (all its safetensors files but qforge's codes)."""
+    from safetensors.torch import load_file
+
+    t = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if not f.name.startswith("qforge_quant"):
+            t.update(load_file(str(f)))
+    return t

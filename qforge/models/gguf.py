@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -251,14 +252,14 @@ def write_dense(path: Path, out: Path, max_shard_bytes: int = 500 * 10**6, show_
     from .checkpoint_keys import save_keys
     from .loading import check_finite_tensors
 
+    from .streaming import tied_aliases
+
     tensors = GGUFTensors(path)
     model, config = tensors.model, tensors.model.config
-    stored, seen = [], set()
-    for name, p in model.state_dict(keep_vars=True).items():      # tied parameters once, under the stored name
-        if name in tensors.where and id(p) not in seen:
-            stored.append(name)
-            seen.add(id(p))
-    missing = [n for n in model.state_dict() if n not in tensors.where and not _tied(model, n)]
+    names = list(model.state_dict())
+    stored = [n for n in names if n in tensors.where]             # a tied lm_head: once, as the file stores it
+    tied = tied_aliases(model, tensors.where)
+    missing = [n for n in names if n not in tensors.where and n not in tied]
     if missing:
         raise QForgeError(f"{path}: no tensor of the GGUF file makes {len(missing)} parameter(s) of the "
                           f"{config.model_type} model, e.g. {missing[:3]}")
@@ -291,11 +292,8 @@ def source_grid_warning(types: dict[str, str] | None, blocks: str, bits: int, gr
     if not types or group_size <= 0:
         return None
     prefix = blocks + "."
-    hits: dict[str, int] = {}
-    for name, t in types.items():
-        grid = GGML_GRIDS.get(t)
-        if name.startswith(prefix) and grid and bits >= grid[0] and grid[1] % group_size == 0:
-            hits[t] = hits.get(t, 0) + 1
+    hits = Counter(t for name, t in types.items() if name.startswith(prefix) and t in GGML_GRIDS and
+                   bits >= GGML_GRIDS[t][0] and GGML_GRIDS[t][1] % group_size == 0)
     if not hits:
         return None
     kinds = "; ".join(f"{n} as {t} ({GGML_GRIDS[t][0]}-bit, groups of {GGML_GRIDS[t][1]})" for t, n in hits.items())
@@ -306,16 +304,4 @@ def source_grid_warning(types: dict[str, str] | None, blocks: str, bits: int, gr
 
 def type_counts(types: dict[str, str] | None) -> dict[str, int] | None:
     """How many of the file's tensors (those the model uses) each GGML type stored, most first."""
-    if not types:
-        return None
-    counts: dict[str, int] = {}
-    for t in types.values():
-        counts[t] = counts.get(t, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def _tied(model: nn.Module, name: str) -> bool:
-    """`name` is the output embedding tied to the input embeddings (stored once, as the input embeddings)."""
-    head = model.get_output_embeddings()
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and \
-        name.endswith("weight") and model.get_parameter(name) is head.weight
+    return dict(Counter(types.values()).most_common()) if types else None

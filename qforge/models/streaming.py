@@ -150,7 +150,7 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
     return LoadedModel(model, tokenizer, spec, where, source_types(where) if where.is_dir() else None), loader
 
 
-def _tied_aliases(model: nn.Module, stored) -> dict[str, str]:
+def tied_aliases(model: nn.Module, stored) -> dict[str, str]:
     """Tied embeddings the checkpoint stores once (under either name): {the absent name: the stored one}."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if not getattr(model.config, "tie_word_embeddings", False) or head is None or emb is None:
@@ -169,7 +169,7 @@ class BlockLoader:
     def __init__(self, files: CheckpointFiles, model: nn.Module):
         self.files, self.spec = files, arch_spec(model)
         self.blocks = self.spec.blocks
-        self.tied = _tied_aliases(model, files.where)
+        self.tied = tied_aliases(model, files.where)
         prefix = self.blocks + "."
         self.outside_keys = [n for n in model.state_dict() if not n.startswith(prefix) and n in files.where]
 
