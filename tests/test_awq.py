@@ -6,14 +6,15 @@ import logging
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import qforge
 from qforge import QForgeError, QuantizeConfig
 from qforge.capture import capture_block_inputs
 from qforge.capture.blocks import make_batches
-from qforge.models.arch import arch_spec, get_blocks
+from qforge.models.arch import ARCHS, SmoothMapping, arch_spec, block_linears, get_blocks
 from qforge.pipeline import quantize_model
-from qforge.smoothing import awq_block
+from qforge.smoothing import awq_block, fold_scales, mapping_units
 from qforge.solvers import Grid, rtn
 from qforge.solvers import gptq
 from qforge.solvers.awq import (apply_clip, awq_scales, clip_search, scaled_fake_quant, scaled_gptq_quant,
@@ -139,6 +140,42 @@ def test_folded_scales_leave_the_fp_model_unchanged(model_type):
         after = m(input_ids=x).logits
     assert (after - before).norm() <= 1e-5 * before.norm() + 1e-6
     assert applied >= len(get_blocks(m, spec))        # at least one mapping per block is folded
+
+
+def test_every_mapping_of_the_table_folds_in_some_tiny_model():
+    """No dead table rows: each SmoothMapping of an entry fits a block of one of the tiny models using that entry
+    (a mapping naming a module the block lacks would be skipped silently, with a log line). v -> o folds need as
+    many kv heads as heads, so each tiny model is also built that way."""
+    fits: dict[int, set[int]] = {}
+    for model_type in sorted(CONFIGS):
+        for m in (tiny_model(model_type), tiny_model(model_type, num_key_value_heads=4)):
+            spec = arch_spec(m)
+            for block in get_blocks(m, spec):
+                refs = [r for g in block_linears(block, spec) for r in g]
+                fits.setdefault(id(spec), set()).update(k for k, mp in enumerate(spec.smooth)
+                                                        if mapping_units(block, mp, refs)[0])
+    for model_type, spec in ARCHS.items():
+        assert fits[id(spec)] == set(range(len(spec.smooth))), model_type
+
+
+def test_fused_qkv_folds_into_v_only_without_grouped_kv_heads():
+    """Phi-3's q|k|v linear feeds o_proj from its last third: with as many kv heads as heads the fold divides only
+    those rows (the function is unchanged: test_folded_scales_...); with grouped kv heads it does not fit."""
+    mapping = SmoothMapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_rows="v_third")
+    for kv_heads, fits in ((4, True), (2, False)):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi3", **dict(CONFIGS["phi3"],
+                                                                                 num_key_value_heads=kv_heads)))
+        block = get_blocks(m, arch_spec(m))[0]
+        refs = [r for g in block_linears(block, arch_spec(m)) for r in g]
+        units, why = mapping_units(block, mapping, refs)
+        assert bool(units) == fits and (fits or "v_third" in why)
+        if fits:
+            W = block.self_attn.qkv_proj.weight.detach().clone()
+            s = torch.rand(64) + 0.5
+            fold_scales(block, units[0], s, norm_plus_one=False)
+            assert torch.equal(block.self_attn.qkv_proj.weight[:128], W[:128])          # q and k rows untouched
+            torch.testing.assert_close(block.self_attn.qkv_proj.weight[128:], W[128:] / s[:, None])
 
 
 def test_mapping_that_does_not_fit_is_skipped_with_a_log_line(caplog):

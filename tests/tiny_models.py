@@ -7,6 +7,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 VOCAB = 512
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+_NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
+_MLA = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
 CONFIGS = {
     "llama": dict(_COMMON),
     "mistral": dict(_COMMON, sliding_window=64),
@@ -23,12 +26,36 @@ CONFIGS = {
     "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0),
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+    "granite": dict(_COMMON, num_key_value_heads=4), "helium": dict(_COMMON, head_dim=16), "smollm3": dict(_NO_IDS), "ernie4_5": dict(_COMMON, head_dim=16),
+    "seed_oss": dict(_COMMON, head_dim=16), "stablelm": dict(_COMMON),
+    "olmo": dict(_COMMON), "olmo2": dict(_COMMON), "exaone4": dict(_COMMON, head_dim=16),
+    "cohere": dict(_COMMON), "cohere2": dict(_COMMON, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
+    "phi": dict(_COMMON, partial_rotary_factor=0.5),
+    "gptj": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8),
+    "starcoder2": dict(_COMMON),
+    "gpt_bigcode": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
+    "nemotron": dict(_COMMON, head_dim=16), "arcee": dict(_COMMON), "apertus": dict(_COMMON, head_dim=16),
+    "phi3": dict(_NO_IDS, num_key_value_heads=4),          # as many kv heads as heads: v -> o_proj folds
+    "glm": dict(_NO_IDS, head_dim=16), "glm4": dict(_NO_IDS, head_dim=16),
+    # MoE: block 0 dense, block 1 routed + shared experts
+    "qwen2_moe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, mlp_only_layers=[0]),
+    "ernie4_5_moe": dict(_NO_IDS, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1,
+                         moe_num_shared_experts=1),
+    "glm4_moe": dict(_NO_IDS, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=1, topk_group=1),
+    "deepseek_v3": dict(_NO_IDS, **_MLA, q_lora_rank=32),
+    "deepseek_v2": dict(_NO_IDS, **_MLA, q_lora_rank=None),  # V2-Lite: one q_proj
+    "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
 }
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init leaves norms at 1 and biases at 0; perturb everything so tests see real structure
     with torch.no_grad():

@@ -27,11 +27,19 @@ class BlockCall:
 
 class StandIn(nn.Module):
     """Takes a block's place in the block list; the block stays registered, so attribute look-ups the
-    model makes on its layers (attention_type, layer_idx) still resolve."""
+    model makes on its layers (attention_type, layer_idx) still resolve. `tuple_output` (set by swapped_blocks
+    from the table's `tuple_blocks`): the model reads its blocks' outputs as tuples (Bloom, GPT-J), so the
+    hidden states a stand-in returns go back as (hidden,)."""
+
+    tuple_output = False
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
+
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        return (out,) if self.tuple_output and isinstance(out, torch.Tensor) else out
 
     def __getattr__(self, name: str):
         try:
@@ -97,6 +105,9 @@ def swapped_blocks(model: nn.Module, spec: ArchSpec, stand_ins: list[nn.Module])
     """The model runs `stand_ins` in place of its decoder blocks inside the block; restored on exit."""
     owner, attr = blocks_owner(model, spec)
     blocks = getattr(owner, attr)
+    for s in stand_ins:
+        if isinstance(s, StandIn):
+            s.tuple_output = spec.tuple_blocks
     setattr(owner, attr, nn.ModuleList(stand_ins))
     try:
         yield

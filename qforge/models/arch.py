@@ -1,125 +1,22 @@
-"""Architecture support as data: one ArchSpec per Hugging Face `model_type`, plus generic walking.
-
-An ArchSpec names the ModuleList of decoder blocks and the quantizable linears of one block as
-groups in execution order (q/k/v, then o, then gate/up, then down for Llama-like blocks). A linear
-name is a module path inside the block, or the path of a 3-D fused-experts parameter
-([experts, out, in], as transformers 5 stores MoE experts), which expands to one linear per expert.
-`smooth` lists AWQ/SmoothQuant mappings (previous op -> the linears that read its output).
-Adding a model family means adding one entry to ARCHS.
+"""Architecture support as data (families.py's table of ArchSpec entries) plus generic walking: find a model's
+entry, its decoder blocks and each block's linears (plain, Conv1D or one expert of a fused parameter).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import QForgeError
+from .archspec import PREV_ROWS, ArchSpec, SmoothMapping
+from .families import ARCHS
+
+__all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "LinearRef", "SmoothMapping", "arch_spec", "block_linears", "get_blocks",
+           "linear_modules", "linear_name", "linear_ref", "named_block_linears", "submodule_or_none",
+           "untracked_linears"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SmoothMapping:
-    """`prev` (a norm or linear inside the block) feeds every linear in `linears` (AWQ, SmoothQuant).
-
-    `balance`: modules that read prev's output too but are never quantized (MoE routers): scaled with
-    the linears so the function is unchanged. `prev_rows="up_half"`: prev is a fused-experts gate/up
-    parameter [experts, 2·I, in] and the linears (fused experts too) read act(gate)·up — one scale
-    vector per expert, folded into that expert's up rows.
-    """
-
-    prev: str
-    linears: tuple[str, ...]
-    balance: tuple[str, ...] = ()
-    prev_rows: str = "all"
-
-    def __post_init__(self):
-        if self.prev_rows not in ("all", "up_half"):
-            raise QForgeError(f"SmoothMapping {self.prev}: prev_rows must be 'all' or 'up_half', not {self.prev_rows!r}")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    blocks: str                          # dotted path of the decoder-block ModuleList in the CausalLM
-    groups: tuple[tuple[str, ...], ...]  # linears per block, in execution order
-    smooth: tuple[SmoothMapping, ...] = ()
-    norm_plus_one: bool = False          # Gemma RMSNorm scales by (1 + w)
-
-    @property
-    def linear_names(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g)
-
-
-_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_LLAMA = ArchSpec(
-    blocks="model.layers",
-    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-)
-# Gemma 2/3 put extra norms around attention and MLP: the norm that feeds the MLP is pre_feedforward_layernorm
-_GEMMA2 = ArchSpec(
-    blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-)
-
-# transformers 5 MoE blocks: experts fused into [experts, 2·I, in] gate/up and [experts, out, I] down parameters,
-# the router `mlp.gate` reads the same input as the experts
-_MOE = ArchSpec(
-    blocks="model.layers",
-    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
-        SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
-    ),
-)
-
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=_LLAMA.smooth, norm_plus_one=True),
-    "gemma2": _GEMMA2,
-    "gemma3_text": _GEMMA2,
-    "opt": ArchSpec(
-        blocks="model.decoder.layers",
-        groups=(_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
-        smooth=(
-            SmoothMapping("self_attn_layer_norm", _ATTN),
-            SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
-            SmoothMapping("final_layer_norm", ("fc1",)),
-        ),
-    ),
-    "gpt_neox": ArchSpec(
-        blocks="gpt_neox.layers",
-        groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
-        smooth=(
-            SmoothMapping("input_layernorm", ("attention.query_key_value",)),
-            SmoothMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
-        ),
-    ),
-    "gpt2": ArchSpec(
-        blocks="transformer.h",
-        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        smooth=(SmoothMapping("ln_1", ("attn.c_attn",)), SmoothMapping("ln_2", ("mlp.c_fc",))),
-    ),
-    "mixtral": _MOE,
-    "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
-}
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
@@ -212,14 +109,23 @@ def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
     return [LinearRef(name, module)]
 
 
+def _holds(block: nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    parent = submodule_or_none(block, path) if path else block
+    return parent is not None and getattr(parent, leaf, None) is not None
+
+
 def block_linears(block: nn.Module, spec: ArchSpec) -> list[list[LinearRef]]:
-    """The block's linears, grouped in execution order as the table says."""
-    return [[ref for name in group for ref in _resolve(block, name)] for group in spec.groups]
+    """The block's linears, grouped in execution order as the table says (a block's absent optional linears
+    left out, and groups left empty by that dropped)."""
+    groups = [[ref for name in group if name not in spec.optional or _holds(block, name)
+               for ref in _resolve(block, name)] for group in spec.groups]
+    return [g for g in groups if g]
 
 
 def untracked_linears(block: nn.Module, spec: ArchSpec) -> list[str]:
     """Linear-like modules in a block that the table does not mention (they would stay unquantized)."""
-    known = set(spec.linear_names)
+    known = set(spec.linear_names) | set(spec.fp_linears)
     found = []
     for name, m in block.named_modules():
         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
@@ -257,8 +163,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for i, block in enumerate(get_blocks(model, spec)):
         for name in spec.linear_names:
-            try:
-                out[linear_name(spec, i, name)] = block.get_submodule(name)
-            except AttributeError:
+            m = submodule_or_none(block, name)
+            if m is not None:
+                out[linear_name(spec, i, name)] = m
+            elif _holds(block, name):
                 log.info("block %d: %s is not a module (fused experts): left out", i, name)
     return out

@@ -2,9 +2,10 @@
 
 For a mapping prev -> linears: prev's output channel j is divided by s[j] and every linear's input
 column j multiplied by s[j], so the block computes the same function. prev is a norm (weight and bias
-divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1), a linear (rows divided), or
-a fused-experts gate/up parameter [experts, 2·I, in] whose up half feeds down_proj through
-act(gate) · up — one unit (one s) per expert, only the up rows divided. A mapping's `balance` modules
+divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1), a linear (rows divided; of a
+fused gate/up linear only the up half, of a fused q/k/v linear only the v third), or a fused-experts
+gate/up parameter [experts, 2·I, in] whose up half feeds down_proj through act(gate) · up — one unit
+(one s) per expert, only the up rows divided. A mapping's `balance` modules
 (MoE routers) read prev's output too: their input columns are multiplied by s, they are never quantized.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.arch import LinearRef, SmoothMapping, submodule_or_none
+from ..models.arch import PREV_ROWS, LinearRef, SmoothMapping, submodule_or_none
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
     lins = _mapped(refs, mapping.linears)
     if not lins:
         return [], "its linears are not in the block"
+    missing = set(mapping.linears) - {r.name if r.expert is None else r.name.rpartition(".")[0] for r in lins}
+    if missing:
+        return [], f"the block lacks {', '.join(sorted(missing))}"
     balance = []
     for name in mapping.balance:
         m = submodule_or_none(block, name)
@@ -74,9 +78,15 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
         return [FoldUnit(f"{mapping.prev}.{r.expert}", mapping, [r], [], None, r.expert) for r in lins], None
     prev = submodule_or_none(block, mapping.prev)
     w = getattr(prev, "weight", None)
-    if not isinstance(w, torch.Tensor) or mapping.prev_rows != "all":
+    if not isinstance(w, torch.Tensor):
         return [], f"the block has no module {mapping.prev} with a weight"
     width = w.shape[0] if w.dim() == 2 else w.shape[-1]
+    parts = PREV_ROWS[mapping.prev_rows]
+    if parts > 1:                                        # the linears read the last of `parts` equal row ranges
+        if w.dim() != 2 or width != parts * lins[0].shape[1]:
+            return [], f"{mapping.prev} has {width} output channels, not {parts} x the {lins[0].shape[1]} " \
+                       f"the linears read ({mapping.prev_rows})"
+        width //= parts
     if any(r.shape[1] != width for r in lins + balance):
         return [], f"{mapping.prev} has {width} output channels, the linears read {lins[0].shape[1]}"
     parent = None if len(lins) == 1 and not balance else \
@@ -95,7 +105,8 @@ def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one
         prev = block.get_submodule(prev_path)
         w = prev.weight
         s_ = s.to(w.device)
-        if w.dim() == 2:                                 # a linear: scale its output rows
+        if w.dim() == 2:                                 # a linear: scale its output rows (the last s.numel())
+            w = w[w.shape[0] - s_.numel():]
             w.div_(s_.to(w.dtype).unsqueeze(1))
         elif norm_plus_one:
             w.copy_(((1 + w.float()) / s_ - 1).to(w.dtype))
@@ -103,6 +114,6 @@ def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one
             w.div_(s_.to(w.dtype))
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
-            bias.div_(s_.to(bias.dtype))
+            bias[bias.shape[0] - s_.numel():].div_(s_.to(bias.dtype))
     for r in unit.lins + unit.balance:
         r.set_weight(r.weight.float() * s.to(r.weight.device))

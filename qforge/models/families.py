@@ -1,0 +1,212 @@
+"""The architecture table: one ArchSpec per Hugging Face `model_type`. Adding a model family is adding an entry.
+
+Block paths and linear names are transformers 5's module names; `tests/tiny_models.py` builds a tiny random
+model of every entry, and the tests run each through capture, RTN, GPTQ, AWQ and export.
+"""
+from __future__ import annotations
+
+from .archspec import ArchSpec, SmoothMapping
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+# Gemma 2/3 put extra norms around attention and MLP: the norm that feeds the MLP is pre_feedforward_layernorm
+_GEMMA2 = ArchSpec(
+    blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+# transformers 5 MoE blocks: experts fused into [experts, 2·I, in] gate/up and [experts, out, I] down parameters,
+# the router `mlp.gate` reads the same input as the experts
+_MOE = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
+    smooth=(
+        SmoothMapping("input_layernorm", _ATTN),
+        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+        SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
+        SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
+    ),
+)
+
+# OLMo, OLMo 2, EXAONE 4: the block input reaches attention and MLP without a (weighted) norm
+_NO_PRE_NORM = ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=(_LLAMA.smooth[1], _LLAMA.smooth[3]))
+
+# Cohere: attention and MLP run in parallel on one normed input, so q/k/v/gate/up read one tensor
+_PARALLEL_LLAMA = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",)),
+    smooth=(SmoothMapping("input_layernorm", _ATTN + ("mlp.gate_proj", "mlp.up_proj")),) + _LLAMA.smooth[1::2],
+)
+
+
+def _up_down(norm_plus_one: bool = False, attention_norm: str = "input_layernorm",
+             mlp_norm: str = "post_attention_layernorm") -> ArchSpec:
+    return ArchSpec(
+        blocks="model.layers", norm_plus_one=norm_plus_one,
+        groups=(_ATTN, ("self_attn.o_proj",), ("mlp.up_proj",), ("mlp.down_proj",)),
+        smooth=(SmoothMapping(attention_norm, _ATTN), _LLAMA.smooth[1], SmoothMapping(mlp_norm, ("mlp.up_proj",))),
+    )
+
+
+# GLM: q/k/v apart, gate|up fused in one linear [2·I, in] (gate rows first)
+_FUSED_GATE_UP = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    smooth=_LLAMA.smooth[:2] + (SmoothMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+                                SmoothMapping("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="up_half")),
+)
+# Phi-3: q|k|v fused too (rows q, then k, then v: v -> o_proj folds only with as many kv heads as heads)
+_FUSED = ArchSpec(
+    blocks="model.layers",
+    groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    smooth=(SmoothMapping("input_layernorm", ("self_attn.qkv_proj",)),
+            SmoothMapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_rows="v_third")) + _FUSED_GATE_UP.smooth[2:],
+)
+
+# DeepSeek's multi-head latent attention: q (low-rank q_a -> norm -> q_b, or one q_proj) and the compressed
+# kv (kv_a -> norm -> kv_b) both read the block's normed input
+_MLA = (("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+        ("self_attn.kv_b_proj",), ("self_attn.o_proj",))
+_MLA_SMOOTH = (
+    SmoothMapping("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    SmoothMapping("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    SmoothMapping("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+
+
+def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
+                attention: tuple = (_ATTN, ("self_attn.o_proj",))) -> ArchSpec:
+    """Routed experts (fused) beside always-on shared experts (an MLP at `mlp.<shared>`, gated by `shared_gate`
+    on Qwen2-MoE), the router `mlp.gate`; blocks may be dense Llama MLPs instead (DeepSeek's first_k_dense_replace,
+    Qwen2-MoE's mlp_only_layers). `shared_first`: the shared experts run before the routed ones."""
+    sh = (f"mlp.{shared}.gate_proj", f"mlp.{shared}.up_proj"), (f"mlp.{shared}.down_proj",)
+    routed = ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)
+    dense = _LLAMA.groups[2:]
+    mla = attention is _MLA
+    return ArchSpec(
+        blocks="model.layers",
+        groups=attention + dense + (sh + routed if shared_first else routed + sh),
+        optional=frozenset(n for g in dense + sh + routed for n in g) | (
+            frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
+        fp_linears=(shared_gate,) if shared_gate else (),
+        smooth=(_MLA_SMOOTH if mla else _LLAMA.smooth[:2]) + _LLAMA.smooth[2:] + (
+            SmoothMapping("post_attention_layernorm", routed[0] + sh[0],
+                          balance=("mlp.gate",) + ((shared_gate,) if shared_gate else ())),
+            _MOE.smooth[3],
+            SmoothMapping(sh[0][1], sh[1]),
+        ),
+    )
+
+
+_DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=_LLAMA.smooth, norm_plus_one=True),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "opt": ArchSpec(
+        blocks="model.decoder.layers",
+        groups=(_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        smooth=(
+            SmoothMapping("self_attn_layer_norm", _ATTN),
+            SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+            SmoothMapping("final_layer_norm", ("fc1",)),
+        ),
+    ),
+    "gpt_neox": ArchSpec(
+        blocks="gpt_neox.layers",
+        groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+        smooth=(
+            SmoothMapping("input_layernorm", ("attention.query_key_value",)),
+            SmoothMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
+    ),
+    "gpt2": ArchSpec(
+        blocks="transformer.h",
+        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        smooth=(SmoothMapping("ln_1", ("attn.c_attn",)), SmoothMapping("ln_2", ("mlp.c_fc",))),
+    ),
+    "mixtral": _MOE,
+    "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
+    # Llama's module names
+    "granite": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA, "ernie4_5": _LLAMA, "seed_oss": _LLAMA,
+    "stablelm": _LLAMA,                  # LayerNorm with bias: the fold divides both
+    # no norm before attention and MLP (OLMo's has no weight; OLMo 2 and EXAONE 4 normalise the outputs)
+    "olmo": _NO_PRE_NORM, "olmo2": _NO_PRE_NORM, "exaone4": _NO_PRE_NORM,
+    "cohere": _PARALLEL_LLAMA, "cohere2": _PARALLEL_LLAMA,
+    "phi": ArchSpec(
+        blocks="model.layers",
+        groups=(_ATTN + ("mlp.fc1",), ("self_attn.dense",), ("mlp.fc2",)),
+        smooth=(SmoothMapping("input_layernorm", _ATTN + ("mlp.fc1",)),
+                SmoothMapping("self_attn.v_proj", ("self_attn.dense",))),
+    ),
+    "gptj": ArchSpec(
+        blocks="transformer.h", tuple_blocks=True,
+        groups=(("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"), ("attn.out_proj",), ("mlp.fc_out",)),
+        smooth=(SmoothMapping("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),
+                SmoothMapping("attn.v_proj", ("attn.out_proj",))),
+    ),
+    "starcoder2": ArchSpec(
+        blocks="model.layers",
+        groups=(_ATTN, ("self_attn.o_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        smooth=(SmoothMapping("input_layernorm", _ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+                SmoothMapping("post_attention_layernorm", ("mlp.c_fc",))),
+    ),
+    "gpt_bigcode": ArchSpec(             # nn.Linear, not GPT-2's Conv1D
+        blocks="transformer.h",
+        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        smooth=(SmoothMapping("ln_1", ("attn.c_attn",)), SmoothMapping("ln_2", ("mlp.c_fc",))),
+    ),
+    "bloom": ArchSpec(                   # q/k/v interleaved per head in query_key_value: no v -> dense fold
+        blocks="transformer.h", tuple_blocks=True,
+        groups=(("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
+                ("mlp.dense_4h_to_h",)),
+        smooth=(SmoothMapping("input_layernorm", ("self_attention.query_key_value",)),
+                SmoothMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+    ),
+    # an MLP of up/down only (squared ReLU, xIELU): nothing to fold between them
+    "nemotron": _up_down(norm_plus_one=True), "arcee": _up_down(),
+    "apertus": _up_down(attention_norm="attention_layernorm", mlp_norm="feedforward_layernorm"),
+    # fused q|k|v and gate|up linears
+    "phi3": _FUSED,
+    "glm": _FUSED_GATE_UP, "glm4": _FUSED_GATE_UP,
+    # MoE with shared experts, and models whose first blocks are dense
+    "qwen2_moe": _shared_moe("shared_expert", shared_first=True, shared_gate="mlp.shared_expert_gate"),
+    "ernie4_5_moe": _shared_moe("shared_experts", shared_first=True),
+    "glm4_moe": _shared_moe("shared_experts", shared_first=False),
+    "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
+    "olmoe": _MOE,
+    "granitemoe": ArchSpec(
+        blocks="model.layers",
+        groups=(_ATTN, ("self_attn.o_proj",), ("block_sparse_moe.experts.gate_up_proj",),
+                ("block_sparse_moe.experts.down_proj",)),
+        smooth=_LLAMA.smooth[:2] + (
+            SmoothMapping("post_attention_layernorm", ("block_sparse_moe.experts.gate_up_proj",),
+                          balance=("block_sparse_moe.router",)),
+            SmoothMapping("block_sparse_moe.experts.gate_up_proj", ("block_sparse_moe.experts.down_proj",),
+                          prev_rows="up_half"),
+        ),
+    ),
+    "phimoe": ArchSpec(blocks=_MOE.blocks, groups=_MOE.groups, fp_linears=("mlp.router",),   # router is an nn.Linear
+                       smooth=tuple(SmoothMapping(m.prev, m.linears, ("mlp.router",) if m.balance else (), m.prev_rows)
+                                    for m in _MOE.smooth)),
+}
