@@ -28,6 +28,10 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("opt", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
     ("mixtral", QuantizeConfig(method="gptq", bits=4, group_size=32)),      # per-expert keys, fused on load
     ("qwen3_moe", QuantizeConfig(method="awq+gptq", bits=3, group_size=16, awq_grid=4)),   # its own expert keys
+    ("phi3", QuantizeConfig(method="awq", bits=4, group_size=32, awq_grid=4)),         # fused q|k|v, gate|up
+    ("deepseek_v3", QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4)),  # MLA; dense, MoE blocks
+    ("qwen2_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # shared expert, its gate unquantized
+    ("bloom", QuantizeConfig(method="gptq", bits=4, group_size=32)),        # blocks return tuples
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)

@@ -8,8 +8,8 @@ VOCAB = 512
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
-_MLA = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
+_MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+            kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
 CONFIGS = {
     "llama": dict(_COMMON),
     "mistral": dict(_COMMON, sliding_window=64),
@@ -40,12 +40,12 @@ CONFIGS = {
     "glm": dict(_NO_IDS, head_dim=16), "glm4": dict(_NO_IDS, head_dim=16),
     # MoE: block 0 dense, block 1 routed + shared experts
     "qwen2_moe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, mlp_only_layers=[0]),
+                      shared_expert_intermediate_size=64, mlp_only_layers=[0]),
     "ernie4_5_moe": dict(_NO_IDS, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1,
                          moe_num_shared_experts=1),
     "glm4_moe": dict(_NO_IDS, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      first_k_dense_replace=1, n_group=1, topk_group=1),
-    "deepseek_v3": dict(_NO_IDS, **_MLA, q_lora_rank=32),
+    "deepseek_v3": dict(_NO_IDS, **_MLA, q_lora_rank=32),           # as many kv heads as heads, as DeepSeek's
     "deepseek_v2": dict(_NO_IDS, **_MLA, q_lora_rank=None),  # V2-Lite: one q_proj
     "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
@@ -57,9 +57,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # random init leaves norms at 1 and biases at 0; perturb everything so tests see real structure
+    # random init leaves norms at 1 and biases at 0; perturb everything so tests see real structure (persistent
+    # float buffers too: DeepSeek's router bias)
     with torch.no_grad():
-        for p in model.parameters():
+        state = model.state_dict()
+        for p in list(model.parameters()) + [b for n, b in model.named_buffers() if n in state and b.is_floating_point()]:
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
 

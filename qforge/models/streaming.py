@@ -143,6 +143,8 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
                           f"so its blocks cannot be read one at a time; load it without streaming")
     for k in loader.outside_keys:
         check_finite_tensors(files.read([k], dtype=None).items())     # as stored: no fp32 copy
+    for block in get_blocks(model, loader.spec):  # persistent buffers the skeleton made (DeepSeek's router bias)
+        BlockLoader.release(block)                # come from the checkpoint too, block by block
     return_freed_memory()
     log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, loader.spec)))
     from .gguf import source_types
