@@ -109,24 +109,34 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     assert_same_model(theirs, ours)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe"])
-def test_gptqmodel_loads_qforge_moe_gptq_export(model_type, tiny_tokenizer, tmp_path):
-    """MoE experts, fused into 3-D parameters in transformers, exported one module per expert as the models'
-    checkpoints store them: GPTQModel builds its own MoE model from them and computes what qforge computes.
-    (Mixtral is left out: qforge writes its original names, block_sparse_moe.experts.{e}.w1/w2/w3, as
-    save_pretrained and vLLM's Mixtral loader name them, while GPTQModel 7.6 requires its runtime names,
-    mlp.experts.{e}.gate_proj/up_proj/down_proj, and refuses them.)"""
+@pytest.mark.parametrize("model_type,task,fmt", [
+    ("qwen3_moe", "gptqmodel-load", "gptq"),
+    ("phi3", "gptqmodel-load", "gptq"),                           # fused q|k|v and gate|up linears
+    ("deepseek_v3", "transformers-ct", "compressed-tensors"),     # MLA, a dense and a MoE block, shared experts
+    ("qwen2_moe", "transformers-ct", "compressed-tensors"),       # shared expert, its gate left unquantized
+])
+def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
+    """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
+    the same logits, greedy tokens and perplexity. MoE experts, fused into 3-D parameters in transformers, are
+    exported one module per expert as the models' checkpoints store them. (Mixtral is left out of the GPTQModel
+    cases: qforge writes its original names, block_sparse_moe.experts.{e}.w1/w2/w3, as save_pretrained and vLLM's
+    Mixtral loader name them, while GPTQModel 7.6 requires its runtime names, mlp.experts.{e}.gate_proj/up_proj/
+    down_proj, and refuses them.)"""
     from tiny_models import tiny_model
 
     src = tmp_path / "src"
     tiny_model(model_type, seed=2).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True))
+    m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=fmt == "gptq"))
     m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
-    m.export(tmp_path / "gptq", "gptq")
-    ours = qforge_side(tmp_path / "gptq")
-    theirs = run_worker("gptqmodel-load", tmp_path / "gptq", tmp_path / "worker")
-    assert theirs[0]["packed"]                                   # GPTQModel's own packed linears
+    m.export(tmp_path / "packed", fmt)
+    n_packed = len(m.result.layers)
+    ours = qforge_side(tmp_path / "packed")
+    theirs = run_worker(task, tmp_path / "packed", tmp_path / "worker")
+    if task == "gptqmodel-load":
+        assert theirs[0]["packed"] >= n_packed                   # GPTQModel's own packed linears, every one
+    else:
+        assert theirs[0]["quant_method"] == "compressed-tensors"
     assert_same_model(ours, theirs)
 
 

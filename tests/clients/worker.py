@@ -65,8 +65,8 @@ def main(task: str, model_dir: str, out: str) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     if task == "gptqmodel-load":
         m = gptqmodel_torch_fp32(model_dir)
-        q_proj = m.model.model.layers[0].self_attn.q_proj
-        report(m.model, tok, out_dir, {"qlinear": type(q_proj).__name__, "packed": hasattr(q_proj, "qweight")})
+        packed = [type(mod).__name__ for mod in m.model.modules() if hasattr(mod, "qweight")]
+        report(m.model, tok, out_dir, {"qlinear": packed[0] if packed else "Linear", "packed": len(packed)})
     elif task == "transformers-ct":
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         report(m, tok, out_dir, {"quant_method": m.config.quantization_config.quant_method
