@@ -111,7 +111,7 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
 
 @pytest.mark.parametrize("model_type,task,fmt", [
     ("qwen3_moe", "gptqmodel-load", "gptq"),
-    ("phi3", "gptqmodel-load", "gptq"),                           # fused q|k|v and gate|up linears
+    ("phi3", "transformers-ct", "compressed-tensors"),            # fused q|k|v and gate|up linears
     ("deepseek_v3", "transformers-ct", "compressed-tensors"),     # MLA, a dense and a MoE block, shared experts
     ("qwen2_moe", "transformers-ct", "compressed-tensors"),       # shared expert, its gate left unquantized
 ])
@@ -121,7 +121,9 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     exported one module per expert as the models' checkpoints store them. (Mixtral is left out of the GPTQModel
     cases: qforge writes its original names, block_sparse_moe.experts.{e}.w1/w2/w3, as save_pretrained and vLLM's
     Mixtral loader name them, while GPTQModel 7.6 requires its runtime names, mlp.experts.{e}.gate_proj/up_proj/
-    down_proj, and refuses them.)"""
+    down_proj, and refuses them. Phi-3 likewise: GPTQModel 7.6 splits its fused gate_up_proj into gate_proj and
+    up_proj and wants those in the checkpoint; qforge writes the fused module as Phi-3's own checkpoints and
+    vLLM's Phi-3 loader have it, which transformers with compressed-tensors loads.)"""
     from tiny_models import tiny_model
 
     src = tmp_path / "src"
