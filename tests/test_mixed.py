@@ -223,6 +223,41 @@ def test_mixed_quantize_hits_the_budget_and_its_export_stores_exactly_that(fmt, 
     assert (tmp_path / "out" / "allocation.json").is_file() and (tmp_path / "out" / "allocation.png").is_file()
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe"])
+def test_mixed_precision_on_blocks_of_two_kinds(model_type, tiny_tokenizer, tmp_path):
+    """A dense first block and a MoE block with shared experts (and DeepSeek's latent attention): the measurement
+    covers each block's own linears, every expert included, and the packed export of the allocation loads back."""
+    src = tmp_path / model_type
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="gptq", bpw=3.5, measurement=str(tmp_path / "m.json"))
+    m = qforge.load(str(src), cfg)
+    m.quantize(samples())
+    alloc = m.result.allocation
+    spec = arch_spec(m.model)
+    blocks = get_blocks(m.model, spec)
+    want = {f"{spec.blocks}.{i}.{r.name}" for i, b in enumerate(blocks) for g in block_linears(b, spec) for r in g}
+    assert set(alloc.grids) == set(m.result.layers) == want
+    assert any(".experts." in n for n in want) and any(n.startswith(f"{spec.blocks}.0.mlp.gate_proj") for n in want)
+    assert alloc.bpw <= 3.5 and len(set(alloc.grids.values())) > 1
+    sizes = m.export(tmp_path / "x", "gptq")
+    assert sizes["bits_per_weight"] == pytest.approx(alloc.bpw, rel=1e-12)
+    back = qforge.load(tmp_path / "x")
+    assert {n: q.grid for n, q in back.result.layers.items() if ".experts." not in n} == \
+        {n: g for n, g in alloc.grids.items() if ".experts." not in n}
+    # a fused expert's gate/up is stored as two modules (two g_idx): the measurement costs it so, in either format
+    meas = load_measurement(tmp_path / "m.json")
+    name = next(n for n in meas["layers"] if n.endswith(".experts.gate_up_proj.0"))
+    d = meas["layers"][name]
+    rows = (d["shape"][0] // 2,) * 2
+    assert d["stored_rows"] == list(rows)
+    for fmt, m_ in (("gptq", meas), ("compressed-tensors", restate_costs(meas, "compressed-tensors"))):
+        for o in m_["layers"][name]["options"]:
+            grid = Grid(o["bits"], o["group_size"], o["sym"])
+            assert o["stored_bits"] == 2 * scheme_bits((rows[0], d["shape"][1]), grid, fmt) > \
+                scheme_bits(tuple(d["shape"]), grid, fmt)
+
+
 def test_a_measurement_serves_another_format_with_that_formats_costs(tiny_llama_dir, tmp_path):
     meas = tmp_path / "m.json"
     m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(meas)))   # gptq costs

@@ -35,7 +35,7 @@ from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
 from ..errors import QForgeError
 from ..utils.atomic import atomic_write_text
-from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
+from ..models.arch import arch_spec, block_linears, get_blocks, linear_name, named_block_linears
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats  # the statistics and solve the quantize pass uses
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
@@ -126,22 +126,33 @@ def measure_model(model, samples: list[torch.Tensor], out: str | Path, cfg: Quan
             raise QForgeError(f"{out} holds a measurement of other settings; remove it or choose another path")
     if data["blocks_done"] == len(blocks):
         return data
+    splits = stored_splits(model, spec, fmt)
     if weights is not None:
         _measure_streamed(model, weights, spec, samples, data, out, cfg, fmt, bits, device, batch_size, show_progress,
-                          probe_samples, probe_memory)
+                          probe_samples, probe_memory, splits)
         return data
     home = next(model.parameters()).device
     model.to(device)                        # the probes run every block after the measured one
     try:
         _measure_blocks(model, spec, blocks, samples, data, out, cfg, fmt, bits, device, batch_size, show_progress,
-                        probe_samples)
+                        probe_samples, splits)
     finally:
         model.to(home)
     return data
 
 
+def stored_splits(model, spec, fmt: str | None) -> dict[str, tuple[int, ...]]:
+    """{linear: row counts} of the linears a packed `fmt` export stores as several modules (a fused expert's gate/up
+    as its checkpoints' gate and up); none for qforge's own storage (fmt None), which keeps them whole."""
+    if fmt is None:
+        return {}
+    from ..models.checkpoint_keys import row_splits
+
+    return row_splits(model, list(named_block_linears(model, spec)))
+
+
 def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: QuantizeConfig, fmt, bits, device,
-                    batch_size: int, show_progress: bool, probe_samples: int) -> None:
+                    batch_size: int, show_progress: bool, probe_samples: int, splits: dict) -> None:
     """Measure the blocks from data["blocks_done"] on, writing `out` after each."""
     batches = make_batches(samples, batch_size)
     probe_batches = make_batches(samples[:max(1, probe_samples)], batch_size)
@@ -152,14 +163,15 @@ def _measure_blocks(model, spec, blocks, samples, data: dict, out: Path, cfg: Qu
                                                                        enabled=show_progress):
             if i >= data["blocks_done"]:
                 records = measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device,
-                                        lambda: probe.kl(i, probe_hidden))
+                                        lambda: probe.kl(i, probe_hidden), splits)
                 data["layers"].update({name: finish_layer(r) for name, r in records.items()})
                 data["blocks_done"] = i + 1
                 _write_atomic(out, data)
 
 
 def _measure_streamed(model, weights, spec, samples, data: dict, out: Path, cfg: QuantizeConfig, fmt, bits, device,
-                      batch_size: int, show_progress: bool, probe_samples: int, probe_memory: int) -> None:
+                      batch_size: int, show_progress: bool, probe_samples: int, probe_memory: int,
+                      splits: dict) -> None:
     """_measure_blocks for a skeleton model: mixed/streamed.py's sweeps, the file written after each span."""
     from .streamed import sweep_probes
 
@@ -168,7 +180,7 @@ def _measure_streamed(model, weights, spec, samples, data: dict, out: Path, cfg:
               for b in blocks]
 
     def visit(i, block, hidden, calls, probe):
-        return measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device, probe)
+        return measure_block(block, spec, i, hidden, calls, cfg, fmt, bits, device, probe, splits)
 
     def span_done(records: dict, kls: list[list[float]]) -> None:
         for recs in records.values():
@@ -181,10 +193,12 @@ def _measure_streamed(model, weights, spec, samples, data: dict, out: Path, cfg:
                  device, probe_memory, show_progress, desc="measure blocks")
 
 
-def measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, probe) -> dict:
+def measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, bits, device, probe,
+                  splits: dict | None = None) -> dict:
     """Every option of every linear of block `i`, whose inputs are `hidden`, as records for `finish_layer`:
     probe() is called with each probe scheme's Ŵ in the linear (the block otherwise unquantized) and returns
-    the KL, or a handle that finish_layer's `kl_of` turns into it once known (streamed: mixed/streamed.py)."""
+    the KL, or a handle that finish_layer's `kl_of` turns into it once known (streamed: mixed/streamed.py).
+    `splits`: {linear: row counts} of the linears `fmt` stores as several modules (stored_splits)."""
     groups = block_linears(block, spec)
     stats = one_pass_stats(GPTQSolver(device), block, groups, hidden, calls, device)
     records = {}
@@ -205,10 +219,12 @@ def measure_block(block, spec, i: int, hidden, calls, cfg: QuantizeConfig, fmt, 
                         probed[grid] = probe()
                     finally:
                         ref.set_weight(original)
-            records[linear_name(spec, i, ref.name)] = {
+            name = linear_name(spec, i, ref.name)
+            rows = (splits or {}).get(name)
+            records[name] = {
                 "shape": list(W.shape), "w_energy": max(_trace_form(W, H), 1e-30),   # tr(W H Wᵀ), rel_err's base
-                "abs_err": abs_err, "probed": probed,
-                "stored_bits": {grid: scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order) for grid in grids}}
+                "abs_err": abs_err, "probed": probed, **({"stored_rows": list(rows)} if rows else {}),
+                "stored_bits": {grid: scheme_bits(tuple(W.shape), grid, fmt, cfg.act_order, rows) for grid in grids}}
     return records
 
 
@@ -216,7 +232,7 @@ def finish_layer(record: dict, kl_of=float) -> dict:
     """A linear's entry in the measurement from measure_block's record; `kl_of` maps a probe's result to its KL."""
     kl = {grid: kl_of(h) for grid, h in record["probed"].items()}
     points = [(record["abs_err"][p], kl[p]) for p in kl]
-    return {"shape": record["shape"],
+    return {"shape": record["shape"], **{k: record[k] for k in ("stored_rows",) if k in record},
             "options": [{"bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
                          "stored_bits": record["stored_bits"][grid], "rel_err": e / record["w_energy"],
                          "err": kl[grid] if grid in kl else interpolate_loglog(e, points), "probed": grid in kl}

@@ -101,8 +101,9 @@ def restate_costs(measurement: dict, fmt: str | None) -> dict:
     layers = {}
     for n, d in measurement["layers"].items():
         shape = tuple(d["shape"])
+        rows = tuple(d["stored_rows"]) if "stored_rows" in d and fmt is not None else None
         options = [{**o, "stored_bits": scheme_bits(shape, Grid(o["bits"], o["group_size"], o["sym"]), fmt,
-                                                    bool(measurement.get("act_order")))}
+                                                    bool(measurement.get("act_order")), rows)}
                    for o in d["options"] if o["bits"] in FORMAT_BITS[fmt]]
         if not options:
             raise QForgeError(f"{n}: none of its measured widths can be stored as {fmt}")

@@ -36,8 +36,13 @@ def candidate_grids(in_features: int, fmt: str | None, bits: tuple[int, ...] | N
 
 
 @lru_cache(maxsize=4096)
-def scheme_bits(shape: tuple[int, int], grid: Grid, fmt: str | None, act_order: bool = False) -> int:
-    """Exact stored bits of a linear of `shape` [out, in] quantized with `grid` in `fmt`."""
+def scheme_bits(shape: tuple[int, int], grid: Grid, fmt: str | None, act_order: bool = False,
+                rows: tuple[int, ...] | None = None) -> int:
+    """Exact stored bits of a linear of `shape` [out, in] quantized with `grid` in `fmt`; `rows`: the row counts of
+    the modules `fmt` stores it as, when more than one (a fused expert's gate/up rows as its gate and up modules,
+    each with its own g_idx)."""
+    if rows is not None and len(rows) > 1:
+        return sum(scheme_bits((r, shape[1]), grid, fmt, act_order) for r in rows)
     out_f, in_f = shape
     G = grid.n_groups(in_f)
     q = LayerQuant(grid, torch.zeros(out_f, in_f, dtype=torch.uint8), torch.ones(out_f, G),

@@ -143,6 +143,15 @@ def to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
+def row_splits(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The linears among `names` that a checkpoint stores as several modules, with those modules' row counts in
+    order (a fused expert's gate/up: (I, I), its gate and up modules); stored_linears' cuts."""
+    parts: dict[str, list[tuple[int, int]]] = {}
+    for name, r0, r1 in stored_linears(model, names).values():
+        parts.setdefault(name, []).append((r0, r1))
+    return {n: tuple(r1 - r0 for r0, r1 in sorted(p)) for n, p in parts.items() if len(p) > 1}
+
+
 def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, int, int]]:
     """The modules a checkpoint stores the quantized linears `names` as (LayerQuant keys: module paths, or
     `<parent>.<param>.<e>` for one expert of a fused parameter): {stored module name: (linear name, first row,
