@@ -392,7 +392,8 @@ def test_tail_sub_modules_run_once_per_block(model_type):
     ran = {}
     for i, block in enumerate(blocks):
         for path in tails[i]:
-            block.get_submodule(path).register_forward_hook(lambda *a, key=(i, path): ran.update({key: ran.get(key, 0) + 1}))
+            block.get_submodule(path).register_forward_hook(
+                lambda *a, key=(i, path): ran.update({key: ran.get(key, 0) + 1}))
     _quantize_calibrated(m, spec, blocks, GPTQSolver(), Grid(3, 32, True), QuantizeConfig(method="gptq", bits=3,
                          group_size=32), ids, "cpu", 2, QuantizeResult(), False)
     # 3 batches, one full run each. Where a sub-module's output is not its last linear's (Bloom's attention and MLP

@@ -8,8 +8,8 @@ VOCAB = 512
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
-_MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-            kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
+_MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
 CONFIGS = {
     "llama": dict(_COMMON),
     "mistral": dict(_COMMON, sliding_window=64),
@@ -26,7 +26,8 @@ CONFIGS = {
     "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0),
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
-    "granite": dict(_COMMON, num_key_value_heads=4), "helium": dict(_COMMON, head_dim=16), "smollm3": dict(_NO_IDS), "ernie4_5": dict(_COMMON, head_dim=16),
+    "granite": dict(_COMMON, num_key_value_heads=4), "helium": dict(_COMMON, head_dim=16), "smollm3": dict(_NO_IDS),
+    "ernie4_5": dict(_COMMON, head_dim=16),
     "seed_oss": dict(_COMMON, head_dim=16), "stablelm": dict(_COMMON),
     "olmo": dict(_COMMON), "olmo2": dict(_COMMON), "exaone4": dict(_COMMON, head_dim=16),
     "cohere": dict(_COMMON), "cohere2": dict(_COMMON, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
@@ -61,7 +62,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     # float buffers too: DeepSeek's router bias)
     with torch.no_grad():
         state = model.state_dict()
-        for p in list(model.parameters()) + [b for n, b in model.named_buffers() if n in state and b.is_floating_point()]:
+        buffers = [b for n, b in model.named_buffers() if n in state and b.is_floating_point()]
+        for p in list(model.parameters()) + buffers:
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
 

@@ -8,48 +8,39 @@ from __future__ import annotations
 from .archspec import ArchSpec, SmoothMapping
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+# the mappings most families share
+_NORM_QKV = SmoothMapping("input_layernorm", _ATTN)
+_V_O = SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",))
+_UP_DOWN = SmoothMapping("mlp.up_proj", ("mlp.down_proj",))
+_EXPERTS_UP_DOWN = SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half")
+
 _LLAMA = ArchSpec(
     blocks="model.layers",
-    groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
-    ),
+    groups=(_ATTN, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",)),
+    smooth=(_NORM_QKV, _V_O, SmoothMapping("post_attention_layernorm", _GATE_UP), _UP_DOWN),
 )
 # Gemma 2/3 put extra norms around attention and MLP: the norm that feeds the MLP is pre_feedforward_layernorm
-_GEMMA2 = ArchSpec(
-    blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-)
+_GEMMA2 = ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
+                   smooth=(_NORM_QKV, _V_O, SmoothMapping("pre_feedforward_layernorm", _GATE_UP), _UP_DOWN))
 
 # transformers 5 MoE blocks: experts fused into [experts, 2·I, in] gate/up and [experts, out, I] down parameters,
 # the router `mlp.gate` reads the same input as the experts
 _MOE = ArchSpec(
     blocks="model.layers",
     groups=(_ATTN, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
-    smooth=(
-        SmoothMapping("input_layernorm", _ATTN),
-        SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",), balance=("mlp.gate",)),
-        SmoothMapping("mlp.experts.gate_up_proj", ("mlp.experts.down_proj",), prev_rows="up_half"),
-    ),
+    smooth=(_NORM_QKV, _V_O, SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",),
+                                           balance=("mlp.gate",)), _EXPERTS_UP_DOWN),
 )
 
 # OLMo, OLMo 2, EXAONE 4: the block input reaches attention and MLP without a (weighted) norm
-_NO_PRE_NORM = ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=(_LLAMA.smooth[1], _LLAMA.smooth[3]))
+_NO_PRE_NORM = ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=(_V_O, _UP_DOWN))
 
 # Cohere: attention and MLP run in parallel on one normed input, so q/k/v/gate/up read one tensor
 _PARALLEL_LLAMA = ArchSpec(
     blocks="model.layers",
-    groups=(_ATTN + ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",), ("mlp.down_proj",)),
-    smooth=(SmoothMapping("input_layernorm", _ATTN + ("mlp.gate_proj", "mlp.up_proj")),) + _LLAMA.smooth[1::2],
+    groups=(_ATTN + _GATE_UP, ("self_attn.o_proj",), ("mlp.down_proj",)),
+    smooth=(SmoothMapping("input_layernorm", _ATTN + _GATE_UP), _V_O, _UP_DOWN),
 )
 
 
@@ -58,7 +49,7 @@ def _up_down(norm_plus_one: bool = False, attention_norm: str = "input_layernorm
     return ArchSpec(
         blocks="model.layers", norm_plus_one=norm_plus_one,
         groups=(_ATTN, ("self_attn.o_proj",), ("mlp.up_proj",), ("mlp.down_proj",)),
-        smooth=(SmoothMapping(attention_norm, _ATTN), _LLAMA.smooth[1], SmoothMapping(mlp_norm, ("mlp.up_proj",))),
+        smooth=(SmoothMapping(attention_norm, _ATTN), _V_O, SmoothMapping(mlp_norm, ("mlp.up_proj",))),
     )
 
 
@@ -66,15 +57,16 @@ def _up_down(norm_plus_one: bool = False, attention_norm: str = "input_layernorm
 _FUSED_GATE_UP = ArchSpec(
     blocks="model.layers",
     groups=(_ATTN, ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-    smooth=_LLAMA.smooth[:2] + (SmoothMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
-                                SmoothMapping("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="up_half")),
+    smooth=(_NORM_QKV, _V_O, SmoothMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+            SmoothMapping("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="up_half")),
 )
 # Phi-3: q|k|v fused too (rows q, then k, then v: v -> o_proj folds only with as many kv heads as heads)
 _FUSED = ArchSpec(
     blocks="model.layers",
     groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     smooth=(SmoothMapping("input_layernorm", ("self_attn.qkv_proj",)),
-            SmoothMapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_rows="v_third")) + _FUSED_GATE_UP.smooth[2:],
+            SmoothMapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_rows="v_third"))
+    + _FUSED_GATE_UP.smooth[2:],
 )
 
 # DeepSeek's multi-head latent attention: q (low-rank q_a -> norm -> q_b, or one q_proj) and the compressed
@@ -104,10 +96,10 @@ def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
         optional=frozenset(n for g in dense + sh + routed for n in g) | (
             frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
         fp_linears=(shared_gate,) if shared_gate else (),
-        smooth=(_MLA_SMOOTH if mla else _LLAMA.smooth[:2]) + _LLAMA.smooth[2:] + (
+        smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + _LLAMA.smooth[2:] + (
             SmoothMapping("post_attention_layernorm", routed[0] + sh[0],
                           balance=("mlp.gate",) + ((shared_gate,) if shared_gate else ())),
-            _MOE.smooth[3],
+            _EXPERTS_UP_DOWN,
             SmoothMapping(sh[0][1], sh[1]),
         ),
     )
@@ -199,12 +191,11 @@ ARCHS: dict[str, ArchSpec] = {
         blocks="model.layers",
         groups=(_ATTN, ("self_attn.o_proj",), ("block_sparse_moe.experts.gate_up_proj",),
                 ("block_sparse_moe.experts.down_proj",)),
-        smooth=_LLAMA.smooth[:2] + (
-            SmoothMapping("post_attention_layernorm", ("block_sparse_moe.experts.gate_up_proj",),
-                          balance=("block_sparse_moe.router",)),
-            SmoothMapping("block_sparse_moe.experts.gate_up_proj", ("block_sparse_moe.experts.down_proj",),
-                          prev_rows="up_half"),
-        ),
+        smooth=(_NORM_QKV, _V_O,
+                SmoothMapping("post_attention_layernorm", ("block_sparse_moe.experts.gate_up_proj",),
+                              balance=("block_sparse_moe.router",)),
+                SmoothMapping("block_sparse_moe.experts.gate_up_proj", ("block_sparse_moe.experts.down_proj",),
+                              prev_rows="up_half")),
     ),
     "phimoe": ArchSpec(blocks=_MOE.blocks, groups=_MOE.groups, fp_linears=("mlp.router",),   # router is an nn.Linear
                        smooth=tuple(SmoothMapping(m.prev, m.linears, ("mlp.router",) if m.balance else (), m.prev_rows)
