@@ -5,7 +5,8 @@ from torch import nn
 from qforge import QForgeError, QuantizeConfig
 from qforge.capture import capture_block_inputs, run_block
 from qforge.capture.blocks import make_batches
-from qforge.models.arch import ARCHS, arch_spec, block_linears, get_blocks, linear_ref, untracked_linears
+from qforge.models.arch import (ARCHS, ArchSpec, SmoothMapping, arch_spec, block_linears, get_blocks, linear_ref,
+                                 untracked_linears)
 from qforge.pipeline import quantize_model
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -79,5 +80,28 @@ def test_unknown_architecture_names_what_to_add():
         class config:  # noqa: N801
             model_type = "weirdformer"
 
-    with pytest.raises(QForgeError, match=r"weirdformer.*qforge/models/arch.py"):
+    with pytest.raises(QForgeError, match=r"weirdformer.*qforge/models/families.py"):
         arch_spec(Weird())
+
+
+def test_a_table_entry_naming_unknown_linears_is_refused():
+    with pytest.raises(QForgeError, match="mlp.missing"):
+        ArchSpec(blocks="model.layers", groups=(("self_attn.q_proj",),), optional=frozenset({"mlp.missing"}))
+    with pytest.raises(QForgeError, match="mlp.down_proj"):
+        ArchSpec(blocks="model.layers", groups=(("mlp.up_proj",),),
+                 smooth=(SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),))
+
+
+def test_blocks_of_two_kinds_each_get_their_own_linears():
+    """DeepSeek V3's first block is dense, the next MoE with shared experts: each resolves the table's optional
+    names it holds; a required name a block lacks is still an error."""
+    m = tiny_model("deepseek_v3")
+    spec = arch_spec(m)
+    dense, moe = (block_linears(b, spec) for b in get_blocks(m, spec))
+    names = [{r.name for g in groups for r in g} for groups in (dense, moe)]
+    assert {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} <= names[0] and not any("expert" in n for n in names[0])
+    assert "mlp.gate_proj" not in names[1] and {"mlp.shared_experts.down_proj", "mlp.experts.down_proj.3"} <= names[1]
+    assert len(dense) < len(moe)                                     # the empty expert groups dropped
+    del get_blocks(m, spec)[1].self_attn.kv_b_proj
+    with pytest.raises(QForgeError, match="kv_b_proj"):
+        block_linears(get_blocks(m, spec)[1], spec)

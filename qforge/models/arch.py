@@ -26,7 +26,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     if spec is None:
         raise QForgeError(
             f"architecture {model_type!r} ({type(model).__name__}) is not supported yet. "
-            f"Add an ArchSpec entry for {model_type!r} to ARCHS in qforge/models/arch.py: the path of "
+            f"Add an ArchSpec entry for {model_type!r} to ARCHS in qforge/models/families.py: the path of "
             f"its decoder-block ModuleList and its linear layers in execution order. "
             f"Supported: {', '.join(sorted(ARCHS))}."
         )
@@ -104,7 +104,7 @@ def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
     if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
         raise QForgeError(
             f"the architecture table names {name!r} as a linear, but the block "
-            f"({type(block).__name__}) has no such 2-D weight; fix its entry in qforge/models/arch.py"
+            f"({type(block).__name__}) has no such 2-D weight; fix its entry in qforge/models/families.py"
         )
     return [LinearRef(name, module)]
 
