@@ -179,39 +179,13 @@ def test_fused_qkv_folds_into_v_only_without_grouped_kv_heads():
 
 
 def test_mapping_that_does_not_fit_is_skipped_with_a_log_line(caplog):
-    m = tiny_model("phi3", num_key_value_heads=2)      # fused q|k|v with grouped kv heads: its v third is not o's input
+    m = tiny_model("llama")                            # GQA: v_proj has 32 outputs, o_proj reads 64
     spec = arch_spec(m)
     inputs = capture_block_inputs(m, spec, make_batches(ids(2), 2))
     with caplog.at_level(logging.INFO, logger="qforge.smoothing.awq_search"):
         r = awq_block(get_blocks(m, spec)[0], spec, inputs.hidden, inputs.for_block(0), Grid(4, 32, False), n_grid=3)
-    assert "self_attn.qkv_proj" not in r.scales and "input_layernorm" in r.scales
-    assert any("qkv_proj" in rec.message and "skipped" in rec.message for rec in caplog.records)
-
-
-def test_grouped_query_v_to_o_scales_are_tied_per_kv_head():
-    """Llama with 4 heads on 2 kv heads: v_proj has 32 rows, o_proj reads 64 columns, query heads 2k and 2k+1
-    read kv head k. The fold ties s across those columns (one value per v row), so the model is unchanged."""
-    m = tiny_model("llama")
-    block = get_blocks(m, arch_spec(m))[0]
-    refs = [r for g in block_linears(block, arch_spec(m)) for r in g]
-    units, why = mapping_units(block, SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)), refs)
-    assert why is None and units[0].rows_of is not None
-    x = torch.stack(ids(2, 16))
-    with torch.no_grad():
-        before = m(input_ids=x).logits
-    V, O = block.self_attn.v_proj.weight.detach().clone(), block.self_attn.o_proj.weight.detach().clone()
-    s = torch.rand(64, generator=torch.Generator().manual_seed(0)) + 0.5
-    fold_scales(block, units[0], s, norm_plus_one=False)
-    ratio = (block.self_attn.o_proj.weight / O)[0]                       # the tied s per o_proj column
-    hd = 16
-    for h in range(4):
-        torch.testing.assert_close(ratio[h * hd:(h + 1) * hd], ratio[(h // 2) * 2 * hd:((h // 2) * 2 + 1) * hd])
-        torch.testing.assert_close(V[(h // 2) * hd:(h // 2 + 1) * hd] / block.self_attn.v_proj.weight[(h // 2) * hd:
-                                   (h // 2 + 1) * hd], ratio[h * hd:(h + 1) * hd, None].expand(-1, 64))
-    assert not torch.allclose(ratio, s)                                  # tied: not s itself
-    with torch.no_grad():
-        after = m(input_ids=x).logits
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert "self_attn.v_proj" not in r.scales and "input_layernorm" in r.scales
+    assert any("v_proj" in rec.message and "skipped" in rec.message for rec in caplog.records)
 
 
 def test_mixtral_experts_get_router_balanced_and_per_expert_scales():

@@ -116,7 +116,7 @@ def _search(block, u: FoldUnit, X, keys, store, quant, n_grid, duo_scaling, grid
     if u.parent is None:                                 # one linear: its own output error, from its inputs
         xs, W = X[keys[u.lins[0].name]], originals[0].float()
         y = xs @ W.T
-    candidates = [(i / n_grid, u.tied(awq_scales(x_mag, w_mag, i / n_grid))[0]) for i in range(n_grid)]
+    candidates = [(i / n_grid, awq_scales(x_mag, w_mag, i / n_grid)) for i in range(n_grid)]
     best = (float("inf"), 0.0, torch.ones_like(x_mag))
     for alpha, s in candidates + ([(-1.0, torch.ones_like(x_mag))] if identity else []):
         if u.parent is None:

@@ -5,9 +5,7 @@ column j multiplied by s[j], so the block computes the same function. prev is a 
 divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1), a linear (rows divided; of a
 fused gate/up linear only the up half, of a fused q/k/v linear only the v third), or a fused-experts
 gate/up parameter [experts, 2·I, in] whose up half feeds down_proj through act(gate) · up — one unit
-(one s) per expert, only the up rows divided. Under grouped-query attention v_proj has fewer rows than o_proj
-has input columns: each v head feeds num_heads / num_kv_heads query heads' columns, so s is tied across
-them (one value per v row, the geometric mean of the columns' values; `FoldUnit.tied`). A mapping's `balance` modules
+(one s) per expert, only the up rows divided. A mapping's `balance` modules
 (MoE routers) read prev's output too: their input columns are multiplied by s, they are never quantized.
 """
 from __future__ import annotations
@@ -36,18 +34,6 @@ class FoldUnit:
     balance: list[LinearRef]
     parent: str | None
     expert: int | None = None       # per-expert unit: prev's rows are the up half of this expert's gate/up
-    rows_of: torch.Tensor | None = None   # [in] the prev row each input column reads (grouped-query v -> o)
-
-    def tied(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s over the linears' input columns, s over prev's rows): equal unless columns share a row, whose
-        columns then get one value, the geometric mean of theirs."""
-        if self.rows_of is None:
-            return s, s
-        idx = self.rows_of.to(s.device)
-        n = int(idx.max()) + 1
-        log_rows = torch.zeros(n, dtype=torch.float32, device=s.device).index_add_(0, idx, s.float().log())
-        rows = (log_rows / torch.bincount(idx, minlength=n)).exp().to(s.dtype)
-        return rows[idx], rows
 
 
 def _mapped(refs: list[LinearRef], names: tuple[str, ...]) -> list[LinearRef]:
@@ -96,9 +82,6 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
         return [], f"the block has no module {mapping.prev} with a weight"
     width = w.shape[0] if w.dim() == 2 else w.shape[-1]
     parts = PREV_ROWS[mapping.prev_rows]
-    rows_of = _kv_groups(block, mapping.prev, width, lins[0].shape[1]) if parts == 1 and w.dim() == 2 else None
-    if rows_of is not None:
-        width = lins[0].shape[1]
     if parts > 1:                                        # the linears read the last of `parts` equal row ranges
         if w.dim() != 2 or width != parts * lins[0].shape[1]:
             return [], f"{mapping.prev} has {width} output channels, not {parts} x the {lins[0].shape[1]} " \
@@ -108,25 +91,12 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
         return [], f"{mapping.prev} has {width} output channels, the linears read {lins[0].shape[1]}"
     parent = None if len(lins) == 1 and not balance else \
         _parent_path(block, [r.name for r in lins] + list(mapping.balance))
-    return [FoldUnit(mapping.prev, mapping, lins, balance, parent, rows_of=rows_of)], None
-
-
-def _kv_groups(block: nn.Module, prev: str, rows: int, columns: int) -> torch.Tensor | None:
-    """When `prev` is the v projection of a grouped-query attention module (its head_dim and
-    num_key_value_groups say so) and the linears read `columns` = groups x `rows` channels: the v row each column
-    reads (query head h uses kv head h // groups, as transformers' repeat_kv lays them out); else None."""
-    attn = submodule_or_none(block, prev.rpartition(".")[0])
-    hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
-    if not isinstance(hd, int) or not isinstance(groups, int) or groups < 2 or rows % hd or columns != groups * rows:
-        return None
-    c = torch.arange(columns)
-    return (c // hd // groups) * hd + c % hd
+    return [FoldUnit(mapping.prev, mapping, lins, balance, parent)], None
 
 
 @torch.no_grad()
 def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one: bool) -> None:
     prev_path = unit.mapping.prev
-    s, s_rows = unit.tied(s)
     if unit.expert is not None:                          # the up half of one expert's fused gate/up rows
         p = _fused_param(block, prev_path)
         half = p.shape[1] // 2
@@ -134,7 +104,7 @@ def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one
     else:
         prev = block.get_submodule(prev_path)
         w = prev.weight
-        s_ = s_rows.to(w.device)
+        s_ = s.to(w.device)
         if w.dim() == 2:                                 # a linear: scale its output rows (the last s.numel())
             w = w[w.shape[0] - s_.numel():]
             w.div_(s_.to(w.dtype).unsqueeze(1))
