@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import qforge
 from qforge import QForgeError, QuantizeConfig
@@ -163,9 +162,7 @@ def test_fused_qkv_folds_into_v_only_without_grouped_kv_heads():
     those rows (the function is unchanged: test_folded_scales_...); with grouped kv heads it does not fit."""
     mapping = SmoothMapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_rows="v_third")
     for kv_heads, fits in ((4, True), (2, False)):
-        torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi3", **dict(CONFIGS["phi3"],
-                                                                                 num_key_value_heads=kv_heads)))
+        m = tiny_model("phi3", num_key_value_heads=kv_heads)
         block = get_blocks(m, arch_spec(m))[0]
         refs = [r for g in block_linears(block, arch_spec(m)) for r in g]
         units, why = mapping_units(block, mapping, refs)

@@ -87,20 +87,18 @@ class LinearRef:
         return f"LinearRef({self.name}, {self.shape[0]}x{self.shape[1]})"
 
 
-def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
+def _owner(block: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """The module holding dotted attribute `name` of `block` (None when there is none) and the attribute's name."""
     path, _, leaf = name.rpartition(".")
-    try:
-        parent = block.get_submodule(path) if path else block
-    except AttributeError:
-        parent = None
-    if parent is not None and isinstance(getattr(parent, leaf, None), nn.Parameter):
-        p = getattr(parent, leaf)
-        if p.dim() == 3:  # fused experts
-            return [LinearRef(f"{name}.{e}", parent, leaf, e) for e in range(p.shape[0])]
-    try:
-        module = block.get_submodule(name)
-    except AttributeError:
-        module = None
+    return (submodule_or_none(block, path) if path else block), leaf
+
+
+def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
+    parent, leaf = _owner(block, name)
+    p = getattr(parent, leaf, None) if parent is not None else None
+    if isinstance(p, nn.Parameter) and p.dim() == 3:  # fused experts
+        return [LinearRef(f"{name}.{e}", parent, leaf, e) for e in range(p.shape[0])]
+    module = submodule_or_none(block, name)
     if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
         raise QForgeError(
             f"the architecture table names {name!r} as a linear, but the block "
@@ -110,8 +108,7 @@ def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
 
 
 def _holds(block: nn.Module, name: str) -> bool:
-    path, _, leaf = name.rpartition(".")
-    parent = submodule_or_none(block, path) if path else block
+    parent, leaf = _owner(block, name)
     return parent is not None and getattr(parent, leaf, None) is not None
 
 

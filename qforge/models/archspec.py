@@ -41,7 +41,6 @@ class SmoothMapping:
                               f"not {self.prev_rows!r}")
 
 
-
 @dataclass(frozen=True)
 class ArchSpec:
     blocks: str                          # dotted path of the decoder-block ModuleList in the CausalLM

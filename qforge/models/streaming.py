@@ -144,7 +144,8 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
     for k in loader.outside_keys:
         check_finite_tensors(files.read([k], dtype=None).items())     # as stored: no fp32 copy
     for block in get_blocks(model, loader.spec):  # persistent buffers the skeleton made (DeepSeek's router bias)
-        BlockLoader.release(block)                # come from the checkpoint too, block by block
+        if BlockLoader.materialized(block):       # come from the checkpoint too, block by block
+            BlockLoader.release(block)
     return_freed_memory()
     log.info("streaming %s: %d blocks read one at a time", where, len(get_blocks(model, loader.spec)))
     from .gguf import source_types

@@ -36,9 +36,14 @@ class FoldUnit:
     expert: int | None = None       # per-expert unit: prev's rows are the up half of this expert's gate/up
 
 
+def _table_name(r: LinearRef) -> str:
+    """The name the table gives `r`: a plain linear's, or a fused expert's parameter path."""
+    return r.name if r.expert is None else r.name.rpartition(".")[0]
+
+
 def _mapped(refs: list[LinearRef], names: tuple[str, ...]) -> list[LinearRef]:
-    """The refs a mapping names: plain linears by name, fused experts by their parameter's path."""
-    return [r for r in refs if (r.name if r.expert is None else r.name.rpartition(".")[0]) in names]
+    """The refs a mapping names."""
+    return [r for r in refs if _table_name(r) in names]
 
 
 def _parent_path(block: nn.Module, names: list[str]) -> str:
@@ -60,7 +65,7 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
     lins = _mapped(refs, mapping.linears)
     if not lins:
         return [], "its linears are not in the block"
-    missing = set(mapping.linears) - {r.name if r.expert is None else r.name.rpartition(".")[0] for r in lins}
+    missing = set(mapping.linears) - {_table_name(r) for r in lins}
     if missing:
         return [], f"the block lacks {', '.join(sorted(missing))}"
     balance = []
