@@ -301,6 +301,9 @@ def test_cli_quantize_with_format_export_and_generate(tiny_llama_dir, tmp_path, 
     capsys.readouterr()
     assert main(["-q", "generate", str(tmp_path / "awq"), "--prompt", "def main", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["-q", "generate", str(tmp_path / "awq"), "--prompt", "def main", "--max-new-tokens", "5",
+                 "--dtype", "bfloat16"]) == 0                       # the CPU int4 matmul's dtype
+    assert capsys.readouterr().out.strip()
     assert main(["-q", "eval", str(tmp_path / "run-gptq"), "--dataset", "code", "--seqlen", "64",
                  "--max-windows", "2"]) == 0
     assert "perplexity of" in capsys.readouterr().out

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype; packed 4-bit layers decode through PyTorch's int4 matmul on a CPU in "
+                        "bfloat16")
     p.add_argument("--tune-kernels", action="store_true",
                    help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
     p.add_argument("--kernel-picks", metavar="FILE", help="with --tune-kernels: earlier picks to reuse, saved back")
@@ -517,7 +520,7 @@ def cmd_generate(a) -> int:
 
     m = qforge.load(a.model)
     tuner = qforge.tune_kernels(m.model, a.device, a.kernel_picks) if a.tune_kernels else None
-    m.model.to(a.device)
+    m.model.to(a.device, getattr(torch, a.dtype))
     tok = m.tokenizer
     if a.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,

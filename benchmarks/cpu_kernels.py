@@ -1,0 +1,160 @@
+"""4-bit packed layers on a CPU: PyTorch's int4 weight-only matmul (kernels/cpu_int4.py) against the dense
+matmul and the reference (unpack and dequantize per call), per layer and for decoding a whole model.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--only layers|decode]
+
+1. Layers: SmolLM2-135M's shapes and Llama-3-8B's, batch 1-256, bf16 and fp32 activations, random codes
+   (W4 g64 asym; 4096-wide ones g128): median ms, the layer's weight bytes per ms (GB/s), speed-up over the
+   dense matmul in the same dtype.
+2. Decoding: SmolLM2-135M quantized (RTN W4 g64 asym; the solver does not change the layout) and exported as
+   gptq, loaded back (qforge.load): greedy decode tokens/s with a static KV cache, prefill time of a 512-token
+   window, wiki ppl of the first windows of 512 (not the protocol's) and their KLD and top-1 agreement against
+   the packed model run in fp32, and the bytes the linears hold.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LAYERS = [("SmolLM2 q/o", 576, 576, 64), ("SmolLM2 gate/up", 1536, 576, 64), ("SmolLM2 down", 576, 1536, 64),
+          ("8B q/o", 4096, 4096, 128), ("8B gate/up", 14336, 4096, 128), ("8B down", 4096, 14336, 128)]
+
+
+def median_ms(fn, budget_s: float = 0.4, min_reps: int = 3) -> float:
+    fn()                                                                   # warm-up (and int4 preparation)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def layer_table(batches, dtypes) -> None:
+    from qforge.cli.table import format_table
+    from qforge.kernels import QuantLinear, cpu_int4, matmul_reference
+    from qforge.solvers import Grid, LayerQuant
+
+    rows = []
+    for name, N, K, group in LAYERS:
+        g = torch.Generator().manual_seed(N + K)
+        grid = Grid(4, group, False)
+        G = grid.n_groups(K)
+        q = LayerQuant(grid, torch.randint(0, 16, (N, K), generator=g).to(torch.uint8),
+                       torch.rand(N, G, generator=g) * 0.01 + 1e-3, torch.randint(0, 16, (N, G), generator=g).float(),
+                       torch.arange(K, dtype=torch.int32) // group, info={})
+        W, lin = q.dequantize(), QuantLinear.from_quant(q)
+        packed = (lin.qweight, lin.qzeros, lin.scales, lin.g_idx, 4)
+        for dtype in dtypes:
+            Wd, w4 = W.to(dtype), cpu_int4.prepare(*packed[:4], dtype)
+            int4_bytes = w4.packed.nbytes + w4.scales_and_zeros.nbytes                # codes + (s, z_f)
+            for M in batches:
+                x = torch.randn(M, K, generator=g).to(dtype)
+                slow = M > 16 and N * K > 1e7                 # the reference (and fp32 int4) would take minutes
+                with torch.no_grad():
+                    dense = median_ms(lambda: torch.nn.functional.linear(x, Wd))
+                    t4 = median_ms(lambda: cpu_int4.int4_matmul(x, w4)) \
+                        if dtype == torch.bfloat16 or M == 1 else float("nan")
+                    tref = median_ms(lambda: matmul_reference(x, *packed)) if not slow else float("nan")
+                rows.append([name, f"{N}x{K}", str(dtype).split(".")[1], M, dense, tref, t4,
+                             Wd.numel() * Wd.element_size() / dense / 1e6, int4_bytes / t4 / 1e6, dense / t4])
+                print(rows[-1], flush=True)
+    print(format_table(["layer", "out x in", "dtype", "batch", "dense ms", "reference ms", "int4 ms",
+                        "dense GB/s", "int4 GB/s", "int4 speed-up"], rows,
+                       title=f"CPU linear layers, W4 asym, {torch.get_num_threads()} threads (reference: unpack "
+                             f"per call; nan: not timed, seconds per call)"))
+
+
+def _linear_bytes(model) -> int:
+    from qforge.kernels import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            held = [m.qweight, m.qzeros, m.scales, m.g_idx, m._w_cache]
+            if m._int4:
+                held += [m._int4.packed, m._int4.scales_and_zeros]
+            total += sum(t.numel() * t.element_size() for t in held if t is not None)
+        elif isinstance(m, torch.nn.Linear) and m.weight is not getattr(model.get_input_embeddings(), "weight", None):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+# (label, QuantLinear.cache, QuantLinear.cpu_kernel, dtypes it applies to); qforge.load's default is cache and kernel
+PACKED = [("packed, reference (unpack per call)", False, False, (torch.float32, torch.bfloat16)),
+          ("packed, dense cache", True, False, (torch.float32, torch.bfloat16)),
+          ("packed, int4 kernel", False, True, (torch.bfloat16,)),
+          ("packed, int4 kernel + dense cache for prefill (default)", True, True, (torch.bfloat16,))]
+
+
+def _windows(tok, n: int) -> torch.Tensor:
+    from qforge.eval import load_eval_text
+
+    ids = tok(load_eval_text("wiki"), return_tensors="pt")["input_ids"][0]
+    return ids[: n * 512].view(n, 512)
+
+
+def decode_table(steps: int, dtypes, windows: int) -> None:
+    import qforge
+    from qforge.cli.table import format_table
+    from qforge.eval.decode import greedy_decode
+    from qforge.kernels import QuantLinear
+
+    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=False))
+        m.quantize(None)
+        m.export(Path(d) / "gptq", "gptq")
+        wiki = _windows(m.tokenizer, windows)
+        with torch.no_grad():                 # what every variant is compared with: the packed model in fp32
+            truth = torch.log_softmax(qforge.load(Path(d) / "gptq").model(input_ids=wiki).logits.float(), -1)
+        for dtype in dtypes:
+            variants = [("dense (fake-quant weights)", m.model.to(dtype))]
+            for label, cache, kernel, applies in PACKED:
+                if dtype not in applies:
+                    continue
+                packed = qforge.load(Path(d) / "gptq").model.to(dtype)
+                for mod in packed.modules():
+                    if isinstance(mod, QuantLinear):
+                        mod.cache, mod.cpu_kernel = cache, kernel
+                variants.append((label, packed))
+            for label, model in variants:
+                with torch.no_grad():
+                    r = greedy_decode(model, prompt, steps)
+                    prefill = median_ms(lambda: model(input_ids=wiki[:1], use_cache=False), min_reps=2)
+                    lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
+                nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
+                kld = (truth.exp() * (truth - lp)).sum(-1).mean()
+                top1 = (truth.argmax(-1) == lp.argmax(-1)).float().mean()
+                rows.append([str(dtype).split(".")[1], label, r.tokens_per_s, prefill, float(nll.exp()), f"{float(kld):.2e}",
+                             float(top1), _linear_bytes(model) / 1e6])
+                print(rows[-1], flush=True)
+            variants.clear()
+    print(format_table(["dtype", "model", "decode tokens/s", "prefill 512 ms", f"wiki ppl ({windows} x 512)",
+                        "KLD vs fp32 packed", "top-1 agreement", "linears MB"], rows,
+                       title=f"SmolLM2-135M W4 g64 asym (gptq export), greedy decode of {steps} tokens after 32, "
+                             f"{torch.get_num_threads()} threads"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 16, bf16 only, 16 decode steps, 2 ppl windows")
+    ap.add_argument("--only", choices=["layers", "decode"], help="one of the two tables")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
+    if a.only != "decode":
+        layer_table([1, 16] if a.quick else [1, 4, 8, 16, 64, 256], dtypes)
+    if a.only != "layers":
+        decode_table(16 if a.quick else 64, dtypes, 2 if a.quick else 8)
+
+
+if __name__ == "__main__":
+    main()
