@@ -1,11 +1,11 @@
-"""4-bit packed layers on a CPU: PyTorch's int4 weight-only matmul (kernels/cpu_int4.py) against the dense
+"""Packed layers on a CPU: PyTorch's weight-only int4 and int8 matmuls (kernels/cpu_matmul.py) against the dense
 matmul and the reference (unpack and dequantize per call), per layer and for decoding a whole model.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--only layers|decode]
 
 1. Layers: SmolLM2-135M's shapes and Llama-3-8B's, batch 1-256, bf16 and fp32 activations, random codes
-   (W4 g64 asym; 4096-wide ones g128): median ms, the layer's weight bytes per ms (GB/s), speed-up over the
-   dense matmul in the same dtype.
+   (W4 g64 asym, 4096-wide ones g128; W8 per-channel asym, bf16 and up to 16 rows): median ms, the bytes each
+   path holds per ms (GB/s), speed-up over the dense matmul in the same dtype.
 2. Decoding: SmolLM2-135M quantized (RTN W4 g64 asym; the solver does not change the layout) and exported as
    gptq, loaded back (qforge.load): greedy decode tokens/s with a static KV cache, prefill time of a 512-token
    window, wiki ppl of the first windows of 512 (not the protocol's) and their KLD and top-1 agreement against
@@ -36,39 +36,45 @@ def median_ms(fn, budget_s: float = 0.4, min_reps: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
+def _random_layer(N: int, K: int, bits: int, group: int):
+    from qforge.solvers import Grid, LayerQuant
+
+    g = torch.Generator().manual_seed(N + K + bits)
+    grid = Grid(bits, group, False)
+    G, top = grid.n_groups(K), 1 << bits
+    return LayerQuant(grid, torch.randint(0, top, (N, K), generator=g).to(torch.uint8),
+                      torch.rand(N, G, generator=g) * 0.01 + 1e-3, torch.randint(0, top, (N, G), generator=g).float(),
+                      torch.arange(K, dtype=torch.int32) // grid.group_len(K), info={})
+
+
 def layer_table(batches, dtypes) -> None:
     from qforge.cli.table import format_table
-    from qforge.kernels import QuantLinear, cpu_int4, matmul_reference
-    from qforge.solvers import Grid, LayerQuant
+    from qforge.kernels import QuantLinear, cpu_matmul, matmul_reference
 
     rows = []
     for name, N, K, group in LAYERS:
-        g = torch.Generator().manual_seed(N + K)
-        grid = Grid(4, group, False)
-        G = grid.n_groups(K)
-        q = LayerQuant(grid, torch.randint(0, 16, (N, K), generator=g).to(torch.uint8),
-                       torch.rand(N, G, generator=g) * 0.01 + 1e-3, torch.randint(0, 16, (N, G), generator=g).float(),
-                       torch.arange(K, dtype=torch.int32) // group, info={})
-        W, lin = q.dequantize(), QuantLinear.from_quant(q)
-        packed = (lin.qweight, lin.qzeros, lin.scales, lin.g_idx, 4)
-        for dtype in dtypes:
-            Wd, w4 = W.to(dtype), cpu_int4.prepare(*packed[:4], dtype)
-            int4_bytes = w4.packed.nbytes + w4.scales_and_zeros.nbytes                # codes + (s, z_f)
-            for M in batches:
-                x = torch.randn(M, K, generator=g).to(dtype)
-                slow = M > 16 and N * K > 1e7                 # the reference (and fp32 int4) would take minutes
-                with torch.no_grad():
-                    dense = median_ms(lambda: torch.nn.functional.linear(x, Wd))
-                    t4 = median_ms(lambda: cpu_int4.int4_matmul(x, w4)) \
-                        if dtype == torch.bfloat16 or M == 1 else float("nan")
-                    tref = median_ms(lambda: matmul_reference(x, *packed)) if not slow else float("nan")
-                rows.append([name, f"{N}x{K}", str(dtype).split(".")[1], M, dense, tref, t4,
-                             Wd.numel() * Wd.element_size() / dense / 1e6, int4_bytes / t4 / 1e6, dense / t4])
-                print(rows[-1], flush=True)
-    print(format_table(["layer", "out x in", "dtype", "batch", "dense ms", "reference ms", "int4 ms",
-                        "dense GB/s", "int4 GB/s", "int4 speed-up"], rows,
-                       title=f"CPU linear layers, W4 asym, {torch.get_num_threads()} threads (reference: unpack "
-                             f"per call; nan: not timed, seconds per call)"))
+        for bits, grp in ((4, group), (8, -1)):                 # 8 bits: per-channel, what the int8 matmul takes
+            q = _random_layer(N, K, bits, grp)
+            W, lin = q.dequantize(), QuantLinear.from_quant(q)
+            packed = (lin.qweight, lin.qzeros, lin.scales, lin.g_idx, bits)
+            for dtype in dtypes if bits == 4 else [torch.bfloat16]:
+                Wd, wq = W.to(dtype), cpu_matmul.prepare(*packed, dtype)
+                held = sum(t.nbytes for t in vars(wq).values() if isinstance(t, torch.Tensor))  # codes, scales
+                for M in batches if bits == 4 else [b for b in batches if b <= 16]:
+                    x = torch.randn(M, K).to(dtype)
+                    slow = M > 16 and N * K > 1e7                # the reference (and fp32 int4) take seconds a call
+                    with torch.no_grad():
+                        dense = median_ms(lambda: torch.nn.functional.linear(x, Wd))
+                        tq = median_ms(lambda: cpu_matmul.matmul(x, wq)) \
+                            if dtype == torch.bfloat16 or M == 1 else float("nan")
+                        tref = median_ms(lambda: matmul_reference(x, *packed)) if not slow else float("nan")
+                    rows.append([name, f"{N}x{K}", f"W{bits} g{grp}", str(dtype).split(".")[1], M, dense, tref, tq,
+                                 Wd.numel() * Wd.element_size() / dense / 1e6, held / tq / 1e6, dense / tq])
+                    print(rows[-1], flush=True)
+    print(format_table(["layer", "out x in", "scheme", "dtype", "batch", "dense ms", "reference ms", "packed ms",
+                        "dense GB/s", "packed GB/s", "packed speed-up"], rows,
+                       title=f"CPU linear layers, asym, {torch.get_num_threads()} threads (packed: kernels/cpu_matmul; "
+                             f"reference: unpack per call; nan: not timed, seconds per call)"))
 
 
 def _linear_bytes(model) -> int:
@@ -78,8 +84,8 @@ def _linear_bytes(model) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             held = [m.qweight, m.qzeros, m.scales, m.g_idx, m._w_cache]
-            if m._int4:
-                held += [m._int4.packed, m._int4.scales_and_zeros]
+            if m._cpu_weight:
+                held += [t for t in vars(m._cpu_weight).values() if isinstance(t, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in held if t is not None)
         elif isinstance(m, torch.nn.Linear) and m.weight is not getattr(model.get_input_embeddings(), "weight", None):
             total += m.weight.numel() * m.weight.element_size()

@@ -2,9 +2,9 @@
 dequantizes on the fly. On CUDA with 4- or 8-bit weights it runs the Triton kernel
 (kernels/triton_matmul.py), with the heuristic's schedule or, once `use_tuner` gave it a Tuner, the
 fastest one measured for its shape. On a CPU, bf16 inputs to 4-bit layers whose groups fit tinygemm's (nearly
-all: see kernels/cpu_int4.py) run PyTorch's int4 weight-only matmul on a 4-bit copy of the weight made on first
-use (with `cache`, only up to 8 rows: decoding; prefill uses the dense copy); everything else, and
-`cpu_kernel=False`, the PyTorch reference. Another CUDA kernel plugs in through `QuantLinear.kernel`.
+all) and to per-channel 8-bit layers run PyTorch's weight-only matmuls (kernels/cpu_matmul.py) on a copy of the
+weight in their layout made on first use (with `cache`, only up to 8 rows: decoding; prefill uses the dense
+copy); everything else, and `cpu_kernel=False`, the PyTorch reference. Another CUDA kernel plugs in through `QuantLinear.kernel`.
 
 Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
 compressed-tensors): casting them would change the model. With `cache=True` the reference path keeps
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..formats.bitpack import pack_int32, unpack_codes_t, unpack_int32
 from ..solvers import Grid, LayerQuant
-from . import cpu_int4, triton_matmul
+from . import cpu_matmul, triton_matmul
 from .tuning import Tuner
 from .reference import dequantize_packed, matmul_reference
 
@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.cache, self.cpu_kernel = cache, cpu_kernel
         self._w_cache: torch.Tensor | None = None
-        self._int4: cpu_int4.Int4Weight | bool | None = None   # False: this layer does not fit tinygemm
+        self._cpu_weight: cpu_matmul.Int4Weight | cpu_matmul.Int8Weight | bool | None = None   # False: no fit
         self._group_size: int | None = None         # the kernel's in-order group size, found on first use
         self.tuner: Tuner | None = None   # picks the Triton kernel's schedule (None: plan's)
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
@@ -76,10 +76,10 @@ class QuantLinear(nn.Module):
             args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self._group_size, self.bias)
             config = self.tuner.config(*args) if self.tuner is not None else None
             return triton_matmul.triton_matmul(*args, config=config)
-        if x.device.type == "cpu" and self.cpu_kernel and self.grid.bits == 4 and cpu_int4.worth_it(x, self.cache):
-            w4 = self._int4_weight(x.dtype)
-            if w4 is not None:
-                return cpu_int4.int4_matmul(x, w4, self.bias)
+        if x.device.type == "cpu" and self.cpu_kernel and cpu_matmul.worth_it(x, self.cache):
+            w = self._cpu_matmul_weight(x.dtype)
+            if w is not None:
+                return cpu_matmul.matmul(x, w, self.bias)
         if not self.cache:
             return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
         w = self._w_cache
@@ -89,24 +89,25 @@ class QuantLinear(nn.Module):
         y = x @ w
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
-    def _int4_weight(self, dtype: torch.dtype) -> cpu_int4.Int4Weight | None:
-        """The CPU int4 matmul's copy of the weight for `dtype` activations (made once), None if it does not fit."""
-        w4 = self._int4
-        if w4 is None or (w4 is not False and w4.dtype != dtype):
-            w4 = cpu_int4.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, dtype) \
-                if cpu_int4.available() else None
-            self._int4 = False if w4 is None else w4
-        return w4 or None
+    def _cpu_matmul_weight(self, dtype: torch.dtype) -> cpu_matmul.Int4Weight | cpu_matmul.Int8Weight | None:
+        """The CPU matmul's copy of the weight for `dtype` activations (made once), None if the layer does not fit."""
+        w = self._cpu_weight
+        if w is None or (w is not False and w.dtype != dtype):
+            b = self.grid.bits
+            w = cpu_matmul.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, b, dtype) \
+                if cpu_matmul.available(b) else None
+            self._cpu_weight = False if w is None else w
+        return w or None
 
     def clear_cache(self) -> None:
-        self._w_cache = self._int4 = None
+        self._w_cache = self._cpu_weight = None
 
     def _apply(self, fn, recurse=True):
-        self._w_cache = self._group_size = self._int4 = None
+        self._w_cache = self._group_size = self._cpu_weight = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._w_cache = self._group_size = self._int4 = None
+        self._w_cache = self._group_size = self._cpu_weight = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

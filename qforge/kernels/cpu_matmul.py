@@ -1,25 +1,27 @@
-"""4-bit packed layers on the CPU through PyTorch's weight-only int4 matmul (aten._weight_int4pack_mm_for_cpu,
-the CPU port of tinygemm): the weight stays 4-bit in memory and is dequantized tile by tile inside the matmul,
-so a decode step reads an eighth of an fp32 layer's bytes instead of unpacking it per call (the reference)
-or keeping a dense copy (QuantLinear's `cache`).
+"""Packed layers on the CPU through PyTorch's weight-only matmuls: 4-bit (aten._weight_int4pack_mm_for_cpu, the CPU
+port of tinygemm) and per-channel 8-bit (aten._weight_int8pack_mm). The weight stays packed in memory and is
+dequantized tile by tile inside the matmul, so a decode step reads an eighth (a quarter) of an fp32 layer's bytes
+instead of unpacking it per call (the reference) or keeping a dense copy (QuantLinear's `cache`).
 
-tinygemm's layout (what `prepare` converts qforge's packed layer into, once per activation dtype):
+tinygemm's 4-bit layout (what `prepare` converts qforge's packed layer into, once per activation dtype):
   packed            uint8 [N, K / 2]      codes q in 0..15 of W [N = out, K = in], from
                                           aten._convert_weight_to_int4pack_for_cpu (its own nibble order)
   scales_and_zeros  [K / gs, N, 2]        (s, z_f) per tile group of gs inputs, in the activation dtype
   perm              int64 [K] or None     input columns in group order (act-order); x is permuted to match
 and w = (q - 8) · s + z_f. qforge stores w = (q - z) · s, so z_f = (8 - z) · s.
-
 tinygemm takes gs in {32, 64, 128, 256}, N a multiple of 16 and K a multiple of gs. Any qforge grouping whose
 groups, taken in group order, are whole runs of gs inputs maps onto it by repeating each group's (s, z_f)
 over its runs: groups of 128 as gs 128, per-channel over K = 576 as nine runs of 64, act-order after sorting
-the columns by group, a short last group when gs divides it. `plan` says whether (and how) a layer fits;
-layers that do not keep the reference path.
+the columns by group, a short last group when gs divides it. `plan` says whether (and how) a layer fits.
 
-Only the bf16 version is vectorised in PyTorch 2.13: fp32 activations run 3-14x slower than the dense fp32
+The 8-bit matmul computes x @ (c · s)ᵀ for int8 codes c [N, K] and one scale per output, so it takes
+per-channel layers (one group) only: c = q - 128, and an asymmetric zero adds the rank-one term
+(Σₖ xₖ) · s · (128 - z). Layers that fit neither keep the reference path.
+
+Only the bf16 versions are vectorised in PyTorch 2.13: fp32 activations run 3-14x slower than the dense fp32
 matmul (fp16 worse) and never take this path (`worth_it`). In bf16 on 2 AVX-512 cores, a batch-1 layer of
-Llama-3-8B's shapes runs 3.4-4.1x faster than the dense bf16 matmul (1.7-2x on SmolLM2's small ones), about
-evenly at 8 rows, 1.3-2.5x slower from 16 (BENCHMARKS.md "CPU int4 matmul").
+Llama-3-8B's shapes runs 3.4-4.6x faster than the dense bf16 matmul in 4 bits (1.7-2.7x on SmolLM2's small
+ones), 2.5-4.9x in 8 bits, about evenly at 8 rows, slower from 16 (BENCHMARKS.md "CPU int4 matmul").
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ N_MULTIPLE = 16
 MAX_ROWS_OVER_DENSE = 8            # above this many rows a dense copy of the weight, where kept, is faster
 
 
-def available() -> bool:
-    """Whether this PyTorch build has the CPU int4 matmul (2.6 and later)."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+def available(bits: int) -> bool:
+    """Whether this PyTorch build has the CPU matmul for `bits` (4: 2.6 and later)."""
+    op = {4: "_weight_int4pack_mm_for_cpu", 8: "_weight_int8pack_mm"}.get(bits)
+    return op is not None and hasattr(torch.ops.aten, op)
 
 
 def worth_it(x: torch.Tensor, dense_kept: bool) -> bool:
-    """Whether the int4 matmul is the fastest CPU path for input x [..., K]: bf16 only, and at most
+    """Whether a weight-only matmul is the fastest CPU path for input x [..., K]: bf16 only, and at most
     MAX_ROWS_OVER_DENSE rows when a dense copy of the weight is (or may be) kept; without one the alternative is
     the reference, which unpacks the whole weight per call."""
     rows = x.numel() // max(1, x.shape[-1])
@@ -57,6 +60,17 @@ class Int4Weight:
     @property
     def dtype(self) -> torch.dtype:
         return self.scales_and_zeros.dtype
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    codes: torch.Tensor             # int8 [N, K]: q - 128
+    scales: torch.Tensor            # [N] in the activation dtype
+    offset: torch.Tensor | None     # fp32 [N]: s · (128 - z), None when every z is 128 (symmetric)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
 
 
 def plan(g_idx: torch.Tensor, out_features: int) -> tuple[int, torch.Tensor | None, torch.Tensor] | None:
@@ -77,10 +91,14 @@ def plan(g_idx: torch.Tensor, out_features: int) -> tuple[int, torch.Tensor | No
     return None
 
 
-def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-            dtype: torch.dtype) -> Int4Weight | None:
-    """tinygemm's form of a 4-bit layer in qforge's packed layout (kernels/reference.py), for activations of
-    `dtype`; None when it does not fit (see `plan`)."""
+def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+            dtype: torch.dtype) -> Int4Weight | Int8Weight | None:
+    """The CPU matmul's form of a layer in qforge's packed layout (kernels/reference.py), for activations of
+    `dtype`; None when it does not fit (4 bits: see `plan`; 8 bits: per-channel only; other widths: none)."""
+    if bits == 8:
+        return _prepare_int8(qweight, qzeros, scales, g_idx, dtype)
+    if bits != 4:
+        return None
     out_features = qweight.shape[1]
     fit = plan(g_idx, out_features)
     if fit is None:
@@ -96,13 +114,29 @@ def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
     return Int4Weight(packed, scales_and_zeros, gs, perm)
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _prepare_int8(qweight, qzeros, scales, g_idx, dtype) -> Int8Weight | None:
+    if scales.shape[0] != 1 or bool(g_idx.any()):                     # one group: per-channel
+        return None
+    codes = (unpack_codes_t(qweight, 8).to(torch.int16) - 128).to(torch.int8)   # [N, K]
+    s = scales[0].float()
+    z = unpack_int32(qzeros, 8, dim=1)[0].float()                       # [N]
+    offset = None if bool((z == 128).all()) else s * (128 - z)
+    return Int8Weight(codes, s.to(dtype), offset)
+
+
+def matmul(x: torch.Tensor, w: Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ Wᵀ (+ bias) -> [..., N] in x's dtype (which must be the dtype `w` was prepared for)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if w.perm is not None:
-        x2 = x2[:, w.perm]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group_size, w.scales_and_zeros)
+    if isinstance(w, Int8Weight):
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w.codes, w.scales)
+        if w.offset is not None:                                       # asymmetric: Σₖ xₖ · s · (128 - z)
+            y = (y.float() + x2.float().sum(-1, keepdim=True) * w.offset).to(x.dtype)
+    else:
+        if w.perm is not None:
+            x2 = x2[:, w.perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group_size,
+                                                       w.scales_and_zeros)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, y.shape[-1])
