@@ -1,7 +1,7 @@
 """Packed layers on a CPU: PyTorch's weight-only int4 and int8 matmuls (kernels/cpu_matmul.py) against the dense
 matmul and the reference (unpack and dequantize per call), per layer and for decoding a whole model.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--only layers|decode]
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py [--quick] [--only layers|decode|peers]
 
 1. Layers: SmolLM2-135M's shapes and Llama-3-8B's, batch 1-256, bf16 and fp32 activations, random codes
    (W4 g64 asym, 4096-wide ones g128; W8 per-channel asym, bf16 and up to 16 rows): median ms, the bytes each
@@ -10,6 +10,8 @@ matmul and the reference (unpack and dequantize per call), per layer and for dec
    gptq, loaded back (qforge.load): greedy decode tokens/s with a static KV cache, prefill time of a 512-token
    window, wiki ppl of the first windows of 512 (not the protocol's) and their KLD and top-1 agreement against
    the packed model run in fp32, and the bytes the linears hold.
+3. Peers: GPTQModel's CPU backends (its int4 ones call the same PyTorch op) against qforge on one gptq export
+   (W4 g64 sym), bf16: decode tokens/s, prefill time, wiki ppl. GPTQModel runs from .venv-clients.
 """
 from __future__ import annotations
 
@@ -139,7 +141,8 @@ def decode_table(steps: int, dtypes, windows: int) -> None:
                 nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
                 kld = (truth.exp() * (truth - lp)).sum(-1).mean()
                 top1 = (truth.argmax(-1) == lp.argmax(-1)).float().mean()
-                rows.append([str(dtype).split(".")[1], label, r.tokens_per_s, prefill, float(nll.exp()), f"{float(kld):.2e}",
+                rows.append([str(dtype).split(".")[1], label, r.tokens_per_s, prefill, float(nll.exp()),
+                             f"{float(kld):.2e}",
                              float(top1), _linear_bytes(model) / 1e6])
                 print(rows[-1], flush=True)
             variants.clear()
@@ -149,17 +152,96 @@ def decode_table(steps: int, dtypes, windows: int) -> None:
                              f"{torch.get_num_threads()} threads"))
 
 
+PEER = r"""
+import json, statistics, sys, time, torch
+torch.set_num_threads(2)
+from gptqmodel import BACKEND, GPTQModel
+from qforge.eval.decode import greedy_decode
+path, backend, steps, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = GPTQModel.load(path, device="cpu", dtype=torch.bfloat16, backend=BACKEND[backend]).model.eval()
+kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} - {"Linear"})
+prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+wiki = torch.load(windows)
+with torch.no_grad():
+    r = greedy_decode(model, prompt, steps)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model(input_ids=wiki[:1], use_cache=False)
+        ts.append(time.perf_counter() - t)
+    lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
+nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
+print("RESULT " + json.dumps({"layers": kinds, "tps": r.tokens_per_s, "prefill_ms": statistics.median(ts[1:]) * 1e3,
+                              "ppl": float(nll.exp())}))
+"""
+PEER_BACKENDS = ("GPTQ_TORCH_FUSED", "GPTQ_TORCH_ATEN", "GPTQ_TORCH")
+
+
+def peer_table(steps: int, windows: int) -> None:
+    """GPTQModel's CPU backends and qforge on one gptq export (W4 g64 sym: GPTQModel refuses an asymmetric gptq
+    checkpoint it did not write), bf16, each GPTQModel backend in its own process."""
+    import json
+    import os
+    import subprocess
+
+    import qforge
+    from qforge.cli.table import format_table
+    from qforge.eval.decode import greedy_decode
+    from qforge.kernels import QuantLinear
+
+    root = Path(__file__).resolve().parent.parent
+    client_py = str(root / ".venv-clients" / "bin" / "python")
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TORCH_COMPILE_DISABLE="1", PYTHONPATH=str(root))
+    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=True))
+        m.quantize(None)
+        m.export(Path(d) / "gptq", "gptq")
+        wiki = _windows(m.tokenizer, windows)
+        torch.save(wiki, Path(d) / "wiki.pt")
+        del m
+        for label, cache in (("int4 matmul", False), ("int4 matmul + dense cache above 8 rows (default)", True)):
+            model = qforge.load(Path(d) / "gptq").model.to(torch.bfloat16)
+            for mod in model.modules():
+                if isinstance(mod, QuantLinear):
+                    mod.cache = cache
+            with torch.no_grad():
+                r = greedy_decode(model, prompt, steps)
+                prefill = median_ms(lambda: model(input_ids=wiki[:1], use_cache=False), min_reps=2)
+                lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
+            nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
+            rows.append(["qforge", label, r.tokens_per_s, prefill, float(nll.exp())])
+            print(rows[-1], flush=True)
+        for backend in PEER_BACKENDS:
+            p = subprocess.run([client_py, "-c", PEER, str(Path(d) / "gptq"), backend, str(steps),
+                                str(Path(d) / "wiki.pt")], capture_output=True, text=True, env=env)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                why = p.stderr.strip().splitlines()[-1:]
+                rows.append(["GPTQModel 7.6", f"{backend}: failed: {why}", *[float("nan")] * 3])
+                continue
+            r = json.loads(line[0][7:])
+            rows.append(["GPTQModel 7.6", f"{backend} ({', '.join(r['layers'])})", r["tps"], r["prefill_ms"], r["ppl"]])
+            print(rows[-1], flush=True)
+    print(format_table(["tool", "path", "decode tokens/s", "prefill 512 ms", f"wiki ppl ({windows} x 512)"], rows,
+                       title=f"SmolLM2-135M W4 g64 sym (one gptq export), bf16, greedy decode of {steps} tokens after "
+                             f"32, {torch.get_num_threads()} threads"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="batches 1 and 16, bf16 only, 16 decode steps, 2 ppl windows")
-    ap.add_argument("--only", choices=["layers", "decode"], help="one of the two tables")
+    ap.add_argument("--only", choices=["layers", "decode", "peers"], help="one of the tables")
     a = ap.parse_args()
     torch.set_num_threads(2)
     dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
-    if a.only != "decode":
+    if a.only in (None, "layers"):
         layer_table([1, 16] if a.quick else [1, 4, 8, 16, 64, 256], dtypes)
-    if a.only != "layers":
+    if a.only in (None, "decode"):
         decode_table(16 if a.quick else 64, dtypes, 2 if a.quick else 8)
+    if a.only in (None, "peers"):
+        peer_table(16 if a.quick else 64, 2 if a.quick else 8)
 
 
 if __name__ == "__main__":
