@@ -10,6 +10,7 @@ than on a lent GPU; benchmarks/kernel_resources.py prints the table for every ca
 """
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import tempfile
@@ -81,8 +82,17 @@ def matmul_report(c: "triton_matmul.KernelConfig", M: int, N: int, K: int, bits:
                       MAGIC=triton_matmul.magic_bits(dtype, bits), PREFETCH=c.prefetch)
     constexprs.update({n: 1 for n, v in ints.items() if v == 1})           # the JIT specialises ints equal to 1
     aligned = {n for n in signature if n.endswith("_ptr")} | {n for n, v in ints.items() if v % 16 == 0}
-    return compile_report(triton_matmul._body, signature, constexprs, aligned - set(constexprs), c.num_warps,
-                          c.num_stages, capability, enable_fp_fusion=True)
+    return dict(_matmul_build(tuple(signature.items()), tuple(sorted(constexprs.items())),
+                              frozenset(aligned - set(constexprs)), c.num_warps, c.num_stages, capability))
+
+
+@functools.cache
+def _matmul_build(signature: tuple, constexprs: tuple, aligned: frozenset, num_warps: int, num_stages: int,
+                  capability: int) -> dict:
+    """One build per distinct compilation: configs that differ only in what the JIT does not specialise on (the
+    split count beyond split > 1, M, N, K other than 1 and their divisibility by 16) build the same cubin."""
+    return compile_report(triton_matmul._body, dict(signature), dict(constexprs), set(aligned), num_warps,
+                          num_stages, capability, enable_fp_fusion=True)
 
 
 def gptq_loop_report(b: int, grid_bits: int = 4, sym: bool = False, fit: bool = True, search: bool = True,
