@@ -108,41 +108,64 @@ def _windows(tok, n: int) -> torch.Tensor:
     return ids[: n * 512].view(n, 512)
 
 
-def decode_table(steps: int, dtypes, windows: int) -> None:
+def _smollm2_export(d: str, sym: bool):
+    """SmolLM2-135M quantized RTN W4 g64 (the solver does not change the layout), exported as gptq under d:
+    (the quantized QModel, the export's path)."""
     import qforge
-    from qforge.cli.table import format_table
-    from qforge.eval.decode import greedy_decode
+
+    m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=sym))
+    m.quantize(None)
+    m.export(Path(d) / "gptq", "gptq")
+    return m, Path(d) / "gptq"
+
+
+def _packed(path: Path, dtype: torch.dtype, **layer_attrs):
+    """The packed checkpoint loaded by qforge.load, in `dtype`, its QuantLinear attributes set as given."""
+    import qforge
     from qforge.kernels import QuantLinear
+
+    model = qforge.load(path).model.to(dtype)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            for k, v in layer_attrs.items():
+                setattr(mod, k, v)
+    return model
+
+
+def _decode_prefill_logprobs(model, prompt, wiki, steps) -> tuple[float, float, torch.Tensor]:
+    """(greedy decode tokens/s after `prompt`, median ms of a prefill of wiki's first window, log-probs on wiki)."""
+    from qforge.eval.decode import greedy_decode
+
+    with torch.no_grad():
+        r = greedy_decode(model, prompt, steps)
+        prefill = median_ms(lambda: model(input_ids=wiki[:1], use_cache=False), min_reps=2)
+        lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
+    return r.tokens_per_s, prefill, lp
+
+
+def _ppl(lp: torch.Tensor, ids: torch.Tensor) -> float:
+    return float((-lp[:, :-1].gather(-1, ids[:, 1:, None]).mean()).exp())
+
+
+def decode_table(steps: int, dtypes, windows: int) -> None:
+    from qforge.cli.table import format_table
 
     prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=False))
-        m.quantize(None)
-        m.export(Path(d) / "gptq", "gptq")
+        m, path = _smollm2_export(d, sym=False)
         wiki = _windows(m.tokenizer, windows)
         with torch.no_grad():                 # what every variant is compared with: the packed model in fp32
-            truth = torch.log_softmax(qforge.load(Path(d) / "gptq").model(input_ids=wiki).logits.float(), -1)
+            truth = torch.log_softmax(_packed(path, torch.float32)(input_ids=wiki).logits.float(), -1)
         for dtype in dtypes:
             variants = [("dense (fake-quant weights)", m.model.to(dtype))]
-            for label, cache, kernel, applies in PACKED:
-                if dtype not in applies:
-                    continue
-                packed = qforge.load(Path(d) / "gptq").model.to(dtype)
-                for mod in packed.modules():
-                    if isinstance(mod, QuantLinear):
-                        mod.cache, mod.cpu_kernel = cache, kernel
-                variants.append((label, packed))
+            variants += [(label, _packed(path, dtype, cache=cache, cpu_kernel=kernel))
+                         for label, cache, kernel, applies in PACKED if dtype in applies]
             for label, model in variants:
-                with torch.no_grad():
-                    r = greedy_decode(model, prompt, steps)
-                    prefill = median_ms(lambda: model(input_ids=wiki[:1], use_cache=False), min_reps=2)
-                    lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
-                nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
+                tps, prefill, lp = _decode_prefill_logprobs(model, prompt, wiki, steps)
                 kld = (truth.exp() * (truth - lp)).sum(-1).mean()
                 top1 = (truth.argmax(-1) == lp.argmax(-1)).float().mean()
-                rows.append([str(dtype).split(".")[1], label, r.tokens_per_s, prefill, float(nll.exp()),
-                             f"{float(kld):.2e}",
+                rows.append([str(dtype).split(".")[1], label, tps, prefill, _ppl(lp, wiki), f"{float(kld):.2e}",
                              float(top1), _linear_bytes(model) / 1e6])
                 print(rows[-1], flush=True)
             variants.clear()
@@ -184,10 +207,7 @@ def peer_table(steps: int, windows: int) -> None:
     import os
     import subprocess
 
-    import qforge
     from qforge.cli.table import format_table
-    from qforge.eval.decode import greedy_decode
-    from qforge.kernels import QuantLinear
 
     root = Path(__file__).resolve().parent.parent
     client_py = str(root / ".venv-clients" / "bin" / "python")
@@ -195,26 +215,17 @@ def peer_table(steps: int, windows: int) -> None:
     prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64, sym=True))
-        m.quantize(None)
-        m.export(Path(d) / "gptq", "gptq")
+        m, path = _smollm2_export(d, sym=True)
         wiki = _windows(m.tokenizer, windows)
         torch.save(wiki, Path(d) / "wiki.pt")
         del m
         for label, cache in (("int4 matmul", False), ("int4 matmul + dense cache above 8 rows (default)", True)):
-            model = qforge.load(Path(d) / "gptq").model.to(torch.bfloat16)
-            for mod in model.modules():
-                if isinstance(mod, QuantLinear):
-                    mod.cache = cache
-            with torch.no_grad():
-                r = greedy_decode(model, prompt, steps)
-                prefill = median_ms(lambda: model(input_ids=wiki[:1], use_cache=False), min_reps=2)
-                lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
-            nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
-            rows.append(["qforge", label, r.tokens_per_s, prefill, float(nll.exp())])
+            tps, prefill, lp = _decode_prefill_logprobs(_packed(path, torch.bfloat16, cache=cache), prompt, wiki,
+                                                        steps)
+            rows.append(["qforge", label, tps, prefill, _ppl(lp, wiki)])
             print(rows[-1], flush=True)
         for backend in PEER_BACKENDS:
-            p = subprocess.run([client_py, "-c", PEER, str(Path(d) / "gptq"), backend, str(steps),
+            p = subprocess.run([client_py, "-c", PEER, str(path), backend, str(steps),
                                 str(Path(d) / "wiki.pt")], capture_output=True, text=True, env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:

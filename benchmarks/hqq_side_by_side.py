@@ -7,8 +7,9 @@ Runs in the peers' venv (`.venv-clients`, made by scripts/setup.sh) with hqq add
     PYTHONPATH=. .venv-clients/bin/python benchmarks/hqq_side_by_side.py --max-windows 4
 
 HQQ's weights are taken as it dequantizes them (`Quantizer.quantize` with BaseQuantizeConfig's settings: axis 1,
-i.e. groups along the input as qforge's; zero points rounded at 4 bits, float below), so the table compares grids
-and solvers, not kernels. HQQ zero points are floats below 4 bits: not storable in the gptq/awq formats.
+i.e. groups along the input as qforge's), so the table compares grids and solvers, not kernels. HQQ's fitted zero
+points are fractional at every width (its `round_zero`, on by default at 4 bits, rounds only the starting zero),
+so its grids are not storable in the integer-zero formats (gptq, awq, compressed-tensors).
 """
 import argparse
 import time
@@ -27,7 +28,8 @@ ap.add_argument("--datasets", default="wiki,news,code")
 ap.add_argument("--seqlen", type=int, default=2048)
 ap.add_argument("--max-windows", type=int, default=4)
 ap.add_argument("--schemes", default="4:64,3:64,2:64", help="bits:group, all asymmetric")
-ap.add_argument("--tools", default="rtn,hqq,gptq", help="also hqq-round-zero: HQQ with integer zeros at every width")
+ap.add_argument("--tools", default="rtn,hqq,gptq",
+                help="also hqq-round-zero: HQQ's zeros started rounded at every width")
 a = ap.parse_args()
 torch.set_num_threads(2)
 
@@ -42,7 +44,7 @@ def hqq(bits, group, round_zero=None):
 
     lm = load_model("smollm2-135m")
     params = BaseQuantizeConfig(nbits=bits, group_size=group)["weight_quant_params"]
-    if round_zero is not None:                            # BaseQuantizeConfig rounds zeros at 4 bits only
+    if round_zero is not None:                     # the starting zero; BaseQuantizeConfig rounds it at 4 bits only
         params = dict(params, round_zero=round_zero)
     t = time.perf_counter()
     with torch.no_grad():
@@ -74,7 +76,7 @@ def main() -> None:
                 model, secs = hqq(bits, group, True if tool == "hqq-round-zero" else None)
             else:
                 model, secs = qforge_run(tool, bits, group, calib)
-            label = {"hqq": "HQQ 0.2.8 (no calibration)", "hqq-round-zero": "HQQ 0.2.8, integer zeros",
+            label = {"hqq": "HQQ 0.2.8 (no calibration)", "hqq-round-zero": "HQQ 0.2.8, zeros started rounded",
                      "rtn": "qforge RTN (no calibration)", "gptq": "qforge GPTQ (128 x 512 calibration)"}[tool]
             rows.append([label, f"W{bits} g{group} asym", f"{secs:.1f}"] + ppl_all(model.model, model.tokenizer))
             print(rows[-1], flush=True)

@@ -79,7 +79,8 @@ def test_quant_linear_takes_the_cpu_int4_path_for_bf16_and_keeps_its_state_dict(
     want = matmul_reference(x, m.qweight, m.qzeros, m.scales, m.g_idx, 4, m.bias.float())
     assert torch.equal(m(x), want) and m._cpu_weight is None           # fp32: PyTorch's fp32 int4 matmul is scalar
     y = m(x.bfloat16())
-    assert isinstance(m._cpu_weight, cpu_matmul.Int4Weight) and m._cpu_weight.dtype == torch.bfloat16 and m._w_cache is None
+    assert isinstance(m._cpu_weight, cpu_matmul.Int4Weight) and m._cpu_weight.dtype == torch.bfloat16
+    assert m._w_cache is None
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 64)
     assert float((y.float() - want).abs().max()) < TOL[torch.bfloat16] * float(want.abs().max())
     assert set(m.state_dict()) == keys                                  # the 4-bit copy is not saved

@@ -4,12 +4,13 @@ dequantizes on the fly. On CUDA with 4- or 8-bit weights it runs the Triton kern
 fastest one measured for its shape. On a CPU, bf16 inputs to 4-bit layers whose groups fit tinygemm's (nearly
 all) and to per-channel 8-bit layers run PyTorch's weight-only matmuls (kernels/cpu_matmul.py) on a copy of the
 weight in their layout made on first use (with `cache`, only up to 8 rows: decoding; prefill uses the dense
-copy); everything else, and `cpu_kernel=False`, the PyTorch reference. Another CUDA kernel plugs in through `QuantLinear.kernel`.
+copy); everything else, and `cpu_kernel=False`, the PyTorch reference. Another CUDA kernel plugs in through
+`QuantLinear.kernel`.
 
 Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
 compressed-tensors): casting them would change the model. With `cache=True` the reference path keeps
 the dequantized weight after the first forward (per dtype and device; dropped by `.to()` and
-`clear_cache()`) for the layers the CPU int4 matmul does not take: decoding on a CPU then costs a dense matmul
+`clear_cache()`) for the inputs the CPU weight-only matmuls do not take: decoding on a CPU then costs a dense matmul
 instead of an unpack per token, at the memory of a dense copy of the layer.
 """
 from __future__ import annotations
