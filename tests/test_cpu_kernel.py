@@ -100,6 +100,13 @@ def test_with_a_dense_cache_only_small_batches_take_the_int4_path():
     assert cpu_matmul.worth_it(torch.zeros(64, 256, dtype=torch.bfloat16), dense_kept=False)
 
 
+def test_inputs_that_need_a_gradient_keep_the_differentiable_reference():
+    m = _layer(64, 256, 64, False, False)
+    x = torch.randn(2, 256, dtype=torch.bfloat16, requires_grad=True)
+    m(x).sum().backward()                                                # the int4 op has no backward
+    assert x.grad is not None and x.grad.shape == x.shape and m._cpu_weight is None
+
+
 @pytest.mark.parametrize("N,K,group,act_order", [(64, 256, 16, False),   # groups smaller than 32
                                                  (64, 288, 96, True)])   # groups of 96: runs of 32 fit
 def test_layers_that_do_not_fit_keep_the_reference(N, K, group, act_order):

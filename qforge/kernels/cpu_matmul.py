@@ -45,9 +45,10 @@ def available(bits: int) -> bool:
 def worth_it(x: torch.Tensor, dense_kept: bool) -> bool:
     """Whether a weight-only matmul is the fastest CPU path for input x [..., K]: bf16 only, and at most
     MAX_ROWS_OVER_DENSE rows when a dense copy of the weight is (or may be) kept; without one the alternative is
-    the reference, which unpacks the whole weight per call."""
+    the reference, which unpacks the whole weight per call. Never for an x that needs a gradient (the ops have
+    no backward)."""
     rows = x.numel() // max(1, x.shape[-1])
-    return x.dtype == torch.bfloat16 and (not dense_kept or rows <= MAX_ROWS_OVER_DENSE)
+    return x.dtype == torch.bfloat16 and not x.requires_grad and (not dense_kept or rows <= MAX_ROWS_OVER_DENSE)
 
 
 @dataclass(frozen=True)
