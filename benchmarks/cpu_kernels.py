@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+PROMPT = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))   # what decoding follows
 LAYERS = [("SmolLM2 q/o", 576, 576, 64), ("SmolLM2 gate/up", 1536, 576, 64), ("SmolLM2 down", 576, 1536, 64),
           ("8B q/o", 4096, 4096, 128), ("8B gate/up", 14336, 4096, 128), ("8B down", 4096, 14336, 128)]
 
@@ -102,10 +103,11 @@ PACKED = [("packed, reference (unpack per call)", False, False, (torch.float32, 
 
 
 def _windows(tok, n: int) -> torch.Tensor:
+    """The first n windows of 512 tokens of the wiki evaluation set, cut as the perplexity protocol cuts them."""
     from qforge.eval import load_eval_text
+    from qforge.eval.perplexity import token_windows
 
-    ids = tok(load_eval_text("wiki"), return_tensors="pt")["input_ids"][0]
-    return ids[: n * 512].view(n, 512)
+    return token_windows(tok, load_eval_text("wiki"), 512, n)
 
 
 def _smollm2_export(d: str, sym: bool):
@@ -149,8 +151,8 @@ def _ppl(lp: torch.Tensor, ids: torch.Tensor) -> float:
 
 def decode_table(steps: int, dtypes, windows: int) -> None:
     from qforge.cli.table import format_table
+    from qforge.eval.compare import kl_divergence
 
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as d:
         m, path = _smollm2_export(d, sym=False)
@@ -162,8 +164,8 @@ def decode_table(steps: int, dtypes, windows: int) -> None:
             variants += [(label, _packed(path, dtype, cache=cache, cpu_kernel=kernel))
                          for label, cache, kernel, applies in PACKED if dtype in applies]
             for label, model in variants:
-                tps, prefill, lp = _decode_prefill_logprobs(model, prompt, wiki, steps)
-                kld = (truth.exp() * (truth - lp)).sum(-1).mean()
+                tps, prefill, lp = _decode_prefill_logprobs(model, PROMPT, wiki, steps)
+                kld = kl_divergence(truth, lp).mean()
                 top1 = (truth.argmax(-1) == lp.argmax(-1)).float().mean()
                 rows.append([str(dtype).split(".")[1], label, tps, prefill, _ppl(lp, wiki), f"{float(kld):.2e}",
                              float(top1), _linear_bytes(model) / 1e6])
@@ -175,27 +177,19 @@ def decode_table(steps: int, dtypes, windows: int) -> None:
                              f"{torch.get_num_threads()} threads"))
 
 
+# the peer's side, measured by this file's own helpers (imported from the benchmarks directory)
 PEER = r"""
-import json, statistics, sys, time, torch
+import json, sys, torch
 torch.set_num_threads(2)
 from gptqmodel import BACKEND, GPTQModel
-from qforge.eval.decode import greedy_decode
+sys.path.insert(0, sys.argv[5])
+from cpu_kernels import PROMPT, _decode_prefill_logprobs, _ppl
 path, backend, steps, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = GPTQModel.load(path, device="cpu", dtype=torch.bfloat16, backend=BACKEND[backend]).model.eval()
 kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} - {"Linear"})
-prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
 wiki = torch.load(windows)
-with torch.no_grad():
-    r = greedy_decode(model, prompt, steps)
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        model(input_ids=wiki[:1], use_cache=False)
-        ts.append(time.perf_counter() - t)
-    lp = torch.log_softmax(model(input_ids=wiki).logits.float(), -1)
-nll = -lp[:, :-1].gather(-1, wiki[:, 1:, None]).mean()
-print("RESULT " + json.dumps({"layers": kinds, "tps": r.tokens_per_s, "prefill_ms": statistics.median(ts[1:]) * 1e3,
-                              "ppl": float(nll.exp())}))
+tps, prefill, lp = _decode_prefill_logprobs(model, PROMPT, wiki, steps)
+print("RESULT " + json.dumps({"layers": kinds, "tps": tps, "prefill_ms": prefill, "ppl": _ppl(lp, wiki)}))
 """
 PEER_BACKENDS = ("GPTQ_TORCH_FUSED", "GPTQ_TORCH_ATEN", "GPTQ_TORCH")
 
@@ -212,7 +206,6 @@ def peer_table(steps: int, windows: int) -> None:
     root = Path(__file__).resolve().parent.parent
     client_py = str(root / ".venv-clients" / "bin" / "python")
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TORCH_COMPILE_DISABLE="1", PYTHONPATH=str(root))
-    prompt = torch.randint(100, 20000, (1, 32), generator=torch.Generator().manual_seed(0))
     rows = []
     with tempfile.TemporaryDirectory() as d:
         m, path = _smollm2_export(d, sym=True)
@@ -220,13 +213,14 @@ def peer_table(steps: int, windows: int) -> None:
         torch.save(wiki, Path(d) / "wiki.pt")
         del m
         for label, cache in (("int4 matmul", False), ("int4 matmul + dense cache above 8 rows (default)", True)):
-            tps, prefill, lp = _decode_prefill_logprobs(_packed(path, torch.bfloat16, cache=cache), prompt, wiki,
+            tps, prefill, lp = _decode_prefill_logprobs(_packed(path, torch.bfloat16, cache=cache), PROMPT, wiki,
                                                         steps)
             rows.append(["qforge", label, tps, prefill, _ppl(lp, wiki)])
             print(rows[-1], flush=True)
         for backend in PEER_BACKENDS:
             p = subprocess.run([client_py, "-c", PEER, str(path), backend, str(steps),
-                                str(Path(d) / "wiki.pt")], capture_output=True, text=True, env=env)
+                                str(Path(d) / "wiki.pt"), str(Path(__file__).parent)], capture_output=True, text=True,
+                               env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 why = p.stderr.strip().splitlines()[-1:]

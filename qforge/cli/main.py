@@ -14,6 +14,7 @@ from ..utils.device import check_device
 from .table import format_table, human_bytes
 
 log = logging.getLogger("qforge")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")   # the --dtype choices
 
 
 def _at_least(low: int):
@@ -127,7 +128,7 @@ def _add_export_args(p: argparse.ArgumentParser, help_text: str, default: str | 
     from ..formats import FORMATS
 
     p.add_argument("--format", choices=list(FORMATS), default=default, help=help_text)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", default="float16", choices=FLOAT_DTYPES,
                    help="dtype of the non-quantized tensors in the packed checkpoint")
     p.add_argument("--max-shard-size", type=_size, default="4GB",
                    help="largest safetensors shard: 4GB (10^9 bytes), 500MB, 2GiB (2^30); a streamed export holds "
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gguf", help="a .gguf file")
     p.add_argument("--out", required=True, help="the model directory (written atomically)")
     p.add_argument("--max-shard-size", default="500MB", help="largest shard (memory holds about two)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES,
                    help="of the weights: float32 holds the dequantized values exactly, the others round them")
     p.add_argument("--overwrite", action="store_true")
 
@@ -252,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the model's dtype; packed 4-bit layers decode through PyTorch's int4 matmul on a CPU in "
-                        "bfloat16")
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES,
+                   help="the model's dtype; in bfloat16 on a CPU, packed 4-bit and per-channel 8-bit layers decode "
+                        "through PyTorch's weight-only matmuls")
     p.add_argument("--tune-kernels", action="store_true",
                    help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
     p.add_argument("--kernel-picks", metavar="FILE", help="with --tune-kernels: earlier picks to reuse, saved back")
