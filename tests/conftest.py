@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads (CI's cores); under pytest-xdist (README: -n 2) the cores are shared among the workers.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 from tiny_models import VOCAB, tiny_model  # noqa: E402
 

@@ -8,13 +8,15 @@ from qforge.capture.blocks import make_batches
 from qforge.models.arch import (ARCHS, ArchSpec, SmoothMapping, arch_spec, block_linears, get_blocks, linear_ref,
                                  untracked_linears)
 from qforge.pipeline import quantize_model
-from tiny_models import CONFIGS, VOCAB, tiny_model
+from tiny_models import CONFIGS, VOCAB, table_key, tiny_model
 
 ALL = sorted(CONFIGS)
 
 
 def test_every_table_entry_has_a_tiny_model():
-    assert set(ARCHS) == set(CONFIGS)
+    assert {table_key(k) for k in CONFIGS} == set(ARCHS)
+    assert all(table_key(k) == k for k in CONFIGS if k in ARCHS)
+    assert table_key("falcon_parallel") == "falcon_parallel" and table_key("falcon_two_norms") == "falcon"
 
 
 @pytest.mark.parametrize("model_type", ALL)

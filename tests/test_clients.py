@@ -88,6 +88,7 @@ def exports(tmp_path_factory):
     return d
 
 
+@pytest.mark.xdist_group("smollm2-exports")   # one worker builds the module's exports
 def test_gptqmodel_loads_qforge_gptq_export(exports, tmp_path):
     theirs = run_worker("gptqmodel-load", exports / "gptq", tmp_path)
     ours = qforge_side(exports / "gptq")
@@ -95,6 +96,7 @@ def test_gptqmodel_loads_qforge_gptq_export(exports, tmp_path):
     assert_same_model(ours, theirs)
 
 
+@pytest.mark.xdist_group("smollm2-exports")   # one worker builds the module's exports
 def test_transformers_loads_qforge_compressed_tensors_export(exports, tmp_path):
     theirs = run_worker("transformers-ct", exports / "ct", tmp_path)
     assert theirs[0]["quant_method"] == "compressed-tensors"
@@ -114,6 +116,7 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ("phi3", "transformers-ct", "compressed-tensors"),            # fused q|k|v and gate|up linears
     ("deepseek_v3", "transformers-ct", "compressed-tensors"),     # MLA, a dense and a MoE block, shared experts
     ("qwen2_moe", "transformers-ct", "compressed-tensors"),       # shared expert, its gate left unquantized
+    ("falcon_parallel", "gptqmodel-load", "gptq"),                # fused multi-query q|k|v, one norm for both
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:

@@ -32,6 +32,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("deepseek_v3", QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4)),  # MLA; dense, MoE blocks
     ("qwen2_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # shared expert, its gate unquantized
     ("bloom", QuantizeConfig(method="gptq", bits=4, group_size=32)),        # blocks return tuples
+    ("falcon_two_norms", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # ln_attn, ln_mlp
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)

@@ -10,6 +10,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidde
 _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
 _MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
+_FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=512)
 CONFIGS = {
     "llama": dict(_COMMON),
     "mistral": dict(_COMMON, sliding_window=64),
@@ -51,12 +53,31 @@ CONFIGS = {
     "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # Falcon's three block wirings: sequential norms (RW, ALiBi), one norm for parallel attention and MLP
+    # (7B: multi-query), two parallel norms (40B/180B: grouped kv heads)
+    "falcon": dict(_FALCON, parallel_attn=False, multi_query=False, alibi=True),
+    "falcon_parallel": dict(_FALCON, parallel_attn=True, multi_query=True),
+    "falcon_two_norms": dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2),
 }
+# CONFIGS keys that are not model types: another wiring of a family (a VARIANTS entry picks its table entry)
+_MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon"}
+
+
+def tiny_config(key: str, **overrides):
+    return AutoConfig.for_model(_MODEL_TYPE.get(key, key), **{**CONFIGS[key], **overrides})
+
+
+def table_key(key: str) -> str:
+    """The ARCHS entry qforge picks for the tiny model CONFIGS[key]."""
+    from qforge.models.families import VARIANTS
+
+    config = tiny_config(key)
+    return VARIANTS[config.model_type](config) if config.model_type in VARIANTS else config.model_type
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
+    config = tiny_config(model_type, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # random init leaves norms at 1 and biases at 0; perturb everything so tests see real structure (persistent
     # float buffers too: DeepSeek's router bias)

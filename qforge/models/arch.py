@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import QForgeError
 from .archspec import PREV_ROWS, ArchSpec, SmoothMapping
-from .families import ARCHS
+from .families import ARCHS, MODEL_TYPES, VARIANTS
 
 __all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "LinearRef", "SmoothMapping", "arch_spec", "block_linears", "get_blocks",
            "linear_modules", "linear_name", "linear_ref", "named_block_linears", "submodule_or_none",
@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 
 def arch_spec(model: nn.Module) -> ArchSpec:
     """The table entry for `model`, or a clear error naming what to add."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ARCHS.get(model_type)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHS.get(VARIANTS[model_type](config) if model_type in VARIANTS else model_type)
     if spec is None:
         raise QForgeError(
             f"architecture {model_type!r} ({type(model).__name__}) is not supported yet. "
             f"Add an ArchSpec entry for {model_type!r} to ARCHS in qforge/models/families.py: the path of "
             f"its decoder-block ModuleList and its linear layers in execution order. "
-            f"Supported: {', '.join(sorted(ARCHS))}."
+            f"Supported: {', '.join(MODEL_TYPES)}."
         )
     return spec
 

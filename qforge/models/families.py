@@ -1,4 +1,5 @@
-"""The architecture table: one ArchSpec per Hugging Face `model_type`. Adding a model family is adding an entry.
+"""The architecture table: one ArchSpec per Hugging Face `model_type`. Adding a model family is adding an entry
+(and, for a family whose block wiring its config changes, a VARIANTS function that picks among its entries).
 
 Block paths and linear names are transformers 5's module names; `tests/tiny_models.py` builds a tiny random
 model of every entry, and the tests run each through capture, RTN, GPTQ, AWQ and export.
@@ -107,6 +108,20 @@ def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
 
 _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
 
+# Falcon: a fused q|k|v (multi-query or per-kv-group layout: no v -> dense fold), a GELU MLP. The linears run
+# attention first in every variant, so one group order serves all. Blocks with two norms (Falcon-RW's sequential
+# input/post-attention norms, or the ln_attn/ln_mlp of 40B/180B) take the mappings whose norm they hold;
+# blocks whose attention and MLP share one norm (7B, 11B) need the fold to scale q|k|v and the MLP together.
+_FALCON_GROUPS = (("self_attention.query_key_value",), ("self_attention.dense",), ("mlp.dense_h_to_4h",),
+                  ("mlp.dense_4h_to_h",))
+_FALCON_QKV, _FALCON_UP = _FALCON_GROUPS[0][0], _FALCON_GROUPS[2][0]
+
+
+def _falcon_variant(config) -> str:
+    two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
+    return "falcon_parallel" if config.parallel_attn and not two_norms else "falcon"
+
+
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -197,7 +212,16 @@ ARCHS: dict[str, ArchSpec] = {
                 SmoothMapping("block_sparse_moe.experts.gate_up_proj", ("block_sparse_moe.experts.down_proj",),
                               prev_rows="up_half")),
     ),
+    "falcon": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS, smooth=(
+        SmoothMapping("input_layernorm", (_FALCON_QKV,)), SmoothMapping("post_attention_layernorm", (_FALCON_UP,)),
+        SmoothMapping("ln_attn", (_FALCON_QKV,)), SmoothMapping("ln_mlp", (_FALCON_UP,)))),
+    "falcon_parallel": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS,
+                                smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
     "phimoe": ArchSpec(blocks=_MOE.blocks, groups=_MOE.groups, fp_linears=("mlp.router",),   # router is an nn.Linear
                        smooth=tuple(SmoothMapping(m.prev, m.linears, ("mlp.router",) if m.balance else (), m.prev_rows)
                                     for m in _MOE.smooth)),
 }
+
+# model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
+VARIANTS = {"falcon": _falcon_variant}
+MODEL_TYPES = sorted(set(ARCHS) - {"falcon_parallel"})   # what users name: ARCHS less the entries VARIANTS picks

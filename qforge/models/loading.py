@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import torch
 
 from ..errors import QForgeError
@@ -66,10 +67,26 @@ def _dense_from_gguf(gguf: Path) -> Path:
     if (out / "config.json").is_file():
         log.info("using cached dense conversion %s", out)
         return out
-    log.info("dequantizing %s (one time; cached in %s)", gguf.name, out)
-    with atomic_dir(out, overwrite=True) as tmp:
-        write_dense(gguf, tmp)
-    _remove_stale(out, gguf)
+    # Two processes converting the same file (two runs started at once, parallel test workers) take turns: the
+    # second finds the first's conversion instead of renaming its own over a directory the first is reading.
+    # The lock files live apart from the conversions, so a failed conversion leaves nothing in dense/.
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(locks / f"{out.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("another process is converting %s; waiting for it", gguf.name)
+        lock.acquire()
+    try:
+        if (out / "config.json").is_file():
+            return out
+        log.info("dequantizing %s (one time; cached in %s)", gguf.name, out)
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_dense(gguf, tmp)
+        _remove_stale(out, gguf)
+    finally:
+        lock.release()
     return out
 
 
