@@ -96,6 +96,32 @@ def test_the_cache_keeps_one_conversion_per_file(tmp_path, cache):
     assert kept.is_dir() and resolve_model(str(other)) == kept            # another file of the same name stays
 
 
+def test_a_conversion_in_progress_elsewhere_is_waited_for_not_redone(tmp_path, cache, caplog):
+    """Two processes naming one GGUF file at once (two runs, parallel test workers): the second waits on the
+    first's lock and takes its conversion instead of converting again and renaming over it."""
+    import threading
+
+    import filelock
+
+    gguf = smollm2_blocks(tmp_path / "s.gguf", blocks=2)
+    d = resolve_model(str(gguf))
+    made = (d / "config.json").stat().st_mtime_ns
+    d.rename(tmp_path / "elsewhere")                               # "the other process" has not finished yet
+    lock = filelock.FileLock(cache_root() / "locks" / f"{d.name}.lock")
+    got = []
+    with caplog.at_level("INFO", logger="qforge.models.loading"), lock:
+        t = threading.Thread(target=lambda: got.append(resolve_model(str(gguf))))
+        t.start()
+        for _ in range(200):                                       # until the second caller waits on the lock
+            if "another process is converting" in caplog.text:
+                break
+            t.join(0.05)
+        assert "another process is converting" in caplog.text and not got
+        (tmp_path / "elsewhere").rename(d)                         # the other process's conversion lands
+    t.join(60)
+    assert got == [d] and (d / "config.json").stat().st_mtime_ns == made    # taken, not converted again
+
+
 @pytest.mark.parametrize("model_type,cfg", [
     ("llama", QuantizeConfig(method="gptq", bits=3, group_size=64, act_order=True)),
     ("qwen3_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),
