@@ -289,9 +289,14 @@ class QModel:
             self._store = None
 
 
-def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool = False) -> QModel:
+def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool = False,
+         dense_cache: bool = True) -> QModel:
     """Load a model spec. A qforge output directory comes back quantized, with its config and codes; a packed
     gptq/awq/compressed-tensors checkpoint comes back with QuantLinear modules and its codes.
+
+    `dense_cache` (packed checkpoints): each QuantLinear keeps its dequantized weight after a first large input
+    (fast prefill and evaluation on a CPU, at the dense model's memory); False keeps only the packed weights
+    (bf16 on a CPU then takes the weight-only int4/int8 matmul at every batch size).
 
     `stream` (models larger than RAM, models/streaming.py): no weight is loaded yet; quantize() reads one
     block at a time (the weights outside the blocks only to capture the first block's inputs) and keeps each
@@ -308,7 +313,7 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
             lm, blocks = load_streamed(model)
             return QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
                           packed_format=blocks.fmt, blocks=blocks)
-        net, tok, layers, fmt = load_packed(model)
+        net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
         return QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
     if stream:
         from .models.streaming import load_streamed

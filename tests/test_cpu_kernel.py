@@ -157,3 +157,26 @@ def test_a_loaded_checkpoint_decodes_in_bf16_through_the_cpu_matmuls(tiny_llama_
             errs[kernel] = float((got - want).norm() / want.norm())
             assert all(bool(mod._cpu_weight) == kernel for mod in layers) and layers
     assert errs[True] < 2 * errs[False] + 1e-3, errs
+
+
+def test_without_a_dense_cache_a_loaded_checkpoint_keeps_only_its_packed_weights(tiny_llama_dir, tmp_path):
+    """qforge.load(dense_cache=False) / generate --no-dense-cache: a prompt-sized input builds no dequantized copy;
+    fp32 gives the cached model's logits, bf16 takes the int4 matmul at any number of rows."""
+    import qforge
+    from qforge.cli.main import main
+
+    m = qforge.load(tiny_llama_dir, qforge.QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m.quantize(None)
+    m.export(tmp_path / "gptq", "gptq")
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cached = qforge.load(tmp_path / "gptq").model
+        want = cached(input_ids=ids).logits
+        assert all(mod._w_cache is not None for mod in cached.modules() if isinstance(mod, QuantLinear))
+        lean = qforge.load(tmp_path / "gptq", dense_cache=False).model
+        torch.testing.assert_close(lean(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        lean.to(torch.bfloat16)(input_ids=ids)
+    layers = [mod for mod in lean.modules() if isinstance(mod, QuantLinear)]
+    assert layers and all(mod._w_cache is None and mod._cpu_weight for mod in layers)
+    assert main(["-q", "generate", str(tmp_path / "gptq"), "--prompt", "def main(): return", "--max-new-tokens",
+                 "3", "--dtype", "bfloat16", "--no-dense-cache"]) == 0

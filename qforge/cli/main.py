@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES,
                    help="the model's dtype; in bfloat16 on a CPU, packed 4-bit and per-channel 8-bit layers decode "
                         "through PyTorch's weight-only matmuls")
+    p.add_argument("--no-dense-cache", action="store_true",
+                   help="packed checkpoints: keep no dequantized copy of the weights (the dense model's memory); "
+                        "prompts are slower, in bfloat16 on a CPU every step takes the weight-only matmuls")
     p.add_argument("--tune-kernels", action="store_true",
                    help="packed checkpoints on CUDA: time the Triton kernel's schedules per layer shape first")
     p.add_argument("--kernel-picks", metavar="FILE", help="with --tune-kernels: earlier picks to reuse, saved back")
@@ -519,7 +522,7 @@ def cmd_generate(a) -> int:
     import qforge
     import torch
 
-    m = qforge.load(a.model)
+    m = qforge.load(a.model, dense_cache=not a.no_dense_cache)
     tuner = qforge.tune_kernels(m.model, a.device, a.kernel_picks) if a.tune_kernels else None
     m.model.to(a.device, getattr(torch, a.dtype))
     tok = m.tokenizer
