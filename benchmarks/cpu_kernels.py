@@ -12,6 +12,9 @@ matmul and the reference (unpack and dequantize per call), per layer and for dec
    the packed model run in fp32, and the bytes the linears hold.
 3. Peers: GPTQModel's CPU backends (its int4 ones call the same PyTorch op) against qforge on one gptq export
    (W4 g64 sym), bf16: decode tokens/s, prefill time, wiki ppl. GPTQModel runs from .venv-clients.
+4. Preparation (`--only prepare`): converting a 70B down-proj-shaped layer (8192 x 28672, W4 g128) to the int4
+   layout, whole and in pieces of WEIGHTS_PER_CONVERSION weights, each in a fresh process: time and the peak
+   resident memory it adds above the process holding the packed layer.
 """
 from __future__ import annotations
 
@@ -234,10 +237,45 @@ def peer_table(steps: int, windows: int) -> None:
                              f"32, {torch.get_num_threads()} threads"))
 
 
+# Linux: writing 5 to /proc/self/clear_refs resets the peak resident size (VmHWM) to the current one (VmRSS)
+_PREPARE_CHILD = """
+import re, sys, time, torch
+sys.path.insert(0, 'benchmarks')
+from cpu_kernels import _random_layer
+from qforge.kernels import QuantLinear, cpu_matmul
+def kb(field):
+    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))
+torch.set_num_threads(2)
+m = QuantLinear.from_quant(_random_layer(8192, 28672, 4, 128), None)
+cpu_matmul.WEIGHTS_PER_CONVERSION = int(sys.argv[1]) or m.out_features * m.in_features
+open('/proc/self/clear_refs', 'w').write('5')
+before = kb('VmRSS')
+t = time.perf_counter()
+w = cpu_matmul.prepare(m.qweight, m.qzeros, m.scales, m.g_idx, 4, torch.bfloat16)
+print(time.perf_counter() - t, (kb('VmHWM') - before) / 1024, w.packed.numel() / 2**20)
+"""
+
+
+def prepare_table() -> None:
+    import subprocess
+    import sys
+
+    from qforge.kernels import cpu_matmul
+
+    print("\n## int4 preparation of an 8192 x 28672 layer (W4 g128), each in a fresh process")
+    print("| weights converted at a time | seconds | peak memory added MB | int4 weight MB |\n|---|---|---|---|")
+    for n in (0, cpu_matmul.WEIGHTS_PER_CONVERSION):
+        out = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, str(n)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        sec, added, packed = map(float, out[-3:])
+        print(f"| {f'{n:,} (WEIGHTS_PER_CONVERSION)' if n else 'all (one piece)'} | {sec:.2f} | {added:,.0f} | "
+              f"{packed:,.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="batches 1 and 16, bf16 only, 16 decode steps, 2 ppl windows")
-    ap.add_argument("--only", choices=["layers", "decode", "peers"], help="one of the tables")
+    ap.add_argument("--only", choices=["layers", "decode", "peers", "prepare"], help="one of the tables")
     a = ap.parse_args()
     torch.set_num_threads(2)
     dtypes = [torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]
@@ -247,6 +285,8 @@ def main() -> None:
         decode_table(16 if a.quick else 64, dtypes, 2 if a.quick else 8)
     if a.only in (None, "peers"):
         peer_table(16 if a.quick else 64, 2 if a.quick else 8)
+    if a.only in (None, "prepare"):
+        prepare_table()
 
 
 if __name__ == "__main__":

@@ -180,3 +180,15 @@ def test_without_a_dense_cache_a_loaded_checkpoint_keeps_only_its_packed_weights
     assert layers and all(mod._w_cache is None and mod._cpu_weight for mod in layers)
     assert main(["-q", "generate", str(tmp_path / "gptq"), "--prompt", "def main(): return", "--max-new-tokens",
                  "3", "--dtype", "bfloat16", "--no-dense-cache"]) == 0
+
+
+def test_a_layer_converted_in_pieces_is_the_whole_conversion(monkeypatch):
+    """prepare() converts WEIGHTS_PER_CONVERSION weights at a time (the int32 codes it needs are 4 bytes a
+    weight); pieces of 128 rows and a shorter last piece give the one-piece conversion bit for bit."""
+    m = _layer(320, 256, 64, True, True)
+    args = (m.qweight, m.qzeros, m.scales, m.g_idx, 4, torch.bfloat16)
+    whole = cpu_matmul.prepare(*args)
+    monkeypatch.setattr(cpu_matmul, "WEIGHTS_PER_CONVERSION", 128 * 256 + 100)   # 128 rows of K = 256
+    pieces = cpu_matmul.prepare(*args)
+    assert whole.perm is not None and torch.equal(whole.perm, pieces.perm)
+    assert torch.equal(whole.packed, pieces.packed) and torch.equal(whole.scales_and_zeros, pieces.scales_and_zeros)
