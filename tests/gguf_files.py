@@ -125,3 +125,50 @@ def random_qwen3_moe(path: Path, blocks: int = 2, hidden: int = 64, experts: int
                     (p + "ffn_up_exps.weight", w(experts, inter, hidden), None),
                     (p + "ffn_down_exps.weight", w(experts, hidden, inter), None)]
     return _write(path, "qwen3moe", fields, tensors + [head], split_max_tensors)
+
+
+def _spm_tokenizer_fields(reader, vocab: int) -> list[tuple]:
+    """SmolLM2's first `vocab` tokens as a SentencePiece-style vocabulary (tokenizer.ggml.model "llama", zero
+    scores, no merges), the kind Gemma's GGUF files carry and transformers' Gemma converter reads."""
+    from gguf import GGUFValueType as T
+
+    out = [f for f in _tokenizer_fields(reader, vocab) if f[0] not in ("tokenizer.ggml.model", "tokenizer.ggml.merges")]
+    return out + [("tokenizer.ggml.model", "llama", T.STRING, None),
+                  ("tokenizer.ggml.scores", [0.0] * vocab, T.ARRAY, T.FLOAT32)]
+
+
+def tiny_family_gguf(path: Path, key: str, arch: str, vocab: int = 512, **overrides) -> Path:
+    """tests/tiny_models.py's model `key` written as a float32 GGUF file of architecture `arch`: the metadata
+    transformers reads for `arch` (GGUF_CONFIG_MAPPING, from the tiny config), every parameter under its GGUF name,
+    its values written as they are (so a reader's transforms, Llama's q/k permutation or Gemma's norm offset,
+    apply to them: compare readers of the file, not the file with the tiny model). `overrides`: config fields."""
+    from gguf import GGUFValueType as T
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    from transformers.pytorch_utils import Conv1D
+
+    from qforge.models.gguf import gguf_names
+    from tiny_models import tiny_model
+
+    m = tiny_model(key, **overrides)
+    cfg = m.config
+    values = {**cfg.to_dict(), **(cfg.rope_parameters or {} if hasattr(cfg, "rope_parameters") else {})}
+    fields = [(f"{arch}.{gk}", values[hk], T.FLOAT32 if isinstance(values[hk], float) else T.UINT32, None)
+              for gk, hk in GGUF_CONFIG_MAPPING[arch].items()
+              if hk and isinstance(values.get(hk), (int, float)) and not isinstance(values.get(hk), bool)]
+    tokenizer = _spm_tokenizer_fields if arch.startswith("gemma") else _tokenizer_fields
+    fields += [("general.name", f"tiny-{key}", T.STRING, None)] + tokenizer(smollm2_reader(), vocab)
+    names = {v: k for k, v in gguf_names(m, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=cfg.to_dict()),
+                                         arch).items()}
+    tied = m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    conv1d = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, Conv1D)}  # [in, out]; GGUF: [out, in]
+    tensors = []
+    for k, t in m.state_dict().items():
+        t = t.T if k in conv1d else t
+        stem = names.get(k.removesuffix(".weight"))
+        name = names.get(k) or (stem and f"{stem}.weight")
+        if name is None and not (tied and k == "lm_head.weight"):
+            raise KeyError(f"{key}: no GGUF name for {k}")
+        if name is not None:
+            tensors.append((name, t.float().numpy().copy(), None))
+    return _write(path, arch, fields, tensors)

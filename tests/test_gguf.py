@@ -12,7 +12,7 @@ from qforge.models.arch import arch_spec, get_blocks
 from qforge.models.gguf import GGUFTensors
 from qforge.models.loading import cache_root, resolve_model
 from qforge.models.streaming import BlockLoader, load_streamed
-from gguf_files import random_qwen3_moe, smollm2_blocks
+from gguf_files import random_qwen3_moe, smollm2_blocks, tiny_family_gguf
 from tiny_models import saved_tensors
 
 MAKERS = {"llama": smollm2_blocks, "qwen3_moe": random_qwen3_moe}
@@ -51,6 +51,34 @@ def test_the_dense_conversion_is_what_transformers_loads(tmp_path, cache, monkey
     ids = torch.randint(0, 500, (1, 16))
     with torch.no_grad():      # equal weights; MoE's expert sums may run in another order, so not bit for bit
         torch.testing.assert_close(ref(ids).logits, got(ids).logits, rtol=0, atol=1e-5)
+
+
+# tiny_models key -> the GGUF architecture its family is written as (llama.cpp's names), and config fields
+# transformers does not read from such a file, at the values it assumes (Qwen3's head width, Falcon's MLP width,
+# GPT-2's positions: the real models' values)
+FAMILIES = {"qwen2": ("qwen2", {}), "qwen3": ("qwen3", {"head_dim": 128}), "mistral": ("llama", {}),
+            "gemma2": ("gemma2", {}), "gemma3_text": ("gemma3", {}), "phi3": ("phi3", {}),
+            "falcon_parallel": ("falcon", {"ffn_hidden_size": 256}), "stablelm": ("stablelm", {}),
+            "starcoder2": ("starcoder2", {}), "nemotron": ("nemotron", {}), "bloom": ("bloom", {}),
+            "gpt2": ("gpt2", {"n_positions": 1024})}
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_gguf_files_of_other_families_read_as_transformers_reads_them(tmp_path, cache, key):
+    """Every family transformers reads from GGUF and qforge's table holds (beyond the real SmolLM2 file and
+    Qwen3-MoE above): the dense conversion and a streamed run's blocks hold what transformers' own GGUF loading
+    makes of the file, through its per-architecture transforms (Llama's q/k permutation, Gemma's and Nemotron's
+    norm offsets, Bloom's fused q|k|v, GPT-2's Conv1D)."""
+    arch, overrides = FAMILIES[key]
+    gguf = tiny_family_gguf(tmp_path / f"{key}.gguf", key, arch, **overrides)
+    want = _transformers_model(gguf).state_dict()
+    got = qforge.load(str(gguf)).model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    lm, loader = load_streamed(str(gguf))
+    spec = arch_spec(lm.model)
+    for i, block in enumerate(get_blocks(lm.model, spec)):
+        with loader.loaded(i, block):
+            assert all(torch.equal(t, want[f"{spec.blocks}.{i}.{k}"]) for k, t in block.state_dict().items())
 
 
 @pytest.mark.parametrize("model_type", list(MAKERS))
