@@ -160,8 +160,11 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
                           f"(export mixed precision as {_mixed_formats()})")
     from . import __version__
 
-    act_order = bool(getattr(qcfg, "act_order", False))
+    # desc_act says whether readers must follow g_idx: only grouped layers quantized in act-order without static
+    # groups have theirs out of column order. Static groups and per-channel layers are the plain layout, which
+    # vLLM (0.32 refuses desc_act=True) and every other reader take.
     static = bool(getattr(qcfg, "static_groups", False))
+    act_order = bool(getattr(qcfg, "act_order", False)) and not static and any(g.group_size != -1 for g in grids)
     weight = Counter()
     for q in layers.values():
         weight[q.grid] += q.shape[0] * q.shape[1]

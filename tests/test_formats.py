@@ -223,6 +223,23 @@ def test_export_sharded_and_gptq_files(quantized_tiny, tmp_path):
     assert len(back.result.layers) == len(m.result.layers)
 
 
+@pytest.mark.parametrize("kw,desc_act", [
+    (dict(act_order=True), True),                              # groups permuted: readers must follow g_idx
+    (dict(act_order=True, static_groups=True), False),         # act-order's solve, groups in column order
+    (dict(act_order=True, group_size=-1), False),              # one group: nothing to follow
+    (dict(), False),
+])
+def test_gptq_desc_act_says_whether_g_idx_is_out_of_column_order(quantized_tiny, tmp_path, kw, desc_act):
+    """desc_act=True only where a layer's groups are permuted: vLLM 0.32 refuses any desc_act=True checkpoint, so
+    static groups (or per-channel act-order) must export as the plain layout (benchmarks/vllm_loads_exports.py)."""
+    m = quantized_tiny(QuantizeConfig(**{"method": "gptq", "bits": 4, "group_size": 32, **kw}))
+    m.export(tmp_path / "g", "gptq")
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is desc_act and qc["static_groups"] is bool(kw.get("static_groups"))
+    back = qforge.load(tmp_path / "g").result.layers
+    assert all(torch.equal(back[n].g_idx, q.g_idx) for n, q in m.result.layers.items())
+
+
 def test_export_errors_are_clear_and_leave_nothing(quantized_tiny, tmp_path):
     m = quantized_tiny(QuantizeConfig(method="gptq", bits=3, group_size=32, act_order=True))
     with pytest.raises(QForgeError, match="4-bit"):

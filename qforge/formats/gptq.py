@@ -87,7 +87,8 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid, v1: bool = True) -> LayerQuan
 
 
 def quantization_config(grid: Grid, act_order: bool, static_groups: bool, extra: dict) -> dict:
-    """config.json's quantization_config (and quantize_config.json) as GPTQModel writes it."""
+    """config.json's quantization_config (and quantize_config.json) as GPTQModel writes it; `act_order`: some
+    layer's g_idx is out of column order (desc_act)."""
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": grid.bits,
             "group_size": grid.group_size, "desc_act": act_order, "static_groups": static_groups,
             "sym": grid.sym, "lm_head": False, "pack_dtype": "int32", "true_sequential": True, **extra}
