@@ -145,7 +145,7 @@ def main() -> None:
                 rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])
-            theirs["kernels"] = sorted(set(re.findall(r"Using (\w+) for (?:AutoGPTQ|AWQ|CompressedTensors)",
+            theirs["kernels"] = sorted(set(re.findall(r"Using (\w+) for (?:AutoGPTQ|AutoAWQ|AWQ|CompressedTensors)",
                                                   p.stdout + p.stderr)))
             ppl = {k: float(torch.tensor(v).exp()) for k, v in
                    (("vllm", theirs["nll"]), ("fp32", ours[torch.float32]), ("bf16", ours[torch.bfloat16]))}
