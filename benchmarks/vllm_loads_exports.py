@@ -96,14 +96,14 @@ def _exports(d: Path) -> dict[str, Path]:
 def _qforge_side(path: Path, windows: torch.Tensor, prompt: torch.Tensor, steps: int) -> dict:
     import qforge
     from qforge.eval.decode import greedy_decode
+    from qforge.eval.perplexity import token_nll
 
     res = {}
     model = qforge.load(path).model
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
-            lp = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
-            res[dtype] = float(-lp[:, :-1].gather(-1, windows[:, 1:, None]).mean())
+            res[dtype] = float(token_nll(model, windows, batch_size=len(windows), show_progress=False).mean())
             res[f"tokens {dtype}"] = greedy_decode(model, prompt, steps - 1).tokens.tolist()   # prefill's + steps - 1
     return res
 

@@ -34,6 +34,10 @@ from ..formats.bitpack import unpack_codes_t, unpack_int32
 TILE_GROUPS = (256, 128, 64, 32)   # tinygemm's group sizes, largest first (fewest scale rows)
 N_MULTIPLE = 16
 MAX_ROWS_OVER_DENSE = 8            # above this many rows a dense copy of the weight, where kept, is faster
+# weights converted to the int4 layout at a time: the conversion takes int32 codes (4 bytes a weight: 0.94 GB for
+# a 70B MLP layer at once, 128 MB in pieces of 2^25 weights). A piece is a multiple of 64 rows, the packed
+# layout's row blocks, so the pieces concatenate to the whole conversion bit for bit (tests/test_cpu_kernel.py)
+WEIGHTS_PER_CONVERSION = 1 << 25
 
 
 def available(bits: int) -> bool:
@@ -112,12 +116,6 @@ def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
     z = unpack_int32(qzeros, 4, dim=1)[tile_group].float()              # [K / gs, N]
     scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous()
     return Int4Weight(packed, scales_and_zeros, gs, perm)
-
-
-# weights converted at a time: the conversion takes int32 codes (4 bytes a weight: 0.94 GB for a 70B MLP layer
-# at once, 128 MB in pieces of 2^25 weights). A piece is a multiple of 64 rows, the packed layout's row blocks,
-# so the pieces concatenate to the whole conversion bit for bit (tests/test_cpu_kernel.py)
-WEIGHTS_PER_CONVERSION = 1 << 25
 
 
 def _int4pack_rows(qweight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
