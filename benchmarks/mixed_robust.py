@@ -32,6 +32,8 @@ from qforge.eval import load_eval_text, perplexity
 from qforge.eval.compare import kl_divergence
 from qforge.mixed import Allocation, load_measurement, plan
 from qforge.mixed.plan import restate_costs
+from qforge.models.families import ARCHS
+from qforge.models.fused import fused_sets
 from benchmarks.mixed_heldout_diag import MEAS, logp
 
 
@@ -42,6 +44,8 @@ VARIANTS = {                                    # plan()'s per-channel floor dec
     "no3pc": lambda meas, bpw: plan(meas, bpw, pc_min_bits=4),
     "no3pc_p1.5": lambda meas, bpw: plan(meas, bpw, err_power=1.5, pc_min_bits=4),
     "nopc": lambda meas, bpw: plan(meas, bpw, pc_min_bits=9),
+    # no2pc with each fused set (a block's q/k/v, gate/up) on one scheme: qforge's default since session 36
+    "fused": lambda meas, bpw: plan(meas, bpw, units=fused_sets(ARCHS["llama"], meas["layers"])),
 }
 UNIFORM = {"uniform": (3, 64, True), "uniform4": (4, 64, True), "uniform2": (2, 32, True)}
 

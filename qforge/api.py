@@ -157,6 +157,7 @@ class QModel:
                 m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress,
                                       probe_memory)
         m = restate_costs(m, cfg.bpw_format)
+        units = self._units(m)
         if start is not None:
             a = start
         elif cfg.verify_samples:
@@ -164,16 +165,25 @@ class QModel:
 
             a = verified_plan(self.model, m, cfg.bpw, samples, samples[:cfg.verify_samples], cfg, cfg.skip,
                               device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
-                              probe_memory=probe_memory)
+                              probe_memory=probe_memory, units=units)
         else:
-            a = plan(m, cfg.bpw, cfg.skip)
+            a = plan(m, cfg.bpw, cfg.skip, units=units)
         if not cfg.search_generations:
             return a
         from .mixed.search import searched_allocation
 
         return searched_allocation(self.model, m, a, samples, samples[:cfg.search_samples], cfg,
                                    cfg.search_generations, cfg.search_offspring, span=cfg.search_span, device=device,
-                                   batch_size=batch_size, show_progress=show_progress)
+                                   batch_size=batch_size, show_progress=show_progress, units=units)
+
+    def _units(self, measurement: dict) -> dict[str, tuple[str, ...]] | None:
+        """What takes one scheme, as config.bpw_units says: the fused sets of the measured linears, or None."""
+        if self.config.bpw_units == "linear":
+            return None
+        from .models.arch import arch_spec
+        from .models.fused import fused_sets
+
+        return fused_sets(arch_spec(self.model), measurement["layers"])
 
     def _measurement(self, path: Path, samples, device: str, batch_size: int, show_progress: bool,
                      probe_memory: int):

@@ -13,6 +13,7 @@ METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 HESSIAN_DTYPES = ("float32", "bfloat16")
+BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -95,6 +96,9 @@ class QuantizeConfig(_JsonMixin):
     bpw: float | None = None
     measurement: str = ""
     bpw_format: str = "gptq"
+    # "fused": the linears a serving engine fuses into one module (a block's q/k/v, gate/up, DeepSeek's q_a/kv_a,
+    # a MoE block's experts; models/fused.py) take one scheme, so vLLM loads the result; "linear": each its own
+    bpw_units: str = "fused"
     # > 0: after planning, each block is quantized on its own at its allocated schemes and the model run over
     # this many calibration sequences (mixed/verify.py); a block that alone costs more than the whole
     # allocation's predicted KL on one of them has its lowest width raised and the budget re-planned.
@@ -153,6 +157,7 @@ class QuantizeConfig(_JsonMixin):
                    f"bpw must be a number from 2.0 to 8.0, got {self.bpw!r}")
             _check(self.bpw_format in ("gptq", "compressed-tensors"),
                    f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
+        _check(self.bpw_units in BPW_UNITS, f"bpw_units must be one of {', '.join(BPW_UNITS)}, got {self.bpw_units!r}")
         for name in ("verify_samples", "search_generations"):      # a search can also continue an allocation
             v = getattr(self, name)
             _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")

@@ -146,6 +146,7 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
 def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
     """The format's quantization_config; `layers` keyed by stored module names (stored_layers)."""
     grids = {q.grid for q in layers.values()}
+    fused = engine_modules(layers) if len(grids) > 1 and FORMATS[fmt].MIXED else {}
     if fmt == "compressed-tensors":
         from .formats.compressed_tensors import build_config
         from .models.checkpoint_keys import save_keys
@@ -171,10 +172,33 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
     base = max(weight, key=lambda g: (weight[g], g.bits, g.group_size, g.sym))   # most weights; deterministic
     extra = {"meta": {"quantizer": [f"qforge:{__version__}"]}}
     if len(grids) > 1:  # GPTQModel's per-module overrides: "+:" regex on the full module name -> fields
-        extra["dynamic"] = {f"+:^{re.escape(n)}$": {"bits": q.grid.bits, "group_size": q.grid.group_size,
-                                                      "sym": q.grid.sym}
+        extra["dynamic"] = {f"+:^{_module_pattern(n, fused)}$": {"bits": q.grid.bits, "group_size": q.grid.group_size,
+                                                                   "sym": q.grid.sym}
                             for n, q in layers.items() if q.grid != base}
     return FORMATS[fmt].quantization_config(base, act_order, static, extra)
+
+
+def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:
+    """{stored module: the vLLM module it is fused into} for the fused sets whose modules share one scheme; a set
+    whose modules differ is warned about (vLLM cannot load it: its fused module holds one scheme)."""
+    from .models.fused import engine_module
+
+    sets: dict[str, list[str]] = {}
+    for n in layers:
+        fused = engine_module(n)
+        if fused:
+            sets.setdefault(fused, []).append(n)
+    mixed = sorted(f for f, names in sets.items() if len({layers[n].grid for n in names}) > 1)
+    if mixed:
+        log.warning("%d module(s) vLLM fuses (first: %s) hold linears at different schemes: this export loads in "
+                    "qforge, transformers and GPTQModel but not in vLLM (allocate with bpw_units='fused')",
+                    len(mixed), mixed[0])
+    return {n: f for f, names in sets.items() if f not in mixed for n in names}
+
+
+def _module_pattern(name: str, fused: dict[str, str]) -> str:
+    """A regex matching module `name` and, when it has one, the fused module vLLM matches rules against."""
+    return f"(?:{re.escape(name)}|{re.escape(fused[name])})" if name in fused else re.escape(name)
 
 
 def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_size: int) -> None:

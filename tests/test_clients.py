@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import qforge
-from qforge.models.arch import linear_modules
+from qforge.models.arch import arch_spec, named_block_linears
+from qforge.models.fused import fused_sets
 from qforge.models.loading import resolve_model
 from qforge.pipeline import quantize_model
 from qforge.solvers import Grid
@@ -64,10 +65,14 @@ MIXED = [Grid(4, 64, True), Grid(8, -1, False), Grid(3, 64, True), Grid(2, 32, F
 
 
 def mixed_grids(model) -> dict:
-    """Every third linear gets another scheme (2, 3, 4 and 8 bits; groups 32, 64 and per-channel): a
-    mixed-precision export as `--bpw` makes, without the measurement pass."""
-    names = [n for n, _ in sorted(linear_modules(model).items())]
-    return {n: MIXED[k % len(MIXED)] for k, n in enumerate(names) if k % 3 == 0}
+    """Every third fused set (a block's q/k/v or gate/up, else one linear: models/fused.py) gets another scheme
+    (2, 3, 4 and 8 bits; groups 32, 64 and per-channel), as a `--bpw` allocation ties them, so `dynamic` rules
+    name vLLM's fused modules too; and one set split, as `--bpw-units linear` may leave it."""
+    spec = arch_spec(model)
+    sets = sorted(fused_sets(spec, named_block_linears(model, spec)).values())
+    grids = {n: MIXED[k % len(MIXED)] for k, members in enumerate(sets) if k % 3 == 0 for n in members}
+    split = next(members for k, members in enumerate(sets) if k % 3 and len(members) > 1)
+    return {**grids, split[0]: Grid(4, 32, False)}
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,23 @@ def test_a_block_above_the_limit_is_raised_and_the_budget_replanned(measured):
     assert verified_plan(model, m, target, calib, calib, CFG, tolerance=1e6).layers == a.layers
 
 
+def test_a_repair_over_fused_sets_raises_whole_sets_and_keeps_them_on_one_scheme(measured):
+    from qforge.models.fused import fused_sets
+
+    model, m = measured
+    units = fused_sets(arch_spec(model), m["layers"])
+    calib = samples()
+    a = plan(m, 3.0, units=units)
+    worst = max(c.worst for c in check_blocks(model, a, calib, calib, CFG).values())
+    v = verified_plan(model, m, 3.0, calib, calib, CFG, tolerance=0.999 * worst / a.total_err, rounds=1, units=units)
+    raised = v.verification["raised"]
+    assert raised and v.bpw <= 3.0
+    for members in units.values():
+        assert len({(v.layers[n]["bits"], v.layers[n]["group_size"], v.layers[n]["sym"]) for n in members}) == 1
+        assert all(n in raised for n in members) or not any(n in raised for n in members)   # a set is raised whole
+    assert any(len(members) > 1 and members[0] in raised for members in units.values())
+
+
 def test_without_widths_removes_only_the_named_layers_options(measured):
     _, m = measured
     name = next(iter(m["layers"]))

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import COMPUTE_DTYPES, HESSIAN_DTYPES, METHODS, CalibrationConfig
+from ..config import BPW_UNITS, COMPUTE_DTYPES, HESSIAN_DTYPES, METHODS, CalibrationConfig
 from ..errors import QForgeError
 from ..utils.device import check_device
 from .table import format_table, human_bytes
@@ -84,6 +84,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     x = p.add_argument_group("mixed precision (method gptq)")
     x.add_argument("--bpw", type=float, help="target average stored bits per weight of the quantized linears "
                                              "(2.0-8.0), counted as --format stores them (gptq by default)")
+    x.add_argument("--bpw-units", choices=BPW_UNITS, default="fused",
+                   help="fused (default): the linears vLLM fuses into one module (a block's q/k/v, gate/up, a MoE "
+                        "block's experts) take one scheme, so the export loads there; linear: each its own")
     x.add_argument("--measurement", default="", help="measurement file from `qforge measure` to reuse (or to "
                                                      "write and resume; default OUT.measurement.json)")
     x.add_argument("--verify-samples", type=int, default=0,
@@ -158,7 +161,7 @@ def _quant_config(a):
                           compute_dtype=a.compute_dtype, hessian_dtype=a.hessian_dtype, bpw=a.bpw, measurement=a.measurement,
                           verify_samples=a.verify_samples, search_generations=a.search_generations,
                           search_samples=a.search_samples, search_offspring=a.search_offspring,
-                          search_span=a.search_span,
+                          search_span=a.search_span, bpw_units=a.bpw_units,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 

@@ -29,7 +29,8 @@ from .bitpack import pack_int32, unpack_codes_t, unpack_int32
 NAME = "gptq"
 KEYS = ("qweight", "qzeros", "scales", "g_idx")
 BITS = (2, 3, 4, 8)          # what GPTQModel's and vLLM's gptq readers accept
-MIXED = True                 # per-layer schemes: quantization_config["dynamic"] overrides
+MIXED = True                 # per-layer schemes: quantization_config["dynamic"] overrides (export.py; a rule
+                             # names the module and, where vLLM fuses it, the fused module: models/fused.py)
 
 
 def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:

@@ -119,31 +119,72 @@ PC_MIN_BITS = 3
 
 
 def plan(measurement: dict, target_bpw: float, skip: tuple[str, ...] = (), err_power: float = 1.0,
-         pc_min_bits: int = PC_MIN_BITS) -> Allocation:
+         pc_min_bits: int = PC_MIN_BITS, units: dict[str, tuple[str, ...]] | None = None) -> Allocation:
     """The allocation that minimises the summed error at <= target_bpw (over the measured layers); with
     err_power p > 1 it minimises the sum of err^p instead, which spreads error over more layers. Per-channel
-    schemes below `pc_min_bits` are left out unless the target needs them."""
+    schemes below `pc_min_bits` are left out unless the target needs them. `units` ({name: linears}, e.g.
+    models.fused.fused_sets): the linears of a unit get one scheme, chosen on their summed cost and error
+    (a scheme is a unit's option when every linear in it was measured at it); None: every linear on its own."""
     from fnmatch import fnmatch
 
     layers = {n: d for n, d in measurement["layers"].items() if not any(fnmatch(n, p) for p in skip)}
     numel = {n: d["shape"][0] * d["shape"][1] for n, d in layers.items()}
+    units = restrict_units(units, layers)
     keep = {n: [o for o in d["options"] if o["group_size"] != -1 or o["bits"] >= pc_min_bits] or d["options"]
             for n, d in layers.items()}
-    if sum(min(o["stored_bits"] for o in keep[n]) for n in layers) > target_bpw * sum(numel.values()):
+    combined = {u: unit_options(u, [keep[n] for n in members], err_power) for u, members in units.items()}
+    if sum(min(o["stored_bits"] for o in combined[u]) for u in units) > target_bpw * sum(numel.values()):
         log.warning("%.2f bpw needs per-channel schemes below %d bits: allowing them (they can break inputs the "
                     "measurement did not see; check the result on your own text)", target_bpw, pc_min_bits)
         keep = {n: d["options"] for n, d in layers.items()}
-    options = {n: [Option(grid_key(Grid(o["bits"], o["group_size"], o["sym"])), o["stored_bits"],
-                          o["err"] ** err_power) for o in keep[n]] for n in layers}
-    chosen = allocate(options, numel, target_bpw)
+        combined = {u: unit_options(u, [keep[n] for n in members], err_power) for u, members in units.items()}
+    options = {u: [Option(grid_key(Grid(*scheme_of(o))), o["stored_bits"], o["err"]) for o in combined[u]]
+               for u in units}
+    chosen = allocate(options, {u: sum(numel[n] for n in members) for u, members in units.items()}, target_bpw)
     out = {}
-    for n, opt in chosen.items():
-        o = keep[n][options[n].index(opt)]
-        out[n] = {"bits": o["bits"], "group_size": o["group_size"], "sym": o["sym"], "stored_bits": o["stored_bits"],
-                  "err": o["err"], "rel_err": o.get("rel_err"), "numel": numel[n]}
-    a = Allocation(target_bpw, measurement.get("format"), out)
-    log.info("allocation for %.2f bpw: %.4f bpw, total error %.4g", target_bpw, a.bpw, a.total_err)
+    for u, opt in chosen.items():
+        scheme = scheme_of(combined[u][options[u].index(opt)])
+        for n in units[u]:
+            o = next(o for o in keep[n] if scheme_of(o) == scheme)
+            out[n] = {"bits": o["bits"], "group_size": o["group_size"], "sym": o["sym"],
+                      "stored_bits": o["stored_bits"], "err": o["err"], "rel_err": o.get("rel_err"), "numel": numel[n]}
+    a = Allocation(target_bpw, measurement.get("format"), {n: out[n] for n in layers})
+    log.info("allocation for %.2f bpw: %.4f bpw, total error %.4g (%d linears in %d units)", target_bpw, a.bpw,
+             a.total_err, len(layers), len(units))
     return a
+
+
+def scheme_of(option: dict) -> tuple:
+    """(bits, group_size, sym) of a measured option or an allocated layer."""
+    return option["bits"], option["group_size"], option["sym"]
+
+
+def unit_options(unit: str, per_linear: list[list[dict]], err_power: float = 1.0) -> list[dict]:
+    """The options of a unit whose linears take one scheme: the schemes every linear has among its options
+    (`per_linear`, one list per linear), in the first linear's order, with their stored bits and err^err_power
+    summed over the linears."""
+    shared = set.intersection(*({scheme_of(o) for o in options} for options in per_linear))
+    if not shared:
+        raise QForgeError(f"the linears of {unit} share no measured scheme, so they cannot take one; measure them "
+                          f"with the same candidates (or allocate per linear)")
+    by_scheme = [{scheme_of(o): o for o in options} for options in per_linear]
+    return [{"bits": s[0], "group_size": s[1], "sym": s[2],
+             "stored_bits": sum(b[s]["stored_bits"] for b in by_scheme),
+             "err": sum(b[s]["err"] ** err_power for b in by_scheme)}
+            for s in (scheme_of(o) for o in per_linear[0]) if s in shared]
+
+
+def restrict_units(units: dict[str, tuple[str, ...]] | None, layers) -> dict[str, tuple[str, ...]]:
+    """`units` restricted to `layers` (the linears being allocated; units left empty dropped), or one unit per
+    layer when None; a layer in no unit is refused."""
+    if units is None:
+        return {n: (n,) for n in layers}
+    out = {u: tuple(n for n in members if n in layers) for u, members in units.items()}
+    out = {u: m for u, m in out.items() if m}
+    missing = sorted(set(layers) - {n for m in out.values() for n in m})
+    if missing:
+        raise QForgeError(f"{missing[0]} (and {len(missing) - 1} more) is allocated but in no allocation unit")
+    return out
 
 
 def allocation_rows(a: Allocation) -> list[list]:

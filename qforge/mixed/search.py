@@ -31,11 +31,12 @@ import torch
 
 from ..capture.blocks import capture_block_inputs, make_batches, run_block, walk_fp_blocks
 from ..config import QuantizeConfig
+from ..errors import QForgeError
 from ..models.arch import arch_spec, block_linears, get_blocks, linear_name, named_block_linears
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import Grid, gptq
 from ..utils.progress import progress
-from .plan import Allocation
+from .plan import Allocation, restrict_units, scheme_of, unit_options
 from .probe import TailProbe
 
 log = logging.getLogger(__name__)
@@ -101,19 +102,21 @@ def evolve(costs: dict[str, list[int]], start: dict[str, int], budget: float, ju
 
 
 class ModelJudge:
-    """KL(P_fp || P) of a copy of the model whose linears hold database weights, on fitness batches."""
+    """KL(P_fp || P) of a copy of the model whose linears hold database weights, on fitness batches. Levels are
+    per unit ({unit: its linears}, all of one block): a unit's linears switch together."""
 
     def __init__(self, model, spec, db: dict[str, list[torch.Tensor]], assign: dict[str, int],
-                 batches: list[torch.Tensor], dtype: torch.dtype, device: str = "cpu"):
+                 batches: list[torch.Tensor], dtype: torch.dtype, device: str = "cpu",
+                 units: dict[str, tuple[str, ...]] | None = None):
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype)
         self.spec, self.db, self.assign, self.device = spec, db, dict(assign), device
+        self.units = units or {n: (n,) for n in assign}
         blocks = get_blocks(self.model, spec)
         named = named_block_linears(self.model, spec)
         self.refs = {n: r for n, (_, r) in named.items()}
-        self.block_of = {n: i for n, (i, _) in named.items()}
+        self.block_of = {u: named[members[0]][0] for u, members in self.units.items()}
         self.probe = TailProbe(self.model, spec, batches)        # the reference: the fp weights, in `dtype`
-        for n, level in self.assign.items():
-            self.refs[n].set_weight(db[n][level])
+        self._set(self.assign)
         inputs = capture_block_inputs(self.model, spec, batches)
         self.calls = [inputs.for_block(i) for i in range(len(blocks))]
         self.hidden = [inputs.hidden]
@@ -127,8 +130,9 @@ class ModelJudge:
             self.hidden.append(run_block(blocks[i], self.hidden[i], self.calls[i], self.device))
 
     def _set(self, changes: dict[str, int]) -> None:
-        for n, level in changes.items():
-            self.refs[n].set_weight(self.db[n][level])
+        for u, level in changes.items():
+            for n in self.units[u]:
+                self.refs[n].set_weight(self.db[n][level])
 
     def score(self, changes: dict[str, int], full: bool) -> float:
         first = min((self.block_of[n] for n in changes), default=0)
@@ -181,34 +185,47 @@ def search_runs(record: dict | None) -> list[dict]:
 def searched_allocation(model, measurement: dict, start: Allocation, calib: list[torch.Tensor],
                         fitness: list[torch.Tensor], cfg: QuantizeConfig, generations: int, offspring: int = 8,
                         survivors: int = 2, span: int = 2, seed: int | None = None, device: str = "cpu",
-                        batch_size: int = 8, show_progress: bool = False) -> Allocation:
+                        batch_size: int = 8, show_progress: bool = False,
+                        units: dict[str, tuple[str, ...]] | None = None) -> Allocation:
     """`start` improved by evolve() on the KL over `fitness` sequences; Hessians from `calib`. The seed
-    defaults to the number of runs in `start`'s record, so a continued search draws new mutations."""
+    defaults to the number of runs in `start`'s record, so a continued search draws new mutations. `units`
+    ({name: linears}, as plan() takes them): a unit's linears move between levels together (a unit's levels:
+    the schemes all its linears were measured at, on their summed costs and errors); None: each on its own."""
     if seed is None:
         seed = len(search_runs(start.search))
-    names = sorted(start.layers)
+    units = restrict_units(units, start.layers)
     opts, levels, assign = {}, {}, {}
-    for n in names:
-        options = measurement["layers"][n]["options"]
-        d = start.layers[n]
-        pick = next(j for j, o in enumerate(options)
-                    if (o["bits"], o["group_size"], o["sym"]) == (d["bits"], d["group_size"], d["sym"]))
+    for u, members in sorted(units.items()):
+        options = unit_options(u, [measurement["layers"][n]["options"] for n in members])
+        picks = {scheme_of(start.layers[n]) for n in members}
+        if len(picks) > 1:
+            raise QForgeError(f"the allocation gives the linears of {u} {len(picks)} schemes; a search over fused "
+                              f"sets starts from an allocation that ties them (plan it so, or search per linear)")
+        (picked,) = picks
+        pick = next(j for j, o in enumerate(options) if scheme_of(o) == picked)
         front = pareto_levels(options)
         if pick not in front:                          # the optimiser's pick stays reachable
             front = sorted(front + [pick], key=lambda j: (options[j]["stored_bits"], options[j]["err"]))
         k = front.index(pick)
         front = front[max(0, k - span): k + span + 1]
-        opts[n], assign[n] = [options[j] for j in front], front.index(pick)
-        levels[n] = [Grid(o["bits"], o["group_size"], o["sym"]) for o in opts[n]]
-    costs = {n: [o["stored_bits"] for o in opts[n]] for n in names}
+        opts[u], assign[u] = [options[j] for j in front], front.index(pick)
+        levels[u] = [Grid(*scheme_of(o)) for o in opts[u]]
+    costs = {u: [o["stored_bits"] for o in opts[u]] for u in units}
     budget = start.target_bpw * sum(d["numel"] for d in start.layers.values())
     dtype = getattr(torch, cfg.compute_dtype)
-    db = build_database(model, levels, calib, cfg, dtype, device, batch_size, show_progress)
-    judge = ModelJudge(model, arch_spec(model), db, assign, make_batches(fitness, batch_size), dtype, device)
+    db = build_database(model, {n: levels[u] for u, members in units.items() for n in members}, calib, cfg, dtype,
+                        device, batch_size, show_progress)
+    judge = ModelJudge(model, arch_spec(model), db, assign, make_batches(fitness, batch_size), dtype, device, units)
     best, history = evolve(costs, assign, budget, judge, generations, offspring, survivors, seed, show_progress)
     del judge, db
-    layers = {n: {**{k: opts[n][best[n]][k] for k in ("bits", "group_size", "sym", "stored_bits", "err")},
-                  "rel_err": opts[n][best[n]].get("rel_err"), "numel": start.layers[n]["numel"]} for n in names}
+    layers = {}
+    for u, members in units.items():
+        scheme = scheme_of(opts[u][best[u]])
+        for n in members:
+            o = next(o for o in measurement["layers"][n]["options"] if scheme_of(o) == scheme)
+            layers[n] = {**{k: o[k] for k in ("bits", "group_size", "sym", "stored_bits", "err")},
+                         "rel_err": o.get("rel_err"), "numel": start.layers[n]["numel"]}
+    layers = {n: layers[n] for n in sorted(layers)}
     accepted = sum(b < a for a, b in zip(history, history[1:]))
     run = {"generations": generations, "seed": seed, "offspring": offspring, "survivors": survivors, "span": span,
            "sequences": len(fitness), "kl_start": history[0], "kl_end": history[-1], "accepted": accepted,

@@ -145,9 +145,11 @@ def _raise(checks: list[BlockCheck], measurement: dict, raised: dict[str, int]) 
 def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch.Tensor],
                   valid: list[torch.Tensor], cfg: QuantizeConfig, skip: tuple[str, ...] = (), err_power: float = 1.0,
                   tolerance: float = 1.0, rounds: int = 3, device: str = "cpu", batch_size: int = 8,
-                  show_progress: bool = False, weights=None, probe_memory: int = PROBE_MEMORY) -> Allocation:
-    """plan(), then check_blocks() and repair as the module says; the allocation records what was checked."""
-    a = plan(measurement, target_bpw, skip, err_power)
+                  show_progress: bool = False, weights=None, probe_memory: int = PROBE_MEMORY,
+                  units: dict[str, tuple[str, ...]] | None = None) -> Allocation:
+    """plan() (over `units`), then check_blocks() and repair as the module says; the allocation records what was
+    checked. A raised linear's unit is raised with it: they share the scheme that was raised."""
+    a = plan(measurement, target_bpw, skip, err_power, units=units)
     spec = arch_spec(model)
     checks: dict[int, BlockCheck] = {}
     raised: dict[str, int] = {}
@@ -169,7 +171,7 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
                             "held-out text", len(flagged))
             break
         log.info("mixed precision: raising %d layer(s) above their block's lowest width and planning again", len(new))
-        a = plan(without_widths(measurement, raised), target_bpw, skip, err_power)
+        a = plan(without_widths(measurement, raised), target_bpw, skip, err_power, units=units)
     report = {"tolerance": tolerance, "limit": tolerance * a.total_err, "sequences": len(valid), "raised": raised,
               "blocks": {str(i): c.to_json() for i, c in sorted(checks.items())}}
     return Allocation(a.target_bpw, a.format, a.layers, report)
