@@ -53,23 +53,24 @@ PROMPT = "The history of the city begins in the"
 MEASUREMENT = Path(__file__).parent / "results" / "mixed_measurement_v3_32x512_gar_ss_b2348_ct.json"
 
 
-def _allocated_grids(units: str) -> dict:
-    """A --bpw 4.3 plan (gptq costs) over the 4-bit symmetric schemes (g32, g64, per channel: vLLM's CPU kernels take
-    4 bits, its gptq reader symmetric only) of session 22's SmolLM2 measurement, per fused set or per linear."""
+def _allocated_grids(units: str, bpw: float = 4.3, widths: tuple = (4,)) -> dict:
+    """A --bpw plan (gptq costs) over the symmetric schemes of `widths` (by default 4 bits at g32, g64 and per
+    channel: vLLM's CPU kernels take 4 bits, its gptq reader symmetric only) of session 22's SmolLM2 measurement,
+    per fused set or per linear."""
     from qforge.mixed import load_measurement, plan
     from qforge.mixed.plan import restate_costs
     from qforge.models.families import ARCHS
     from qforge.models.fused import fused_sets
 
     m = restate_costs(load_measurement(MEASUREMENT), "gptq")
-    m = {**m, "layers": {n: {**d, "options": [o for o in d["options"] if o["bits"] == 4 and o["sym"]]}
+    m = {**m, "layers": {n: {**d, "options": [o for o in d["options"] if o["bits"] in widths and o["sym"]]}
                          for n, d in m["layers"].items()}}
-    return plan(m, 4.3, units=fused_sets(ARCHS["llama"], m["layers"]) if units == "fused" else None).grids
+    return plan(m, bpw, units=fused_sets(ARCHS["llama"], m["layers"]) if units == "fused" else None).grids
 
 
 def _exports(d: Path, only: str = "") -> dict[str, Path]:
     """SmolLM2-135M in every layout qforge writes for 4 and 8 bits (RTN unless noted: the layout, not the solver, is
-    under test; GPTQ with act-order for the permuted g_idx); `only`: the rows whose name holds it."""
+    under test; GPTQ with act-order for the permuted g_idx); `only`: the rows whose name holds it (A|B: either)."""
     import qforge
     from qforge.calibration import build_calibration
     from qforge.models.arch import linear_modules
@@ -92,14 +93,18 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
          ["gptq", "compressed-tensors"]),
         ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1),
          ["gptq", "compressed-tensors"]),
+        ("W3 g64 sym", qforge.QuantizeConfig(method="rtn", bits=3, group_size=64), ["gptq", "compressed-tensors"]),
         ("W4 --bpw 4.3 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,
                                                                                      group_size=64),
          ["gptq", "compressed-tensors"]),
         ("W4 --bpw 4.3 plan, per linear (bpw_units linear)", qforge.QuantizeConfig(method="rtn", bits=4,
                                                                                  group_size=64),
          ["gptq", "compressed-tensors"]),
+        ("W2/3/4/8 --bpw 3.5 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                           group_size=64),
+         ["compressed-tensors"]),
     ]:
-        if only not in name:
+        if not any(o in name for o in only.split("|")):
             continue
         m = qforge.load("smollm2-135m", cfg)
         calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.method == "gptq" else None
@@ -108,8 +113,9 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
             picked = names[::3] if "3rd" in name else [n for n in names if n.endswith(("o_proj", "down_proj"))]
             grids = {n: (Grid(4, 32, True), Grid(4, -1, True))[k % 2] for k, n in enumerate(picked)}
             m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
-        elif name.startswith("W4 --bpw"):
-            grids = _allocated_grids("fused" if "fused" in name else "linear")
+        elif "--bpw" in name:
+            grids = _allocated_grids("fused" if "fused" in name else "linear",
+                                     *((3.5, (2, 3, 4, 8)) if name.startswith("W2/3/4/8") else ()))
             m.result = quantize_model(m.model, m.config, None, grids=grids, show_progress=False)
         else:
             m.quantize(calib)
@@ -144,7 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--only", default="", help="only the exports whose name holds this text")
+    ap.add_argument("--only", default="", help="only the exports whose name holds this text (or one of A|B|...)")
     ap.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
     a = ap.parse_args()
     torch.set_num_threads(2)

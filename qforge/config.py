@@ -96,9 +96,10 @@ class QuantizeConfig(_JsonMixin):
     bpw: float | None = None
     measurement: str = ""
     bpw_format: str = "gptq"
-    # "fused": the linears a serving engine fuses into one module (a block's q/k/v, gate/up, DeepSeek's q_a/kv_a,
-    # a MoE block's experts; models/fused.py) take one scheme, so vLLM loads the result; "linear": each its own
-    bpw_units: str = "fused"
+    # "linear": each linear its own scheme; "fused": the linears a serving engine fuses into one module (a block's
+    # q/k/v, gate/up, DeepSeek's q_a/kv_a, a MoE block's experts; models/fused.py) take one, so vLLM loads the
+    # result. Per linear by default: tying cost SmolLM2 7% wiki ppl at 3.0 bpw (BENCHMARKS.md, session 36)
+    bpw_units: str = "linear"
     # > 0: after planning, each block is quantized on its own at its allocated schemes and the model run over
     # this many calibration sequences (mixed/verify.py); a block that alone costs more than the whole
     # allocation's predicted KL on one of them has its lowest width raised and the budget re-planned.

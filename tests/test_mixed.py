@@ -20,7 +20,6 @@ from qforge.mixed.plan import restate_costs
 from qforge.capture import capture_block_inputs
 from qforge.capture.blocks import make_batches
 from qforge.models.arch import arch_spec, block_linears, get_blocks
-from qforge.models.fused import fused_sets
 from qforge.solvers import Grid
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -299,9 +298,7 @@ def test_more_bits_give_lower_measured_error_and_output_error(tiny_llama_dir, tm
             errs.append(m.result.allocation.total_err)
     assert "other GPTQ settings" not in caplog.text
     assert errs[0] > errs[1]
-    measured = load_measurement(meas)
-    units = fused_sets(arch_spec(m.model), measured["layers"])            # bpw_units="fused", the default
-    assert plan(measured, 5.0, units=units).layers == m.result.allocation.layers      # deterministic
+    assert plan(load_measurement(meas), 5.0).layers == m.result.allocation.layers      # deterministic
     with caplog.at_level(logging.WARNING, logger="qforge.api"):   # reused for another solver: said, not silent
         other = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=5.0, measurement=str(meas),
                                                            scale_search=False))

@@ -150,7 +150,8 @@ def test_a_search_over_units_moves_each_unit_as_one(tmp_path):
 
 def test_bpw_units_fused_ties_the_quantized_model_and_names_the_fused_modules_in_dynamic(tiny_llama_dir, tmp_path,
                                                                                         caplog):
-    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(tmp_path / "m.json")))
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, bpw_units="fused",
+                                                   measurement=str(tmp_path / "m.json")))
     m.quantize(samples())
     with caplog.at_level(logging.WARNING, logger="qforge.export"):
         m.export(tmp_path / "x", "gptq")
@@ -164,9 +165,8 @@ def test_bpw_units_fused_ties_the_quantized_model_and_names_the_fused_modules_in
     # the per-linear plan of the same measurement splits some set here: tying is what changed it
     untied = plan(json.loads((tmp_path / "m.json").read_text()), 3.5, units=None).grids
     assert any(len({untied[n] for n in ms}) > 1 for ms in tied)
-    per_linear = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, bpw_units="linear",
-                                                            measurement=str(tmp_path / "m.json")))
-    per_linear.quantize(samples())                          # the same measurement, reused: the per-linear plan
+    per_linear = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(tmp_path / "m.json")))
+    per_linear.quantize(samples())                          # the default, on the same measurement: the per-linear plan
     assert per_linear.result.allocation.grids == untied
     for n, q in layers.items():
         want = (q.grid.bits, q.grid.group_size, q.grid.sym)
@@ -205,5 +205,6 @@ def test_bpw_units_is_validated_and_on_the_cli():
         QuantizeConfig(method="gptq", bpw=3.0, bpw_units="block")
     from qforge.cli.main import build_parser
 
-    a = build_parser().parse_args(["quantize", "m", "--out", "o", "--bpw", "3.0", "--bpw-units", "linear"])
-    assert a.bpw_units == "linear"
+    a = build_parser().parse_args(["quantize", "m", "--out", "o", "--bpw", "3.0", "--bpw-units", "fused"])
+    assert a.bpw_units == "fused" and QuantizeConfig().bpw_units == "linear"
+    assert build_parser().parse_args(["quantize", "m", "--out", "o", "--bpw", "3.0"]).bpw_units == "linear"

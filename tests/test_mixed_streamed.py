@@ -141,8 +141,16 @@ def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer
     assert "summed KL" in capsys.readouterr().out
     assert main(["-q", "quantize", str(src), "--stream", "--method", "gptq", "--bpw", "3", "--measurement",
                  str(tmp_path / "s.json"), "--verify-samples", "2", "--probe-memory", "1KB", "--calib", "builtin:wiki",
-                 "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q")]) == 0
-    assert json.loads((tmp_path / "q" / "allocation.json").read_text())["bpw"] <= 3
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q"), "--bpw-units", "fused"]) == 0
+    alloc = json.loads((tmp_path / "q" / "allocation.json").read_text())
+    assert alloc["bpw"] <= 3
+    from qforge.models.families import ARCHS
+    from qforge.models.fused import fused_sets
+
+    sets = fused_sets(ARCHS["llama"], alloc["layers"])                 # streamed, checked: each set on one scheme
+    assert any(len(ms) > 1 for ms in sets.values())
+    for members in sets.values():
+        assert len({tuple(alloc["layers"][n][k] for k in ("bits", "group_size", "sym")) for n in members}) == 1
     with pytest.raises(SystemExit):
         main(["-q", "measure", str(src), "--stream", "--probe-memory", "lots", "--out", str(tmp_path / "x.json")])
 

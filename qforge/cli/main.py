@@ -84,9 +84,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     x = p.add_argument_group("mixed precision (method gptq)")
     x.add_argument("--bpw", type=float, help="target average stored bits per weight of the quantized linears "
                                              "(2.0-8.0), counted as --format stores them (gptq by default)")
-    x.add_argument("--bpw-units", choices=BPW_UNITS, default="fused",
-                   help="fused (default): the linears vLLM fuses into one module (a block's q/k/v, gate/up, a MoE "
-                        "block's experts) take one scheme, so the export loads there; linear: each its own")
+    x.add_argument("--bpw-units", choices=BPW_UNITS, default="linear",
+                   help="linear (default): each linear its own scheme; fused: the linears vLLM fuses into one module "
+                        "(a block's q/k/v, gate/up, a MoE block's experts) take one, so the export loads in vLLM")
     x.add_argument("--measurement", default="", help="measurement file from `qforge measure` to reuse (or to "
                                                      "write and resume; default OUT.measurement.json)")
     x.add_argument("--verify-samples", type=int, default=0,
