@@ -177,6 +177,30 @@ def test_bpw_units_fused_ties_the_quantized_model_and_names_the_fused_modules_in
     assert {n: q.grid for n, q in back.result.layers.items()} == {n: q.grid for n, q in layers.items()}
 
 
+def test_a_moe_blocks_experts_take_one_scheme_and_vllms_experts_module_reads_it(tiny_tokenizer, tmp_path):
+    src = tmp_path / "moe"
+    tiny_model("qwen2_moe", seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), QuantizeConfig(method="gptq", bpw=3.5, bpw_units="fused",
+                                             measurement=str(tmp_path / "m.json")))
+    m.quantize(samples())
+    layers = m.result.layers
+    experts = [ms for u, ms in fused_sets(arch_spec(m.model), layers).items() if u.endswith("experts.*")]
+    assert experts and all(len({layers[n].grid for n in ms}) == 1 for ms in experts)
+    # the export: a block's experts at a scheme other than the base reach vLLM's experts module through their rules
+    from qforge.pipeline import quantize_model
+    from qforge.solvers import Grid
+
+    r = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=64))
+    r.result = quantize_model(r.model, r.config, None, grids={n: Grid(4, 32, True) for n in experts[0]},
+                              show_progress=False)
+    r.export(tmp_path / "x", "gptq")
+    stored = qforge.load(tmp_path / "x").result.layers        # per-expert modules, as the checkpoint stores them
+    fused = {engine_module(n) for n in stored if engine_module(n) and engine_module(n).endswith(".experts")}
+    assert len(fused) == 1 and _vllm_grid(tmp_path / "x", fused.pop()) == (4, 32, True)
+    assert sum(_vllm_grid(tmp_path / "x", n) == (4, 32, True) for n in stored) == 3 * len(experts[0]) // 2
+
+
 def _vllm_grid(out, module):
     """vLLM's reading of a gptq checkpoint's scheme for `module`: the first "+:" rule that matches, else the base."""
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

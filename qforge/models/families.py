@@ -215,13 +215,15 @@ ARCHS: dict[str, ArchSpec] = {
     "falcon": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS, smooth=(
         SmoothMapping("input_layernorm", (_FALCON_QKV,)), SmoothMapping("post_attention_layernorm", (_FALCON_UP,)),
         SmoothMapping("ln_attn", (_FALCON_QKV,)), SmoothMapping("ln_mlp", (_FALCON_UP,)))),
-    "falcon_parallel": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS,
-                                smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
     "phimoe": ArchSpec(blocks=_MOE.blocks, groups=_MOE.groups, fp_linears=("mlp.router",),   # router is an nn.Linear
                        smooth=tuple(SmoothMapping(m.prev, m.linears, ("mlp.router",) if m.balance else (), m.prev_rows)
                                     for m in _MOE.smooth)),
 }
 
+MODEL_TYPES = sorted(ARCHS)                  # what users name; below, the entries only a VARIANTS function picks
+ARCHS.update({
+    "falcon_parallel": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS,
+                                smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
+})
 # model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
 VARIANTS = {"falcon": _falcon_variant}
-MODEL_TYPES = sorted(set(ARCHS) - {"falcon_parallel"})   # what users name: ARCHS less the entries VARIANTS picks
