@@ -29,21 +29,16 @@ def samples(n=6, T=32, seed=0):
     return [torch.randint(0, VOCAB, (T,), generator=g) for _ in range(n)]
 
 
-def _sets(model_type):
-    model = tiny_model(model_type)
-    spec = arch_spec(model)
-    return spec, fused_sets(spec, named_block_linears(model, spec))
-
-
 def _leaves(members, prefix):
     return sorted(m[len(prefix):] for m in members)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "cohere", "phi", "qwen2_moe", "deepseek_v3", "gpt_neox"])
 def test_fused_sets_are_the_table_groups_under_one_parent_and_a_blocks_experts(model_type):
-    spec, sets = _sets(model_type)
     model = tiny_model(model_type)
+    spec = arch_spec(model)
     names = list(named_block_linears(model, spec))
+    sets = fused_sets(spec, names)
     assert sorted(n for m in sets.values() for n in m) == sorted(names)          # every linear in one set
     for members in sets.values():                                                  # a set lies in one block
         assert len({m[len(spec.blocks) + 1:].split(".")[0] for m in members}) == 1
@@ -75,7 +70,8 @@ def test_fused_sets_are_the_table_groups_under_one_parent_and_a_blocks_experts(m
 def test_engine_module_is_the_name_vllm_gives_the_fused_module():
     assert engine_module("model.layers.3.self_attn.k_proj") == "model.layers.3.self_attn.qkv_proj"
     assert engine_module("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
-    assert engine_module("model.layers.3.mlp.shared_expert.gate_proj") == "model.layers.3.mlp.shared_expert.gate_up_proj"
+    assert engine_module("model.layers.3.mlp.shared_expert.gate_proj") == \
+        "model.layers.3.mlp.shared_expert.gate_up_proj"
     assert engine_module("model.layers.0.self_attn.kv_a_proj_with_mqa") == "model.layers.0.self_attn.fused_qkv_a_proj"
     assert engine_module("model.layers.1.mlp.experts.7.down_proj") == "model.layers.1.mlp.experts"
     assert engine_module("model.layers.1.block_sparse_moe.experts.0.w1") == "model.layers.1.block_sparse_moe.experts"
@@ -165,7 +161,8 @@ def test_bpw_units_fused_ties_the_quantized_model_and_names_the_fused_modules_in
     # the per-linear plan of the same measurement splits some set here: tying is what changed it
     untied = plan(json.loads((tmp_path / "m.json").read_text()), 3.5, units=None).grids
     assert any(len({untied[n] for n in ms}) > 1 for ms in tied)
-    per_linear = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(tmp_path / "m.json")))
+    per_linear = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5,
+                                                            measurement=str(tmp_path / "m.json")))
     per_linear.quantize(samples())                          # the default, on the same measurement: the per-linear plan
     assert per_linear.result.allocation.grids == untied
     for n, q in layers.items():
