@@ -146,7 +146,7 @@ class QModel:
 
         from .mixed import plan
         from .mixed.measure import PROBE_MEMORY
-        from .mixed.plan import restate_costs
+        from .mixed.plan import only_widths, restate_costs
 
         cfg = self.config
         probe_memory = probe_memory or PROBE_MEMORY
@@ -157,6 +157,8 @@ class QModel:
                 m = self._measurement(Path(d) / "measurement.json", samples, device, batch_size, show_progress,
                                       probe_memory)
         m = restate_costs(m, cfg.bpw_format)
+        if cfg.bpw_bits:
+            m = only_widths(m, cfg.bpw_bits)
         units = self._units(m)
         if start is not None:
             a = start
@@ -205,7 +207,7 @@ class QModel:
             pass                                                 # unfinished: measure_model resumes it
         identity = {"model": self.source, "calibration": self.calibration_config.to_dict()
                     if self.calibration_config else f"{len(samples)} samples"}
-        return measure_model(self.model, samples, path, cfg, cfg.bpw_format, identity=identity,
+        return measure_model(self.model, samples, path, cfg, cfg.bpw_format, cfg.bpw_bits or None, identity=identity,
                              device=device, batch_size=batch_size, show_progress=show_progress, weights=self.blocks,
                              probe_memory=probe_memory)
 

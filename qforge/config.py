@@ -100,6 +100,9 @@ class QuantizeConfig(_JsonMixin):
     # q/k/v, gate/up, DeepSeek's q_a/kv_a, a MoE block's experts; models/fused.py) take one, so vLLM loads the
     # result. Per linear by default: tying cost SmolLM2 7% wiki ppl at 3.0 bpw (BENCHMARKS.md, session 36)
     bpw_units: str = "linear"
+    # the widths the allocation may use (empty: every width bpw_format stores); a new measurement measures only these,
+    # a reused one is cut to them (vLLM's kernels: 4 and 8 bits)
+    bpw_bits: tuple[int, ...] = ()
     # > 0: after planning, each block is quantized on its own at its allocated schemes and the model run over
     # this many calibration sequences (mixed/verify.py); a block that alone costs more than the whole
     # allocation's predicted KL on one of them has its lowest width raised and the budget re-planned.
@@ -159,6 +162,9 @@ class QuantizeConfig(_JsonMixin):
             _check(self.bpw_format in ("gptq", "compressed-tensors"),
                    f"bpw_format must be gptq or compressed-tensors, got {self.bpw_format!r}")
         _check(self.bpw_units in BPW_UNITS, f"bpw_units must be one of {', '.join(BPW_UNITS)}, got {self.bpw_units!r}")
+        object.__setattr__(self, "bpw_bits", tuple(self.bpw_bits))
+        _check(all(type(b) is int and 2 <= b <= 8 for b in self.bpw_bits),
+               f"bpw_bits must be bit widths from 2 to 8, got {self.bpw_bits!r}")
         for name in ("verify_samples", "search_generations"):      # a search can also continue an allocation
             v = getattr(self, name)
             _check(type(v) is int and v >= 0, f"{name} must be a whole number >= 0, got {v!r}")

@@ -395,3 +395,28 @@ def test_a_bad_or_foreign_allocation_is_refused(tiny_llama_dir, tmp_path, capsys
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3", "--allocation", str(bad),
                 "--out", str(tmp_path / "q")]) != 0
     assert "give it or --bpw, not both" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_candidate_bits_limit_the_allocation_and_what_a_new_measurement_measures(tiny_llama_dir, tmp_path):
+    meas = tmp_path / "m48.json"
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=5.0, bpw_bits=(4, 8), measurement=str(meas)))
+    m.quantize(samples())
+    assert {q.grid.bits for q in m.result.layers.values()} == {4, 8} and m.result.allocation.bpw <= 5.0
+    measured = load_measurement(meas)
+    assert measured["bits"] == [4, 8]
+    assert {o["bits"] for d in measured["layers"].values() for o in d["options"]} == {4, 8}
+    full = tmp_path / "full.json"                       # a measurement of every width, reused: cut to the allowed ones
+    qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, measurement=str(full))).quantize(samples())
+    four = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=5.5, bpw_bits=(4,), measurement=str(full)))
+    four.quantize(samples())                            # (64-wide tiny linears: 4 bits per channel cost 4.8 bpw)
+    assert {q.grid.bits for q in four.result.layers.values()} == {4} and four.result.allocation.bpw <= 5.5
+    three = qforge.load(tiny_llama_dir, QuantizeConfig(method="gptq", bpw=3.5, bpw_bits=(3,), measurement=str(meas)))
+    with pytest.raises(QForgeError, match="measured at 4, 8 bits, none of the allowed 3"):
+        three.quantize(samples())
+    with pytest.raises(QForgeError, match="bpw_bits must be bit widths from 2 to 8"):
+        QuantizeConfig(method="gptq", bpw=3.0, bpw_bits=(9,))
+    from qforge.cli.main import build_parser
+
+    assert build_parser().parse_args(["quantize", "m", "--out", "o", "--candidate-bits", "4,8"]).candidate_bits == (4, 8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m", "--out", "o", "--candidate-bits", "four"])

@@ -34,6 +34,20 @@ def _at_least(low: int):
 COUNT, WHOLE = _at_least(1), _at_least(0)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated bit widths from 2 to 8 (4,8), as a tuple; empty: none given."""
+    try:
+        bits = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bit widths such as 4,8, got {text!r}") from None
+    if any(not 2 <= b <= 8 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths go from 2 to 8, got {text!r}")
+    return bits
+
+
+_widths.__name__ = "bit widths"
+
+
 def _size(text: str) -> int:
     """An argparse type: a byte size, 4GB or 500MB or 2GiB (utils.shards.parse_size)."""
     from ..utils.shards import parse_size
@@ -87,6 +101,9 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     x.add_argument("--bpw-units", choices=BPW_UNITS, default="linear",
                    help="linear (default): each linear its own scheme; fused: the linears vLLM fuses into one module "
                         "(a block's q/k/v, gate/up, a MoE block's experts) take one, so the export loads in vLLM")
+    x.add_argument("--candidate-bits", type=_widths, default=(),
+                   help="comma-separated bit widths the allocation may use, e.g. 4,8 for vLLM (default: every "
+                        "width --format stores); a new measurement measures only these")
     x.add_argument("--measurement", default="", help="measurement file from `qforge measure` to reuse (or to "
                                                      "write and resume; default OUT.measurement.json)")
     x.add_argument("--verify-samples", type=int, default=0,
@@ -161,7 +178,7 @@ def _quant_config(a):
                           compute_dtype=a.compute_dtype, hessian_dtype=a.hessian_dtype, bpw=a.bpw, measurement=a.measurement,
                           verify_samples=a.verify_samples, search_generations=a.search_generations,
                           search_samples=a.search_samples, search_offspring=a.search_offspring,
-                          search_span=a.search_span, bpw_units=a.bpw_units,
+                          search_span=a.search_span, bpw_units=a.bpw_units, bpw_bits=a.candidate_bits,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq")
 
@@ -196,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True, help="measurement JSON (resumed when it exists)")
     p.add_argument("--format", choices=MIXED_FORMATS, default="gptq", help="whose storage the costs count")
-    p.add_argument("--candidate-bits", default="", help="comma-separated bit widths (default: all the format takes)")
     p.add_argument("--probe-samples", type=COUNT, default=4, help="calibration samples the end-to-end KL probes run on")
     p.add_argument("--stream", action="store_true",
                    help="models larger than RAM: one decoder block in memory at a time, the same numbers (the "
@@ -318,7 +334,7 @@ def cmd_measure(a) -> int:
     cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
                          static_groups=a.static_groups, act_group_aware=a.act_group_aware,
                          scale_search=a.scale_search)
-    bits = tuple(int(b) for b in a.candidate_bits.split(",") if b) or None
+    bits = a.candidate_bits or None
     m = qforge.load(a.model, stream=a.stream)
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}

@@ -112,6 +112,18 @@ def restate_costs(measurement: dict, fmt: str | None) -> dict:
     return {**measurement, "format": fmt, "layers": layers}
 
 
+def only_widths(measurement: dict, bits: tuple[int, ...]) -> dict:
+    """`measurement` with every linear's options cut to the widths in `bits` (what the allocation may use)."""
+    layers = {}
+    for n, d in measurement["layers"].items():
+        layers[n] = {**d, "options": [o for o in d["options"] if o["bits"] in bits]}
+        if not layers[n]["options"]:
+            measured = sorted({o["bits"] for o in d["options"]})
+            raise QForgeError(f"{n} was measured at {', '.join(map(str, measured))} bits, none of the allowed "
+                              f"{', '.join(map(str, bits))}: measure again with those widths")
+    return {**measurement, "layers": layers}
+
+
 # Below this width a per-channel scheme is taken only when the budget cannot be met without it: on SmolLM2
 # at 3.0 bpw the allocation that gave block 0's attention projections 2 bits per channel broke one held-out
 # sequence in 64 (4 nats/token), which the per-linear measurement cannot see (BENCHMARKS.md, "Mixed precision").
