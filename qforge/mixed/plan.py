@@ -31,7 +31,7 @@ class Allocation:
 
     @property
     def grids(self) -> dict[str, Grid]:
-        return {n: Grid(d["bits"], d["group_size"], d["sym"]) for n, d in self.layers.items()}
+        return {n: Grid(*scheme_of(d)) for n, d in self.layers.items()}
 
     @property
     def bpw(self) -> float:
@@ -102,7 +102,7 @@ def restate_costs(measurement: dict, fmt: str | None) -> dict:
     for n, d in measurement["layers"].items():
         shape = tuple(d["shape"])
         rows = tuple(d["stored_rows"]) if "stored_rows" in d and fmt is not None else None
-        options = [{**o, "stored_bits": scheme_bits(shape, Grid(o["bits"], o["group_size"], o["sym"]), fmt,
+        options = [{**o, "stored_bits": scheme_bits(shape, Grid(*scheme_of(o)), fmt,
                                                     bool(measurement.get("act_order")), rows)}
                    for o in d["options"] if o["bits"] in FORMAT_BITS[fmt]]
         if not options:
@@ -200,7 +200,7 @@ def restrict_units(units: dict[str, tuple[str, ...]] | None, layers) -> dict[str
 
 
 def allocation_rows(a: Allocation) -> list[list]:
-    return [[n, grid_key(Grid(d["bits"], d["group_size"], d["sym"])), d["stored_bits"] / d["numel"], d["err"],
+    return [[n, grid_key(Grid(*scheme_of(d))), d["stored_bits"] / d["numel"], d["err"],
              d.get("rel_err")]
             for n, d in a.layers.items()]
 

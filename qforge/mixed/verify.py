@@ -28,7 +28,7 @@ from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import gptq
 from ..utils.progress import progress
 from .measure import PROBE_MEMORY
-from .plan import Allocation, plan
+from .plan import Allocation, plan, scheme_of
 from .probe import TailProbe
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class BlockCheck:
 
 
 def _block_schemes(a: Allocation, prefix: str) -> tuple[tuple[str, tuple], ...]:
-    return tuple((n, (d["bits"], d["group_size"], d["sym"])) for n, d in sorted(a.layers.items())
+    return tuple((n, scheme_of(d)) for n, d in sorted(a.layers.items())
                  if n.startswith(prefix))
 
 

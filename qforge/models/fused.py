@@ -2,9 +2,8 @@
 
 vLLM (and engines built like it) runs a block's q/k/v as one `qkv_proj`, gate/up as one `gate_up_proj`, DeepSeek's
 q_a/kv_a as one `fused_qkv_a_proj` and a MoE block's experts (gate/up and down of every expert) as one fused-experts
-module.
-A mixed-precision checkpoint loads there only when each such set shares one scheme, and a GPTQ `dynamic` rule
-reaches the fused module only when it names the fused module (vLLM matches rules against its own module names).
+module. A mixed-precision checkpoint loads there only when each such set shares one scheme, and a GPTQ `dynamic`
+rule reaches the fused module only when it names the fused module (vLLM matches rules against its own names).
 
 Fused sets come from the architecture table, with no per-family list: the linears of one block in one table
 group (they read one input) under one parent module (self_attn.{q,k,v}_proj; a parallel block's attention and MLP
