@@ -53,6 +53,14 @@ CONFIGS = {
     "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # experts stored [experts, in, out]: Llama 4 (block 0 dense, block 1 routed + shared, inputs scaled by the
+    # router), GPT-OSS (interleaved gate/up with biases, attention sinks)
+    "llama4_text": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "rope_theta": 150000.0, "original_max_position_embeddings": 16}),
     # Falcon's three block wirings: sequential norms (RW, ALiBi), one norm for parallel attention and MLP
     # (7B: multi-query), two parallel norms (40B/180B: grouped kv heads)
     "falcon": dict(_FALCON, parallel_attn=False, multi_query=False, alibi=True),

@@ -5,7 +5,8 @@ statistic serves the whole group. While group k is collected, its linears and ev
 groups are swapped for stand-ins that return zeros (group k's stand-in hands its input to the sink
 first): nothing after group k can change group k's inputs, so their real compute is skipped.
 Fused experts cannot be swapped out; their per-expert inputs are rebuilt from the experts module's
-call (tokens routed to each expert; for down_proj, act(gate) * up under the current weights).
+call (tokens routed to each expert; for down_proj, act(gate) * up under the current weights), as the family's
+ExpertLayout says.
 Once every sink has its input the rest of the block is not needed: the pass stops there
 (GroupCollected, caught by feed_block).
 """
@@ -65,22 +66,35 @@ class _ZeroLinear(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _expert_inputs(module: nn.Module, ref: LinearRef, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
-    x = hidden[(top_k_index == ref.expert).any(dim=-1)]            # [tokens routed to e, hidden]
+def _routed(ref: LinearRef, args: tuple) -> torch.Tensor:
+    """The tokens expert `ref.expert` reads in this call of its experts module: [tokens routed to it, in]."""
+    if ref.layout.routing == "scaled":                             # x [experts·tokens, in], scaled by router scores
+        x = args[0]
+        x = x.reshape(getattr(ref.module, ref.param).shape[0], -1, x.shape[-1])[ref.expert]
+        return x[x.ne(0).any(dim=-1)]                              # tokens not routed to e arrive multiplied by 0
+    hidden, top_k_index = args[0], args[1]
+    return hidden[(top_k_index == ref.expert).any(dim=-1)]
+
+
+def _expert_inputs(module: nn.Module, ref: LinearRef, args: tuple) -> torch.Tensor:
+    x = _routed(ref, args)                                         # [tokens routed to e, hidden]
     if ref.param == "gate_up_proj":
         return x
-    gate, up = F.linear(x, module.gate_up_proj[ref.expert]).chunk(2, dim=-1)
-    return module.act_fn(gate) * up                                # down_proj's input
+    gate_up = LinearRef(ref.name, module, "gate_up_proj", ref.expert, ref.layout)
+    h = F.linear(x, gate_up.weight, gate_up.bias)                  # [tokens, 2·I]
+    if ref.layout.glu == "module":
+        return module._apply_gate(h)
+    gate, up = ref.layout.gate_up_rows(h.shape[-1])
+    return module.act_fn(h[:, gate]) * h[:, up]                    # down_proj's input
 
 
 def _expert_hooks(refs: list[LinearRef], sinks: dict[str, Sink]) -> list:
     experts = [r for r in refs if r.expert is not None and r.name in sinks]
 
     def hook(module, args):
-        hidden, top_k_index = args[0], args[1]
         for r in experts:
             if r.module is module:
-                sinks[r.name](_expert_inputs(module, r, hidden, top_k_index))
+                sinks[r.name](_expert_inputs(module, r, args))
 
     return [m.register_forward_pre_hook(hook) for m in {id(r.module): r.module for r in experts}.values()]
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ..errors import QForgeError
-from .archspec import PREV_ROWS, ArchSpec, SmoothMapping
+from .archspec import PREV_ROWS, ArchSpec, ExpertLayout, SmoothMapping
 from .families import ARCHS, MODEL_TYPES, VARIANTS
 
-__all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "LinearRef", "SmoothMapping", "arch_spec", "block_linears", "get_blocks",
+__all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "ExpertLayout", "LinearRef", "SmoothMapping", "arch_spec", "block_linears", "get_blocks",
            "linear_modules", "linear_name", "linear_ref", "named_block_linears", "submodule_or_none",
            "untracked_linears"]
 
@@ -59,12 +59,14 @@ class LinearRef:
     """One quantizable linear inside a block, with its weight seen as [out_features, in_features].
 
     Wraps nn.Linear, GPT-2's Conv1D (stored [in, out]) and one expert of a fused 3-D expert
-    parameter ([experts, out, in]).
+    parameter ([experts, out, in], or [experts, in, out] as `layout` says).
     """
 
-    def __init__(self, name: str, module: nn.Module, param: str = "weight", expert: int | None = None):
+    def __init__(self, name: str, module: nn.Module, param: str = "weight", expert: int | None = None,
+                 layout: ExpertLayout | None = None):
         self.name, self.module, self.param, self.expert = name, module, param, expert
-        self.transposed = type(module).__name__ == "Conv1D"
+        self.layout = layout or ExpertLayout()
+        self.transposed = type(module).__name__ == "Conv1D" if expert is None else self.layout.stored == "in_out"
 
     def _tensor(self) -> torch.Tensor:
         t = getattr(self.module, self.param)
@@ -81,6 +83,16 @@ class LinearRef:
             self.weight.copy_(W.to(self.weight.dtype))
 
     @property
+    def bias(self) -> torch.Tensor | None:
+        """The output bias [out] (a fused expert's row of `<param>_bias`), or None."""
+        if self.expert is None:
+            b = getattr(self.module, "bias", None)
+        else:
+            b = getattr(self.module, f"{self.param}_bias", None)
+            b = b[self.expert] if isinstance(b, torch.Tensor) else None
+        return b if isinstance(b, torch.Tensor) else None
+
+    @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)  # type: ignore[return-value]
 
@@ -94,11 +106,11 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module | None, str]:
     return (submodule_or_none(block, path) if path else block), leaf
 
 
-def _resolve(block: nn.Module, name: str) -> list[LinearRef]:
+def _resolve(block: nn.Module, name: str, layout: ExpertLayout) -> list[LinearRef]:
     parent, leaf = _owner(block, name)
     p = getattr(parent, leaf, None) if parent is not None else None
     if isinstance(p, nn.Parameter) and p.dim() == 3:  # fused experts
-        return [LinearRef(f"{name}.{e}", parent, leaf, e) for e in range(p.shape[0])]
+        return [LinearRef(f"{name}.{e}", parent, leaf, e, layout) for e in range(p.shape[0])]
     module = submodule_or_none(block, name)
     if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
         raise QForgeError(
@@ -117,7 +129,7 @@ def block_linears(block: nn.Module, spec: ArchSpec) -> list[list[LinearRef]]:
     """The block's linears, grouped in execution order as the table says (a block's absent optional linears
     left out, and groups left empty by that dropped)."""
     groups = [[ref for name in group if name not in spec.optional or _holds(block, name)
-               for ref in _resolve(block, name)] for group in spec.groups]
+               for ref in _resolve(block, name, spec.experts)] for group in spec.groups]
     return [g for g in groups if g]
 
 
@@ -139,7 +151,7 @@ def linear_ref(model: nn.Module, full_name: str) -> LinearRef:
         parent_path, _, param = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         if isinstance(getattr(parent, param, None), nn.Parameter):
-            return LinearRef(full_name, parent, param, int(last))
+            return LinearRef(full_name, parent, param, int(last), arch_spec(model).experts)
     return LinearRef(full_name, model.get_submodule(full_name))
 
 

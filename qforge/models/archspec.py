@@ -4,7 +4,8 @@ An ArchSpec names the ModuleList of decoder blocks and the quantizable linears o
 groups in execution order (q/k/v, then o, then gate/up, then down for Llama-like blocks); a group's
 linears read one input tensor (parallel blocks put attention's and the MLP's input linears in one group).
 A linear name is a module path inside the block, or the path of a 3-D fused-experts parameter
-([experts, out, in], as transformers 5 stores MoE experts), which expands to one linear per expert.
+([experts, out, in] as transformers 5 stores MoE experts, or [experts, in, out]: ExpertLayout), which expands to
+one linear per expert.
 `smooth` lists AWQ/SmoothQuant mappings (previous op -> the linears that read its output).
 Families whose blocks differ (dense and MoE blocks in one model) list every block kind's linears and
 mark the ones a block may lack `optional`; a mapping applies in the blocks that hold all it names.
@@ -42,6 +43,40 @@ class SmoothMapping:
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """How a family stores its fused experts (3-D parameters `<...>.experts.gate_up_proj` / `.down_proj`) and
+    calls them. `<param>_bias` parameters beside them ([experts, out], GPT-OSS) are found by name.
+
+    stored: "out_in": [experts, out, in] (transformers 5's MoE blocks); "in_out": [experts, in, out], read as
+      x @ W[e] (Llama 4, GPT-OSS).
+    gate_up: the gate/up outputs as "halves" (gate then up) or "interleaved" (gate, up, gate, ...: GPT-OSS).
+    routing: "top_k": forward(hidden [tokens, in], top_k_index [tokens, k], ...), an expert reads the tokens
+      routed to it; "scaled": forward(x [experts·tokens, in]), every token once per expert, multiplied by its
+      router score (0 where not routed: Llama 4).
+    glu: down_proj's input from gate/up: "act_fn" (module.act_fn(gate)·up) or "module" (the experts module's
+      own `_apply_gate(gate_up)`: GPT-OSS's clamped SwiGLU, (up + 1)·glu, which no up -> down fold keeps).
+    """
+
+    stored: str = "out_in"
+    gate_up: str = "halves"
+    routing: str = "top_k"
+    glu: str = "act_fn"
+
+    def __post_init__(self):
+        for field, allowed in (("stored", ("out_in", "in_out")), ("gate_up", ("halves", "interleaved")),
+                               ("routing", ("top_k", "scaled")), ("glu", ("act_fn", "module"))):
+            if getattr(self, field) not in allowed:
+                raise QForgeError(f"ExpertLayout.{field} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, field)!r}")
+
+    def gate_up_rows(self, n: int) -> tuple[slice, slice]:
+        """The gate rows and the up rows of a gate/up weight with `n` output rows."""
+        if self.gate_up == "interleaved":
+            return slice(0, n, 2), slice(1, n, 2)
+        return slice(0, n // 2), slice(n // 2, n)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str                          # dotted path of the decoder-block ModuleList in the CausalLM
     groups: tuple[tuple[str, ...], ...]  # linears per block, in execution order
@@ -50,6 +85,7 @@ class ArchSpec:
     optional: frozenset[str] = frozenset()  # linears some blocks lack (dense vs MoE blocks)
     fp_linears: tuple[str, ...] = ()     # linears that stay unquantized (a shared expert's 1-output gate)
     tuple_blocks: bool = False           # the model reads a block's output as a tuple, (hidden, ...) (Bloom, GPT-J)
+    experts: ExpertLayout = ExpertLayout()  # how fused experts are stored and called
 
     def __post_init__(self):
         names = set(self.linear_names)

@@ -6,7 +6,7 @@ model of every entry, and the tests run each through capture, RTN, GPTQ, AWQ and
 """
 from __future__ import annotations
 
-from .archspec import ArchSpec, SmoothMapping
+from .archspec import ArchSpec, ExpertLayout, SmoothMapping
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -83,30 +83,43 @@ _MLA_SMOOTH = (
 
 
 def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
-                attention: tuple = (_ATTN, ("self_attn.o_proj",))) -> ArchSpec:
-    """Routed experts (fused) beside always-on shared experts (an MLP at `mlp.<shared>`, gated by `shared_gate`
-    on Qwen2-MoE), the router `mlp.gate`; blocks may be dense Llama MLPs instead (DeepSeek's first_k_dense_replace,
-    Qwen2-MoE's mlp_only_layers). `shared_first`: the shared experts run before the routed ones."""
-    sh = (f"mlp.{shared}.gate_proj", f"mlp.{shared}.up_proj"), (f"mlp.{shared}.down_proj",)
-    routed = ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)
-    dense = _LLAMA.groups[2:]
+                attention: tuple = (_ATTN, ("self_attn.o_proj",)), ffn: str = "mlp", router: str = "gate",
+                linear_router: bool = False, experts: ExpertLayout = ExpertLayout()) -> ArchSpec:
+    """Routed experts (fused) beside always-on shared experts (an MLP at `<ffn>.<shared>`, gated by `shared_gate`
+    on Qwen2-MoE), the router `<ffn>.<router>` (an nn.Linear, kept unquantized, when `linear_router`); blocks may
+    be dense Llama MLPs at `<ffn>` instead (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's
+    interleaved blocks). `shared_first`: the shared experts run before the routed ones."""
+    sh = (f"{ffn}.{shared}.gate_proj", f"{ffn}.{shared}.up_proj"), (f"{ffn}.{shared}.down_proj",)
+    routed = (f"{ffn}.experts.gate_up_proj",), (f"{ffn}.experts.down_proj",)
+    dense = (f"{ffn}.gate_proj", f"{ffn}.up_proj"), (f"{ffn}.down_proj",)
     mla = attention is _MLA
     return ArchSpec(
-        blocks="model.layers",
+        blocks="model.layers", experts=experts,
         groups=attention + dense + (sh + routed if shared_first else routed + sh),
         optional=frozenset(n for g in dense + sh + routed for n in g) | (
             frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
-        fp_linears=(shared_gate,) if shared_gate else (),
-        smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + _LLAMA.smooth[2:] + (
+        fp_linears=((shared_gate,) if shared_gate else ()) + ((f"{ffn}.{router}",) if linear_router else ()),
+        smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + (
+            SmoothMapping("post_attention_layernorm", dense[0]), SmoothMapping(dense[0][1], dense[1]),
             SmoothMapping("post_attention_layernorm", routed[0] + sh[0],
-                          balance=("mlp.gate",) + ((shared_gate,) if shared_gate else ())),
-            _EXPERTS_UP_DOWN,
+                          balance=(f"{ffn}.{router}",) + ((shared_gate,) if shared_gate else ())),
+            SmoothMapping(routed[0][0], routed[1], prev_rows="up_half"),
             SmoothMapping(sh[0][1], sh[1]),
         ),
     )
 
 
 _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
+# Llama 4: experts stored [experts, in, out], fed every token scaled by its router score; MoE blocks interleave
+# with dense ones; the router is an nn.Linear
+_LLAMA4 = _shared_moe("shared_expert", shared_first=False, ffn="feed_forward", router="router", linear_router=True,
+                      experts=ExpertLayout(stored="in_out", routing="scaled"))
+# GPT-OSS: experts stored [experts, in, out] with biases, gate/up interleaved, a clamped SwiGLU (up + 1)·glu that
+# no up -> down fold keeps; the router `mlp.router` (weight and bias, not an nn.Linear) reads the experts' input
+_GPT_OSS = ArchSpec(blocks="model.layers", groups=_MOE.groups,
+                    experts=ExpertLayout(stored="in_out", gate_up="interleaved", glu="module"),
+                    smooth=(_NORM_QKV, _V_O, SmoothMapping("post_attention_layernorm", ("mlp.experts.gate_up_proj",),
+                                                           balance=("mlp.router",))))
 
 # Falcon: a fused q|k|v (multi-query or per-kv-group layout: no v -> dense fold), a GELU MLP. The linears run
 # attention first in every variant, so one group order serves all. Blocks with two norms (Falcon-RW's sequential
@@ -201,6 +214,7 @@ ARCHS: dict[str, ArchSpec] = {
     "ernie4_5_moe": _shared_moe("shared_experts", shared_first=True),
     "glm4_moe": _shared_moe("shared_experts", shared_first=False),
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
+    "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",

@@ -4,8 +4,8 @@ For a mapping prev -> linears: prev's output channel j is divided by s[j] and ev
 column j multiplied by s[j], so the block computes the same function. prev is a norm (weight and bias
 divided; Gemma's RMSNorm computes x·(1 + w), so w becomes (1 + w)/s - 1), a linear (rows divided; of a
 fused gate/up linear only the up half, of a fused q/k/v linear only the v third), or a fused-experts
-gate/up parameter [experts, 2·I, in] whose up half feeds down_proj through act(gate) · up — one unit
-(one s) per expert, only the up rows divided. A mapping's `balance` modules
+gate/up parameter whose up half feeds down_proj through act(gate) · up — one unit (one s) per expert, only the
+up rows (halves or interleaved, ExpertLayout) and their bias divided. A mapping's `balance` modules
 (MoE routers) read prev's output too: their input columns are multiplied by s, they are never quantized.
 """
 from __future__ import annotations
@@ -60,6 +60,12 @@ def _fused_param(block: nn.Module, path: str) -> torch.Tensor | None:
     return p if isinstance(p, nn.Parameter) and p.dim() == 3 else None
 
 
+def _expert_prev(block: nn.Module, path: str, lin: LinearRef) -> LinearRef:
+    """The gate/up of the expert `lin` (a down_proj) belongs to: prev of an up_half mapping over experts."""
+    owner, _, leaf = path.rpartition(".")
+    return LinearRef(path, block.get_submodule(owner) if owner else block, leaf, lin.expert, lin.layout)
+
+
 def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef]) -> tuple[list[FoldUnit], str | None]:
     """The mapping's fold units in `block`, or why it does not fit (callers log and skip, never raise)."""
     lins = _mapped(refs, mapping.linears)
@@ -78,8 +84,11 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
     if fused is not None:
         if mapping.prev_rows != "up_half" or any(r.expert is None for r in lins) or balance:
             return [], f"{mapping.prev} is a fused-experts parameter: only its up half can feed the experts' linears"
-        if fused.shape[1] != 2 * lins[0].shape[1]:
-            return [], f"{mapping.prev}'s up half has {fused.shape[1] // 2} rows, the linears read {lins[0].shape[1]}"
+        if lins[0].layout.glu != "act_fn":
+            return [], f"{mapping.prev}: its experts' GLU is not act(gate)·up, so scaling up does not pass to down"
+        rows = _expert_prev(block, mapping.prev, lins[0]).shape[0]
+        if rows != 2 * lins[0].shape[1]:
+            return [], f"{mapping.prev}'s up half has {rows // 2} rows, the linears read {lins[0].shape[1]}"
         return [FoldUnit(f"{mapping.prev}.{r.expert}", mapping, [r], [], None, r.expert) for r in lins], None
     prev = submodule_or_none(block, mapping.prev)
     w = getattr(prev, "weight", None)
@@ -102,10 +111,12 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
 @torch.no_grad()
 def fold_scales(block: nn.Module, unit: FoldUnit, s: torch.Tensor, norm_plus_one: bool) -> None:
     prev_path = unit.mapping.prev
-    if unit.expert is not None:                          # the up half of one expert's fused gate/up rows
-        p = _fused_param(block, prev_path)
-        half = p.shape[1] // 2
-        p[unit.expert, half:].div_(s.to(p.device, p.dtype).unsqueeze(1))
+    if unit.expert is not None:                          # the up rows of one expert's fused gate/up (and bias)
+        prev = _expert_prev(block, prev_path, unit.lins[0])
+        _, up = prev.layout.gate_up_rows(prev.shape[0])
+        prev.weight[up].div_(s.to(prev.weight.device, prev.weight.dtype).unsqueeze(1))
+        if prev.bias is not None:
+            prev.bias[up].div_(s.to(prev.bias.device, prev.bias.dtype))
     else:
         prev = block.get_submodule(prev_path)
         w = prev.weight
