@@ -34,7 +34,7 @@ EXPORT_RECORD = "qforge_export.json"
 
 
 def _check_kind(name: str, ref) -> None:
-    if ref.transposed:
+    if ref.transposed and ref.expert is None:          # experts stored [in, out] are written [out, in] modules
         raise QForgeError(f"{name}: packed export of Conv1D weights is not supported yet; use qforge's own output "
                           f"directory")
 
@@ -47,9 +47,9 @@ def stored_layers(model, layers: dict[str, LayerQuant]) -> dict[str, tuple[str, 
     from .models.checkpoint_keys import stored_linears
 
     out = {}
-    for stored, (name, r0, r1) in stored_linears(model, list(layers)).items():
+    for stored, (name, rows) in stored_linears(model, list(layers)).items():
         q = layers[name]
-        out[stored] = (name, q if (r0, r1) == (0, q.shape[0]) else q.rows(r0, r1))
+        out[stored] = (name, q if rows == slice(0, q.shape[0], 1) else q.rows(rows.start, rows.stop, rows.step))
     missing = set(layers) - {n for n, _ in out.values()}
     if missing:
         raise QForgeError(f"{sorted(missing)[0]}: no tensor of the checkpoint layout stores it; cannot export it")
@@ -103,11 +103,11 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     from .models.checkpoint_keys import stored_linears
 
     _fused_params(model, layers)                             # experts: all of a fused parameter or none
-    for stored, (name, r0, r1) in stored_linears(model, list(layers)).items():   # as the checkpoint stores them
+    for stored, (name, rows) in stored_linears(model, list(layers)).items():   # as the checkpoint stores them
         ref, grid = layers[name]
         _check_kind(name, ref)
         # per-channel layers of an allocation are visited in act-order order, but one group is always in order
-        FORMATS[fmt].check(stored, (r1 - r0, ref.shape[1]), grid,
+        FORMATS[fmt].check(stored, (len(range(rows.start, rows.stop, rows.step)), ref.shape[1]), grid,
                            in_order or (grid is not None and grid.group_size == -1))
 
 
@@ -115,16 +115,21 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
                       prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights."""
-    from .models.checkpoint_keys import save_keys
+    from .models.checkpoint_keys import per_expert_converters, revert_with, save_keys
 
     mod = FORMATS[fmt]
     dense = {name: t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
              for name, t in materialized_state(model, prefix).items()}   # tied lm_head = embed_tokens: once
     for name in layers:                                   # absent when on the meta device (a run state's)
         dense.pop(f"{name}.weight", None)
+    biases = {}                                           # a fused parameter's bias: one per stored expert module
     for path in _fused_params(model, layers):
         dense.pop(path, None)
+        if f"{path}_bias" in dense:
+            biases[f"{path}_bias"] = dense.pop(f"{path}_bias")
     state = save_keys(model, dense)                       # the names the model's checkpoints use (Mixtral's router)
+    if biases:
+        state.update({k: t.contiguous() for k, t in revert_with(model, per_expert_converters(model), biases).items()})
     borrowed = []
     for stored, (name, q) in stored_layers(model, layers).items():
         ref = linear_ref(model, name)

@@ -398,6 +398,49 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
         part.check_export(fmt)                                        # refused before quantizing
 
 
+@pytest.mark.parametrize("model_type", ["llama4_text", "gpt_oss"])
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny_tokenizer, tmp_path):
+    """Llama 4 and GPT-OSS checkpoints store their experts as the 3-D parameters ([experts, in, out]); a packed
+    export writes one module per expert, `<experts>.{e}.gate_proj/up_proj/down_proj` (GPTQModel's and
+    llm-compressor's names), gate and up rows as the layout holds them (GPT-OSS: interleaved), biases split with
+    them, and loads back to the quantized model."""
+    from safetensors.torch import load_file
+
+    from qforge.models.arch import arch_spec
+    from tiny_models import tiny_model
+
+    src = tmp_path / model_type
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), QuantizeConfig(method="gptq", bits=4, group_size=32, sym=fmt == "compressed-tensors"))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.export(tmp_path / "x", fmt, dtype=torch.float32)
+    packed = load_file(str(tmp_path / "x" / "model.safetensors"))
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "_proj_bias")) for k in packed)
+    parent = "model.layers.1." + ("feed_forward" if model_type == "llama4_text" else "mlp") + ".experts"
+    layout = arch_spec(m.model).experts
+    back = qforge.load(tmp_path / "x")
+    fp = m.model.get_submodule(parent)
+    for e in range(4):
+        q = m.result.layers[f"{parent}.gate_up_proj.{e}"]
+        rows = dict(zip(("gate_proj", "up_proj"), layout.gate_up_rows(q.shape[0])))
+        for proj, r in rows.items():
+            assert f"{parent}.{e}.{proj}.{FORMATS[fmt].KEYS[0]}" in packed
+            assert torch.equal(back.result.layers[f"{parent}.{e}.{proj}"].codes, q.codes[r])
+            if model_type == "gpt_oss":
+                assert torch.equal(packed[f"{parent}.{e}.{proj}.bias"], fp.gate_up_proj_bias[e, r])
+        assert torch.equal(back.result.layers[f"{parent}.{e}.down_proj"].codes,
+                           m.result.layers[f"{parent}.down_proj.{e}"].codes)
+    if model_type == "gpt_oss":
+        torch.testing.assert_close(back.model.get_submodule(parent).gate_up_proj_bias, fp.gate_up_proj_bias)
+    x = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        a, b = m.model(x).logits, back.model(x).logits
+    close = (a - b).abs().amax(-1) < 1e-2 * a.abs().max()           # fp16 scales only, per position
+    assert close.float().mean() >= 0.95                             # ... but they may flip a near-tied route
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_tokenizer, tmp_path):
     """GPTQModel writes a Mixtral's experts as mlp.experts.{e}.gate_proj/up_proj/down_proj (its names for every

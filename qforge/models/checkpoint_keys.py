@@ -60,17 +60,69 @@ class _Transforms:
 
 
 def _per_expert_layout(model: nn.Module, transforms: list) -> list:
-    """Loading only: for a model with fused gate/up/down experts whose own table reads another layout (Mixtral's
-    w1/w3/w2), also qwen2_moe's converters for one module per expert, `mlp.experts.{e}.gate_proj/up_proj/down_proj`:
-    the names GPTQModel writes for every such MoE. Its patterns cannot match the model's own keys."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    """Loading only: for a model with fused gate/up/down experts, also converters from one module per expert,
+    `<experts>.{e}.gate_proj/up_proj/down_proj` (the names GPTQModel and llm-compressor write for every such MoE)
+    to its fused parameters, unless its own table already reads those names."""
     from transformers.core_model_loading import WeightConverter
 
-    if not any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters()):
-        return []
     have = {p for t in transforms if isinstance(t, WeightConverter) for p in t.source_patterns}
-    return [c for c in get_checkpoint_conversion_mapping("qwen2_moe") or []
-            if isinstance(c, WeightConverter) and not set(c.source_patterns) & have]
+    return [c for c in per_expert_converters(model) if not set(c.source_patterns) & have]
+
+
+def per_expert_converters(model: nn.Module) -> list:
+    """transformers WeightConverters from per-expert modules `<experts>.{e}.gate_proj/up_proj/down_proj` (weights,
+    and biases where the model has them) to `model`'s fused experts parameters, in its table's ExpertLayout: stacked,
+    gate rows then up rows, interleaved (GPT-OSS) and transposed to [experts, in, out] (Llama 4, GPT-OSS) as it
+    says. Reverted (revert_with), they name and cut what a packed export writes for the fused parameters."""
+    from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
+
+    from .arch import arch_spec
+
+    try:
+        layout = arch_spec(model).experts
+    except Exception:                                          # noqa: BLE001 - a model outside the table: none
+        return []
+    params = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    parents = sorted({n.split(".layers.")[-1].split(".", 1)[-1].rpartition(".")[0] for n in params
+                      if n.endswith(".experts.gate_up_proj")})
+    out = []
+    for parent in parents:                                     # e.g. mlp.experts, feed_forward.experts
+        has_bias = any(n.endswith(f"{parent}.gate_up_proj_bias") for n, _ in model.named_parameters())
+        for kind in ("weight", "bias") if has_bias else ("weight",):
+            target = "" if kind == "weight" else "_bias"
+            gate_up = [MergeModulelist(dim=0), Concatenate(dim=1)]
+            down = [MergeModulelist(dim=0)]
+            if layout.gate_up == "interleaved":
+                gate_up.append(Interleave(dim=1, inverse=True))
+            if layout.stored == "in_out" and kind == "weight":
+                gate_up.append(Transpose(1, 2))
+                down.append(Transpose(1, 2))
+            out += [WeightConverter([f"{parent}.*.gate_proj.{kind}", f"{parent}.*.up_proj.{kind}"],
+                                    f"{parent}.gate_up_proj{target}", gate_up),
+                    WeightConverter(f"{parent}.*.down_proj.{kind}", f"{parent}.down_proj{target}", down)]
+    return out
+
+
+def revert_with(model: nn.Module, transforms: list, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (parameter names) reverted through `transforms` (as transformers' revert_weight_conversion does
+    with the model's own): the stored keys and tensors those transforms load from."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    reverse = [t.reverse_transform() for t in transforms[::-1]]
+    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    groups: dict[str, object] = {}
+    for key, tensor in sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])):
+        renamed, pattern = rename_source_key(key, renamings, converters, reverse=True)
+        conv = groups.setdefault(renamed, deepcopy(by_pattern[pattern]) if pattern is not None
+                                 else WeightRenaming(key, renamed))
+        conv.add_tensor(renamed, key, pattern if pattern is not None else key, tensor)
+    out = {}
+    for first, conv in groups.items():
+        for name, t in conv.convert(first, model=model, config=model.config).items():
+            out[name] = t[0] if isinstance(t, list) else t
+    return out
 
 
 class ConvertedFiles:
@@ -146,18 +198,21 @@ def to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 def row_splits(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
     """The linears among `names` that a checkpoint stores as several modules, with those modules' row counts in
     order (a fused expert's gate/up: (I, I), its gate and up modules); stored_linears' cuts."""
-    parts: dict[str, list[tuple[int, int]]] = {}
-    for name, r0, r1 in stored_linears(model, names).values():
-        parts.setdefault(name, []).append((r0, r1))
-    return {n: tuple(r1 - r0 for r0, r1 in sorted(p)) for n, p in parts.items() if len(p) > 1}
+    parts: dict[str, list[slice]] = {}
+    for name, rows in stored_linears(model, names).values():
+        parts.setdefault(name, []).append(rows)
+    return {n: tuple(len(range(r.start, r.stop, r.step)) for r in sorted(p, key=lambda r: r.start))
+            for n, p in parts.items() if len(p) > 1}
 
 
-def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, int, int]]:
+def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, slice]]:
     """The modules a checkpoint stores the quantized linears `names` as (LayerQuant keys: module paths, or
-    `<parent>.<param>.<e>` for one expert of a fused parameter): {stored module name: (linear name, first row,
-    end row)}. Found by reverting transformers' load transforms on an index tensor that numbers the rows of each
+    `<parent>.<param>.<e>` for one expert of a fused parameter): {stored module name: (linear name, its rows there,
+    a slice)}. Found by reverting transformers' load transforms on an index tensor that numbers the rows of each
     weight (e.g. Mixtral's `mlp.experts.gate_up_proj.3` -> `block_sparse_moe.experts.3.w1` rows 0:I and `.w3`
-    rows I:2I). A weight the transforms split other than by whole rows is refused."""
+    rows I:2I); fused experts a checkpoint stores as such are written one module per expert (per_expert_converters:
+    GPT-OSS's interleaved gate/up -> gate_proj rows 0::2, up_proj rows 1::2). A weight the transforms split other
+    than by whole rows in a regular order is refused."""
     from ..errors import QForgeError
     from .arch import linear_ref
 
@@ -166,20 +221,26 @@ def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, i
         ref = linear_ref(model, n)
         weight = n.rpartition(".")[0] if ref.expert is not None else f"{n}.weight"
         by_weight.setdefault(weight, {})[ref.expert or 0] = n
-    out: dict[str, tuple[str, int, int]] = {}
+    out: dict[str, tuple[str, slice]] = {}
     for weight, linears in by_weight.items():
-        shape = model.get_parameter(weight).shape        # [out, in] or [experts, out, in]
-        rows = shape[-2]
+        in_out = linear_ref(model, next(iter(linears.values()))).transposed and weight.endswith("_proj")
+        shape = model.get_parameter(weight).shape        # [out, in], [experts, out, in] or [experts, in, out]
+        rows = shape[-1] if in_out else shape[-2]
         lead = list(shape[:-2])
-        ids = torch.arange(math.prod(lead) * rows, dtype=torch.float64).view(*lead, rows, 1)
-        for key, t in save_keys(model, {weight: ids.expand(*lead, rows, 2).contiguous()}).items():
+        ids = torch.arange(math.prod(lead) * rows, dtype=torch.float64).view(*lead, rows, 1).expand(*lead, rows, 2)
+        index = {weight: (ids.transpose(-1, -2) if in_out else ids).contiguous()}
+        stored = save_keys(model, index)
+        if lead and list(stored) == [weight]:            # fused experts stored as such: written one module each
+            stored = revert_with(model, per_expert_converters(model), index)
+        for key, t in stored.items():
             run = t[:, 0].long() if t.dim() == 2 and t.shape[1] == 2 and torch.equal(t[:, 0], t[:, 1]) else None
-            if run is None or not key.endswith(".weight") or not run.numel() or \
-                    not torch.equal(run, torch.arange(int(run[0]), int(run[0]) + run.numel())) or \
-                    int(run[0]) // rows != int(run[-1]) // rows:      # whole rows, in order, of one expert
+            step = int(run[1] - run[0]) if run is not None and run.numel() > 1 else 1
+            if run is None or not key.endswith(".weight") or not run.numel() or step < 1 or \
+                    not torch.equal(run, torch.arange(int(run[0]), int(run[0]) + step * run.numel(), step)) or \
+                    int(run[0]) // rows != int(run[-1]) // rows:      # whole rows, evenly spaced, of one expert
                 raise QForgeError(f"{weight}: the checkpoint stores it as {key}, not as whole rows of one linear; "
                                   f"its packed export is not supported")
             expert, r0 = divmod(int(run[0]), rows)
             if expert in linears:
-                out[key[: -len(".weight")]] = (linears[expert], r0, r0 + run.numel())
+                out[key[: -len(".weight")]] = (linears[expert], slice(r0, r0 + step * (run.numel() - 1) + 1, step))
     return out

@@ -122,12 +122,13 @@ class LayerQuant:
             torch.mul(self.scales[rows][:, g], self.codes[rows].float() - self.zeros[rows][:, g], out=W_hat[rows])
         return W_hat
 
-    def rows(self, r0: int, r1: int) -> "LayerQuant":
-        """Output rows r0:r1 as a layer of their own (rows solved as one matrix, then split)."""
+    def rows(self, r0: int, r1: int, step: int = 1) -> "LayerQuant":
+        """Output rows r0:r1:step as a layer of their own (rows solved as one matrix, then split; every other row:
+        GPT-OSS's interleaved gate/up)."""
         info = dict(self.info)
         if self.row_loss is not None:
-            info["loss"] = float(self.row_loss[r0:r1].sum())
-        cut = (lambda t: None if t is None else t[r0:r1].clone())     # own storage: saved as separate tensors
+            info["loss"] = float(self.row_loss[r0:r1:step].sum())
+        cut = (lambda t: None if t is None else t[r0:r1:step].clone())  # own storage: saved as separate tensors
         return LayerQuant(self.grid, cut(self.codes), cut(self.scales), cut(self.zeros), self.g_idx.clone(), info,
                           cut(self.w_hat), cut(self.row_loss))
 
