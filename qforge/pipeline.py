@@ -310,7 +310,7 @@ def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult
     prefix = f"{spec.blocks}.{i}."
     if store is not None:
         store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i),
-                   prefix)
+                   prefix, spec.experts)
     if weights is not None:
         weights.release(block)
         result.layers.update({n: q.on_meta() for n, q in result.layers.items() if n.startswith(prefix)})

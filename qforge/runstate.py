@@ -89,12 +89,13 @@ class BlockStore:
             raise QForgeError(f"{self.path} exists and is not a qforge run state; remove it or choose another --out")
 
     def save(self, i: int, block: torch.nn.Module, layers: dict[str, LayerQuant], awq: BlockAWQ | None,
-             prefix: str) -> None:
-        """`layers`: the block's quantized linears by full name, `prefix` + their name in `block`."""
+             prefix: str, layout=None) -> None:
+        """`layers`: the block's quantized linears by full name, `prefix` + their name in `block`; `layout`: the
+        family's ExpertLayout (how its fused experts are stored)."""
         if i != self.blocks_done:
             raise QForgeError(f"run state: block {i} saved after {self.blocks_done} blocks")
         self.path.mkdir(parents=True, exist_ok=True)
-        rebuilt = rebuildable_weights(block, layers, prefix)
+        rebuilt = rebuildable_weights(block, layers, prefix, layout)
         t = {f"state.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items() if k not in rebuilt}
         for n, q in layers.items():
             for f in ("codes", "scales", "zeros", "g_idx"):
@@ -149,7 +150,8 @@ class BlockStore:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def rebuildable_weights(block: torch.nn.Module, layers: dict[str, LayerQuant], prefix: str) -> dict[str, dict]:
+def rebuildable_weights(block: torch.nn.Module, layers: dict[str, LayerQuant], prefix: str,
+                        layout=None) -> dict[str, dict]:
     """The parameters of `block` (by state-dict name) that its quantized `layers` reproduce exactly: every
     linear they hold dequantizes bit for bit to what it stores (a fused expert parameter: every expert), so
     the codes alone can rebuild them. {param: {shape, dtype, parts: [[layer, expert or None, transposed]]}}."""
@@ -157,7 +159,7 @@ def rebuildable_weights(block: torch.nn.Module, layers: dict[str, LayerQuant], p
 
     found: dict[str, dict] = {}
     for name, q in layers.items():
-        ref = linear_ref(block, name[len(prefix):])
+        ref = linear_ref(block, name[len(prefix):], layout)
         param = f"{ref.name}.{ref.param}" if ref.expert is None else ref.name.rpartition(".")[0]
         t = getattr(ref.module, ref.param)
         e = found.setdefault(param, {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),

@@ -122,6 +122,7 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ("deepseek_v3", "transformers-ct", "compressed-tensors"),     # MLA, a dense and a MoE block, shared experts
     ("qwen2_moe", "transformers-ct", "compressed-tensors"),       # shared expert, its gate left unquantized
     ("falcon_parallel", "gptqmodel-load", "gptq"),                # fused multi-query q|k|v, one norm for both
+    ("llama4_text", "gptqmodel-load", "gptq"),                    # experts stored [experts, in, out], written apart
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
@@ -131,11 +132,13 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     Mixtral loader name them, while GPTQModel 7.6 requires its runtime names, mlp.experts.{e}.gate_proj/up_proj/
     down_proj, and refuses them. Phi-3 likewise: GPTQModel 7.6 splits its fused gate_up_proj into gate_proj and
     up_proj and wants those in the checkpoint; qforge writes the fused module as Phi-3's own checkpoints and
-    vLLM's Phi-3 loader have it, which transformers with compressed-tensors loads.)"""
+    vLLM's Phi-3 loader have it, which transformers with compressed-tensors loads. Llama 4 with MoE blocks only, as
+    Scout: GPTQModel 7.6's Llama 4 tree has no dense MLP, so it drops Maverick-style interleaved dense blocks.)"""
     from tiny_models import tiny_model
 
     src = tmp_path / "src"
-    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_model(model_type, seed=2, **({"interleave_moe_layer_step": 1} if model_type == "llama4_text" else {})
+               ).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=fmt == "gptq"))
     m.quantize(calibration(m.tokenizer, n=8, seqlen=64))

@@ -33,6 +33,9 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("qwen2_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # shared expert, its gate unquantized
     ("bloom", QuantizeConfig(method="gptq", bits=4, group_size=32)),        # blocks return tuples
     ("falcon_two_norms", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # ln_attn, ln_mlp
+    # experts stored fused [experts, in, out], packed one module each; GPT-OSS: interleaved gate/up with biases
+    ("llama4_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
+    ("gpt_oss", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
@@ -311,7 +314,8 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
     assert lm.model.get_input_embeddings().weight.device.type == "meta"      # and dropped again
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral"])   # gemma2: logit soft-capping, tied head
+# gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss"])
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows

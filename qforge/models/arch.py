@@ -12,8 +12,8 @@ from ..errors import QForgeError
 from .archspec import PREV_ROWS, ArchSpec, ExpertLayout, SmoothMapping
 from .families import ARCHS, MODEL_TYPES, VARIANTS
 
-__all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "ExpertLayout", "LinearRef", "SmoothMapping", "arch_spec", "block_linears", "get_blocks",
-           "linear_modules", "linear_name", "linear_ref", "named_block_linears", "submodule_or_none",
+__all__ = ["ARCHS", "PREV_ROWS", "ArchSpec", "ExpertLayout", "LinearRef", "SmoothMapping", "arch_spec", "block_linears",
+           "get_blocks", "linear_modules", "linear_name", "linear_ref", "named_block_linears", "submodule_or_none",
            "untracked_linears"]
 
 log = logging.getLogger(__name__)
@@ -144,14 +144,15 @@ def untracked_linears(block: nn.Module, spec: ArchSpec) -> list[str]:
     return found
 
 
-def linear_ref(model: nn.Module, full_name: str) -> LinearRef:
-    """A LinearRef from a full name as QuantizeResult keys it (experts: `<parent>.<param>.<e>`)."""
+def linear_ref(model: nn.Module, full_name: str, layout: ExpertLayout | None = None) -> LinearRef:
+    """A LinearRef from a full name as QuantizeResult keys it (experts: `<parent>.<param>.<e>`). `layout`: how
+    fused experts are stored, when `model` is not the whole model (a block) whose table entry says it."""
     path, _, last = full_name.rpartition(".")
     if last.isdigit():
         parent_path, _, param = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         if isinstance(getattr(parent, param, None), nn.Parameter):
-            return LinearRef(full_name, parent, param, int(last), arch_spec(model).experts)
+            return LinearRef(full_name, parent, param, int(last), layout or arch_spec(model).experts)
     return LinearRef(full_name, model.get_submodule(full_name))
 
 
