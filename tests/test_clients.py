@@ -170,3 +170,24 @@ def test_qforge_loads_gptqmodels_mixtral_export(tiny_tokenizer, tmp_path):
     ours = qforge_side(tmp_path / "worker" / "ckpt")
     assert ours[0]["model"].packed_format == "gptq"
     assert_same_model(theirs, ours)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss"])   # its Llama 4 path needs the multimodal config (text_config)
+def test_qforge_loads_llm_compressors_exports_of_experts_stored_fused(model_type, tiny_tokenizer, tmp_path):
+    """llm-compressor 0.14 writes the experts of GPT-OSS (stored fused, [experts, in, out]) one Linear per expert, as
+    qforge's export does: GPT-OSS's gate_proj the even rows of the interleaved gate/up, up_proj the
+    odd ones, biases beside them. qforge reads its compressed-tensors checkpoint into the fused parameters and
+    computes what llm-compressor computes."""
+    from safetensors import safe_open
+
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    theirs = run_worker("llmc-quantize-tiny", src, tmp_path / "worker")
+    with safe_open(str(next((tmp_path / "worker" / "ckpt").glob("*.safetensors"))), "pt") as f:
+        assert any(".experts.0.gate_proj.weight_packed" in k for k in f.keys())
+    ours = qforge_side(tmp_path / "worker" / "ckpt")
+    assert ours[0]["model"].packed_format == "compressed-tensors"
+    assert_same_model(theirs, ours)

@@ -76,18 +76,19 @@ def per_expert_converters(model: nn.Module) -> list:
     says. Reverted (revert_with), they name and cut what a packed export writes for the fused parameters."""
     from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
 
+    from ..errors import QForgeError
     from .arch import arch_spec
 
     try:
-        layout = arch_spec(model).experts
-    except Exception:                                          # noqa: BLE001 - a model outside the table: none
+        spec = arch_spec(model)
+    except QForgeError:                                        # a model outside the table: none
         return []
-    params = {n for n, p in model.named_parameters() if p.dim() >= 2}
-    parents = sorted({n.split(".layers.")[-1].split(".", 1)[-1].rpartition(".")[0] for n in params
-                      if n.endswith(".experts.gate_up_proj")})
+    layout, names = spec.experts, [n for n, _ in model.named_parameters()]
+    parents = sorted({n[len(spec.blocks) + 1:].split(".", 1)[1].rpartition(".")[0] for n in names   # in the block
+                      if n.startswith(spec.blocks + ".") and n.endswith(".experts.gate_up_proj")})
     out = []
     for parent in parents:                                     # e.g. mlp.experts, feed_forward.experts
-        has_bias = any(n.endswith(f"{parent}.gate_up_proj_bias") for n, _ in model.named_parameters())
+        has_bias = any(n.endswith(f"{parent}.gate_up_proj_bias") for n in names)
         for kind in ("weight", "bias") if has_bias else ("weight",):
             target = "" if kind == "weight" else "_bias"
             gate_up = [MergeModulelist(dim=0), Concatenate(dim=1)]
@@ -223,7 +224,8 @@ def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, s
         by_weight.setdefault(weight, {})[ref.expert or 0] = n
     out: dict[str, tuple[str, slice]] = {}
     for weight, linears in by_weight.items():
-        in_out = linear_ref(model, next(iter(linears.values()))).transposed and weight.endswith("_proj")
+        ref = linear_ref(model, next(iter(linears.values())))
+        in_out = ref.expert is not None and ref.transposed      # fused experts stored [experts, in, out]
         shape = model.get_parameter(weight).shape        # [out, in], [experts, out, in] or [experts, in, out]
         rows = shape[-1] if in_out else shape[-2]
         lead = list(shape[:-2])

@@ -5,6 +5,7 @@ Tasks:
   gptqmodel-load   GPTQModel loads a gptq checkpoint on the CPU
   transformers-ct  plain transformers (compressed-tensors installed) loads a compressed-tensors checkpoint
   llmc-quantize    llm-compressor QuantizationModifier (RTN) W4 g64 on MODEL_DIR, saved compressed to OUT_DIR/ckpt
+  llmc-quantize-tiny  the same at g32 for tests/tiny_models.py's widths (MoE experts linearized, routers kept)
   gptqmodel-quantize  GPTQModel W4 g64 on MODEL_DIR, saved to OUT_DIR/ckpt
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
@@ -71,15 +72,17 @@ def main(task: str, model_dir: str, out: str) -> None:
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         report(m, tok, out_dir, {"quant_method": m.config.quantization_config.quant_method
                                  if hasattr(m.config.quantization_config, "quant_method") else "?"})
-    elif task == "llmc-quantize":
+    elif task in ("llmc-quantize", "llmc-quantize-tiny"):
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        # the format is what is under test; its GPTQ path is compared in benchmarks/gptq_vs_peers.py
+        # the format is what is under test; its GPTQ path is compared in benchmarks/gptq_vs_peers.py. Tiny: MoE
+        # experts linearized by oneshot (one Linear per expert), routers left unquantized as qforge leaves them
+        tiny = task.endswith("-tiny")
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32 if tiny else 64}
         recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
-                                      ignore=["lm_head"])
+                                      ignore=["lm_head"] + (["re:.*router$", "re:.*mlp.gate$"] if tiny else []))
         oneshot(model=m, recipe=recipe)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
