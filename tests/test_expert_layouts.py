@@ -12,8 +12,6 @@ from qforge.models.arch import arch_spec, block_linears, get_blocks
 from tiny_models import VOCAB, tiny_model
 
 MOE = ["mixtral", "qwen3_moe", "llama4_text", "gpt_oss"]
-
-
 _PRODUCTS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm)
 
 

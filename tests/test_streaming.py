@@ -397,3 +397,28 @@ def test_a_pass_reads_only_the_outside_weights_it_needs(tmp_path, tiny_tokenizer
     tied, tied_loader = load_streamed(str(_saved_dir(tmp_path, tiny_tokenizer, "gemma")))
     with tied_loader.outside(tied.model, without="head"):
         assert devices(tied.model) == ("cpu", "cpu")
+
+
+def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer):
+    """Llama 4's released checkpoints are multimodal (`llama4`: the text model under `language_model.`, a vision
+    tower beside it); AutoModelForCausalLM reads them as the text model, and so does a streamed run (the prefix
+    handled as from_pretrained does, the vision tensors left unread): the same codes as in memory."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    src = tmp_path / "scout"
+    Llama4ForConditionalGeneration(Llama4Config(text_config=dict(CONFIGS["llama4_text"]), vision_config=vision)
+                                   ).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32)
+    ref = qforge.load(str(src), cfg)
+    assert ref.model.config.model_type == "llama4_text"
+    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m = qforge.load(str(src), cfg, stream=True)
+    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "run")
+    out = m.save(tmp_path / "out")
+    assert read_layers(out).keys() == ref.result.layers.keys()
+    for n, q in read_layers(out).items():
+        assert torch.equal(q.codes, ref.result.layers[n].codes), n

@@ -35,6 +35,9 @@ class _Transforms:
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+        # as from_pretrained: a stored key with the model's base_model_prefix in front (Llama 4's language_model.
+        # of a multimodal checkpoint, read as the text model) loads without it, and the other way round
+        self.prefix, self.meta = getattr(model, "base_model_prefix", "") or None, model.state_dict()
 
     def groups(self, keys: list[str]) -> dict[str, list[tuple[str, str | None]]]:
         """{first target name: [(stored key, the converter's source pattern or None for a renaming)]}."""
@@ -42,7 +45,7 @@ class _Transforms:
 
         out: dict[str, list[tuple[str, str | None]]] = {}
         for k in sorted(keys, key=dot_natural_key):            # experts 0, 1, ..., 10 stacked in that order
-            target, pattern = rename_source_key(k, self.renamings, self.converters)
+            target, pattern = rename_source_key(k, self.renamings, self.converters, self.prefix, self.meta)
             out.setdefault(target, []).append((k, pattern))
         return out
 

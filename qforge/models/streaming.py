@@ -137,10 +137,13 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
                                       k.endswith(".bias")] + [f"{p}.weight" for p in packed])
     missing = sorted(n for n in names if n not in targets and n not in loader.tied)
     extra = sorted(k for k in targets if k not in names)
-    if missing or extra:
+    if missing:
         raise QForgeError(f"{where}: the checkpoint's tensor names are not the model's parameter names ("
                           f"{len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unknown, e.g. {extra[:2]}), "
                           f"so its blocks cannot be read one at a time; load it without streaming")
+    if extra:                                   # as from_pretrained: a multimodal checkpoint's vision tower
+        log.warning("%s: %d stored tensors are not the model's and stay unread (e.g. %s)", where, len(extra),
+                    extra[:2])
     for k in loader.outside_keys:
         check_finite_tensors(files.read([k], dtype=None).items())     # as stored: no fp32 copy
     for block in get_blocks(model, loader.spec):  # persistent buffers the skeleton made (DeepSeek's router bias)
