@@ -153,41 +153,34 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     assert_same_model(ours, theirs)
 
 
-def test_qforge_loads_gptqmodels_mixtral_export(tiny_tokenizer, tmp_path):
-    """GPTQModel 7.6 writes a Mixtral's experts under its runtime names (mlp.experts.{e}.gate_proj/up_proj/
-    down_proj), not the model's own (block_sparse_moe.experts.{e}.w1/w3/w2): qforge reads them into the fused
-    expert parameters and computes what GPTQModel computes."""
-    from tiny_models import tiny_model
-
-    src = tmp_path / "src"
-    tiny_model("mixtral", seed=2).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
-    theirs = run_worker("gptqmodel-quantize-tiny", src, tmp_path / "worker")
+@pytest.mark.parametrize("model_type,task,fmt", [
+    ("mixtral", "gptqmodel-quantize-tiny", "gptq"),
+    ("gpt_oss", "gptqmodel-quantize-tiny", "gptq"),
+    ("gpt_oss", "llmc-quantize-tiny", "compressed-tensors"),   # its Llama 4 path needs the multimodal config
+])
+def test_qforge_loads_peers_moe_exports(model_type, task, fmt, tiny_tokenizer, tmp_path):
+    """Peers write fused experts one module per expert, `mlp.experts.{e}.gate_proj/up_proj/down_proj`: GPTQModel 7.6
+    for Mixtral too (its runtime names, not the model's own block_sparse_moe.experts.{e}.w1/w3/w2); for GPT-OSS
+    (experts stored [experts, in, out], gate/up interleaved, biases) llm-compressor 0.14 puts the gate rows under
+    gate_proj and the up rows under up_proj, as qforge's export does, while GPTQModel (its Defuser splits the fused
+    rows in two) puts the first and second half of the interleaved rows there. qforge reads each into the fused
+    expert parameters (the writer named in the quantization_config says which split) and computes what the peer
+    computes, in memory and block by block."""
     from safetensors import safe_open
 
-    with safe_open(str(next((tmp_path / "worker" / "ckpt").glob("*.safetensors"))), "pt") as f:
-        assert any(".mlp.experts.0.gate_proj.qweight" in k for k in f.keys())
-    ours = qforge_side(tmp_path / "worker" / "ckpt")
-    assert ours[0]["model"].packed_format == "gptq"
-    assert_same_model(theirs, ours)
-
-
-@pytest.mark.parametrize("model_type", ["gpt_oss"])   # its Llama 4 path needs the multimodal config (text_config)
-def test_qforge_loads_llm_compressors_exports_of_experts_stored_fused(model_type, tiny_tokenizer, tmp_path):
-    """llm-compressor 0.14 writes the experts of GPT-OSS (stored fused, [experts, in, out]) one Linear per expert, as
-    qforge's export does: GPT-OSS's gate_proj the even rows of the interleaved gate/up, up_proj the
-    odd ones, biases beside them. qforge reads its compressed-tensors checkpoint into the fused parameters and
-    computes what llm-compressor computes."""
-    from safetensors import safe_open
-
+    from qforge.formats import FORMATS
     from tiny_models import tiny_model
 
     src = tmp_path / "src"
     tiny_model(model_type, seed=2).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    theirs = run_worker("llmc-quantize-tiny", src, tmp_path / "worker")
-    with safe_open(str(next((tmp_path / "worker" / "ckpt").glob("*.safetensors"))), "pt") as f:
-        assert any(".experts.0.gate_proj.weight_packed" in k for k in f.keys())
-    ours = qforge_side(tmp_path / "worker" / "ckpt")
-    assert ours[0]["model"].packed_format == "compressed-tensors"
+    theirs = run_worker(task, src, tmp_path / "worker")
+    ckpt = tmp_path / "worker" / "ckpt"
+    with safe_open(str(next(ckpt.glob("*.safetensors"))), "pt") as f:
+        assert any(f".mlp.experts.0.gate_proj.{FORMATS[fmt].KEYS[0]}" in k for k in f.keys())
+    ours = qforge_side(ckpt)
+    assert ours[0]["model"].packed_format == fmt
     assert_same_model(theirs, ours)
+    ppl = [qforge.evaluate(m, ["wiki"], seqlen=64, max_windows=2)[0]["ppl"]
+           for m in (ours[0]["model"], qforge.load(ckpt, stream=True))]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)

@@ -26,12 +26,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 class _Transforms:
     """The model's load-time transforms, split as transformers applies them."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gate_up: str | None = None):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         transforms = get_model_conversion_mapping(model)
-        transforms += _per_expert_layout(model, transforms)
+        transforms += _per_expert_layout(model, transforms, gate_up)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
@@ -62,21 +62,23 @@ class _Transforms:
         return {n: v[0] if isinstance(v, list) else v for n, v in made.items()}
 
 
-def _per_expert_layout(model: nn.Module, transforms: list) -> list:
+def _per_expert_layout(model: nn.Module, transforms: list, gate_up: str | None = None) -> list:
     """Loading only: for a model with fused gate/up/down experts, also converters from one module per expert,
     `<experts>.{e}.gate_proj/up_proj/down_proj` (the names GPTQModel and llm-compressor write for every such MoE)
-    to its fused parameters, unless its own table already reads those names."""
+    to its fused parameters, unless its own table already reads those names. `gate_up`: per_expert_converters'."""
     from transformers.core_model_loading import WeightConverter
 
     have = {p for t in transforms if isinstance(t, WeightConverter) for p in t.source_patterns}
-    return [c for c in per_expert_converters(model) if not set(c.source_patterns) & have]
+    return [c for c in per_expert_converters(model, gate_up) if not set(c.source_patterns) & have]
 
 
-def per_expert_converters(model: nn.Module) -> list:
+def per_expert_converters(model: nn.Module, gate_up: str | None = None) -> list:
     """transformers WeightConverters from per-expert modules `<experts>.{e}.gate_proj/up_proj/down_proj` (weights,
     and biases where the model has them) to `model`'s fused experts parameters, in its table's ExpertLayout: stacked,
     gate rows then up rows, interleaved (GPT-OSS) and transposed to [experts, in, out] (Llama 4, GPT-OSS) as it
-    says. Reverted (revert_with), they name and cut what a packed export writes for the fused parameters."""
+    says. Reverted (revert_with), they name and cut what a packed export writes for the fused parameters.
+    `gate_up` overrides how gate_proj and up_proj split an interleaved gate/up: "halves" reads a checkpoint whose
+    writer put the first and second half of the interleaved rows under those names (GPTQModel 7.6 on GPT-OSS)."""
     from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
 
     from ..errors import QForgeError
@@ -94,15 +96,15 @@ def per_expert_converters(model: nn.Module) -> list:
         has_bias = any(n.endswith(f"{parent}.gate_up_proj_bias") for n in names)
         for kind in ("weight", "bias") if has_bias else ("weight",):
             target = "" if kind == "weight" else "_bias"
-            gate_up = [MergeModulelist(dim=0), Concatenate(dim=1)]
+            fused = [MergeModulelist(dim=0), Concatenate(dim=1)]
             down = [MergeModulelist(dim=0)]
-            if layout.gate_up == "interleaved":
-                gate_up.append(Interleave(dim=1, inverse=True))
+            if (gate_up or layout.gate_up) == "interleaved":
+                fused.append(Interleave(dim=1, inverse=True))
             if layout.stored == "in_out" and kind == "weight":
-                gate_up.append(Transpose(1, 2))
+                fused.append(Transpose(1, 2))
                 down.append(Transpose(1, 2))
             out += [WeightConverter([f"{parent}.*.gate_proj.{kind}", f"{parent}.*.up_proj.{kind}"],
-                                    f"{parent}.gate_up_proj{target}", gate_up),
+                                    f"{parent}.gate_up_proj{target}", fused),
                     WeightConverter(f"{parent}.*.down_proj.{kind}", f"{parent}.down_proj{target}", down)]
     return out
 
@@ -184,15 +186,17 @@ def save_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tor
     return revert_weight_conversion(model, state)
 
 
-def model_names(model: nn.Module, keys: list[str]) -> set[str]:
+def model_names(model: nn.Module, keys: list[str], gate_up: str | None = None) -> set[str]:
     """The parameter names stored keys `keys` load as (each converter's first target: a converter that splits one
     stored tensor into several parameters names only the first)."""
-    return set(_Transforms(model).groups(keys))
+    return set(_Transforms(model, gate_up).groups(keys))
 
 
-def to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (stored keys, full names) under `model`'s parameter names: the in-memory form of ConvertedFiles."""
-    transforms = _Transforms(model)
+def to_model_keys(model: nn.Module, state: dict[str, torch.Tensor], gate_up: str | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """`state` (stored keys, full names) under `model`'s parameter names: the in-memory form of ConvertedFiles.
+    `gate_up`: per_expert_converters'."""
+    transforms = _Transforms(model, gate_up)
     out: dict[str, torch.Tensor] = {}
     for first, sources in transforms.groups(list(state)).items():
         out.update(transforms.apply(model, first, sources, state))

@@ -89,6 +89,14 @@ def packed_config(path: Path) -> tuple[str, dict, object]:
     return fmt, qc, config
 
 
+def expert_gate_up(qc: dict) -> str | None:
+    """How a packed checkpoint's per-expert gate_proj/up_proj split an interleaved gate/up (GPT-OSS): "halves" for
+    GPTQModel's (7.6, through Defuser: the first and second half of the interleaved rows), None for the gate and up
+    rows themselves (qforge's, llm-compressor's). Read from the writer quantization_config names."""
+    writers = (qc.get("meta") or {}).get("quantizer") or []
+    return "halves" if any(str(w).startswith("gptqmodel") for w in writers) else None
+
+
 def quantized_names(fmt: str, keys) -> list[str]:
     """The modules that checkpoint tensor names `keys` store in `fmt`'s packed form."""
     first = FORMATS[fmt].KEYS[0]
@@ -150,7 +158,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     if fused or any(submodule_or_none(model, k.rpartition(".")[0]) is None for k in state):
         from .checkpoint_keys import to_model_keys
 
-        state = to_model_keys(model, state)            # stored keys -> the model's (experts stacked and fused)
+        state = to_model_keys(model, state, expert_gate_up(qc))   # stored keys -> the model's (experts fused)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

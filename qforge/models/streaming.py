@@ -32,7 +32,7 @@ from ..utils.shards import INDEX
 from .arch import arch_spec, get_blocks, submodule_or_none
 from .gguf import skeleton
 from .loading import LoadedModel, check_finite_tensors, gguf_file, resolve_model
-from .packed import packed_config, packed_format, packed_layer, quantized_names
+from .packed import expert_gate_up, packed_config, packed_format, packed_layer, quantized_names
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
 
         packed = set(quantized_names(fmt, files.where))
         targets = model_names(model, [k for k in files.where if k.rpartition(".")[0] not in packed or
-                                      k.endswith(".bias")] + [f"{p}.weight" for p in packed])
+                                      k.endswith(".bias")] + [f"{p}.weight" for p in packed],
+                              expert_gate_up(packed_config(where)[1]))
     missing = sorted(n for n in names if n not in targets and n not in loader.tied)
     extra = sorted(k for k in targets if k not in names)
     if missing:
@@ -273,7 +274,7 @@ class PackedBlockLoader(BlockLoader):
                 dense[f"{name}.bias"] = bias.float()
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         state.update(dense)
-        rest = {k[len(prefix):]: v for k, v in to_model_keys(self.model, state).items()}
+        rest = {k[len(prefix):]: v for k, v in to_model_keys(self.model, state, expert_gate_up(self.qc)).items()}
         check_finite_tensors(rest.items())
         missing, unexpected = block.load_state_dict(rest, strict=False, assign=True)
         if missing or unexpected:

@@ -80,7 +80,8 @@ def main(task: str, model_dir: str, out: str) -> None:
         # experts linearized by oneshot (one Linear per expert), routers left unquantized as qforge leaves them
         tiny = task.endswith("-tiny")
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32 if tiny else 64}
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                   "group_size": 32 if tiny else 64}
         recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
                                       ignore=["lm_head"] + (["re:.*router$", "re:.*mlp.gate$"] if tiny else []))
         oneshot(model=m, recipe=recipe)
