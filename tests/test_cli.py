@@ -38,6 +38,12 @@ def test_bad_input_exits_2_with_a_message(tiny_llama_dir, tmp_path, capsys):
         assert e.value.code == 2 and "must be at least" in capsys.readouterr().err
     assert main(["quantize", str(tiny_llama_dir), "--device", "gpu", "--out", str(tmp_path / "o")]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:        # no abbreviations: not taken as --export-out gptq
+        main(["quantize", str(tiny_llama_dir), "--export", "gptq", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "unrecognized arguments: --export" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "--export-out", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "name its --format" in capsys.readouterr().err       # refused before quantizing, not silently ignored
     missing = "cuda:64" if torch.cuda.is_available() else "cuda"
     assert main(["eval", str(tiny_llama_dir), "--device", missing]) == 2
     assert "CUDA" in capsys.readouterr().err

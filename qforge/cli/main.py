@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -184,10 +185,13 @@ def _quant_config(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qforge", description="Post-training quantization of causal LMs.")
+    # no abbreviated options: `--export gptq` must not pass as `--export-out gptq`
+    ap = argparse.ArgumentParser(prog="qforge", description="Post-training quantization of causal LMs.",
+                                 allow_abbrev=False)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True,
+                            parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     p = sub.add_parser("quantize", help="quantize a model and write an output directory")
     p.add_argument("model", help="built-in alias (smollm2-135m), HF directory, .gguf file or hub id")
@@ -467,6 +471,9 @@ def cmd_quantize(a) -> int:
         raise QForgeError("--packed-only writes the --format checkpoint: name one (gptq, compressed-tensors, awq)")
     if a.packed_only and a.export_out:
         raise QForgeError("--packed-only writes the packed checkpoint to --out; drop --export-out")
+    if a.export_out and not a.format:
+        raise QForgeError("--export-out says where the packed checkpoint goes: name its --format "
+                          "(gptq, compressed-tensors, awq)")
 
     allocation = None
     if a.allocation:
