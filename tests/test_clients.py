@@ -75,7 +75,8 @@ def mixed_grids(model) -> dict:
     return {**grids, split[0]: Grid(4, 32, False)}
 
 
-@pytest.fixture(scope="session")   # not "module": xdist runs other modules' tests between its two users (rebuilt: 2.5 min)
+# session, not module: xdist runs other modules' tests between its two users, and a module fixture was rebuilt (2.5 min)
+@pytest.fixture(scope="session")
 def exports(tmp_path_factory):
     """SmolLM2 as qforge exports it: GPTQ with act-order (a permuted g_idx), base W4 g64 with per-layer
     overrides (GPTQModel's `dynamic`) as `gptq`; RTN asymmetric W4 g64 with the same kind of per-layer
