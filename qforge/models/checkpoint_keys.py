@@ -225,19 +225,19 @@ def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, s
     from .arch import linear_ref
 
     by_weight: dict[str, dict[int, str]] = {}          # weight parameter -> {expert (0 if not fused): linear name}
+    in_out: dict[str, bool] = {}                       # weight parameter -> fused experts stored [experts, in, out]
     for n in names:
         ref = linear_ref(model, n)
         weight = n.rpartition(".")[0] if ref.expert is not None else f"{n}.weight"
         by_weight.setdefault(weight, {})[ref.expert or 0] = n
+        in_out[weight] = ref.expert is not None and ref.transposed
     out: dict[str, tuple[str, slice]] = {}
     for weight, linears in by_weight.items():
-        ref = linear_ref(model, next(iter(linears.values())))
-        in_out = ref.expert is not None and ref.transposed      # fused experts stored [experts, in, out]
         shape = model.get_parameter(weight).shape        # [out, in], [experts, out, in] or [experts, in, out]
-        rows = shape[-1] if in_out else shape[-2]
+        rows = shape[-1] if in_out[weight] else shape[-2]
         lead = list(shape[:-2])
         ids = torch.arange(math.prod(lead) * rows, dtype=torch.float64).view(*lead, rows, 1).expand(*lead, rows, 2)
-        index = {weight: (ids.transpose(-1, -2) if in_out else ids).contiguous()}
+        index = {weight: (ids.transpose(-1, -2) if in_out[weight] else ids).contiguous()}
         stored = save_keys(model, index)
         if lead and list(stored) == [weight]:            # fused experts stored as such: written one module each
             stored = revert_with(model, per_expert_converters(model), index)

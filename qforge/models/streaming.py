@@ -135,7 +135,7 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
         packed = set(quantized_names(fmt, files.where))
         targets = model_names(model, [k for k in files.where if k.rpartition(".")[0] not in packed or
                                       k.endswith(".bias")] + [f"{p}.weight" for p in packed],
-                              expert_gate_up(packed_config(where)[1]))
+                              expert_gate_up(loader.qc))
     missing = sorted(n for n in names if n not in targets and n not in loader.tied)
     extra = sorted(k for k in targets if k not in names)
     if missing:
