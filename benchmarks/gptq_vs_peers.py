@@ -39,8 +39,8 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 # qforge-gptq-gar: group-aware order (act_group_aware; gptqmodel's default for GPTQ). qforge-gptq is the plain
 # column order; qforge-awq+gptq keeps qforge's defaults (group-aware order since session 14; no AWQ clip with
 # the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search;
-# -minmax: GPTQ with plain min-max group ranges (no scale search; the default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 is
-# the default since session 17, fp32 before); llmcompressor-bf16: the model cast to bf16 first, as a bf16
+# -minmax: GPTQ with plain min-max group ranges (no scale search; the default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 was
+# the default in sessions 17-37, fp32 before; since session 38 "auto": bf16 where native, else fp32); llmcompressor-bf16: the model cast to bf16 first, as a bf16
 # checkpoint loads
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-bf16", "qforge-gptq-gar-fp32", "qforge-gptq-bf16", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "llmcompressor-bf16",
          "gptqmodel", "gptqmodel-mse",

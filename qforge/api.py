@@ -74,6 +74,10 @@ class QModel:
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         check_device(device)
+        resolved = self.config.for_device(device)           # compute_dtype "auto": what this device runs fastest
+        if resolved is not self.config:
+            log.info("compute_dtype auto: %s on %s", resolved.compute_dtype, device)
+            self.config = resolved                          # saved with the output as the dtype that ran
         self._source_warning = None
         if allocation is None and not self.config.bpw:        # one grid for every linear
             from .models.arch import arch_spec

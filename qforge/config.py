@@ -11,7 +11,7 @@ from .errors import QForgeError
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
 
@@ -71,9 +71,11 @@ class QuantizeConfig(_JsonMixin):
     scale_search: bool | None = None
     # dtype of the calibration forward passes (activations and the block copy they run through) and, for
     # bfloat16, of each batch's Hessian products (accumulated in fp32 across batches); solvers always read
-    # the fp32 weights. bfloat16 (default) is how GPTQModel and llm-compressor run a bf16 checkpoint, and its
-    # matmuls are 3.5x faster than fp32 on CPUs with AVX512-BF16 (BENCHMARKS.md); float32 is exact but slower
-    compute_dtype: str = "bfloat16"
+    # the fp32 weights. bfloat16 is how GPTQModel and llm-compressor run a bf16 checkpoint, and its matmuls are
+    # 3.5x faster than fp32 on CPUs with AVX512-BF16, but 8x slower on CPUs without (emulated; BENCHMARKS.md);
+    # float32 is exact. "auto" (default): bfloat16 where the device multiplies it natively (CUDA with bf16,
+    # CPUs with AVX512-BF16 or AMX), float32 elsewhere; quantize() records the dtype it resolved to
+    compute_dtype: str = "auto"
     # with bfloat16 passes, how each batch's Hessian products are summed: "bfloat16" rounds every panel of
     # products to bf16 once (fast on CPUs with AVX512-BF16), which can leave H slightly indefinite where the
     # inputs are nearly dependent (o_proj behind grouped-query attention: damping then has to be raised);
@@ -173,6 +175,14 @@ class QuantizeConfig(_JsonMixin):
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
         object.__setattr__(self, "skip", tuple(self.skip))
+
+    def for_device(self, device) -> QuantizeConfig:
+        """This config with compute_dtype "auto" resolved for `device` (utils/device.native_compute_dtype)."""
+        if self.compute_dtype != "auto":
+            return self
+        from .utils.device import native_compute_dtype
+
+        return dataclasses.replace(self, compute_dtype=native_compute_dtype(device))
 
     @property
     def needs_calibration(self) -> bool:

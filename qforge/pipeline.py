@@ -179,6 +179,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     weights outside the blocks only for the capture pass (`weights.outside`), and the result keeps its layers'
     shapes only (LayerQuant.on_meta), their values being in the store."""
     spec = arch_spec(model)
+    cfg = cfg.for_device(device)
     if cfg.method not in SOLVERS:
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
     # bf16 passes: bf16 Hessian products unless hessian_dtype float32 (capture/hessian.py); fp16 would overflow
@@ -224,7 +225,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     """`reuse_passes=False` runs every pass in full (no early exit, no replay): the reference the tests
     compare the fast schedule with."""
     grids = grids or {}
-    dtype = getattr(torch, cfg.compute_dtype)
+    dtype = getattr(torch, cfg.for_device(device).compute_dtype)
     with weights.outside(model, without="head") if weights is not None else contextlib.nullcontext():   # streamed
         inputs = capture_block_inputs(model, spec, make_batches(samples, batch_size))
     hidden = [h.to(dtype) for h in inputs.hidden]

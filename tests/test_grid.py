@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -145,3 +147,25 @@ def test_awq_clip_defaults_to_on_unless_gptq_searches_the_ranges():
     assert QuantizeConfig(method="awq+gptq", scale_search=False).awq_clip
     assert QuantizeConfig(method="awq+gptq", awq_clip=True).awq_clip and not QuantizeConfig(method="awq", awq_clip=False).awq_clip
     assert not QuantizeConfig(method="gptq").awq_clip
+
+
+@pytest.mark.parametrize("caps,want", [({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"),
+                                       ({"avx512_bf16": False, "avx2": True}, "float32"), ({}, "float32")])
+def test_auto_compute_dtype_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, caps, want):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    cfg = QuantizeConfig(method="gptq")
+    assert cfg.compute_dtype == "auto" and cfg.for_device("cpu").compute_dtype == want
+    assert cfg.for_device("cpu").to_dict() == {**cfg.to_dict(), "compute_dtype": want}
+    explicit = QuantizeConfig(method="gptq", compute_dtype="bfloat16")
+    assert explicit.for_device("cpu") is explicit                     # a dtype the user chose is kept
+
+
+def test_quantize_saves_the_compute_dtype_it_ran(tiny_llama_dir, tmp_path):
+    import qforge
+
+    m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq", bits=4, group_size=32))
+    m.quantize(nsamples=2, seqlen=32)
+    ran = QuantizeConfig(method="gptq").for_device("cpu").compute_dtype
+    assert m.config.compute_dtype == ran
+    out = m.save(tmp_path / "q")
+    assert json.loads((out / "qforge_config.json").read_text())["compute_dtype"] == ran

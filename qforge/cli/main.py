@@ -127,10 +127,11 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                    help="tokens per calibration sample (each starts a sequence: windows of 2048 gave SmolLM2 8-34%% "
                         "higher GPTQ ppl than the same tokens in windows of 512, and 128 lower still)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
+    c.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="dtype of quantize's calibration passes and Hessian products (summed in fp32; `measure` "
-                        "runs fp32 and refuses another); float32 is exact but slower (1.7x on a CPU with "
-                        "AVX512-BF16), use it where bf16 is not native")
+                        "runs fp32 and refuses another). auto: bfloat16 where the device multiplies it natively "
+                        "(CUDA, CPUs with AVX512-BF16 or AMX: 1.7x faster than float32 there), float32 elsewhere "
+                        "(emulated bf16 is several times slower); float32 is exact")
     c.add_argument("--hessian-dtype", default="bfloat16", choices=HESSIAN_DTYPES,
                    help="with bf16 passes: round each batch's Hessian products to bf16 (fast) or sum them in "
                         "fp32 (a positive semi-definite H: no damping raised for rounding)")

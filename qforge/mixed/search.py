@@ -212,7 +212,7 @@ def searched_allocation(model, measurement: dict, start: Allocation, calib: list
         levels[u] = [Grid(*scheme_of(o)) for o in opts[u]]
     costs = {u: [o["stored_bits"] for o in opts[u]] for u in units}
     budget = start.target_bpw * sum(d["numel"] for d in start.layers.values())
-    dtype = getattr(torch, cfg.compute_dtype)
+    dtype = getattr(torch, cfg.for_device(device).compute_dtype)
     db = build_database(model, {n: levels[u] for u, members in units.items() for n in members}, calib, cfg, dtype,
                         device, batch_size, show_progress)
     judge = ModelJudge(model, arch_spec(model), db, assign, make_batches(fitness, batch_size), dtype, device, units)
