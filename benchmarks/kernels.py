@@ -106,7 +106,7 @@ def layer_rows(dtype, tuner, shapes, batches, device: str) -> list[dict]:
                  "plan": str(tm.plan(M, out_f, in_f, gs, tm.sm_count(x.device))), "tuned": str(best)}
             rows.append(r)
             print(json.dumps(r), flush=True)
-        del q, w16
+        q = w16 = None                 # freed before the next shape (a del reads as undefined to pyflakes)
     return rows
 
 
