@@ -318,8 +318,10 @@ def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult
 
 
 def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The block the passes run: a copy in the compute dtype, or the block itself in fp32."""
-    return block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+    """The block the passes run: the block itself when its floating parameters are in the compute dtype already
+    (an fp32 model's with float32 passes), else a copy in that dtype (an fp16 model's with float32 passes too)."""
+    same = all(p.dtype == dtype for p in block.parameters() if p.is_floating_point())
+    return block if same else copy.deepcopy(block).to(dtype)
 
 
 def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device) -> dict:

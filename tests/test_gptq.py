@@ -463,6 +463,22 @@ def test_bfloat16_passes_keep_fp32_weights_and_quantize_as_well(model_type):
     assert err["bfloat16"] < 1.25 * err["float32"], err
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_a_half_precision_model_quantizes_with_passes_in_another_dtype(compute_dtype):
+    """A model held in fp16 (quantize_model takes any model) runs its passes through a copy of each block in the
+    compute dtype, float32 too (the block itself serves only when it is in that dtype already); each solved
+    weight is written back in fp16 and the model stays fp16."""
+    ids = [torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    m = tiny_model("llama").half()
+    cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, compute_dtype=compute_dtype)
+    res = quantize_model(m, cfg, ids, batch_size=2, show_progress=False)
+    spec = arch_spec(m)
+    assert all(p.dtype == torch.float16 for p in m.parameters())
+    for b, block in enumerate(get_blocks(m, spec)):
+        for r in (r for g in block_linears(block, spec) for r in g):
+            assert torch.equal(r.weight, res.layers[f"{spec.blocks}.{b}.{r.name}"].dequantize().half()), r.name
+
+
 @pytest.mark.parametrize("act_order,scale_search", [(False, False), (True, True)])
 def test_stacked_rows_solve_as_each_matrix_alone(act_order, scale_search):
     """GPTQ's rows are independent given H: linears sharing an input, solved as one stacked matrix and split
