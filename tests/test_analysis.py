@@ -212,6 +212,23 @@ def test_compare_to_reference_sees_kv_damage(tiny_llama):
     assert r2["positions"] == 2 * 47
 
 
+def test_kv_simulation_quantizes_only_the_attention_blocks_of_a_hybrid():
+    """LFM2 (block 0 a short convolution, block 1 attention): the quantizing cache keeps the convolution's state
+    as it is and quantizes the attention block's keys and values; damage grows as bits shrink."""
+    from tiny_models import tiny_model
+
+    m = tiny_model("lfm2")
+    w = torch.randint(0, 500, (2, 48), generator=_gen(9))
+    r8, r2 = (compare_to_reference(m, m, w, make_cache=lambda b=b: QuantizedKVCache(m.config, b), show_progress=False)
+              for b in (8, 2))
+    assert 0 < r8["kld_mean"] < r2["kld_mean"]
+    cache = QuantizedKVCache(m.config, 2)
+    with torch.no_grad():
+        m(w, past_key_values=cache, use_cache=True)
+    keys = cache.layers[1].keys                                   # the attention block's: at most 4 levels a group
+    assert all(len(torch.unique(g)) <= 4 for g in keys.reshape(-1, keys.shape[-1])[:16])
+
+
 def test_position_buckets_partition_the_window():
     for T in (2048, 256, 40):
         b = position_buckets(T)

@@ -36,6 +36,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     # experts stored fused [experts, in, out], packed one module each; GPT-OSS: interleaved gate/up with biases
     ("llama4_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("gpt_oss", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
+    ("lfm2", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv and attention blocks
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
@@ -315,7 +316,7 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
 
 
 # gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2"])
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows

@@ -57,6 +57,8 @@ CONFIGS = {
     # router), GPT-OSS (interleaved gate/up with biases, attention sinks)
     "llama4_text": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
                         interleave_moe_layer_step=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    # a hybrid: block 0 a short convolution, block 1 attention
+    "lfm2": dict(_COMMON, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
     "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,

@@ -130,6 +130,23 @@ _FALCON_GROUPS = (("self_attention.query_key_value",), ("self_attention.dense",)
 _FALCON_QKV, _FALCON_UP = _FALCON_GROUPS[0][0], _FALCON_GROUPS[2][0]
 
 
+# LFM2, a hybrid: each block runs either attention (q/k/v with per-head q/k norms -> out_proj) or a gated short
+# convolution (conv.in_proj [3·hidden] split into B, C, x; y = C·conv(B·x), depthwise; out_proj), then a SwiGLU
+# feed_forward (w1 gate, w3 up, w2 down). No in_proj -> out_proj fold: out_proj reads C's rows (the middle third)
+# times a convolution, which PREV_ROWS (the last of equal parts) does not name
+_LFM2_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LFM2_MIXERS = (_LFM2_ATTN, ("self_attn.out_proj",), ("conv.in_proj",), ("conv.out_proj",))
+_LFM2 = ArchSpec(
+    blocks="model.layers",
+    groups=_LFM2_MIXERS + (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
+    optional=frozenset(n for g in _LFM2_MIXERS for n in g),
+    smooth=(SmoothMapping("operator_norm", _LFM2_ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+            SmoothMapping("operator_norm", ("conv.in_proj",)),
+            SmoothMapping("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+            SmoothMapping("feed_forward.w3", ("feed_forward.w2",))),
+)
+
+
 def _falcon_variant(config) -> str:
     two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
     return "falcon_parallel" if config.parallel_attn and not two_norms else "falcon"
@@ -215,6 +232,8 @@ ARCHS: dict[str, ArchSpec] = {
     "glm4_moe": _shared_moe("shared_experts", shared_first=False),
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
+    # hybrids: blocks of different mixers (attention or a short convolution) in one stack
+    "lfm2": _LFM2,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
