@@ -124,6 +124,8 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ("qwen2_moe", "transformers-ct", "compressed-tensors"),       # shared expert, its gate left unquantized
     ("falcon_parallel", "gptqmodel-load", "gptq"),                # fused multi-query q|k|v, one norm for both
     ("llama4_text", "gptqmodel-load", "gptq"),                    # experts stored [experts, in, out], written apart
+    ("lfm2", "transformers-ct", "compressed-tensors"),            # a hybrid: convolution and attention blocks
+    ("lfm2", "gptqmodel-load", "gptq"),
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
