@@ -126,6 +126,7 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ("llama4_text", "gptqmodel-load", "gptq"),                    # experts stored [experts, in, out], written apart
     ("lfm2", "transformers-ct", "compressed-tensors"),            # a hybrid: convolution and attention blocks
     ("lfm2", "gptqmodel-load", "gptq"),
+    ("granitemoehybrid_dense", "transformers-ct", "compressed-tensors"),   # Mamba-2 and attention blocks
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
@@ -136,7 +137,9 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     down_proj, and refuses them. Phi-3 likewise: GPTQModel 7.6 splits its fused gate_up_proj into gate_proj and
     up_proj and wants those in the checkpoint; qforge writes the fused module as Phi-3's own checkpoints and
     vLLM's Phi-3 loader have it, which transformers with compressed-tensors loads. Llama 4 with MoE blocks only, as
-    Scout: GPTQModel 7.6's Llama 4 tree has no dense MLP, so it drops Maverick-style interleaved dense blocks.)"""
+    Scout: GPTQModel 7.6's Llama 4 tree has no dense MLP, so it drops Maverick-style interleaved dense blocks. Granite
+    4.0-H through transformers only: GPTQModel 7.6 patches GraniteMoeHybridMambaLayer.torch_forward, which
+    transformers 5.17 no longer has.)"""
     from tiny_models import tiny_model
 
     src = tmp_path / "src"

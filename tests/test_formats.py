@@ -398,6 +398,22 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
         part.check_export(fmt)                                        # refused before quantizing
 
 
+def test_experts_a_checkpoint_stores_fused_are_refused_by_packed_export_with_nothing_written(tiny_tokenizer, tmp_path):
+    """Granite's MoE checkpoints store every expert's gate/up as one 3-D tensor (`block_sparse_moe.input_linear`),
+    which no packed format has a layout for: the export says so and writes nothing; the dense output still saves."""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "granite"
+    tiny_model("granitemoehybrid", seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m.quantize()
+    with pytest.raises(QForgeError, match="input_linear.weight, not as whole rows of one linear"):
+        m.export(tmp_path / "x", "gptq")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x*"))
+    assert (m.save(tmp_path / "dense") / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("model_type", ["llama4_text", "gpt_oss"])
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny_tokenizer, tmp_path):

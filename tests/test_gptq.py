@@ -373,7 +373,7 @@ def test_early_exit_and_replayed_modules_change_nothing(model_type):
         assert all(any(p == q or p.startswith(q + ".") for q in frozen.finished(k)) for p in frozen.finished(k - 1))
 
 
-MIXERS = ("att", "conv")      # a block's token mixer: attention, or a hybrid's short convolution (LFM2's block 0)
+MIXERS = ("att", "conv", "mamba")   # a block's token mixer: attention, or a hybrid's convolution (LFM2) or Mamba-2
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))

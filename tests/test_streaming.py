@@ -37,6 +37,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("llama4_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("gpt_oss", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("lfm2", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv and attention blocks
+    ("granitemoehybrid_dense", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Mamba-2
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
@@ -316,7 +317,7 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
 
 
 # gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2", "granitemoehybrid"])
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows

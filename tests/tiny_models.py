@@ -10,6 +10,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidde
 _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
 _MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
+_GRANITE_H = dict(_COMMON, intermediate_size=32, shared_intermediate_size=96, layer_types=["linear_attention", "attention"],
+                  mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32, position_embedding_type="rope")
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512)
 CONFIGS = {
@@ -59,6 +61,9 @@ CONFIGS = {
                         interleave_moe_layer_step=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
     # a hybrid: block 0 a short convolution, block 1 attention
     "lfm2": dict(_COMMON, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    # Granite 4.0-H: block 0 Mamba-2, block 1 attention; routed experts beside a shared MLP, or the shared MLP alone
+    "granitemoehybrid": dict(_GRANITE_H, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),
     "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -70,7 +75,7 @@ CONFIGS = {
     "falcon_two_norms": dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2),
 }
 # CONFIGS keys that are not model types: another wiring of a family (a VARIANTS entry picks its table entry)
-_MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon"}
+_MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "granitemoehybrid_dense": "granitemoehybrid"}
 
 
 def tiny_config(key: str, **overrides):

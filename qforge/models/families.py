@@ -147,6 +147,33 @@ _LFM2 = ArchSpec(
 )
 
 
+# Granite 4.0-H, a hybrid: Mamba-2 blocks (in_proj -> convolution and SSM -> gated RMSNorm `mamba.norm` ->
+# out_proj) or attention blocks; then routed experts (block_sparse_moe; a model without experts has none) and an
+# always-on shared_mlp (input_linear gate|up halves -> output_linear), all reading post_attention_layernorm's output
+_GRANITE_H_MIXERS = (_ATTN, ("self_attn.o_proj",), ("mamba.in_proj",), ("mamba.out_proj",))
+_GRANITE_H_SHARED = (("shared_mlp.input_linear",), ("shared_mlp.output_linear",))
+_GRANITE_H_MOE = (("block_sparse_moe.experts.gate_up_proj",), ("block_sparse_moe.experts.down_proj",))
+
+
+def _granite_hybrid(experts: bool) -> ArchSpec:
+    mixers = (_NORM_QKV, _V_O, SmoothMapping("input_layernorm", ("mamba.in_proj",)),
+              SmoothMapping("mamba.norm", ("mamba.out_proj",)))
+    shared_down = SmoothMapping("shared_mlp.input_linear", ("shared_mlp.output_linear",), prev_rows="up_half")
+    if not experts:
+        return ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_SHARED,
+                        optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
+                        smooth=mixers + (SmoothMapping("post_attention_layernorm", ("shared_mlp.input_linear",)),
+                                         shared_down))
+    moe = "block_sparse_moe"
+    return ArchSpec(
+        blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_MOE + _GRANITE_H_SHARED,
+        optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
+        smooth=mixers + (SmoothMapping("post_attention_layernorm", (f"{moe}.experts.gate_up_proj", "shared_mlp.input_linear"),
+                                       balance=(f"{moe}.router",)),
+                         SmoothMapping(f"{moe}.experts.gate_up_proj", (f"{moe}.experts.down_proj",), prev_rows="up_half"),
+                         shared_down))
+
+
 def _falcon_variant(config) -> str:
     two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
     return "falcon_parallel" if config.parallel_attn and not two_norms else "falcon"
@@ -232,8 +259,8 @@ ARCHS: dict[str, ArchSpec] = {
     "glm4_moe": _shared_moe("shared_experts", shared_first=False),
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
-    # hybrids: blocks of different mixers (attention or a short convolution) in one stack
-    "lfm2": _LFM2,
+    # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
+    "lfm2": _LFM2, "granitemoehybrid": _granite_hybrid(experts=True),
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
@@ -257,6 +284,8 @@ MODEL_TYPES = sorted(ARCHS)                  # what users name; below, the entri
 ARCHS.update({
     "falcon_parallel": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS,
                                 smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
+    "granitemoehybrid_dense": _granite_hybrid(experts=False),
 })
 # model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
-VARIANTS = {"falcon": _falcon_variant}
+VARIANTS = {"falcon": _falcon_variant,
+            "granitemoehybrid": lambda c: "granitemoehybrid" if c.num_local_experts else "granitemoehybrid_dense"}
