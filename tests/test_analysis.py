@@ -212,12 +212,14 @@ def test_compare_to_reference_sees_kv_damage(tiny_llama):
     assert r2["positions"] == 2 * 47
 
 
-def test_kv_simulation_quantizes_only_the_attention_blocks_of_a_hybrid():
-    """LFM2 (block 0 a short convolution, block 1 attention): the quantizing cache keeps the convolution's state
-    as it is and quantizes the attention block's keys and values; damage grows as bits shrink."""
+@pytest.mark.parametrize("model_type", ["lfm2", "granitemoehybrid"])
+def test_kv_simulation_quantizes_only_the_attention_blocks_of_a_hybrid(model_type):
+    """LFM2 and Granite 4.0-H (block 0 a short convolution or Mamba-2, block 1 attention): the quantizing cache
+    keeps the convolution's (and SSM's) state as it is and quantizes the attention block's keys and values; damage
+    grows as bits shrink."""
     from tiny_models import tiny_model
 
-    m = tiny_model("lfm2")
+    m = tiny_model(model_type)
     w = torch.randint(0, 500, (2, 48), generator=_gen(9))
     r8, r2 = (compare_to_reference(m, m, w, make_cache=lambda b=b: QuantizedKVCache(m.config, b), show_progress=False)
               for b in (8, 2))
