@@ -10,8 +10,10 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidde
 _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults past the tiny vocabulary
 _MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
-_GRANITE_H = dict(_COMMON, intermediate_size=32, shared_intermediate_size=96, layer_types=["linear_attention", "attention"],
-                  mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32, position_embedding_type="rope")
+# Mamba-2 widths whose in_proj rows (2·128 + 2·d_state + heads = 288) pack in groups of 32
+_GRANITE_H = dict(_COMMON, intermediate_size=32, shared_intermediate_size=96,
+                  layer_types=["linear_attention", "attention"], position_embedding_type="rope",
+                  mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32)
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512)
 CONFIGS = {

@@ -164,14 +164,13 @@ def _granite_hybrid(experts: bool) -> ArchSpec:
                         optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
                         smooth=mixers + (SmoothMapping("post_attention_layernorm", ("shared_mlp.input_linear",)),
                                          shared_down))
-    moe = "block_sparse_moe"
+    (gate_up,), (down,) = _GRANITE_H_MOE
     return ArchSpec(
         blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_MOE + _GRANITE_H_SHARED,
         optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
-        smooth=mixers + (SmoothMapping("post_attention_layernorm", (f"{moe}.experts.gate_up_proj", "shared_mlp.input_linear"),
-                                       balance=(f"{moe}.router",)),
-                         SmoothMapping(f"{moe}.experts.gate_up_proj", (f"{moe}.experts.down_proj",), prev_rows="up_half"),
-                         shared_down))
+        smooth=mixers + (SmoothMapping("post_attention_layernorm", (gate_up, "shared_mlp.input_linear"),
+                                       balance=("block_sparse_moe.router",)),
+                         SmoothMapping(gate_up, (down,), prev_rows="up_half"), shared_down))
 
 
 def _falcon_variant(config) -> str:
