@@ -63,6 +63,9 @@ CONFIGS = {
                         interleave_moe_layer_step=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
     # a hybrid: block 0 a short convolution, block 1 attention
     "lfm2": dict(_COMMON, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+    # and its MoE: block 0 convolution and a dense feed_forward, block 1 attention and routed experts
+    "lfm2_moe": dict(_COMMON, layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32),
     # Granite 4.0-H: block 0 Mamba-2, block 1 attention; routed experts beside a shared MLP, or the shared MLP alone
     "granitemoehybrid": dict(_GRANITE_H, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),

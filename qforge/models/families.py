@@ -133,18 +133,26 @@ _FALCON_QKV, _FALCON_UP = _FALCON_GROUPS[0][0], _FALCON_GROUPS[2][0]
 # LFM2, a hybrid: each block runs either attention (q/k/v with per-head q/k norms -> out_proj) or a gated short
 # convolution (conv.in_proj [3·hidden] split into B, C, x; y = C·conv(B·x), depthwise; out_proj), then a SwiGLU
 # feed_forward (w1 gate, w3 up, w2 down). No in_proj -> out_proj fold: out_proj reads C's rows (the middle third)
-# times a convolution, which PREV_ROWS (the last of equal parts) does not name
+# times a convolution, which PREV_ROWS (the last of equal parts) does not name. LFM2-MoE: the first
+# num_dense_layers blocks keep that feed_forward, the others route to fused experts (router feed_forward.gate)
 _LFM2_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LFM2_MIXERS = (_LFM2_ATTN, ("self_attn.out_proj",), ("conv.in_proj",), ("conv.out_proj",))
-_LFM2 = ArchSpec(
-    blocks="model.layers",
-    groups=_LFM2_MIXERS + (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
-    optional=frozenset(n for g in _LFM2_MIXERS for n in g),
-    smooth=(SmoothMapping("operator_norm", _LFM2_ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
-            SmoothMapping("operator_norm", ("conv.in_proj",)),
-            SmoothMapping("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
-            SmoothMapping("feed_forward.w3", ("feed_forward.w2",))),
-)
+_LFM2_FFN = (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
+_LFM2_EXPERTS = (("feed_forward.experts.gate_up_proj",), ("feed_forward.experts.down_proj",))
+
+
+def _lfm2(moe: bool) -> ArchSpec:
+    (gate_up,), (down,) = _LFM2_EXPERTS
+    return ArchSpec(
+        blocks="model.layers",
+        groups=_LFM2_MIXERS + _LFM2_FFN + (_LFM2_EXPERTS if moe else ()),
+        optional=frozenset(n for g in _LFM2_MIXERS + ((_LFM2_FFN + _LFM2_EXPERTS) if moe else ()) for n in g),
+        smooth=(SmoothMapping("operator_norm", _LFM2_ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+                SmoothMapping("operator_norm", ("conv.in_proj",)), SmoothMapping("ffn_norm", _LFM2_FFN[0]),
+                SmoothMapping("feed_forward.w3", _LFM2_FFN[1])) + (
+            (SmoothMapping("ffn_norm", (gate_up,), balance=("feed_forward.gate",)),
+             SmoothMapping(gate_up, (down,), prev_rows="up_half")) if moe else ()),
+    )
 
 
 # Granite 4.0-H, a hybrid: Mamba-2 blocks (in_proj -> convolution and SSM -> gated RMSNorm `mamba.norm` ->
@@ -259,7 +267,7 @@ ARCHS: dict[str, ArchSpec] = {
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
-    "lfm2": _LFM2, "granitemoehybrid": _granite_hybrid(experts=True),
+    "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
