@@ -127,6 +127,7 @@ def test_qforge_loads_peer_exports(task, fmt, tmp_path):
     ("lfm2", "transformers-ct", "compressed-tensors"),            # a hybrid: convolution and attention blocks
     ("lfm2", "gptqmodel-load", "gptq"),
     ("lfm2_moe", "transformers-ct", "compressed-tensors"),
+    ("qwen3_next", "transformers-ct", "compressed-tensors"),
     ("granitemoehybrid_dense", "transformers-ct", "compressed-tensors"),   # Mamba-2 and attention blocks
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
@@ -141,7 +142,8 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     Scout: GPTQModel 7.6's Llama 4 tree has no dense MLP, so it drops Maverick-style interleaved dense blocks. Granite
     4.0-H through transformers only: GPTQModel 7.6 patches GraniteMoeHybridMambaLayer.torch_forward, which
     transformers 5.17 no longer has. LFM2-MoE too: GPTQModel 7.6's tree names its attention output o_proj (LFM2's
-    is out_proj), so that packed module is never built and the model it loads computes NaN.)"""
+    is out_proj), so that packed module is never built and the model it loads computes NaN. Qwen3-Next too:
+    GPTQModel 7.6's tree has neither linear_attn.in_proj_ba nor dense MLP blocks, and leaves them unloaded.)"""
     from tiny_models import tiny_model
 
     src = tmp_path / "src"

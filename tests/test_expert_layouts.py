@@ -11,7 +11,7 @@ from qforge.capture.linear_inputs import tap_inputs
 from qforge.models.arch import arch_spec, block_linears, get_blocks
 from tiny_models import VOCAB, tiny_model
 
-MOE = ["mixtral", "qwen3_moe", "llama4_text", "gpt_oss", "lfm2_moe", "granitemoehybrid"]
+MOE = ["mixtral", "qwen3_moe", "llama4_text", "gpt_oss", "lfm2_moe", "granitemoehybrid", "qwen3_next"]
 _PRODUCTS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm)
 
 

@@ -36,6 +36,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     # experts stored fused [experts, in, out], packed one module each; GPT-OSS: interleaved gate/up with biases
     ("llama4_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("gpt_oss", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
+    ("qwen3_next", QuantizeConfig(method="gptq", bits=4, group_size=32)),   # Gated DeltaNet, gated attention; experts
     ("lfm2_moe", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv, attention; experts
     ("granitemoehybrid_dense", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Mamba-2
 ])

@@ -63,7 +63,13 @@ CONFIGS = {
                         interleave_moe_layer_step=2, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
     # a hybrid: block 0 a short convolution, block 1 attention
     "lfm2": dict(_COMMON, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
-    # and its MoE: block 0 convolution and a dense feed_forward, block 1 attention and routed experts
+    # Qwen3-Next: block 0 Gated DeltaNet and a dense MLP, block 1 gated attention, routed + shared experts (16 value
+    # heads: in_proj_ba has two rows a head, and packs in groups of 32)
+    "qwen3_next": dict(_COMMON, head_dim=16, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0],
+                       linear_key_head_dim=16, linear_value_head_dim=4, linear_num_key_heads=2,
+                       linear_num_value_heads=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64),
+    # LFM2-MoE: block 0 convolution and a dense feed_forward, block 1 attention and routed experts
     "lfm2_moe": dict(_COMMON, layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=32),
     # Granite 4.0-H: block 0 Mamba-2, block 1 attention; routed experts beside a shared MLP, or the shared MLP alone

@@ -84,22 +84,27 @@ _MLA_SMOOTH = (
 
 def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
                 attention: tuple = (_ATTN, ("self_attn.o_proj",)), ffn: str = "mlp", router: str = "gate",
-                linear_router: bool = False, experts: ExpertLayout = ExpertLayout()) -> ArchSpec:
+                linear_router: bool = False, experts: ExpertLayout = ExpertLayout(),
+                linear_attention: tuple = (), norm_plus_one: bool = False) -> ArchSpec:
     """Routed experts (fused) beside always-on shared experts (an MLP at `<ffn>.<shared>`, gated by `shared_gate`
     on Qwen2-MoE), the router `<ffn>.<router>` (an nn.Linear, kept unquantized, when `linear_router`); blocks may
     be dense Llama MLPs at `<ffn>` instead (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's
-    interleaved blocks). `shared_first`: the shared experts run before the routed ones."""
+    interleaved blocks). `shared_first`: the shared experts run before the routed ones. `linear_attention`: a
+    hybrid's other token mixer (its input linears, then its output linear), run by the blocks without attention;
+    `norm_plus_one`: the block norms scale by (1 + w)."""
     sh = (f"{ffn}.{shared}.gate_proj", f"{ffn}.{shared}.up_proj"), (f"{ffn}.{shared}.down_proj",)
     routed = (f"{ffn}.experts.gate_up_proj",), (f"{ffn}.experts.down_proj",)
     dense = (f"{ffn}.gate_proj", f"{ffn}.up_proj"), (f"{ffn}.down_proj",)
     mla = attention is _MLA
+    mixers = attention + linear_attention
     return ArchSpec(
-        blocks="model.layers", experts=experts,
-        groups=attention + dense + (sh + routed if shared_first else routed + sh),
-        optional=frozenset(n for g in dense + sh + routed for n in g) | (
+        blocks="model.layers", experts=experts, norm_plus_one=norm_plus_one,
+        groups=mixers + dense + (sh + routed if shared_first else routed + sh),
+        optional=frozenset(n for g in dense + sh + routed + (mixers if linear_attention else ()) for n in g) | (
             frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
         fp_linears=((shared_gate,) if shared_gate else ()) + ((f"{ffn}.{router}",) if linear_router else ()),
         smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + (
+            (SmoothMapping("input_layernorm", linear_attention[0]),) if linear_attention else ()) + (
             SmoothMapping("post_attention_layernorm", dense[0]), SmoothMapping(dense[0][1], dense[1]),
             SmoothMapping("post_attention_layernorm", routed[0] + sh[0],
                           balance=(f"{ffn}.{router}",) + ((shared_gate,) if shared_gate else ())),
@@ -110,6 +115,13 @@ def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
 
 
 _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
+# Qwen3-Next, a hybrid: gated attention blocks (q_proj holds the query and its output gate) or Gated DeltaNet
+# blocks (linear attention: in_proj_qkvz and in_proj_ba read the normed input; out_proj reads a gated RMSNorm whose
+# weight, one per head dimension, is shared by every head, so no per-channel fold into out_proj); Qwen2-MoE's MLPs;
+# its RMSNorms scale by (1 + w), as Gemma's
+_QWEN3_NEXT = _shared_moe("shared_expert", shared_first=True, shared_gate="mlp.shared_expert_gate", norm_plus_one=True,
+                          linear_attention=(("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"),
+                                            ("linear_attn.out_proj",)))
 # Llama 4: experts stored [experts, in, out], fed every token scaled by its router score; MoE blocks interleave
 # with dense ones; the router is an nn.Linear
 _LLAMA4 = _shared_moe("shared_expert", shared_first=False, ffn="feed_forward", router="router", linear_router=True,
@@ -268,6 +280,7 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
+    "qwen3_next": _QWEN3_NEXT,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
