@@ -28,8 +28,8 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def native_compute_dtype(device: str | torch.device) -> str:
     """The compute dtype "auto" stands for: bfloat16 where `device` multiplies bf16 matrices natively (CUDA GPUs
-    with bf16, Ampere and later; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere. Elsewhere torch emulates bf16 GEMMs: on an AVX2-only
-    AMD EPYC a 4096x576x1536 product ran at 18 GFLOP/s in bf16 against 132 in fp32 (BENCHMARKS.md)."""
+    with bf16, Ampere and later; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where torch emulates bf16
+    GEMMs: on an AVX2-only AMD EPYC a 4096x576x1536 product ran at 18 GFLOP/s in bf16, 132 in fp32 (BENCHMARKS.md)."""
     d = torch.device(device)
     if d.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
