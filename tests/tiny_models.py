@@ -11,9 +11,9 @@ _NO_IDS = dict(_COMMON, pad_token_id=None, bos_token_id=None, eos_token_id=None)
 _MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1)
 # Mamba-2 widths whose in_proj rows (2·128 + 2·d_state + heads = 288) pack in groups of 32
-_GRANITE_H = dict(_COMMON, intermediate_size=32, shared_intermediate_size=96,
-                  layer_types=["linear_attention", "attention"], position_embedding_type="rope",
-                  mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32)
+_MAMBA2 = dict(mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32)
+_GRANITE_H = dict(_COMMON, **_MAMBA2, intermediate_size=32, shared_intermediate_size=96,
+                  layer_types=["linear_attention", "attention"], position_embedding_type="rope")
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512)
 CONFIGS = {
@@ -75,6 +75,7 @@ CONFIGS = {
     # Granite 4.0-H: block 0 Mamba-2, block 1 attention; routed experts beside a shared MLP, or the shared MLP alone
     "granitemoehybrid": dict(_GRANITE_H, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),
+    "bamba": dict(_COMMON, **_MAMBA2, attn_layer_indices=[1]),       # block 0 Mamba-2, block 1 attention
     "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,

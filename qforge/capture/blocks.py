@@ -28,8 +28,8 @@ class BlockCall:
 class StandIn(nn.Module):
     """Takes a block's place in the block list; the block stays registered, so attribute look-ups the
     model makes on its layers (attention_type, layer_idx) still resolve. `tuple_output` (set by swapped_blocks
-    from the table's `tuple_blocks`): the model reads its blocks' outputs as tuples (Bloom, GPT-J), so the
-    hidden states a stand-in returns go back as (hidden,)."""
+    from the table's `tuple_blocks`): the model reads its blocks' outputs as tuples (Bloom, GPT-J: outputs[0];
+    Bamba unpacks two), so the hidden states a stand-in returns go back as (hidden, None), no attention weights."""
 
     tuple_output = False
 
@@ -39,7 +39,7 @@ class StandIn(nn.Module):
 
     def __call__(self, *args, **kwargs):
         out = super().__call__(*args, **kwargs)
-        return (out,) if self.tuple_output and isinstance(out, torch.Tensor) else out
+        return (out, None) if self.tuple_output and isinstance(out, torch.Tensor) else out
 
     def __getattr__(self, name: str):
         try:

@@ -175,9 +175,19 @@ _GRANITE_H_SHARED = (("shared_mlp.input_linear",), ("shared_mlp.output_linear",)
 _GRANITE_H_MOE = (("block_sparse_moe.experts.gate_up_proj",), ("block_sparse_moe.experts.down_proj",))
 
 
+_MAMBA2_SMOOTH = (_NORM_QKV, _V_O, SmoothMapping("input_layernorm", ("mamba.in_proj",)),
+                  SmoothMapping("mamba.norm", ("mamba.out_proj",)))
+# Bamba: Granite 4.0-H's mixers (Mamba-2 or attention), a Llama MLP at feed_forward behind pre_ff_layernorm; its
+# blocks return (hidden, attention weights)
+_BAMBA_FFN = (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))
+_BAMBA = ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _BAMBA_FFN, tuple_blocks=True,
+                  optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
+                  smooth=_MAMBA2_SMOOTH + (SmoothMapping("pre_ff_layernorm", _BAMBA_FFN[0]),
+                                           SmoothMapping("feed_forward.up_proj", _BAMBA_FFN[1])))
+
+
 def _granite_hybrid(experts: bool) -> ArchSpec:
-    mixers = (_NORM_QKV, _V_O, SmoothMapping("input_layernorm", ("mamba.in_proj",)),
-              SmoothMapping("mamba.norm", ("mamba.out_proj",)))
+    mixers = _MAMBA2_SMOOTH
     shared_down = SmoothMapping("shared_mlp.input_linear", ("shared_mlp.output_linear",), prev_rows="up_half")
     if not experts:
         return ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_SHARED,
@@ -280,7 +290,7 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
-    "qwen3_next": _QWEN3_NEXT,
+    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
