@@ -64,6 +64,15 @@ def assert_same_model(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]
 MIXED = [Grid(4, 64, True), Grid(8, -1, False), Grid(3, 64, True), Grid(2, 32, False), Grid(4, 32, False)]
 
 
+def tiny_dir(model_type: str, tokenizer, where: Path, **overrides) -> Path:
+    """A tiny random model of `model_type` (tests/tiny_models.py, seed 2) saved with the tiny tokenizer."""
+    from tiny_models import tiny_model
+
+    tiny_model(model_type, seed=2, **overrides).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
 def mixed_grids(model) -> dict:
     """Every third fused set (a block's q/k/v or gate/up, else one linear: models/fused.py) gets another scheme
     (2, 3, 4 and 8 bits; groups 32, 64 and per-channel), as a `--bpw` allocation ties them, so `dynamic` rules
@@ -113,13 +122,9 @@ def test_transformers_loads_qforge_compressed_tensors_export(exports, tmp_path):
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above)."""
-    from tiny_models import tiny_model
-
     src, n_linears = resolve_model("smollm2-135m"), 30 * 7
     if task.endswith("-tiny"):
-        src, n_linears = tmp_path / "src", 2 * 7
-        tiny_model("llama", seed=2).save_pretrained(src)
-        tiny_tokenizer.save_pretrained(src)
+        src, n_linears = tiny_dir("llama", tiny_tokenizer, tmp_path / "src"), 2 * 7
     theirs = run_worker(task, src, tmp_path / "worker")
     ours = qforge_side(tmp_path / "worker" / "ckpt")
     assert ours[0]["model"].packed_format == fmt and len(ours[0]["model"].result.layers) == n_linears
@@ -153,12 +158,8 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     transformers 5.17 no longer has. LFM2-MoE too: GPTQModel 7.6's tree names its attention output o_proj (LFM2's
     is out_proj), so that packed module is never built and the model it loads computes NaN. Qwen3-Next too:
     GPTQModel 7.6's tree has neither linear_attn.in_proj_ba nor dense MLP blocks, and leaves them unloaded.)"""
-    from tiny_models import tiny_model
-
-    src = tmp_path / "src"
-    tiny_model(model_type, seed=2, **({"interleave_moe_layer_step": 1} if model_type == "llama4_text" else {})
-               ).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
+    src = tiny_dir(model_type, tiny_tokenizer, tmp_path / "src",
+                   **({"interleave_moe_layer_step": 1} if model_type == "llama4_text" else {}))
     m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=fmt == "gptq"))
     m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
     m.export(tmp_path / "packed", fmt)
@@ -188,12 +189,8 @@ def test_qforge_loads_peers_moe_exports(model_type, task, fmt, tiny_tokenizer, t
     from safetensors import safe_open
 
     from qforge.formats import FORMATS
-    from tiny_models import tiny_model
 
-    src = tmp_path / "src"
-    tiny_model(model_type, seed=2).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
-    theirs = run_worker(task, src, tmp_path / "worker")
+    theirs = run_worker(task, tiny_dir(model_type, tiny_tokenizer, tmp_path / "src"), tmp_path / "worker")
     ckpt = tmp_path / "worker" / "ckpt"
     with safe_open(str(next(ckpt.glob("*.safetensors"))), "pt") as f:
         assert any(f".mlp.experts.0.gate_proj.{FORMATS[fmt].KEYS[0]}" in k for k in f.keys())

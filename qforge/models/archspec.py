@@ -84,7 +84,7 @@ class ArchSpec:
     norm_plus_one: bool = False          # Gemma RMSNorm scales by (1 + w)
     optional: frozenset[str] = frozenset()  # linears some blocks lack (dense vs MoE blocks)
     fp_linears: tuple[str, ...] = ()     # linears that stay unquantized (a shared expert's 1-output gate)
-    tuple_blocks: bool = False           # the model reads a block's output as a tuple, (hidden, ...) (Bloom, GPT-J, Bamba)
+    tuple_blocks: bool = False           # the model reads a block's output as a tuple (Bloom, GPT-J, Bamba)
     experts: ExpertLayout = ExpertLayout()  # how fused experts are stored and called
 
     def __post_init__(self):

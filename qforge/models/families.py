@@ -147,8 +147,7 @@ _FALCON_QKV, _FALCON_UP = _FALCON_GROUPS[0][0], _FALCON_GROUPS[2][0]
 # feed_forward (w1 gate, w3 up, w2 down). No in_proj -> out_proj fold: out_proj reads C's rows (the middle third)
 # times a convolution, which PREV_ROWS (the last of equal parts) does not name. LFM2-MoE: the first
 # num_dense_layers blocks keep that feed_forward, the others route to fused experts (router feed_forward.gate)
-_LFM2_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_LFM2_MIXERS = (_LFM2_ATTN, ("self_attn.out_proj",), ("conv.in_proj",), ("conv.out_proj",))
+_LFM2_MIXERS = (_ATTN, ("self_attn.out_proj",), ("conv.in_proj",), ("conv.out_proj",))
 _LFM2_FFN = (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",))
 _LFM2_EXPERTS = (("feed_forward.experts.gate_up_proj",), ("feed_forward.experts.down_proj",))
 
@@ -159,7 +158,7 @@ def _lfm2(moe: bool) -> ArchSpec:
         blocks="model.layers",
         groups=_LFM2_MIXERS + _LFM2_FFN + (_LFM2_EXPERTS if moe else ()),
         optional=frozenset(n for g in _LFM2_MIXERS + ((_LFM2_FFN + _LFM2_EXPERTS) if moe else ()) for n in g),
-        smooth=(SmoothMapping("operator_norm", _LFM2_ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+        smooth=(SmoothMapping("operator_norm", _ATTN), SmoothMapping("self_attn.v_proj", ("self_attn.out_proj",)),
                 SmoothMapping("operator_norm", ("conv.in_proj",)), SmoothMapping("ffn_norm", _LFM2_FFN[0]),
                 SmoothMapping("feed_forward.w3", _LFM2_FFN[1])) + (
             (SmoothMapping("ffn_norm", (gate_up,), balance=("feed_forward.gate",)),
@@ -187,20 +186,15 @@ _BAMBA = ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _BAMBA_FFN, 
 
 
 def _granite_hybrid(experts: bool) -> ArchSpec:
-    mixers = _MAMBA2_SMOOTH
-    shared_down = SmoothMapping("shared_mlp.input_linear", ("shared_mlp.output_linear",), prev_rows="up_half")
-    if not experts:
-        return ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_SHARED,
-                        optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
-                        smooth=mixers + (SmoothMapping("post_attention_layernorm", ("shared_mlp.input_linear",)),
-                                         shared_down))
     (gate_up,), (down,) = _GRANITE_H_MOE
+    (shared_in,), (shared_out,) = _GRANITE_H_SHARED
+    ffn = (SmoothMapping("post_attention_layernorm", (gate_up, shared_in), balance=("block_sparse_moe.router",)),
+           SmoothMapping(gate_up, (down,), prev_rows="up_half")) if experts else (
+        SmoothMapping("post_attention_layernorm", (shared_in,)),)
     return ArchSpec(
-        blocks="model.layers", groups=_GRANITE_H_MIXERS + _GRANITE_H_MOE + _GRANITE_H_SHARED,
+        blocks="model.layers", groups=_GRANITE_H_MIXERS + (_GRANITE_H_MOE if experts else ()) + _GRANITE_H_SHARED,
         optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
-        smooth=mixers + (SmoothMapping("post_attention_layernorm", (gate_up, "shared_mlp.input_linear"),
-                                       balance=("block_sparse_moe.router",)),
-                         SmoothMapping(gate_up, (down,), prev_rows="up_half"), shared_down))
+        smooth=_MAMBA2_SMOOTH + ffn + (SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),))
 
 
 def _falcon_variant(config) -> str:
