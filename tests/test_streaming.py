@@ -39,6 +39,8 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("qwen3_next", QuantizeConfig(method="gptq", bits=4, group_size=32)),   # Gated DeltaNet, gated attention; experts
     ("lfm2_moe", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv, attention; experts
     ("granitemoehybrid_dense", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Mamba-2
+    ("nemotron_h", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # one mixer a block
+    ("falcon_h1", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # Mamba-2 beside attention
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
@@ -318,7 +320,8 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
 
 
 # gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2", "granitemoehybrid"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2", "granitemoehybrid",
+                                        "falcon_h1"])
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows

@@ -76,6 +76,14 @@ CONFIGS = {
     "granitemoehybrid": dict(_GRANITE_H, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),
     "bamba": dict(_COMMON, **_MAMBA2, attn_layer_indices=[1]),       # block 0 Mamba-2, block 1 attention
+    # Nemotron-H: one mixer per block (Mamba-2, attention, squared-ReLU MLP)
+    "nemotron_h": dict(_COMMON, head_dim=16, layers_block_type=["linear_attention", "full_attention", "mlp"],
+                       mamba_num_heads=16, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=32),
+    # Falcon-H1: Mamba-2 beside attention in every block, µP multipliers that are not 1
+    "falcon_h1": dict(_COMMON, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_state=8, mamba_chunk_size=32,
+                      mamba_rms_norm=True, attention_in_multiplier=0.7, ssm_in_multiplier=1.3, key_multiplier=0.8,
+                      attention_out_multiplier=0.6, ssm_out_multiplier=1.4, mlp_multipliers=[0.5, 2.0],
+                      ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
     "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"],
                     rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,

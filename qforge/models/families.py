@@ -197,6 +197,31 @@ def _granite_hybrid(experts: bool) -> ArchSpec:
         smooth=_MAMBA2_SMOOTH + ffn + (SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),))
 
 
+# Nemotron-H, a hybrid with one mixer per block behind one norm: Mamba-2 (in_proj -> gated RMSNorm `mixer.norm` ->
+# out_proj), attention, or a squared-ReLU MLP (up -> down: relu² is not scale-equivariant, no up -> down fold)
+_NEMOTRON_H_GROUPS = (("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), ("mixer.o_proj",), ("mixer.in_proj",),
+                      ("mixer.out_proj",), ("mixer.up_proj",), ("mixer.down_proj",))
+_NEMOTRON_H = ArchSpec(
+    blocks="model.layers", groups=_NEMOTRON_H_GROUPS,
+    optional=frozenset(n for g in _NEMOTRON_H_GROUPS for n in g),
+    smooth=(SmoothMapping("norm", _NEMOTRON_H_GROUPS[0]), SmoothMapping("mixer.v_proj", ("mixer.o_proj",)),
+            SmoothMapping("norm", ("mixer.in_proj",)), SmoothMapping("mixer.norm", ("mixer.out_proj",)),
+            SmoothMapping("norm", ("mixer.up_proj",))),
+)
+
+# Falcon-H1, a parallel hybrid: Mamba-2 and attention both read input_layernorm's output (each times a scalar
+# multiplier, which a per-channel fold commutes with), their outputs summed; then a SwiGLU feed_forward. Blocks
+# return a tuple. Its gated `mamba.norm` is an Identity in models without mamba_rms_norm (that fold is skipped)
+_FALCON_H1_FFN = (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",))
+_FALCON_H1 = ArchSpec(
+    blocks="model.layers", tuple_blocks=True,
+    groups=(("mamba.in_proj",), ("mamba.out_proj",), _ATTN, ("self_attn.o_proj",)) + _FALCON_H1_FFN,
+    smooth=(SmoothMapping("input_layernorm", _ATTN + ("mamba.in_proj",)), _V_O,
+            SmoothMapping("mamba.norm", ("mamba.out_proj",)), SmoothMapping("pre_ff_layernorm", _FALCON_H1_FFN[0]),
+            SmoothMapping("feed_forward.up_proj", _FALCON_H1_FFN[1])),
+)
+
+
 def _falcon_variant(config) -> str:
     two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
     return "falcon_parallel" if config.parallel_attn and not two_norms else "falcon"
@@ -284,7 +309,7 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
-    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA,
+    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA, "nemotron_h": _NEMOTRON_H, "falcon_h1": _FALCON_H1,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",

@@ -69,7 +69,10 @@ def main(task: str, model_dir: str, out: str) -> None:
         packed = [type(mod).__name__ for mod in m.model.modules() if hasattr(mod, "qweight")]
         report(m.model, tok, out_dir, {"qlinear": packed[0] if packed else "Linear", "packed": len(packed)})
     elif task == "transformers-ct":
-        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        # with a quantizer, transformers 5.17 leaves the tensors it loads under renamed keys (Nemotron-H's backbone.*
+        # -> model.*) in the file's dtype whatever `dtype` says, and refuses model.float(): nn.Module's cast (exact,
+        # fp16 -> fp32) puts them in the dtype asked for
+        m = torch.nn.Module.float(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
         report(m, tok, out_dir, {"quant_method": m.config.quantization_config.quant_method
                                  if hasattr(m.config.quantization_config, "quant_method") else "?"})
     elif task in ("llmc-quantize", "llmc-quantize-tiny"):
