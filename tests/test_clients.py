@@ -144,6 +144,8 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("qwen3_next", "transformers-ct", "compressed-tensors"),
     ("granitemoehybrid_dense", "transformers-ct", "compressed-tensors"),   # Mamba-2 and attention blocks
     ("nemotron_h", "transformers-ct", "compressed-tensors"),      # one mixer a block: Mamba-2, attention or MLP
+    ("nemotron_h_moe", "transformers-ct", "compressed-tensors"),  # Nemotron 3: experts without a gate
+    ("nemotron_h_latent", "transformers-ct", "compressed-tensors"),   # and between latent projections
     ("falcon_h1", "transformers-ct", "compressed-tensors"),       # Mamba-2 beside attention, µP multipliers
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):

@@ -1,6 +1,7 @@
 """Fused experts in every stored layout (ExpertLayout): [experts, out, in] (Mixtral, Qwen3-MoE), [experts, in, out]
-with router-scaled inputs (Llama 4) and with interleaved gate/up and biases (GPT-OSS). The inputs qforge rebuilds
-for each expert are checked against the operands the experts module itself multiplies with each expert's weight."""
+with router-scaled inputs (Llama 4), with interleaved gate/up and biases (GPT-OSS), and without a gate (Nemotron-H's
+up_proj / down_proj). The inputs qforge rebuilds for each expert are checked against the operands the experts module
+itself multiplies with each expert's weight."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,8 @@ from qforge.capture.linear_inputs import tap_inputs
 from qforge.models.arch import arch_spec, block_linears, get_blocks
 from tiny_models import VOCAB, tiny_model
 
-MOE = ["mixtral", "qwen3_moe", "llama4_text", "gpt_oss", "lfm2_moe", "granitemoehybrid", "qwen3_next"]
+MOE = ["mixtral", "qwen3_moe", "llama4_text", "gpt_oss", "lfm2_moe", "granitemoehybrid", "qwen3_next", "nemotron_h_moe",
+       "nemotron_h_latent"]
 _PRODUCTS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm)
 
 
@@ -114,8 +116,8 @@ def test_an_expert_weight_is_its_in_out_parameter_transposed(model_type):
 
 @pytest.mark.parametrize("model_type", MOE)
 def test_the_table_layout_agrees_with_what_transformers_declares(model_type):
-    """transformers 5 marks decorated experts modules is_transposed / is_concatenated / has_bias (its own grouped
-    kernels read them); the table's ExpertLayout must say the same."""
+    """transformers 5 marks decorated experts modules is_transposed / is_concatenated / has_bias / has_gate (its own
+    grouped kernels read them); the table's ExpertLayout must say the same."""
     m = tiny_model(model_type)
     spec = arch_spec(m)
     block = get_blocks(m, spec)[-1]
@@ -123,6 +125,8 @@ def test_the_table_layout_agrees_with_what_transformers_declares(model_type):
     if not hasattr(module, "is_transposed"):
         pytest.skip(f"{type(module).__name__} declares no layout")
     assert module.is_transposed == (spec.experts.stored == "in_out")
-    assert module.is_concatenated == (spec.experts.gate_up == "halves")
+    assert getattr(module, "has_gate", True) == (spec.experts.gate_up != "none")
+    if spec.experts.gate_up != "none":
+        assert module.is_concatenated == (spec.experts.gate_up == "halves")
     ref = next(r for g in block_linears(block, spec) for r in g if r.expert is not None)
     assert module.has_bias == (ref.bias is not None)

@@ -398,6 +398,39 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
         part.check_export(fmt)                                        # refused before quantizing
 
 
+@pytest.mark.parametrize("model_type,dtype,fp32", [
+    ("deepseek_v3", torch.float16, ("e_score_correction_bias",)),          # the router's score bias, kept strictly
+    ("nemotron_h_moe", torch.bfloat16, ("e_score_correction_bias",)),
+    ("ernie4_5_moe", torch.bfloat16, ("gate.weight", "moe_statics")),
+])
+def test_packed_exports_keep_what_the_model_keeps_in_fp32(model_type, dtype, fp32, tiny_tokenizer, tmp_path):
+    """The tensors a model class keeps in fp32 whatever it is loaded in (_keep_in_fp32_modules_strict: routers
+    whose rounding would flip expert choices) are written in fp32 in a bf16/fp16 export, as save_pretrained does;
+    everything else dense in the asked dtype."""
+    from safetensors import safe_open
+
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model(model_type, seed=2).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m.quantize("builtin:wiki", nsamples=2, seqlen=32)
+    m.export(tmp_path / "x", "compressed-tensors", dtype=dtype)
+    with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(("_packed", "_shape", "_scale",
+                                                                                      "_zero_point", "g_idx"))}
+    kept = {k for k in dtypes if any(n in k for n in fp32)}
+    assert kept and all(dtypes[k] == "F32" for k in kept)
+    assert {dtypes[k] for k in dtypes if k not in kept} == {{torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]}
+    from qforge.models.packed import load_packed
+
+    back = load_packed(tmp_path / "x", dtype)[0]                             # and loads back as from_pretrained
+    state = back.state_dict()
+    assert all(state[k].dtype == torch.float32 for k in state if any(n in k for n in fp32))
+    assert back.get_input_embeddings().weight.dtype == dtype
+
+
 def test_experts_a_checkpoint_stores_fused_are_refused_by_packed_export_with_nothing_written(tiny_tokenizer, tmp_path):
     """Granite's MoE checkpoints store every expert's gate/up as one 3-D tensor (`block_sparse_moe.input_linear`),
     which no packed format has a layout for: the export says so and writes nothing; the dense output still saves."""

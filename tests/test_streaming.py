@@ -40,6 +40,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("lfm2_moe", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv, attention; experts
     ("granitemoehybrid_dense", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Mamba-2
     ("nemotron_h", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # one mixer a block
+    ("nemotron_h_latent", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # experts, no gate
     ("falcon_h1", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # Mamba-2 beside attention
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):

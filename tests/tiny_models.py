@@ -14,6 +14,11 @@ _MLA = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, mo
 _MAMBA2 = dict(mamba_n_heads=16, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=32)
 _GRANITE_H = dict(_COMMON, **_MAMBA2, intermediate_size=32, shared_intermediate_size=96,
                   layer_types=["linear_attention", "attention"], position_embedding_type="rope")
+_NEMOTRON_H = dict({k: v for k, v in _COMMON.items() if k != "num_hidden_layers"}, head_dim=16, mamba_num_heads=16,
+                   mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=32)     # blocks: layers_block_type's
+_NEMOTRON_H_MOE = dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "moe"], n_routed_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=64,
+                       n_group=1, topk_group=1)
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512)
 CONFIGS = {
@@ -77,8 +82,11 @@ CONFIGS = {
     "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),
     "bamba": dict(_COMMON, **_MAMBA2, attn_layer_indices=[1]),       # block 0 Mamba-2, block 1 attention
     # Nemotron-H: one mixer per block (Mamba-2, attention, squared-ReLU MLP)
-    "nemotron_h": dict(_COMMON, head_dim=16, layers_block_type=["linear_attention", "full_attention", "mlp"],
-                       mamba_num_heads=16, mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=32),
+    "nemotron_h": dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "mlp"]),
+    # Nemotron 3: Mamba-2, attention, MoE (routed experts without a gate, shared experts) blocks; the latent variant
+    # runs the experts between fc1/fc2_latent_proj
+    "nemotron_h_moe": dict(_NEMOTRON_H_MOE, moe_latent_size=None),
+    "nemotron_h_latent": dict(_NEMOTRON_H_MOE, moe_latent_size=32),
     # Falcon-H1: Mamba-2 beside attention in every block, µP multipliers that are not 1
     "falcon_h1": dict(_COMMON, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_state=8, mamba_chunk_size=32,
                       mamba_rms_norm=True, attention_in_multiplier=0.7, ssm_in_multiplier=1.3, key_multiplier=0.8,
@@ -95,7 +103,8 @@ CONFIGS = {
     "falcon_two_norms": dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2),
 }
 # CONFIGS keys that are not model types: another wiring of a family (a VARIANTS entry picks its table entry)
-_MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "granitemoehybrid_dense": "granitemoehybrid"}
+_MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "granitemoehybrid_dense": "granitemoehybrid",
+               "nemotron_h_moe": "nemotron_h", "nemotron_h_latent": "nemotron_h"}
 
 
 def tiny_config(key: str, **overrides):

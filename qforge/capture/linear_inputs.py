@@ -5,8 +5,8 @@ statistic serves the whole group. While group k is collected, its linears and ev
 groups are swapped for stand-ins that return zeros (group k's stand-in hands its input to the sink
 first): nothing after group k can change group k's inputs, so their real compute is skipped.
 Fused experts cannot be swapped out; their per-expert inputs are rebuilt from the experts module's
-call (tokens routed to each expert; for down_proj, act(gate) * up under the current weights), as the family's
-ExpertLayout says.
+call (tokens routed to each expert; for down_proj, act(gate) * up, or act(up) without a gate, under the current
+weights), as the family's ExpertLayout says.
 Once every sink has its input the rest of the block is not needed: the pass stops there
 (GroupCollected, caught by feed_block).
 """
@@ -78,10 +78,12 @@ def _routed(ref: LinearRef, args: tuple) -> torch.Tensor:
 
 def _expert_inputs(module: nn.Module, ref: LinearRef, args: tuple) -> torch.Tensor:
     x = _routed(ref, args)                                         # [tokens routed to e, hidden]
-    if ref.param == "gate_up_proj":
+    if ref.param == ref.layout.input_param:
         return x
-    gate_up = LinearRef(ref.name, module, "gate_up_proj", ref.expert, ref.layout)
-    h = F.linear(x, gate_up.weight, gate_up.bias)                  # [tokens, 2·I]
+    gate_up = LinearRef(ref.name, module, ref.layout.input_param, ref.expert, ref.layout)
+    h = F.linear(x, gate_up.weight, gate_up.bias)                  # [tokens, 2·I], or [tokens, I] without a gate
+    if ref.layout.gate_up == "none":
+        return module.act_fn(h)
     if ref.layout.glu == "module":
         return module._apply_gate(h)
     gate, up = ref.layout.gate_up_rows(h.shape[-1])

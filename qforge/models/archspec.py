@@ -44,12 +44,14 @@ class SmoothMapping:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How a family stores its fused experts (3-D parameters `<...>.experts.gate_up_proj` / `.down_proj`) and
-    calls them. `<param>_bias` parameters beside them ([experts, out], GPT-OSS) are found by name.
+    """How a family stores its fused experts (3-D parameters `<...>.experts.gate_up_proj` / `.down_proj`, or
+    `.up_proj` / `.down_proj` without a gate) and calls them. `<param>_bias` parameters beside them ([experts, out],
+    GPT-OSS) are found by name.
 
     stored: "out_in": [experts, out, in] (transformers 5's MoE blocks); "in_out": [experts, in, out], read as
       x @ W[e] (Llama 4, GPT-OSS).
-    gate_up: the gate/up outputs as "halves" (gate then up) or "interleaved" (gate, up, gate, ...: GPT-OSS).
+    gate_up: the gate/up outputs as "halves" (gate then up) or "interleaved" (gate, up, gate, ...: GPT-OSS), or
+      "none": no gate, the first parameter is `up_proj` and down_proj reads act_fn(up) (Nemotron-H's squared ReLU).
     routing: "top_k": forward(hidden [tokens, in], top_k_index [tokens, k], ...), an expert reads the tokens
       routed to it; "scaled": forward(x [experts·tokens, in]), every token once per expert, multiplied by its
       router score (0 where not routed: Llama 4).
@@ -63,11 +65,16 @@ class ExpertLayout:
     glu: str = "act_fn"
 
     def __post_init__(self):
-        for field, allowed in (("stored", ("out_in", "in_out")), ("gate_up", ("halves", "interleaved")),
+        for field, allowed in (("stored", ("out_in", "in_out")), ("gate_up", ("halves", "interleaved", "none")),
                                ("routing", ("top_k", "scaled")), ("glu", ("act_fn", "module"))):
             if getattr(self, field) not in allowed:
                 raise QForgeError(f"ExpertLayout.{field} must be one of {', '.join(allowed)}, "
                                   f"not {getattr(self, field)!r}")
+
+    @property
+    def input_param(self) -> str:
+        """The fused parameter that reads the experts' input (down_proj reads its activation)."""
+        return "up_proj" if self.gate_up == "none" else "gate_up_proj"
 
     def gate_up_rows(self, n: int) -> tuple[slice, slice]:
         """The gate rows and the up rows of a gate/up weight with `n` output rows."""

@@ -62,6 +62,16 @@ class _Transforms:
         return {n: v[0] if isinstance(v, list) else v for n, v in made.items()}
 
 
+def keep_fp32_pattern(model: nn.Module, dtype: torch.dtype):
+    """A regex (re.Pattern) of the tensors `model`'s class keeps in fp32 when loaded in `dtype` (its
+    _keep_in_fp32_modules(_strict): DeepSeek-V3's and Nemotron-H's router score bias, ERNIE-MoE's router), matched
+    with .search as transformers matches them on load; None when nothing is kept."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    return build_glob_alternation(list(plan))[0] if plan else None
+
+
 def _per_expert_layout(model: nn.Module, transforms: list, gate_up: str | None = None) -> list:
     """Loading only: for a model with fused gate/up/down experts, also converters from one module per expert,
     `<experts>.{e}.gate_proj/up_proj/down_proj` (the names GPTQModel and llm-compressor write for every such MoE)

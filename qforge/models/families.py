@@ -198,16 +198,29 @@ def _granite_hybrid(experts: bool) -> ArchSpec:
 
 
 # Nemotron-H, a hybrid with one mixer per block behind one norm: Mamba-2 (in_proj -> gated RMSNorm `mixer.norm` ->
-# out_proj), attention, or a squared-ReLU MLP (up -> down: relu² is not scale-equivariant, no up -> down fold)
-_NEMOTRON_H_GROUPS = (("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), ("mixer.o_proj",), ("mixer.in_proj",),
+# out_proj), attention, a squared-ReLU MLP (up -> down), or MoE (Nemotron 3): routed experts without a gate
+# (fused up_proj / down_proj) beside shared_experts, router `mixer.gate`; with moe_latent_size the experts work
+# in a smaller width between fc1_latent_proj and fc2_latent_proj (absent: Identity). relu² is not scale-equivariant:
+# no up -> down fold
+_NEMOTRON_H_MIXERS = (("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), ("mixer.o_proj",), ("mixer.in_proj",),
                       ("mixer.out_proj",), ("mixer.up_proj",), ("mixer.down_proj",))
-_NEMOTRON_H = ArchSpec(
-    blocks="model.layers", groups=_NEMOTRON_H_GROUPS,
-    optional=frozenset(n for g in _NEMOTRON_H_GROUPS for n in g),
-    smooth=(SmoothMapping("norm", _NEMOTRON_H_GROUPS[0]), SmoothMapping("mixer.v_proj", ("mixer.o_proj",)),
-            SmoothMapping("norm", ("mixer.in_proj",)), SmoothMapping("mixer.norm", ("mixer.out_proj",)),
-            SmoothMapping("norm", ("mixer.up_proj",))),
-)
+_NEMOTRON_H_MOE = (("mixer.fc1_latent_proj", "mixer.shared_experts.up_proj"), ("mixer.experts.up_proj",),
+                   ("mixer.experts.down_proj",), ("mixer.fc2_latent_proj",), ("mixer.shared_experts.down_proj",))
+
+
+def _nemotron_h(latent: bool) -> ArchSpec:
+    groups = _NEMOTRON_H_MIXERS + _NEMOTRON_H_MOE
+    experts_in = "mixer.fc1_latent_proj" if latent else "mixer.experts.up_proj"     # what reads the norm's output
+    return ArchSpec(
+        blocks="model.layers", groups=groups, experts=ExpertLayout(gate_up="none"),
+        optional=frozenset(n for g in groups for n in g),
+        smooth=(SmoothMapping("norm", groups[0]), SmoothMapping("mixer.v_proj", ("mixer.o_proj",)),
+                SmoothMapping("norm", ("mixer.in_proj",)), SmoothMapping("mixer.norm", ("mixer.out_proj",)),
+                SmoothMapping("norm", ("mixer.up_proj",)),
+                SmoothMapping("norm", (experts_in, "mixer.shared_experts.up_proj"), balance=("mixer.gate",)))
+        + ((SmoothMapping("mixer.fc1_latent_proj", ("mixer.experts.up_proj",)),) if latent else ()),
+    )
+
 
 # Falcon-H1, a parallel hybrid: Mamba-2 and attention both read input_layernorm's output (each times a scalar
 # multiplier, which a per-channel fold commutes with), their outputs summed; then a SwiGLU feed_forward. Blocks
@@ -309,7 +322,7 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
-    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA, "nemotron_h": _NEMOTRON_H, "falcon_h1": _FALCON_H1,
+    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA, "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1,
     "olmoe": _MOE,
     "granitemoe": ArchSpec(
         blocks="model.layers",
@@ -334,7 +347,9 @@ ARCHS.update({
     "falcon_parallel": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS,
                                 smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
     "granitemoehybrid_dense": _granite_hybrid(experts=False),
+    "nemotron_h_latent": _nemotron_h(latent=True),
 })
 # model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
 VARIANTS = {"falcon": _falcon_variant,
-            "granitemoehybrid": lambda c: "granitemoehybrid" if c.num_local_experts else "granitemoehybrid_dense"}
+            "granitemoehybrid": lambda c: "granitemoehybrid" if c.num_local_experts else "granitemoehybrid_dense",
+            "nemotron_h": lambda c: "nemotron_h_latent" if getattr(c, "moe_latent_size", None) else "nemotron_h"}
