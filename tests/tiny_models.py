@@ -86,7 +86,8 @@ CONFIGS = {
     # Nemotron 3: Mamba-2, attention, MoE (routed experts without a gate, shared experts) blocks; the latent variant
     # runs the experts between fc1/fc2_latent_proj
     "nemotron_h_moe": dict(_NEMOTRON_H_MOE, moe_latent_size=None),
-    "nemotron_h_latent": dict(_NEMOTRON_H_MOE, moe_latent_size=32),
+    "nemotron_h_latent": dict(_NEMOTRON_H_MOE, moe_latent_size=32,
+                              layers_block_type=["linear_attention", "full_attention", "mlp", "moe"]),
     # Falcon-H1: Mamba-2 beside attention in every block, µP multipliers that are not 1
     "falcon_h1": dict(_COMMON, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_state=8, mamba_chunk_size=32,
                       mamba_rms_norm=True, attention_in_multiplier=0.7, ssm_in_multiplier=1.3, key_multiplier=0.8,
