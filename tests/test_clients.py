@@ -147,6 +147,10 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("nemotron_h_moe", "transformers-ct", "compressed-tensors"),  # Nemotron 3: experts without a gate
     ("nemotron_h_latent", "transformers-ct", "compressed-tensors"),   # and between latent projections
     ("falcon_h1", "transformers-ct", "compressed-tensors"),       # Mamba-2 beside attention, µP multipliers
+    ("qwen3_5_text", "transformers-ct", "compressed-tensors"),    # Gated DeltaNet and gated attention, dense MLPs
+    ("qwen3_5_moe_text", "transformers-ct", "compressed-tensors"),
+    ("hunyuan_v1_moe", "transformers-ct", "compressed-tensors"),  # shared MLP first, an fp32 nn.Linear router
+    ("minimax_m2", "transformers-ct", "compressed-tensors"),      # routed experts, a score-correction bias
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:

@@ -42,6 +42,7 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("nemotron_h", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # one mixer a block
     ("nemotron_h_latent", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # experts, no gate
     ("falcon_h1", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # Mamba-2 beside attention
+    ("qwen3_5_moe_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Gated DeltaNet
 ])
 def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)

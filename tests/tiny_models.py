@@ -19,6 +19,8 @@ _NEMOTRON_H = dict({k: v for k, v in _COMMON.items() if k != "num_hidden_layers"
 _NEMOTRON_H_MOE = dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "moe"], n_routed_experts=4,
                        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=64,
                        n_group=1, topk_group=1)
+_QWEN3_5 = dict(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16,
+                linear_value_head_dim=4, linear_num_key_heads=2, linear_num_value_heads=16)
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=512)
 CONFIGS = {
@@ -81,6 +83,24 @@ CONFIGS = {
     "granitemoehybrid": dict(_GRANITE_H, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid_dense": dict(_GRANITE_H, num_local_experts=0),
     "bamba": dict(_COMMON, **_MAMBA2, attn_layer_indices=[1]),       # block 0 Mamba-2, block 1 attention
+    # Qwen3.5: block 0 Gated DeltaNet, block 1 gated attention; a dense MLP, or routed + shared experts everywhere
+    "qwen3_5_text": dict(_COMMON, **_QWEN3_5),
+    "qwen3_5_moe_text": dict(_COMMON, **_QWEN3_5, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=64),
+    "ministral": dict(_COMMON, head_dim=16), "ministral3": dict(_COMMON, head_dim=16),
+    "hunyuan_v1_dense": dict(_COMMON, head_dim=16), "olmo3": dict(_COMMON, head_dim=16),
+    "vaultgemma": dict(_COMMON, head_dim=16, query_pre_attn_scalar=16),
+    "jais2": dict(_COMMON, head_dim=16), "nanochat": dict(_COMMON, head_dim=16, num_key_value_heads=4),
+    # MoE: block 0 dense where the family has dense first blocks, block 1 routed (+ shared) experts
+    "exaone_moe": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       first_k_dense_replace=1, num_shared_experts=1, n_group=1, topk_group=1),
+    "solar_open": dict(_NO_IDS, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       n_shared_experts=1, n_group=1, topk_group=1),
+    "mimo_v2_flash": dict(_NO_IDS, head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          n_group=1, topk_group=1),
+    "hunyuan_v1_moe": dict(_NO_IDS, head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32),
+    "minimax_m2": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64),
     # Nemotron-H: one mixer per block (Mamba-2, attention, squared-ReLU MLP)
     "nemotron_h": dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "mlp"]),
     # Nemotron 3: Mamba-2, attention, MoE (routed experts without a gate, shared experts) blocks; the latent variant

@@ -82,19 +82,21 @@ _MLA_SMOOTH = (
 )
 
 
-def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
+def _shared_moe(shared: str | None, shared_first: bool = False, shared_gate: str | None = None,
                 attention: tuple = (_ATTN, ("self_attn.o_proj",)), ffn: str = "mlp", router: str = "gate",
                 linear_router: bool = False, experts: ExpertLayout = ExpertLayout(),
-                linear_attention: tuple = (), norm_plus_one: bool = False) -> ArchSpec:
+                linear_attention: tuple = (), linear_attention_fp: tuple = (), norm_plus_one: bool = False,
+                dense_blocks: bool = True) -> ArchSpec:
     """Routed experts (fused) beside always-on shared experts (an MLP at `<ffn>.<shared>`, gated by `shared_gate`
-    on Qwen2-MoE), the router `<ffn>.<router>` (an nn.Linear, kept unquantized, when `linear_router`); blocks may
-    be dense Llama MLPs at `<ffn>` instead (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's
-    interleaved blocks). `shared_first`: the shared experts run before the routed ones. `linear_attention`: a
-    hybrid's other token mixer (its input linears, then its output linear), run by the blocks without attention;
-    `norm_plus_one`: the block norms scale by (1 + w)."""
-    sh = (f"{ffn}.{shared}.gate_proj", f"{ffn}.{shared}.up_proj"), (f"{ffn}.{shared}.down_proj",)
+    on Qwen2-MoE; None: no shared experts), the router `<ffn>.<router>` (an nn.Linear, kept unquantized, when
+    `linear_router`); with `dense_blocks` blocks may be dense Llama MLPs at `<ffn>` instead (DeepSeek's
+    first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's interleaved blocks). `shared_first`: the shared
+    experts run before the routed ones. `linear_attention`: a hybrid's other token mixer (its input linears, then
+    its output linear), run by the blocks without attention, and `linear_attention_fp` its input linears left
+    unquantized (balanced by the norm's fold); `norm_plus_one`: the block norms scale by (1 + w)."""
+    sh = ((f"{ffn}.{shared}.gate_proj", f"{ffn}.{shared}.up_proj"), (f"{ffn}.{shared}.down_proj",)) if shared else ()
     routed = (f"{ffn}.experts.gate_up_proj",), (f"{ffn}.experts.down_proj",)
-    dense = (f"{ffn}.gate_proj", f"{ffn}.up_proj"), (f"{ffn}.down_proj",)
+    dense = ((f"{ffn}.gate_proj", f"{ffn}.up_proj"), (f"{ffn}.down_proj",)) if dense_blocks else ()
     mla = attention is _MLA
     mixers = attention + linear_attention
     return ArchSpec(
@@ -102,15 +104,17 @@ def _shared_moe(shared: str, shared_first: bool, shared_gate: str | None = None,
         groups=mixers + dense + (sh + routed if shared_first else routed + sh),
         optional=frozenset(n for g in dense + sh + routed + (mixers if linear_attention else ()) for n in g) | (
             frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
-        fp_linears=((shared_gate,) if shared_gate else ()) + ((f"{ffn}.{router}",) if linear_router else ()),
+        fp_linears=((shared_gate,) if shared_gate else ()) + ((f"{ffn}.{router}",) if linear_router else ())
+        + linear_attention_fp,
         smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + (
-            (SmoothMapping("input_layernorm", linear_attention[0]),) if linear_attention else ()) + (
-            SmoothMapping("post_attention_layernorm", dense[0]), SmoothMapping(dense[0][1], dense[1]),
-            SmoothMapping("post_attention_layernorm", routed[0] + sh[0],
+            (SmoothMapping("input_layernorm", linear_attention[0], balance=linear_attention_fp),)
+            if linear_attention else ()) + (
+            (SmoothMapping("post_attention_layernorm", dense[0]), SmoothMapping(dense[0][1], dense[1]))
+            if dense else ()) + (
+            SmoothMapping("post_attention_layernorm", routed[0] + (sh[0] if sh else ()),
                           balance=(f"{ffn}.{router}",) + ((shared_gate,) if shared_gate else ())),
             SmoothMapping(routed[0][0], routed[1], prev_rows="up_half"),
-            SmoothMapping(sh[0][1], sh[1]),
-        ),
+        ) + ((SmoothMapping(sh[0][1], sh[1]),) if sh else ()),
     )
 
 
@@ -122,6 +126,21 @@ _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
 _QWEN3_NEXT = _shared_moe("shared_expert", shared_first=True, shared_gate="mlp.shared_expert_gate", norm_plus_one=True,
                           linear_attention=(("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"),
                                             ("linear_attn.out_proj",)))
+# Qwen3.5: Qwen3-Next's hybrid (Gated DeltaNet blocks, whose q/k/v and z projections are two linears here, and gated
+# attention), (1 + w) norms; a dense MLP in every block, or Qwen2-MoE experts in every block (the MoE models). The
+# DeltaNet's b and a projections (a row per value head: the recurrence's write strength and decay, ~0.01% of the
+# weights, often not a multiple of 32 rows) stay unquantized
+_QWEN3_5_LINEAR = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",))
+_QWEN3_5_FP = ("linear_attn.in_proj_b", "linear_attn.in_proj_a")
+_QWEN3_5 = ArchSpec(
+    blocks="model.layers", norm_plus_one=True, fp_linears=_QWEN3_5_FP,
+    groups=(_ATTN, ("self_attn.o_proj",)) + _QWEN3_5_LINEAR + _LLAMA.groups[2:],
+    optional=frozenset(n for g in (_ATTN, ("self_attn.o_proj",)) + _QWEN3_5_LINEAR for n in g),
+    smooth=(_NORM_QKV, _V_O, SmoothMapping("input_layernorm", _QWEN3_5_LINEAR[0], balance=_QWEN3_5_FP))
+    + _LLAMA.smooth[2:])
+_QWEN3_5_MOE = _shared_moe("shared_expert", shared_first=True, shared_gate="mlp.shared_expert_gate",
+                           norm_plus_one=True, linear_attention=_QWEN3_5_LINEAR, linear_attention_fp=_QWEN3_5_FP,
+                           dense_blocks=False)
 # Llama 4: experts stored [experts, in, out], fed every token scaled by its router score; MoE blocks interleave
 # with dense ones; the router is an nn.Linear
 _LLAMA4 = _shared_moe("shared_expert", shared_first=False, ffn="feed_forward", router="router", linear_router=True,
@@ -185,16 +204,20 @@ _BAMBA = ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _BAMBA_FFN, 
                                            SmoothMapping("feed_forward.up_proj", _BAMBA_FFN[1])))
 
 
-def _granite_hybrid(experts: bool) -> ArchSpec:
+def _granite_ffn(experts: bool) -> tuple[SmoothMapping, ...]:
+    """Granite's feed-forward folds: routed experts (if any) and the shared MLP read post_attention_layernorm."""
     (gate_up,), (down,) = _GRANITE_H_MOE
     (shared_in,), (shared_out,) = _GRANITE_H_SHARED
     ffn = (SmoothMapping("post_attention_layernorm", (gate_up, shared_in), balance=("block_sparse_moe.router",)),
            SmoothMapping(gate_up, (down,), prev_rows="up_half")) if experts else (
         SmoothMapping("post_attention_layernorm", (shared_in,)),)
+    return ffn + (SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),)
+
+
+def _granite_hybrid(experts: bool) -> ArchSpec:
     return ArchSpec(
         blocks="model.layers", groups=_GRANITE_H_MIXERS + (_GRANITE_H_MOE if experts else ()) + _GRANITE_H_SHARED,
-        optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g),
-        smooth=_MAMBA2_SMOOTH + ffn + (SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),))
+        optional=frozenset(n for g in _GRANITE_H_MIXERS for n in g), smooth=_MAMBA2_SMOOTH + _granite_ffn(experts))
 
 
 # Nemotron-H, a hybrid with one mixer per block behind one norm: Mamba-2 (in_proj -> gated RMSNorm `mixer.norm` ->
@@ -233,6 +256,13 @@ _FALCON_H1 = ArchSpec(
             SmoothMapping("mamba.norm", ("mamba.out_proj",)), SmoothMapping("pre_ff_layernorm", _FALCON_H1_FFN[0]),
             SmoothMapping("feed_forward.up_proj", _FALCON_H1_FFN[1])),
 )
+
+
+# GraniteMoE with a shared MLP beside the routed experts (its gate|up halves in input_linear); without one
+# (shared_intermediate_size 0) it is GraniteMoE
+_GRANITE_MOE_SHARED = ArchSpec(
+    blocks="model.layers", groups=(_ATTN, ("self_attn.o_proj",)) + _GRANITE_H_MOE + _GRANITE_H_SHARED,
+    smooth=(_NORM_QKV, _V_O) + _granite_ffn(experts=True))
 
 
 def _falcon_variant(config) -> str:
@@ -274,9 +304,11 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
     # Llama's module names
     "granite": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA, "ernie4_5": _LLAMA, "seed_oss": _LLAMA,
+    "ministral": _LLAMA, "ministral3": _LLAMA, "hunyuan_v1_dense": _LLAMA,
     "stablelm": _LLAMA,                  # LayerNorm with bias: the fold divides both
     # no norm before attention and MLP (OLMo's has no weight; OLMo 2 and EXAONE 4 normalise the outputs)
-    "olmo": _NO_PRE_NORM, "olmo2": _NO_PRE_NORM, "exaone4": _NO_PRE_NORM,
+    "olmo": _NO_PRE_NORM, "olmo2": _NO_PRE_NORM, "olmo3": _NO_PRE_NORM, "exaone4": _NO_PRE_NORM,
+    "vaultgemma": _GEMMA2,               # Gemma 2's norms before attention and MLP, without the ones after
     "cohere": _PARALLEL_LLAMA, "cohere2": _PARALLEL_LLAMA,
     "phi": ArchSpec(
         blocks="model.layers",
@@ -309,7 +341,9 @@ ARCHS: dict[str, ArchSpec] = {
                 SmoothMapping("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
     ),
     # an MLP of up/down only (squared ReLU, xIELU): nothing to fold between them
-    "nemotron": _up_down(norm_plus_one=True), "arcee": _up_down(),
+    "nemotron": _up_down(norm_plus_one=True), "arcee": _up_down(), "jais2": _up_down(),
+    "nanochat": ArchSpec(blocks="model.layers", groups=(_ATTN, ("self_attn.o_proj",), ("mlp.fc1",), ("mlp.fc2",)),
+                         smooth=(_V_O,)),  # weightless RMSNorms (nothing to fold into), a squared-ReLU MLP
     "apertus": _up_down(attention_norm="attention_layernorm", mlp_norm="feedforward_layernorm"),
     # fused q|k|v and gate|up linears
     "phi3": _FUSED,
@@ -318,12 +352,19 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2_moe": _shared_moe("shared_expert", shared_first=True, shared_gate="mlp.shared_expert_gate"),
     "ernie4_5_moe": _shared_moe("shared_experts", shared_first=True),
     "glm4_moe": _shared_moe("shared_experts", shared_first=False),
+    "exaone_moe": _shared_moe("shared_experts"), "solar_open": _shared_moe("shared_experts", dense_blocks=False),
+    "mimo_v2_flash": _shared_moe(None),                   # dense blocks, then routed experts alone
+    "hunyuan_v1_moe": _shared_moe("shared_mlp", shared_first=True, router="gate.wg", linear_router=True,
+                                  dense_blocks=False),
+    "minimax_m2": _MOE,
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
-    "qwen3_next": _QWEN3_NEXT, "bamba": _BAMBA, "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1,
+    "qwen3_next": _QWEN3_NEXT, "qwen3_5_text": _QWEN3_5, "qwen3_5_moe_text": _QWEN3_5_MOE, "bamba": _BAMBA,
+    "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1,
     "olmoe": _MOE,
+    "granitemoeshared": _GRANITE_MOE_SHARED,
     "granitemoe": ArchSpec(
         blocks="model.layers",
         groups=(_ATTN, ("self_attn.o_proj",), ("block_sparse_moe.experts.gate_up_proj",),
@@ -352,4 +393,5 @@ ARCHS.update({
 # model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
 VARIANTS = {"falcon": _falcon_variant,
             "granitemoehybrid": lambda c: "granitemoehybrid" if c.num_local_experts else "granitemoehybrid_dense",
+            "granitemoeshared": lambda c: "granitemoeshared" if c.shared_intermediate_size else "granitemoe",
             "nemotron_h": lambda c: "nemotron_h_latent" if getattr(c, "moe_latent_size", None) else "nemotron_h"}
