@@ -91,12 +91,18 @@ def test_quant_linear_takes_the_cpu_int4_path_for_bf16_and_keeps_its_state_dict(
     assert off._cpu_weight is None                                            # cpu_kernel=False: the reference
 
 
-def test_with_a_dense_cache_only_small_batches_take_the_int4_path():
+@pytest.mark.parametrize("native", [True, False])
+def test_with_a_dense_cache_only_small_batches_take_the_int4_path(native, monkeypatch):
+    """Where the CPU multiplies bf16 natively a kept dense copy serves prefill-sized inputs; where torch emulates
+    bf16 GEMMs (AVX2-only CPUs) the int4 matmul serves every input and no dense copy is made."""
+    monkeypatch.setattr(cpu_matmul, "dense_bf16_native", lambda: native)
     m = _layer(64, 256, 64, True, False, cache=True)
     m(torch.randn(1, 8, 256).bfloat16())                                # decoding-sized: int4, no dense copy
     assert m._cpu_weight and m._w_cache is None
-    m(torch.randn(1, 9, 256).bfloat16())                                # prefill-sized: the dense copy
-    assert m._w_cache is not None and m._w_cache.dtype == torch.bfloat16
+    y = m(torch.randn(1, 9, 256).bfloat16())                            # prefill-sized: the dense copy, if native
+    assert (m._w_cache is not None) == native and y.dtype == torch.bfloat16
+    if native:
+        assert m._w_cache.dtype == torch.bfloat16
     assert cpu_matmul.worth_it(torch.zeros(64, 256, dtype=torch.bfloat16), dense_kept=False)
 
 

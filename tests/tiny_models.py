@@ -108,6 +108,10 @@ CONFIGS = {
     "nemotron_h_moe": dict(_NEMOTRON_H_MOE, moe_latent_size=None),
     "nemotron_h_latent": dict(_NEMOTRON_H_MOE, moe_latent_size=32,
                               layers_block_type=["linear_attention", "full_attention", "mlp", "moe"]),
+    # Jamba: block 0 Mamba-1 and a dense MLP, block 1 attention and routed experts (x_proj's dt_rank + 2·d_state = 32
+    # rows pack)
+    "jamba": dict(_COMMON, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  num_experts=4, num_experts_per_tok=2, mamba_dt_rank=16, mamba_d_state=8, use_mamba_kernels=False),
     # Falcon-H1: Mamba-2 beside attention in every block, µP multipliers that are not 1
     "falcon_h1": dict(_COMMON, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_state=8, mamba_chunk_size=32,
                       mamba_rms_norm=True, attention_in_multiplier=0.7, ssm_in_multiplier=1.3, key_multiplier=0.8,

@@ -21,10 +21,13 @@ per-channel layers (one group) only: c = q - 128, and an asymmetric zero adds th
 Only the bf16 versions are vectorised in PyTorch 2.13: fp32 activations run 3-14x slower than the dense fp32
 matmul (fp16 worse) and never take this path (`worth_it`). In bf16 on 2 AVX-512 cores, a batch-1 layer of
 Llama-3-8B's shapes runs 3.4-4.6x faster than the dense bf16 matmul in 4 bits (1.7-2.7x on SmolLM2's small
-ones), 2.5-4.9x in 8 bits, about evenly at 8 rows, slower from 16 (BENCHMARKS.md "CPU int4 matmul").
+ones), 2.5-4.9x in 8 bits, about evenly at 8 rows, slower from 16 (BENCHMARKS.md "CPU int4 matmul"). On 2
+AVX2-only cores, where torch emulates the dense bf16 matmul, the int4 one is faster than it at every batch (1-256
+rows) and than the dense fp32 matmul up to 4-16 rows, so there it serves every bf16 input (`dense_bf16_native`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,8 @@ from ..formats.bitpack import unpack_codes_t, unpack_int32
 
 TILE_GROUPS = (256, 128, 64, 32)   # tinygemm's group sizes, largest first (fewest scale rows)
 N_MULTIPLE = 16
-MAX_ROWS_OVER_DENSE = 8            # above this many rows a dense copy of the weight, where kept, is faster
+MAX_ROWS_OVER_DENSE = 8            # above this many rows a dense copy of the weight, where kept, is faster (where
+#                                    the CPU multiplies bf16 natively: dense_bf16_native)
 # weights converted to the int4 layout at a time: the conversion takes int32 codes (4 bytes a weight: 0.94 GB for
 # a 70B MLP layer at once, 128 MB in pieces of 2^25 weights). A piece is a multiple of 64 rows, the packed
 # layout's row blocks, so the pieces concatenate to the whole conversion bit for bit (tests/test_cpu_kernel.py)
@@ -46,13 +50,24 @@ def available(bits: int) -> bool:
     return op is not None and hasattr(torch.ops.aten, op)
 
 
+@functools.cache
+def dense_bf16_native() -> bool:
+    """Whether this CPU multiplies dense bf16 matrices natively (AVX512-BF16 or AMX). Without, torch emulates them:
+    on an AVX2-only EPYC the int4 matmul beat the dense bf16 one at every batch measured, 1-256 rows (3.4-4.3x from
+    4 rows on Llama-3-8B's shapes; BENCHMARKS.md "CPU int4 matmul", session 39)."""
+    from ..utils.device import native_compute_dtype
+
+    return native_compute_dtype("cpu") == "bfloat16"
+
+
 def worth_it(x: torch.Tensor, dense_kept: bool) -> bool:
     """Whether a weight-only matmul is the fastest CPU path for input x [..., K]: bf16 only, and at most
-    MAX_ROWS_OVER_DENSE rows when a dense copy of the weight is (or may be) kept; without one the alternative is
-    the reference, which unpacks the whole weight per call. Never for an x that needs a gradient (the ops have
-    no backward)."""
+    MAX_ROWS_OVER_DENSE rows when a dense copy of the weight is (or may be) kept and this CPU multiplies it natively;
+    without one the alternative is the reference, which unpacks the whole weight per call. Never for an x that needs
+    a gradient (the ops have no backward)."""
     rows = x.numel() // max(1, x.shape[-1])
-    return x.dtype == torch.bfloat16 and not x.requires_grad and (not dense_kept or rows <= MAX_ROWS_OVER_DENSE)
+    return x.dtype == torch.bfloat16 and not x.requires_grad and (
+        not dense_kept or rows <= MAX_ROWS_OVER_DENSE or not dense_bf16_native())
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,23 @@ _FALCON_H1 = ArchSpec(
 )
 
 
+# Jamba, a hybrid of attention and Mamba-1 blocks (in_proj -> convolution -> x_proj -> dt/B/C; out_proj), each with
+# a dense MLP or routed experts behind pre_ff_layernorm (an nn.Linear router). dt_proj stays unquantized: the mixer
+# multiplies by its weight directly, and it is the step size's low-rank projection. No fold into x_proj or out_proj:
+# a convolution and a gated scan stand between them and in_proj
+_JAMBA_MIXERS = (_ATTN, ("self_attn.o_proj",), ("mamba.in_proj",), ("mamba.x_proj",), ("mamba.out_proj",))
+_JAMBA_FFN = (("feed_forward.gate_proj", "feed_forward.up_proj"), ("feed_forward.down_proj",),
+              ("feed_forward.experts.gate_up_proj",), ("feed_forward.experts.down_proj",))
+_JAMBA = ArchSpec(
+    blocks="model.layers", groups=_JAMBA_MIXERS + _JAMBA_FFN,
+    optional=frozenset(n for g in _JAMBA_MIXERS + _JAMBA_FFN for n in g),
+    fp_linears=("mamba.dt_proj", "feed_forward.router"),
+    smooth=(_NORM_QKV, _V_O, SmoothMapping("input_layernorm", ("mamba.in_proj",)),
+            SmoothMapping("pre_ff_layernorm", _JAMBA_FFN[0]), SmoothMapping("feed_forward.up_proj", _JAMBA_FFN[1]),
+            SmoothMapping("pre_ff_layernorm", _JAMBA_FFN[2], balance=("feed_forward.router",)),
+            SmoothMapping(_JAMBA_FFN[2][0], _JAMBA_FFN[3], prev_rows="up_half")))
+
+
 # GraniteMoE with a shared MLP beside the routed experts (its gate|up halves in input_linear); without one
 # (shared_intermediate_size 0) it is GraniteMoE
 _GRANITE_MOE_SHARED = ArchSpec(
@@ -362,7 +379,7 @@ ARCHS: dict[str, ArchSpec] = {
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
     "lfm2": _lfm2(moe=False), "lfm2_moe": _lfm2(moe=True), "granitemoehybrid": _granite_hybrid(experts=True),
     "qwen3_next": _QWEN3_NEXT, "qwen3_5_text": _QWEN3_5, "qwen3_5_moe_text": _QWEN3_5_MOE, "bamba": _BAMBA,
-    "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1,
+    "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1, "jamba": _JAMBA,
     "olmoe": _MOE,
     "granitemoeshared": _GRANITE_MOE_SHARED,
     "granitemoe": ArchSpec(
