@@ -151,6 +151,7 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("qwen3_5_moe_text", "transformers-ct", "compressed-tensors"),
     ("hunyuan_v1_moe", "transformers-ct", "compressed-tensors"),  # shared MLP first, an fp32 nn.Linear router
     ("minimax_m2", "transformers-ct", "compressed-tensors"),      # routed experts, a score-correction bias
+    ("jamba", "transformers-ct", "compressed-tensors"),           # Mamba-1 (dt_proj unquantized) and attention
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
