@@ -4,8 +4,8 @@ dequantizes on the fly. On CUDA with 4- or 8-bit weights it runs the Triton kern
 fastest one measured for its shape. On a CPU, bf16 inputs to 4-bit layers whose groups fit tinygemm's (nearly
 all) and to per-channel 8-bit layers run PyTorch's weight-only matmuls (kernels/cpu_matmul.py) on a copy of the
 weight in their layout made on first use (with `cache`, only up to 8 rows: decoding; prefill uses the dense
-copy, unless the CPU only emulates bf16 GEMMs: cpu_matmul.worth_it); everything else, and `cpu_kernel=False`, the PyTorch reference. Another CUDA kernel plugs in through
-`QuantLinear.kernel`.
+copy, unless the CPU only emulates bf16 GEMMs: cpu_matmul.worth_it); everything else, and `cpu_kernel=False`, the
+PyTorch reference. Another CUDA kernel plugs in through `QuantLinear.kernel`.
 
 Scales keep the dtype the checkpoint stored them in (fp16 for gptq/awq, often fp32 or bf16 for
 compressed-tensors): casting them would change the model. With `cache=True` the reference path keeps
@@ -84,8 +84,9 @@ class QuantLinear(nn.Module):
                 return cpu_matmul.matmul(x, w, self.bias)
         if not self.cache:
             return matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits, self.bias)
-        w = self._w_cache                 # W [out, in], as nn.Linear holds it: torch's emulated bf16 GEMM (AVX2-only
-        if w is None or w.dtype != x.dtype or w.device != x.device:       # CPUs) ran x @ W^T 6x slower stored [in, out]
+        # W [out, in] as nn.Linear holds it: stored [in, out], torch's emulated bf16 GEMM (AVX2-only CPUs) was 6x slower
+        w = self._w_cache
+        if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self._w_cache = dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.grid.bits,
                                                   x.dtype).t().contiguous()
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)

@@ -121,7 +121,7 @@ def _resolve(block: nn.Module, name: str, layout: ExpertLayout) -> list[LinearRe
 
 
 def _holds(block: nn.Module, name: str) -> bool:
-    """Whether the block has `name` (an nn.Identity in its place, as Nemotron-H's absent latent projections, is none)."""
+    """Whether the block has `name` (an nn.Identity in its place, as Nemotron-H's absent latent projections: no)."""
     parent, leaf = _owner(block, name)
     return parent is not None and getattr(parent, leaf, None) is not None and \
         not isinstance(getattr(parent, leaf), nn.Identity)
