@@ -115,12 +115,11 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
                       prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights."""
-    from .models.checkpoint_keys import keep_fp32_pattern, per_expert_converters, revert_with, save_keys
+    from .models.checkpoint_keys import per_expert_converters, revert_with, save_keys, tensor_dtypes
 
     mod = FORMATS[fmt]
-    keep_fp32 = keep_fp32_pattern(model, dtype)     # written in fp32, as save_pretrained does
-    dense = {name: t.detach().to(torch.float32 if keep_fp32 and keep_fp32.search(name) else dtype).contiguous()
-             if t.is_floating_point() else t.detach().contiguous()
+    dtype_of = tensor_dtypes(model, dtype)          # what the model keeps in fp32 is written fp32, as save_pretrained
+    dense = {name: t.detach().to(dtype_of(name)).contiguous() if t.is_floating_point() else t.detach().contiguous()
              for name, t in materialized_state(model, prefix).items()}   # tied lm_head = embed_tokens: once
     for name in layers:                                   # absent when on the meta device (a run state's)
         dense.pop(f"{name}.weight", None)

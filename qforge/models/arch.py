@@ -123,8 +123,8 @@ def _resolve(block: nn.Module, name: str, layout: ExpertLayout) -> list[LinearRe
 def _holds(block: nn.Module, name: str) -> bool:
     """Whether the block has `name` (an nn.Identity in its place, as Nemotron-H's absent latent projections: no)."""
     parent, leaf = _owner(block, name)
-    return parent is not None and getattr(parent, leaf, None) is not None and \
-        not isinstance(getattr(parent, leaf), nn.Identity)
+    held = getattr(parent, leaf, None) if parent is not None else None
+    return held is not None and not isinstance(held, nn.Identity)
 
 
 def block_linears(block: nn.Module, spec: ArchSpec) -> list[list[LinearRef]]:

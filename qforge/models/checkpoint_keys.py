@@ -13,6 +13,7 @@ stored shapes: a converter with several outputs (a fused qkv split in three) is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from copy import deepcopy
 
 import torch
@@ -62,14 +63,17 @@ class _Transforms:
         return {n: v[0] if isinstance(v, list) else v for n, v in made.items()}
 
 
-def keep_fp32_pattern(model: nn.Module, dtype: torch.dtype):
-    """A regex (re.Pattern) of the tensors `model`'s class keeps in fp32 when loaded in `dtype` (its
-    _keep_in_fp32_modules(_strict): DeepSeek-V3's and Nemotron-H's router score bias, ERNIE-MoE's router), matched
-    with .search as transformers matches them on load; None when nothing is kept."""
+def tensor_dtypes(model: nn.Module, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """name -> the dtype tensor `name` (a model or checkpoint name) has when `model` loads in `dtype`: fp32 for what
+    its class keeps in fp32 (_keep_in_fp32_modules(_strict): DeepSeek-V3's and Nemotron-H's router score bias,
+    ERNIE-MoE's router; matched with .search, as transformers matches them on load), `dtype` for the rest."""
     from transformers.core_model_loading import build_glob_alternation
 
     plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
-    return build_glob_alternation(list(plan))[0] if plan else None
+    if not plan:
+        return lambda name: dtype
+    kept = build_glob_alternation(list(plan))[0]
+    return lambda name: torch.float32 if kept.search(name) else dtype
 
 
 def _per_expert_layout(model: nn.Module, transforms: list, gate_up: str | None = None) -> list:

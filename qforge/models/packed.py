@@ -154,16 +154,14 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
         qlin, layers[name] = quant_linear(fmt, qc, name, state, old, dtype, cache_dequantized, path)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, qlin)
-    from .checkpoint_keys import keep_fp32_pattern, to_model_keys
+    from .checkpoint_keys import tensor_dtypes, to_model_keys
 
-    keep_fp32 = keep_fp32_pattern(model, dtype)          # a router's score bias stays fp32, as from_pretrained keeps it
-    state = {k: v.to(torch.float32 if keep_fp32 and keep_fp32.search(k) else dtype) if v.is_floating_point() else v
-             for k, v in state.items()}
-    for name, t in [*model.named_parameters(), *model.named_buffers()] if keep_fp32 else []:
-        if keep_fp32.search(name):
-            t.data = t.data.float()
+    dtype_of = tensor_dtypes(model, dtype)               # a router's score bias stays fp32, as from_pretrained keeps it
+    state = {k: v.to(dtype_of(k)) if v.is_floating_point() else v for k, v in state.items()}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if dtype_of(name) != dtype:                      # only what the class keeps: packed scales keep their dtype
+            t.data = t.data.to(dtype_of(name))
     if fused or any(submodule_or_none(model, k.rpartition(".")[0]) is None for k in state):
-
         state = to_model_keys(model, state, expert_gate_up(qc))   # stored keys -> the model's (experts fused)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):

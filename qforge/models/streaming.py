@@ -208,11 +208,10 @@ class BlockLoader:
         `without`: "head" leaves the output embeddings on the meta device (the capture pass runs only the
         module that owns the blocks), "embeddings" the input embeddings (a pass that stands something in for
         them: eval/streamed.py). Tied embeddings are one tensor and always load."""
-        from .checkpoint_keys import keep_fp32_pattern
+        from .checkpoint_keys import tensor_dtypes
 
-        skip, fp32 = self._keys_of(model, without), keep_fp32_pattern(model, dtype)   # fp32: a router's score bias
-        t = {k: self.files.read([k], torch.float32 if fp32 and fp32.search(k) else dtype)[k]   # one at a time
-             for k in self.outside_keys if k not in skip}
+        skip, dtype_of = self._keys_of(model, without), tensor_dtypes(model, dtype)   # fp32: a router's score bias
+        t = {k: self.files.read([k], dtype_of(k))[k] for k in self.outside_keys if k not in skip}   # one at a time
         check_finite_tensors(t.items())
         t.update({n: t[stored] for n, stored in self.tied.items()})
         model.load_state_dict(t, strict=False, assign=True)
