@@ -433,29 +433,34 @@ def test_packed_exports_keep_what_the_model_keeps_in_fp32(model_type, dtype, fp3
     assert back.get_input_embeddings().weight.dtype == dtype
 
 
-def test_experts_a_checkpoint_stores_fused_are_refused_by_packed_export_with_nothing_written(tiny_tokenizer, tmp_path):
-    """Granite's MoE checkpoints store every expert's gate/up as one 3-D tensor (`block_sparse_moe.input_linear`),
-    which no packed format has a layout for: the export says so and writes nothing; the dense output still saves."""
-    from tiny_models import tiny_model
+def test_a_linear_its_checkpoints_store_by_columns_is_refused_by_packed_export_with_nothing_written(
+        tiny_llama_dir, tmp_path):
+    """A packed module holds whole rows of one linear: a linear the model's checkpoints store otherwise (here its
+    load transforms, which from_pretrained records on the model, join up_proj from two column halves) is refused
+    with its stored name, and nothing is written."""
+    from transformers.core_model_loading import Concatenate, WeightConverter
 
-    src = tmp_path / "granite"
-    tiny_model("granitemoehybrid", seed=2).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
-    m = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32))
+    m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn", bits=4, group_size=32))
     m.quantize()
-    with pytest.raises(QForgeError, match="input_linear.weight, not as whole rows of one linear"):
+    m.model._weight_conversions = [WeightConverter(["mlp.up_a.weight", "mlp.up_b.weight"], "mlp.up_proj.weight",
+                                                   [Concatenate(dim=1)])]
+    with pytest.raises(QForgeError, match="up_proj.weight: the checkpoint stores it as .*up_a.weight, not as whole"):
         m.export(tmp_path / "x", "gptq")
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("x*"))
-    assert (m.save(tmp_path / "dense") / "model.safetensors").exists()
+    assert not list(tmp_path.glob("x*"))
 
 
-@pytest.mark.parametrize("model_type", ["llama4_text", "gpt_oss"])
+_FUSED_EXPERTS = {"llama4_text": "feed_forward.experts", "gpt_oss": "mlp.experts",
+                  "granitemoe": "block_sparse_moe.experts", "granitemoehybrid": "block_sparse_moe.experts"}
+
+
+@pytest.mark.parametrize("model_type", list(_FUSED_EXPERTS))
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny_tokenizer, tmp_path):
-    """Llama 4 and GPT-OSS checkpoints store their experts as the 3-D parameters ([experts, in, out]); a packed
-    export writes one module per expert, `<experts>.{e}.gate_proj/up_proj/down_proj` (GPTQModel's and
-    llm-compressor's names), gate and up rows as the layout holds them (GPT-OSS: interleaved), biases split with
-    them, and loads back to the quantized model."""
+    """Llama 4 and GPT-OSS checkpoints store their experts as the 3-D parameters ([experts, in, out]), Granite's
+    MoE checkpoints as 3-D `block_sparse_moe.input_linear`/`output_linear` ([experts, out, in]); a packed export
+    writes one module per expert, `<experts>.{e}.gate_proj/up_proj/down_proj` (llm-compressor's names, which
+    vLLM's fused-MoE loader reads), gate and up rows as the layout holds them (GPT-OSS: interleaved), biases split
+    with them, and loads back to the quantized model."""
     from safetensors.torch import load_file
 
     from qforge.models.arch import arch_spec
@@ -468,8 +473,9 @@ def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny
     m.quantize("builtin:wiki", nsamples=4, seqlen=32)
     m.export(tmp_path / "x", fmt, dtype=torch.float32)
     packed = load_file(str(tmp_path / "x" / "model.safetensors"))
-    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "_proj_bias")) for k in packed)
-    parent = "model.layers.1." + ("feed_forward" if model_type == "llama4_text" else "mlp") + ".experts"
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "_proj_bias"))
+                   or "moe.input_linear" in k or "moe.output_linear" in k for k in packed)
+    parent = "model.layers.1." + _FUSED_EXPERTS[model_type]
     layout = arch_spec(m.model).experts
     back = qforge.load(tmp_path / "x")
     fp = m.model.get_submodule(parent)

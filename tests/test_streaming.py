@@ -38,7 +38,8 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("gpt_oss", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("qwen3_next", QuantizeConfig(method="gptq", bits=4, group_size=32)),   # Gated DeltaNet, gated attention; experts
     ("lfm2_moe", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # conv, attention; experts
-    ("granitemoehybrid_dense", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Mamba-2
+    # Mamba-2; experts stored 3-D (block_sparse_moe.input_linear), packed one module each; a shared MLP
+    ("granitemoehybrid", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),
     ("nemotron_h", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # one mixer a block
     ("nemotron_h_latent", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # experts, no gate
     ("falcon_h1", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # Mamba-2 beside attention

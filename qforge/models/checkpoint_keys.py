@@ -253,7 +253,9 @@ def stored_linears(model: nn.Module, names: list[str]) -> dict[str, tuple[str, s
         ids = torch.arange(math.prod(lead) * rows, dtype=torch.float64).view(*lead, rows, 1).expand(*lead, rows, 2)
         index = {weight: (ids.transpose(-1, -2) if in_out[weight] else ids).contiguous()}
         stored = save_keys(model, index)
-        if lead and list(stored) == [weight]:            # fused experts stored as such: written one module each
+        if lead and len(stored) == 1 and next(iter(stored.values())).dim() == len(shape):
+            # fused experts stored as such, under their name or another (Granite's block_sparse_moe.input_linear):
+            # written one module each
             stored = revert_with(model, per_expert_converters(model), index)
         for key, t in stored.items():
             run = t[:, 0].long() if t.dim() == 2 and t.shape[1] == 2 and torch.equal(t[:, 0], t[:, 1]) else None
