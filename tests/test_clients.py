@@ -152,6 +152,8 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("hunyuan_v1_moe", "transformers-ct", "compressed-tensors"),  # shared MLP first, an fp32 nn.Linear router
     ("minimax_m2", "transformers-ct", "compressed-tensors"),      # routed experts, a score-correction bias
     ("jamba", "transformers-ct", "compressed-tensors"),           # Mamba-1 (dt_proj unquantized) and attention
+    ("cohere2_moe", "transformers-ct", "compressed-tensors"),     # attention beside dense or routed + shared MLPs
+    ("afmoe", "transformers-ct", "compressed-tensors"),           # gated attention, an nn.Linear router kept
 ])
 def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:

@@ -168,7 +168,7 @@ def test_heuristic_schedules_compile_for_hopper_without_spills(M, group, bits, d
 
 
 @hopper
-@pytest.mark.parametrize("M", [1, 16, 256])
+@pytest.mark.parametrize("M", [1, 256])            # M=1's candidates hold the M=16 ones (block_m 16, dot)
 def test_every_tuner_candidate_compiles_for_hopper(M):
     for c in tuning.candidates(M, 4096, 14336, 128):
         r = aot.matmul_report(c, M, 4096, 14336)

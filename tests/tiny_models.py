@@ -101,6 +101,19 @@ CONFIGS = {
     "hunyuan_v1_moe": dict(_NO_IDS, head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32),
     "minimax_m2": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
     "granitemoeshared": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64),
+    "dots1": dict(_NO_IDS, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  n_shared_experts=1, first_k_dense_replace=1),
+    "afmoe": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  num_shared_experts=1, num_dense_layers=1, global_attn_every_n_layers=2, sliding_window=32),
+    "flex_olmo": dict(_NO_IDS, num_experts=4, num_experts_per_tok=2),
+    # Cohere2-MoE: block 0 a dense MLP, block 1 routed experts (+ a shared expert, RMSNorm; or alone, LayerNorm),
+    # each in parallel with attention
+    "cohere2_moe": dict(_NO_IDS, head_dim=16, intermediate_size=32, prefix_dense_intermediate_size=96, num_experts=4,
+                        num_experts_per_tok=2, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                        layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5),
+    "cohere2_moe_routed": dict(_NO_IDS, head_dim=16, intermediate_size=32, prefix_dense_intermediate_size=96,
+                               num_experts=4, num_experts_per_tok=2, num_shared_experts=0,
+                               mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"]),
     # Nemotron-H: one mixer per block (Mamba-2, attention, squared-ReLU MLP)
     "nemotron_h": dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "mlp"]),
     # Nemotron 3: Mamba-2, attention, MoE (routed experts without a gate, shared experts) blocks; the latent variant
@@ -129,7 +142,7 @@ CONFIGS = {
 }
 # CONFIGS keys that are not model types: another wiring of a family (a VARIANTS entry picks its table entry)
 _MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "granitemoehybrid_dense": "granitemoehybrid",
-               "nemotron_h_moe": "nemotron_h", "nemotron_h_latent": "nemotron_h"}
+               "nemotron_h_moe": "nemotron_h", "nemotron_h_latent": "nemotron_h", "cohere2_moe_routed": "cohere2_moe"}
 
 
 def tiny_config(key: str, **overrides):

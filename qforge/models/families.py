@@ -86,14 +86,15 @@ def _shared_moe(shared: str | None, shared_first: bool = False, shared_gate: str
                 attention: tuple = (_ATTN, ("self_attn.o_proj",)), ffn: str = "mlp", router: str = "gate",
                 linear_router: bool = False, experts: ExpertLayout = ExpertLayout(),
                 linear_attention: tuple = (), linear_attention_fp: tuple = (), norm_plus_one: bool = False,
-                dense_blocks: bool = True) -> ArchSpec:
+                dense_blocks: bool = True, mlp_norm: str = "post_attention_layernorm") -> ArchSpec:
     """Routed experts (fused) beside always-on shared experts (an MLP at `<ffn>.<shared>`, gated by `shared_gate`
     on Qwen2-MoE; None: no shared experts), the router `<ffn>.<router>` (an nn.Linear, kept unquantized, when
     `linear_router`); with `dense_blocks` blocks may be dense Llama MLPs at `<ffn>` instead (DeepSeek's
     first_k_dense_replace, Qwen2-MoE's mlp_only_layers, Llama 4's interleaved blocks). `shared_first`: the shared
     experts run before the routed ones. `linear_attention`: a hybrid's other token mixer (its input linears, then
     its output linear), run by the blocks without attention, and `linear_attention_fp` its input linears left
-    unquantized (balanced by the norm's fold); `norm_plus_one`: the block norms scale by (1 + w)."""
+    unquantized (balanced by the norm's fold); `norm_plus_one`: the block norms scale by (1 + w); `mlp_norm`: the
+    norm the MLP reads. Attention's first group reads input_layernorm (and its v_proj folds into o_proj)."""
     sh = ((f"{ffn}.{shared}.gate_proj", f"{ffn}.{shared}.up_proj"), (f"{ffn}.{shared}.down_proj",)) if shared else ()
     routed = (f"{ffn}.experts.gate_up_proj",), (f"{ffn}.experts.down_proj",)
     dense = ((f"{ffn}.gate_proj", f"{ffn}.up_proj"), (f"{ffn}.down_proj",)) if dense_blocks else ()
@@ -106,12 +107,12 @@ def _shared_moe(shared: str | None, shared_first: bool = False, shared_gate: str
             frozenset({"self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"}) if mla else frozenset()),
         fp_linears=((shared_gate,) if shared_gate else ()) + ((f"{ffn}.{router}",) if linear_router else ())
         + linear_attention_fp,
-        smooth=(_MLA_SMOOTH if mla else (_NORM_QKV, _V_O)) + (
+        smooth=(_MLA_SMOOTH if mla else (SmoothMapping("input_layernorm", attention[0]), _V_O)) + (
             (SmoothMapping("input_layernorm", linear_attention[0], balance=linear_attention_fp),)
             if linear_attention else ()) + (
-            (SmoothMapping("post_attention_layernorm", dense[0]), SmoothMapping(dense[0][1], dense[1]))
+            (SmoothMapping(mlp_norm, dense[0]), SmoothMapping(dense[0][1], dense[1]))
             if dense else ()) + (
-            SmoothMapping("post_attention_layernorm", routed[0] + (sh[0] if sh else ()),
+            SmoothMapping(mlp_norm, routed[0] + (sh[0] if sh else ()),
                           balance=(f"{ffn}.{router}",) + ((shared_gate,) if shared_gate else ())),
             SmoothMapping(routed[0][0], routed[1], prev_rows="up_half"),
         ) + ((SmoothMapping(sh[0][1], sh[1]),) if sh else ()),
@@ -119,6 +120,25 @@ def _shared_moe(shared: str | None, shared_first: bool = False, shared_gate: str
 
 
 _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
+
+# Cohere2-MoE: attention and the MLP run in parallel on one normed input, as Cohere's; the MLP is dense (its first
+# blocks) or routed experts, with shared experts beside them or without (an entry each: a mapping must name every
+# linear that reads its norm)
+def _parallel_moe(shared: bool) -> ArchSpec:
+    sh = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj") if shared else ()
+    moe_in = ("mlp.experts.gate_up_proj",) + sh
+    return ArchSpec(
+        blocks="model.layers", optional=frozenset(_GATE_UP + ("mlp.down_proj",) + moe_in + ("mlp.experts.down_proj",)
+                                                  + (("mlp.shared_experts.down_proj",) if shared else ())),
+        # the routed experts' inputs (each expert's tokens) are collected after attention is finished, so that pass
+        # replays attention instead of running it on every batch; they read the same tensor either way
+        groups=(_ATTN + _GATE_UP + sh, ("self_attn.o_proj",), ("mlp.experts.gate_up_proj",),
+                ("mlp.down_proj", "mlp.experts.down_proj") + (("mlp.shared_experts.down_proj",) if shared else ())),
+        smooth=(SmoothMapping("input_layernorm", _ATTN + _GATE_UP), _V_O, _UP_DOWN,
+                SmoothMapping("input_layernorm", _ATTN + moe_in, balance=("mlp.gate",)), _EXPERTS_UP_DOWN)
+        + ((SmoothMapping("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),) if shared else ()))
+
+
 # Qwen3-Next, a hybrid: gated attention blocks (q_proj holds the query and its output gate) or Gated DeltaNet
 # blocks (linear attention: in_proj_qkvz and in_proj_ba read the normed input; out_proj reads a gated RMSNorm whose
 # weight, one per head dimension, is shared by every head, so no per-channel fold into out_proj); Qwen2-MoE's MLPs;
@@ -374,6 +394,14 @@ ARCHS: dict[str, ArchSpec] = {
     "hunyuan_v1_moe": _shared_moe("shared_mlp", shared_first=True, router="gate.wg", linear_router=True,
                                   dense_blocks=False),
     "minimax_m2": _MOE,
+    "dots1": _shared_moe("shared_experts", shared_first=False),       # dense first blocks; q/k norms per head
+    # AFMoE: an output gate beside q/k/v (sigmoid(gate_proj(x)) scales attention's output before o_proj, elementwise,
+    # so v -> o still folds); norms before and after attention and MLP; an nn.Linear router kept unquantized
+    "afmoe": _shared_moe("shared_experts", shared_first=True, router="router.gate", linear_router=True,
+                         attention=(_ATTN + ("self_attn.gate_proj",), ("self_attn.o_proj",)),
+                         mlp_norm="pre_mlp_layernorm"),
+    "flex_olmo": ArchSpec(blocks=_MOE.blocks, groups=_MOE.groups, smooth=(_V_O, _EXPERTS_UP_DOWN)),  # OLMo 2's norms
+    "cohere2_moe": _parallel_moe(shared=True),
     "deepseek_v3": _DEEPSEEK, "deepseek_v2": _DEEPSEEK,
     "llama4_text": _LLAMA4, "gpt_oss": _GPT_OSS,
     # hybrids: blocks of different mixers (attention, a short convolution, Mamba-2) in one stack
@@ -406,9 +434,11 @@ ARCHS.update({
                                 smooth=(SmoothMapping("input_layernorm", (_FALCON_QKV, _FALCON_UP)),)),
     "granitemoehybrid_dense": _granite_hybrid(experts=False),
     "nemotron_h_latent": _nemotron_h(latent=True),
+    "cohere2_moe_routed": _parallel_moe(shared=False),
 })
 # model types whose block wiring depends on their config: model_type -> (config -> the ARCHS key that fits it)
 VARIANTS = {"falcon": _falcon_variant,
             "granitemoehybrid": lambda c: "granitemoehybrid" if c.num_local_experts else "granitemoehybrid_dense",
             "granitemoeshared": lambda c: "granitemoeshared" if c.shared_intermediate_size else "granitemoe",
+            "cohere2_moe": lambda c: "cohere2_moe" if c.num_shared_experts else "cohere2_moe_routed",
             "nemotron_h": lambda c: "nemotron_h_latent" if getattr(c, "moe_latent_size", None) else "nemotron_h"}
