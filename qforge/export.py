@@ -149,19 +149,22 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
     return state
 
 
-def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model) -> dict:
-    """The format's quantization_config; `layers` keyed by stored module names (stored_layers)."""
+def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantized) -> dict:
+    """The format's quantization_config; `layers` keyed by stored module names (stored_layers), `quantized` the
+    model's names of the quantized linears."""
     grids = {q.grid for q in layers.values()}
     fused = engine_modules(layers) if len(grids) > 1 and FORMATS[fmt].MIXED else {}
     if fmt == "compressed-tensors":
         from .formats.compressed_tensors import build_config
         from .models.checkpoint_keys import save_keys
 
-        plain = {f"{n}.weight": torch.empty(0, device="meta") for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear)}
-        names = [k[: -len(".weight")] for k in save_keys(model, plain)]        # as stored
-        ignore = sorted(n for n in names if n not in layers)
-        return build_config({n: q.grid for n, q in layers.items()}, ignore)
+        plain = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        names = [k[: -len(".weight")] for k in save_keys(model, {f"{n}.weight": torch.empty(0, device="meta")
+                                                                 for n in plain})]        # as stored
+        # the unquantized linears under their stored names (vLLM maps them to its own) and, where the model names
+        # them otherwise (a vision-language model's vision tower), under the model's names, which transformers reads
+        ignore = {n for n in names if n not in layers} | (plain - set(quantized) - set(names))
+        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore))
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
                           f"(export mixed precision as {_mixed_formats()})")
@@ -244,7 +247,7 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     max_shard_size = parse_size(max_shard_size)
     state = packed_state_dict(model, layers, fmt, dtype)
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
-    qconf = _quant_config(fmt, stored, qcfg, model)
+    qconf = _quant_config(fmt, stored, qcfg, model, layers)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
         sizes = _write_configs(tmp, model, tokenizer, stored, fmt, qconf, dtype, qcfg)
@@ -281,8 +284,8 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             raise QForgeError("nothing to export: no quantized layers")
         shards.finish()
         stored = {s: q for s, (_, q) in stored_layers(model, seen).items()}          # on the meta device
-        sizes = _write_configs(tmp, model, tokenizer, stored, fmt, _quant_config(fmt, stored, qcfg, model), dtype,
-                               qcfg)
+        sizes = _write_configs(tmp, model, tokenizer, stored, fmt, _quant_config(fmt, stored, qcfg, model, seen),
+                               dtype, qcfg)
         if allocation is not None:
             allocation.write_beside(tmp)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,

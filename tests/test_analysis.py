@@ -213,12 +213,13 @@ def test_compare_to_reference_sees_kv_damage(tiny_llama):
 
 
 @pytest.mark.parametrize("model_type", ["lfm2", "granitemoehybrid", "qwen3_next", "bamba", "nemotron_h", "qwen3_5_text",
-                                        "jamba"])
+                                        "jamba", "gemma4_text"])
 def test_kv_simulation_quantizes_only_the_attention_blocks_of_a_hybrid(model_type):
     """LFM2, Granite 4.0-H, Qwen3-Next, Bamba, Nemotron-H, Qwen3.5, Jamba (block 0 a convolution, Mamba-2, Gated
     DeltaNet, Mamba-1; block 1 attention): the cache
     keeps the convolution's (and recurrent) state as it is and quantizes the attention block's keys and values; damage
-    grows as bits shrink."""
+    grows as bits shrink. Gemma 4's last blocks reuse the keys and values blocks 0 and 1 leave, as the cache
+    returns them (quantized)."""
     from tiny_models import tiny_model
 
     m = tiny_model(model_type)

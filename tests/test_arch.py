@@ -32,10 +32,12 @@ def test_table_covers_every_linear_of_the_block(model_type):
 
 @pytest.mark.parametrize("model_type", ALL)
 def test_captured_block_inputs_replay_the_model(model_type):
-    """Running the blocks one by one on captured inputs reproduces the model's own hidden states."""
+    """Running the blocks one by one on captured inputs reproduces the model's own hidden states (text tokens: a
+    vision-language model swaps its image/audio placeholders, the last ids here, for pad before its text decoder,
+    which the capture runs directly)."""
     m = tiny_model(model_type)
     spec = arch_spec(m)
-    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB - 8, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = m(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     inputs = capture_block_inputs(m, spec, make_batches(list(ids), batch_size=2))

@@ -152,6 +152,8 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("hunyuan_v1_moe", "transformers-ct", "compressed-tensors"),  # shared MLP first, an fp32 nn.Linear router
     ("minimax_m2", "transformers-ct", "compressed-tensors"),      # routed experts, a score-correction bias
     ("jamba", "transformers-ct", "compressed-tensors"),           # Mamba-1 (dt_proj unquantized) and attention
+    ("gemma3", "transformers-ct", "compressed-tensors"),          # vision-language: the text decoder quantized
+    ("gemma4", "transformers-ct", "compressed-tensors"),          # and per-layer inputs, keys and values reused
     ("cohere2_moe", "transformers-ct", "compressed-tensors"),     # attention beside dense or routed + shared MLPs
     ("afmoe", "transformers-ct", "compressed-tensors"),           # gated attention, an nn.Linear router kept
 ])

@@ -450,7 +450,8 @@ def test_a_linear_its_checkpoints_store_by_columns_is_refused_by_packed_export_w
 
 
 _FUSED_EXPERTS = {"llama4_text": "feed_forward.experts", "gpt_oss": "mlp.experts",
-                  "granitemoe": "block_sparse_moe.experts", "granitemoehybrid": "block_sparse_moe.experts"}
+                  "granitemoe": "block_sparse_moe.experts", "granitemoehybrid": "block_sparse_moe.experts",
+                  "gemma4_text_moe": "experts"}
 
 
 @pytest.mark.parametrize("model_type", list(_FUSED_EXPERTS))

@@ -366,7 +366,7 @@ def test_early_exit_and_replayed_modules_change_nothing(model_type):
     m = tiny_model(model_type)
     spec = arch_spec(m)
     block = get_blocks(m, spec)[0]
-    frozen = FrozenOutputs(block, block_linears(block, spec), 1, m.config.hidden_size, "cpu")
+    frozen = FrozenOutputs(block, block_linears(block, spec), 1, m.config.get_text_config().hidden_size, "cpu")
     done = len(spec.groups)
     assert frozen.finished(0) == []
     for k in range(1, done + 1):   # what is finished stays finished, possibly inside a larger finished module
@@ -389,7 +389,7 @@ def test_tail_sub_modules_run_once_per_block(model_type):
     m = tiny_model(model_type)
     spec = arch_spec(m)
     blocks = get_blocks(m, spec)
-    tails = [FrozenOutputs(b, block_linears(b, spec), 3, m.config.hidden_size, "cpu").tails for b in blocks]
+    tails = [FrozenOutputs(b, block_linears(b, spec), 3, m.config.get_text_config().hidden_size, "cpu").tails for b in blocks]
     # the MLP is a tail when block 0 ends in a plain linear of an MLP module (not fused experts, not OPT's fc2)
     last = block_linears(blocks[0], spec)[-1][-1]
     if last.expert is None and "." in last.name:

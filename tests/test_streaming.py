@@ -25,6 +25,9 @@ def _saved_dir(tmp_path, tokenizer, model_type):
 @pytest.mark.parametrize("model_type,cfg", [
     ("llama", QuantizeConfig(method="gptq", bits=3, group_size=32, act_order=True)),
     ("gemma", QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4)),   # tied lm_head
+    # Gemma 4's vision-language model (its vision tower kept as is): per-layer inputs; blocks 2 and 3 read the keys
+    # and values blocks 0 and 1 leave
+    ("gemma4", QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4)),
     ("opt", QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False)),
     ("mixtral", QuantizeConfig(method="gptq", bits=4, group_size=32)),      # per-expert keys, fused on load
     ("qwen3_moe", QuantizeConfig(method="awq+gptq", bits=3, group_size=16, awq_grid=4)),   # its own expert keys

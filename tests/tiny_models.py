@@ -32,6 +32,35 @@ CONFIGS = {
     "gemma2": dict(_COMMON, head_dim=16, sliding_window=32, query_pre_attn_scalar=16),
     "gemma3_text": dict(_COMMON, head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
                         layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 3's vision-language checkpoints: the text decoder above, a one-layer SigLIP vision tower
+    "gemma3": dict(text_config=dict(_COMMON, head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
+                                    layer_types=["sliding_attention", "full_attention"]),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=32, patch_size=8),
+                   mm_tokens_per_image=4, image_token_index=VOCAB - 3, boi_token_index=VOCAB - 2,
+                   eoi_token_index=VOCAB - 1),
+    # Gemma 4, small models' wiring: per-layer inputs; blocks 0/1 sliding/full attention (full: k as v), blocks 2/3
+    # reuse their keys and values
+    "gemma4_text": dict(_COMMON, num_hidden_layers=4, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                        sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2,
+                        attention_k_eq_v=True, num_kv_shared_layers=2, hidden_size_per_layer_input=32,
+                        vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    # Gemma 4's vision-language checkpoints: the text decoder above, a one-layer vision tower
+    "gemma4": dict(text_config=dict(_COMMON, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+                                    num_global_key_value_heads=1, sliding_window=32,
+                                    layer_types=["sliding_attention", "full_attention"] * 2, attention_k_eq_v=True,
+                                    num_kv_shared_layers=2, hidden_size_per_layer_input=32,
+                                    vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, head_dim=16, patch_size=8),
+                   audio_config=None, image_token_id=VOCAB - 3, boi_token_id=VOCAB - 2, eoi_token_id=VOCAB - 1,
+                   video_token_id=VOCAB - 4, boa_token_id=VOCAB - 5, eoa_token_index=VOCAB - 6,
+                   audio_token_id=VOCAB - 7),
+    # Gemma 4 MoE (26B-A4B's wiring): routed experts beside the dense MLP, no per-layer inputs or shared keys
+    "gemma4_text_moe": dict(_COMMON, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=32,
+                            layer_types=["sliding_attention", "full_attention"], attention_k_eq_v=True,
+                            hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                            moe_intermediate_size=32, pad_token_id=0, eos_token_id=1, bos_token_id=2),
     "opt": dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=64, max_position_embeddings=512),
     "gpt_neox": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -113,7 +142,8 @@ CONFIGS = {
                         layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5),
     "cohere2_moe_routed": dict(_NO_IDS, head_dim=16, intermediate_size=32, prefix_dense_intermediate_size=96,
                                num_experts=4, num_experts_per_tok=2, num_shared_experts=0,
-                               mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"]),
+                               mlp_layer_types=["dense", "sparse"],
+                               layer_types=["sliding_attention", "full_attention"]),
     # Nemotron-H: one mixer per block (Mamba-2, attention, squared-ReLU MLP)
     "nemotron_h": dict(_NEMOTRON_H, layers_block_type=["linear_attention", "full_attention", "mlp"]),
     # Nemotron 3: Mamba-2, attention, MoE (routed experts without a gate, shared experts) blocks; the latent variant
@@ -142,7 +172,8 @@ CONFIGS = {
 }
 # CONFIGS keys that are not model types: another wiring of a family (a VARIANTS entry picks its table entry)
 _MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "granitemoehybrid_dense": "granitemoehybrid",
-               "nemotron_h_moe": "nemotron_h", "nemotron_h_latent": "nemotron_h", "cohere2_moe_routed": "cohere2_moe"}
+               "nemotron_h_moe": "nemotron_h", "nemotron_h_latent": "nemotron_h", "cohere2_moe_routed": "cohere2_moe",
+               "gemma4_text_moe": "gemma4_text"}
 
 
 def tiny_config(key: str, **overrides):

@@ -75,7 +75,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
     block at a time; no KV cache or logits hook then)."""
     if seqlen < 2:
         raise QForgeError(f"seqlen must be at least 2 (a window predicts tokens 1..seqlen-1), got {seqlen}")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise QForgeError(f"seqlen {seqlen} exceeds the model's context length {max_pos}")
     windows = token_windows(tokenizer, text, seqlen, max_windows)

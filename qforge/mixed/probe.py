@@ -20,14 +20,19 @@ from ..models.arch import ArchSpec, get_blocks
 
 
 class _Handover(StandIn):
-    """Stands in for the blocks before the probed one: the first returns the cached input, the rest pass it on."""
+    """Stands in for the blocks before the probed one: the first returns the cached input (and puts back the state
+    the skipped blocks leave for later ones: ArchSpec.carried), the rest pass it on."""
 
-    def __init__(self, block: nn.Module, source: dict | None):
+    def __init__(self, block: nn.Module, source: dict | None, carried: str | None = None):
         super().__init__(block)
-        self.source = source
+        self.source, self.carried = source, carried
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.source["hidden"] if self.source is not None else hidden_states
+        if self.source is None:
+            return hidden_states
+        if self.carried:
+            kwargs[self.carried].update(self.source["state"])
+        return self.source["hidden"]
 
 
 class TailProbe:
@@ -36,7 +41,8 @@ class TailProbe:
     def __init__(self, model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], stride: int = 4):
         self.model, self.spec, self.batches = model, spec, batches
         self.keep = kept_positions(batches, stride)
-        self.ref = [torch.log_softmax(self._logits(ids, 0, None), -1) for ids in batches]   # [B, K, vocab]
+        self.states: list[dict] = []          # per batch: the state the fp blocks carry forward (ArchSpec.carried)
+        self.ref = [torch.log_softmax(self._logits(ids, 0, None, keep_state=True), -1) for ids in batches]   # [B, K, V]
 
     def kl(self, start: int, hidden: list[torch.Tensor]) -> float:
         """Mean KL per kept position; `hidden[b]` is the fp input of block `start` for batch b."""
@@ -47,28 +53,36 @@ class TailProbe:
         """Mean KL per kept position of each sequence, in batch order (of the first `n_batches` batches)."""
         out = []
         for b, ids in enumerate(self.batches[:n_batches]):
-            logp = torch.log_softmax(self._logits(ids, start, hidden[b]), -1)
+            logp = torch.log_softmax(self._logits(ids, start, hidden[b], b), -1)
             out += sequence_kls(self.ref[b], logp)
         return out
 
     @torch.no_grad()          # also in __init__: a reference kept with its autograd graph holds every activation
-    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None, batch: int = 0,
+                keep_state: bool = False) -> torch.Tensor:
         head = self.model.get_output_embeddings()
-        hook = head.register_forward_pre_hook(lambda mod, args: (args[0][:, self.keep],) + args[1:])
+        hooks = [head.register_forward_pre_hook(lambda mod, args: (args[0][:, self.keep],) + args[1:])]
+        carried = {}
+        if keep_state and self.spec.carried:          # the reference run: keep the mapping the blocks fill
+            hooks.append(get_blocks(self.model, self.spec)[0].register_forward_pre_hook(
+                lambda mod, args, kwargs: carried.update(state=kwargs[self.spec.carried]), with_kwargs=True))
         try:
-            with self._blocks_from(start, hidden):
+            with self._blocks_from(start, hidden, batch):
                 out = self.model(input_ids=ids, use_cache=False)
         finally:
-            hook.remove()
+            for h in hooks:
+                h.remove()
+        if "state" in carried:
+            self.states.append(dict(carried["state"]))
         return out.logits.float()
 
-    def _blocks_from(self, start: int, hidden: torch.Tensor | None):
+    def _blocks_from(self, start: int, hidden: torch.Tensor | None, batch: int):
         if start == 0:
             return nullcontext()
         blocks = get_blocks(self.model, self.spec)
-        source = {"hidden": hidden}
-        return swapped_blocks(self.model, self.spec, [_Handover(b, source if k == 0 else None) if k < start else b
-                                                      for k, b in enumerate(blocks)])
+        source = {"hidden": hidden, "state": self.states[batch] if self.spec.carried else None}
+        return swapped_blocks(self.model, self.spec, [_Handover(b, source if k == 0 else None, self.spec.carried)
+                                                      if k < start else b for k, b in enumerate(blocks)])
 
 
 def kept_positions(batches: list[torch.Tensor], stride: int = 4) -> torch.Tensor:

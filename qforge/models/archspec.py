@@ -8,7 +8,8 @@ A linear name is a module path inside the block, or the path of a 3-D fused-expe
 one linear per expert.
 `smooth` lists AWQ/SmoothQuant mappings (previous op -> the linears that read its output).
 Families whose blocks differ (dense and MoE blocks in one model) list every block kind's linears and
-mark the ones a block may lack `optional`; a mapping applies in the blocks that hold all it names.
+mark the ones a block may lack `optional`; a mapping applies in the blocks that hold all it names (and none of
+its `absent`).
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ class SmoothMapping:
     [experts, 2·I, in] whose linears are fused experts too, one scale vector per expert) and the linears
     read act(gate)·up, so only the up rows are divided; "v_third": prev is a fused q/k/v linear whose last
     third (v) the linears read — it fits only when there are as many key/value heads as query heads.
+    `absent`: the mapping fits only blocks without these, for a family whose blocks lack some of prev's readers
+    (Gemma 4: attention without v_proj or without k/v), where a mapping naming fewer linears would otherwise also
+    fit the blocks that hold more, and leave those unscaled.
     """
 
     prev: str
     linears: tuple[str, ...]
     balance: tuple[str, ...] = ()
     prev_rows: str = "all"
+    absent: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.prev_rows not in PREV_ROWS:
@@ -93,6 +98,9 @@ class ArchSpec:
     fp_linears: tuple[str, ...] = ()     # linears that stay unquantized (a shared expert's 1-output gate)
     tuple_blocks: bool = False           # the model reads a block's output as a tuple (Bloom, GPT-J, Bamba)
     experts: ExpertLayout = ExpertLayout()  # how fused experts are stored and called
+    # the keyword argument, a mapping the model hands every block, through which blocks leave state for later
+    # ones (Gemma 4's shared_kv_states); code that skips blocks puts back what the skipped ones would have left
+    carried: str | None = None
 
     def __post_init__(self):
         names = set(self.linear_names)

@@ -6,7 +6,11 @@ model of every entry, and the tests run each through capture, RTN, GPTQ, AWQ and
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .archspec import ArchSpec, ExpertLayout, SmoothMapping
+
+_VLM_BLOCKS = "model.language_model.layers"    # a vision-language model's text decoder blocks (transformers 5)
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -24,6 +28,24 @@ _LLAMA = ArchSpec(
 # Gemma 2/3 put extra norms around attention and MLP: the norm that feeds the MLP is pre_feedforward_layernorm
 _GEMMA2 = ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, norm_plus_one=True,
                    smooth=(_NORM_QKV, _V_O, SmoothMapping("pre_feedforward_layernorm", _GATE_UP), _UP_DOWN))
+
+# Gemma 4: Gemma 2's four norms (scaling by w); a scale-free RMSNorm on v, which undoes any v -> o scale; full
+# attention layers of the larger models use k as v (no v_proj) and the small ones' last layers reuse an earlier
+# layer's keys and values (no k_proj/v_proj); the MoE models run routed experts beside the dense MLP on their own
+# norm (the router normalizes its own input, an nn.Linear kept unquantized); the small ones add a per-layer input
+# (gate -> act · per-layer embedding -> projection) after the MLP
+_GEMMA4 = ArchSpec(
+    blocks="model.layers", fp_linears=("router.proj",), carried="shared_kv_states",
+    groups=(_ATTN, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",), ("experts.gate_up_proj",),
+            ("experts.down_proj",), ("per_layer_input_gate",), ("per_layer_projection",)),
+    optional=frozenset({"self_attn.k_proj", "self_attn.v_proj", "experts.gate_up_proj", "experts.down_proj",
+                        "per_layer_input_gate", "per_layer_projection"}),
+    smooth=(_NORM_QKV, SmoothMapping("input_layernorm", _ATTN[:2], absent=_ATTN[2:]),
+            SmoothMapping("input_layernorm", _ATTN[:1], absent=_ATTN[1:]),
+            SmoothMapping("pre_feedforward_layernorm", _GATE_UP), _UP_DOWN,
+            SmoothMapping("pre_feedforward_layernorm_2", ("experts.gate_up_proj",)),
+            SmoothMapping("experts.gate_up_proj", ("experts.down_proj",), prev_rows="up_half")),
+)
 
 # transformers 5 MoE blocks: experts fused into [experts, 2·I, in] gate/up and [experts, out, I] down parameters,
 # the router `mlp.gate` reads the same input as the experts
@@ -315,6 +337,10 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma": ArchSpec(blocks=_LLAMA.blocks, groups=_LLAMA.groups, smooth=_LLAMA.smooth, norm_plus_one=True),
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
+    "gemma4_text": _GEMMA4,
+    # Gemma 3's (4B and up) and Gemma 4's released checkpoints: the vision-language model, its text decoder under
+    # model.language_model (quantized; the vision tower and projector kept as they are)
+    "gemma3": replace(_GEMMA2, blocks=_VLM_BLOCKS), "gemma4": replace(_GEMMA4, blocks=_VLM_BLOCKS),
     "opt": ArchSpec(
         blocks="model.decoder.layers",
         groups=(_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),

@@ -74,6 +74,9 @@ def mapping_units(block: nn.Module, mapping: SmoothMapping, refs: list[LinearRef
     missing = set(mapping.linears) - {_table_name(r) for r in lins}
     if missing:
         return [], f"the block lacks {', '.join(sorted(missing))}"
+    held = [n for n in mapping.absent if submodule_or_none(block, n) is not None]
+    if held:
+        return [], f"the block has {', '.join(held)}, which reads {mapping.prev} too"
     balance = []
     for name in mapping.balance:
         m = submodule_or_none(block, name)
