@@ -52,7 +52,8 @@ def _assert_same(got, want):
             assert o["err"] == pytest.approx(w["err"], rel=1e-4, abs=1e-12), (name, o, w)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma", "mixtral"])
+# gemma4_text: blocks 2 and 3 read the keys and values blocks 0 and 1 leave, so every probe variant keeps its own
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "mixtral", "gemma4_text"])
 def test_a_streamed_measurement_gives_the_in_memory_numbers(tmp_path, tiny_tokenizer, monkeypatch, model_type):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
     samples = _samples(len(tiny_tokenizer))

@@ -325,9 +325,10 @@ def test_tied_embeddings_stored_under_the_head_name_stream(tmp_path, tiny_tokeni
     assert lm.model.get_input_embeddings().weight.device.type == "meta"      # and dropped again
 
 
-# gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases
+# gemma2: logit soft-capping, tied head; gpt_oss: attention sinks, expert biases; gemma4: a vision-language model
+# whose forward reads the input embeddings' pad row (the head pass leaves them out) for its per-layer inputs
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "mixtral", "gpt_oss", "lfm2", "granitemoehybrid",
-                                        "falcon_h1"])
+                                        "falcon_h1", "gemma4"])
 def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tokenizer, model_type):
     from qforge.eval.datasets import load_eval_text
     from qforge.eval.perplexity import perplexity, token_nll, token_windows

@@ -39,11 +39,16 @@ class _PassThrough(StandIn):
 
 
 class _NoEmbedding(nn.Module):
-    """The input embeddings' place in the head pass: zeros of their output's shape and dtype, never read."""
+    """The input embeddings' place in the head pass: zeros of their output's shape and dtype, never read. `weight`
+    is a zero view of the table's shape, no memory (Gemma 4's vision-language forward reads the pad token's row)."""
 
     def __init__(self, embeddings: nn.Module):
         super().__init__()
-        self.dim, self.dtype = embeddings.embedding_dim, embeddings.weight.dtype
+        self.rows, self.dim, self.dtype = embeddings.num_embeddings, embeddings.embedding_dim, embeddings.weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.dtype).expand(self.rows, self.dim)
 
     def forward(self, input_ids, *args, **kwargs):
         return torch.zeros(*input_ids.shape, self.dim, dtype=self.dtype, device=input_ids.device)
