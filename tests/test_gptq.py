@@ -389,7 +389,8 @@ def test_tail_sub_modules_run_once_per_block(model_type):
     m = tiny_model(model_type)
     spec = arch_spec(m)
     blocks = get_blocks(m, spec)
-    tails = [FrozenOutputs(b, block_linears(b, spec), 3, m.config.get_text_config().hidden_size, "cpu").tails for b in blocks]
+    width = m.config.get_text_config().hidden_size
+    tails = [FrozenOutputs(b, block_linears(b, spec), 3, width, "cpu").tails for b in blocks]
     # the MLP is a tail when block 0 ends in a plain linear of an MLP module (not fused experts, not OPT's fc2)
     last = block_linears(blocks[0], spec)[-1][-1]
     if last.expert is None and "." in last.name:

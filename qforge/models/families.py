@@ -143,6 +143,7 @@ def _shared_moe(shared: str | None, shared_first: bool = False, shared_gate: str
 
 _DEEPSEEK = _shared_moe("shared_experts", shared_first=False, attention=_MLA)
 
+
 # Cohere2-MoE: attention and the MLP run in parallel on one normed input, as Cohere's; the MLP is dense (its first
 # blocks) or routed experts, with shared experts beside them or without (an entry each: a mapping must name every
 # linear that reads its norm)
