@@ -171,8 +171,10 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     transformers 5.17 no longer has. LFM2-MoE too: GPTQModel 7.6's tree names its attention output o_proj (LFM2's
     is out_proj), so that packed module is never built and the model it loads computes NaN. Qwen3-Next too:
     GPTQModel 7.6's tree has neither linear_attn.in_proj_ba nor dense MLP blocks, and leaves them unloaded.)"""
-    src = tiny_dir(model_type, tiny_tokenizer, tmp_path / "src",
-                   **({"interleave_moe_layer_step": 1} if model_type == "llama4_text" else {}))
+    # Gemma 4 without its routed experts: a packed export writes them one module per expert, and transformers reads
+    # Gemma 4's experts 3-D only
+    overrides = {"llama4_text": {"interleave_moe_layer_step": 1}, "gemma4": {"enable_moe_block": False}}
+    src = tiny_dir(model_type, tiny_tokenizer, tmp_path / "src", **overrides.get(model_type, {}))
     m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=fmt == "gptq"))
     m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
     m.export(tmp_path / "packed", fmt)

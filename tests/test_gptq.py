@@ -406,9 +406,11 @@ def test_tail_sub_modules_run_once_per_block(model_type):
     # 3 batches, one full run each. Where a sub-module's output is not its last linear's (Bloom's attention and MLP
     # add the residual themselves, GPT-J's and GPT-OSS's eager attention return their weights too) the check on the
     # first batch sees it and the sub-module runs on every batch
-    # (Falcon-H1's feed_forward scales down_proj's output by a multiplier; MiMo-V2's attention returns its weights)
+    # (Falcon-H1's feed_forward scales down_proj's output by a multiplier; MiMo-V2's and the sliding-window Granites'
+    # attention return their weights)
     differs = {"bloom": ("self_attention", "mlp"), "gptj": ("attn",), "gpt_oss": ("self_attn",),
-               "falcon_h1": ("feed_forward",), "mimo_v2_flash": ("self_attn",)}.get(model_type, ())
+               "falcon_h1": ("feed_forward",), "mimo_v2_flash": ("self_attn",), "granite_swa": ("self_attn",),
+               "granitemoe_swa": ("self_attn",)}.get(model_type, ())
     assert ran == {(i, p): 3 if p in differs else 1 for i in range(len(blocks)) for p in tails[i]}
 
 

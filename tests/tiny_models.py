@@ -45,12 +45,14 @@ CONFIGS = {
                         sliding_window=32, layer_types=["sliding_attention", "full_attention"] * 2,
                         attention_k_eq_v=True, num_kv_shared_layers=2, hidden_size_per_layer_input=32,
                         vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-    # Gemma 4's vision-language checkpoints: the text decoder above, a one-layer vision tower
+    # Gemma 4's vision-language checkpoints: the text decoder above, with routed experts too (the table entry is
+    # another object, whose mappings must all fit), and a one-layer vision tower
     "gemma4": dict(text_config=dict(_COMMON, num_hidden_layers=4, head_dim=16, global_head_dim=32,
                                     num_global_key_value_heads=1, sliding_window=32,
                                     layer_types=["sliding_attention", "full_attention"] * 2, attention_k_eq_v=True,
                                     num_kv_shared_layers=2, hidden_size_per_layer_input=32,
-                                    vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+                                    vocab_size_per_layer_input=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                    enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=2, head_dim=16, patch_size=8),
                    audio_config=None, image_token_id=VOCAB - 3, boi_token_id=VOCAB - 2, eoi_token_id=VOCAB - 1,
@@ -130,6 +132,20 @@ CONFIGS = {
     "hunyuan_v1_moe": dict(_NO_IDS, head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=32),
     "minimax_m2": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
     "granitemoeshared": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64),
+    "granite_swa": dict(_NO_IDS, sliding_window=32),
+    "granitemoe_swa": dict(_NO_IDS, num_local_experts=4, num_experts_per_tok=2, sliding_window=32),
+    "cwm": dict(_COMMON, head_dim=16, sliding_window=32, bos_token_id=1, eos_token_id=2, max_position_embeddings=16384),
+    "mellum": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                   sliding_window=32),
+    "youtu": dict(_NO_IDS, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32,
+                  qk_nope_head_dim=16, v_head_dim=16),
+    "glm4_moe_lite": dict(_NO_IDS, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32,
+                          qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, n_shared_experts=1, mlp_layer_types=["dense", "sparse"]),
+    "hy_v3": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                  moe_intermediate_size=32, mlp_layer_types=["dense", "sparse"]),
+    "laguna": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=64, mlp_layer_types=["dense", "sparse"], sliding_window=32),
     "dots1": dict(_NO_IDS, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   n_shared_experts=1, first_k_dense_replace=1),
     "afmoe": dict(_NO_IDS, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -177,7 +193,12 @@ _MODEL_TYPE = {"falcon_parallel": "falcon", "falcon_two_norms": "falcon", "grani
 
 
 def tiny_config(key: str, **overrides):
-    return AutoConfig.for_model(_MODEL_TYPE.get(key, key), **{**CONFIGS[key], **overrides})
+    """CONFIGS[key] with `overrides`; a vision-language model's go to its text decoder's config."""
+    base = CONFIGS[key]
+    if "text_config" in base:
+        base = dict(base, text_config={**base["text_config"], **overrides})
+        overrides = {}
+    return AutoConfig.for_model(_MODEL_TYPE.get(key, key), **{**base, **overrides})
 
 
 def table_key(key: str) -> str:

@@ -318,6 +318,13 @@ _JAMBA = ArchSpec(
             SmoothMapping(_JAMBA_FFN[2][0], _JAMBA_FFN[3], prev_rows="up_half")))
 
 
+_GRANITE_MOE = ArchSpec(
+    blocks="model.layers",
+    groups=(_ATTN, ("self_attn.o_proj",)) + _GRANITE_H_MOE,
+    smooth=(_NORM_QKV, _V_O,
+            SmoothMapping("post_attention_layernorm", _GRANITE_H_MOE[0], balance=("block_sparse_moe.router",)),
+            SmoothMapping(_GRANITE_H_MOE[0][0], _GRANITE_H_MOE[1], prev_rows="up_half")),
+)
 # GraniteMoE with a shared MLP beside the routed experts (its gate|up halves in input_linear); without one
 # (shared_intermediate_size 0) it is GraniteMoE
 _GRANITE_MOE_SHARED = ArchSpec(
@@ -367,7 +374,7 @@ ARCHS: dict[str, ArchSpec] = {
     "mixtral": _MOE,
     "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
     # Llama's module names
-    "granite": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA, "ernie4_5": _LLAMA, "seed_oss": _LLAMA,
+    "granite": _LLAMA, "granite_swa": _LLAMA, "cwm": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA, "ernie4_5": _LLAMA, "seed_oss": _LLAMA,
     "ministral": _LLAMA, "ministral3": _LLAMA, "hunyuan_v1_dense": _LLAMA,
     "stablelm": _LLAMA,                  # LayerNorm with bias: the fold divides both
     # no norm before attention and MLP (OLMo's has no weight; OLMo 2 and EXAONE 4 normalise the outputs)
@@ -422,6 +429,11 @@ ARCHS: dict[str, ArchSpec] = {
                                   dense_blocks=False),
     "minimax_m2": _MOE,
     "dots1": _shared_moe("shared_experts", shared_first=False),       # dense first blocks; q/k norms per head
+    "hy_v3": _shared_moe("shared_experts", shared_first=False), "mellum": _MOE,
+    # Laguna: softplus(g_proj(x)) scales attention's output (per element or per head) before o_proj, as AFMoE's gate
+    "laguna": _shared_moe("shared_experts", shared_first=True,
+                          attention=(_ATTN + ("self_attn.g_proj",), ("self_attn.o_proj",))),
+    "glm4_moe_lite": _DEEPSEEK, "youtu": _DEEPSEEK,                   # MLA; youtu's blocks are all dense
     # AFMoE: an output gate beside q/k/v (sigmoid(gate_proj(x)) scales attention's output before o_proj, elementwise,
     # so v -> o still folds); norms before and after attention and MLP; an nn.Linear router kept unquantized
     "afmoe": _shared_moe("shared_experts", shared_first=True, router="router.gate", linear_router=True,
@@ -437,16 +449,7 @@ ARCHS: dict[str, ArchSpec] = {
     "nemotron_h": _nemotron_h(latent=False), "falcon_h1": _FALCON_H1, "jamba": _JAMBA,
     "olmoe": _MOE,
     "granitemoeshared": _GRANITE_MOE_SHARED,
-    "granitemoe": ArchSpec(
-        blocks="model.layers",
-        groups=(_ATTN, ("self_attn.o_proj",), ("block_sparse_moe.experts.gate_up_proj",),
-                ("block_sparse_moe.experts.down_proj",)),
-        smooth=(_NORM_QKV, _V_O,
-                SmoothMapping("post_attention_layernorm", ("block_sparse_moe.experts.gate_up_proj",),
-                              balance=("block_sparse_moe.router",)),
-                SmoothMapping("block_sparse_moe.experts.gate_up_proj", ("block_sparse_moe.experts.down_proj",),
-                              prev_rows="up_half")),
-    ),
+    "granitemoe": _GRANITE_MOE, "granitemoe_swa": _GRANITE_MOE,
     "falcon": ArchSpec(blocks="transformer.h", tuple_blocks=True, groups=_FALCON_GROUPS, smooth=(
         SmoothMapping("input_layernorm", (_FALCON_QKV,)), SmoothMapping("post_attention_layernorm", (_FALCON_UP,)),
         SmoothMapping("ln_attn", (_FALCON_QKV,)), SmoothMapping("ln_mlp", (_FALCON_UP,)))),
