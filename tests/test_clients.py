@@ -31,12 +31,32 @@ pytestmark = [pytest.mark.slow, pytest.mark.clients,
               pytest.mark.skipif(not CLIENTS_PY.exists(), reason="no .venv-clients: run scripts/setup.sh")]
 
 
+# GPTQModel's CPU thread pool fails without a worker count; torch.compile of its kernels costs minutes on a CPU
+WORKER_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCH_COMPILE_DISABLE": "1"}
+
+
 def run_worker(task: str, model_dir: Path, out: Path) -> tuple[dict, torch.Tensor]:
-    # GPTQModel's CPU thread pool fails without a worker count; torch.compile of its kernels costs minutes on a CPU
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TORCH_COMPILE_DISABLE="1")
     p = subprocess.run([str(CLIENTS_PY), str(WORKER), task, str(model_dir), str(out)], capture_output=True, text=True,
-                       timeout=900, env=env)
+                       timeout=900, env=dict(os.environ, **WORKER_ENV))
     assert p.returncode == 0, f"{task} failed:\n{p.stderr[-4000:]}"
+    return worker_result(out)
+
+
+def run_worker_batch(task: str, jobs: list[list[str]], jobs_file: Path) -> None:
+    """One worker process runs `task` on each [model dir, out dir] of `jobs`; a job's failure is left in its out
+    dir (error.txt) for worker_result to raise, a failure of the process itself in each."""
+    jobs_file.write_text(json.dumps(jobs))
+    p = subprocess.run([str(CLIENTS_PY), str(WORKER), task, "--batch", str(jobs_file)], capture_output=True,
+                       text=True, timeout=1800, env=dict(os.environ, **WORKER_ENV))
+    if p.returncode != 0:
+        for _, out in jobs:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "error.txt").write_text(f"{task} worker failed:\n{p.stderr[-4000:]}")
+
+
+def worker_result(out: Path) -> tuple[dict, torch.Tensor]:
+    error = out / "error.txt"
+    assert not error.exists(), error.read_text()
     return json.loads((out / "result.json").read_text()), torch.load(out / "logits.pt")
 
 
@@ -131,7 +151,7 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     assert_same_model(theirs, ours)
 
 
-@pytest.mark.parametrize("model_type,task,fmt", [
+PEER_CASES = [
     ("qwen3_moe", "gptqmodel-load", "gptq"),
     ("phi3", "transformers-ct", "compressed-tensors"),            # fused q|k|v and gate|up linears
     ("deepseek_v3", "transformers-ct", "compressed-tensors"),     # MLA, a dense and a MoE block, shared experts
@@ -156,8 +176,40 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ("gemma4", "transformers-ct", "compressed-tensors"),          # and per-layer inputs, keys and values reused
     ("cohere2_moe", "transformers-ct", "compressed-tensors"),     # attention beside dense or routed + shared MLPs
     ("afmoe", "transformers-ct", "compressed-tensors"),           # gated attention, an nn.Linear router kept
-])
-def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny_tokenizer, tmp_path):
+]
+# Gemma 4 without its routed experts: a packed export writes them one module per expert, and transformers reads
+# Gemma 4's experts 3-D only
+PEER_OVERRIDES = {"llama4_text": {"interleave_moe_layer_step": 1}, "gemma4": {"enable_moe_block": False}}
+
+
+@pytest.fixture(scope="session")
+def peer_runs(tmp_path_factory, tiny_tokenizer):
+    """Every PEER_CASES model quantized and exported by qforge, then each peer task run once over all its exports
+    (one worker process per task: a client's imports cost ~9 s a process, more than a tiny model's checks).
+    {(model_type, task): (case directory, packed linears)}, or the error its export raised."""
+    root = tmp_path_factory.mktemp("peers")
+    runs = {}
+    for model_type, task, fmt in PEER_CASES:
+        d = root / f"{model_type}-{task}"
+        try:
+            src = tiny_dir(model_type, tiny_tokenizer, d / "src", **PEER_OVERRIDES.get(model_type, {}))
+            m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32,
+                                                            act_order=fmt == "gptq"))
+            m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
+            m.export(d / "packed", fmt)
+            runs[(model_type, task)] = (d, len(m.result.layers))
+        except Exception as e:          # reported by its own test, not by every case's
+            runs[(model_type, task)] = e
+    for task in dict.fromkeys(t for _, t, _ in PEER_CASES):
+        jobs = [[str(r[0] / "packed"), str(r[0] / "worker")] for (_, t), r in runs.items()
+                if t == task and not isinstance(r, Exception)]
+        run_worker_batch(task, jobs, root / f"{task}.json")
+    return runs
+
+
+@pytest.mark.xdist_group("peer-families")   # one worker builds the exports and runs each peer once
+@pytest.mark.parametrize("model_type,task,fmt", PEER_CASES)
+def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, peer_runs):
     """Families beyond SmolLM2's, exported by qforge, loaded by a peer that builds its own model from the files:
     the same logits, greedy tokens and perplexity. MoE experts, fused into 3-D parameters in transformers, are
     exported one module per expert as the models' checkpoints store them. (Mixtral is left out of the GPTQModel
@@ -171,16 +223,12 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, tiny
     transformers 5.17 no longer has. LFM2-MoE too: GPTQModel 7.6's tree names its attention output o_proj (LFM2's
     is out_proj), so that packed module is never built and the model it loads computes NaN. Qwen3-Next too:
     GPTQModel 7.6's tree has neither linear_attn.in_proj_ba nor dense MLP blocks, and leaves them unloaded.)"""
-    # Gemma 4 without its routed experts: a packed export writes them one module per expert, and transformers reads
-    # Gemma 4's experts 3-D only
-    overrides = {"llama4_text": {"interleave_moe_layer_step": 1}, "gemma4": {"enable_moe_block": False}}
-    src = tiny_dir(model_type, tiny_tokenizer, tmp_path / "src", **overrides.get(model_type, {}))
-    m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=fmt == "gptq"))
-    m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
-    m.export(tmp_path / "packed", fmt)
-    n_packed = len(m.result.layers)
-    ours = qforge_side(tmp_path / "packed")
-    theirs = run_worker(task, tmp_path / "packed", tmp_path / "worker")
+    run = peer_runs[(model_type, task)]
+    if isinstance(run, Exception):
+        raise run
+    d, n_packed = run
+    theirs = worker_result(d / "worker")
+    ours = qforge_side(d / "packed")
     if task == "gptqmodel-load":
         assert theirs[0]["packed"] >= n_packed                   # GPTQModel's own packed linears, every one
     else:

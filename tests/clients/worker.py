@@ -1,5 +1,6 @@
 """Runs one peer client in its own process (clients monkeypatch transformers on import), for
 tests/test_clients.py. Usage: worker.py TASK MODEL_DIR OUT_DIR; writes OUT_DIR/result.json and logits.pt.
+worker.py TASK --batch JOBS.json runs TASK on each [MODEL_DIR, OUT_DIR] of the list in one process.
 
 Tasks:
   gptqmodel-load   GPTQModel loads a gptq checkpoint on the CPU
@@ -110,5 +111,21 @@ def main(task: str, model_dir: str, out: str) -> None:
         raise SystemExit(f"unknown task {task}")
 
 
+def batch(task: str, jobs_file: str) -> None:
+    """main() on each [model dir, out dir] of the JSON list in `jobs_file`, in this one process; a job that fails
+    leaves its traceback in its out dir (error.txt) and the next runs."""
+    import traceback
+
+    for model_dir, out in json.loads(Path(jobs_file).read_text()):
+        try:
+            main(task, model_dir, out)
+        except Exception:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "error.txt").write_text(traceback.format_exc())
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[2] == "--batch":
+        batch(sys.argv[1], sys.argv[3])
+    else:
+        main(*sys.argv[1:4])
