@@ -425,9 +425,14 @@ def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny
     Llama4ForConditionalGeneration(Llama4Config(text_config=dict(CONFIGS["llama4_text"]), vision_config=vision)
                                    ).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
+    _streams_as_its_text_model(src, "llama4_text", tmp_path)
+
+
+def _streams_as_its_text_model(src, text_type: str, tmp_path):
+    """`src` loads as its `text_type` model, and a streamed run of it writes the in-memory run's codes."""
     cfg = QuantizeConfig(method="gptq", bits=4, group_size=32)
     ref = qforge.load(str(src), cfg)
-    assert ref.model.config.model_type == "llama4_text"
+    assert ref.model.config.model_type == text_type
     ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
     m = qforge.load(str(src), cfg, stream=True)
     m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "run")
@@ -435,3 +440,18 @@ def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny
     assert read_layers(out).keys() == ref.result.layers.keys()
     for n, q in read_layers(out).items():
         assert torch.equal(q.codes, ref.result.layers[n].codes), n
+
+
+def test_a_multimodal_qwen3_5_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer):
+    """Qwen3.5's released checkpoints are vision-language models (`qwen3_5_moe`, the text decoder under
+    model.language_model.); transformers' AutoModelForCausalLM reads them as the text model, and so does a
+    streamed run, to the same codes."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8)
+    torch.manual_seed(0)
+    src = tmp_path / "qwen3_5"
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model(
+        "qwen3_5_moe", text_config=dict(CONFIGS["qwen3_5_moe_text"]), vision_config=vision)).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    _streams_as_its_text_model(src, "qwen3_5_moe_text", tmp_path)
