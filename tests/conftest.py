@@ -47,3 +47,12 @@ def tiny_llama_dir(tmp_path, tiny_tokenizer):
     m.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def wiki_calibration(tiny_tokenizer):
+    """builtin:wiki, 4 windows of 32 tiny-tokenizer tokens, drawn once: each draw tokenizes the whole domain
+    (~1.6 s), which tests that only need some calibration should not pay again and again."""
+    from qforge.calibration import build_calibration
+
+    return build_calibration("builtin:wiki", tiny_tokenizer, 4, 32)

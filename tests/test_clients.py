@@ -189,13 +189,14 @@ def peer_runs(tmp_path_factory, tiny_tokenizer):
     {(model_type, task): (case directory, packed linears)}, or the error its export raised."""
     root = tmp_path_factory.mktemp("peers")
     runs = {}
+    calib = calibration(tiny_tokenizer, n=8, seqlen=64)   # every case's tokenizer is this one: drawn once (~4 s)
     for model_type, task, fmt in PEER_CASES:
         d = root / f"{model_type}-{task}"
         try:
             src = tiny_dir(model_type, tiny_tokenizer, d / "src", **PEER_OVERRIDES.get(model_type, {}))
             m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32,
                                                             act_order=fmt == "gptq"))
-            m.quantize(calibration(m.tokenizer, n=8, seqlen=64))
+            m.quantize(calib)
             m.export(d / "packed", fmt)
             runs[(model_type, task)] = (d, len(m.result.layers))
         except Exception as e:          # reported by its own test, not by every case's

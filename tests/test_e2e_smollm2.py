@@ -47,11 +47,11 @@ def test_gptq_beats_rtn_at_3_bits(smollm2_dir, tmp_path):
     ppl = {}
     for method in ("rtn", "gptq"):
         m = qforge.load("smollm2-135m", qforge.QuantizeConfig(method=method, bits=3, group_size=64, act_order=method == "gptq"))
-        m.quantize("builtin:mix", nsamples=16, seqlen=256, seed=0)
+        m.quantize("builtin:mix", nsamples=8, seqlen=256, seed=0)
         ppl[method] = qforge.evaluate(m, **kw)[0]["ppl"]
     assert ppl["gptq"] < ppl["rtn"]
     out = m.save(tmp_path / "gptq")  # calibration samples and config travel with the output
-    assert (out / "calibration.jsonl").read_text().count("\n") == 16
+    assert (out / "calibration.jsonl").read_text().count("\n") == 8
     record = __import__("json").loads((out / "run_record.json").read_text())
     assert record["layers"][0]["method"] == "gptq" and "damp" in record["layers"][0]
 

@@ -48,10 +48,11 @@ def _saved_dir(tmp_path, tokenizer, model_type):
     ("falcon_h1", QuantizeConfig(method="gptq", bits=4, group_size=32)),    # Mamba-2 beside attention
     ("qwen3_5_moe_text", QuantizeConfig(method="awq+gptq", bits=4, group_size=32, awq_grid=4)),   # Gated DeltaNet
 ])
-def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg):
+def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokenizer, monkeypatch, model_type, cfg,
+                                                          wiki_calibration):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
     ref = qforge.load(str(src), cfg)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(wiki_calibration)
     ref.save(tmp_path / "ref")
 
     m = qforge.load(str(src), cfg, stream=True)
@@ -67,7 +68,7 @@ def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokeniz
         load(self, i, block)
 
     monkeypatch.setattr(BlockLoader, "load", one_at_a_time)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
+    m.quantize(wiki_calibration, resume=tmp_path / "out.partial")
     assert loads == list(range(len(blocks)))
     assert all(q.codes.device.type == "meta" for q in m.result.layers.values())   # values are on disk only
     fmt = "gptq" if cfg.method != "rtn" else "compressed-tensors"
