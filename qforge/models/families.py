@@ -247,14 +247,15 @@ _BAMBA = ArchSpec(blocks="model.layers", groups=_GRANITE_H_MIXERS + _BAMBA_FFN, 
                                            SmoothMapping("feed_forward.up_proj", _BAMBA_FFN[1])))
 
 
-def _granite_ffn(experts: bool) -> tuple[SmoothMapping, ...]:
-    """Granite's feed-forward folds: routed experts (if any) and the shared MLP read post_attention_layernorm."""
+def _granite_ffn(experts: bool, shared: bool = True) -> tuple[SmoothMapping, ...]:
+    """Granite's feed-forward folds: routed experts (if any) and the shared MLP (if any) read
+    post_attention_layernorm."""
     (gate_up,), (down,) = _GRANITE_H_MOE
     (shared_in,), (shared_out,) = _GRANITE_H_SHARED
-    ffn = (SmoothMapping("post_attention_layernorm", (gate_up, shared_in), balance=("block_sparse_moe.router",)),
-           SmoothMapping(gate_up, (down,), prev_rows="up_half")) if experts else (
-        SmoothMapping("post_attention_layernorm", (shared_in,)),)
-    return ffn + (SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),)
+    norm = SmoothMapping("post_attention_layernorm", ((gate_up,) if experts else ()) + ((shared_in,) if shared else ()),
+                         balance=("block_sparse_moe.router",) if experts else ())
+    return ((norm,) + ((SmoothMapping(gate_up, (down,), prev_rows="up_half"),) if experts else ())
+            + ((SmoothMapping(shared_in, (shared_out,), prev_rows="up_half"),) if shared else ()))
 
 
 def _granite_hybrid(experts: bool) -> ArchSpec:
@@ -318,13 +319,8 @@ _JAMBA = ArchSpec(
             SmoothMapping(_JAMBA_FFN[2][0], _JAMBA_FFN[3], prev_rows="up_half")))
 
 
-_GRANITE_MOE = ArchSpec(
-    blocks="model.layers",
-    groups=(_ATTN, ("self_attn.o_proj",)) + _GRANITE_H_MOE,
-    smooth=(_NORM_QKV, _V_O,
-            SmoothMapping("post_attention_layernorm", _GRANITE_H_MOE[0], balance=("block_sparse_moe.router",)),
-            SmoothMapping(_GRANITE_H_MOE[0][0], _GRANITE_H_MOE[1], prev_rows="up_half")),
-)
+_GRANITE_MOE = ArchSpec(blocks="model.layers", groups=(_ATTN, ("self_attn.o_proj",)) + _GRANITE_H_MOE,
+                        smooth=(_NORM_QKV, _V_O) + _granite_ffn(experts=True, shared=False))
 # GraniteMoE with a shared MLP beside the routed experts (its gate|up halves in input_linear); without one
 # (shared_intermediate_size 0) it is GraniteMoE
 _GRANITE_MOE_SHARED = ArchSpec(
@@ -374,8 +370,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mixtral": _MOE,
     "qwen3_moe": _MOE,                   # every block sparse (decoder_sparse_step 1, no mlp_only_layers)
     # Llama's module names
-    "granite": _LLAMA, "granite_swa": _LLAMA, "cwm": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA, "ernie4_5": _LLAMA, "seed_oss": _LLAMA,
-    "ministral": _LLAMA, "ministral3": _LLAMA, "hunyuan_v1_dense": _LLAMA,
+    "granite": _LLAMA, "granite_swa": _LLAMA, "cwm": _LLAMA, "helium": _LLAMA, "smollm3": _LLAMA,
+    "ernie4_5": _LLAMA, "seed_oss": _LLAMA, "ministral": _LLAMA, "ministral3": _LLAMA, "hunyuan_v1_dense": _LLAMA,
     "stablelm": _LLAMA,                  # LayerNorm with bias: the fold divides both
     # no norm before attention and MLP (OLMo's has no weight; OLMo 2 and EXAONE 4 normalise the outputs)
     "olmo": _NO_PRE_NORM, "olmo2": _NO_PRE_NORM, "olmo3": _NO_PRE_NORM, "exaone4": _NO_PRE_NORM,
