@@ -50,6 +50,20 @@ def tiny_llama_dir(tmp_path, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def wiki_excerpt(tmp_path_factory) -> str:
+    """A calibration SPEC for tests that need some text, not a corpus: 8 Wikipedia documents (3000 characters
+    each) labelled as wiki (what builtin:wiki would warn about, without tokenizing its 1.4 MB: ~1.6 s a draw)."""
+    import json
+
+    from qforge.calibration import builtin_documents
+
+    path = tmp_path_factory.mktemp("calib") / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": t[:3000], "domain": "wiki"}) + "\n"
+                            for _, t in builtin_documents("wiki", "calib")[:8]))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def wiki_calibration(tiny_tokenizer):
     """builtin:wiki, 4 windows of 32 tiny-tokenizer tokens, drawn once: each draw tokenizes the whole domain
     (~1.6 s), which tests that only need some calibration should not pay again and again."""

@@ -69,9 +69,10 @@ def test_collect_stats_covers_weights_inputs_keys_values(tiny_llama):
         collect_stats(tiny_llama, [])
 
 
-def test_cli_stats_writes_json_and_plots(tiny_llama_dir, tmp_path, capsys):
+def test_cli_stats_writes_json_and_plots(tiny_llama_dir, tmp_path, capsys, wiki_excerpt):
     out = tmp_path / "stats"
-    assert cli(["-q", "stats", str(tiny_llama_dir), "--out", str(out), "--nsamples", "4", "--calib-seqlen", "32"]) == 0
+    assert cli(["-q", "stats", str(tiny_llama_dir), "--out", str(out), "--calib", wiki_excerpt, "--nsamples", "4",
+                "--calib-seqlen", "32"]) == 0
     printed = capsys.readouterr().out
     assert "normal distribution gives 3" in printed and "heaviest-tailed" in printed
     data = json.loads((out / "stats.json").read_text())
@@ -273,7 +274,7 @@ def test_overfit_warning_compares_off_domain_damage_with_the_mix():
     assert len(warnings) == 1 and "chat" in warnings[0]
 
 
-def test_cli_study_fills_the_matrix_and_report_reads_a_run(tiny_llama_dir, tmp_path, capsys):
+def test_cli_study_fills_the_matrix_and_report_reads_a_run(tiny_llama_dir, tmp_path, capsys, wiki_excerpt):
     out = tmp_path / "study"
     assert cli(["-q", "study", "calibration", str(tiny_llama_dir), "--method", "gptq", "--bits", "3", "--group-size", "-1",
                 "--domains", "wiki,code", "--nsamples", "4", "--calib-seqlen", "32", "--eval-seqlen", "64",
@@ -287,7 +288,7 @@ def test_cli_study_fills_the_matrix_and_report_reads_a_run(tiny_llama_dir, tmp_p
 
     run = tmp_path / "run"
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "-1",
-                "--nsamples", "4", "--calib-seqlen", "32", "--out", str(run)]) == 0
+                "--calib", wiki_excerpt, "--nsamples", "4", "--calib-seqlen", "32", "--out", str(run)]) == 0
     assert cli(["-q", "report", str(run), "--eval", "--dataset", "wiki", "--eval-seqlen", "64", "--max-windows", "1"]) == 0
     page = (run / "report" / "report.md").read_text()
     for heading in ("## Settings", "## Calibration", "## Size", "## Perplexity", "## Per-layer quantization error"):

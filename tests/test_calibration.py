@@ -85,12 +85,28 @@ def test_txt_jsonl_text_and_parquet_sources_agree(tmp_path, tiny_tokenizer):
         assert all(torch.equal(x, y) for x, y in zip(sets[0].samples, other.samples))
 
 
+def test_labelled_jsonl_domains_take_equal_shares_as_the_builtin_ones_do(tmp_path, tiny_tokenizer):
+    docs = {d: [t[:3000] for _, t in builtin_documents(d, "calib")[:6]] for d in ("news", "code")}
+    lines = [json.dumps({"text": t, "domain": d}) for d in docs for t in docs[d]]
+    (tmp_path / "two.jsonl").write_text("\n".join(lines) + "\n")
+    calib = build_calibration(str(tmp_path / "two.jsonl"), tiny_tokenizer, 6, 32)
+    assert calib.domains == ["code", "news"] * 3 and not any("narrow" in w for w in calib.warnings)
+    # one label: the one-domain warning; the same documents drawn as the built-in domain draws them
+    news = "\n".join(json.dumps({"text": t, "domain": "news"}) for _, t in builtin_documents("news", "calib"))
+    (tmp_path / "news.jsonl").write_text(news)
+    got, want = (build_calibration(spec, tiny_tokenizer, 4, 32, seed=5) for spec in (str(tmp_path / "news.jsonl"),
+                                                                                       "builtin:news"))
+    assert all(torch.equal(x, y) for x, y in zip(got.samples, want.samples)) and got.domains == want.domains
+    assert any("one domain only (news)" in w for w in got.warnings)
+
+
 @pytest.mark.parametrize("content,name,match", [
     ("", "e.txt", "empty"),
     ("   \n", "e.jsonl", "empty"),
     ('{"input_ids": [1, 2]}\n{"oops"\n', "bad.jsonl", "not valid JSON"),
     ('{"input_ids": []}\n', "bad2.jsonl", "non-empty list"),
     ('{"input_ids": [1]}\n{"text": "x"}\n', "mixed.jsonl", "mixes"),
+    ('{"text": "x", "domain": 3}\n', "label.jsonl", "'domain' must be a non-empty string"),
     ('{"input_ids": [1, 2]}\n{"input_ids": [5]}\n', "short.jsonl", "sample 1: 1 token"),
     ("x", "data.csv", "unsupported file type"),
     (b"\xff\xfe\x00garbage", "bin.txt", "could not read"),

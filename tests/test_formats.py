@@ -349,7 +349,8 @@ def test_zero_points_of_zero_are_reported_once_per_export(quantized_tiny, tmp_pa
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
-def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_type, fmt, tiny_tokenizer, tmp_path):
+def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_type, fmt, tiny_tokenizer, tmp_path,
+                                                                      wiki_excerpt):
     """transformers fuses MoE experts into 3-D parameters; a packed export stores each expert's linears as the
     model's own checkpoints do (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2, the router renamed with them;
     Qwen3-MoE: mlp.experts.{e}.gate_proj/up_proj/down_proj), and loads back to the quantized model."""
@@ -364,7 +365,7 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
     cfg = QuantizeConfig(method="gptq", bits=4, group_size=32, sym=fmt == "compressed-tensors",
                          act_order=fmt == "gptq")
     m = qforge.load(str(src), cfg)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     assert any(".experts.gate_up_proj." in n for n in m.result.layers)
     sizes = m.export(tmp_path / "x", fmt, dtype=torch.float32)      # fp16 router weights could flip near-tied routes
     packed = set(load_file(str(tmp_path / "x" / "model.safetensors")))
@@ -405,7 +406,8 @@ def test_moe_experts_are_exported_as_the_models_checkpoints_store_them(model_typ
     ("nemotron_h_moe", torch.bfloat16, ("e_score_correction_bias",)),
     ("ernie4_5_moe", torch.bfloat16, ("gate.weight", "moe_statics")),
 ])
-def test_packed_exports_keep_what_the_model_keeps_in_fp32(model_type, dtype, fp32, tiny_tokenizer, tmp_path):
+def test_packed_exports_keep_what_the_model_keeps_in_fp32(model_type, dtype, fp32, tiny_tokenizer, tmp_path,
+                                                          wiki_excerpt):
     """The tensors a model class keeps in fp32 whatever it is loaded in (_keep_in_fp32_modules_strict: routers
     whose rounding would flip expert choices) are written in fp32 in a bf16/fp16 export, as save_pretrained does;
     everything else dense in the asked dtype."""
@@ -417,7 +419,7 @@ def test_packed_exports_keep_what_the_model_keeps_in_fp32(model_type, dtype, fp3
     tiny_model(model_type, seed=2).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     m = qforge.load(str(src), QuantizeConfig(method="rtn", bits=4, group_size=32))
-    m.quantize("builtin:wiki", nsamples=2, seqlen=32)
+    m.quantize(wiki_excerpt, nsamples=2, seqlen=32)
     m.export(tmp_path / "x", "compressed-tensors", dtype=dtype)
     with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(("_packed", "_shape", "_scale",
@@ -456,7 +458,7 @@ _FUSED_EXPERTS = {"llama4_text": "feed_forward.experts", "gpt_oss": "mlp.experts
 
 @pytest.mark.parametrize("model_type", list(_FUSED_EXPERTS))
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny_tokenizer, tmp_path):
+def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny_tokenizer, tmp_path, wiki_excerpt):
     """Llama 4 and GPT-OSS checkpoints store their experts as the 3-D parameters ([experts, in, out]), Granite's
     MoE checkpoints as 3-D `block_sparse_moe.input_linear`/`output_linear` ([experts, out, in]); a packed export
     writes one module per expert, `<experts>.{e}.gate_proj/up_proj/down_proj` (llm-compressor's names, which
@@ -471,7 +473,7 @@ def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny
     tiny_model(model_type, seed=2).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     m = qforge.load(str(src), QuantizeConfig(method="gptq", bits=4, group_size=32, sym=fmt == "compressed-tensors"))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m.export(tmp_path / "x", fmt, dtype=torch.float32)
     packed = load_file(str(tmp_path / "x" / "model.safetensors"))
     assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "_proj_bias"))
@@ -500,7 +502,7 @@ def test_experts_stored_fused_are_exported_one_module_each(model_type, fmt, tiny
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_tokenizer, tmp_path):
+def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_tokenizer, tmp_path, wiki_excerpt):
     """GPTQModel writes a Mixtral's experts as mlp.experts.{e}.gate_proj/up_proj/down_proj (its names for every
     gate/up/down MoE, qwen2_moe's layout) and its router as mlp.gate; qforge reads that layout too, in memory and
     block by block, to the same model as its own export (block_sparse_moe.experts.{e}.w1/w3/w2)."""
@@ -512,7 +514,7 @@ def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_
     tiny_model("mixtral", seed=2).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     m = qforge.load(str(src), QuantizeConfig(method="gptq", bits=4, group_size=32, act_order=True))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m.export(tmp_path / "ours", "gptq", dtype=torch.float32)
     ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
     renamed = {k.replace(".block_sparse_moe.", ".mlp.").replace(".w1.", ".gate_proj.").replace(".w3.", ".up_proj.")

@@ -154,7 +154,7 @@ def test_a_conversion_in_progress_elsewhere_is_waited_for_not_redone(tmp_path, c
     ("llama", QuantizeConfig(method="gptq", bits=3, group_size=64, act_order=True)),
     ("qwen3_moe", QuantizeConfig(method="gptq", bits=4, group_size=32)),
 ])
-def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, model_type, cfg):
+def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, model_type, cfg, wiki_excerpt):
     gguf = MAKERS[model_type](tmp_path / f"{model_type}.gguf")
     m = qforge.load(str(gguf), cfg, stream=True)
     assert not (cache / "qforge").exists(), "streaming wrote a dense copy"
@@ -168,7 +168,7 @@ def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, 
         load(self, i, block)
 
     monkeypatch.setattr(BlockLoader, "load", one_at_a_time)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "out.partial")
     assert loads == list(range(len(blocks)))
     out = m.save(tmp_path / "streamed")
     m.export(tmp_path / "streamed-gptq", "gptq")
@@ -177,7 +177,7 @@ def test_a_gguf_file_streams_without_a_dense_copy(tmp_path, cache, monkeypatch, 
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     ref = qforge.load(str(gguf), cfg)                          # converted to the dense cache, then in memory
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     ref.save(tmp_path / "ref")
     ref.export(tmp_path / "ref-gptq", "gptq")
     for mine, theirs in ((out, tmp_path / "ref"), (tmp_path / "streamed-gptq", tmp_path / "ref-gptq")):
@@ -296,13 +296,13 @@ def test_quantizing_on_the_files_own_grid_is_flagged(tmp_path, cache, caplog, st
     assert "stored the tensors as Q4_1 x 14, F32 x 5, Q8_0 x 1" in page and "artificially small" in page
 
 
-def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch):
+def test_bad_gguf_files_are_clear_errors_and_leave_no_cache(tmp_path, cache, monkeypatch, wiki_excerpt):
     # metadata that does not describe the tensors (head width 8, tensors of 16)
     narrow = random_qwen3_moe(tmp_path / "narrow.gguf", metadata={"attention.key_length": 8})
     with pytest.raises(QForgeError, match=r"q_proj.weight is \[64, 64\] in the file but \[32, 64\]"):
         resolve_model(str(narrow))
     with pytest.raises(QForgeError, match="in the file but"):
-        qforge.load(str(narrow), QuantizeConfig(method="rtn"), stream=True).quantize("builtin:wiki", nsamples=2, seqlen=16,
+        qforge.load(str(narrow), QuantizeConfig(method="rtn"), stream=True).quantize(wiki_excerpt, nsamples=2, seqlen=16,
                                                        resume=tmp_path / "r.partial")
     # a NaN weight
     from gguf import GGUFReader

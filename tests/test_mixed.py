@@ -345,8 +345,8 @@ def test_bad_mixed_settings_are_refused():
         QuantizeConfig(method="gptq", bpw=1.5)
 
 
-def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys):
-    common = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "64"]
+def test_cli_measure_then_quantize_to_a_budget(tiny_llama_dir, tmp_path, capsys, wiki_excerpt):
+    common = ["--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "64"]
     assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m.json"), "--candidate-bits", "2,3,4,8",
                 *common]) == 0
     assert "summed KL, nats/token" in capsys.readouterr().out

@@ -164,12 +164,12 @@ def test_searched_allocation_keeps_the_budget_and_lowers_the_fitness_kl(tmp_path
     assert u["kl_start"] != pytest.approx(t["runs"][1]["kl_end"], rel=1e-3)
 
 
-def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir, tmp_path, capsys):
+def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir, tmp_path, capsys, wiki_excerpt):
     import json
 
     from qforge.cli.main import main as cli
 
-    common = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "64", "--compute-dtype", "float32"]
+    common = ["--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "64", "--compute-dtype", "float32"]
     assert cli(["-q", "measure", str(tiny_llama_dir), "--out", str(tmp_path / "m.json"), "--candidate-bits", "2,3,4",
                 *common]) == 0
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3.0", "--measurement",
@@ -197,7 +197,7 @@ def test_cli_quantize_searches_when_asked_and_saves_what_it_found(tiny_llama_dir
     cfg = QuantizeConfig(method="gptq", compute_dtype="float32", measurement=str(tmp_path / "m.json"),
                          search_generations=1, search_samples=2, search_offspring=2)
     m = qforge.load(tiny_llama_dir, cfg)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=64, allocation=Allocation.load(tmp_path / "q2" / "allocation.json"))
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=64, allocation=Allocation.load(tmp_path / "q2" / "allocation.json"))
     assert m.result.allocation.search["generations"] == 6 and m.result.allocation.bpw <= 3.0
 
 

@@ -99,14 +99,14 @@ def test_spans_hold_as_many_blocks_as_the_probe_memory_takes():
     assert span_end([3, 3, 3, 3], 0, 10, 10 ** 9) == 4
 
 
-def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
+def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatch, wiki_excerpt):
     """--bpw with --stream: measured, planned and quantized one block at a time, to the in-memory run's codes."""
     src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
     cfg = QuantizeConfig(method="gptq", bpw=3.0, bpw_format="gptq", measurement=str(tmp_path / "m.json"))
     ref = qforge.load(str(src), cfg)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m, loads = _streamed(src, monkeypatch, QuantizeConfig(**{**cfg.to_dict(), "measurement": str(tmp_path / "s.json")}))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "out.partial", probe_memory=1)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "out.partial", probe_memory=1)
     n = len(get_blocks(m.model, arch_spec(m.model)))
     assert loads == [j for s in range(n) for j in range(s, n)] + list(range(n))   # a sweep per block, then quantized
     assert m.result.allocation.grids == ref.result.allocation.grids
@@ -118,30 +118,30 @@ def test_mixed_precision_streams_end_to_end(tmp_path, tiny_tokenizer, monkeypatc
         assert torch.equal(got[name].codes, q.codes), name
     verified = QuantizeConfig(**{**cfg.to_dict(), "verify_samples": 2})
     ref = qforge.load(str(src), verified)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m = qforge.load(str(src), verified, stream=True)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "v.partial")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "v.partial")
     assert m.result.allocation.grids == ref.result.allocation.grids
     got, want = m.result.allocation.verification["blocks"], ref.result.allocation.verification["blocks"]
     assert got.keys() == want.keys() and len(want) == n
     assert [c["worst_kl"] for c in got.values()] == pytest.approx([c["worst_kl"] for c in want.values()], rel=1e-4)
     with pytest.raises(QForgeError, match="search runs the whole model"):
         qforge.load(str(src), QuantizeConfig(method="gptq", bpw=3.0, search_generations=2), stream=True).quantize(
-            "builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "s.partial")
+            wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "s.partial")
 
 
-def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer, capsys):
+def test_streamed_mixed_precision_from_the_command_line(tmp_path, tiny_tokenizer, capsys, wiki_excerpt):
     from qforge.cli.main import main
 
     src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
-    calib = ["--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32", "--candidate-bits", "2,4"]
+    calib = ["--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "32", "--candidate-bits", "2,4"]
     assert main(["-q", "measure", str(src), "--out", str(tmp_path / "mem.json"), *calib]) == 0
     assert main(["-q", "measure", str(src), "--stream", "--probe-memory", "1KB", "--out", str(tmp_path / "s.json"),
                  *calib]) == 0
     _assert_same(json.loads((tmp_path / "s.json").read_text()), json.loads((tmp_path / "mem.json").read_text()))
     assert "summed KL" in capsys.readouterr().out
     assert main(["-q", "quantize", str(src), "--stream", "--method", "gptq", "--bpw", "3", "--measurement",
-                 str(tmp_path / "s.json"), "--verify-samples", "2", "--probe-memory", "1KB", "--calib", "builtin:wiki",
+                 str(tmp_path / "s.json"), "--verify-samples", "2", "--probe-memory", "1KB", "--calib", wiki_excerpt,
                  "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q"), "--bpw-units", "fused"]) == 0
     alloc = json.loads((tmp_path / "q" / "allocation.json").read_text())
     assert alloc["bpw"] <= 3

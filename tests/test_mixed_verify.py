@@ -119,6 +119,19 @@ def test_a_repair_over_fused_sets_raises_whole_sets_and_keeps_them_on_one_scheme
     assert any(len(members) > 1 and members[0] in raised for members in units.values())
 
 
+def test_a_repair_that_does_not_fit_the_budget_keeps_the_allocation(measured, caplog):
+    model, m = measured
+    layers = m["layers"].values()
+    cheapest = sum(min(o["stored_bits"] for o in d["options"]) for d in layers) / sum(
+        d["shape"][0] * d["shape"][1] for d in layers)
+    target = cheapest * 1.002                    # the lowest widths everywhere, no room to raise one linear
+    a = plan(m, target)
+    calib = samples()
+    v = verified_plan(model, m, target, calib, calib, CFG, tolerance=1e-9, rounds=2)   # every block flagged
+    assert v.layers == a.layers and v.verification["raised"] == {} and v.bpw <= target
+    assert "does not fit" in caplog.text
+
+
 def test_without_widths_removes_only_the_named_layers_options(measured):
     _, m = measured
     name = next(iter(m["layers"]))
@@ -143,10 +156,10 @@ def test_quantize_to_a_budget_checks_its_allocation_when_asked(tiny_llama_dir, t
         QuantizeConfig(method="gptq", bpw=3.0, verify_samples=-1)
 
 
-def test_cli_says_what_the_check_found(tiny_llama_dir, tmp_path, capsys):
+def test_cli_says_what_the_check_found(tiny_llama_dir, tmp_path, capsys, wiki_excerpt):
     from qforge.cli.main import main as cli
 
     assert cli(["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bpw", "3.5", "--verify-samples", "2",
-                "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path / "q")]) == 0
+                "--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "64", "--out", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
     assert "checked 2 blocks alone on 2 calibration sequences: worst block" in out

@@ -9,17 +9,17 @@ from qforge import QForgeError, QuantizeConfig
 from qforge.runstate import BlockStore
 
 
-def _run(tiny_llama_dir, cfg, resume=None):
+def _run(tiny_llama_dir, calib, cfg, resume=None):
     m = qforge.load(str(tiny_llama_dir), cfg)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=resume)
+    m.quantize(calib, nsamples=4, seqlen=32, resume=resume)
     return m
 
 
 @pytest.mark.parametrize("cfg", [QuantizeConfig(method="gptq", bits=3, group_size=32),
                                  QuantizeConfig(method="awq+gptq", bits=3, group_size=32, awq_grid=4),
                                  QuantizeConfig(method="awq", group_size=32, awq_grid=4, compute_dtype="float32")])
-def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path, monkeypatch, cfg):
-    ref = _run(tiny_llama_dir, cfg)
+def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path, monkeypatch, cfg, wiki_excerpt):
+    ref = _run(tiny_llama_dir, wiki_excerpt, cfg)
     save = BlockStore.save
 
     def save_then_stop(self, i, *args):
@@ -30,14 +30,14 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path,
     monkeypatch.setattr(BlockStore, "save", save_then_stop)
     state = tmp_path / "q.partial"
     with pytest.raises(KeyboardInterrupt):
-        _run(tiny_llama_dir, cfg, state)
+        _run(tiny_llama_dir, wiki_excerpt, cfg, state)
     monkeypatch.undo()
     assert (state / "block_0.safetensors").is_file() and not (state / "block_1.safetensors").exists()
 
     restored = []
     restore = BlockStore.restore
     monkeypatch.setattr(BlockStore, "restore", lambda self, i, block: restored.append(i) or restore(self, i, block))
-    m = _run(tiny_llama_dir, cfg, state)
+    m = _run(tiny_llama_dir, wiki_excerpt, cfg, state)
     assert restored == [0]                                # block 0 restored, not solved again
     assert m.result.layers.keys() == ref.result.layers.keys()
     for n, q in ref.result.layers.items():
@@ -51,33 +51,33 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path,
     assert not state.exists()                             # the output holds it all now
 
 
-def test_a_run_state_of_other_settings_is_refused(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_run_state_of_other_settings_is_refused(tiny_llama_dir, tmp_path, monkeypatch, wiki_excerpt):
     state = tmp_path / "s"
-    _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32), state)   # not saved: the state stays
+    _run(tiny_llama_dir, wiki_excerpt, QuantizeConfig(method="gptq", group_size=32), state)   # not saved: stays
     assert (state / "state.json").is_file()
     with pytest.raises(QForgeError, match="another run.*config"):
-        _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=64), state)
+        _run(tiny_llama_dir, wiki_excerpt, QuantizeConfig(method="gptq", group_size=64), state)
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="gptq", group_size=32))
     with torch.no_grad():
         next(m.model.parameters()).mul_(2)                # as if another checkpoint were at the same path
     with pytest.raises(QForgeError, match="another run.*weights"):
-        m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=state)
+        m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=state)
     (state / "state.json").write_text("{")
     with pytest.raises(QForgeError, match="corrupt"):
-        _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32), state)
+        _run(tiny_llama_dir, wiki_excerpt, QuantizeConfig(method="gptq", group_size=32), state)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(QForgeError, match="not a qforge run state"):
-        _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32), other)
+        _run(tiny_llama_dir, wiki_excerpt, QuantizeConfig(method="gptq", group_size=32), other)
     assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_the_cli_says_how_to_resume_and_cleans_up(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_the_cli_says_how_to_resume_and_cleans_up(tiny_llama_dir, tmp_path, monkeypatch, capsys, wiki_excerpt):
     from qforge.cli.main import main
 
     argv = ["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--group-size", "32", "--calib",
-            "builtin:wiki", "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q")]
+            wiki_excerpt, "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q")]
     save = BlockStore.save
 
     def save_then_stop(self, i, *args):
@@ -93,13 +93,13 @@ def test_the_cli_says_how_to_resume_and_cleans_up(tiny_llama_dir, tmp_path, monk
     assert (tmp_path / "q" / "qforge_quant.safetensors").is_file() and not (tmp_path / "q.partial").exists()
 
 
-def test_an_interrupted_measurement_says_it_resumes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_measurement_says_it_resumes(tiny_llama_dir, tmp_path, monkeypatch, capsys, wiki_excerpt):
     """Ctrl-C in `qforge measure` after a block: the file holds the finished blocks and the message says so."""
     from qforge.cli.main import main
     from qforge.mixed import measure as measure_mod
 
     meas = tmp_path / "m.json"
-    argv = ["-q", "measure", str(tiny_llama_dir), "--calib", "builtin:wiki", "--nsamples", "4", "--seqlen", "32",
+    argv = ["-q", "measure", str(tiny_llama_dir), "--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "32",
             "--candidate-bits", "4", "--out", str(meas)]
     write = measure_mod._write_atomic
 
@@ -119,7 +119,8 @@ def test_an_interrupted_measurement_says_it_resumes(tiny_llama_dir, tmp_path, mo
 @pytest.mark.parametrize("model_type,skip", [("llama", "*.0.mlp.up_proj"),
                                              ("mixtral", "*.0.mlp.experts.gate_up_proj.1"),   # fused 3-D experts
                                              ("gpt2", "*.0.mlp.c_proj")])                    # Conv1D: [in, out]
-def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_tokenizer, model_type, skip):
+def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_tokenizer, model_type, skip,
+                                                                 wiki_excerpt):
     from qforge.models.arch import arch_spec, get_blocks
     from safetensors import safe_open
     from tiny_models import tiny_model
@@ -128,7 +129,7 @@ def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_t
     tiny_model(model_type, seed=1).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     m = qforge.load(str(d), QuantizeConfig(method="gptq", bits=4, group_size=16, skip=(skip,)))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "s")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "s")
     block = get_blocks(m.model, arch_spec(m.model))[0]
     with safe_open(str(tmp_path / "s" / "block_0.safetensors"), "pt") as f:
         stored = {k[len("state."):] for k in f.keys() if k.startswith("state.")}
@@ -141,11 +142,11 @@ def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_t
     assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
 
 
-def test_a_weight_that_differs_from_its_codes_stays_in_the_run_state(tiny_llama_dir):
+def test_a_weight_that_differs_from_its_codes_stays_in_the_run_state(tiny_llama_dir, wiki_excerpt):
     from qforge.models.arch import arch_spec, get_blocks
     from qforge.runstate import rebuildable_weights
 
-    m = _run(tiny_llama_dir, QuantizeConfig(method="gptq", group_size=32))
+    m = _run(tiny_llama_dir, wiki_excerpt, QuantizeConfig(method="gptq", group_size=32))
     prefix = "model.layers.0."
     layers = {n: q for n, q in m.result.layers.items() if n.startswith(prefix)}
     block = get_blocks(m.model, arch_spec(m.model))[0]

@@ -103,10 +103,10 @@ def test_a_streamed_run_writes_what_an_in_memory_run_does(tmp_path, tiny_tokeniz
     assert sizes["quantized_weights"] == early["quantized_weights"] == ref.storage()["quantized_weights"]
 
 
-def test_a_streamed_run_resumes_after_its_last_saved_block(tmp_path, tiny_llama_dir, monkeypatch):
+def test_a_streamed_run_resumes_after_its_last_saved_block(tmp_path, tiny_llama_dir, monkeypatch, wiki_excerpt):
     cfg = QuantizeConfig(method="gptq", bits=3, group_size=32)
     ref = qforge.load(str(tiny_llama_dir), cfg, stream=True)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "ref.partial")
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "ref.partial")
     ref.save(tmp_path / "ref")
     load = BlockLoader.load
 
@@ -118,17 +118,17 @@ def test_a_streamed_run_resumes_after_its_last_saved_block(tmp_path, tiny_llama_
     monkeypatch.setattr(BlockLoader, "load", stop_at_1)
     m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
     with pytest.raises(KeyboardInterrupt):
-        m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
+        m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
     monkeypatch.undo()
     assert json.loads((tmp_path / "q.partial" / "state.json").read_text())["blocks_done"] == 1
     m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
     out = m.save(tmp_path / "q")
     want, got = _tensors(tmp_path / "ref"), _tensors(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llama_dir):
+def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llama_dir, wiki_excerpt):
     foreign = _saved_dir(tmp_path, tiny_tokenizer, "llama")          # a key no transform turns into a parameter
     state = load_file(str(foreign / "model.safetensors"))
     state["model.layers.1.mlp.gate.weight"] = state.pop("model.layers.1.mlp.gate_proj.weight")
@@ -139,7 +139,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
         qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True).quantize(None)
     with pytest.raises(QForgeError, match="search runs the whole model .* does not stream"):
         searched = QuantizeConfig(method="gptq", bpw=3.5, search_generations=2)
-        qforge.load(str(tiny_llama_dir), searched, stream=True).quantize("builtin:wiki", nsamples=2, seqlen=32,
+        qforge.load(str(tiny_llama_dir), searched, stream=True).quantize(wiki_excerpt, nsamples=2, seqlen=32,
                                                                          resume=tmp_path / "p")
     m = qforge.load(str(tiny_llama_dir), QuantizeConfig(method="rtn"), stream=True)
     m.quantize(None, resume=tmp_path / "rtn.partial")
@@ -167,10 +167,10 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer, tiny_llam
         m.quantize(None, resume=tmp_path / "nan.partial")
 
 
-def test_stream_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
+def test_stream_from_the_command_line(tmp_path, tiny_llama_dir, capsys, wiki_excerpt):
     out = tmp_path / "q"
     assert main(["-q", "quantize", str(tiny_llama_dir), "--stream", "--method", "gptq", "--bits", "4",
-                 "--group-size", "32", "--nsamples", "4", "--calib-seqlen", "32", "--out", str(out),
+                 "--group-size", "32", "--calib", wiki_excerpt, "--nsamples", "4", "--calib-seqlen", "32", "--out", str(out),
                  "--format", "gptq"]) == 0
     assert (out / "model.safetensors.index.json").is_file() and (tmp_path / "q-gptq" / "config.json").is_file()
     assert main(["-q", "export", str(out), "--stream", "--format", "awq", "--out", str(tmp_path / "awq")]) == 0
@@ -179,10 +179,10 @@ def test_stream_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_packed_only_from_the_command_line(tmp_path, tiny_llama_dir, capsys):
+def test_packed_only_from_the_command_line(tmp_path, tiny_llama_dir, capsys, wiki_excerpt):
     """--packed-only: the packed checkpoint alone at --out, as the two-step run exports it; no run state left."""
     args = ["-q", "quantize", str(tiny_llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
-            "--nsamples", "4", "--calib-seqlen", "32", "--format", "gptq"]
+            "--calib", wiki_excerpt, "--nsamples", "4", "--calib-seqlen", "32", "--format", "gptq"]
     assert main(args + ["--out", str(tmp_path / "two-step")]) == 0
     for mode in (["--stream"], []):
         out = tmp_path / f"only{''.join(mode)}"
@@ -218,16 +218,16 @@ def _allocation(model, fmt="gptq"):
     return Allocation(3.5, fmt, layers)
 
 
-def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
+def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir, wiki_excerpt):
     """Mixed precision streams with an allocation planned beforehand: the codes of the in-memory run, the
     allocation carried into the output and every export; a search is refused (it runs the whole model)."""
     cfg = QuantizeConfig(method="gptq", act_order=True)
     ref = qforge.load(str(tiny_llama_dir), cfg)
     alloc = _allocation(ref.model)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32, allocation=alloc)
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32, allocation=alloc)
     m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
     m.check_export("gptq", alloc)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, allocation=alloc, resume=tmp_path / "s.partial")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, allocation=alloc, resume=tmp_path / "s.partial")
     early = m.export(tmp_path / "early", "gptq")
     out = m.save(tmp_path / "s")
     got = read_layers(out)
@@ -246,7 +246,7 @@ def test_a_streamed_run_takes_a_mixed_allocation(tmp_path, tiny_llama_dir):
     searched = QuantizeConfig(method="gptq", search_generations=2, measurement=str(tmp_path / "m.json"))
     with pytest.raises(QForgeError, match="search without stream, then quantize streamed"):
         qforge.load(str(tiny_llama_dir), searched, stream=True).quantize(
-            "builtin:wiki", nsamples=2, seqlen=32, allocation=alloc, resume=tmp_path / "p")
+            wiki_excerpt, nsamples=2, seqlen=32, allocation=alloc, resume=tmp_path / "p")
     assert not (tmp_path / "p").exists()
 
 
@@ -350,12 +350,12 @@ def test_a_streamed_evaluation_gives_the_in_memory_perplexity(tmp_path, tiny_tok
     assert b["ppl"] == a["ppl"] and b["windows"] == a["windows"] == 3
 
 
-def test_a_streamed_run_is_evaluated_from_its_saved_output(tmp_path, tiny_llama_dir, capsys):
+def test_a_streamed_run_is_evaluated_from_its_saved_output(tmp_path, tiny_llama_dir, capsys, wiki_excerpt):
     cfg = QuantizeConfig(method="gptq", bits=3, group_size=32)
     ref = qforge.load(str(tiny_llama_dir), cfg)
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m = qforge.load(str(tiny_llama_dir), cfg, stream=True)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "q.partial")
     with pytest.raises(QForgeError, match="call save\\(\\) first"):
         qforge.evaluate(m, ["wiki"], seqlen=32, max_windows=2)
     m.save(tmp_path / "q")
@@ -373,11 +373,11 @@ def test_a_streamed_run_is_evaluated_from_its_saved_output(tmp_path, tiny_llama_
 
 @pytest.mark.parametrize("fmt,model_type", [("gptq", "llama"), ("compressed-tensors", "llama"), ("awq", "llama"),
                                             ("gptq", "mixtral")])     # experts stored one module each
-def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_tokenizer, fmt, model_type):
+def test_a_packed_checkpoint_is_evaluated_block_by_block(tmp_path, tiny_tokenizer, fmt, model_type, wiki_excerpt):
     src = _saved_dir(tmp_path, tiny_tokenizer, model_type)
     m = qforge.load(str(src), QuantizeConfig(method="gptq" if fmt != "awq" else "awq", bits=4, group_size=32,
                                              awq_grid=4))
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
     m.export(tmp_path / fmt, fmt)
     want = qforge.evaluate(str(tmp_path / fmt), ["wiki", "code"], seqlen=32, max_windows=2)
     streamed = qforge.load(str(tmp_path / fmt), stream=True)
@@ -413,7 +413,7 @@ def test_a_pass_reads_only_the_outside_weights_it_needs(tmp_path, tiny_tokenizer
         assert devices(tied.model) == ("cpu", "cpu")
 
 
-def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer):
+def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer, wiki_excerpt):
     """Llama 4's released checkpoints are multimodal (`llama4`: the text model under `language_model.`, a vision
     tower beside it); AutoModelForCausalLM reads them as the text model, and so does a streamed run (the prefix
     handled as from_pretrained does, the vision tensors left unread): the same codes as in memory."""
@@ -426,24 +426,24 @@ def test_a_multimodal_llama4_checkpoint_streams_as_its_text_model(tmp_path, tiny
     Llama4ForConditionalGeneration(Llama4Config(text_config=dict(CONFIGS["llama4_text"]), vision_config=vision)
                                    ).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    _streams_as_its_text_model(src, "llama4_text", tmp_path)
+    _streams_as_its_text_model(src, "llama4_text", tmp_path, wiki_excerpt)
 
 
-def _streams_as_its_text_model(src, text_type: str, tmp_path):
+def _streams_as_its_text_model(src, text_type: str, tmp_path, calib: str):
     """`src` loads as its `text_type` model, and a streamed run of it writes the in-memory run's codes."""
     cfg = QuantizeConfig(method="gptq", bits=4, group_size=32)
     ref = qforge.load(str(src), cfg)
     assert ref.model.config.model_type == text_type
-    ref.quantize("builtin:wiki", nsamples=4, seqlen=32)
+    ref.quantize(calib, nsamples=4, seqlen=32)
     m = qforge.load(str(src), cfg, stream=True)
-    m.quantize("builtin:wiki", nsamples=4, seqlen=32, resume=tmp_path / "run")
+    m.quantize(calib, nsamples=4, seqlen=32, resume=tmp_path / "run")
     out = m.save(tmp_path / "out")
     assert read_layers(out).keys() == ref.result.layers.keys()
     for n, q in read_layers(out).items():
         assert torch.equal(q.codes, ref.result.layers[n].codes), n
 
 
-def test_a_multimodal_qwen3_5_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer):
+def test_a_multimodal_qwen3_5_checkpoint_streams_as_its_text_model(tmp_path, tiny_tokenizer, wiki_excerpt):
     """Qwen3.5's released checkpoints are vision-language models (`qwen3_5_moe`, the text decoder under
     model.language_model.); transformers' AutoModelForCausalLM reads them as the text model, and so does a
     streamed run, to the same codes."""
@@ -455,4 +455,4 @@ def test_a_multimodal_qwen3_5_checkpoint_streams_as_its_text_model(tmp_path, tin
     AutoModelForImageTextToText.from_config(AutoConfig.for_model(
         "qwen3_5_moe", text_config=dict(CONFIGS["qwen3_5_moe_text"]), vision_config=vision)).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    _streams_as_its_text_model(src, "qwen3_5_moe_text", tmp_path)
+    _streams_as_its_text_model(src, "qwen3_5_moe_text", tmp_path, wiki_excerpt)

@@ -2,10 +2,12 @@
 
 SPEC: `builtin:mix` (all built-in domains, equal shares), `builtin:DOMAIN`, or a path to
   .txt      plain text (one document),
-  .jsonl    {"input_ids": [...]} lines used verbatim as samples, or {"text": ...} lines (documents),
+  .jsonl    {"input_ids": [...]} lines used verbatim as samples, or {"text": ...} lines (documents), each
+            optionally labelled with its domain ({"text": ..., "domain": "chat"}),
   .parquet  a `text` column (documents).
 Text is tokenized without special tokens; each sample is a random window of `seqlen` tokens of a
-domain's token stream (documents joined by blank lines), the domains taking equal shares of samples.
+domain's token stream (documents joined by blank lines), the domains taking equal shares of samples
+(unlabelled documents are one domain, judged for narrowness against the built-in mix: checks.py).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def read_documents(spec: str) -> tuple[dict[str | None, list[str]], list[list[in
 
 
 def _read_jsonl(path: Path):
-    texts, ids = [], []
+    texts: dict[str | None, list[str]] = {}      # by the lines' optional "domain" label
+    ids = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -85,12 +88,15 @@ def _read_jsonl(path: Path):
                 raise QForgeError(f"{path}:{lineno}: input_ids must be a non-empty list of non-negative ints")
             ids.append(row)
         elif isinstance(obj.get("text"), str):
-            texts.append(obj["text"])
+            domain = obj.get("domain")
+            if domain is not None and not (isinstance(domain, str) and domain):
+                raise QForgeError(f"{path}:{lineno}: 'domain' must be a non-empty string")
+            texts.setdefault(domain, []).append(obj["text"])
         else:
             raise QForgeError(f"{path}:{lineno}: expected an object with 'input_ids' or 'text'")
     if ids and texts:
         raise QForgeError(f"{path}: mixes 'input_ids' and 'text' lines; use one kind per file")
-    return ({}, ids) if ids else ({None: texts}, None)
+    return ({}, ids) if ids else (texts or {None: []}, None)
 
 
 def _windows(stream: torch.Tensor, n: int, seqlen: int, rng: random.Random) -> list[torch.Tensor]:

@@ -12,7 +12,8 @@ sequences and records the KL of each sequence. A block is flagged when, on some 
 costs more than `tolerance` x the whole allocation's predicted error (the summed KL over every
 linear): no single block can do that and be what the optimiser believed. `verified_plan` then takes
 the flagged block's lowest width out of the options of its linears at that width, re-plans under the
-same budget, and checks the blocks whose schemes changed, for at most `rounds` repairs.
+same budget, and checks the blocks whose schemes changed, for at most `rounds` repairs; a repair that no
+longer fits the budget is not made (a warning says so, and the allocation stays within the budget).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from ..capture.blocks import make_batches, walk_fp_blocks
 from ..config import QuantizeConfig
+from ..errors import QForgeError
 from ..models.arch import arch_spec, block_linears, get_blocks, linear_name
 from ..pipeline import GPTQSolver, gptq_options, one_pass_stats
 from ..solvers import gptq
@@ -164,14 +166,24 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
             log.warning("mixed precision: block %d alone costs %.3g nats/token on a validation sequence, more than "
                         "the whole allocation's predicted %.3g (its layers' summed KL: %.3g)", c.block, c.worst,
                         a.total_err, c.predicted)
+        before = dict(raised)
         new = _raise(flagged, measurement, raised) if flagged and r < rounds else []
+        if new:
+            try:
+                replanned = plan(without_widths(measurement, raised), target_bpw, skip, err_power, units=units)
+            except QForgeError as e:                  # the raised widths no longer fit the budget
+                log.warning("mixed precision: raising %d layer(s) of the flagged block(s) does not fit %.3g bpw "
+                            "(%s): keeping the allocation as it is", len(new), target_bpw, e)
+                raised.clear()
+                raised.update(before)
+                new = []
         if not new:
             if flagged:
                 log.warning("mixed precision: %d block(s) still above the limit; check this allocation on your own "
                             "held-out text", len(flagged))
             break
-        log.info("mixed precision: raising %d layer(s) above their block's lowest width and planning again", len(new))
-        a = plan(without_widths(measurement, raised), target_bpw, skip, err_power, units=units)
+        log.info("mixed precision: raised %d layer(s) above their block's lowest width and planned again", len(new))
+        a = replanned
     report = {"tolerance": tolerance, "limit": tolerance * a.total_err, "sequences": len(valid), "raised": raised,
               "blocks": {str(i): c.to_json() for i, c in sorted(checks.items())}}
     return Allocation(a.target_bpw, a.format, a.layers, report)

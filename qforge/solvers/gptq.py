@@ -48,23 +48,25 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
     None: fitted at every gs-th column on the compensated weights (search_params weighted by cost1 [b]
     when scale_search, else fit_params). Returns codes, Q1 = ŵ, Err1 = (w - ŵ) / U_ii, S, Z, all [out, b].
     """
-    W1 = W1.clone()
+    # The loop runs on the transpose ([b, out]: a column is a contiguous row, ~2x faster on a CPU than strided
+    # columns) and updates with a rounded product then a subtraction (no fused multiply-add, whatever the memory
+    # alignment: Triton's loop computes the same), so its results do not depend on how the tensors are laid out.
+    WT = W1.t().contiguous()                                            # [b, out]
     fit = S is None
-    if fit:
-        S, Z = torch.empty_like(W1), torch.empty_like(W1)
-    codes, Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    ST, ZT = (torch.empty_like(WT), torch.empty_like(WT)) if fit else (S.t().contiguous(), Z.t().contiguous())
+    codes, Q1, Err1, upd = (torch.empty_like(WT) for _ in range(4))
     d = torch.diag(U1).tolist()
-    for i in range(W1.shape[1]):
+    for i in range(WT.shape[0]):
         if fit and i % gs == 0:
-            cols = W1[:, i:i + gs]
+            cols = WT[i:i + gs].t().contiguous()                         # [out, gs]
             s, z = search_params(cols, grid, cost1[i:i + gs]) if scale_search else fit_params(cols, grid)
-            S[:, i:i + gs], Z[:, i:i + gs] = s[:, None], z[:, None]
-        s, z, w = S[:, i], Z[:, i], W1[:, i]
-        q = torch.div(w, s, out=codes[:, i]).round_().add_(z).clamp_(0, grid.maxq)   # [out] codes
-        torch.mul(q - z, s, out=Q1[:, i])
-        err = torch.sub(w, Q1[:, i], out=Err1[:, i]).div_(d[i])
-        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)                     # compensate the rest of the block
-    return codes, Q1, Err1, S, Z
+            ST[i:i + gs], ZT[i:i + gs] = s[None, :], z[None, :]
+        s, z, w = ST[i], ZT[i], WT[i]
+        q = torch.div(w, s, out=codes[i]).round_().add_(z).clamp_(0, grid.maxq)   # [out] codes
+        torch.mul(q - z, s, out=Q1[i])
+        err = torch.sub(w, Q1[i], out=Err1[i]).div_(d[i])
+        WT[i + 1:].sub_(torch.outer(U1[i, i + 1:], err, out=upd[i + 1:]))   # compensate the rest of the block
+    return codes.t(), Q1.t(), Err1.t(), ST.t(), ZT.t()
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, damp: float = 0.01, block_size: int = 128,
