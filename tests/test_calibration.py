@@ -100,6 +100,40 @@ def test_labelled_jsonl_domains_take_equal_shares_as_the_builtin_ones_do(tmp_pat
     assert any("one domain only (news)" in w for w in got.warnings)
 
 
+def test_a_large_domain_is_drawn_from_a_seeded_selection_of_its_documents(tmp_path, tiny_tokenizer):
+    docs = [t for _, t in builtin_documents("news", "calib") if t.strip()]
+    (tmp_path / "news.jsonl").write_text("".join(json.dumps({"text": t, "domain": "news"}) + "\n" for t in docs))
+    (tmp_path / "news.txt").write_text("\n\n".join(docs))
+    seen = []
+
+    class Recording:                                   # the tiny tokenizer, remembering what it was given
+        def __len__(self):
+            return len(tiny_tokenizer)
+
+        def __call__(self, text, **kw):
+            seen.append(text)
+            return tiny_tokenizer(text, **kw)
+
+    def draw(spec, limit, seed=0):
+        seen.clear()
+        return build_calibration(str(tmp_path / spec), Recording(), 4, 32, seed=seed, max_domain_chars=limit)
+
+    total = sum(map(len, docs))
+    whole = draw("news.jsonl", total)
+    assert seen == ["\n\n".join(docs)]                # at the limit: the whole domain, as the default draws it
+    assert all(torch.equal(x, y) for x, y in zip(whole.samples, draw("news.jsonl", 10**9).samples))
+    cut = draw("news.jsonl", 20_000)
+    text = seen[0]
+    picked = [t for t in docs if t in text]
+    assert 20_000 <= len(text) < 20_000 + max(map(len, docs)) + 2 * len(docs) and len(picked) < len(docs) / 2
+    assert text == "\n\n".join(picked)                 # whole documents, in their order
+    assert all(torch.equal(x, y) for x, y in zip(cut.samples, draw("news.jsonl", 20_000).samples))   # seeded
+    draw("news.jsonl", 20_000, seed=1)
+    assert seen[0] != text and len(cut.samples) == 4
+    draw("news.txt", 20_000)                           # one document: a span of it
+    assert len(seen[0]) == 20_000 and seen[0] in "\n\n".join(docs)
+
+
 @pytest.mark.parametrize("content,name,match", [
     ("", "e.txt", "empty"),
     ("   \n", "e.jsonl", "empty"),

@@ -99,14 +99,44 @@ def _read_jsonl(path: Path):
     return ({}, ids) if ids else (texts or {None: []}, None)
 
 
+# A domain is tokenized whole (its windows start anywhere in its token stream) up to this many characters, or up
+# to 40 characters for every token its windows take when that is more (~10x the text they need). A larger domain
+# is cut to a seeded random selection of its documents (a single document: a random span) before tokenizing:
+# whole, a 1 GB corpus costs a tokenizer minutes and gigabytes to draw 128 windows from. The built-in domains
+# (< 2 MB each) are always whole.
+MAX_DOMAIN_CHARS = 8_000_000
+
+
+def _bounded(texts: list[str], limit: int, rng: random.Random) -> list[str]:
+    """`texts` when they hold at most `limit` characters, else documents drawn at random (kept in their order)
+    until they do; one document longer than that alone: a random span of `limit` characters of it."""
+    if sum(map(len, texts)) <= limit:
+        return texts
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    keep, total = [], 0
+    for i in order:
+        if total >= limit:
+            break
+        keep.append(i)
+        total += len(texts[i])
+    out = [texts[i] for i in sorted(keep)]
+    if len(out) == 1 and len(out[0]) > limit:
+        start = rng.randrange(len(out[0]) - limit + 1)
+        out = [out[0][start:start + limit]]
+    return out
+
+
 def _windows(stream: torch.Tensor, n: int, seqlen: int, rng: random.Random) -> list[torch.Tensor]:
     if len(stream) <= seqlen:
         return [stream]  # too short for even one window: the whole stream, once
     return [stream[s: s + seqlen] for s in (rng.randrange(len(stream) - seqlen + 1) for _ in range(n))]
 
 
-def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> CalibrationSet:
-    """Draw `nsamples` windows of `seqlen` tokens from SPEC (id samples: the first `nsamples` lines)."""
+def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                      max_domain_chars: int = MAX_DOMAIN_CHARS) -> CalibrationSet:
+    """Draw `nsamples` windows of `seqlen` tokens from SPEC (id samples: the first `nsamples` lines); a domain
+    larger than `max_domain_chars` (see MAX_DOMAIN_CHARS) is drawn from a seeded selection of its documents."""
     docs, ids = read_documents(spec)
     vocab = len(tokenizer)
     if ids is not None:
@@ -127,7 +157,12 @@ def build_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: in
             share = nsamples // len(names) + (i < nsamples % len(names))
             if share == 0:
                 continue
-            stream = torch.tensor(tokenizer("\n\n".join(docs[d]), add_special_tokens=False)["input_ids"], dtype=torch.long)
+            texts = _bounded(docs[d], max(max_domain_chars, 40 * share * seqlen), rng)
+            if texts is not docs[d]:
+                log.info("calibration: %s holds %d characters; drawing from %d of its %d documents (%d characters)",
+                         d or spec, sum(map(len, docs[d])), len(texts), len(docs[d]), sum(map(len, texts)))
+            tokens = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            stream = torch.tensor(tokens, dtype=torch.long)
             if len(stream) < 2:
                 continue
             drawn.append([(w, d) for w in _windows(stream, share, seqlen, rng)])
