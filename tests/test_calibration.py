@@ -1,5 +1,6 @@
 import hashlib
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import torch
 from qforge import QForgeError
 from qforge.calibration import DOMAINS, build_calibration, builtin_documents, load_samples_jsonl
 from qforge.calibration.checks import NARROW_JSD, jsd_bits, token_samples
+from qforge.calibration.sources import _bounded
 from qforge.eval import load_eval_text
 
 
@@ -103,7 +105,6 @@ def test_labelled_jsonl_domains_take_equal_shares_as_the_builtin_ones_do(tmp_pat
 def test_a_large_domain_is_drawn_from_a_seeded_selection_of_its_documents(tmp_path, tiny_tokenizer):
     docs = [t for _, t in builtin_documents("news", "calib") if t.strip()]
     (tmp_path / "news.jsonl").write_text("".join(json.dumps({"text": t, "domain": "news"}) + "\n" for t in docs))
-    (tmp_path / "news.txt").write_text("\n\n".join(docs))
     seen = []
 
     class Recording:                                   # the tiny tokenizer, remembering what it was given
@@ -130,8 +131,9 @@ def test_a_large_domain_is_drawn_from_a_seeded_selection_of_its_documents(tmp_pa
     assert all(torch.equal(x, y) for x, y in zip(cut.samples, draw("news.jsonl", 20_000).samples))   # seeded
     draw("news.jsonl", 20_000, seed=1)
     assert seen[0] != text and len(cut.samples) == 4
-    draw("news.txt", 20_000)                           # one document: a span of it
-    assert len(seen[0]) == 20_000 and seen[0] in "\n\n".join(docs)
+    one = "\n\n".join(docs)                            # one document (a .txt file): a span of it
+    span = _bounded([one], 20_000, random.Random(0))
+    assert len(span) == 1 and len(span[0]) == 20_000 and span[0] in one
 
 
 @pytest.mark.parametrize("content,name,match", [
