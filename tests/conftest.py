@@ -64,9 +64,8 @@ def wiki_excerpt(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def wiki_calibration(tiny_tokenizer):
-    """builtin:wiki, 4 windows of 32 tiny-tokenizer tokens, drawn once: each draw tokenizes the whole domain
-    (~1.6 s), which tests that only need some calibration should not pay again and again."""
+def wiki_calibration(tiny_tokenizer, wiki_excerpt):
+    """4 windows of 32 tiny-tokenizer tokens of `wiki_excerpt`, drawn once, for tests that take a CalibrationSet."""
     from qforge.calibration import build_calibration
 
-    return build_calibration("builtin:wiki", tiny_tokenizer, 4, 32)
+    return build_calibration(wiki_excerpt, tiny_tokenizer, 4, 32)

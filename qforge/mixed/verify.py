@@ -166,16 +166,14 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
             log.warning("mixed precision: block %d alone costs %.3g nats/token on a validation sequence, more than "
                         "the whole allocation's predicted %.3g (its layers' summed KL: %.3g)", c.block, c.worst,
                         a.total_err, c.predicted)
-        before = dict(raised)
-        new = _raise(flagged, measurement, raised) if flagged and r < rounds else []
+        trial = dict(raised)                          # raised only if the re-plan fits the budget
+        new = _raise(flagged, measurement, trial) if flagged and r < rounds else []
         if new:
             try:
-                replanned = plan(without_widths(measurement, raised), target_bpw, skip, err_power, units=units)
-            except QForgeError as e:                  # the raised widths no longer fit the budget
+                replanned = plan(without_widths(measurement, trial), target_bpw, skip, err_power, units=units)
+            except QForgeError as e:
                 log.warning("mixed precision: raising %d layer(s) of the flagged block(s) does not fit %.3g bpw "
                             "(%s): keeping the allocation as it is", len(new), target_bpw, e)
-                raised.clear()
-                raised.update(before)
                 new = []
         if not new:
             if flagged:
@@ -183,7 +181,7 @@ def verified_plan(model, measurement: dict, target_bpw: float, calib: list[torch
                             "held-out text", len(flagged))
             break
         log.info("mixed precision: raised %d layer(s) above their block's lowest width and planned again", len(new))
-        a = replanned
+        raised, a = trial, replanned
     report = {"tolerance": tolerance, "limit": tolerance * a.total_err, "sequences": len(valid), "raised": raised,
               "blocks": {str(i): c.to_json() for i, c in sorted(checks.items())}}
     return Allocation(a.target_bpw, a.format, a.layers, report)
