@@ -94,6 +94,10 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
         ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1),
          ["gptq", "compressed-tensors"]),
         ("W3 g64 sym", qforge.QuantizeConfig(method="rtn", bits=3, group_size=64), ["gptq", "compressed-tensors"]),
+        ("W8A8 per-channel sym (int8 inputs per token)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
+                                                                               act_bits=8), ["compressed-tensors"]),
+        ("W8A8, SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", bits=8, group_size=-1, act_bits=8,
+                                                               smoothquant=0.8), ["compressed-tensors"]),
         ("W4 --bpw 4.3 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,
                                                                                      group_size=64),
          ["gptq", "compressed-tensors"]),
@@ -107,7 +111,8 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
         if not any(o in name for o in only.split("|")):
             continue
         m = qforge.load("smollm2-135m", cfg)
-        calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.method == "gptq" else None
+        calib = build_calibration("builtin:mix", m.tokenizer, 16, 256, seed=0).samples if cfg.needs_calibration \
+            else None
         if name.startswith("W4 mixed"):      # per-layer schemes, as a --bpw allocation makes (gptq: `dynamic`)
             names = sorted(linear_modules(m.model))       # o_proj, down_proj: modules vLLM does not fuse
             picked = names[::3] if "3rd" in name else [n for n in names if n.endswith(("o_proj", "down_proj"))]
@@ -132,8 +137,9 @@ def _qforge_side(path: Path, windows: torch.Tensor, prompt: torch.Tensor, steps:
     from qforge.eval.perplexity import token_nll
 
     res = {}
-    model = qforge.load(path).model
-    with torch.no_grad():
+    qm = qforge.load(path)
+    model = qm.model
+    with torch.no_grad(), qm.quantized_inputs():                # W8A8: int8 inputs, as vLLM runs them
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
             res[dtype] = float(token_nll(model, windows, batch_size=len(windows), show_progress=False).mean())
@@ -182,8 +188,8 @@ def main() -> None:
                 rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])
-            theirs["kernels"] = sorted(set(re.findall(r"Using (\w+) for (?:AutoGPTQ|AutoAWQ|AWQ|CompressedTensors)",
-                                                  p.stdout + p.stderr)))
+            theirs["kernels"] = sorted(set(re.findall(
+                r"(?:Using|Selected) (\w+) for (?:AutoGPTQ|AutoAWQ|AWQ|CompressedTensors)", p.stdout + p.stderr)))
             ppl = {k: float(torch.tensor(v).exp()) for k, v in
                    (("vllm", theirs["nll"]), ("fp32", ours[torch.float32]), ("bf16", ours[torch.bfloat16]))}
             bf16, fp32 = ours[f"tokens {torch.bfloat16}"], ours[f"tokens {torch.float32}"]

@@ -20,7 +20,7 @@ from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
 from .models import load_model
-from .models.packed import load_packed, packed_format
+from .models.packed import input_act_bits, load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .storage import model_storage
 from .utils.device import check_device
@@ -40,6 +40,7 @@ class QModel:
         self.config = config
         self.result = result
         self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
+        self.packed_act_bits: int | None = None   # a packed checkpoint's input bits (compressed-tensors W8A8: 8)
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
@@ -49,6 +50,21 @@ class QModel:
     @property
     def quantized(self) -> bool:
         return self.result is not None
+
+    @property
+    def act_bits(self) -> int | None:
+        """The bits the quantized linears' inputs are quantized to as the model runs (W8A8: 8, dynamic per token;
+        evaluate() and generate apply it with eval.simulate.quantized_activations), None for weight-only models."""
+        if self.packed_format is not None:
+            return self.packed_act_bits
+        return self.config.act_bits if self.config is not None and self.quantized else None
+
+    def quantized_inputs(self):
+        """A context in which the model's quantized linears see their inputs quantized as the model is served
+        (W8A8); nothing changes for a weight-only model."""
+        from .eval.simulate import quantized_activations
+
+        return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None)
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = CalibrationConfig.source, *,
                  nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
@@ -73,6 +89,9 @@ class QModel:
                                   "quantize streamed with that allocation")
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
+            if self.config.smoothquant is not None:
+                raise QForgeError("SmoothQuant takes its activation maxima in one pass over the whole model and does "
+                                  "not stream: quantize W8A8 without stream, or without smoothquant")
         check_device(device)
         resolved = self.config.for_device(device)           # compute_dtype "auto": what this device runs fastest
         if resolved is not self.config:
@@ -102,6 +121,11 @@ class QModel:
 
                 samples = token_samples(calibration, self.model.get_input_embeddings().num_embeddings)
         torch.manual_seed(seed)
+        smoothed = None
+        if self.config.smoothquant is not None:       # folded first: the solvers see the smoothed weights
+            from .smoothing.smoothquant import smooth_model
+
+            smoothed = smooth_model(self.model, samples, self.config.smoothquant, batch_size=batch_size)
         if allocation is not None:
             self._check_allocation(allocation)
         if self.config.search_generations and allocation is None and not self.config.bpw:
@@ -123,6 +147,7 @@ class QModel:
                                      show_progress=show_progress, grids=grids, store=store, weights=self.blocks)
         self._store = store
         self.result.allocation = allocation
+        self.result.smoothquant = smoothed or {}
         if self.result.ragged_layers:
             log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
@@ -290,6 +315,7 @@ class QModel:
         samples = self.calibration.samples if self.calibration else None
         saved = save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
                            self.calibration_config, samples, overwrite, awq=self.result.awq,
+                           smoothquant=self.result.smoothquant,
                            allocation=self.result.allocation,
                            streamed=(self._store, self.blocks) if self.blocks is not None else None)
         if self.blocks is not None:
@@ -327,10 +353,13 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
             from .models.streaming import load_streamed
 
             lm, blocks = load_streamed(model)
-            return QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
-                          packed_format=blocks.fmt, blocks=blocks)
-        net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
-        return QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
+            q = QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
+                       packed_format=blocks.fmt, blocks=blocks)
+        else:
+            net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
+            q = QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
+        q.packed_act_bits = input_act_bits(model)
+        return q
     if stream:
         from .models.streaming import load_streamed
 
@@ -395,6 +424,10 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if weights is not None and (sim.active or reference is not None or tune):
         raise QForgeError("a streamed evaluation measures perplexity only: no simulated quantization, reference "
                           "or kernel tuning")
+    if weights is not None and qm.act_bits is not None:
+        raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits, which a streamed "
+                          f"evaluation does not do: evaluate it without stream")
+    act_bits, act_layers = _act_quantization(qm, sim)
     if sim.active:
         _apply_simulated_weights(qm, sim, batch_size)
     ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
@@ -405,7 +438,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
         qm.model.to(device)
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
-    with quantized_activations(qm.model, sim.act_bits):
+    with quantized_activations(qm.model, act_bits, act_layers):
         for spec in ([datasets] if isinstance(datasets, str) else datasets):
             text = load_eval_text(spec)
             t0 = time.perf_counter()
@@ -416,6 +449,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
             row = {"model": qm.source, "dataset": spec, **r}
             if sim.active:
                 row["simulation"] = sim.to_dict()
+            if qm.act_bits is not None:
+                row["act_bits"] = qm.act_bits
             if comparison is not None:
                 row["reference"] = {"model": ref.source, **comparison.result()}
             row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -424,6 +459,17 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if tuner is not None and kernel_picks is not None:
         tuner.save(kernel_picks)
     return rows
+
+
+def _act_quantization(qm: QModel, sim: SimulationConfig) -> tuple[int | None, set[str] | None]:
+    """(bits, layers) of the inputs to quantize in an evaluation: the simulation's (every table linear) or the
+    model's own (W8A8: its quantized linears)."""
+    if qm.act_bits is None:
+        return sim.act_bits, None
+    if sim.act_bits not in (None, qm.act_bits):
+        raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits already; "
+                          f"--act-bits {sim.act_bits} would quantize them again")
+    return qm.act_bits, set(qm.result.layers) or None
 
 
 def _apply_simulated_weights(qm: QModel, sim: SimulationConfig, batch_size: int) -> None:

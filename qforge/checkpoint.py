@@ -35,6 +35,7 @@ CONFIG_FILE = "qforge_config.json"
 CALIB_CONFIG_FILE = "qforge_calibration.json"
 CALIB_SAMPLES_FILE = "calibration.jsonl"
 RECORD_FILE = "run_record.json"
+SMOOTHQUANT_FILE = "smoothquant_scales.safetensors"   # W8A8: {"<block>.<prev op>": scales [channels]}, folded in
 
 
 def is_qforge_output(path: str | Path) -> bool:
@@ -93,7 +94,8 @@ def read_layers(out: str | Path, prefix: str = "", values: bool = True) -> dict[
 
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
-                overwrite: bool = False, awq: dict | None = None, allocation=None, streamed=None) -> Path:
+                overwrite: bool = False, awq: dict | None = None, allocation=None, streamed=None,
+                smoothquant: dict | None = None) -> Path:
     """`streamed`: a streamed run's (runstate.BlockStore, models.streaming.BlockLoader); the model's blocks and
     `layers`' values are read from the store one block at a time, the weights outside the blocks by the loader
     (the model holds neither)."""
@@ -117,6 +119,10 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
 
             save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
                      {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
+        if smoothquant:                             # what W8A8's SmoothQuant folded in (already in the weights)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in smoothquant.items()}, str(tmp / SMOOTHQUANT_FILE))
         if allocation is not None:
             allocation.write_beside(tmp)
     return out

@@ -122,6 +122,14 @@ class QuantizeConfig(_JsonMixin):
     # are never block linears: they stay unquantized; quantize_lm_head=True is refused, not implemented)
     skip: tuple[str, ...] = ()
     quantize_lm_head: bool = False
+    # W8A8 (llm-compressor's int8 scheme, which vLLM runs on int8 GEMMs): the input of every quantized linear is
+    # quantized too, per token, dynamically (symmetric int8 with one scale per token, computed as it runs), in
+    # evaluation and in the exported checkpoint (compressed-tensors "int-quantized"). Needs 8-bit symmetric
+    # per-channel weights. `smoothquant` (alpha, W8A8 only): SmoothQuant scales folded into the model first, from
+    # the calibration set's per-channel input maxima (the fp model computes the same function; outlier channels
+    # move from the activations into the weights)
+    act_bits: int | None = None
+    smoothquant: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -174,6 +182,19 @@ class QuantizeConfig(_JsonMixin):
             v = getattr(self, name)
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
+        _check(self.act_bits in (None, 8), f"act_bits must be 8 (W8A8) or None (weight-only), got {self.act_bits!r}")
+        if self.act_bits is not None:
+            _check(self.bits == 8 and self.group_size == -1 and self.sym,
+                   f"W8A8 needs 8-bit symmetric per-channel weights (bits 8, group_size -1, sym), as int8 GEMMs "
+                   f"take them; got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
+            _check(not self.uses_awq, "AWQ searches scales for weight-only quantization; for W8A8 use method rtn or "
+                                      "gptq, with smoothquant to flatten the activations")
+            _check(self.bpw is None, "mixed precision (bpw) allocates weight-only schemes; it does not take act_bits")
+        if self.smoothquant is not None:
+            _check(self.act_bits is not None, "smoothquant flattens activations for their quantization: it needs "
+                                              "act_bits 8 (weight-only quantization gains nothing from it)")
+            _check(isinstance(self.smoothquant, (int, float)) and 0.0 <= self.smoothquant <= 1.0,
+                   f"smoothquant (alpha) must be in [0, 1], got {self.smoothquant!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def for_device(self, device) -> QuantizeConfig:
@@ -186,7 +207,8 @@ class QuantizeConfig(_JsonMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        return NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)
+        return (NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)) or \
+            self.smoothquant is not None
 
     @property
     def uses_awq(self) -> bool:

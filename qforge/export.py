@@ -91,6 +91,7 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     column order. `grids` gives a planned allocation's schemes by full name."""
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _check_act_bits(cfg, fmt)
     from .pipeline import quantized_linears
 
     planned_later = cfg.bpw is not None and grids is None
@@ -111,10 +112,17 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
                            in_order or (grid is not None and grid.group_size == -1))
 
 
+def _check_act_bits(cfg, fmt: str) -> None:
+    if getattr(cfg, "act_bits", None) is not None and fmt != "compressed-tensors":
+        raise QForgeError(f"W{cfg.bits}A{cfg.act_bits} exports as compressed-tensors (int-quantized) only: the {fmt} "
+                          f"format stores weight-only layers, and an engine would run them on unquantized inputs")
+
+
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype,
-                      prefix: str = "") -> dict[str, torch.Tensor]:
+                      prefix: str = "", act_bits: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
-    streamed model's other blocks, are left out); `layers` replace their linears' weights."""
+    streamed model's other blocks, are left out); `layers` replace their linears' weights (compressed-tensors with
+    `act_bits`: int-quantized)."""
     from .models.checkpoint_keys import per_expert_converters, revert_with, save_keys, tensor_dtypes
 
     mod = FORMATS[fmt]
@@ -136,7 +144,7 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
         ref = linear_ref(model, name)
         if _check_layer(fmt, stored, q, ref):
             borrowed.append(stored)
-        packed = mod.pack(q, dtype) if fmt == "compressed-tensors" else mod.pack(q)
+        packed = mod.pack(q, dtype, act_bits) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
             state[f"{stored}.{key}"] = t.contiguous()
         bias = getattr(ref.module, "bias", None) if ref.expert is None else None
@@ -164,7 +172,7 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
         # the unquantized linears under their stored names (vLLM maps them to its own) and, where the model names
         # them otherwise (a vision-language model's vision tower), under the model's names, which transformers reads
         ignore = {n for n in names if n not in layers} | (plain - set(quantized) - set(names))
-        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore))
+        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), getattr(qcfg, "act_bits", None))
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
                           f"(export mixed precision as {_mixed_formats()})")
@@ -245,7 +253,8 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     if not layers:
         raise QForgeError("nothing to export: no quantized layers")
     max_shard_size = parse_size(max_shard_size)
-    state = packed_state_dict(model, layers, fmt, dtype)
+    _check_act_bits(qcfg, fmt)
+    state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None))
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
     qconf = _quant_config(fmt, stored, qcfg, model, layers)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -267,6 +276,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
 
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _check_act_bits(qcfg, fmt)
     limit = parse_size(max_shard_size)
     spec = arch_spec(model)
     skeleton = get_blocks(model, spec)
@@ -277,7 +287,8 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
         for i, block in enumerate(skeleton):
             layers = blocks.load(i, block)
-            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}."))
+            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.",
+                                           getattr(qcfg, "act_bits", None)))
             blocks.release(block)
             seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:

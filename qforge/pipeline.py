@@ -98,6 +98,7 @@ class QuantizeResult:
     seconds: float = 0.0
     awq: dict[int, BlockAWQ] = field(default_factory=dict)   # block index -> AWQ scales/clips applied
     allocation: object | None = None                         # mixed precision: the mixed.plan.Allocation used
+    smoothquant: dict[str, torch.Tensor] = field(default_factory=dict)   # "<block>.<prev>" -> SmoothQuant scales
 
     def summary(self) -> list[dict]:
         return [{"name": n, "shape": list(q.shape), **q.info} for n, q in self.layers.items()]

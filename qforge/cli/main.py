@@ -119,7 +119,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
     x.add_argument("--search-span", type=int, default=2,
                    help="levels (measured options no cheaper one beats) a linear may move either side of the "
                         "plan's pick")
-    c = p.add_argument_group("calibration (ignored by rtn)")
+    c = p.add_argument_group("calibration (ignored by rtn without --smoothquant)")
     c.add_argument("--calib", default=CalibrationConfig.source,
                    help="builtin:mix|builtin:DOMAIN or a .txt/.jsonl/.parquet file")
     c.add_argument("--nsamples", type=COUNT, default=CalibrationConfig.nsamples)
@@ -169,6 +169,17 @@ def _export(m, out, a) -> None:
 MIXED_FORMATS = ("gptq", "compressed-tensors")
 
 
+def _add_act_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight-activation quantization (W8A8)")
+    g.add_argument("--act-bits", type=int, choices=(8,),
+                   help="8: the quantized linears' inputs are int8 too, per token and dynamic (W8A8, with --bits 8 "
+                        "--group-size -1 --sym; exported as compressed-tensors int-quantized, which vLLM runs on "
+                        "int8 GEMMs); evaluation and generate quantize them as the model runs")
+    g.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
+                        "examples) into the model from the calibration set before quantizing")
+
+
 def _quant_config(a):
     from ..config import QuantizeConfig
 
@@ -182,7 +193,8 @@ def _quant_config(a):
                           search_samples=a.search_samples, search_offspring=a.search_offspring,
                           search_span=a.search_span, bpw_units=a.bpw_units, bpw_bits=a.candidate_bits,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
-                          else "gptq")
+                          else "gptq", act_bits=getattr(a, "act_bits", None),
+                          smoothquant=getattr(a, "smoothquant", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_quant_args(p)
+    _add_act_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
     p.add_argument("--allocation", default="", help="mixed precision: reuse the allocation.json of an earlier run "
                                                     "(one scheme per linear) instead of --bpw")
@@ -247,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overfit-factor", type=float, default=3.0,
                    help="warn when a domain's off-domain degradation exceeds this multiple of the mix's")
     _add_quant_args(p, default_group=64)
+    _add_act_args(p)
     _add_eval_args(p, default_windows=2)
 
     p = sub.add_parser("report", help="a Markdown report (with plots) of a qforge output directory")
@@ -315,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="runs/demo")
     _add_quant_args(p)
+    _add_act_args(p)
     _add_eval_args(p, default_windows=4)
     return ap
 
@@ -559,7 +574,7 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(a.prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(a.device)
-    with torch.no_grad():
+    with torch.no_grad(), m.quantized_inputs():
         out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
                                do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -570,7 +585,8 @@ def cmd_generate(a) -> int:
 
 def _print_quant_summary(m, out: Path) -> None:
     s = m.storage()
-    print(f"quantized {m.source} with {m.config.method} W{m.config.bits} "
+    acts = f"A{m.config.act_bits}" if m.config.act_bits else ""
+    print(f"quantized {m.source} with {m.config.method} W{m.config.bits}{acts} "
           f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
           f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
     print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "
@@ -590,6 +606,8 @@ def cmd_eval(a) -> int:
                            device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
+    if rows and rows[0].get("act_bits"):
+        title += f", inputs of its quantized linears quantized to int{rows[0]['act_bits']} per token"
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
                        title=title))
@@ -622,7 +640,10 @@ def cmd_demo(a) -> int:
     quant = qforge.evaluate(m, **kw)
     out = m.save(a.out, overwrite=True, eval_fp32=base, eval_quantized=quant)
     s = m.storage()
-    label = f"{cfg.method} W{cfg.bits} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} {'sym' if cfg.sym else 'asym'}"
+    acts = f"A{cfg.act_bits}" + (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") \
+        if cfg.act_bits else ""
+    label = (f"{cfg.method} W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
+             f"{'sym' if cfg.sym else 'asym'}")
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]
     print()

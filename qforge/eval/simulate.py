@@ -4,7 +4,7 @@ Values are rounded to their integer grid and dequantized at once; the math stays
 so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 2402.18158).
 
 - Activations (`--act-bits`): the input of every quantized linear, per token (one scale per row of
-  the last dimension), symmetric and dynamic:
+  the last dimension), symmetric and dynamic, as vLLM's int8 kernels quantize a W8A8 layer's input:
       s = max|x| / (2^(b-1) - 1),   x̂ = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) · s
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
   after the rotary embedding), per token and head in groups of `group_size` channels of head_dim
@@ -28,11 +28,13 @@ from ..models.arch import linear_modules
 log = logging.getLogger(__name__)
 
 
-def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric dynamic fake quantization of x [..., channels], one scale per row."""
+def fake_quant_per_token(x: torch.Tensor, bits: int, divisor: float | None = None) -> torch.Tensor:
+    """Symmetric dynamic fake quantization of x [..., channels], one scale per row: max|x| / divisor, by default
+    2^(b-1) - 1 (vLLM's kernels: 127 at 8 bits); compressed-tensors' own fake quantization (llm-compressor's model
+    objects) divides by (2^b - 1) / 2 = 127.5 and clamps the largest code."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
+    s = (xf.abs().amax(dim=-1, keepdim=True) / (divisor or qmax)).clamp_min(1e-12)
     return (torch.clamp(torch.round(xf / s), -qmax - 1, qmax) * s).to(x.dtype)
 
 
@@ -78,17 +80,22 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1):
 
 
 @contextlib.contextmanager
-def quantized_activations(model: nn.Module, bits: int | None) -> Iterator[int]:
-    """Within the context, every table linear sees its input fake-quantized per token; yields the count."""
+def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
+                          divisor: float | None = None) -> Iterator[int]:
+    """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
+    token (`divisor`: fake_quant_per_token's); yields the count."""
     if bits is None:
         yield 0
         return
     if bits not in (4, 8):
         raise QForgeError(f"--act-bits must be 8 or 4, not {bits}")
-    mods = linear_modules(model)
+    mods = {n: m for n, m in linear_modules(model).items() if names is None or n in names}
+    if names is not None and len(mods) < len(names):
+        log.warning("%d of %d quantized layers are not modules (fused experts): their inputs stay unquantized",
+                    len(names) - len(mods), len(names))
     if not mods:
         raise QForgeError("no linears to quantize activations of")
-    handles = [m.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token(args[0], bits), *args[1:]))
+    handles = [m.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token(args[0], bits, divisor), *args[1:]))
                for m in mods.values()]
     try:
         yield len(handles)

@@ -1,5 +1,5 @@
-"""compressed-tensors "pack-quantized" (llm-compressor's format, read by vLLM and transformers), written
-and read through the compressed-tensors library.
+"""compressed-tensors "pack-quantized" and "int-quantized" (llm-compressor's formats, read by vLLM and
+transformers), written and read through the compressed-tensors library.
 
 Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-order only with static groups):
   weight_packed      int32 [out, ceil(in * b / 32)]  signed codes + 2^(b-1), packed along the input as a
@@ -10,6 +10,13 @@ Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-orde
 Dequantization: W[o, i] = weight_scale[o, i // group] * (q_signed[o, i] - zp_signed[o, i // group]).
 qforge's unsigned codes/zeros are the signed ones + 2^(b-1). Per-channel grids use strategy "channel"
 (G = 1). config.json's quantization_config lists one config group per distinct scheme.
+
+"int-quantized" (W8A8, `act_bits` 8: what vLLM runs on int8 GEMMs), per quantized linear:
+  weight             int8 [out, in]                  signed codes (q - 2^(b-1)), unpacked
+  weight_scale       [out, 1] (the export dtype)     per channel ([1]: per tensor, as other tools may write)
+  weight_zero_point  int8 [out, 1]                   asymmetric only
+and each config group's input_activations: 8-bit int, symmetric, dynamic, strategy "token" (one scale per
+token, max|x| / 127, computed as the layer runs; nothing stored). qforge reads that input scheme only.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from ..solvers import Grid, LayerQuant
 from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
-KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight")   # first: in every layout
 BITS = (2, 3, 4, 5, 6, 7, 8)
 MIXED = True                 # per-layer schemes: one config group per scheme
 
@@ -36,10 +43,12 @@ def _args(grid: Grid):
                             group_size=grid.group_size)
 
 
-def _scheme(grid: Grid, targets: list[str]):
-    from compressed_tensors.quantization import QuantizationScheme
+def _scheme(grid: Grid, targets: list[str], act_bits: int | None = None):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    return QuantizationScheme(targets=targets, weights=_args(grid))
+    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="int", symmetric=True,
+                                                          dynamic=True, strategy="token")
+    return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=acts)
 
 
 def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:
@@ -56,7 +65,9 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
                           f"compressed-tensors needs whole groups")
 
 
-def pack(q: LayerQuant, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None = None) -> dict[str, torch.Tensor]:
+    """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`act_bits`)."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
     half = 1 << (q.grid.bits - 1)
@@ -65,6 +76,8 @@ def pack(q: LayerQuant, dtype: torch.dtype = torch.float16) -> dict[str, torch.T
     g = q.g_idx.long()
     W_hat = scale.float()[:, g] * (q.codes.float() - q.zeros[:, g])      # exactly on the stored grid
     state = {"weight": W_hat, "weight_scale": scale, "weight_zero_point": zp}
+    if act_bits is not None:
+        return dict(IntQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"], act_bits)))
     out = dict(PackedQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"])))
     out.pop("weight", None)
     return out
@@ -73,6 +86,8 @@ def pack(q: LayerQuant, dtype: torch.dtype = torch.float16) -> dict[str, torch.T
 def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    if "weight_packed" not in t:
+        return _unpack_int(t, grid)
     shape = tuple(int(s) for s in t["weight_shape"].tolist())
     half = 1 << (grid.bits - 1)
     codes = torch.empty(shape, dtype=torch.uint8)
@@ -89,19 +104,61 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, codes, scales, zeros, g_idx, info={})
 
 
-def build_config(grids: dict[str, Grid], ignore: list[str]):
-    """The library's QuantizationConfig: one config group per distinct grid."""
+def _unpack_int(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    """int-quantized: int8 codes stored whole."""
+    w = t.get("weight")
+    if w is None or w.dtype != torch.int8 or w.dim() != 2:
+        raise QForgeError("int-quantized layers store an int8 [out, in] weight")
+    half = 1 << (grid.bits - 1)
+    codes = (w.to(torch.int16) + half).to(torch.uint8)
+    G = grid.n_groups(w.shape[1])
+    # [out, G], or [1] (per tensor): every channel takes it
+    scales = t["weight_scale"].float().reshape(-1, G).expand(w.shape[0], G).contiguous()
+    zp = t.get("weight_zero_point")
+    zeros = (zp.float().reshape(-1, G).expand(w.shape[0], G) + half if zp is not None and not grid.sym
+             else torch.full_like(scales, float(half)))
+    g_idx = torch.arange(w.shape[1], dtype=torch.int32) // grid.group_len(w.shape[1])
+    return LayerQuant(grid, codes, scales, zeros.contiguous(), g_idx, info={})
+
+
+def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None):
+    """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`)."""
     from compressed_tensors.quantization import QuantizationConfig
 
     by_grid: dict[Grid, list[str]] = {}
     for name, grid in grids.items():
         by_grid.setdefault(grid, []).append(name)
     if len(by_grid) == 1:
-        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"])}
+        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], act_bits)}
     else:
-        groups = {f"group_{i}": _scheme(g, sorted(names)) for i, (g, names) in enumerate(by_grid.items())}
-    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
-                              ignore=ignore)
+        groups = {f"group_{i}": _scheme(g, sorted(names), act_bits) for i, (g, names) in enumerate(by_grid.items())}
+    return QuantizationConfig(config_groups=groups, format="int-quantized" if act_bits else "pack-quantized",
+                              quantization_status="compressed", ignore=ignore)
+
+
+def input_act_bits(qc: dict) -> int | None:
+    """The bits of the inputs a quantization_config quantizes (dynamic per-token symmetric int, the one input scheme
+    qforge runs), or None when its layers take unquantized inputs; another input scheme is refused."""
+    found = set()
+    for name, group in (qc.get("config_groups") or {}).items():
+        a = group.get("input_activations")
+        if not a:
+            found.add(None)
+            continue
+        if not (a.get("type", "int") == "int" and a.get("symmetric", True) and a.get("dynamic")
+                and a.get("strategy") == "token" and a.get("num_bits") == 8):
+            raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
+                              f"supported (qforge runs dynamic per-token symmetric int8 inputs only)")
+        found.add(8)
+    if len(found) > 1:
+        raise QForgeError("compressed-tensors config groups with and without input quantization are not supported")
+    return next(iter(found), None)
+
+
+def _describe(a: dict) -> str:
+    return (f"{a.get('num_bits')}-bit {a.get('type', 'int')} {a.get('strategy')} "
+            f"{'dynamic' if a.get('dynamic') else 'static'} "
+            f"{'symmetric' if a.get('symmetric', True) else 'asymmetric'}")
 
 
 def _matches(target: str, name: str) -> bool:

@@ -37,11 +37,22 @@ def packed_format(path: str | Path) -> str | None:
     method = qc.get("quant_method")
     if method in FORMATS:
         fmt = qc.get("format")
-        if method == "compressed-tensors" and fmt not in ("pack-quantized", None):
-            raise QForgeError(f"{path}: compressed-tensors format {fmt!r} is not supported (only pack-quantized)")
+        if method == "compressed-tensors" and fmt not in ("pack-quantized", "int-quantized", None):
+            raise QForgeError(f"{path}: compressed-tensors format {fmt!r} is not supported (only pack-quantized "
+                              f"and int-quantized)")
         return method
     raise QForgeError(f"{path}: quantization method {method!r} is not supported; qforge loads "
                       f"{', '.join(FORMATS)}")
+
+
+def input_act_bits(path: str | Path) -> int | None:
+    """The bits a packed checkpoint quantizes its quantized linears' inputs to (compressed-tensors W8A8: 8), None
+    for weight-only checkpoints."""
+    fmt = packed_format(path)
+    if fmt != "compressed-tensors":
+        return None
+    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    return FORMATS[fmt].input_act_bits(qc)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

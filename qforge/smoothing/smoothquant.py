@@ -32,7 +32,7 @@ def smooth_model(model: nn.Module, samples: list[torch.Tensor], alpha: float, ba
         raise QForgeError("SmoothQuant needs calibration samples")
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
-    plans, absmax, handles = [], {}, []
+    plans, absmax, handles, skipped = [], {}, [], {}
     for i, block in enumerate(blocks):
         refs = [r for g in block_linears(block, spec) for r in g]
         for m in spec.smooth:
@@ -40,12 +40,14 @@ def smooth_model(model: nn.Module, samples: list[torch.Tensor], alpha: float, ba
             if not why and any(u.expert is not None for u in units):
                 why = "per-expert scales need per-expert activations (AWQ only)"
             if why:
-                log.info("SmoothQuant mapping %s -> %s skipped in block %d: %s", m.prev, ",".join(m.linears), i, why)
+                skipped.setdefault((f"{m.prev} -> {','.join(m.linears)}", why), []).append(i)
                 continue
             u = units[0]
             key = f"{i}.{u.key}"
             plans.append((key, block, u))
             handles.append(u.lins[0].module.register_forward_pre_hook(_absmax_hook(absmax, key)))
+    for (mapping, why), where in skipped.items():
+        log.info("SmoothQuant mapping %s skipped in %d block(s) (first: %d): %s", mapping, len(where), where[0], why)
     try:
         for ids in make_batches(samples, batch_size):
             model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)

@@ -8,6 +8,8 @@ Tasks:
   llmc-quantize    llm-compressor QuantizationModifier (RTN) W4 g64 on MODEL_DIR, saved compressed to OUT_DIR/ckpt
   llmc-quantize-tiny  the same at g32 for tests/tiny_models.py's widths (MoE experts linearized, routers kept)
   gptqmodel-quantize  GPTQModel W4 g64 on MODEL_DIR, saved to OUT_DIR/ckpt
+  llmc-w8a8-tiny   llm-compressor QuantizationModifier scheme W8A8 (int8 per-channel weights, dynamic per-token int8
+                   inputs) on a tiny model, saved compressed (int-quantized) to OUT_DIR/ckpt
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
 """
@@ -94,6 +96,15 @@ def main(task: str, model_dir: str, out: str) -> None:
         recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
                                       ignore=["lm_head"] + (["re:.*router$", "re:.*mlp.gate$"] if tiny else []))
         oneshot(model=m, recipe=recipe)
+        m.save_pretrained(out_dir / "ckpt", save_compressed=True)
+        tok.save_pretrained(out_dir / "ckpt")
+        report(m, tok, out_dir)
+    elif task == "llmc-w8a8-tiny":           # the model object quantizes its inputs as it runs (as vLLM will)
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        oneshot(model=m, recipe=QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]))
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)

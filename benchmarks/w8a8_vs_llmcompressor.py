@@ -1,0 +1,133 @@
+"""W8A8 (int8 per-channel weights, dynamic per-token int8 inputs) on SmolLM2-135M: qforge vs llm-compressor 0.14,
+side by side, each exported as compressed-tensors int-quantized and scored by the same evaluation.
+
+    PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4]
+
+Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
+unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
+defaults otherwise: qforge's GPTQ with its range search; llm-compressor's GPTQModifier (static act-order) and its
+SmoothQuantModifier's default Llama mappings (norm -> q/k/v, norm -> gate/up; qforge also folds up -> down).
+llm-compressor runs in its own process (it patches transformers on import). Every checkpoint is then loaded by
+qforge, whose evaluation quantizes each quantized linear's input per token as vLLM's kernels do (scale max|x| / 127;
+llm-compressor's own model object divides by 127.5, and with that divisor qforge reproduces its logits exactly:
+tests/test_clients.py), and scored by the shared perplexity protocol; the fp32 model and the same weights on
+unquantized inputs (W8A16) are the baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLMC_CHILD = r"""
+import json, sys, time
+import torch
+
+
+def main():
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    src, samples_file, mode, out = sys.argv[1:5]
+    samples = [json.loads(line)["input_ids"] for line in open(samples_file)]
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+    if mode == "rtn":
+        recipe = [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    else:
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    t = time.perf_counter()
+    oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=len(samples[0]), num_calibration_samples=len(samples),
+            shuffle_calibration_samples=False)
+    secs = time.perf_counter() - t
+    m.save_pretrained(out, save_compressed=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    print("RESULT " + json.dumps({"seconds": secs}))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def qforge_run(cfg, samples, out: Path) -> float:
+    import qforge
+
+    m = qforge.load("smollm2-135m", cfg)
+    t = time.perf_counter()
+    m.quantize(samples if cfg.needs_calibration else None)
+    secs = time.perf_counter() - t
+    m.export(out, "compressed-tensors", dtype=torch.float32)        # as llm-compressor saves an fp32 model
+    return secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--max-windows", type=int, default=4)
+    ap.add_argument("--datasets", default="wiki,news,brown,code")
+    ap.add_argument("--llmc-python", default=sys.executable)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    import qforge
+    from qforge.calibration import build_calibration
+    from qforge.cli.table import format_table
+    from qforge.models.loading import resolve_model
+
+    datasets = a.datasets.split(",")
+    base = qforge.load("smollm2-135m")
+    samples = build_calibration("builtin:mix", base.tokenizer, a.nsamples, 512, seed=0).samples
+    w8a8 = dict(bits=8, group_size=-1, sym=True, act_bits=8)
+    runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **w8a8)),
+            ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **w8a8)),
+            ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **w8a8)),
+            ("llm-compressor", "RTN", "rtn"),
+            ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
+    rows = []
+
+    def score(label, tool, qm, secs):
+        ppl = {r["dataset"]: r["ppl"] for r in qforge.evaluate(qm, datasets, max_windows=a.max_windows)}
+        rows.append([label, tool, f"{secs:.0f}" if secs is not None else "", *(f"{ppl[d]:.3f}" for d in datasets)])
+        print(" | ".join(rows[-1]), flush=True)
+
+    score("fp32", "", base, None)
+    with tempfile.TemporaryDirectory() as d:
+        samples_file = Path(d) / "samples.jsonl"
+        samples_file.write_text("".join(json.dumps({"input_ids": s.tolist()}) + "\n" for s in samples))
+        for k, (tool, label, cfg) in enumerate(runs):
+            out = Path(d) / f"{k}"
+            if tool == "qforge":
+                secs = qforge_run(cfg, samples, out)
+            else:
+                p = subprocess.run([a.llmc_python, "-c", LLMC_CHILD, str(resolve_model("smollm2-135m")),
+                                    str(samples_file), cfg, str(out)], capture_output=True, text=True)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    rows.append([label, tool, "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1]])
+                    continue
+                secs = json.loads(line[7:])["seconds"]
+            qm = qforge.load(out)
+            assert qm.act_bits == 8, f"{out}: not a W8A8 checkpoint"
+            score(f"W8A8 {label}", tool, qm, secs)
+            if k == 0:                               # the same weights on unquantized inputs
+                qm.packed_act_bits = None
+                score("W8A16 (the RTN weights, fp inputs)", tool, qm, None)
+    print(f"\n## W8A8 on SmolLM2-135M: {a.nsamples} x 512 calibration tokens (builtin:mix), perplexity on the first "
+          f"{a.max_windows} windows of 2048 tokens, evaluated by qforge\n")
+    print(format_table(["scheme", "tool", "quantize s", *(f"{d} ppl" for d in datasets)], rows))
+
+
+if __name__ == "__main__":
+    main()
