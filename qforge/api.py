@@ -92,6 +92,8 @@ class QModel:
             if self.config.smoothquant is not None:
                 raise QForgeError("SmoothQuant takes its activation maxima in one pass over the whole model and does "
                                   "not stream: quantize W8A8 without stream, or without smoothquant")
+        if self.config.act_bits is not None:
+            self._check_input_quantizable()
         check_device(device)
         resolved = self.config.for_device(device)           # compute_dtype "auto": what this device runs fastest
         if resolved is not self.config:
@@ -153,6 +155,18 @@ class QModel:
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
                         self.result.ragged_layers[0])
         return self.result
+
+    def _check_input_quantizable(self) -> None:
+        """W8A8 quantizes each quantized linear's input where it enters the module; an expert of a fused 3-D
+        parameter is not a module (qforge's evaluation could not quantize its input, vLLM would): refused."""
+        from .pipeline import quantized_linears
+
+        fused = [n for n, r in quantized_linears(self.model, self.config).items() if r.expert is not None]
+        if fused:
+            raise QForgeError(f"W{self.config.bits}A{self.config.act_bits}: {len(fused)} quantized linears are "
+                              f"experts of fused parameters (first: {fused[0]}), whose inputs qforge cannot quantize "
+                              f"in evaluation; keep them weight-only elsewhere or skip them (skip=..., e.g. "
+                              f"'*.experts.*')")
 
     def _check_allocation(self, allocation) -> None:
         """An allocation names this model's block linears (an allocation of another model is refused)."""

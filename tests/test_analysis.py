@@ -159,7 +159,7 @@ def test_smoothquant_keeps_the_fp_function_and_flattens_inputs(tiny_llama):
         smooth_model(tiny_llama, samples, 1.5)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gemma2", "opt"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gemma2", "opt", "gpt_neox", "phi3"])
 def test_smoothquant_keeps_the_fp_function_on_other_architectures(model_type, caplog):
     import logging
 
