@@ -165,8 +165,8 @@ class QModel:
         if fused:
             raise QForgeError(f"W{self.config.bits}A{self.config.act_bits}: {len(fused)} quantized linears are "
                               f"experts of fused parameters (first: {fused[0]}), whose inputs qforge cannot quantize "
-                              f"in evaluation; quantize this model weight-only, or leave them out in Python: "
-                              f"QuantizeConfig(..., skip=('*.experts.*',))")
+                              f"in evaluation; quantize this model weight-only, or leave them out: --skip "
+                              f"'*.experts.*' (QuantizeConfig(..., skip=('*.experts.*',)))")
 
     def _check_allocation(self, allocation) -> None:
         """An allocation names this model's block linears (an allocation of another model is refused)."""

@@ -192,7 +192,22 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
         extra["dynamic"] = {f"+:^{_module_pattern(n, fused)}$": {"bits": q.grid.bits, "group_size": q.grid.group_size,
                                                                    "sym": q.grid.sym}
                             for n, q in layers.items() if q.grid != base}
+    skipped = _unquantized_block_linears(model, quantized)
+    if skipped and fmt == "gptq":       # GPTQModel's and vLLM's "-:" rule: the module stays a dense linear
+        extra.setdefault("dynamic", {}).update({f"-:^{re.escape(n)}$": {} for n in skipped})
+    elif skipped:                       # AutoAWQ's list, which transformers and vLLM read
+        extra["modules_to_not_convert"] = skipped
     return FORMATS[fmt].quantization_config(base, act_order, static, extra)
+
+
+def _unquantized_block_linears(model, quantized) -> list[str]:
+    """The stored names of the block linears left unquantized (`skip` patterns): readers that make every block
+    linear a packed module must be told."""
+    from .models.arch import arch_spec, named_block_linears
+    from .models.checkpoint_keys import stored_linears
+
+    rest = [n for n in named_block_linears(model, arch_spec(model)) if n not in quantized]
+    return sorted(stored_linears(model, rest)) if rest else []
 
 
 def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:

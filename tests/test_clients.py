@@ -191,7 +191,10 @@ PEER_CASES = [
     ("gemma4", "transformers-ct", "compressed-tensors"),          # and per-layer inputs, keys and values reused
     ("cohere2_moe", "transformers-ct", "compressed-tensors"),     # attention beside dense or routed + shared MLPs
     ("afmoe", "transformers-ct", "compressed-tensors"),           # gated attention, an nn.Linear router kept
+    ("llama", "gptqmodel-load", "gptq"),                          # a linear kept dense (skip): a "-:" rule
+    ("llama", "transformers-ct", "compressed-tensors"),           # and in the ignore list
 ]
+PEER_SKIP = {"llama": ("*.1.mlp.down_proj", "*.0.self_attn.o_proj")}
 # Gemma 4 without its routed experts: a packed export writes them one module per expert, and transformers reads
 # Gemma 4's experts 3-D only
 PEER_OVERRIDES = {"llama4_text": {"interleave_moe_layer_step": 1}, "gemma4": {"enable_moe_block": False}}
@@ -210,7 +213,8 @@ def peer_runs(tmp_path_factory, tiny_tokenizer):
         try:
             src = tiny_dir(model_type, tiny_tokenizer, d / "src", **PEER_OVERRIDES.get(model_type, {}))
             m = qforge.load(str(src), qforge.QuantizeConfig(method="gptq", bits=4, group_size=32,
-                                                            act_order=fmt == "gptq"))
+                                                            act_order=fmt == "gptq",
+                                                            skip=PEER_SKIP.get(model_type, ())))
             m.quantize(calib)
             m.export(d / "packed", fmt)
             runs[(model_type, task)] = (d, len(m.result.layers))
@@ -247,6 +251,8 @@ def test_peers_load_qforge_exports_of_other_families(model_type, task, fmt, peer
     ours = qforge_side(d / "packed")
     if task == "gptqmodel-load":
         assert theirs[0]["packed"] >= n_packed                   # GPTQModel's own packed linears, every one
+        if model_type in PEER_SKIP:                              # and the skipped ones stay dense there
+            assert theirs[0]["packed"] == n_packed
     else:
         assert theirs[0]["quant_method"] == "compressed-tensors"
     assert_same_model(ours, theirs)

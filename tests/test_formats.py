@@ -534,3 +534,23 @@ def test_a_mixtral_checkpoint_in_gptqmodels_per_expert_names_loads(stream, tiny_
                                              for n in got[0].result.layers}
         with torch.no_grad():
             assert torch.equal(got[0].model(x).logits, got[1].model(x).logits)
+
+
+def test_skipped_linears_are_named_for_readers(tiny_llama_dir, tmp_path):
+    """A block linear kept dense (`skip`) is named where each format's readers look for it: gptq's `dynamic` "-:"
+    rule (GPTQModel, vLLM; tests/test_clients.py loads one in GPTQModel), awq's modules_to_not_convert, and
+    compressed-tensors' ignore list; qforge reads each back with that module dense."""
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="rtn", bits=4, group_size=32, sym=False,
+                                                   skip=("*.1.mlp.down_proj",)))
+    m.quantize(None)
+    for fmt in ("gptq", "awq", "compressed-tensors"):
+        m.export(tmp_path / fmt, fmt)
+        qc = json.loads((tmp_path / fmt / "config.json").read_text())["quantization_config"]
+        listed = {"gptq": lambda: [k.replace("\\", "") for k in qc["dynamic"] if k.startswith("-:")],
+                  "awq": lambda: qc["modules_to_not_convert"],
+                  "compressed-tensors": lambda: qc["ignore"]}[fmt]()
+        assert any("layers.1.mlp.down_proj" in k for k in listed), fmt
+        assert not any("layers.0.mlp.down_proj" in k for k in listed), fmt
+        back = qforge.load(tmp_path / fmt)
+        assert "model.layers.1.mlp.down_proj" not in back.result.layers and len(back.result.layers) == 13
+        assert type(back.model.model.layers[1].mlp.down_proj) is torch.nn.Linear

@@ -170,6 +170,9 @@ MIXED_FORMATS = ("gptq", "compressed-tensors")
 
 
 def _add_act_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip", nargs="+", default=(), metavar="PATTERN",
+                   help="modules kept in full precision: glob patterns on full module names, e.g. "
+                        "'*.mlp.down_proj' or 'model.layers.0.*' (lm_head and embeddings always are)")
     g = p.add_argument_group("weight-activation quantization (W8A8)")
     g.add_argument("--act-bits", type=int, choices=(8,),
                    help="8: the quantized linears' inputs are int8 too, per token and dynamic (W8A8, with --bits 8 "
@@ -194,7 +197,7 @@ def _quant_config(a):
                           search_span=a.search_span, bpw_units=a.bpw_units, bpw_bits=a.candidate_bits,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq", act_bits=getattr(a, "act_bits", None),
-                          smoothquant=getattr(a, "smoothquant", None))
+                          smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())))
 
 
 def build_parser() -> argparse.ArgumentParser:
