@@ -50,6 +50,7 @@ if __name__ == "__main__":
 """
 
 PROMPT = "The history of the city begins in the"
+SKIP = ("*.1.mlp.down_proj", "*.0.self_attn.o_proj")        # modules vLLM does not fuse: kept dense, named as such
 MEASUREMENT = Path(__file__).parent / "results" / "mixed_measurement_v3_32x512_gar_ss_b2348_ct.json"
 
 
@@ -94,6 +95,8 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
         ("W8 per-channel sym", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1),
          ["gptq", "compressed-tensors"]),
         ("W3 g64 sym", qforge.QuantizeConfig(method="rtn", bits=3, group_size=64), ["gptq", "compressed-tensors"]),
+        ("W8A8, two linears kept dense (--skip)", qforge.QuantizeConfig(           # runs on an AVX2-only CPU
+            method="rtn", bits=8, group_size=-1, act_bits=8, skip=SKIP), ["compressed-tensors"]),
         ("W8A8 per-channel sym (int8 inputs per token)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                                act_bits=8), ["compressed-tensors"]),
         ("W8A8, SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", bits=8, group_size=-1, act_bits=8,
