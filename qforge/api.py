@@ -441,7 +441,9 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if weights is not None and qm.act_bits is not None:
         raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits, which a streamed "
                           f"evaluation does not do: evaluate it without stream")
-    act_bits, act_layers = _act_quantization(qm, sim)
+    if qm.act_bits is not None and sim.act_bits not in (None, qm.act_bits):
+        raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits already; "
+                          f"--act-bits {sim.act_bits} would quantize them again")
     if sim.active:
         _apply_simulated_weights(qm, sim, batch_size)
     ref = None if reference is None else reference if isinstance(reference, QModel) else load(reference)
@@ -452,7 +454,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
         qm.model.to(device)
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
-    with quantized_activations(qm.model, act_bits, act_layers):
+    # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
+    with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits):
         for spec in ([datasets] if isinstance(datasets, str) else datasets):
             text = load_eval_text(spec)
             t0 = time.perf_counter()
@@ -473,17 +476,6 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if tuner is not None and kernel_picks is not None:
         tuner.save(kernel_picks)
     return rows
-
-
-def _act_quantization(qm: QModel, sim: SimulationConfig) -> tuple[int | None, set[str] | None]:
-    """(bits, layers) of the inputs to quantize in an evaluation: the simulation's (every table linear) or the
-    model's own (W8A8: its quantized linears)."""
-    if qm.act_bits is None:
-        return sim.act_bits, None
-    if sim.act_bits not in (None, qm.act_bits):
-        raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits already; "
-                          f"--act-bits {sim.act_bits} would quantize them again")
-    return qm.act_bits, set(qm.result.layers) or None
 
 
 def _apply_simulated_weights(qm: QModel, sim: SimulationConfig, batch_size: int) -> None:

@@ -169,7 +169,9 @@ def _export(m, out, a) -> None:
 MIXED_FORMATS = ("gptq", "compressed-tensors")
 
 
-def _add_act_args(p: argparse.ArgumentParser) -> None:
+def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that quantize (quantize, study, demo), not of `measure`, which measures every linear
+    weight-only."""
     p.add_argument("--skip", nargs="+", default=(), metavar="PATTERN",
                    help="modules kept in full precision: glob patterns on full module names, e.g. "
                         "'*.mlp.down_proj' or 'model.layers.0.*' (lm_head and embeddings always are)")
@@ -214,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_quant_args(p)
-    _add_act_args(p)
+    _add_quantize_only_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
     p.add_argument("--allocation", default="", help="mixed precision: reuse the allocation.json of an earlier run "
                                                     "(one scheme per linear) instead of --bpw")
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overfit-factor", type=float, default=3.0,
                    help="warn when a domain's off-domain degradation exceeds this multiple of the mix's")
     _add_quant_args(p, default_group=64)
-    _add_act_args(p)
+    _add_quantize_only_args(p)
     _add_eval_args(p, default_windows=2)
 
     p = sub.add_parser("report", help="a Markdown report (with plots) of a qforge output directory")
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="runs/demo")
     _add_quant_args(p)
-    _add_act_args(p)
+    _add_quantize_only_args(p)
     _add_eval_args(p, default_windows=4)
     return ap
 
