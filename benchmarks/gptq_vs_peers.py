@@ -41,9 +41,9 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 # the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search;
 # -minmax: GPTQ with plain min-max group ranges (no scale search; the default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 was
 # the default in sessions 17-37, fp32 before; since session 38 "auto": bf16 where native, else fp32); llmcompressor-bf16: the model cast to bf16 first, as a bf16
-# checkpoint loads
+# checkpoint loads; -gptaq / gptqmodel-gptaq: GPTAQ (GPTQv2) at alpha 0.25, GPTQModel's default
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-bf16", "qforge-gptq-gar-fp32", "qforge-gptq-bf16", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "llmcompressor-bf16",
-         "gptqmodel", "gptqmodel-mse",
+         "gptqmodel", "gptqmodel-mse", "qforge-gptq-gar-gptaq", "gptqmodel-gptaq",
          "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip", "qforge-awq+gptq-clip")
 AWQ_TOOLS = ("qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip", "qforge-awq+gptq-clip")
 
@@ -72,7 +72,7 @@ def calib_file(path: Path) -> Path:
 
 
 def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False, true_sequential=True,
-               group_aware=False, awq_clip=None, damp=0.01, scale_search=None, compute_dtype=None):
+               group_aware=False, awq_clip=None, damp=0.01, scale_search=None, compute_dtype=None, gptaq=None):
     from qforge import QuantizeConfig
     from qforge.models import load_model
     from qforge.pipeline import quantize_model
@@ -84,7 +84,7 @@ def run_qforge(method, bits, group, act_order, sym, samples, static_groups=False
                                                 act_order=act_order, static_groups=static_groups,
                                                 true_sequential=true_sequential, act_group_aware=group_aware,
                                                 awq_clip=awq_clip, damp=damp,
-                                                scale_search=scale_search,
+                                                scale_search=scale_search, gptaq=gptaq,
                                                 **({"compute_dtype": compute_dtype} if compute_dtype else {})),
                        samples, show_progress=False)
     return time.perf_counter() - t, {n: p.detach().clone() for n, p in lm.model.named_parameters()}
@@ -149,7 +149,7 @@ def run_llmcompressor_awq(bits, group, samples):
     return secs, state
 
 
-def run_gptqmodel(bits, group, act_order, samples, mse=0.0):
+def run_gptqmodel(bits, group, act_order, samples, mse=0.0, gptaq=None):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from qforge.models.loading import resolve_model
@@ -159,7 +159,8 @@ def run_gptqmodel(bits, group, act_order, samples, mse=0.0):
     # offload_to_disk=False: its default lazy loader fails on CPU here (meta tensors in the mask)
     # mse > 0: its range search (the GPTQ reference code's `mse` option, norm 2.4 over 80 shrink points); off by default
     model = GPTQModel.load(str(dense), QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=act_order,
-                                                      offload_to_disk=False, mse=mse),
+                                                      offload_to_disk=False, mse=mse,
+                                                      **({"gptaq": {"alpha": gptaq, "device": "cpu"}} if gptaq else {})),
                            device="cpu", dtype=torch.float32)
     rows = [{"input_ids": s.tolist()} for s in samples]
     t = time.perf_counter()
@@ -191,12 +192,14 @@ def worker(args) -> None:
                                  awq_clip=False if "noclip" in flags else True if "clip" in flags else None,
                                  damp=args.qforge_damp,
                                  scale_search=False if "minmax" in flags else None,
-                                 compute_dtype="bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else None)
+                                 compute_dtype="bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else None,
+                                 gptaq=0.25 if "gptaq" in flags else None)
     elif args.tool in ("llmcompressor", "llmcompressor-bf16"):
         secs, state = run_llmcompressor(bits, group, act_order, samples,
                                         torch.bfloat16 if args.tool.endswith("bf16") else torch.float32)
     else:
-        secs, state = run_gptqmodel(bits, group, act_order, samples, mse=2.4 if args.tool.endswith("-mse") else 0.0)
+        secs, state = run_gptqmodel(bits, group, act_order, samples, mse=2.4 if args.tool.endswith("-mse") else 0.0,
+                                    gptaq=0.25 if args.tool.endswith("-gptaq") else None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lm = load_model("smollm2-135m")
     changed = 0

@@ -89,9 +89,6 @@ class QModel:
                                   "quantize streamed with that allocation")
             if resume is None:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
-            if self.config.smoothquant is not None:
-                raise QForgeError("SmoothQuant takes its activation maxima in one pass over the whole model and does "
-                                  "not stream: quantize W8A8 without stream, or without smoothquant")
         if self.config.act_bits is not None:
             self._check_input_quantizable()
         check_device(device)
@@ -123,11 +120,6 @@ class QModel:
 
                 samples = token_samples(calibration, self.model.get_input_embeddings().num_embeddings)
         torch.manual_seed(seed)
-        smoothed = None
-        if self.config.smoothquant is not None:       # folded first: the solvers see the smoothed weights
-            from .smoothing.smoothquant import smooth_model
-
-            smoothed = smooth_model(self.model, samples, self.config.smoothquant, batch_size=batch_size)
         if allocation is not None:
             self._check_allocation(allocation)
         if self.config.search_generations and allocation is None and not self.config.bpw:
@@ -149,7 +141,6 @@ class QModel:
                                      show_progress=show_progress, grids=grids, store=store, weights=self.blocks)
         self._store = store
         self.result.allocation = allocation
-        self.result.smoothquant = smoothed or {}
         if self.result.ragged_layers:
             log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,

@@ -143,7 +143,7 @@ def _save_streamed(tmp: Path, model, store, loader) -> None:
         shards.write(save_keys(model, materialized_state(model)))   # outside the blocks (on the meta device)
     qmap = {}
     for i in range(n):
-        rel, layers, _ = store.read(i)
+        rel, layers, *_ = store.read(i)
         shards.write(save_keys(model, {f"{blocks}.{i}.{name}": t for name, t in rel.items()}))   # as save_pretrained
         save_layers(layers, tmp / qshard(i + 1))
         qmap.update({name: qshard(i + 1) for name in layers})

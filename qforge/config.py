@@ -125,11 +125,16 @@ class QuantizeConfig(_JsonMixin):
     # W8A8 (llm-compressor's int8 scheme, which vLLM runs on int8 GEMMs): the input of every quantized linear is
     # quantized too, per token, dynamically (symmetric int8 with one scale per token, computed as it runs), in
     # evaluation and in the exported checkpoint (compressed-tensors "int-quantized"). Needs 8-bit symmetric
-    # per-channel weights. `smoothquant` (alpha, W8A8 only): SmoothQuant scales folded into the model first, from
-    # the calibration set's per-channel input maxima (the fp model computes the same function; outlier channels
-    # move from the activations into the weights)
+    # per-channel weights. `smoothquant` (alpha, W8A8 only): SmoothQuant scales folded into each block before its
+    # weights are solved, from the per-channel maxima of its inputs (the fp block computes the same function;
+    # outlier channels move from the activations into the weights)
     act_bits: int | None = None
     smoothquant: float | None = None
+    # GPTAQ (GPTQv2, solvers/gptq.py; method gptq): alpha > 0 also corrects each linear for the difference between
+    # its inputs in the fp model and in the model being quantized (whose earlier layers are rounded already), at
+    # the cost of one more pass per block, through its fp weights, and of its linears' fp inputs kept while it is
+    # solved. None: plain GPTQ. GPTQModel's default alpha is 0.25
+    gptaq: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -195,6 +200,12 @@ class QuantizeConfig(_JsonMixin):
                                               "act_bits 8 (weight-only quantization gains nothing from it)")
             _check(isinstance(self.smoothquant, (int, float)) and 0.0 <= self.smoothquant <= 1.0,
                    f"smoothquant (alpha) must be in [0, 1], got {self.smoothquant!r}")
+        if self.gptaq is not None:
+            _check(self.method == "gptq", f"gptaq (GPTQv2) is an option of method gptq, not {self.method!r}")
+            _check(isinstance(self.gptaq, (int, float)) and 0.0 < self.gptaq <= 1.0,
+                   f"gptaq (alpha) must be in (0, 1], got {self.gptaq!r}")
+            _check(self.bpw is None, "mixed precision's measurement solves on plain Hessians: gptaq does not take "
+                                     "bpw (quantize with a saved allocation instead)")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def for_device(self, device) -> QuantizeConfig:

@@ -2,7 +2,9 @@
 
 Methods that need no data (RTN) quantize each linear's weight directly. Methods that do:
   1. capture the inputs of every block once from the calibration batches (capture.blocks);
-  2. AWQ methods first search per-channel scales and clips on block i and fold them in (smoothing/);
+  2. AWQ methods first search per-channel scales and clips on block i and fold them in (smoothing/),
+     SmoothQuant (W8A8) folds its scales from block i's input maxima; GPTAQ runs the (transformed, unrounded)
+     block on the fp model's activations, for its linears' fp inputs and block i+1's fp activations;
      then for each linear group in execution order (true-sequential: a group's inputs pass
      through the already quantized earlier groups): run the block with the group's input fed to the
      solver's statistics (capture.linear_inputs), solve each linear, write it back;
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
+from .capture.hessian import AsymmetricAccumulator
 from .capture.blocks import call_on, cast_call, fits_on_device, make_batches
 from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs, recordings_fit
@@ -33,8 +36,10 @@ from .kernels.gptq_loop import column_loop_for
 from .models.arch import ArchSpec, LinearRef, arch_spec, block_linears, get_blocks, linear_name, named_block_linears
 from .utils.tensors import all_finite
 from .smoothing import BlockAWQ, awq_block
+from .smoothing.smoothquant import smooth_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
+from .solvers.gptq import column_loop
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -78,11 +83,35 @@ class GPTQSolver:
                     **gptq_options(cfg, device), factors=shared)
 
 
+class GPTAQSolver(GPTQSolver):
+    """GPTQ on GPTAQ's statistics (solvers/gptq.py): a statistic made with its linears' fp inputs is asymmetric; one
+    made without (a fused expert's: routing sends it other tokens in the fp model) is plain GPTQ's."""
+
+    def __init__(self, device: str = "cpu", product_dtype: torch.dtype = torch.float32, alpha: float = 0.25):
+        super().__init__(device, product_dtype)
+        self.alpha = alpha
+
+    def new_stats(self, in_features: int, fp_inputs: list[torch.Tensor] | None = None) -> HessianAccumulator:
+        if fp_inputs is None:
+            return super().new_stats(in_features)
+        return AsymmetricAccumulator(in_features, fp_inputs, self.device, self.product_dtype)
+
+    def solve(self, W, stats, grid, cfg, shared=None):
+        if not isinstance(stats, AsymmetricAccumulator):
+            return super().solve(W, stats, grid, cfg, shared)
+        device = stats.H.device
+        dXXT = stats.dXXT if shared is not None else stats.take_dXXT()
+        return gptq(W.to(device), stats.H if shared is not None else [stats.take()], grid,
+                    **gptq_options(cfg, device), factors=shared, dXXT=dXXT, alpha=self.alpha)
+
+
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
-    with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py)."""
+    with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py;
+    GPTAQ's extra term runs in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
-                group_aware=cfg.act_group_aware, scale_search=cfg.scale_search, loop=column_loop_for(device))
+                group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
+                loop=column_loop if cfg.gptaq is not None else column_loop_for(device))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -185,7 +214,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
         raise QForgeError(f"method {cfg.method!r} is not available in this version of qforge")
     # bf16 passes: bf16 Hessian products unless hessian_dtype float32 (capture/hessian.py); fp16 would overflow
     bf16_products = cfg.compute_dtype == "bfloat16" and cfg.hessian_dtype == "bfloat16"
-    solver = SOLVERS[cfg.method](device, torch.bfloat16 if bf16_products else torch.float32)
+    products = torch.bfloat16 if bf16_products else torch.float32
+    solver = SOLVERS[cfg.method](device, products) if cfg.gptaq is None else GPTAQSolver(device, products, cfg.gptaq)
     grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
@@ -194,7 +224,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     t0 = time.perf_counter()
     if weights is not None and store is None:
         raise QForgeError("a streamed model needs a run state (store) to hold its finished blocks")
-    if not solver.needs_inputs and not (cfg.uses_awq and saved is None):
+    if not solver.needs_inputs and not (cfg.uses_awq and saved is None) and cfg.smoothquant is None:
         for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
             if weights is not None:
                 weights.load(i, block)
@@ -238,6 +268,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     recordings_on = device if resident and recordings_fit(nbytes, device) else "cpu"   # the replays' too
     if recordings_on != "cpu":
         log.info("sub-module recordings for replay kept on %s", device)
+    fp_hidden = hidden if cfg.gptaq is not None else None   # GPTAQ: the fp model's activations, block by block
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         t_block = time.perf_counter()
         if weights is not None:
@@ -245,6 +276,8 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         block.to(device)
         calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
         if store is not None and i < store.blocks_done:      # finished by an interrupted run: restore, re-run
+            if fp_hidden is not None:                         # its fp weights first (restoring replaces them)
+                fp_hidden = run_block(_compute_copy(block, dtype), fp_hidden, calls, device)
             _restore(i, block, store, cfg, result)
             hidden = run_block(_compute_copy(block, dtype), hidden, calls, device)
             block.to("cpu")
@@ -255,13 +288,19 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
                                       cfg.awq_grid, cfg.awq_duo_scaling, cfg.awq_clip, device=device, given=given,
                                       gptq_opts=gptq_options(cfg, device) if cfg.awq_gptq_aware else None)
+        if cfg.smoothquant is not None:   # W8A8: SmoothQuant folds its scales in first, on the fp32 block
+            sq = smooth_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), cfg.smoothquant, device)
+            result.smoothquant.update({f"{i}.{k}": s for k, s in sq.items()})
         # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
         # solvers read the fp32 block's weights, and each solved weight is written to both
         fwd = _compute_copy(block, dtype)
         groups, fwd_groups = (_kept(block_linears(b, spec), f"{spec.blocks}.{i}", cfg) for b in (block, fwd))
+        fp_inputs = {}
+        if fp_hidden is not None:                            # GPTAQ: before any weight of the block is rounded
+            fp_inputs, fp_hidden = fp_group_inputs(fwd, fwd_groups, fp_hidden, calls, device)
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
-            stats = one_pass_stats(solver, fwd, fwd_groups, hidden, calls, device)
+            stats = one_pass_stats(solver, fwd, fwd_groups, hidden, calls, device, fp_inputs)
         # sub-modules whose linears are all solved are recorded once and replayed (capture/replay.py)
         sequential = solver.needs_inputs and cfg.true_sequential
         width = hidden[0].shape[-1]
@@ -271,7 +310,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             if not todo:
                 continue
             if sequential:
-                stats, sinks = _group_stats(solver, fwd_todo)
+                stats, sinks = _group_stats(solver, fwd_todo, fp_inputs.get(k))
                 later = [r for g in block_linears(fwd, spec)[k + 1:] for r in g]
                 with collect_group_inputs(fwd, fwd_todo, sinks, later, stop_early=reuse_passes), \
                         frozen.pass_after(k) if frozen else contextlib.nullcontext():
@@ -292,7 +331,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
             hidden = run_block(fwd, hidden, calls, device)   # the quantized block feeds the next one
         block.to("cpu")
-        fwd = frozen = stats = sinks = None     # the copy, its recordings, the last Hessians: freed before the next block
+        fwd = frozen = stats = sinks = fp_inputs = None   # the copy, its recordings, the last statistics: freed
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
         _block_done(i, block, spec, result, store, weights)
@@ -301,10 +340,11 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
 
 
 def _restore(i: int, block: nn.Module, store, cfg: QuantizeConfig, result: QuantizeResult) -> None:
-    layers, awq = store.restore(i, block)
+    layers, awq, smoothquant = store.restore(i, block)
     result.layers.update(layers)
     if cfg.uses_awq:
         result.awq[i] = awq
+    result.smoothquant.update({f"{i}.{k}": s for k, s in smoothquant.items()})
 
 
 def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult, store, weights) -> None:
@@ -312,7 +352,8 @@ def _block_done(i: int, block: nn.Module, spec: ArchSpec, result: QuantizeResult
     prefix = f"{spec.blocks}.{i}."
     if store is not None:
         store.save(i, block, {n: q for n, q in result.layers.items() if n.startswith(prefix)}, result.awq.get(i),
-                   prefix, spec.experts)
+                   prefix, spec.experts, {k.split(".", 1)[1]: s for k, s in result.smoothquant.items()
+                                          if k.split(".", 1)[0] == str(i)})
     if weights is not None:
         weights.release(block)
         result.layers.update({n: q.on_meta() for n, q in result.layers.items() if n.startswith(prefix)})
@@ -325,11 +366,12 @@ def _compute_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
     return block if same else copy.deepcopy(block).to(dtype)
 
 
-def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device) -> dict:
-    """Every group's statistics from one run of the (unquantized) block."""
+def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device,
+                   fp_inputs: dict | None = None) -> dict:
+    """Every group's statistics from one run of the (unquantized) block (`fp_inputs`: fp_group_inputs')."""
     stats, sinks = {}, {}
-    for refs in groups:
-        st, sk = _group_stats(solver, refs)
+    for k, refs in enumerate(groups):
+        st, sk = _group_stats(solver, refs, (fp_inputs or {}).get(k))
         stats.update(st)
         sinks.update(sk)
     with tap_inputs([r for g in groups for r in g], sinks):
@@ -337,14 +379,31 @@ def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef
     return stats
 
 
-def _group_stats(solver: Solver, refs: list[LinearRef]) -> tuple[dict, dict]:
-    """One statistic for the group's shared input (plain linears), one per expert (fused experts)."""
+def fp_group_inputs(block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device
+                    ) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
+    """GPTAQ: one run of the unrounded block on the fp model's activations `hidden` gives each group's input there
+    ({group index: one [tokens, in] tensor per batch}, kept where `hidden` is; none for fused experts, whose
+    routing differs between the two models) and the block's outputs (the next block's fp activations)."""
+    firsts = {k: r for k, g in enumerate(groups) if (r := next((r for r in g if r.expert is None), None))}
+    inputs: dict[int, list[torch.Tensor]] = {k: [] for k in firsts}
+    keep = hidden[0].device
+    sinks = {r.name: (lambda x, k=k: inputs[k].append(x.detach().to(keep))) for k, r in firsts.items()}
+    with tap_inputs(list(firsts.values()), sinks):
+        out = run_block(block, hidden, calls, device)
+    return inputs, out
+
+
+def _group_stats(solver: Solver, refs: list[LinearRef], fp_inputs: list[torch.Tensor] | None = None
+                 ) -> tuple[dict, dict]:
+    """One statistic for the group's shared input (plain linears; GPTAQ's with `fp_inputs`, the group's inputs in the
+    fp model), one per expert (fused experts)."""
     stats, sinks = {}, {}
     shared = None
     for ref in refs:
         if ref.expert is None:
             if shared is None:
-                shared = solver.new_stats(ref.shape[1])
+                shared = solver.new_stats(ref.shape[1]) if fp_inputs is None else solver.new_stats(ref.shape[1],
+                                                                                                     fp_inputs)
                 sinks[ref.name] = lambda x, s=shared: solver.add(s, x)
             stats[ref.name] = shared
         else:

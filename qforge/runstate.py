@@ -8,6 +8,7 @@ A directory (the CLI uses `OUT.partial/` beside the output, removed once the out
                                                         weights its quantized linears hold (see "rebuilt")
                                "layer.<name>.<field>"   codes, scales, zeros, g_idx of each quantized linear
                                "awq.scale.<unit>", "awq.clip.<linear>"   the block's AWQ results
+                               "smoothquant.<unit>"     the SmoothQuant scales folded into it (W8A8)
                              metadata "layers" (JSON {name: {grid, info}}), "alphas" (JSON {unit: α}) and
                              "rebuilt" (JSON {param: {shape, dtype, parts: [[layer, expert, transposed]]}}):
                              the weights left out, rebuilt on reading from their layers' dequantized codes,
@@ -89,9 +90,9 @@ class BlockStore:
             raise QForgeError(f"{self.path} exists and is not a qforge run state; remove it or choose another --out")
 
     def save(self, i: int, block: torch.nn.Module, layers: dict[str, LayerQuant], awq: BlockAWQ | None,
-             prefix: str, layout=None) -> None:
+             prefix: str, layout=None, smoothquant: dict[str, torch.Tensor] | None = None) -> None:
         """`layers`: the block's quantized linears by full name, `prefix` + their name in `block`; `layout`: the
-        family's ExpertLayout (how its fused experts are stored)."""
+        family's ExpertLayout (how its fused experts are stored); `smoothquant`: {unit: s} folded into it."""
         if i != self.blocks_done:
             raise QForgeError(f"run state: block {i} saved after {self.blocks_done} blocks")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,7 @@ class BlockStore:
         awq = awq or BlockAWQ()
         t.update({f"awq.scale.{u}": s.cpu().contiguous() for u, s in awq.scales.items()})
         t.update({f"awq.clip.{n}": c.cpu().contiguous() for n, c in awq.clips.items()})
+        t.update({f"smoothquant.{u}": s.cpu().contiguous() for u, s in (smoothquant or {}).items()})
         meta = {"layers": json.dumps({n: {"grid": [q.grid.bits, q.grid.group_size, q.grid.sym], "info": q.info}
                                       for n, q in layers.items()}), "alphas": json.dumps(awq.alphas),
                 "rebuilt": json.dumps(rebuilt)}
@@ -113,19 +115,21 @@ class BlockStore:
         self.blocks_done = i + 1
         atomic_write_text(self.path / STATE, json.dumps({"key": self.key, "blocks_done": self.blocks_done}) + "\n")
 
-    def restore(self, i: int, block: torch.nn.Module) -> tuple[dict[str, LayerQuant], BlockAWQ]:
-        """Load saved block i into `block`; returns its layers and AWQ results."""
-        state, layers, awq = self.read(i)
+    def restore(self, i: int, block: torch.nn.Module) -> tuple[dict[str, LayerQuant], BlockAWQ, dict]:
+        """Load saved block i into `block`; returns its layers, AWQ results and SmoothQuant scales."""
+        state, layers, awq, smoothquant = self.read(i)
         try:
             block.load_state_dict(state)
         except Exception as e:  # a shape mismatch, a missing key
             raise QForgeError(f"block {i} in {self.path} does not fit the model ({type(e).__name__}: {e}); remove "
                               f"{self.path} to start the run again") from e
-        return layers, awq
+        return layers, awq, smoothquant
 
-    def read(self, i: int, rebuild: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, LayerQuant], BlockAWQ]:
-        """Saved block i: its state dict (names relative to the block), its layers and AWQ results. Without
-        `rebuild`, the weights its layers hold come back on the meta device (what packing needs of them)."""
+    def read(self, i: int, rebuild: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, LayerQuant], BlockAWQ,
+                                                          dict[str, torch.Tensor]]:
+        """Saved block i: its state dict (names relative to the block), its layers, AWQ results and SmoothQuant
+        scales. Without `rebuild`, the weights its layers hold come back on the meta device (what packing needs
+        of them)."""
         path = self.path / f"block_{i}.safetensors"
         try:
             with safe_open(str(path), "pt") as f:
@@ -141,10 +145,11 @@ class BlockStore:
             awq = BlockAWQ({k[len("awq.scale."):]: v for k, v in t.items() if k.startswith("awq.scale.")},
                            json.loads(meta["alphas"]),
                            {k[len("awq.clip."):]: v for k, v in t.items() if k.startswith("awq.clip.")})
+            smoothquant = {k[len("smoothquant."):]: v for k, v in t.items() if k.startswith("smoothquant.")}
         except Exception as e:  # a missing or damaged file: SafetensorError, KeyError, a shape mismatch ...
             raise QForgeError(f"{path} cannot be restored ({type(e).__name__}: {e}); remove {self.path} to start "
                               f"the run again") from e
-        return state, layers, awq
+        return state, layers, awq, smoothquant
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

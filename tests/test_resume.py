@@ -17,7 +17,9 @@ def _run(tiny_llama_dir, calib, cfg, resume=None):
 
 @pytest.mark.parametrize("cfg", [QuantizeConfig(method="gptq", bits=3, group_size=32),
                                  QuantizeConfig(method="awq+gptq", bits=3, group_size=32, awq_grid=4),
-                                 QuantizeConfig(method="awq", group_size=32, awq_grid=4, compute_dtype="float32")])
+                                 QuantizeConfig(method="awq", group_size=32, awq_grid=4, compute_dtype="float32"),
+                                 QuantizeConfig(method="gptq", bits=8, group_size=-1, act_bits=8, smoothquant=0.5),
+                                 QuantizeConfig(method="gptq", bits=3, group_size=32, gptaq=0.25)])
 def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path, monkeypatch, cfg, wiki_excerpt):
     ref = _run(tiny_llama_dir, wiki_excerpt, cfg)
     save = BlockStore.save
@@ -47,6 +49,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_llama_dir, tmp_path,
     for (k, a), b in zip(ref.model.state_dict().items(), m.model.state_dict().values()):
         assert torch.equal(a, b), k                       # AWQ's folded norms included
     assert {i: a.alphas for i, a in m.result.awq.items()} == {i: a.alphas for i, a in ref.result.awq.items()}
+    assert m.result.smoothquant.keys() == ref.result.smoothquant.keys()   # W8A8: block 0's scales restored
+    assert all(torch.equal(s, ref.result.smoothquant[k]) for k, s in m.result.smoothquant.items())
     m.save(tmp_path / "q")
     assert not state.exists()                             # the output holds it all now
 
@@ -137,7 +141,7 @@ def test_the_run_state_keeps_codes_not_the_weights_they_rebuild(tmp_path, tiny_t
     assert rebuilt and stored.isdisjoint(rebuilt) and stored | set(rebuilt) == set(block.state_dict())
     skipped = {"llama": "mlp.up_proj.weight", "mixtral": "mlp.experts.gate_up_proj", "gpt2": "mlp.c_proj.weight"}
     assert skipped[model_type] in stored           # an unquantized linear (or a partly quantized expert tensor)
-    state, _, _ = m._store.read(0)                 # rebuilt from the codes: the block exactly as it was solved
+    state, *_ = m._store.read(0)                 # rebuilt from the codes: the block exactly as it was solved
     assert state.keys() == block.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QForgeError
+
 PANEL = 192   # rows per panel: large enough for efficient GEMMs, small enough to skip most of the lower half
 
 
@@ -69,3 +71,39 @@ class HessianAccumulator:
         H = self.H
         self._upper = self._full = None
         return H
+
+
+class AsymmetricAccumulator(HessianAccumulator):
+    """GPTAQ's statistics (solvers/gptq.py): H of the inputs x̃ a linear sees in the model being quantized, and
+    dXXT = 2/n Σ (x - x̃) x̃ᵀ against its inputs x for the same tokens in the fp model. `fp_inputs`: those x, one
+    [tokens, in] tensor per batch in the order the batches come; each is taken out of the list as its x̃ arrives
+    (the list empties as the pass goes, so the fp inputs are freed with it)."""
+
+    def __init__(self, in_features: int, fp_inputs: list[torch.Tensor], device: torch.device | str = "cpu",
+                 product_dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, device, product_dtype)
+        self.dXXT: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._fp = fp_inputs
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if not self._fp:
+            raise QForgeError("GPTAQ: a linear saw more batches in the quantized model than in the fp model")
+        x_fp = self._fp.pop(0)
+        if x_fp.shape != x.shape:
+            raise QForgeError(f"GPTAQ: a linear's fp inputs {tuple(x_fp.shape)} are not the same tokens as its "
+                              f"inputs in the quantized model {tuple(x.shape)}")
+        n0 = self.n
+        super().add(x)
+        if self.n == n0:
+            return
+        xq = x.to(self.dXXT.device, torch.float32)
+        self.dXXT.mul_(n0 / self.n).addmm_((x_fp.to(xq.device, torch.float32) - xq).t(), xq, alpha=2.0 / self.n)
+
+    def take_dXXT(self) -> torch.Tensor:
+        """dXXT, handed over (the accumulator keeps no reference); every fp batch must have been matched."""
+        if self._fp:
+            raise QForgeError(f"GPTAQ: {len(self._fp)} fp batch(es) of a linear were never matched by the quantized "
+                              f"model's")
+        D, self.dXXT = self.dXXT, None
+        return D

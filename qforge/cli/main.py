@@ -175,6 +175,10 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", nargs="+", default=(), metavar="PATTERN",
                    help="modules kept in full precision: glob patterns on full module names, e.g. "
                         "'*.mlp.down_proj' or 'model.layers.0.*' (lm_head and embeddings always are)")
+    p.add_argument("--gptaq", type=float, metavar="ALPHA",
+                   help="method gptq: GPTAQ (GPTQv2) also corrects each linear for how its inputs in the model being "
+                        "quantized differ from the fp model's (one more pass per block; GPTQModel's default alpha "
+                        "is 0.25)")
     g = p.add_argument_group("weight-activation quantization (W8A8)")
     g.add_argument("--act-bits", type=int, choices=(8,),
                    help="8: the quantized linears' inputs are int8 too, per token and dynamic (W8A8, with --bits 8 "
@@ -182,7 +186,7 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "int8 GEMMs); evaluation and generate quantize them as the model runs")
     g.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
-                        "examples) into the model from the calibration set before quantizing")
+                        "examples) into each block, from its calibration inputs, before its weights are quantized")
 
 
 def _quant_config(a):
@@ -199,7 +203,8 @@ def _quant_config(a):
                           search_span=a.search_span, bpw_units=a.bpw_units, bpw_bits=a.candidate_bits,
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq", act_bits=getattr(a, "act_bits", None),
-                          smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())))
+                          smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
+                          gptaq=getattr(a, "gptaq", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,7 +596,8 @@ def cmd_generate(a) -> int:
 def _print_quant_summary(m, out: Path) -> None:
     s = m.storage()
     acts = f"A{m.config.act_bits}" if m.config.act_bits else ""
-    print(f"quantized {m.source} with {m.config.method} W{m.config.bits}{acts} "
+    method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
+    print(f"quantized {m.source} with {method} W{m.config.bits}{acts} "
           f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
           f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
     print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "

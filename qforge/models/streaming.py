@@ -299,7 +299,7 @@ class SavedBlocks:
         """Block i into `block` (from a run state, its quantized weights on the meta device); returns its layers by
         full name."""
         if self.store is not None:
-            state, layers, _ = self.store.read(i, rebuild=False)     # the packed layers replace those weights
+            state, layers, *_ = self.store.read(i, rebuild=False)     # the packed layers replace those weights
             block.load_state_dict(state, strict=True, assign=True)
             return layers
         from ..checkpoint import read_layers

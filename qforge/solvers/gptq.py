@@ -1,6 +1,12 @@
 """GPTQ (Frantar et al., arXiv 2210.17323): quantize W column by column, compensating each column's
 rounding error on the columns not yet quantized through the inverse Hessian of the layer inputs.
 
+GPTAQ (GPTQv2, Li et al., ICML 2025, "Efficient Finetuning-Free Quantization with Asymmetric Calibration"),
+with `dXXT`: the layer's inputs X̃ in the model being quantized differ from its inputs X in the fp model (the
+earlier layers are quantized), and the objective is ||W X - Q X̃||² instead of ||W X̃ - Q X̃||². With
+H = 2/n X̃ X̃ᵀ, dXXT = 2/n (X - X̃) X̃ᵀ and U the upper Cholesky factor of H⁻¹, each column i also moves the
+later columns by w_i · P[i, :], P = α · triu(dXXT Uᵀ, 1) · U (the paper's α, 0.25 by default in GPTQModel).
+
 Pure function: fp32 tensors in, LayerQuant out; no hooks, I/O or device choice (it runs where W is).
 """
 from __future__ import annotations
@@ -39,14 +45,16 @@ def column_order(diag: torch.Tensor, gs: int, act_order: bool, group_aware: bool
 
 
 def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torch.Tensor | None = None,
-                Z: torch.Tensor | None = None, cost1: torch.Tensor | None = None, scale_search: bool = False):
+                Z: torch.Tensor | None = None, cost1: torch.Tensor | None = None, scale_search: bool = False,
+                P1: torch.Tensor | None = None):
     """GPTQ's sequential part on one block of b columns: quantize each column in turn and spread its
     error over the block's later columns (the reference; kernels/gptq_loop.py runs it as one kernel).
 
     W1 [out, b] the block's weights after the earlier blocks' updates (not modified); U1 [b, b] the
     block's diagonal block of the upper Cholesky factor of H^-1. S, Z [out, b]: every column's grid, or
     None: fitted at every gs-th column on the compensated weights (search_params weighted by cost1 [b]
-    when scale_search, else fit_params). Returns codes, Q1 = ŵ, Err1 = (w - ŵ) / U_ii, S, Z, all [out, b].
+    when scale_search, else fit_params). P1 [b, b] (GPTAQ): the block's diagonal block of P; column i adds
+    w_i · P1[i, i+1:] to the later columns. Returns codes, Q1 = ŵ, Err1 = (w - ŵ) / U_ii, S, Z, all [out, b].
     """
     # The loop runs on the transpose ([b, out]: a column is a contiguous row, ~2x faster on a CPU than strided
     # columns) and updates with a rounded product then a subtraction (no fused multiply-add, whatever the memory
@@ -65,13 +73,17 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
         q = torch.div(w, s, out=codes[i]).round_().add_(z).clamp_(0, grid.maxq)   # [out] codes
         torch.mul(q - z, s, out=Q1[i])
         err = torch.sub(w, Q1[i], out=Err1[i]).div_(d[i])
-        WT[i + 1:].sub_(torch.outer(U1[i, i + 1:], err, out=upd[i + 1:]))   # compensate the rest of the block
+        torch.outer(U1[i, i + 1:], err, out=upd[i + 1:])
+        if P1 is not None:                                                  # GPTAQ: w (before rounding) · P
+            upd[i + 1:].sub_(torch.outer(P1[i, i + 1:], w))
+        WT[i + 1:].sub_(upd[i + 1:])                                        # compensate the rest of the block
     return codes.t(), Q1.t(), Err1.t(), ST.t(), ZT.t()
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
-         scale_search: bool = False, loop=column_loop, factors: dict | None = None) -> LayerQuant:
+         scale_search: bool = False, loop=column_loop, factors: dict | None = None,
+         dXXT: torch.Tensor | None = None, alpha: float = 0.25) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -87,6 +99,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     for the next call with the same visiting order and damping (one [in, in] matrix: the latest order's).
     H is read only until U is made. Given as a one-element list, it is handed over: gptq empties the list, so when
     the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
+    dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): needs a loop taking P1 (column_loop).
     """
     if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
         H = H.pop()
@@ -127,6 +140,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
             factors[key] = (U, info)
     del H                                             # the caller's last reference, if it handed H over
     info = dict(info)
+    P = None
+    if dXXT is not None:                              # GPTAQ: P [in, in] in the visiting order, strictly upper
+        D = dXXT.float()[perm][:, perm]
+        D[:, dead[perm]] = 0.0
+        P = alpha * torch.triu(D @ U.t(), diagonal=1) @ U
+        del D
     cost = torch.diag(U) ** -2                        # [in] what a unit error of each column adds to the loss
 
     prefit = static_groups or grid.group_size == -1
@@ -149,7 +168,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
         ks = group_list[i1:i2]                        # group of each column of the block
         S, Z = (scales[:, ks], zeros[:, ks]) if prefit else (None, None)
         U1 = U[i1:i2, i1:i2]
-        C1, Q1, Err1, S, Z = loop(W[:, i1:i2], U1, grid, gs, S, Z, cost[i1:i2], scale_search)
+        C1, Q1, Err1, S, Z = loop(W[:, i1:i2], U1, grid, gs, S, Z, cost[i1:i2], scale_search,
+                                  **({} if P is None else {"P1": P[i1:i2, i1:i2]}))
         if not prefit:
             for j in range(0, i2 - i1, gs):
                 scales[:, ks[j]], zeros[:, ks[j]] = S[:, j], Z[:, j]
@@ -157,10 +177,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
         codes[:, cols], Q[:, cols] = C1.to(codes.dtype), Q1
         row_loss += (Err1**2 * torch.diag(U1) ** 2).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)   # lazy batch update of the remaining columns, in place
-    del W, U
+        if P is not None:                             # GPTAQ: the block's columns (ŵ by now) · P
+            W[:, i2:].addmm_(Q1, P[i1:i2, i2:])
+    asymmetric = P is not None
+    del W, U, P
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
-    info.update(method="gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
+    info.update(method="gptaq" if asymmetric else "gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
     if info["fallback"] or info["retries"]:
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
