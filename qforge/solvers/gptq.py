@@ -5,7 +5,8 @@ GPTAQ (GPTQv2, Li et al., ICML 2025, "Efficient Finetuning-Free Quantization wit
 with `dXXT`: the layer's inputs X̃ in the model being quantized differ from its inputs X in the fp model (the
 earlier layers are quantized), and the objective is ||W X - Q X̃||² instead of ||W X̃ - Q X̃||². With
 H = 2/n X̃ X̃ᵀ, dXXT = 2/n (X - X̃) X̃ᵀ and U the upper Cholesky factor of H⁻¹, each column i also moves the
-later columns by w_i · P[i, :], P = α · triu(dXXT Uᵀ, 1) · U (the paper's α, 0.25 by default in GPTQModel).
+later columns by w_i · P[i, :], P = α · triu(dXXT Uᵀ, 1) · U (the paper's α, 0.25 by default in GPTQModel):
+inside a block of the column loop w_i as it was before rounding, across blocks ŵ_i, as the paper's code does.
 
 Pure function: fp32 tensors in, LayerQuant out; no hooks, I/O or device choice (it runs where W is).
 """
