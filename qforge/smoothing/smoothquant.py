@@ -13,6 +13,7 @@ fit (e.g. v_proj -> o_proj under grouped-query attention) is skipped with a log 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -73,15 +74,12 @@ def smooth_model(model: nn.Module, samples: list[torch.Tensor], alpha: float, ba
         plans.append((block, units, {}))
     for (mapping, why), where in skipped.items():
         log.info("SmoothQuant mapping %s skipped in %d block(s) (first: %d): %s", mapping, len(where), where[0], why)
-    handles = [u.lins[0].module.register_forward_pre_hook(
-        lambda _m, args, sink=_absmax_sink(maxima, u.key): sink(args[0].reshape(-1, args[0].shape[-1])))
-        for _, units, maxima in plans for u in units]
-    try:
+    with contextlib.ExitStack() as taps:          # smooth_block's taps, one block's set each (names are per block)
+        for _, units, maxima in plans:
+            taps.enter_context(tap_inputs([u.lins[0] for u in units],
+                                          {u.lins[0].name: _absmax_sink(maxima, u.key) for u in units}))
         for ids in make_batches(samples, batch_size):
             model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     scales = {f"{i}.{k}": s for i, (block, units, maxima) in enumerate(plans)
               for k, s in fold_smoothquant(block, spec, units, maxima, alpha).items()}
     log.info("SmoothQuant (alpha %.2f): %d mappings folded", alpha, len(scales))
