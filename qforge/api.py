@@ -20,7 +20,7 @@ from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
 from .models import load_model
-from .models.packed import input_act_bits, load_packed, packed_format
+from .models.packed import input_acts, load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .storage import model_storage
 from .utils.device import check_device
@@ -41,6 +41,7 @@ class QModel:
         self.result = result
         self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
         self.packed_act_bits: int | None = None   # a packed checkpoint's input bits (compressed-tensors W8A8: 8)
+        self.packed_act_fp8 = False               # ... and whether they are FP8 (compressed-tensors float-quantized)
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
@@ -59,12 +60,20 @@ class QModel:
             return self.packed_act_bits
         return self.config.act_bits if self.config is not None and self.quantized else None
 
+    @property
+    def act_fp8(self) -> bool:
+        """Whether those inputs are quantized to FP8 (E4M3, FP8_DYNAMIC) rather than int8."""
+        if self.packed_format is not None:
+            return self.packed_act_fp8
+        return self.act_bits is not None and self.config.fp8
+
     def quantized_inputs(self):
         """A context in which the model's quantized linears see their inputs quantized as the model is served
         (W8A8); nothing changes for a weight-only model."""
         from .eval.simulate import quantized_activations
 
-        return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None)
+        return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
+                                     fp8=self.act_fp8)
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = CalibrationConfig.source, *,
                  nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
@@ -363,7 +372,7 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         else:
             net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
             q = QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
-        q.packed_act_bits = input_act_bits(model)
+        q.packed_act_bits, q.packed_act_fp8 = input_acts(model) or (None, False)
         return q
     if stream:
         from .models.streaming import load_streamed
@@ -459,6 +468,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                 row["simulation"] = sim.to_dict()
             if qm.act_bits is not None:
                 row["act_bits"] = qm.act_bits
+                if qm.act_fp8:
+                    row["act_fp8"] = True
             if comparison is not None:
                 row["reference"] = {"model": ref.source, **comparison.result()}
             row["seconds"] = round(time.perf_counter() - t0, 2)

@@ -49,7 +49,8 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
         tensors[f"{name}.scales"] = q.scales.contiguous()
         tensors[f"{name}.zeros"] = q.zeros.contiguous()
         tensors[f"{name}.g_idx"] = q.g_idx.contiguous()
-    meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym})
+    meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym,
+                              **({"fp8": True} if q.grid.fp8 else {})})
             for name, q in layers.items()}
     save_file(tensors, str(path), metadata=meta)
 
@@ -64,7 +65,7 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         out = {}
         for name, m in meta.items():
             g = json.loads(m)
-            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"]), t[f"{name}.codes"],
+            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False)), t[f"{name}.codes"],
                                    t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={})
     except QForgeError:
         raise

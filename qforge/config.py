@@ -130,6 +130,11 @@ class QuantizeConfig(_JsonMixin):
     # outlier channels move from the activations into the weights)
     act_bits: int | None = None
     smoothquant: float | None = None
+    # FP8 (llm-compressor's FP8_DYNAMIC with act_bits 8, its W8A16 FP8 without): weights on an E4M3 grid with one
+    # scale per output channel (absmax / 448; solvers/grid.py), and with act_bits 8 every quantized linear's input
+    # quantized to E4M3 per token, dynamically (max|x| / 448). Exported as compressed-tensors "float-quantized",
+    # which vLLM runs on FP8 GEMMs (Hopper, Ada) or as W8A16 (Marlin) on older GPUs. Needs bits 8, group_size -1
+    fp8: bool = False
     # GPTAQ (GPTQv2, solvers/gptq.py; method gptq): alpha > 0 also corrects each linear for the difference between
     # its inputs in the fp model and in the model being quantized (whose earlier layers are rounded already), at
     # the cost of one more pass per block, through its fp weights, and of its linears' fp inputs kept while it is
@@ -188,6 +193,14 @@ class QuantizeConfig(_JsonMixin):
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
         _check(self.act_bits in (None, 8), f"act_bits must be 8 (W8A8) or None (weight-only), got {self.act_bits!r}")
+        if self.fp8:
+            _check(self.bits == 8 and self.group_size == -1 and self.sym,
+                   f"FP8 weights are 8-bit (E4M3) with one scale per output channel (bits 8, group_size -1, sym), "
+                   f"got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
+            _check(self.method in ("rtn", "gptq"), f"FP8 takes method rtn or gptq, not {self.method!r}")
+            _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take fp8")
+            _check(self.smoothquant is None, "smoothquant is offered for int8 activations (W8A8); FP8's per-token "
+                                             "E4M3 inputs keep their outliers' precision without it")
         if self.act_bits is not None:
             _check(self.bits == 8 and self.group_size == -1 and self.sym,
                    f"W8A8 needs 8-bit symmetric per-channel weights (bits 8, group_size -1, sym), as int8 GEMMs "

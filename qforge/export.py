@@ -23,6 +23,7 @@ from safetensors import safe_open
 from .errors import QForgeError
 from .formats import FORMATS
 from .models.arch import linear_ref
+from .models.checkpoint_keys import safetensors_dtype
 from .models.streaming import materialized_state
 from .solvers import Grid, LayerQuant
 from .solvers.grid import group_index
@@ -95,7 +96,7 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     from .pipeline import quantized_linears
 
     planned_later = cfg.bpw is not None and grids is None
-    base = None if planned_later else Grid(cfg.bits, cfg.group_size, cfg.sym)
+    base = None if planned_later else Grid(cfg.bits, cfg.group_size, cfg.sym, getattr(cfg, "fp8", False))
     layers = {n: (r, (grids or {}).get(n, base)) for n, r in quantized_linears(model, cfg).items()}
     if not FORMATS[fmt].MIXED and (planned_later or len({g for _, g in layers.values()}) > 1):
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; export mixed precision as "
@@ -113,6 +114,9 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
 
 
 def _check_act_bits(cfg, fmt: str) -> None:
+    if getattr(cfg, "fp8", False) and fmt != "compressed-tensors":
+        raise QForgeError(f"FP8 weights export as compressed-tensors (float-quantized) only: the {fmt} format stores "
+                          f"integer codes")
     if getattr(cfg, "act_bits", None) is not None and fmt != "compressed-tensors":
         raise QForgeError(f"W{cfg.bits}A{cfg.act_bits} exports as compressed-tensors (int-quantized) only: the {fmt} "
                           f"format stores weight-only layers, and an engine would run them on unquantized inputs")
@@ -252,7 +256,7 @@ def measured_sizes(out: Path, layers: dict[str, LayerQuant]) -> dict:
                     n = 1
                     for s in sl.get_shape():
                         n *= s
-                    qbytes += n * {"I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "I8": 1, "U8": 1}[sl.get_dtype()]
+                    qbytes += n * safetensors_dtype(sl.get_dtype()).itemsize
     weights = sum(q.shape[0] * q.shape[1] for q in layers.values())
     return {"safetensors_bytes": total, "quantized_layer_bytes": qbytes, "quantized_weights": weights,
             "bits_per_weight": 8 * qbytes / weights if weights else None}

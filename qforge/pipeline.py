@@ -108,10 +108,10 @@ class GPTAQSolver(GPTQSolver):
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
     with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py;
-    GPTAQ's extra term runs in the reference loop)."""
+    GPTAQ's extra term and FP8's rounding run in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
-                loop=column_loop if cfg.gptaq is not None else column_loop_for(device))
+                loop=column_loop if cfg.gptaq is not None or cfg.fp8 else column_loop_for(device))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -216,7 +216,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     bf16_products = cfg.compute_dtype == "bfloat16" and cfg.hessian_dtype == "bfloat16"
     products = torch.bfloat16 if bf16_products else torch.float32
     solver = SOLVERS[cfg.method](device, products) if cfg.gptaq is None else GPTAQSolver(device, products, cfg.gptaq)
-    grid = Grid(cfg.bits, cfg.group_size, cfg.sym)
+    grid = Grid(cfg.bits, cfg.group_size, cfg.sym, cfg.fp8)
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
     grids = grids or {}

@@ -18,7 +18,7 @@ def test_grid_codes_in_range_and_error_bounded(bits, sym, rows, cols, seed):
     W = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 3
     grid = Grid(bits, -1, sym)
     scale, zero = fit_params(W, grid)
-    q = quantize(W, scale, zero, grid.maxq)
+    q = quantize(W, scale, zero, grid)
     assert q.min() >= 0 and q.max() <= grid.maxq and torch.equal(q, q.round())
     err = (dequantize(q, scale, zero) - W).abs()
     # every weight lies inside its row's grid range, so rounding moves it by at most half a step,
@@ -36,14 +36,14 @@ def test_symmetric_grid_matches_signed_convention():
     signed_scale = W.abs().amax(dim=1) / 7.5
     signed = torch.clamp(torch.round(W / signed_scale[:, None]), -8, 7)
     torch.testing.assert_close(scale, signed_scale)
-    assert torch.equal(quantize(W, scale, zero, 15) - 8, signed)
+    assert torch.equal(quantize(W, scale, zero, Grid(4)) - 8, signed)
 
 
 def test_asymmetric_grid_spans_min_to_max():
     W = torch.tensor([[-1.0, 0.0, 3.0, 1.0]])
     scale, zero = fit_params(W, Grid(2, -1, False))
     assert torch.allclose(scale, torch.tensor([4 / 3])) and zero.item() == 1  # round(1 / (4/3))
-    assert quantize(W, scale, zero, 3).tolist() == [[0.0, 1.0, 3.0, 2.0]]
+    assert quantize(W, scale, zero, Grid(2)).tolist() == [[0.0, 1.0, 3.0, 2.0]]
 
 
 def test_all_zero_row_is_exact():
@@ -112,11 +112,11 @@ def test_scale_search_never_loses_to_min_max_on_its_weighted_error(bits, sym, ro
     grid = Grid(bits, -1, sym)
 
     def err(scale, zero):
-        return (((dequantize(quantize(W, scale, zero, grid.maxq), scale, zero) - W) ** 2) * c).sum(dim=1)
+        return (((dequantize(quantize(W, scale, zero, grid), scale, zero) - W) ** 2) * c).sum(dim=1)
 
     s, z = search_params(W, grid, c)
     assert (err(s, z) <= err(*fit_params(W, grid)) * (1 + 1e-6) + 1e-12).all()
-    q = quantize(W, s, z, grid.maxq)
+    q = quantize(W, s, z, grid)
     assert q.min() >= 0 and q.max() <= grid.maxq and (s > 0).all()
 
 

@@ -68,16 +68,16 @@ def test_a_per_tensor_scale_reads_as_every_channels():
     assert back.scales.shape == (q.shape[0], 1) and torch.all(back.scales == t["weight_scale"])
 
 
-def test_only_dynamic_per_token_int8_inputs_are_read():
+def test_only_dynamic_per_token_8_bit_inputs_are_read():
     ok = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-    assert ct.input_act_bits({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == 8
-    assert ct.input_act_bits({"config_groups": {"g": {"weights": w}}}) is None
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == (8, False)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w}}}) is None
     static = {**ok, "dynamic": False, "strategy": "tensor"}
     with pytest.raises(QForgeError, match="8-bit int tensor static symmetric"):
-        ct.input_act_bits({"config_groups": {"g": {"weights": w, "input_activations": static}}})
+        ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}})
     with pytest.raises(QForgeError, match="with and without"):
-        ct.input_act_bits({"config_groups": {"a": {"weights": w, "input_activations": ok}, "b": {"weights": w}}})
+        ct.input_acts({"config_groups": {"a": {"weights": w, "input_activations": ok}, "b": {"weights": w}}})
 
 
 @pytest.fixture

@@ -179,7 +179,7 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                    help="method gptq: GPTAQ (GPTQv2) also corrects each linear for how its inputs in the model being "
                         "quantized differ from the fp model's (one more pass per block; GPTQModel's default alpha "
                         "is 0.25)")
-    g = p.add_argument_group("weight-activation quantization (W8A8)")
+    g = p.add_argument_group("weight-activation quantization (W8A8) and FP8")
     g.add_argument("--act-bits", type=int, choices=(8,),
                    help="8: the quantized linears' inputs are int8 too, per token and dynamic (W8A8, with --bits 8 "
                         "--group-size -1 --sym; exported as compressed-tensors int-quantized, which vLLM runs on "
@@ -187,6 +187,11 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
                         "examples) into each block, from its calibration inputs, before its weights are quantized")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 (E4M3) weights with one scale per output channel (with --bits 8 --group-size -1; "
+                        "method rtn or gptq); with --act-bits 8 the inputs are FP8 too, per token and dynamic "
+                        "(llm-compressor's FP8_DYNAMIC). Exported as compressed-tensors float-quantized, which vLLM "
+                        "runs on FP8 GEMMs")
 
 
 def _quant_config(a):
@@ -204,7 +209,7 @@ def _quant_config(a):
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq", act_bits=getattr(a, "act_bits", None),
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
-                          gptaq=getattr(a, "gptaq", None))
+                          gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,7 +602,8 @@ def _print_quant_summary(m, out: Path) -> None:
     s = m.storage()
     acts = f"A{m.config.act_bits}" if m.config.act_bits else ""
     method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
-    print(f"quantized {m.source} with {method} W{m.config.bits}{acts} "
+    fp8 = "FP8 " if m.config.fp8 else ""
+    print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
           f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
           f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
     print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "
@@ -618,7 +624,8 @@ def cmd_eval(a) -> int:
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     if rows and rows[0].get("act_bits"):
-        title += f", inputs of its quantized linears quantized to int{rows[0]['act_bits']} per token"
+        kind = "fp" if rows[0].get("act_fp8") else "int"
+        title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} per token"
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
                        title=title))
@@ -653,7 +660,7 @@ def cmd_demo(a) -> int:
     s = m.storage()
     acts = f"A{cfg.act_bits}" + (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") \
         if cfg.act_bits else ""
-    label = (f"{cfg.method} W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
+    label = (f"{cfg.method} {'FP8 ' if cfg.fp8 else ''}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
              f"{'sym' if cfg.sym else 'asym'}")
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]

@@ -6,6 +6,8 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
 - Activations (`--act-bits`): the input of every quantized linear, per token (one scale per row of
   the last dimension), symmetric and dynamic, as vLLM's int8 kernels quantize a W8A8 layer's input:
       s = max|x| / (2^(b-1) - 1),   x̂ = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) · s
+  or, FP8 (`fp8`, 8 bits), to the nearest E4M3 number, as vLLM quantizes an FP8_DYNAMIC layer's input:
+      s = max|x| / 448,   x̂ = fp8(x / s) · s
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
   after the rotary embedding), per token and head in groups of `group_size` channels of head_dim
   (-1: the whole head), asymmetric min-max:
@@ -24,6 +26,7 @@ from transformers import DynamicCache
 
 from ..errors import QForgeError
 from ..models.arch import linear_modules
+from ..solvers.grid import FP8_MAX
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,13 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, divisor: float | None = Non
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / (divisor or qmax)).clamp_min(1e-12)
     return (torch.clamp(torch.round(xf / s), -qmax - 1, qmax) * s).to(x.dtype)
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 (E4M3) fake quantization of x [..., channels]: one scale max|x| / 448 per row."""
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return ((xf / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -81,22 +91,23 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1):
 
 @contextlib.contextmanager
 def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
-                          divisor: float | None = None) -> Iterator[int]:
+                          divisor: float | None = None, fp8: bool = False) -> Iterator[int]:
     """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
-    token (`divisor`: fake_quant_per_token's); yields the count."""
+    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only); yields the count."""
     if bits is None:
         yield 0
         return
-    if bits not in (4, 8):
-        raise QForgeError(f"--act-bits must be 8 or 4, not {bits}")
+    if bits not in (4, 8) or (fp8 and bits != 8):
+        raise QForgeError(f"--act-bits must be 8{'' if fp8 else ' or 4'} for {'FP8' if fp8 else 'int'} inputs, "
+                          f"not {bits}")
     mods = {n: m for n, m in linear_modules(model).items() if names is None or n in names}
     if names is not None and len(mods) < len(names):
         log.warning("%d of %d quantized layers are not modules (fused experts): their inputs stay unquantized",
                     len(names) - len(mods), len(names))
     if not mods:
         raise QForgeError("no linears to quantize activations of")
-    handles = [m.register_forward_pre_hook(lambda _m, args: (fake_quant_per_token(args[0], bits, divisor), *args[1:]))
-               for m in mods.values()]
+    fq = fake_quant_fp8_per_token if fp8 else (lambda x: fake_quant_per_token(x, bits, divisor))
+    handles = [m.register_forward_pre_hook(lambda _m, args: (fq(args[0]), *args[1:])) for m in mods.values()]
     try:
         yield len(handles)
     finally:

@@ -1,5 +1,5 @@
-"""compressed-tensors "pack-quantized" and "int-quantized" (llm-compressor's formats, read by vLLM and
-transformers), written and read through the compressed-tensors library.
+"""compressed-tensors "pack-quantized", "int-quantized" and "float-quantized" (llm-compressor's formats, read by
+vLLM and transformers), written and read through the compressed-tensors library.
 
 Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-order only with static groups):
   weight_packed      int32 [out, ceil(in * b / 32)]  signed codes + 2^(b-1), packed along the input as a
@@ -17,6 +17,12 @@ qforge's unsigned codes/zeros are the signed ones + 2^(b-1). Per-channel grids u
   weight_zero_point  int8 [out, 1]                   asymmetric only
 and each config group's input_activations: 8-bit int, symmetric, dynamic, strategy "token" (one scale per
 token, max|x| / 127, computed as the layer runs; nothing stored). qforge reads that input scheme only.
+
+"float-quantized" (FP8 weights, solvers/grid.py's E4M3 grid; FP8_DYNAMIC with `act_bits` 8), per quantized linear:
+  weight             float8_e4m3fn [out, in]         the E4M3 codes
+  weight_scale       [out, 1] (the export dtype)     per channel ([1]: per tensor, as other tools may write)
+Dequantization: W[o, i] = weight_scale[o] * weight[o, i]. With `act_bits` the config groups' input_activations are
+8-bit float, dynamic, strategy "token" (max|x| / 448 per token, computed as the layer runs).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ..utils.tensors import row_slices
 NAME = "compressed-tensors"
 KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight")   # first: in every layout
 BITS = (2, 3, 4, 5, 6, 7, 8)
+FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized")
 MIXED = True                 # per-layer schemes: one config group per scheme
 
 
@@ -38,7 +45,8 @@ def _args(grid: Grid):
     from compressed_tensors.quantization import QuantizationArgs
 
     if grid.group_size == -1:
-        return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.sym, strategy="channel")
+        return QuantizationArgs(num_bits=grid.bits, type="float" if grid.fp8 else "int", symmetric=grid.sym,
+                                strategy="channel")
     return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=grid.sym, strategy="group",
                             group_size=grid.group_size)
 
@@ -46,8 +54,8 @@ def _args(grid: Grid):
 def _scheme(grid: Grid, targets: list[str], act_bits: int | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="int", symmetric=True,
-                                                          dynamic=True, strategy="token")
+    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="float" if grid.fp8 else "int",
+                                                          symmetric=True, dynamic=True, strategy="token")
     return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=acts)
 
 
@@ -57,6 +65,8 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
         return
     if grid.bits not in BITS:
         raise QForgeError(f"{name}: compressed-tensors pack-quantized stores 2 to 8 bits (this layer has {grid.bits})")
+    if grid.fp8 and grid.group_size != -1:
+        raise QForgeError(f"{name}: compressed-tensors float-quantized is written per channel here, not in groups")
     if not in_order:
         raise QForgeError(f"{name}: compressed-tensors stores groups in column order only; quantize with "
                           f"--static-groups (or without --act-order), or export as 'gptq'")
@@ -66,10 +76,17 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
 
 
 def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None = None) -> dict[str, torch.Tensor]:
-    """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`act_bits`)."""
-    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`act_bits`), or
+    float-quantized (an FP8 grid)."""
+    from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
+                                                                     IntQuantizationCompressor)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
+    if q.grid.fp8:
+        scale = q.scales.to(dtype)                                       # [out, 1]
+        W_hat = scale.float() * q.codes.float()                          # exactly scale * code: divides back exactly
+        return dict(FloatQuantizationCompressor.compress({"weight": W_hat, "weight_scale": scale},
+                                                         _scheme(q.grid, ["Linear"], act_bits)))
     half = 1 << (q.grid.bits - 1)
     scale = q.scales.to(dtype)                                           # [out, G]
     zp = (q.zeros - half).round().to(torch.int8)                         # signed zero points [out, G]
@@ -87,7 +104,7 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     if "weight_packed" not in t:
-        return _unpack_int(t, grid)
+        return _unpack_float(t, grid) if grid.fp8 else _unpack_int(t, grid)
     shape = tuple(int(s) for s in t["weight_shape"].tolist())
     half = 1 << (grid.bits - 1)
     codes = torch.empty(shape, dtype=torch.uint8)
@@ -121,8 +138,19 @@ def _unpack_int(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, codes, scales, zeros.contiguous(), g_idx, info={})
 
 
+def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    """float-quantized: E4M3 codes stored whole, a scale per channel (or one per tensor)."""
+    w = t.get("weight")
+    if w is None or w.dtype != torch.float8_e4m3fn or w.dim() != 2:
+        raise QForgeError("float-quantized layers store a float8_e4m3fn [out, in] weight")
+    scales = t["weight_scale"].float().reshape(-1, 1).expand(w.shape[0], 1).contiguous()
+    g_idx = torch.zeros(w.shape[1], dtype=torch.int32)
+    return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
+
+
 def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None):
-    """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`)."""
+    """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`,
+    float-quantized for FP8 grids)."""
     from compressed_tensors.quantization import QuantizationConfig
 
     by_grid: dict[Grid, list[str]] = {}
@@ -132,24 +160,25 @@ def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None
         groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], act_bits)}
     else:
         groups = {f"group_{i}": _scheme(g, sorted(names), act_bits) for i, (g, names) in enumerate(by_grid.items())}
-    return QuantizationConfig(config_groups=groups, format="int-quantized" if act_bits else "pack-quantized",
+    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if act_bits else "pack-quantized"
+    return QuantizationConfig(config_groups=groups, format=fmt,
                               quantization_status="compressed", ignore=ignore)
 
 
-def input_act_bits(qc: dict) -> int | None:
-    """The bits of the inputs a quantization_config quantizes (dynamic per-token symmetric int, the one input scheme
-    qforge runs), or None when its layers take unquantized inputs; another input scheme is refused."""
+def input_acts(qc: dict) -> tuple[int, bool] | None:
+    """(bits, fp8) of the inputs a quantization_config quantizes (dynamic per-token symmetric int8 or FP8, the input
+    schemes qforge runs), or None when its layers take unquantized inputs; another input scheme is refused."""
     found = set()
     for name, group in (qc.get("config_groups") or {}).items():
         a = group.get("input_activations")
         if not a:
             found.add(None)
             continue
-        if not (a.get("type", "int") == "int" and a.get("symmetric", True) and a.get("dynamic")
+        if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("dynamic")
                 and a.get("strategy") == "token" and a.get("num_bits") == 8):
             raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
-                              f"supported (qforge runs dynamic per-token symmetric int8 inputs only)")
-        found.add(8)
+                              f"supported (qforge runs dynamic per-token symmetric int8 or FP8 inputs only)")
+        found.add((8, a.get("type") == "float"))
     if len(found) > 1:
         raise QForgeError("compressed-tensors config groups with and without input quantization are not supported")
     return next(iter(found), None)
@@ -173,6 +202,11 @@ def grid_for(qc: dict, name: str) -> Grid:
         targets = group.get("targets", [])
         if any(_matches(t, name) for t in targets) or "Linear" in targets:
             w = group.get("weights") or {}
+            if w.get("type", "int") == "float":
+                if not (w.get("num_bits") == 8 and w.get("strategy") in ("channel", "tensor")):
+                    raise QForgeError(f"{name}: compressed-tensors float weights are read as 8-bit E4M3 per channel "
+                                      f"or tensor, not {w.get('num_bits')}-bit per {w.get('strategy')}")
+                return Grid(8, -1, True, fp8=True)
             if w.get("type", "int") != "int":
                 raise QForgeError(f"{name}: compressed-tensors {w.get('type')} weights are not supported")
             gs = w.get("group_size") if w.get("strategy") == "group" else -1

@@ -40,6 +40,8 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
     if in_f % 32 or out_f % 32:
         raise QForgeError(f"{name}: {out_f}x{in_f} cannot be packed in the gptq format (both dimensions must be "
                           f"multiples of 32)")
+    if grid is not None and grid.fp8:
+        raise QForgeError(f"{name}: the gptq format stores integer codes; export FP8 weights as 'compressed-tensors'")
     if grid is not None and grid.bits not in BITS:
         widths = f"{', '.join(map(str, BITS[:-1]))} or {BITS[-1]}"
         raise QForgeError(f"{name}: the gptq format stores {widths}-bit weights, which its "

@@ -21,7 +21,14 @@ from torch import nn
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
+
+
+def safetensors_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name ("BF16", "F8_E4M3", ...)."""
+    if name not in _DTYPES:
+        raise ValueError(f"safetensors dtype {name!r} is not read by qforge")
+    return _DTYPES[name]
 
 
 class _Transforms:

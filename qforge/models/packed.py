@@ -16,7 +16,7 @@ import torch
 
 from ..errors import QForgeError
 from ..formats import FORMATS
-from ..kernels import QuantLinear
+from ..kernels import Fp8Linear, QuantLinear
 from ..solvers import Grid, LayerQuant
 from .arch import submodule_or_none
 
@@ -37,22 +37,23 @@ def packed_format(path: str | Path) -> str | None:
     method = qc.get("quant_method")
     if method in FORMATS:
         fmt = qc.get("format")
-        if method == "compressed-tensors" and fmt not in ("pack-quantized", "int-quantized", None):
-            raise QForgeError(f"{path}: compressed-tensors format {fmt!r} is not supported (only pack-quantized "
-                              f"and int-quantized)")
+        names = FORMATS[method].FORMAT_NAMES if method == "compressed-tensors" else ()
+        if method == "compressed-tensors" and fmt not in (*names, None):
+            raise QForgeError(f"{path}: compressed-tensors format {fmt!r} is not supported (only "
+                              f"{', '.join(names)})")
         return method
     raise QForgeError(f"{path}: quantization method {method!r} is not supported; qforge loads "
                       f"{', '.join(FORMATS)}")
 
 
-def input_act_bits(path: str | Path) -> int | None:
-    """The bits a packed checkpoint quantizes its quantized linears' inputs to (compressed-tensors W8A8: 8), None
-    for weight-only checkpoints."""
+def input_acts(path: str | Path) -> tuple[int, bool] | None:
+    """(bits, fp8) of the inputs a packed checkpoint's quantized linears quantize (compressed-tensors W8A8: (8,
+    False); FP8_DYNAMIC: (8, True)), None for weight-only checkpoints."""
     fmt = packed_format(path)
     if fmt != "compressed-tensors":
         return None
     qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    return FORMATS[fmt].input_act_bits(qc)
+    return FORMATS[fmt].input_acts(qc)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -133,11 +134,14 @@ def packed_layer(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
 
 
 def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], old: torch.nn.Module,
-                 dtype: torch.dtype, cache_dequantized: bool, where: Path) -> tuple[QuantLinear, LayerQuant]:
-    """The QuantLinear replacing module `old` (full name `name`) from its packed tensors, popped from `state`
-    (keyed by full name; its bias too)."""
+                 dtype: torch.dtype, cache_dequantized: bool,
+                 where: Path) -> tuple[QuantLinear | Fp8Linear, LayerQuant]:
+    """The QuantLinear (Fp8Linear for FP8 weights) replacing module `old` (full name `name`) from its packed tensors,
+    popped from `state` (keyed by full name; its bias too)."""
     q, bias, scale_dtype = packed_layer(fmt, qc, name, state, tuple(old.weight.shape), where)
     bias = bias.to(dtype) if bias is not None else None
+    if q.grid.fp8:
+        return Fp8Linear.from_quant(q, bias, scale_dtype, cache_dequantized), q
     return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q
 
 
@@ -177,7 +181,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    prefixes = tuple(f"{n}." for n in layers)  # QuantLinear buffers were filled from the packed tensors
+    prefixes = tuple(f"{n}." for n in layers)  # QuantLinear / Fp8Linear buffers were filled from the packed tensors
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not k.startswith(prefixes) and not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:

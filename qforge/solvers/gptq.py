@@ -17,7 +17,7 @@ import logging
 import torch
 
 from ..utils.tensors import all_finite
-from .grid import Grid, LayerQuant, fit_params, search_params
+from .grid import Grid, LayerQuant, fit_params, round_codes, search_params
 from .inverse_hessian import inverse_hessian_cholesky
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
             s, z = search_params(cols, grid, cost1[i:i + gs]) if scale_search else fit_params(cols, grid)
             ST[i:i + gs], ZT[i:i + gs] = s[None, :], z[None, :]
         s, z, w = ST[i], ZT[i], WT[i]
-        q = torch.div(w, s, out=codes[i]).round_().add_(z).clamp_(0, grid.maxq)   # [out] codes
+        q = round_codes(torch.div(w, s, out=codes[i]), z, grid)             # [out] codes
         torch.mul(q - z, s, out=Q1[i])
         err = torch.sub(w, Q1[i], out=Err1[i]).div_(d[i])
         torch.outer(U1[i, i + 1:], err, out=upd[i + 1:])
@@ -156,9 +156,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
             cols, c = W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs]
             scales[:, k], zeros[:, k] = search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
         del W0
-    # the loop's integer-valued codes and Ŵ as it computed them, each block written straight to its original
+    # the loop's codes (integer-valued, or E4M3 values) and Ŵ as it computed them, each block written straight to its original
     # columns (no permuted copy to undo at the end: a W-sized matrix less at the solve's peak)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
+    codes = torch.zeros(out_f, in_f, dtype=grid.code_dtype, device=dev)
     Q = torch.zeros(out_f, in_f, device=dev)
     row_loss = torch.zeros(out_f, device=dev)                  # [out] sum (w - ŵ)^2 / 2 of each row, in GPTQ's loss
     group_list = group_of_pos.tolist()

@@ -8,6 +8,10 @@ q = clamp(round(w / scale) + zero, 0, maxq),   w_hat = scale * (q - zero)
 Groups run along the input dimension: column j of W [out, in] belongs to group g_idx[j]. Without
 act-order g_idx[j] = j // group_size; a group size that does not divide `in` leaves a smaller
 (ragged) last group. group_size = -1 means one group (per-channel).
+
+FP8 (`fp8=True`, 8 bits, symmetric): the codes are OCP E4M3 (float8_e4m3fn) numbers instead of integers,
+scale = absmax / 448 (E4M3's largest value) and zero = 0:  q = fp8(clamp(w / scale, -448, 448)), w_hat = scale * q.
+The codes are kept as float8_e4m3fn tensors (one byte each, as compressed-tensors "float-quantized" stores them).
 """
 from __future__ import annotations
 
@@ -18,15 +22,27 @@ import torch
 from ..utils.tensors import row_slices
 
 
+FP8_MAX = 448.0   # float8_e4m3fn's largest finite value
+
+
 @dataclass(frozen=True)
 class Grid:
     bits: int
     group_size: int = -1   # -1: per output channel
     sym: bool = True
+    fp8: bool = False      # E4M3 codes (see the module docstring); bits 8, sym
+
+    def __post_init__(self) -> None:
+        if self.fp8 and (self.bits != 8 or not self.sym):
+            raise ValueError(f"an FP8 grid is 8-bit symmetric, got bits {self.bits}, sym {self.sym}")
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.fp8 else torch.uint8
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -48,6 +64,8 @@ def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
         wmin = -wmax
     dead = (wmin == 0) & (wmax == 0)
     wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
+    if grid.fp8:
+        return wmax / FP8_MAX, torch.zeros_like(wmax)
     scale = (wmax - wmin) / grid.maxq
     if grid.sym:
         zero = torch.full_like(scale, float((grid.maxq + 1) // 2))
@@ -73,16 +91,24 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     z, errs = zero.unsqueeze(-1), []
     for k in range(0, steps, chunk):
         s = (p[k:k + chunk, None] * scale0).unsqueeze(-1)           # [P, rows, 1]
-        D = torch.div(W, s).round_().add_(z).clamp_(0, grid.maxq)   # [P, rows, cols] codes, then in place:
+        D = round_codes(torch.div(W, s), z, grid)                   # [P, rows, cols] codes, then in place:
         D.sub_(z).mul_(s).sub_(W).square_().mul_(c)                 # c_j (ŵ - w)^2
         errs.append(D.sum(dim=-1))                                  # [P, rows]
     best = torch.argmin(torch.cat(errs), dim=0)                    # first minimum: p = 1 on ties
     return p[best] * scale0, zero
 
 
-def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes of W [rows, cols] on the grid of scale/zero [..., rows] (broadcast over columns), as fp32."""
-    return torch.clamp(torch.round(W / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+def round_codes(x: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Codes (fp32) of x = w / scale: round(x) + zero clamped to [0, maxq], in place on x; FP8: x rounded to the
+    nearest E4M3 number (ties to even, saturating at ±448; zero is 0), also in place."""
+    if grid.fp8:
+        return x.copy_(x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+    return x.round_().add_(zero).clamp_(0, grid.maxq)
+
+
+def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Codes of W [rows, cols] on the grid of scale/zero [..., rows] (broadcast over columns), as fp32."""
+    return round_codes(W / scale.unsqueeze(-1), zero.unsqueeze(-1), grid)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -98,7 +124,7 @@ def group_index(in_features: int, grid: Grid) -> torch.Tensor:
 class LayerQuant:
     """One quantized linear: everything a packed format needs, in plain tensors.
 
-    codes  [out, in]      uint8 integer codes, in the layer's original column order
+    codes  [out, in]      uint8 integer codes (float8_e4m3fn for an FP8 grid), in the layer's original column order
     scales [out, groups]  fp32
     zeros  [out, groups]  fp32 holding integers (constant 2^(bits-1) when sym)
     g_idx  [in]           int32 group of each input column

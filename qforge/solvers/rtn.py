@@ -1,4 +1,4 @@
-"""Round-to-nearest: each group's min-max grid, every weight rounded independently."""
+"""Round-to-nearest: each group's min-max grid (FP8: absmax / 448), every weight rounded independently."""
 from __future__ import annotations
 
 import torch
@@ -16,11 +16,11 @@ def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
     if full:
         Wg = W[:, : full * g].reshape(out_f * full, g)            # one row per (channel, group)
         scale, zero = fit_params(Wg, grid)
-        parts.append((quantize(Wg, scale, zero, grid.maxq).reshape(out_f, full * g),
+        parts.append((quantize(Wg, scale, zero, grid).reshape(out_f, full * g),
                       scale.reshape(out_f, full), zero.reshape(out_f, full)))
     if full * g < in_f:                                           # ragged last group
         Wr = W[:, full * g:]
         scale, zero = fit_params(Wr, grid)
-        parts.append((quantize(Wr, scale, zero, grid.maxq), scale[:, None], zero[:, None]))
+        parts.append((quantize(Wr, scale, zero, grid), scale[:, None], zero[:, None]))
     codes, scales, zeros = (torch.cat(t, dim=1) for t in zip(*parts))
-    return LayerQuant(grid, codes.to(torch.uint8), scales, zeros, group_index(in_f, grid), info={"method": "rtn"})
+    return LayerQuant(grid, codes.to(grid.code_dtype), scales, zeros, group_index(in_f, grid), info={"method": "rtn"})

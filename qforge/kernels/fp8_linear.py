@@ -1,0 +1,71 @@
+"""Fp8Linear: a linear layer holding FP8 (E4M3) weights with one scale per output channel, as compressed-tensors
+"float-quantized" stores them (formats/compressed_tensors.py):
+
+  weight        float8_e4m3fn [out, in]
+  weight_scale  [out, 1]          in the dtype the checkpoint stored it in (casting it would change the model)
+  bias          [out] or None
+
+W = weight_scale * weight. The forward pass is the PyTorch path on every device: the weight dequantized to the
+input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and device, at the memory
+of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
+GEMMs quantize their inputs; serving speed is vLLM's business, this module is for evaluating and generating.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..solvers import Grid, LayerQuant
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scale_dtype: torch.dtype = torch.float32,
+                 cache: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.cache = in_features, out_features, cache
+        self.grid = Grid(8, -1, True, fp8=True)
+        self._w_cache: torch.Tensor | None = None
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=scale_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
+                   cache: bool = False) -> "Fp8Linear":
+        if not q.grid.fp8 or q.scales.shape[1] != 1:
+            raise ValueError("Fp8Linear takes a per-channel FP8 layer")
+        out_f, in_f = q.shape
+        m = cls(in_f, out_f, bias is not None, scale_dtype, cache)
+        m.weight.copy_(q.codes)
+        m.weight_scale.copy_(q.scales)
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    def to_quant(self) -> LayerQuant:
+        scales = self.weight_scale.float().reshape(-1, 1).contiguous()
+        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales),
+                          torch.zeros(self.in_features, dtype=torch.int32), info={})
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [out, in] in `dtype` (the product is exact in fp32: a 4-bit by <= 24-bit significand)."""
+        return (self.weight.float() * self.weight_scale.float()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._w_cache
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self.dequantized(x.dtype)
+            if self.cache:
+                self._w_cache = w
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def clear_cache(self) -> None:
+        self._w_cache = None
+
+    def _apply(self, fn, recurse=True):
+        self._w_cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8=e4m3, per-channel"
