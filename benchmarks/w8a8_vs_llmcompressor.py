@@ -1,7 +1,10 @@
 """W8A8 (int8 per-channel weights, dynamic per-token int8 inputs) on SmolLM2-135M: qforge vs llm-compressor 0.14,
-side by side, each exported as compressed-tensors int-quantized and scored by the same evaluation.
+side by side, each exported as compressed-tensors int-quantized and scored by the same evaluation. `--scheme fp8`:
+the same for FP8 (E4M3 per-channel weights, dynamic per-token E4M3 inputs: llm-compressor's FP8_DYNAMIC), exported
+as float-quantized.
 
-    PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4]
+    PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
+        [--scheme {int8,fp8}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -45,6 +48,10 @@ def main():
     ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
     if mode == "rtn":
         recipe = [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    elif mode == "fp8-rtn":
+        recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+    elif mode == "fp8-gptq":
+        recipe = [GPTQModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     else:
         recipe = [SmoothQuantModifier(smoothing_strength=0.8),
                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
@@ -79,6 +86,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
+    ap.add_argument("--scheme", choices=("int8", "fp8"), default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -90,11 +98,20 @@ def main() -> None:
     base = qforge.load("smollm2-135m")
     samples = build_calibration("builtin:mix", base.tokenizer, a.nsamples, 512, seed=0).samples
     w8a8 = dict(bits=8, group_size=-1, sym=True, act_bits=8)
-    runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **w8a8)),
-            ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **w8a8)),
-            ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **w8a8)),
-            ("llm-compressor", "RTN", "rtn"),
-            ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
+    fp8 = a.scheme == "fp8"
+    if fp8:
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **w8a8)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **w8a8)),
+                ("qforge", "GPTQ act-order", qforge.QuantizeConfig(method="gptq", fp8=True, act_order=True, **w8a8)),
+                ("llm-compressor", "RTN", "fp8-rtn"),
+                ("llm-compressor", "GPTQ", "fp8-gptq")]
+    else:
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **w8a8)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **w8a8)),
+                ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **w8a8)),
+                ("llm-compressor", "RTN", "rtn"),
+                ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
+    name = "FP8 W8A8" if fp8 else "W8A8"
     rows = []
 
     def score(label, tool, qm, secs):
@@ -119,12 +136,12 @@ def main() -> None:
                     continue
                 secs = json.loads(line[7:])["seconds"]
             qm = qforge.load(out)
-            assert qm.act_bits == 8, f"{out}: not a W8A8 checkpoint"
-            score(f"W8A8 {label}", tool, qm, secs)
+            assert qm.act_bits == 8 and qm.act_fp8 == fp8, f"{out}: not a {name} checkpoint"
+            score(f"{name} {label}", tool, qm, secs)
             if k == 0:                               # the same weights on unquantized inputs
                 qm.packed_act_bits = None
-                score("W8A16 (the RTN weights, fp inputs)", tool, qm, None)
-    print(f"\n## W8A8 on SmolLM2-135M: {a.nsamples} x 512 calibration tokens (builtin:mix), perplexity on the first "
+                score(f"{'FP8 ' if fp8 else ''}W8A16 (the RTN weights, fp inputs)", tool, qm, None)
+    print(f"\n## {name} on SmolLM2-135M: {a.nsamples} x 512 calibration tokens (builtin:mix), perplexity on the first "
           f"{a.max_windows} windows of 2048 tokens, evaluated by qforge\n")
     print(format_table(["scheme", "tool", "quantize s", *(f"{d} ppl" for d in datasets)], rows))
 

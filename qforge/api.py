@@ -455,7 +455,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
     rows = []
     # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
-    with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits):
+    with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits,
+                                                                                     fp8=sim.fp8):
         for spec in ([datasets] if isinstance(datasets, str) else datasets):
             text = load_eval_text(spec)
             t0 = time.perf_counter()
@@ -492,5 +493,5 @@ def _apply_simulated_weights(qm: QModel, sim: SimulationConfig, batch_size: int)
         calib = build_calibration(c.source, qm.tokenizer, c.nsamples, c.seqlen, c.seed)
         smooth_model(qm.model, calib.samples, sim.smoothquant, batch_size=max(batch_size, 4))
     if sim.weight_bits:
-        qm.config = QuantizeConfig(method="rtn", bits=sim.weight_bits, group_size=sim.weight_group_size)
+        qm.config = QuantizeConfig(method="rtn", bits=sim.weight_bits, group_size=sim.weight_group_size, fp8=sim.fp8)
         qm.quantize(None)

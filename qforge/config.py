@@ -271,6 +271,8 @@ class SimulationConfig(_JsonMixin):
     kv_group_size: int = -1              # channels of head_dim per KV scale (-1: the whole head)
     smoothquant: float | None = None     # alpha
     calib: CalibrationConfig = CalibrationConfig(nsamples=32, seqlen=512)
+    fp8: bool = False                    # weights (8 bits, per channel) and inputs on E4M3 grids instead of int8
+
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, dict):
@@ -285,6 +287,11 @@ class SimulationConfig(_JsonMixin):
                f"KV group size must be -1 or positive, got {self.kv_group_size!r}")
         _check(self.smoothquant is None or 0.0 <= self.smoothquant <= 1.0,
                f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant!r}")
+        if self.fp8:
+            _check(self.weight_bits in (None, 8) and self.weight_group_size == -1 and self.act_bits in (None, 8)
+                   and (self.weight_bits or self.act_bits),
+                   "simulated FP8 is E4M3 weights (8 bits, per channel) and/or inputs (8 bits): "
+                   f"got weight bits {self.weight_bits}, group size {self.weight_group_size}, act bits {self.act_bits}")
 
     @property
     def active(self) -> bool:
@@ -293,7 +300,7 @@ class SimulationConfig(_JsonMixin):
     @property
     def label(self) -> str:
         """W4A8, W16A16 KV4 ... in the paper's notation (W16/A16: not simulated here)."""
-        s = f"W{self.weight_bits or 16}A{self.act_bits or 16}"
+        s = ("FP8 " if self.fp8 else "") + f"W{self.weight_bits or 16}A{self.act_bits or 16}"
         if self.kv_bits:
             s += f" KV{self.kv_bits}"
         if self.smoothquant is not None:

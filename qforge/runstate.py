@@ -106,7 +106,8 @@ class BlockStore:
         t.update({f"awq.clip.{n}": c.cpu().contiguous() for n, c in awq.clips.items()})
         t.update({f"smoothquant.{u}": s.cpu().contiguous() for u, s in (smoothquant or {}).items()})
         grids = {n: [q.grid.bits, q.grid.group_size, q.grid.sym, q.grid.fp8] for n, q in layers.items()}
-        meta = {"layers": json.dumps({n: {"grid": grids[n], "info": q.info} for n, q in layers.items()}), "alphas": json.dumps(awq.alphas),
+        meta = {"layers": json.dumps({n: {"grid": grids[n], "info": q.info} for n, q in layers.items()}),
+                "alphas": json.dumps(awq.alphas),
                 "rebuilt": json.dumps(rebuilt)}
         final = self.path / f"block_{i}.safetensors"
         tmp = final.with_name(f".{final.name}.tmp")

@@ -139,11 +139,13 @@ def test_transformers_loads_qforge_compressed_tensors_export(exports, tmp_path):
 
 
 @pytest.mark.parametrize("task,fmt", [("llmc-quantize", "compressed-tensors"), ("gptqmodel-quantize-tiny", "gptq"),
-                                      ("llmc-w8a8-tiny", "compressed-tensors")])
+                                      ("llmc-w8a8-tiny", "compressed-tensors"),
+                                      ("llmc-fp8-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
-    Llama (int-quantized; its model object quantizes the inputs as it runs, and so must qforge's)."""
+    Llama (int-quantized; its model object quantizes the inputs as it runs, and so must qforge's), and its FP8_DYNAMIC
+    (float-quantized, E4M3 inputs per token)."""
     src, n_linears = resolve_model("smollm2-135m"), 30 * 7
     if task.endswith("-tiny"):
         src, n_linears = tiny_dir("llama", tiny_tokenizer, tmp_path / "src"), 2 * 7
@@ -151,6 +153,11 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ours = qforge_side(tmp_path / "worker" / "ckpt")
     m = ours[0]["model"]
     assert m.packed_format == fmt and len(m.result.layers) == n_linears
+    if "fp8" in task:                    # E4M3 inputs, max|x| / 448 per token: the same rule on both sides
+        assert m.act_bits == 8 and m.act_fp8
+        assert all(q.grid.fp8 for q in m.result.layers.values())
+        assert_same_model(theirs, ours)
+        return
     if "w8a8" not in task:
         assert_same_model(theirs, ours)
         return

@@ -113,6 +113,18 @@ def test_float_quantized_round_trip_is_bit_exact(act_bits):
     assert ct.grid_for(qc, "a") == FP8
 
 
+def test_fp8_linear_matches_its_layer_and_keeps_its_codes_through_to():
+    torch.manual_seed(2)
+    q = rtn(torch.randn(24, 40), FP8)
+    lin = Fp8Linear.from_quant(q, torch.randn(24), torch.float32)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(lin(x), x @ q.dequantize().t() + lin.bias, rtol=1e-6, atol=1e-6)
+    lin.to(torch.bfloat16)
+    assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.dtype == torch.bfloat16
+    assert torch.equal(lin.to_quant().codes.view(torch.uint8), q.codes.view(torch.uint8))
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_float_weights_other_tools_write_in_blocks_are_refused():
     w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [128, 128]}
     with pytest.raises(QForgeError, match="per channel or tensor"):
@@ -186,3 +198,19 @@ def test_fp8_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path, capsy
     assert main(["quantize", str(tiny_llama_dir), "--fp8", "--out", str(tmp_path / "bad")]) == 2
     assert "one scale per output channel" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_simulated_fp8_is_the_fp8_dynamic_rtn_model(tiny_llama_dir):
+    """eval --w-bits 8 --act-bits 8 --fp8 on the fp model scores what the quantized FP8_DYNAMIC RTN model scores."""
+    sim = qforge.SimulationConfig(weight_bits=8, act_bits=8, fp8=True)
+    assert sim.label == "FP8 W8A8"
+    simulated = qforge.evaluate(qforge.load(tiny_llama_dir), "wiki", seqlen=64, max_windows=2, simulate=sim)[0]
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(**FP8_DYNAMIC))
+    m.quantize(None)
+    assert simulated["ppl"] == qforge.evaluate(m, "wiki", seqlen=64, max_windows=2)[0]["ppl"]
+    int8 = qforge.SimulationConfig(weight_bits=8, act_bits=8)
+    assert qforge.evaluate(qforge.load(tiny_llama_dir), "wiki", seqlen=64, max_windows=2,
+                           simulate=int8)[0]["ppl"] != simulated["ppl"]
+    for bad in (dict(weight_bits=4), dict(weight_bits=8, weight_group_size=32), dict(act_bits=4), dict()):
+        with pytest.raises(QForgeError, match="simulated FP8"):
+            qforge.SimulationConfig(fp8=True, **{"act_bits": 8, **bad} if bad else {})

@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--kv-bits", type=int, choices=[8, 4, 3, 2], help="keys and values entering the KV cache")
     sim.add_argument("--kv-group-size", type=int, default=-1, help="head_dim channels per KV scale (-1: whole head)")
     sim.add_argument("--smoothquant", type=float, metavar="ALPHA", help="fold SmoothQuant scales in first")
+    sim.add_argument("--fp8", action="store_true",
+                     help="E4M3 instead of int: --w-bits 8 weights per channel, --act-bits 8 inputs per token")
     sim.add_argument("--calib", default="builtin:mix", help="SmoothQuant's calibration data")
     sim.add_argument("--nsamples", type=COUNT, default=32)
     sim.add_argument("--calib-seqlen", type=_at_least(2), default=512)
@@ -618,7 +620,7 @@ def cmd_eval(a) -> int:
     from ..config import SimulationConfig
 
     sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, a.kv_bits, a.kv_group_size, a.smoothquant,
-                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen))
+                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen), fp8=a.fp8)
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
                            device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
@@ -660,7 +662,8 @@ def cmd_demo(a) -> int:
     s = m.storage()
     acts = f"A{cfg.act_bits}" + (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") \
         if cfg.act_bits else ""
-    label = (f"{cfg.method} {'FP8 ' if cfg.fp8 else ''}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
+    fp8 = "FP8 " if cfg.fp8 else ""
+    label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
              f"{'sym' if cfg.sym else 'asym'}")
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]

@@ -64,8 +64,13 @@ class Fp8Linear(nn.Module):
         self._w_cache = None
 
     def _apply(self, fn, recurse=True):
+        """`.to(dtype)` casts every floating buffer: the E4M3 codes come back to float8 (exactly: every E4M3 value is
+        a bf16, fp16 and fp32 value); the scale takes the new dtype, as QuantLinear's scales do."""
         self._w_cache = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float8_e4m3fn:
+            self.weight = self.weight.to(torch.float8_e4m3fn)
+        return out
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8=e4m3, per-channel"

@@ -156,8 +156,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
             cols, c = W0[:, k * gs:(k + 1) * gs], c0[k * gs:(k + 1) * gs]
             scales[:, k], zeros[:, k] = search_params(cols, grid, c) if scale_search else fit_params(cols, grid)
         del W0
-    # the loop's codes (integer-valued, or E4M3 values) and Ŵ as it computed them, each block written straight to its original
-    # columns (no permuted copy to undo at the end: a W-sized matrix less at the solve's peak)
+    # the loop's codes (integer-valued, or E4M3 values) and Ŵ as it computed them, each block written straight to its
+    # original columns (no permuted copy to undo at the end: a W-sized matrix less at the solve's peak)
     codes = torch.zeros(out_f, in_f, dtype=grid.code_dtype, device=dev)
     Q = torch.zeros(out_f, in_f, device=dev)
     row_loss = torch.zeros(out_f, device=dev)                  # [out] sum (w - ŵ)^2 / 2 of each row, in GPTQ's loss

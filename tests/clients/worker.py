@@ -10,6 +10,8 @@ Tasks:
   gptqmodel-quantize  GPTQModel W4 g64 on MODEL_DIR, saved to OUT_DIR/ckpt
   llmc-w8a8-tiny   llm-compressor QuantizationModifier scheme W8A8 (int8 per-channel weights, dynamic per-token int8
                    inputs) on a tiny model, saved compressed (int-quantized) to OUT_DIR/ckpt
+  llmc-fp8-tiny    the same with scheme FP8_DYNAMIC (E4M3 per-channel weights, dynamic per-token E4M3 inputs), saved
+                   float-quantized
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
 """
@@ -99,12 +101,13 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task == "llmc-w8a8-tiny":           # the model object quantizes its inputs as it runs (as vLLM will)
+    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny"):   # the model object quantizes its inputs as it runs (as vLLM)
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        oneshot(model=m, recipe=QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]))
+        scheme = "W8A8" if task == "llmc-w8a8-tiny" else "FP8_DYNAMIC"
+        oneshot(model=m, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
