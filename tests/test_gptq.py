@@ -580,6 +580,12 @@ def test_column_loop_choice_follows_the_device():
     assert column_loop_for("cuda") is (triton_column_loop if triton_matmul.available() else column_loop)
     with pytest.raises(ValueError, match="256 columns"):
         triton_column_loop(torch.zeros(4, 512), torch.eye(512), Grid(4, 32), 32)
+    with pytest.raises(ValueError, match="FP8 grids"):
+        triton_column_loop(torch.zeros(4, 64), torch.eye(64), Grid(8, -1, True, fp8=True), 64)
+    from qforge.pipeline import gptq_options
+
+    fp8 = QuantizeConfig(method="gptq", bits=8, group_size=-1, fp8=True)
+    assert gptq_options(fp8, "cuda")["loop"] is column_loop                     # the pipeline never hands it FP8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -136,6 +136,8 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
                        block_r: int = 16):
     """solvers.gptq.column_loop's contract (same arguments and results), one kernel launch per block."""
     R, b = W1.shape
+    if grid.fp8:
+        raise ValueError("the GPTQ loop kernel rounds to integer grids; FP8 grids take solvers.gptq.column_loop")
     if b > 256:
         raise ValueError(f"the GPTQ loop kernel holds at most 256 columns per block, got {b}")
     fit = S is None
