@@ -107,11 +107,11 @@ class GPTAQSolver(GPTQSolver):
 
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
-    with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py;
-    GPTAQ's extra term and FP8's rounding run in the reference loop)."""
+    with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py, GPTAQ's
+    extra term included; FP8's rounding runs in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
-                loop=column_loop if cfg.gptaq is not None or cfg.fp8 else column_loop_for(device))
+                loop=column_loop if cfg.fp8 else column_loop_for(device))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver

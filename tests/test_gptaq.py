@@ -77,6 +77,24 @@ def test_gptaq_on_identical_inputs_is_gptq(opts):
     assert (a.info["method"], b.info["method"]) == ("gptq", "gptaq")
 
 
+@pytest.mark.parametrize("grid,opts", [(Grid(3, -1, True), {}), (Grid(4, 16, False), dict(scale_search=True)),
+                                       (Grid(4, 16, True), dict(act_order=True))])
+def test_the_triton_column_loop_takes_gptaqs_term(grid, opts):
+    """CUDA's one-kernel loop, in Triton's interpreter, with P1: the reference loop's GPTAQ result exactly."""
+    from qforge.kernels import triton_matmul
+    from qforge.kernels.gptq_loop import triton_column_loop
+
+    if not triton_matmul.available():
+        pytest.skip("triton is not installed")
+    X, Xq, W = asymmetric_inputs(2)
+    H, dXXT = statistics(X, Xq)
+    want = gptq(W, H, grid, block_size=32, dXXT=dXXT, **opts)
+    got = gptq(W, H, grid, block_size=32, dXXT=dXXT, loop=triton_column_loop, **opts)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert torch.equal(got.w_hat, want.w_hat)
+    assert not torch.equal(want.codes, gptq(W, H, grid, block_size=32, **opts).codes)   # the term did something
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("bits,group", [(3, -1), (4, 16), (3, 16)])
 def test_gptaq_lowers_the_error_against_the_fp_model(seed, bits, group):

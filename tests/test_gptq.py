@@ -589,14 +589,21 @@ def test_column_loop_choice_follows_the_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("opts", [{}, {"scale_search": True}, {"act_order": True, "static_groups": True}])
+@pytest.mark.parametrize("opts", [{}, {"scale_search": True}, {"act_order": True, "static_groups": True},
+                                  {"scale_search": True, "gptaq": True}])
 def test_compiled_column_loop_on_cuda_matches_the_reference(opts):
     """The compiled kernel (enable_fp_fusion off, IEEE divisions) against the CPU reference: only the blocks'
     lazy updates (cuBLAS vs the CPU's BLAS) differ, so nearly every code agrees."""
     X = correlated_inputs(d=512)
     W = torch.randn(300, 512, generator=torch.Generator().manual_seed(4))
     grid = Grid(4, 128, False)
+    opts = dict(opts)
+    if opts.pop("gptaq", False):                  # GPTAQ's P1 term in the kernel: an asymmetric dXXT
+        Xq = X + 0.1 * torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
+        opts["dXXT"] = 2 / len(X) * (X - Xq).t() @ Xq
     want = gptq(W, hessian(X), grid, **opts)
+    if "dXXT" in opts:
+        opts["dXXT"] = opts["dXXT"].cuda()
     got = gptq(W.cuda(), hessian(X).cuda(), grid, loop=column_loop_for("cuda"), **opts)
     assert column_loop_for("cuda") is triton_column_loop
     assert float((got.codes.cpu() == want.codes).float().mean()) > 0.995

@@ -176,10 +176,11 @@ def test_every_tuner_candidate_compiles_for_hopper(M):
 
 
 @hopper
-@pytest.mark.parametrize("bits,sym,fit,search,b", [(4, False, True, True, 128), (3, True, True, False, 128),
-                                                   (2, True, False, False, 64), (8, False, True, True, 256)])
-def test_gptq_loop_kernel_compiles_for_hopper_without_spills(bits, sym, fit, search, b):
-    r = aot.gptq_loop_report(b, bits, sym, fit, search)
+@pytest.mark.parametrize("bits,sym,fit,search,b,gptaq", [
+    (4, False, True, True, 128, False), (3, True, True, False, 128, False), (2, True, False, False, 64, False),
+    (8, False, True, True, 256, False), (4, True, True, True, 128, True)])
+def test_gptq_loop_kernel_compiles_for_hopper_without_spills(bits, sym, fit, search, b, gptaq):
+    r = aot.gptq_loop_report(b, bits, sym, fit, search, gptaq=gptaq)
     assert r["stack"] <= 64 and r["local"] == 0                         # (Triton 3.6 keeps 8 bytes in one case)
 
 

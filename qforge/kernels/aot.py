@@ -96,8 +96,8 @@ def _matmul_build(signature: tuple, constexprs: tuple, aligned: frozenset, num_w
 
 
 def gptq_loop_report(b: int, grid_bits: int = 4, sym: bool = False, fit: bool = True, search: bool = True,
-                     block_r: int = 16, capability: int = 90) -> dict:
-    """compile_report of the GPTQ column-loop kernel for a block of b columns."""
+                     block_r: int = 16, capability: int = 90, gptaq: bool = False) -> dict:
+    """compile_report of the GPTQ column-loop kernel for a block of b columns (`gptaq`: with GPTAQ's P1 term)."""
     from . import gptq_loop
 
     if not available():
@@ -106,9 +106,9 @@ def gptq_loop_report(b: int, grid_bits: int = 4, sym: bool = False, fit: bool = 
     gptq_loop._kernel(False)                        # binds the module's triton globals
     bb = gptq_loop.block_width(b)
     signature = {n: "*fp32" for n in ("w_ptr", "u_ptr", "s_ptr", "z_ptr", "c_ptr", "p_ptr", "codes_ptr", "q_ptr",
-                                      "e_ptr")} | dict(R="i32", b="i32", gs="i32")
+                                      "e_ptr", "p1_ptr")} | dict(R="i32", b="i32", gs="i32")
     constexprs = dict(MAXQ=2**grid_bits - 1, SYM=sym, FIT=fit, SEARCH=search, STEPS=gptq_loop.SEARCH_STEPS,
-                      BLOCK_R=block_r, BB=bb)
+                      BLOCK_R=block_r, BB=bb, HAS_P=gptaq)
     aligned = {n for n in signature if n.endswith("_ptr")} | {"R", "b"}
     return compile_report(gptq_loop._body, signature, constexprs, aligned, gptq_loop.num_warps(bb), 1, capability,
                           enable_fp_fusion=False)

@@ -8,7 +8,10 @@ grid.search_params), quantize, and subtract err · U1[i, i:] from the later colu
 reference: round half to even, IEEE divisions (tl.div_rn), the search's shrink factors read from the
 same tensor, and no fused multiply-adds (enable_fp_fusion=False): the reference's arithmetic, step for step.
 
-Tensors are fp32 and contiguous: W1, S, Z [out, b]; U1 [b, b]; cost1 [b]. Compiled for CUDA tensors,
+GPTAQ (P1 given, HAS_P): column i also moves the later columns by w_i · P1[i, i+1:] (w_i before rounding), in the
+reference's order: W -= (err · U1[i] - w · P1[i]).
+
+Tensors are fp32 and contiguous: W1, S, Z [out, b]; U1, P1 [b, b]; cost1 [b]. Compiled for CUDA tensors,
 run by Triton's interpreter for CPU ones (the tests).
 """
 from __future__ import annotations
@@ -25,9 +28,9 @@ triton = tl = None                          # imported on first use, as in trito
 SEARCH_STEPS, MIN_SHRINK = 26, 0.5          # grid.search_params' defaults
 
 
-def _body(w_ptr, u_ptr, s_ptr, z_ptr, c_ptr, p_ptr, codes_ptr, q_ptr, e_ptr, R, b, gs,
+def _body(w_ptr, u_ptr, s_ptr, z_ptr, c_ptr, p_ptr, codes_ptr, q_ptr, e_ptr, p1_ptr, R, b, gs,
           MAXQ: tl.constexpr, SYM: tl.constexpr, FIT: tl.constexpr, SEARCH: tl.constexpr, STEPS: tl.constexpr,
-          BLOCK_R: tl.constexpr, BB: tl.constexpr):
+          BLOCK_R: tl.constexpr, BB: tl.constexpr, HAS_P: tl.constexpr):
     RINT: tl.constexpr = 12582912.0             # 1.5 · 2^23: (x + RINT) - RINT rounds |x| < 2^22 half to even
     BIG: tl.constexpr = 3.0e38
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -92,7 +95,11 @@ def _body(w_ptr, u_ptr, s_ptr, z_ptr, c_ptr, p_ptr, codes_ptr, q_ptr, e_ptr, R, 
         wq = (q - z_i) * s_i
         err = tl.div_rn(w - wq, tl.load(u_ptr + i * b + i))
         u = tl.load(u_ptr + i * b + cols, mask=c_ok & (cols >= i), other=0.0)
-        W = W - err[:, None] * u[None, :]
+        if HAS_P:                                                        # GPTAQ: the reference's upd, then W - upd
+            p = tl.load(p1_ptr + i * b + cols, mask=c_ok & (cols > i), other=0.0)
+            W = W - (err[:, None] * u[None, :] - w[:, None] * p[None, :])
+        else:
+            W = W - err[:, None] * u[None, :]
         C = tl.where(here, q[:, None], C)
         Q = tl.where(here, wq[:, None], Q)
         E = tl.where(here, err[:, None], E)
@@ -133,8 +140,9 @@ def num_warps(bb: int) -> int:
 
 def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torch.Tensor | None = None,
                        Z: torch.Tensor | None = None, cost1: torch.Tensor | None = None, scale_search: bool = False,
-                       block_r: int = 16):
-    """solvers.gptq.column_loop's contract (same arguments and results), one kernel launch per block."""
+                       P1: torch.Tensor | None = None, block_r: int = 16):
+    """solvers.gptq.column_loop's contract (same arguments and results, GPTAQ's P1 included), one kernel launch per
+    block."""
     R, b = W1.shape
     if grid.fp8:
         raise ValueError("the GPTQ loop kernel rounds to integer grids; FP8 grids take solvers.gptq.column_loop")
@@ -148,10 +156,12 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
     codes, Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
     BB = block_width(b)
     kernel = _kernel(not W1.is_cuda)
-    kernel[(-(-R // block_r),)](W1, U1.float().contiguous(), S, Z, cost1, _shrinks(W1.device), codes, Q1, Err1,
+    U1, has_p = U1.float().contiguous(), P1 is not None
+    P1 = P1.float().contiguous() if has_p else U1                      # not read without HAS_P
+    kernel[(-(-R // block_r),)](W1, U1, S, Z, cost1, _shrinks(W1.device), codes, Q1, Err1, P1,
                                 R, b, gs, MAXQ=grid.maxq, SYM=grid.sym, FIT=fit, SEARCH=scale_search,
-                                STEPS=SEARCH_STEPS, BLOCK_R=block_r, BB=BB, num_warps=num_warps(BB), num_stages=1,
-                                enable_fp_fusion=False)
+                                STEPS=SEARCH_STEPS, BLOCK_R=block_r, BB=BB, HAS_P=has_p,
+                                num_warps=num_warps(BB), num_stages=1, enable_fp_fusion=False)
     return codes, Q1, Err1, S, Z
 
 

@@ -100,7 +100,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     for the next call with the same visiting order and damping (one [in, in] matrix: the latest order's).
     H is read only until U is made. Given as a one-element list, it is handed over: gptq empties the list, so when
     the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
-    dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): needs a loop taking P1 (column_loop).
+    dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): the loop is handed P1.
     """
     if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
         H = H.pop()
