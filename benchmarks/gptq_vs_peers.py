@@ -41,7 +41,7 @@ CONFIGS = {  # name -> (bits, group, act_order, sym)
 # the range search since session 17); -noclip / -clip: AWQ scales without / with the clipping search;
 # -minmax: GPTQ with plain min-max group ranges (no scale search; the default before session 16); -bf16 / -fp32: calibration passes in bfloat16 / float32 (compute_dtype; bf16 was
 # the default in sessions 17-37, fp32 before; since session 38 "auto": bf16 where native, else fp32); llmcompressor-bf16: the model cast to bf16 first, as a bf16
-# checkpoint loads; -gptaq / gptqmodel-gptaq: GPTAQ (GPTQv2) at alpha 0.25, GPTQModel's default
+# checkpoint loads; -gptaq / gptqmodel-gptaq: GPTAQ (GPTQv2) at --gptaq-alpha (0.25, GPTQModel's default)
 TOOLS = ("qforge-rtn", "qforge-gptq", "qforge-gptq-gar", "qforge-gptq-gar-bf16", "qforge-gptq-gar-fp32", "qforge-gptq-bf16", "qforge-gptq-gar-minmax", "qforge-gptq-minmax", "qforge-gptq-static", "qforge-gptq-static-nts", "llmcompressor", "llmcompressor-bf16",
          "gptqmodel", "gptqmodel-mse", "qforge-gptq-gar-gptaq", "gptqmodel-gptaq",
          "qforge-awq", "qforge-awq+gptq", "llmcompressor-awq", "qforge-awq-noclip", "qforge-awq+gptq-noclip", "qforge-awq+gptq-clip")
@@ -193,13 +193,13 @@ def worker(args) -> None:
                                  damp=args.qforge_damp,
                                  scale_search=False if "minmax" in flags else None,
                                  compute_dtype="bfloat16" if "bf16" in flags else "float32" if "fp32" in flags else None,
-                                 gptaq=0.25 if "gptaq" in flags else None)
+                                 gptaq=args.gptaq_alpha if "gptaq" in flags else None)
     elif args.tool in ("llmcompressor", "llmcompressor-bf16"):
         secs, state = run_llmcompressor(bits, group, act_order, samples,
                                         torch.bfloat16 if args.tool.endswith("bf16") else torch.float32)
     else:
         secs, state = run_gptqmodel(bits, group, act_order, samples, mse=2.4 if args.tool.endswith("-mse") else 0.0,
-                                    gptaq=0.25 if args.tool.endswith("-gptaq") else None)
+                                    gptaq=args.gptaq_alpha if args.tool.endswith("-gptaq") else None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lm = load_model("smollm2-135m")
     changed = 0
@@ -215,6 +215,8 @@ def worker(args) -> None:
     ppl = {d: perplexity(model, lm.tokenizer, load_eval_text(d), args.seqlen, args.max_windows,
                          show_progress=False)["ppl"] for d in args.datasets.split(",")}
     extra = {"damp": args.qforge_damp} if args.tool.startswith("qforge") and args.qforge_damp != 0.01 else {}
+    if args.tool.endswith("-gptaq"):
+        extra["gptaq_alpha"] = args.gptaq_alpha
     print("RESULT " + json.dumps({"tool": args.tool, "config": args.config, **extra, "seconds": secs, "peak_rss_mb": rss,
                                   "changed_linears": changed, "ppl": ppl}), flush=True)
 
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=0, help="use the first N samples of --calib (0: all)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_vs_peers.jsonl"))
     ap.add_argument("--qforge-damp", type=float, default=0.01, help="qforge's GPTQ damping (gptqmodel's default is 0.05)")
+    ap.add_argument("--gptaq-alpha", type=float, default=0.25, help="the -gptaq tools' alpha (GPTQModel's default)")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"))
     a = ap.parse_args()
     if a.worker:
@@ -242,7 +245,8 @@ def main() -> None:
             if not wanted(tool, config):
                 continue
             cmd = [sys.executable, __file__, "--worker", tool, config, "--calib", str(a.calib), "--nsamples", str(a.nsamples), "--datasets",
-                   a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows), "--qforge-damp", str(a.qforge_damp)]
+                   a.datasets, "--seqlen", str(a.seqlen), "--max-windows", str(a.max_windows), "--qforge-damp", str(a.qforge_damp),
+                   "--gptaq-alpha", str(a.gptaq_alpha)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="."))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:

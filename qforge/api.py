@@ -452,7 +452,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     tuner = tune_kernels(qm.model, device, kernel_picks) if tune else None
     if weights is None:
         qm.model.to(device)
-    make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size)
+    make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
     rows = []
     # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
     with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits,

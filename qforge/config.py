@@ -272,6 +272,7 @@ class SimulationConfig(_JsonMixin):
     smoothquant: float | None = None     # alpha
     calib: CalibrationConfig = CalibrationConfig(nsamples=32, seqlen=512)
     fp8: bool = False                    # weights (8 bits, per channel) and inputs on E4M3 grids instead of int8
+    kv_fp8: bool = False                 # keys and values cast to E4M3 (per-tensor scale 1, as vLLM's fp8 cache)
 
 
     def __post_init__(self) -> None:
@@ -287,6 +288,7 @@ class SimulationConfig(_JsonMixin):
                f"KV group size must be -1 or positive, got {self.kv_group_size!r}")
         _check(self.smoothquant is None or 0.0 <= self.smoothquant <= 1.0,
                f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant!r}")
+        _check(not self.kv_fp8 or self.kv_bits == 8, f"an FP8 KV cache is 8 bits, got kv bits {self.kv_bits}")
         if self.fp8:
             _check(self.weight_bits in (None, 8) and self.weight_group_size == -1 and self.act_bits in (None, 8)
                    and (self.weight_bits or self.act_bits),
@@ -302,7 +304,7 @@ class SimulationConfig(_JsonMixin):
         """W4A8, W16A16 KV4 ... in the paper's notation (W16/A16: not simulated here)."""
         s = ("FP8 " if self.fp8 else "") + f"W{self.weight_bits or 16}A{self.act_bits or 16}"
         if self.kv_bits:
-            s += f" KV{self.kv_bits}"
+            s += " KV FP8" if self.kv_fp8 else f" KV{self.kv_bits}"
         if self.smoothquant is not None:
             s += f" SmoothQuant({self.smoothquant:g})"
         return s

@@ -214,3 +214,32 @@ def test_simulated_fp8_is_the_fp8_dynamic_rtn_model(tiny_llama_dir):
     for bad in (dict(weight_bits=4), dict(weight_bits=8, weight_group_size=32), dict(act_bits=4), dict()):
         with pytest.raises(QForgeError, match="simulated FP8"):
             qforge.SimulationConfig(fp8=True, **{"act_bits": 8, **bad} if bad else {})
+
+
+def test_an_fp8_kv_cache_holds_e4m3_keys_and_values(tiny_llama_dir):
+    from qforge.eval.simulate import QuantizedKVCache
+
+    m = qforge.load(tiny_llama_dir).model
+    x = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    cache = QuantizedKVCache(m.config, 8, fp8=True)
+    with torch.no_grad():
+        out = m(input_ids=x, past_key_values=cache, use_cache=True).logits
+        base = m(input_ids=x).logits
+    for layer in cache.layers:
+        assert _is_e4m3(layer.keys) and _is_e4m3(layer.values)   # per-tensor scale 1: the values themselves
+    assert 0 < (out - base).abs().max() < 0.1 * base.abs().max()
+    sim = qforge.SimulationConfig(kv_bits=8, kv_fp8=True)
+    assert sim.label == "W16A16 KV FP8"
+    with pytest.raises(QForgeError, match="FP8 KV cache is 8 bits"):
+        qforge.SimulationConfig(kv_bits=4, kv_fp8=True)
+
+
+def test_eval_simulates_fp8_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
+    from qforge.cli.main import main
+
+    js = tmp_path / "r.json"
+    assert main(["-q", "eval", str(tiny_llama_dir), "--dataset", "wiki", "--seqlen", "32", "--max-windows", "2",
+                 "--w-bits", "8", "--act-bits", "8", "--fp8", "--kv-fp8", "--json", str(js)]) == 0
+    assert "simulated FP8 W8A8 KV FP8" in capsys.readouterr().out
+    sim = json.loads(js.read_text())[0]["simulation"]
+    assert sim["fp8"] and sim["kv_fp8"] and sim["kv_bits"] == 8

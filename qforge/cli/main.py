@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--w-group-size", type=int, default=-1, help="weight group size (-1: per channel)")
     sim.add_argument("--act-bits", type=int, choices=[8, 4], help="per-token dynamic inputs of every quantized linear")
     sim.add_argument("--kv-bits", type=int, choices=[8, 4, 3, 2], help="keys and values entering the KV cache")
+    sim.add_argument("--kv-fp8", action="store_true",
+                     help="the KV cache in E4M3 (per-tensor scale 1, as vLLM's --kv-cache-dtype fp8 without "
+                          "calibrated scales); implies --kv-bits 8")
     sim.add_argument("--kv-group-size", type=int, default=-1, help="head_dim channels per KV scale (-1: whole head)")
     sim.add_argument("--smoothquant", type=float, metavar="ALPHA", help="fold SmoothQuant scales in first")
     sim.add_argument("--fp8", action="store_true",
@@ -619,8 +622,9 @@ def cmd_eval(a) -> int:
     import qforge
     from ..config import SimulationConfig
 
-    sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, a.kv_bits, a.kv_group_size, a.smoothquant,
-                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen), fp8=a.fp8)
+    kv_bits = 8 if a.kv_fp8 and a.kv_bits is None else a.kv_bits
+    sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, kv_bits, a.kv_group_size, a.smoothquant,
+                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen), fp8=a.fp8, kv_fp8=a.kv_fp8)
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
                            device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)

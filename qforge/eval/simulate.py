@@ -13,6 +13,8 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
   (-1: the whole head), asymmetric min-max:
       s = (max - min) / (2^b - 1),  z = round(-min / s),  x̂ = (clamp(round(x / s) + z, 0, 2^b - 1) - z) · s
   The quantization happens in the cache's `update`, so attention reads only quantized keys and values.
+  FP8 (`--kv-fp8`): keys and values cast to E4M3 with a per-tensor scale of 1, as vLLM's `--kv-cache-dtype fp8`
+  stores them when the checkpoint carries no calibrated k/v scales: x̂ = fp8(clamp(x, -448, 448)).
 """
 from __future__ import annotations
 
@@ -70,23 +72,26 @@ def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> 
 class QuantizedKVCache(DynamicCache):
     """A DynamicCache whose keys and values are fake-quantized as they are written."""
 
-    def __init__(self, config, bits: int, group_size: int = -1):
+    def __init__(self, config, bits: int, group_size: int = -1, fp8: bool = False):
         super().__init__(config=config)
-        self.kv_bits, self.kv_group_size = bits, group_size
+        self.kv_bits, self.kv_group_size, self.kv_fp8 = bits, group_size, fp8
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:                              # [B, heads, T, head_dim]
+        if self.kv_fp8:
+            return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+        return fake_quant_groups_asym(x, self.kv_bits, self.kv_group_size)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        k = fake_quant_groups_asym(key_states, self.kv_bits, self.kv_group_size)      # [B, heads, T, head_dim]
-        v = fake_quant_groups_asym(value_states, self.kv_bits, self.kv_group_size)
-        return super().update(k, v, layer_idx, *args, **kwargs)
+        return super().update(self._quantize(key_states), self._quantize(value_states), layer_idx, *args, **kwargs)
 
 
-def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1):
+def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, fp8: bool = False):
     """A zero-argument callable making a fresh quantizing cache per forward, or None (no KV quantization)."""
     if bits is None:
         return None
-    if bits not in (2, 3, 4, 8):
-        raise QForgeError(f"--kv-bits must be 8, 4, 3 or 2, not {bits}")
-    return lambda: QuantizedKVCache(model.config, bits, group_size)
+    if bits not in (2, 3, 4, 8) or (fp8 and bits != 8):
+        raise QForgeError(f"--kv-bits must be 8{'' if fp8 else ', 4, 3 or 2'}, not {bits}")
+    return lambda: QuantizedKVCache(model.config, bits, group_size, fp8)
 
 
 @contextlib.contextmanager
