@@ -2,7 +2,7 @@
 (with and without SmoothQuant) and KV-cache quantization, a calibration-domain matrix, and the
 statistics plots.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/eval_suite.py [--max-windows 1] [--parts table,study,stats]
+    PYTHONPATH=. .venv/bin/python benchmarks/eval_suite.py [--max-windows 1] [--parts table,study,stats] [--rows A,B]
 
 Weights are RTN symmetric per channel (the paper's W8/W4/W3 setting), activations per-token dynamic
 symmetric, KV asymmetric per token and head. Rows go to benchmarks/results/eval_suite.jsonl; the study
@@ -25,7 +25,9 @@ TABLE = [("fp32", {}), ("W8", dict(weight_bits=8)), ("W4", dict(weight_bits=4)),
          ("W8A8 SmoothQuant 0.5", dict(weight_bits=8, act_bits=8, smoothquant=0.5)),
          ("W4A8 SmoothQuant 0.5", dict(weight_bits=4, act_bits=8, smoothquant=0.5)),
          ("W4A4 SmoothQuant 0.5", dict(weight_bits=4, act_bits=4, smoothquant=0.5)),
-         ("KV8", dict(kv_bits=8)), ("KV4", dict(kv_bits=4)), ("KV3", dict(kv_bits=3)), ("KV2", dict(kv_bits=2))]
+         ("KV8", dict(kv_bits=8)), ("KV4", dict(kv_bits=4)), ("KV3", dict(kv_bits=3)), ("KV2", dict(kv_bits=2)),
+         ("FP8 W8", dict(weight_bits=8, fp8=True)), ("FP8 W8A8", dict(weight_bits=8, act_bits=8, fp8=True)),
+         ("KV FP8", dict(kv_bits=8, kv_fp8=True))]
 
 
 def run_table(a) -> None:
@@ -36,6 +38,8 @@ def run_table(a) -> None:
     datasets = a.datasets.split(",")
     rows = []
     for name, kw in TABLE:
+        if a.rows and name not in a.rows.split(","):
+            continue
         sim = SimulationConfig(**kw)
         t = time.perf_counter()
         res = qforge.evaluate("smollm2-135m", datasets=datasets, max_windows=a.max_windows, simulate=sim)
@@ -48,6 +52,8 @@ def run_table(a) -> None:
     print(format_table(["setting", *datasets], [[r["run"], *[r["ppl"][d] for d in datasets]] for r in rows],
                        title=f"SmolLM2-135M, simulated quantization, ppl on {a.max_windows} x 2048 per set"))
     kv = [r for r in rows if r["run"].startswith("KV") or r["run"] == "fp32"]
+    if not kv:
+        return
     buckets = kv[0]["by_position"][datasets[0]]
     print(format_table(["setting", *[f"{b['positions'][0]}-{b['positions'][1] - 1}" for b in buckets]],
                        [[r["run"], *[b["ppl"] for b in r["by_position"][datasets[0]]]] for r in kv],
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--parts", default="table,study,stats")
     ap.add_argument("--datasets", default="wiki,code")
     ap.add_argument("--max-windows", type=int, default=1)
+    ap.add_argument("--rows", default="", help="only these rows of the table (comma-separated names, e.g. 'fp32,KV8')")
     ap.add_argument("--study-nsamples", type=int, default=16)
     a = ap.parse_args()
     torch.set_num_threads(2)
