@@ -138,6 +138,25 @@ def test_transformers_loads_qforge_compressed_tensors_export(exports, tmp_path):
     assert_same_model(qforge_side(exports / "ct"), theirs)
 
 
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_transformers_loads_qforge_fp8_export(act_bits, tiny_tokenizer, tmp_path):
+    """FP8 (float-quantized): transformers' compressed-tensors integration runs qforge's export as qforge does,
+    the E4M3 inputs included (FP8_DYNAMIC) or not (weight-only)."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1, fp8=True, act_bits=act_bits))
+    m.quantize(None)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    assert theirs[0]["quant_method"] == "compressed-tensors"
+    ours = qforge_side(tmp_path / "ct")
+    assert_same_model(ours, theirs)
+    if act_bits:                          # their model quantizes its inputs too: nearer ours than unquantized inputs
+        m = ours[0]["model"]
+        with torch.no_grad():
+            plain = m.model(probe_ids(m.tokenizer)).logits.float()
+        assert (theirs[1] - ours[1]).abs().max() < (theirs[1] - plain).abs().max() / 10
+
+
 @pytest.mark.parametrize("task,fmt", [("llmc-quantize", "compressed-tensors"), ("gptqmodel-quantize-tiny", "gptq"),
                                       ("llmc-w8a8-tiny", "compressed-tensors"),
                                       ("llmc-fp8-tiny", "compressed-tensors")])

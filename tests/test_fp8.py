@@ -243,3 +243,24 @@ def test_eval_simulates_fp8_from_the_command_line(tiny_llama_dir, tmp_path, caps
     assert "simulated FP8 W8A8 KV FP8" in capsys.readouterr().out
     sim = json.loads(js.read_text())[0]["simulation"]
     assert sim["fp8"] and sim["kv_fp8"] and sim["kv_bits"] == 8
+
+
+def test_fp8_weights_of_fused_experts_export_and_load(tiny_tokenizer, wiki_calibration, tmp_path):
+    """Mixtral's experts (3-D parameters): FP8 weight-only rounds them, writes them one float-quantized module per
+    expert and reads them back fused; W8A8 FP8 refuses them, as int8 W8A8 does (their inputs are not modules')."""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model("mixtral", seed=1).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(src, QuantizeConfig(method="gptq", bits=8, group_size=-1, fp8=True))
+    m.quantize(wiki_calibration)
+    experts = [n for n in m.result.layers if ".experts." in n]
+    assert experts and all(m.result.layers[n].codes.dtype == torch.float8_e4m3fn for n in experts)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    packed = qforge.load(tmp_path / "ct")
+    assert packed.act_bits is None and all(q.grid == FP8 for q in packed.result.layers.values())
+    ppl = [qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0]["ppl"] for q in (m, packed)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+    with pytest.raises(QForgeError, match="experts of fused parameters"):
+        qforge.load(src, QuantizeConfig(**FP8_DYNAMIC)).quantize(None)
