@@ -191,6 +191,14 @@ def test_fp8_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path, capsy
                  "--out", str(out), "--format", "compressed-tensors", "--export-out", str(packed)]) == 0
     assert "gptq FP8 W8A8 per-channel sym" in capsys.readouterr().out
     assert json.loads((out / "qforge_config.json").read_text())["fp8"] is True
+    again = tmp_path / "again"                                  # the saved output exports the same checkpoint
+    assert main(["-q", "export", str(out), "--format", "compressed-tensors", "--out", str(again)]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(packed / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+                                        if a[k].dtype == torch.float8_e4m3fn else torch.equal(a[k], b[k]) for k in a)
+    assert any(t.dtype == torch.float8_e4m3fn for t in a.values())
     assert main(["-q", "eval", str(packed), "--dataset", "wiki", "--seqlen", "32", "--max-windows", "2"]) == 0
     assert "quantized to fp8 per token" in capsys.readouterr().out
     assert main(["-q", "generate", str(packed), "--prompt", "The city", "--max-new-tokens", "4"]) == 0
