@@ -181,9 +181,9 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "is 0.25)")
     g = p.add_argument_group("weight-activation quantization (W8A8) and FP8")
     g.add_argument("--act-bits", type=int, choices=(8,),
-                   help="8: the quantized linears' inputs are int8 too, per token and dynamic (W8A8, with --bits 8 "
-                        "--group-size -1 --sym; exported as compressed-tensors int-quantized, which vLLM runs on "
-                        "int8 GEMMs); evaluation and generate quantize them as the model runs")
+                   help="8: the quantized linears' inputs are int8 (E4M3 with --fp8) too, per token and dynamic "
+                        "(W8A8, with --bits 8 --group-size -1 --sym; exported as compressed-tensors int-quantized, "
+                        "which vLLM runs on int8 GEMMs); evaluation and generate quantize them as the model runs")
     g.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
                         "examples) into each block, from its calibration inputs, before its weights are quantized")
