@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from ..errors import QForgeError
 from ..models.arch import linear_modules
-from ..solvers.grid import FP8_MAX
+from ..solvers.grid import FP8_MAX, to_e4m3
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token FP8 (E4M3) fake quantization of x [..., channels]: one scale max|x| / 448 per row."""
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    return ((xf / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    return (to_e4m3(xf / s).float() * s).to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -78,7 +78,7 @@ class QuantizedKVCache(DynamicCache):
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:                              # [B, heads, T, head_dim]
         if self.kv_fp8:
-            return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+            return to_e4m3(x.float()).to(x.dtype)
         return fake_quant_groups_asym(x, self.kv_bits, self.kv_group_size)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -98,11 +98,16 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     return p[best] * scale0, zero
 
 
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest E4M3 number (ties to even), saturating at ±448: a float8_e4m3fn tensor."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def round_codes(x: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Codes (fp32) of x = w / scale: round(x) + zero clamped to [0, maxq], in place on x; FP8: x rounded to the
     nearest E4M3 number (ties to even, saturating at ±448; zero is 0), also in place."""
     if grid.fp8:
-        return x.copy_(x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        return x.copy_(to_e4m3(x))
     return x.round_().add_(zero).clamp_(0, grid.maxq)
 
 
