@@ -274,7 +274,6 @@ class SimulationConfig(_JsonMixin):
     fp8: bool = False                    # weights (8 bits, per channel) and inputs on E4M3 grids instead of int8
     kv_fp8: bool = False                 # keys and values cast to E4M3 (per-tensor scale 1, as vLLM's fp8 cache)
 
-
     def __post_init__(self) -> None:
         if isinstance(self.calib, dict):
             object.__setattr__(self, "calib", CalibrationConfig(**self.calib))

@@ -92,7 +92,7 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     column order. `grids` gives a planned allocation's schemes by full name."""
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    _check_act_bits(cfg, fmt)
+    _check_compressed_tensors_only(cfg, fmt)
     from .pipeline import quantized_linears
 
     planned_later = cfg.bpw is not None and grids is None
@@ -113,7 +113,8 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
                            in_order or (grid is not None and grid.group_size == -1))
 
 
-def _check_act_bits(cfg, fmt: str) -> None:
+def _check_compressed_tensors_only(cfg, fmt: str) -> None:
+    """FP8 weights and quantized inputs: schemes only compressed-tensors stores."""
     if getattr(cfg, "fp8", False) and fmt != "compressed-tensors":
         raise QForgeError(f"FP8 weights export as compressed-tensors (float-quantized) only: the {fmt} format stores "
                           f"integer codes")
@@ -272,7 +273,7 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     if not layers:
         raise QForgeError("nothing to export: no quantized layers")
     max_shard_size = parse_size(max_shard_size)
-    _check_act_bits(qcfg, fmt)
+    _check_compressed_tensors_only(qcfg, fmt)
     state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None))
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
     qconf = _quant_config(fmt, stored, qcfg, model, layers)
@@ -295,7 +296,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
 
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    _check_act_bits(qcfg, fmt)
+    _check_compressed_tensors_only(qcfg, fmt)
     act_bits = getattr(qcfg, "act_bits", None)
     limit = parse_size(max_shard_size)
     spec = arch_spec(model)

@@ -39,7 +39,6 @@ from .smoothing import BlockAWQ, awq_block
 from .smoothing.smoothquant import smooth_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
-from .solvers.gptq import column_loop
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     extra term included; FP8's rounding runs in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
-                loop=column_loop if cfg.fp8 else column_loop_for(device))
+                loop=column_loop_for(device, cfg.fp8))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver

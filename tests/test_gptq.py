@@ -762,7 +762,7 @@ def test_a_handed_over_hessian_is_freed_before_the_column_loop(monkeypatch):
     acc.add(torch.randn(256, 64))
     ref = weakref.ref(acc.H)
     alive.clear()
-    monkeypatch.setattr("qforge.pipeline.column_loop_for", lambda device: loop)
+    monkeypatch.setattr("qforge.pipeline.column_loop_for", lambda device, fp8=False: loop)
     q = solver.solve(W, acc, Grid(4, 32, False), cfg)                   # solved once: handed over, freed
     assert alive and not any(alive) and q.codes.shape == W.shape
     torch.manual_seed(1)
