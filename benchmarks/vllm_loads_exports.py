@@ -103,6 +103,10 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
                                                                smoothquant=0.8), ["compressed-tensors"]),
         ("FP8 W8A8 per-channel (FP8_DYNAMIC: E4M3 inputs per token)", qforge.QuantizeConfig(
             method="rtn", bits=8, group_size=-1, fp8=True, act_bits=8), ["compressed-tensors"]),
+        ("W8A8 static (int8 inputs, one calibrated scale per linear)", qforge.QuantizeConfig(
+            method="rtn", bits=8, group_size=-1, act_bits=8, act_static=True), ["compressed-tensors"]),
+        ("FP8 W8A8 static (E4M3 inputs, one calibrated scale per linear)", qforge.QuantizeConfig(
+            method="rtn", bits=8, group_size=-1, fp8=True, act_bits=8, act_static=True), ["compressed-tensors"]),
         ("FP8 W8A16 per-channel (FP8 weights only)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                            fp8=True), ["compressed-tensors"]),
         ("W4 --bpw 4.3 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,

@@ -1,10 +1,13 @@
 """W8A8 (int8 per-channel weights, dynamic per-token int8 inputs) on SmolLM2-135M: qforge vs llm-compressor 0.14,
 side by side, each exported as compressed-tensors int-quantized and scored by the same evaluation. `--scheme fp8`:
 the same for FP8 (E4M3 per-channel weights, dynamic per-token E4M3 inputs: llm-compressor's FP8_DYNAMIC), exported
-as float-quantized.
+as float-quantized. `--scheme int8-static` / `fp8-static`: the inputs quantized with one calibrated scale per
+linear (qforge's --act-static: the largest |x| over the calibration set; llm-compressor's static activations: its
+default observer for int8, a moving average of per-batch min/max, and for its FP8 scheme (per-tensor weights) the
+max over all batches; a custom FP8 group with per-channel weights matches qforge's grid).
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
-        [--scheme {int8,fp8}]
+        [--scheme {int8,fp8,int8-static,fp8-static}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -52,6 +55,18 @@ def main():
         recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     elif mode == "fp8-gptq":
         recipe = [GPTQModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+    elif mode in ("fp8-static-rtn", "fp8-static-gptq"):        # its FP8 scheme: per-tensor weights and inputs
+        Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
+        recipe = [Modifier(targets="Linear", scheme="FP8", ignore=["lm_head"])]
+    elif mode in ("static-rtn", "static-sq-gptq", "fp8-static-channel-rtn"):   # static per-tensor inputs
+        kind = "float" if mode.startswith("fp8") else "int"
+        group = {"targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "channel"},
+                 "input_activations": {"num_bits": 8, "type": kind, "symmetric": True, "strategy": "tensor",
+                                       "dynamic": False}}
+        recipe = [QuantizationModifier(config_groups={"g0": group}, ignore=["lm_head"])] if mode.endswith("rtn") \
+            else [SmoothQuantModifier(smoothing_strength=0.8),
+                  GPTQModifier(config_groups={"g0": group}, ignore=["lm_head"])]
     else:
         recipe = [SmoothQuantModifier(smoothing_strength=0.8),
                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
@@ -86,7 +101,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
-    ap.add_argument("--scheme", choices=("int8", "fp8"), default="int8")
+    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static"), default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -98,8 +113,22 @@ def main() -> None:
     base = qforge.load("smollm2-135m")
     samples = build_calibration("builtin:mix", base.tokenizer, a.nsamples, 512, seed=0).samples
     w8a8 = dict(bits=8, group_size=-1, sym=True, act_bits=8)
-    fp8 = a.scheme == "fp8"
-    if fp8:
+    fp8 = a.scheme.startswith("fp8")
+    static = dict(act_static=True)
+    if a.scheme == "int8-static":
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **static, **w8a8)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **static, **w8a8)),
+                ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **static,
+                                                                           **w8a8)),
+                ("llm-compressor", "RTN", "static-rtn"),
+                ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "static-sq-gptq")]
+    elif a.scheme == "fp8-static":
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **static, **w8a8)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **static, **w8a8)),
+                ("llm-compressor", "RTN", "fp8-static-channel-rtn"),
+                ("llm-compressor", "RTN, per-tensor weights (its FP8 scheme)", "fp8-static-rtn"),
+                ("llm-compressor", "GPTQ, per-tensor weights (its FP8 scheme)", "fp8-static-gptq")]
+    elif fp8:
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **w8a8)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **w8a8)),
                 ("qforge", "GPTQ act-order", qforge.QuantizeConfig(method="gptq", fp8=True, act_order=True, **w8a8)),
@@ -111,7 +140,7 @@ def main() -> None:
                 ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **w8a8)),
                 ("llm-compressor", "RTN", "rtn"),
                 ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
-    name = "FP8 W8A8" if fp8 else "W8A8"
+    name = ("FP8 W8A8" if fp8 else "W8A8") + (" static" if a.scheme.endswith("static") else "")
     rows = []
 
     def score(label, tool, qm, secs):
@@ -137,9 +166,12 @@ def main() -> None:
                 secs = json.loads(line[7:])["seconds"]
             qm = qforge.load(out)
             assert qm.act_bits == 8 and qm.act_fp8 == fp8, f"{out}: not a {name} checkpoint"
+            assert (qm.input_scales is not None) == a.scheme.endswith("static"), f"{out}: not a {name} checkpoint"
             score(f"{name} {label}", tool, qm, secs)
             if k == 0:                               # the same weights on unquantized inputs
                 qm.packed_act_bits = None
+                for q in qm.result.layers.values():
+                    q.input_scale = None
                 score(f"{'FP8 ' if fp8 else ''}W8A16 (the RTN weights, fp inputs)", tool, qm, None)
     print(f"\n## {name} on SmolLM2-135M: {a.nsamples} x 512 calibration tokens (builtin:mix), perplexity on the first "
           f"{a.max_windows} windows of 2048 tokens, evaluated by qforge\n")

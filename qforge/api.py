@@ -73,7 +73,15 @@ class QModel:
         from .eval.simulate import quantized_activations
 
         return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
-                                     fp8=self.act_fp8)
+                                     fp8=self.act_fp8, scales=self.input_scales)
+
+    @property
+    def input_scales(self) -> dict[str, torch.Tensor] | None:
+        """Static input scales (act_static, or a checkpoint with `dynamic: false` inputs): {layer: input_scale [1]};
+        None when the inputs are quantized per token as the model runs, or not at all."""
+        scales = {n: q.input_scale for n, q in (self.result.layers if self.result else {}).items()
+                  if q.input_scale is not None}
+        return scales or None
 
     def quantize(self, calibration: str | CalibrationSet | list[torch.Tensor] | None = CalibrationConfig.source, *,
                  nsamples: int = CalibrationConfig.nsamples, seqlen: int = CalibrationConfig.seqlen,
@@ -471,6 +479,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                 row["act_bits"] = qm.act_bits
                 if qm.act_fp8:
                     row["act_fp8"] = True
+                if qm.input_scales is not None:
+                    row["act_static"] = True
             if comparison is not None:
                 row["reference"] = {"model": ref.source, **comparison.result()}
             row["seconds"] = round(time.perf_counter() - t0, 2)

@@ -4,7 +4,7 @@
                                                     (loads in plain transformers; `qforge eval DIR`)
   qforge_quant.safetensors   per quantized linear NAME: NAME.codes uint8 [out, in], NAME.scales fp32
                              [out, G], NAME.zeros fp32 [out, G], NAME.g_idx int32 [in] (what packed
-                             formats are made from)
+                             formats are made from); static input scales (act_static): NAME.input_scale fp32 [1]
   A streamed run (models/streaming.py) writes both block by block instead: model-00001-of-N.safetensors
   holds everything outside the decoder blocks and model-0000<i+2>-of-N block i (model.safetensors.index.json
   maps tensors to files, as transformers reads it); qforge_quant-0000<i+1>-of-M.safetensors holds block i's
@@ -49,6 +49,8 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
         tensors[f"{name}.scales"] = q.scales.contiguous()
         tensors[f"{name}.zeros"] = q.zeros.contiguous()
         tensors[f"{name}.g_idx"] = q.g_idx.contiguous()
+        if q.input_scale is not None:
+            tensors[f"{name}.input_scale"] = q.input_scale.contiguous()
     meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym,
                               **({"fp8": True} if q.grid.fp8 else {})})
             for name, q in layers.items()}
@@ -66,7 +68,8 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         for name, m in meta.items():
             g = json.loads(m)
             out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False)), t[f"{name}.codes"],
-                                   t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={})
+                                   t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={},
+                                   input_scale=t.get(f"{name}.input_scale"))
     except QForgeError:
         raise
     except Exception as e:  # SafetensorError, bad JSON metadata, a missing tensor or field

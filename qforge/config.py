@@ -135,6 +135,11 @@ class QuantizeConfig(_JsonMixin):
     # quantized to E4M3 per token, dynamically (max|x| / 448). Exported as compressed-tensors "float-quantized",
     # which vLLM runs on FP8 GEMMs (Hopper, Ada) or as W8A16 (Marlin) on older GPUs. Needs bits 8, group_size -1
     fp8: bool = False
+    # static input scales (with act_bits 8; llm-compressor's `dynamic: false` activations, its "FP8" scheme's): one
+    # scale per quantized linear for all tokens, fixed at quantization time from its inputs over the calibration set
+    # (the largest |x| the quantized model gives it, / 127 for int8, / 448 for FP8) instead of computed per token as
+    # the model runs; saved as each linear's input_scale. Cheaper to serve (no per-token max), less exact
+    act_static: bool = False
     # GPTAQ (GPTQv2, solvers/gptq.py; method gptq): alpha > 0 also corrects each linear for the difference between
     # its inputs in the fp model and in the model being quantized (whose earlier layers are rounded already), at
     # the cost of one more pass per block, through its fp weights, and of its linears' fp inputs kept while it is
@@ -208,6 +213,8 @@ class QuantizeConfig(_JsonMixin):
             _check(not self.uses_awq, "AWQ searches scales for weight-only quantization; for W8A8 use method rtn or "
                                       "gptq, with smoothquant to flatten the activations")
             _check(self.bpw is None, "mixed precision (bpw) allocates weight-only schemes; it does not take act_bits")
+        _check(not self.act_static or self.act_bits is not None,
+               "act_static fixes the scale of quantized inputs: it needs act_bits 8 (W8A8 or FP8 W8A8)")
         if self.smoothquant is not None:
             _check(self.act_bits is not None, "smoothquant flattens activations for their quantization: it needs "
                                               "act_bits 8 (weight-only quantization gains nothing from it)")
@@ -232,7 +239,7 @@ class QuantizeConfig(_JsonMixin):
     @property
     def needs_calibration(self) -> bool:
         return (NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)) or \
-            self.smoothquant is not None
+            self.smoothquant is not None or self.act_static
 
     @property
     def uses_awq(self) -> bool:

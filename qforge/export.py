@@ -124,10 +124,11 @@ def _check_compressed_tensors_only(cfg, fmt: str) -> None:
 
 
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype,
-                      prefix: str = "", act_bits: int | None = None) -> dict[str, torch.Tensor]:
+                      prefix: str = "", act_bits: int | None = None,
+                      act_static: bool = False) -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights (compressed-tensors with
-    `act_bits`: int-quantized)."""
+    `act_bits`: int-quantized; `act_static`: with each layer's input_scale)."""
     from .models.checkpoint_keys import per_expert_converters, revert_with, save_keys, tensor_dtypes
 
     mod = FORMATS[fmt]
@@ -149,7 +150,7 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
         ref = linear_ref(model, name)
         if _check_layer(fmt, stored, q, ref):
             borrowed.append(stored)
-        packed = mod.pack(q, dtype, act_bits) if fmt == "compressed-tensors" else mod.pack(q)
+        packed = mod.pack(q, dtype, act_bits, act_static) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
             state[f"{stored}.{key}"] = t.contiguous()
         bias = getattr(ref.module, "bias", None) if ref.expert is None else None
@@ -177,7 +178,8 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
         # the unquantized linears under their stored names (vLLM maps them to its own) and, where the model names
         # them otherwise (a vision-language model's vision tower), under the model's names, which transformers reads
         ignore = {n for n in names if n not in layers} | (plain - set(quantized) - set(names))
-        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), getattr(qcfg, "act_bits", None))
+        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), getattr(qcfg, "act_bits", None),
+                            getattr(qcfg, "act_static", False))
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
                           f"(export mixed precision as {_mixed_formats()})")
@@ -274,7 +276,8 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
         raise QForgeError("nothing to export: no quantized layers")
     max_shard_size = parse_size(max_shard_size)
     _check_compressed_tensors_only(qcfg, fmt)
-    state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None))
+    state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None),
+                              act_static=getattr(qcfg, "act_static", False))
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
     qconf = _quant_config(fmt, stored, qcfg, model, layers)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -308,7 +311,8 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
         for i, block in enumerate(skeleton):
             layers = blocks.load(i, block)
-            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits))
+            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits,
+                                           getattr(qcfg, "act_static", False)))
             blocks.release(block)
             seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:

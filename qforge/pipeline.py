@@ -8,7 +8,7 @@ Methods that need no data (RTN) quantize each linear's weight directly. Methods 
      then for each linear group in execution order (true-sequential: a group's inputs pass
      through the already quantized earlier groups): run the block with the group's input fed to the
      solver's statistics (capture.linear_inputs), solve each linear, write it back;
-  3. run the quantized block to produce block i+1's inputs.
+  3. run the quantized block to produce block i+1's inputs (static input scales: observing every linear's input).
 Only the current block is moved to the compute device. Solvers plug in through SOLVERS.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
 from .capture.hessian import AsymmetricAccumulator
-from .capture.blocks import call_on, cast_call, fits_on_device, make_batches
+from .capture.blocks import call_on, cast_call, fits_on_device, make_batches, with_own_carried
+from .capture.input_range import InputRange
 from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs, recordings_fit
 from .config import QuantizeConfig
@@ -39,6 +40,7 @@ from .smoothing import BlockAWQ, awq_block
 from .smoothing.smoothquant import smooth_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
+from .solvers.grid import FP8_MAX
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -223,7 +225,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     t0 = time.perf_counter()
     if weights is not None and store is None:
         raise QForgeError("a streamed model needs a run state (store) to hold its finished blocks")
-    if not solver.needs_inputs and not (cfg.uses_awq and saved is None) and cfg.smoothquant is None:
+    if not solver.needs_inputs and not (cfg.uses_awq and saved is None) and cfg.smoothquant is None \
+            and not cfg.act_static:
         for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
             if weights is not None:
                 weights.load(i, block)
@@ -282,13 +285,15 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             block.to("cpu")
             _block_done(i, block, spec, result, None, weights)
             continue
+        fp32_calls = with_own_carried(inputs.for_block(i), spec.carried, torch.float32) \
+            if dtype != torch.float32 else inputs.for_block(i)
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
-            result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), grid,
+            result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], fp32_calls, grid,
                                       cfg.awq_grid, cfg.awq_duo_scaling, cfg.awq_clip, device=device, given=given,
                                       gptq_opts=gptq_options(cfg, device) if cfg.awq_gptq_aware else None)
         if cfg.smoothquant is not None:   # W8A8: SmoothQuant folds its scales in first, on the fp32 block
-            sq = smooth_block(block, spec, [h.float() for h in hidden], inputs.for_block(i), cfg.smoothquant, device)
+            sq = smooth_block(block, spec, [h.float() for h in hidden], fp32_calls, cfg.smoothquant, device)
             result.smoothquant.update({f"{i}.{k}": s for k, s in sq.items()})
         # the passes run `fwd`, a copy of the block in the compute dtype (the block itself when fp32); the
         # solvers read the fp32 block's weights, and each solved weight is written to both
@@ -327,8 +332,16 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             if fwd is not block:
                 for ref, fwd_ref in zip(todo, fwd_todo):
                     fwd_ref.set_weight(ref.weight)
-        with frozen.pass_after(len(groups), record=False) if frozen else contextlib.nullcontext():
-            hidden = run_block(fwd, hidden, calls, device)   # the quantized block feeds the next one
+        # the quantized block feeds the next one (static input scales: run in full, every linear's input observed)
+        kept = [r for g in fwd_groups for r in g]
+        observed = InputRange(kept) if cfg.act_static else None
+        null = contextlib.nullcontext()
+        with frozen.pass_after(len(groups), record=False) if frozen and observed is None else null, \
+                tap_inputs(kept, observed.sinks) if observed is not None else null:
+            hidden = run_block(fwd, hidden, calls, device)
+        if observed is not None:
+            for name, s in observed.scales(FP8_MAX if grid.fp8 else 127.0).items():
+                result.layers[linear_name(spec, i, name)].input_scale = s
         block.to("cpu")
         fwd = frozen = stats = sinks = fp_inputs = None   # the copy, its recordings, the last statistics: freed
         if not all(torch.isfinite(h).all() for h in hidden):

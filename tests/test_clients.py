@@ -157,14 +157,33 @@ def test_transformers_loads_qforge_fp8_export(act_bits, tiny_tokenizer, tmp_path
         assert (theirs[1] - ours[1]).abs().max() < (theirs[1] - plain).abs().max() / 10
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_transformers_loads_qforge_static_input_exports(fp8, tiny_tokenizer, wiki_calibration, tmp_path):
+    """W8A8 and FP8 W8A8 with static input scales: transformers' compressed-tensors integration reads each layer's
+    input_scale and runs qforge's export as qforge does."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1, fp8=fp8, act_bits=8,
+                                               act_static=True, compute_dtype="float32"))
+    m.quantize(wiki_calibration)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    ours = qforge_side(tmp_path / "ct")
+    assert ours[0]["model"].input_scales is not None
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+    assert_same_model(ours, theirs)
+
+
 @pytest.mark.parametrize("task,fmt", [("llmc-quantize", "compressed-tensors"), ("gptqmodel-quantize-tiny", "gptq"),
                                       ("llmc-w8a8-tiny", "compressed-tensors"),
-                                      ("llmc-fp8-tiny", "compressed-tensors")])
+                                      ("llmc-fp8-tiny", "compressed-tensors"),
+                                      ("llmc-w8a8-static-tiny", "compressed-tensors"),
+                                      ("llmc-fp8-static-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
-    Llama (int-quantized; its model object quantizes the inputs as it runs, and so must qforge's), and its FP8_DYNAMIC
-    (float-quantized, E4M3 inputs per token)."""
+    Llama (int-quantized; its model object quantizes the inputs as it runs, and so must qforge's), its FP8_DYNAMIC
+    (float-quantized, E4M3 inputs per token), and both with static input scales (its FP8 scheme: per-tensor E4M3
+    weights and inputs; int8 per-channel weights with per-tensor static int8 inputs)."""
     src, n_linears = resolve_model("smollm2-135m"), 30 * 7
     if task.endswith("-tiny"):
         src, n_linears = tiny_dir("llama", tiny_tokenizer, tmp_path / "src"), 2 * 7
@@ -172,6 +191,12 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ours = qforge_side(tmp_path / "worker" / "ckpt")
     m = ours[0]["model"]
     assert m.packed_format == fmt and len(m.result.layers) == n_linears
+    if "static" in task:                 # their calibrated scales, stored: both sides round x / input_scale alike
+        assert m.act_bits == 8 and m.act_fp8 == ("fp8" in task)
+        assert m.input_scales.keys() == m.result.layers.keys()
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+        assert_same_model(theirs, ours)
+        return
     if "fp8" in task:                    # E4M3 inputs, max|x| / 448 per token: the same rule on both sides
         assert m.act_bits == 8 and m.act_fp8
         assert all(q.grid.fp8 for q in m.result.layers.values())

@@ -8,6 +8,7 @@ vs global layers); tensors shared between blocks are stored once, by reference.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -201,6 +202,22 @@ def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
     if dtype == torch.float32:
         return call
     return BlockCall(_cast(call.args, dtype), _cast(call.kwargs, dtype))
+
+
+def with_own_carried(calls: list[BlockCall], carried: str | None, dtype: torch.dtype) -> list[BlockCall]:
+    """The calls with the mapping `carried` (ArchSpec.carried: Gemma 4's shared_kv_states, which blocks fill for later
+    ones and the calls share by reference) replaced by a copy holding its tensors in `dtype`: for a block run in
+    another dtype than the passes that filled it (AWQ's and SmoothQuant's fp32 searches beside bf16 passes), whose
+    own writes must not reach the later blocks either. The calls themselves when there is no carried state."""
+    if not carried:
+        return calls
+    out = []
+    for c in calls:
+        state = copy.copy(c.kwargs[carried])
+        for k, v in c.kwargs[carried].items():
+            state[k] = _cast(v, dtype)
+        out.append(BlockCall(c.args, {**c.kwargs, carried: state}))
+    return out
 
 
 @torch.no_grad()

@@ -192,6 +192,10 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "method rtn or gptq); with --act-bits 8 the inputs are FP8 too, per token and dynamic "
                         "(llm-compressor's FP8_DYNAMIC). Exported as compressed-tensors float-quantized, which vLLM "
                         "runs on FP8 GEMMs")
+    g.add_argument("--act-static", action="store_true",
+                   help="with --act-bits 8: one fixed scale per linear for its inputs (the largest |x| it reads in "
+                        "calibration / 127, or / 448 with --fp8), saved as its input_scale, instead of one per token "
+                        "computed as the model runs (llm-compressor's static activations, its FP8 scheme's)")
 
 
 def _quant_config(a):
@@ -209,7 +213,8 @@ def _quant_config(a):
                           bpw_format=getattr(a, "format", None) if getattr(a, "format", None) in MIXED_FORMATS
                           else "gptq", act_bits=getattr(a, "act_bits", None),
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
-                          gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False))
+                          gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False),
+                          act_static=getattr(a, "act_static", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -605,7 +610,8 @@ def cmd_generate(a) -> int:
 
 def _print_quant_summary(m, out: Path) -> None:
     s = m.storage()
-    acts = f"A{m.config.act_bits}" if m.config.act_bits else ""
+    acts = f"A{m.config.act_bits}" + (" (static input scales)" if m.config.act_static else "") \
+        if m.config.act_bits else ""
     method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
     fp8 = "FP8 " if m.config.fp8 else ""
     print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
@@ -631,7 +637,8 @@ def cmd_eval(a) -> int:
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     if rows and rows[0].get("act_bits"):
         kind = "fp" if rows[0].get("act_fp8") else "int"
-        title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} per token"
+        how = "with static scales" if rows[0].get("act_static") else "per token"
+        title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} {how}"
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
                        title=title))
@@ -664,8 +671,8 @@ def cmd_demo(a) -> int:
     quant = qforge.evaluate(m, **kw)
     out = m.save(a.out, overwrite=True, eval_fp32=base, eval_quantized=quant)
     s = m.storage()
-    acts = f"A{cfg.act_bits}" + (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") \
-        if cfg.act_bits else ""
+    acts = f"A{cfg.act_bits}" + (" static" if cfg.act_static else "") + \
+        (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") if cfg.act_bits else ""
     fp8 = "FP8 " if cfg.fp8 else ""
     label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
              f"{'sym' if cfg.sym else 'asym'}")

@@ -8,6 +8,8 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
       s = max|x| / (2^(b-1) - 1),   x̂ = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) · s
   or, FP8 (`fp8`, 8 bits), to the nearest E4M3 number, as vLLM quantizes an FP8_DYNAMIC layer's input:
       s = max|x| / 448,   x̂ = fp8(x / s) · s
+  or, static (`scales`: each linear's calibrated input_scale s, one for all tokens), the same with s fixed:
+      x̂ = clamp(round(x / s), -128, 127) · s   or   x̂ = fp8(x / s) · s   (saturating at ±448 · s)
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
   after the rotary embedding), per token and head in groups of `group_size` channels of head_dim
   (-1: the whole head), asymmetric min-max:
@@ -48,6 +50,14 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
     return (to_e4m3(xf / s).float() * s).to(x.dtype)
+
+
+def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """Static per-tensor fake quantization of x with its fixed `scale` [1]: int8 (symmetric, codes -128..127) or
+    E4M3; values beyond the calibrated range saturate."""
+    xf = x.float() / scale.to(x.device)
+    q = to_e4m3(xf).float() if fp8 else torch.clamp(torch.round(xf), -128, 127)
+    return (q * scale.to(x.device)).to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -96,9 +106,11 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
 
 @contextlib.contextmanager
 def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
-                          divisor: float | None = None, fp8: bool = False) -> Iterator[int]:
+                          divisor: float | None = None, fp8: bool = False,
+                          scales: dict[str, torch.Tensor] | None = None) -> Iterator[int]:
     """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
-    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only); yields the count."""
+    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only), or with `scales` (8 bits) with its own
+    static input scale, {full name: input_scale [1]}, one for each of `names`; yields the count."""
     if bits is None:
         yield 0
         return
@@ -111,8 +123,16 @@ def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | 
                     len(names) - len(mods), len(names))
     if not mods:
         raise QForgeError("no linears to quantize activations of")
-    fq = fake_quant_fp8_per_token if fp8 else (lambda x: fake_quant_per_token(x, bits, divisor))
-    handles = [m.register_forward_pre_hook(lambda _m, args: (fq(args[0]), *args[1:])) for m in mods.values()]
+    if scales is not None:
+        if bits != 8 or set(mods) - set(scales):
+            raise QForgeError(f"static input scales are 8-bit and one per quantized linear; "
+                              f"{len(set(mods) - set(scales))} of {len(mods)} linears have none")
+        fqs = {n: (lambda x, s=scales[n]: fake_quant_static(x, s, fp8)) for n in mods}
+    else:
+        fq = fake_quant_fp8_per_token if fp8 else (lambda x: fake_quant_per_token(x, bits, divisor))
+        fqs = {n: fq for n in mods}
+    handles = [m.register_forward_pre_hook(lambda _m, args, fq=fqs[n]: (fq(args[0]), *args[1:]))
+               for n, m in mods.items()]
     try:
         yield len(handles)
     finally:

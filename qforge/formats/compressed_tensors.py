@@ -16,13 +16,17 @@ qforge's unsigned codes/zeros are the signed ones + 2^(b-1). Per-channel grids u
   weight_scale       [out, 1] (the export dtype)     per channel ([1]: per tensor, as other tools may write)
   weight_zero_point  int8 [out, 1]                   asymmetric only
 and each config group's input_activations: 8-bit int, symmetric, dynamic, strategy "token" (one scale per
-token, max|x| / 127, computed as the layer runs; nothing stored). qforge reads that input scheme only.
+token, max|x| / 127, computed as the layer runs; nothing stored), or static (`act_static`), strategy "tensor":
+  input_scale        fp32 [1]                        x_q = clamp(round(x / input_scale), -128, 127), every token
+qforge reads those two input schemes only (symmetric).
 
 "float-quantized" (FP8 weights, solvers/grid.py's E4M3 grid; FP8_DYNAMIC with `act_bits` 8), per quantized linear:
   weight             float8_e4m3fn [out, in]         the E4M3 codes
   weight_scale       [out, 1] (the export dtype)     per channel ([1]: per tensor, as other tools may write)
 Dequantization: W[o, i] = weight_scale[o] * weight[o, i]. With `act_bits` the config groups' input_activations are
-8-bit float, dynamic, strategy "token" (max|x| / 448 per token, computed as the layer runs).
+8-bit float, dynamic, strategy "token" (max|x| / 448 per token, computed as the layer runs), or static, strategy
+"tensor", with the layer's input_scale (x_q = fp8(x / input_scale)). Weights stored per tensor (llm-compressor's
+FP8 scheme) are read as per channel, every row taking the one scale.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from ..solvers import Grid, LayerQuant
 from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
-KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight")   # first: in every layout
+KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight",  # first: in every layout
+        "input_scale")
 BITS = (2, 3, 4, 5, 6, 7, 8)
 FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized")
 MIXED = True                 # per-layer schemes: one config group per scheme
@@ -51,11 +56,13 @@ def _args(grid: Grid):
                             group_size=grid.group_size)
 
 
-def _scheme(grid: Grid, targets: list[str], act_bits: int | None = None):
+def _scheme(grid: Grid, targets: list[str], act_bits: int | None = None, act_static: bool = False):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if act_static else \
+        dict(dynamic=True, strategy="token")
     acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="float" if grid.fp8 else "int",
-                                                          symmetric=True, dynamic=True, strategy="token")
+                                                          symmetric=True, **how)
     return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=acts)
 
 
@@ -75,9 +82,19 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
                           f"compressed-tensors needs whole groups")
 
 
-def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None = None) -> dict[str, torch.Tensor]:
+def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None = None,
+         act_static: bool = False) -> dict[str, torch.Tensor]:
     """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`act_bits`), or
-    float-quantized (an FP8 grid)."""
+    float-quantized (an FP8 grid); `act_static`: with the layer's static input scale."""
+    out = _pack_weight(q, dtype, act_bits)
+    if act_static:
+        if act_bits is None or q.input_scale is None:
+            raise QForgeError("static input quantization needs act_bits and the layer's calibrated input_scale")
+        out["input_scale"] = q.input_scale.float().reshape(1)
+    return out
+
+
+def _pack_weight(q: LayerQuant, dtype: torch.dtype, act_bits: int | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
                                                                      IntQuantizationCompressor)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -101,6 +118,16 @@ def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None
 
 
 def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    q = _unpack_weight(t, grid)
+    if "input_scale" in t:                                           # static inputs: one scale for every token
+        s = t["input_scale"].float().reshape(-1)
+        if s.numel() != 1 or not s.item() > 0:                      # not NaN, not 0
+            raise QForgeError(f"input_scale must be one positive number (per tensor), got {s[:4].tolist()}")
+        q.input_scale = s.clone()
+    return q
+
+
+def _unpack_weight(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     if "weight_packed" not in t:
@@ -148,40 +175,46 @@ def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
 
 
-def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None):
+def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None, act_static: bool = False):
     """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`,
-    float-quantized for FP8 grids)."""
+    float-quantized for FP8 grids; `act_static`: the inputs take each layer's input_scale)."""
     from compressed_tensors.quantization import QuantizationConfig
 
     by_grid: dict[Grid, list[str]] = {}
     for name, grid in grids.items():
         by_grid.setdefault(grid, []).append(name)
     if len(by_grid) == 1:
-        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], act_bits)}
+        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], act_bits, act_static)}
     else:
-        groups = {f"group_{i}": _scheme(g, sorted(names), act_bits) for i, (g, names) in enumerate(by_grid.items())}
+        groups = {f"group_{i}": _scheme(g, sorted(names), act_bits, act_static)
+                  for i, (g, names) in enumerate(by_grid.items())}
     fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if act_bits else "pack-quantized"
     return QuantizationConfig(config_groups=groups, format=fmt,
                               quantization_status="compressed", ignore=ignore)
 
 
 def input_acts(qc: dict) -> tuple[int, bool] | None:
-    """(bits, fp8) of the inputs a quantization_config quantizes (dynamic per-token symmetric int8 or FP8, the input
-    schemes qforge runs), or None when its layers take unquantized inputs; another input scheme is refused."""
+    """(bits, fp8) of the inputs a quantization_config quantizes (symmetric int8 or FP8, dynamic per token or static
+    per tensor: the input schemes qforge runs; a static one's scales are its layers' input_scale tensors), or None
+    when its layers take unquantized inputs; another input scheme is refused."""
     found = set()
     for name, group in (qc.get("config_groups") or {}).items():
         a = group.get("input_activations")
         if not a:
             found.add(None)
             continue
-        if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("dynamic")
-                and a.get("strategy") == "token" and a.get("num_bits") == 8):
+        how = (a.get("dynamic"), a.get("strategy"))
+        if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("num_bits") == 8
+                and how in ((True, "token"), (False, "tensor"))):
             raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
-                              f"supported (qforge runs dynamic per-token symmetric int8 or FP8 inputs only)")
-        found.add((8, a.get("type") == "float"))
+                              f"supported (qforge runs symmetric int8 or FP8 inputs, dynamic per token or static per "
+                              f"tensor)")
+        found.add((8, a.get("type") == "float", how))
     if len(found) > 1:
-        raise QForgeError("compressed-tensors config groups with and without input quantization are not supported")
-    return next(iter(found), None)
+        raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "
+                          "supported")
+    one = next(iter(found), None)
+    return None if one is None else one[:2]
 
 
 def _describe(a: dict) -> str:

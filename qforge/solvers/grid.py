@@ -133,6 +133,8 @@ class LayerQuant:
     scales [out, groups]  fp32
     zeros  [out, groups]  fp32 holding integers (constant 2^(bits-1) when sym)
     g_idx  [in]           int32 group of each input column
+    input_scale [1]       fp32 static scale of the layer's input (act_static W8A8: x_q = round(x / input_scale)),
+                          set by the pipeline once the layer is solved; None when inputs are dynamic or unquantized
     """
 
     grid: Grid
@@ -143,6 +145,7 @@ class LayerQuant:
     info: dict
     w_hat: torch.Tensor | None = None  # the solver's own reconstruction, for a consistency check; not saved
     row_loss: torch.Tensor | None = None  # [out] the solver's loss of each output row (GPTQ); not saved
+    input_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """W_hat [out, in] fp32, a few rows at a time: the gathered scales and zeros of the whole matrix would
@@ -161,14 +164,14 @@ class LayerQuant:
             info["loss"] = float(self.row_loss[r0:r1:step].sum())
         cut = (lambda t: None if t is None else t[r0:r1:step].clone())  # own storage: saved as separate tensors
         return LayerQuant(self.grid, cut(self.codes), cut(self.scales), cut(self.zeros), self.g_idx.clone(), info,
-                          cut(self.w_hat), cut(self.row_loss))
+                          cut(self.w_hat), cut(self.row_loss), self.input_scale)
 
     def on_meta(self) -> "LayerQuant":
         """The layer without its values: tensors on the meta device (shapes, dtypes), grid and info kept; what a
         streamed run holds of a block once its codes are on disk."""
         meta = (lambda t: t.to("meta"))
         return LayerQuant(self.grid, meta(self.codes), meta(self.scales), meta(self.zeros), meta(self.g_idx),
-                          self.info)
+                          self.info, input_scale=self.input_scale)
 
     @property
     def shape(self) -> tuple[int, int]:

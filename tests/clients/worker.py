@@ -12,6 +12,8 @@ Tasks:
                    inputs) on a tiny model, saved compressed (int-quantized) to OUT_DIR/ckpt
   llmc-fp8-tiny    the same with scheme FP8_DYNAMIC (E4M3 per-channel weights, dynamic per-token E4M3 inputs), saved
                    float-quantized
+  llmc-w8a8-static-tiny  int8 per-channel weights, static per-tensor int8 inputs (calibrated on builtin:mix)
+  llmc-fp8-static-tiny   scheme FP8 (E4M3 per-tensor weights, static per-tensor E4M3 inputs), calibrated
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
 """
@@ -108,6 +110,27 @@ def main(task: str, model_dir: str, out: str) -> None:
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         scheme = "W8A8" if task == "llmc-w8a8-tiny" else "FP8_DYNAMIC"
         oneshot(model=m, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+        m.save_pretrained(out_dir / "ckpt", save_compressed=True)
+        tok.save_pretrained(out_dir / "ckpt")
+        report(m, tok, out_dir)
+    elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny"):   # input scales calibrated, then fixed
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if task == "llmc-fp8-static-tiny":
+            recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
+        else:
+            scheme = {"targets": ["Linear"],
+                      "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                      "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                                            "dynamic": False}}
+            recipe = QuantizationModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
+        samples = [s.tolist() for s in calibration(tok, 8, 64)]
+        ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+        oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(samples),
+                shuffle_calibration_samples=False)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)

@@ -1,0 +1,167 @@
+"""Static input scales (act_static): W8A8 and FP8 W8A8 whose linears quantize every token's input with one scale
+calibrated at quantization time (llm-compressor's `dynamic: false` activations), through config, pipeline, saved
+output, run state, compressed-tensors export and loading, and evaluation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qforge
+from qforge.config import QuantizeConfig
+from qforge.errors import QForgeError
+from qforge.eval import load_eval_text, perplexity
+from qforge.eval.simulate import fake_quant_static, quantized_activations
+from qforge.formats import compressed_tensors as ct
+from qforge.models.arch import linear_modules
+from qforge.solvers import Grid, rtn
+from qforge.solvers.grid import FP8_MAX, to_e4m3
+
+STATIC = dict(bits=8, group_size=-1, act_bits=8, act_static=True)
+
+
+def test_static_scales_need_quantized_inputs_and_calibration():
+    with pytest.raises(QForgeError, match="needs act_bits 8"):
+        QuantizeConfig(method="rtn", bits=8, group_size=-1, act_static=True)
+    assert QuantizeConfig(method="rtn", **STATIC).needs_calibration           # RTN observes the inputs
+    assert not QuantizeConfig(method="rtn", bits=8, group_size=-1, act_bits=8).needs_calibration
+
+
+def test_fake_quant_static_rounds_on_the_fixed_scale_and_saturates():
+    torch.manual_seed(0)
+    x = torch.randn(6, 40) * 3
+    s = torch.tensor([0.02])                                   # 127 * 0.02 = 2.54 < max|x|: some inputs saturate
+    y = fake_quant_static(x, s)
+    codes = y / s
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert codes.min() >= -128 and codes.max() <= 127 and (codes.abs() >= 127).any()
+    inside = x.abs() < 2.5
+    assert torch.all((y - x)[inside].abs() <= s / 2 + 1e-6)
+    f = fake_quant_static(x, s, fp8=True)                      # E4M3 of x / s, saturating at 448
+    torch.testing.assert_close(f, to_e4m3(x / s).float() * s, rtol=0, atol=0)
+    assert f.abs().max() <= FP8_MAX * s + 1e-6
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_static_layers_round_trip_with_their_input_scale(fp8):
+    torch.manual_seed(0)
+    q = rtn(torch.randn(24, 32), Grid(8, -1, True, fp8))
+    with pytest.raises(QForgeError, match="input_scale"):
+        ct.pack(q, torch.float32, 8, act_static=True)          # static without a calibrated scale
+    q.input_scale = torch.tensor([0.0123])
+    t = ct.pack(q, torch.float16, 8, act_static=True)
+    assert t["input_scale"].dtype == torch.float32 and t["input_scale"].shape == (1,)
+    assert "input_scale" not in ct.pack(q, torch.float16, 8)   # dynamic inputs store none
+    back = ct.unpack(t, q.grid)
+    assert torch.equal(back.input_scale, q.input_scale)
+    assert torch.equal(back.codes.view(torch.uint8), q.codes.view(torch.uint8))
+    for bad in (torch.tensor([0.0]), torch.tensor([float("nan")]), torch.tensor([0.1, 0.2])):
+        with pytest.raises(QForgeError, match="one positive number"):
+            ct.unpack({**t, "input_scale": bad}, q.grid)
+
+
+def test_static_per_tensor_inputs_are_read_and_other_schemes_refused():
+    w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    dyn = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+    static = {**dyn, "dynamic": False, "strategy": "tensor"}
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}}) == (8, False)
+    fp8 = {**static, "type": "float"}
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": fp8}}}) == (8, True)
+    for bad, msg in (({**static, "strategy": "token"}, "int token static"),
+                     ({**static, "symmetric": False}, "asymmetric")):
+        with pytest.raises(QForgeError, match=msg):
+            ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": bad}}})
+    with pytest.raises(QForgeError, match="different input quantizations"):
+        ct.input_acts({"config_groups": {"a": {"weights": w, "input_activations": dyn},
+                                         "b": {"weights": w, "input_activations": static}}})
+
+
+def _observed_absmax(model, samples) -> dict[str, float]:
+    """max |x| of every linear's input over the samples, the whole quantized model run at once (no input
+    quantization): what the pipeline's block-by-block observation must have found."""
+    seen: dict[str, float] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, max(seen.get(n, 0.0),
+                                                                                     float(a[0].abs().max()))))
+             for n, m in linear_modules(model).items()]
+    with torch.no_grad():
+        model(torch.stack(samples))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("method,fp8", [("rtn", False), ("gptq", False), ("gptq", True)])
+def test_static_scales_are_the_quantized_models_input_maxima(method, fp8, tiny_llama_dir, wiki_excerpt, tmp_path):
+    # fp32 passes: the maxima bf16 passes ("auto" where the CPU multiplies bf16) observe are bf16's, within 0.4%
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method=method, fp8=fp8, compute_dtype="float32", **STATIC))
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
+    scales = m.input_scales
+    assert scales is not None and scales.keys() == m.result.layers.keys()
+    absmax = _observed_absmax(m.model, m.calibration.samples)
+    for name, s in scales.items():                   # q/k/v (gate/up) read one input: one scale
+        assert float(s) * (FP8_MAX if fp8 else 127) == pytest.approx(absmax[name], rel=1e-5)
+    layer0 = {n.rsplit(".", 1)[1]: float(s) for n, s in scales.items() if ".layers.0." in n}
+    assert layer0["q_proj"] == layer0["k_proj"] == layer0["v_proj"] != layer0["o_proj"]
+
+    out = m.save(tmp_path / "out")
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    acts = qc["config_groups"]["group_0"]["input_activations"]
+    assert (acts["dynamic"], acts["strategy"], acts["type"]) == (False, "tensor", "float" if fp8 else "int")
+    packed, saved = qforge.load(tmp_path / "ct"), qforge.load(out)
+    for other in (packed, saved):
+        assert other.act_bits == 8 and other.act_fp8 == fp8
+        assert all(torch.equal(other.input_scales[n], s) for n, s in scales.items())
+    rows = {k: qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0] for k, q in
+            (("memory", m), ("saved", saved), ("packed", packed))}
+    assert all(r["act_static"] for r in rows.values())
+    ppl = {k: r["ppl"] for k, r in rows.items()}
+    assert ppl["saved"] == pytest.approx(ppl["memory"], rel=1e-6)
+    assert ppl["packed"] == pytest.approx(ppl["memory"], rel=1e-5)
+    # the static scales are what the evaluation used: per-token scales on the same weights score otherwise
+    text = load_eval_text("wiki")
+    with quantized_activations(packed.model, 8, set(packed.result.layers), fp8=fp8):
+        dynamic = perplexity(packed.model, packed.tokenizer, text, 64, 2)["ppl"]
+    assert abs(dynamic - ppl["packed"]) > 1e-5 * ppl["packed"]
+
+
+def test_static_scales_stream_and_resume(tiny_llama_dir, wiki_excerpt, tmp_path):
+    """The scales live in the run state with their block: a streamed run (every block saved, then read back) gives
+    the in-memory run's scales and checkpoint."""
+    cfg = QuantizeConfig(method="gptq", smoothquant=0.5, **STATIC)
+    streamed = qforge.load(tiny_llama_dir, cfg, stream=True)
+    streamed.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "rs")
+    streamed.export(tmp_path / "streamed", "compressed-tensors")
+    in_memory = qforge.load(tiny_llama_dir, cfg)
+    in_memory.quantize(wiki_excerpt, nsamples=4, seqlen=32)
+    in_memory.export(tmp_path / "memory", "compressed-tensors")
+    a, b = qforge.load(tmp_path / "streamed"), qforge.load(tmp_path / "memory")
+    assert a.input_scales.keys() == b.input_scales.keys()
+    assert all(torch.equal(a.input_scales[n], s) for n, s in b.input_scales.items())
+    ppl = [qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0]["ppl"] for q in (a, b)]
+    assert ppl[0] == ppl[1]
+
+
+def test_static_inputs_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path, capsys):
+    from qforge.cli.main import main
+
+    out, packed = tmp_path / "q", tmp_path / "ct"
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "8", "--group-size", "-1",
+                 "--fp8", "--act-bits", "8", "--act-static", "--calib", wiki_excerpt, "--nsamples", "4",
+                 "--calib-seqlen", "32", "--out", str(out), "--format", "compressed-tensors",
+                 "--export-out", str(packed)]) == 0
+    assert "FP8 W8A8 (static input scales)" in capsys.readouterr().out
+    assert json.loads((out / "qforge_config.json").read_text())["act_static"] is True
+    again = tmp_path / "again"                                  # the saved output exports the same checkpoint
+    assert main(["-q", "export", str(out), "--format", "compressed-tensors", "--out", str(again)]) == 0
+    a, b = load_file(packed / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert sum(k.endswith(".input_scale") for k in a) == 14
+    assert main(["-q", "eval", str(packed), "--dataset", "wiki", "--seqlen", "32", "--max-windows", "2"]) == 0
+    assert "quantized to fp8 with static scales" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_llama_dir), "--bits", "8", "--group-size", "-1", "--act-static",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "needs act_bits 8" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
