@@ -2,7 +2,8 @@
 side by side, each exported as compressed-tensors int-quantized and scored by the same evaluation. `--scheme fp8`:
 the same for FP8 (E4M3 per-channel weights, dynamic per-token E4M3 inputs: llm-compressor's FP8_DYNAMIC), exported
 as float-quantized. `--scheme int8-static` / `fp8-static`: the inputs quantized with one calibrated scale per
-linear (qforge's --act-static: the largest |x| over the calibration set; llm-compressor's static activations: its
+linear (qforge's --act-static: the largest |x| over the calibration set, or with --act-observer mse that clipped
+to the least squared error; llm-compressor's static activations: its
 default observer for int8, a moving average of per-batch min/max, and for its FP8 scheme (per-tensor weights) the
 max over all batches; a custom FP8 group with per-channel weights matches qforge's grid).
 
@@ -116,14 +117,21 @@ def main() -> None:
     fp8 = a.scheme.startswith("fp8")
     static = dict(act_static=True)
     if a.scheme == "int8-static":
+        mse = dict(act_static=True, act_observer="mse")
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **static, **w8a8)),
+                ("qforge", "RTN, mse observer", qforge.QuantizeConfig(method="rtn", **mse, **w8a8)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **static, **w8a8)),
+                ("qforge", "GPTQ, mse observer", qforge.QuantizeConfig(method="gptq", **mse, **w8a8)),
                 ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **static,
                                                                            **w8a8)),
+                ("qforge", "SmoothQuant 0.8 + GPTQ, mse observer", qforge.QuantizeConfig(
+                    method="gptq", smoothquant=0.8, **mse, **w8a8)),
                 ("llm-compressor", "RTN", "static-rtn"),
                 ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "static-sq-gptq")]
     elif a.scheme == "fp8-static":
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **static, **w8a8)),
+                ("qforge", "RTN, mse observer", qforge.QuantizeConfig(method="rtn", fp8=True, act_observer="mse",
+                                                                      **static, **w8a8)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **static, **w8a8)),
                 ("llm-compressor", "RTN", "fp8-static-channel-rtn"),
                 ("llm-compressor", "RTN, per-tensor weights (its FP8 scheme)", "fp8-static-rtn"),

@@ -14,6 +14,7 @@ NEEDS_CALIBRATION = {"rtn": False, "gptq": True, "awq": True, "awq+gptq": True}
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
+ACT_OBSERVERS = ("max", "mse")      # how a static input scale is chosen (QuantizeConfig.act_observer)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -140,6 +141,11 @@ class QuantizeConfig(_JsonMixin):
     # (the largest |x| the quantized model gives it, / 127 for int8, / 448 for FP8) instead of computed per token as
     # the model runs; saved as each linear's input_scale. Cheaper to serve (no per-token max), less exact
     act_static: bool = False
+    # how the static scale is chosen (solvers/input_scale.py): "max", the largest |x| / qmax (nothing clipped; llm-
+    # compressor's FP8 scheme's observer), or "mse", that times the clip ratio in 1.0 .. 0.1 with the least squared
+    # error over the calibration inputs (one more pass per block). SmolLM2 (BENCHMARKS.md "Static input scales"):
+    # int8 without SmoothQuant, mse is far better; with SmoothQuant 0.8, max is a little better
+    act_observer: str = "max"
     # GPTAQ (GPTQv2, solvers/gptq.py; method gptq): alpha > 0 also corrects each linear for the difference between
     # its inputs in the fp model and in the model being quantized (whose earlier layers are rounded already), at
     # the cost of one more pass per block, through its fp weights, and of its linears' fp inputs kept while it is
@@ -215,6 +221,10 @@ class QuantizeConfig(_JsonMixin):
             _check(self.bpw is None, "mixed precision (bpw) allocates weight-only schemes; it does not take act_bits")
         _check(not self.act_static or self.act_bits is not None,
                "act_static fixes the scale of quantized inputs: it needs act_bits 8 (W8A8 or FP8 W8A8)")
+        _check(self.act_observer in ACT_OBSERVERS,
+               f"act_observer must be one of {', '.join(ACT_OBSERVERS)}, got {self.act_observer!r}")
+        _check(self.act_static or self.act_observer == "max", "act_observer chooses static input scales: it needs "
+                                                               "act_static")
         if self.smoothquant is not None:
             _check(self.act_bits is not None, "smoothquant flattens activations for their quantization: it needs "
                                               "act_bits 8 (weight-only quantization gains nothing from it)")

@@ -40,7 +40,6 @@ from .smoothing import BlockAWQ, awq_block
 from .smoothing.smoothquant import smooth_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
-from .solvers.grid import FP8_MAX
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -334,14 +333,18 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                     fwd_ref.set_weight(ref.weight)
         # the quantized block feeds the next one (static input scales: run in full, every linear's input observed)
         kept = [r for g in fwd_groups for r in g]
-        observed = InputRange(kept) if cfg.act_static else None
+        observed = InputRange(kept, grid.fp8, cfg.act_observer) if cfg.act_static else None
         null = contextlib.nullcontext()
         with frozen.pass_after(len(groups), record=False) if frozen and observed is None else null, \
                 tap_inputs(kept, observed.sinks) if observed is not None else null:
-            hidden = run_block(fwd, hidden, calls, device)
+            next_hidden = run_block(fwd, hidden, calls, device)
         if observed is not None:
-            for name, s in observed.scales(FP8_MAX if grid.fp8 else 127.0).items():
+            if cfg.act_observer == "mse":                   # each clip ratio's error, now that the maxima are known
+                with tap_inputs(kept, observed.error_sinks):
+                    run_block(fwd, hidden, calls, device)
+            for name, s in observed.scales().items():
                 result.layers[linear_name(spec, i, name)].input_scale = s
+        hidden = next_hidden
         block.to("cpu")
         fwd = frozen = stats = sinks = fp_inputs = None   # the copy, its recordings, the last statistics: freed
         if not all(torch.isfinite(h).all() for h in hidden):

@@ -13,11 +13,12 @@ import qforge
 from qforge.config import QuantizeConfig
 from qforge.errors import QForgeError
 from qforge.eval import load_eval_text, perplexity
-from qforge.eval.simulate import fake_quant_static, quantized_activations
+from qforge.eval.simulate import quantized_activations
 from qforge.formats import compressed_tensors as ct
 from qforge.models.arch import linear_modules
 from qforge.solvers import Grid, rtn
 from qforge.solvers.grid import FP8_MAX, to_e4m3
+from qforge.solvers.input_scale import RATIOS, clip_errors, fake_quant_static, qmax
 
 STATIC = dict(bits=8, group_size=-1, act_bits=8, act_static=True)
 
@@ -125,6 +126,47 @@ def test_static_scales_are_the_quantized_models_input_maxima(method, fp8, tiny_l
     with quantized_activations(packed.model, 8, set(packed.result.layers), fp8=fp8):
         dynamic = perplexity(packed.model, packed.tokenizer, text, 64, 2)["ppl"]
     assert abs(dynamic - ppl["packed"]) > 1e-5 * ppl["packed"]
+
+
+def test_clip_errors_prefer_clipping_a_lone_outlier():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    x[3, 7] = 200.0                                   # one token's outlier sets max |x|: a step of 1.6 for the rest
+    err = clip_errors(x, x.abs().max())
+    assert err.shape == (len(RATIOS),) and RATIOS[int(err.argmin())] < 1 and err.min() < 0.9 * err[0]
+    x[3, 7] = 0.0
+    assert err.min() > 100 * clip_errors(x, x.abs().max()).min()   # without it, a fine step for all
+    for fp8 in (False, True):                         # the errors are those of fake_quant_static at each scale
+        k = 5
+        want = (fake_quant_static(x, x.abs().max() * RATIOS[k] / qmax(fp8), fp8) - x).pow(2).sum()
+        assert float(clip_errors(x, x.abs().max(), fp8)[k]) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_the_mse_observer_picks_the_least_error_ratio_of_the_models_inputs(tiny_llama_dir, wiki_excerpt):
+    with pytest.raises(QForgeError, match="needs act_static"):
+        QuantizeConfig(method="rtn", bits=8, group_size=-1, act_bits=8, act_observer="mse")
+    with pytest.raises(QForgeError, match="act_observer must be one of"):
+        QuantizeConfig(method="rtn", act_observer="p99", **STATIC)
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="rtn", act_observer="mse", compute_dtype="float32",
+                                                   **STATIC))
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
+    inputs: dict[str, list] = {}
+    hooks = [mod.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, []).append(a[0].flatten(0, -2)))
+             for n, mod in linear_modules(m.model).items()]
+    with torch.no_grad():
+        m.model(torch.stack(m.calibration.samples))
+    for h in hooks:
+        h.remove()
+    clipped = 0
+    for name, s in m.input_scales.items():
+        x = torch.cat(inputs[name])
+        err = clip_errors(x, x.abs().max())
+        picked = float(s) * 127 / float(x.abs().max())             # the ratio the pipeline chose
+        k = min(range(len(RATIOS)), key=lambda j: abs(RATIOS[j] - picked))
+        assert abs(RATIOS[k] - picked) < 1e-4
+        assert float(err[k]) <= float(err.min()) * (1 + 1e-4)
+        clipped += RATIOS[k] < 1
+    assert clipped > 0
 
 
 def test_static_scales_stream_and_resume(tiny_llama_dir, wiki_excerpt, tmp_path):

@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from ..errors import QForgeError
 from ..models.arch import linear_modules
 from ..solvers.grid import FP8_MAX, to_e4m3
+from ..solvers.input_scale import fake_quant_static
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
     return (to_e4m3(xf / s).float() * s).to(x.dtype)
-
-
-def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, fp8: bool = False) -> torch.Tensor:
-    """Static per-tensor fake quantization of x with its fixed `scale` [1]: int8 (symmetric, codes -128..127) or
-    E4M3; values beyond the calibrated range saturate."""
-    xf = x.float() / scale.to(x.device)
-    q = to_e4m3(xf).float() if fp8 else torch.clamp(torch.round(xf), -128, 127)
-    return (q * scale.to(x.device)).to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
