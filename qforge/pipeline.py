@@ -333,7 +333,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                     fwd_ref.set_weight(ref.weight)
         # the quantized block feeds the next one (static input scales: run in full, every linear's input observed)
         kept = [r for g in fwd_groups for r in g]
-        observed = InputRange(kept, grid.fp8, cfg.act_observer) if cfg.act_static else None
+        observed = InputRange(fwd_groups, grid.fp8, cfg.act_observer) if cfg.act_static else None
         null = contextlib.nullcontext()
         with frozen.pass_after(len(groups), record=False) if frozen and observed is None else null, \
                 tap_inputs(kept, observed.sinks) if observed is not None else null:

@@ -18,13 +18,18 @@ log = logging.getLogger(__name__)
 
 
 class InputRange:
-    """Per linear of `refs` (by name): the running max |x| of its inputs (fed by `sinks`), and with `observer` "mse"
-    each clip ratio's squared error (fed by `error_sinks`, after every max is in)."""
+    """Per input of `groups` (the table's linear groups: the plain linears of one read one input, observed once through
+    the first of them; an expert its own): the running max |x| (fed by `sinks`), and with `observer` "mse" each clip
+    ratio's squared error (fed by `error_sinks`, after every max is in). `scales` gives every linear its input's."""
 
-    def __init__(self, refs: list[LinearRef], fp8: bool, observer: str = "max"):
+    def __init__(self, groups: list[list[LinearRef]], fp8: bool, observer: str = "max"):
         self.fp8, self.observer = fp8, observer
-        self.absmax: dict[str, torch.Tensor] = {r.name: torch.zeros(()) for r in refs}
-        self.errors: dict[str, torch.Tensor] = {r.name: torch.zeros(len(RATIOS)) for r in refs}
+        self.reads: dict[str, str] = {}                   # linear name -> the name its input is observed under
+        for g in groups:
+            first = next((r.name for r in g if r.expert is None), None)
+            self.reads.update({r.name: first if r.expert is None else r.name for r in g})
+        self.absmax: dict[str, torch.Tensor] = {n: torch.zeros(()) for n in set(self.reads.values())}
+        self.errors: dict[str, torch.Tensor] = {n: torch.zeros(len(RATIOS)) for n in self.absmax}
 
     @property
     def sinks(self) -> dict[str, Sink]:
@@ -43,7 +48,7 @@ class InputRange:
             self.errors[name] += clip_errors(x.detach(), self.absmax[name].to(x.device), self.fp8).cpu()
 
     def scales(self) -> dict[str, torch.Tensor]:
-        """{name: input_scale [1] fp32}. A linear that read nothing or only zeros gets scale 1 (any scale
+        """{linear name: input_scale [1] fp32}. A linear that read nothing or only zeros gets scale 1 (any scale
         reproduces zeros), with a warning: its calibration never reached it."""
         out = {}
         for name, m in self.absmax.items():
@@ -53,4 +58,4 @@ class InputRange:
                 continue
             r = RATIOS[int(self.errors[name].argmin())] if self.observer == "mse" else 1.0
             out[name] = (m * r / qmax(self.fp8)).reshape(1)
-        return out
+        return {n: out[seen].clone() for n, seen in self.reads.items()}
