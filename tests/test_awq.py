@@ -252,3 +252,27 @@ def test_cli_awq(tiny_llama_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--format", "awq"]) == 0
     assert "awq+gptq W4 g32 asym" in capsys.readouterr().out
     assert (tmp_path / "o" / "awq_results.safetensors").is_file() and (tmp_path / "o-awq" / "config.json").is_file()
+
+
+def test_fp32_searches_beside_bf16_passes_read_the_carried_state_in_fp32():
+    """Gemma 4's kv-shared blocks read the keys and values an earlier block left in the mapping the model hands every
+    block (ArchSpec.carried). Filled by bf16 passes, AWQ's and SmoothQuant's fp32 searches get a copy cast to fp32
+    (its own writes stay there): before, the fp32 query met bf16 keys."""
+    from collections import UserDict
+
+    from qforge.capture.blocks import BlockCall, with_own_carried
+
+    shared = UserDict({"full_attention": (torch.ones(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16))})
+    calls = [BlockCall((), {"shared_kv_states": shared, "x": torch.ones(1, dtype=torch.bfloat16)})]
+    own = with_own_carried(calls, "shared_kv_states", torch.float32)[0].kwargs
+    assert type(own["shared_kv_states"]) is UserDict and own["shared_kv_states"] is not shared
+    assert all(t.dtype == torch.float32 for t in own["shared_kv_states"]["full_attention"])
+    own["shared_kv_states"]["sliding_attention"] = ()
+    assert "sliding_attention" not in shared and shared["full_attention"][0].dtype == torch.bfloat16
+    assert with_own_carried(calls, None, torch.float32) is calls
+    for method, extra in (("awq", {}), ("rtn", dict(bits=8, group_size=-1, act_bits=8, smoothquant=0.5))):
+        m = tiny_model("gemma4_text")
+        cfg = QuantizeConfig(method=method, compute_dtype="bfloat16", **({"bits": 4, "group_size": 32, "awq_grid": 2}
+                                                                          if method == "awq" else extra))
+        res = quantize_model(m, cfg, ids(8, 32), show_progress=False)
+        assert all(torch.isfinite(q.dequantize()).all() for q in res.layers.values())

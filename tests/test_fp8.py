@@ -167,14 +167,10 @@ def test_fp8_dynamic_quantizes_exports_and_evaluates_as_served(method, tiny_llam
 
 def test_fp8_weight_only_and_streamed(tiny_llama_dir, wiki_excerpt, tmp_path):
     """W8A16 FP8 (no act_bits): weight-only checkpoint; a streamed run gives the in-memory run's codes."""
-    cfg = QuantizeConfig(method="gptq", bits=8, group_size=-1, fp8=True)
-    streamed = qforge.load(tiny_llama_dir, cfg, stream=True)
-    streamed.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "rs")
-    streamed.export(tmp_path / "streamed", "compressed-tensors")
-    in_memory = qforge.load(tiny_llama_dir, cfg)
-    in_memory.quantize(wiki_excerpt, nsamples=4, seqlen=32)
-    in_memory.export(tmp_path / "memory", "compressed-tensors")
-    a, b = qforge.load(tmp_path / "streamed"), qforge.load(tmp_path / "memory")
+    from runs import streamed_and_in_memory
+
+    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig(method="gptq", bits=8, group_size=-1, fp8=True),
+                                  wiki_excerpt, tmp_path)
     assert a.act_bits is None and not a.act_fp8
     for n, q in b.result.layers.items():
         assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))

@@ -172,14 +172,10 @@ def test_the_mse_observer_picks_the_least_error_ratio_of_the_models_inputs(tiny_
 def test_static_scales_stream_and_resume(tiny_llama_dir, wiki_excerpt, tmp_path):
     """The scales live in the run state with their block: a streamed run (every block saved, then read back) gives
     the in-memory run's scales and checkpoint."""
-    cfg = QuantizeConfig(method="gptq", smoothquant=0.5, **STATIC)
-    streamed = qforge.load(tiny_llama_dir, cfg, stream=True)
-    streamed.quantize(wiki_excerpt, nsamples=4, seqlen=32, resume=tmp_path / "rs")
-    streamed.export(tmp_path / "streamed", "compressed-tensors")
-    in_memory = qforge.load(tiny_llama_dir, cfg)
-    in_memory.quantize(wiki_excerpt, nsamples=4, seqlen=32)
-    in_memory.export(tmp_path / "memory", "compressed-tensors")
-    a, b = qforge.load(tmp_path / "streamed"), qforge.load(tmp_path / "memory")
+    from runs import streamed_and_in_memory
+
+    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig(method="gptq", smoothquant=0.5, **STATIC),
+                                  wiki_excerpt, tmp_path)
     assert a.input_scales.keys() == b.input_scales.keys()
     assert all(torch.equal(a.input_scales[n], s) for n, s in b.input_scales.items())
     ppl = [qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0]["ppl"] for q in (a, b)]
