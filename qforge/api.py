@@ -380,7 +380,13 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         else:
             net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
             q = QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
-        q.packed_act_bits, q.packed_act_fp8 = input_acts(model) or (None, False)
+        q.packed_act_bits, q.packed_act_fp8, static = input_acts(model) or (None, False, False)
+        missing = [n for n, lq in q.result.layers.items() if static and lq.input_scale is None]
+        if missing:
+            raise QForgeError(f"{model}: its inputs are quantized with static scales, but {len(missing)} quantized "
+                              f"layers store no input_scale (first: {missing[0]})")
+        for lq in q.result.layers.values():
+            lq.input_scale = lq.input_scale if static else None       # the config says how the inputs are quantized
         return q
     if stream:
         from .models.streaming import load_streamed

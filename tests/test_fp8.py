@@ -109,7 +109,7 @@ def test_float_quantized_round_trip_is_bit_exact(act_bits):
     torch.testing.assert_close(dense.float(), back.dequantize().to(dense.dtype).float(), rtol=0, atol=0)
     qc = ct.build_config({"a": FP8}, [], act_bits).model_dump()
     assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
-    assert ct.input_acts(qc) == (None if act_bits is None else (8, True))
+    assert ct.input_acts(qc) == (None if act_bits is None else (8, True, False))
     assert ct.grid_for(qc, "a") == FP8
 
 

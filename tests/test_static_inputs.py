@@ -67,9 +67,9 @@ def test_static_per_tensor_inputs_are_read_and_other_schemes_refused():
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     dyn = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
     static = {**dyn, "dynamic": False, "strategy": "tensor"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}}) == (8, False)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}}) == (8, False, True)
     fp8 = {**static, "type": "float"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": fp8}}}) == (8, True)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": fp8}}}) == (8, True, True)
     for bad, msg in (({**static, "strategy": "token"}, "int token static"),
                      ({**static, "symmetric": False}, "asymmetric")):
         with pytest.raises(QForgeError, match=msg):
@@ -203,3 +203,26 @@ def test_static_inputs_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_p
                  "--out", str(tmp_path / "bad")]) == 2
     assert "needs act_bits 8" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_static_checkpoint_without_its_input_scales_is_refused_on_loading(tiny_llama_dir, wiki_excerpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    m = qforge.load(tiny_llama_dir, QuantizeConfig(method="rtn", **STATIC))
+    m.quantize(wiki_excerpt, nsamples=2, seqlen=32)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    shutil.copytree(tmp_path / "ct", tmp_path / "bad")
+    t = load_file(tmp_path / "ct" / "model.safetensors")
+    gone = next(k for k in t if k.endswith(".input_scale"))
+    save_file({k: v for k, v in t.items() if k != gone}, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(QForgeError, match="store no input_scale"):
+        qforge.load(tmp_path / "bad")
+    # the config rules: stored scales under a dynamic scheme are not used
+    cfg_file = tmp_path / "ct" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(dynamic=True, strategy="token")
+    cfg_file.write_text(json.dumps(cfg))
+    dynamic = qforge.load(tmp_path / "ct")
+    assert dynamic.act_bits == 8 and dynamic.input_scales is None

@@ -71,7 +71,7 @@ def test_a_per_tensor_scale_reads_as_every_channels():
 def test_only_8_bit_dynamic_per_token_or_static_per_tensor_inputs_are_read():
     ok = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == (8, False)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == (8, False, False)
     assert ct.input_acts({"config_groups": {"g": {"weights": w}}}) is None
     for bad, msg in (({**ok, "dynamic": False}, "8-bit int token static symmetric"),
                      ({**ok, "num_bits": 4}, "4-bit int token dynamic"),

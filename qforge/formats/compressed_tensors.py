@@ -193,8 +193,8 @@ def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None
                               quantization_status="compressed", ignore=ignore)
 
 
-def input_acts(qc: dict) -> tuple[int, bool] | None:
-    """(bits, fp8) of the inputs a quantization_config quantizes (symmetric int8 or FP8, dynamic per token or static
+def input_acts(qc: dict) -> tuple[int, bool, bool] | None:
+    """(bits, fp8, static) of the inputs a quantization_config quantizes (symmetric int8 or FP8, dynamic per token or static
     per tensor: the input schemes qforge runs; a static one's scales are its layers' input_scale tensors), or None
     when its layers take unquantized inputs; another input scheme is refused."""
     found = set()
@@ -214,7 +214,7 @@ def input_acts(qc: dict) -> tuple[int, bool] | None:
         raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "
                           "supported")
     one = next(iter(found), None)
-    return None if one is None else one[:2]
+    return None if one is None else (one[0], one[1], one[2] == (False, "tensor"))
 
 
 def _describe(a: dict) -> str:

@@ -46,9 +46,9 @@ def packed_format(path: str | Path) -> str | None:
                       f"{', '.join(FORMATS)}")
 
 
-def input_acts(path: str | Path) -> tuple[int, bool] | None:
-    """(bits, fp8) of the inputs a packed checkpoint's quantized linears quantize (compressed-tensors W8A8: (8,
-    False); FP8_DYNAMIC: (8, True)), None for weight-only checkpoints."""
+def input_acts(path: str | Path) -> tuple[int, bool, bool] | None:
+    """(bits, fp8, static) of the inputs a packed checkpoint's quantized linears quantize (compressed-tensors W8A8:
+    (8, False, False); FP8_DYNAMIC: (8, True, False); static scales: (8, ..., True)), None for weight-only ones."""
     fmt = packed_format(path)
     if fmt != "compressed-tensors":
         return None
