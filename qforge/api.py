@@ -385,8 +385,9 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if missing:
             raise QForgeError(f"{model}: its inputs are quantized with static scales, but {len(missing)} quantized "
                               f"layers store no input_scale (first: {missing[0]})")
-        for lq in q.result.layers.values():
-            lq.input_scale = lq.input_scale if static else None       # the config says how the inputs are quantized
+        if not static:                  # the config says how the inputs are quantized: stray scales are not used
+            for lq in q.result.layers.values():
+                lq.input_scale = None
         return q
     if stream:
         from .models.streaming import load_streamed

@@ -300,7 +300,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_compressed_tensors_only(qcfg, fmt)
-    act_bits = getattr(qcfg, "act_bits", None)
+    act_bits, act_static = getattr(qcfg, "act_bits", None), getattr(qcfg, "act_static", False)
     limit = parse_size(max_shard_size)
     spec = arch_spec(model)
     skeleton = get_blocks(model, spec)
@@ -311,8 +311,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
         for i, block in enumerate(skeleton):
             layers = blocks.load(i, block)
-            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits,
-                                           getattr(qcfg, "act_static", False)))
+            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits, act_static))
             blocks.release(block)
             seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:

@@ -284,8 +284,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             block.to("cpu")
             _block_done(i, block, spec, result, None, weights)
             continue
-        fp32_calls = with_own_carried(inputs.for_block(i), spec.carried, torch.float32) \
-            if dtype != torch.float32 else inputs.for_block(i)
+        fp32_calls = with_own_carried(inputs.for_block(i), spec.carried, torch.float32)   # the searches' own state
         if cfg.uses_awq:  # AWQ searches and folds on the fp32 block
             given = None if saved is None else saved.get(i, BlockAWQ())
             result.awq[i] = awq_block(block, spec, [h.float() for h in hidden], fp32_calls, grid,

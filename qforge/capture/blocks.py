@@ -208,7 +208,8 @@ def with_own_carried(calls: list[BlockCall], carried: str | None, dtype: torch.d
     """The calls with the mapping `carried` (ArchSpec.carried: Gemma 4's shared_kv_states, which blocks fill for later
     ones and the calls share by reference) replaced by a copy holding its tensors in `dtype`: for a block run in
     another dtype than the passes that filled it (AWQ's and SmoothQuant's fp32 searches beside bf16 passes), whose
-    own writes must not reach the later blocks either. The calls themselves when there is no carried state."""
+    own writes (of the block before its weights are rounded) must not reach the later blocks either. The calls
+    themselves when there is no carried state."""
     if not carried:
         return calls
     out = []
