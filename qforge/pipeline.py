@@ -27,7 +27,8 @@ from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
 from .capture.hessian import AsymmetricAccumulator
-from .capture.blocks import call_on, cast_call, fits_on_device, make_batches, with_own_carried
+from .capture.blocks import (call_on, carried_copies, cast_call, fits_on_device, make_batches, with_carried,
+                             with_own_carried)
 from .capture.input_range import InputRange
 from .capture.linear_inputs import feed_block, tap_inputs
 from .capture.replay import FrozenOutputs, recordings_fit
@@ -269,16 +270,18 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
     recordings_on = device if resident and recordings_fit(nbytes, device) else "cpu"   # the replays' too
     if recordings_on != "cpu":
         log.info("sub-module recordings for replay kept on %s", device)
-    fp_hidden = hidden if cfg.gptaq is not None else None   # GPTAQ: the fp model's activations, block by block
+    fp_hidden = hidden if cfg.gptaq is not None else None   # GPTAQ: the fp model's activations, block by block,
+    fp_state = carried_copies(inputs.for_block(0), spec.carried)  # and what its blocks leave for later ones
     for i, block in enumerate(progress(blocks, desc=f"{cfg.method} blocks", enabled=show_progress)):
         t_block = time.perf_counter()
         if weights is not None:
             weights.load(i, block)
         block.to(device)
         calls = [cast_call(call_on(c, device) if resident else c, dtype) for c in inputs.for_block(i)]
+        fp_calls = with_carried(calls, spec.carried, fp_state)
         if store is not None and i < store.blocks_done:      # finished by an interrupted run: restore, re-run
             if fp_hidden is not None:                         # its fp weights first (restoring replaces them)
-                fp_hidden = run_block(_compute_copy(block, dtype), fp_hidden, calls, device)
+                fp_hidden = run_block(_compute_copy(block, dtype), fp_hidden, fp_calls, device)
             _restore(i, block, store, cfg, result)
             hidden = run_block(_compute_copy(block, dtype), hidden, calls, device)
             block.to("cpu")
@@ -299,7 +302,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         groups, fwd_groups = (_kept(block_linears(b, spec), f"{spec.blocks}.{i}", cfg) for b in (block, fwd))
         fp_inputs = {}
         if fp_hidden is not None:                            # GPTAQ: before any weight of the block is rounded
-            fp_inputs, fp_hidden = fp_group_inputs(fwd, fwd_groups, fp_hidden, calls, device)
+            fp_inputs, fp_hidden = fp_group_inputs(fwd, fwd_groups, fp_hidden, fp_calls, device)
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
             stats = one_pass_stats(solver, fwd, fwd_groups, hidden, calls, device, fp_inputs)

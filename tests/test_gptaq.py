@@ -186,3 +186,41 @@ def test_gptaq_streams_and_is_saved_from_the_command_line(tiny_llama_dir, wiki_e
     a, b = qforge.load(out), qforge.load(tmp_path / "s")
     assert a.result.layers.keys() == b.result.layers.keys()
     assert all(torch.equal(q.codes, b.result.layers[n].codes) for n, q in a.result.layers.items())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma4_text"])
+def test_gptaqs_fp_inputs_are_the_fp_models(model_type, monkeypatch):
+    """The inputs GPTAQ solves against are the unquantized model's, block after block (Gemma 4: its later blocks
+    read the keys and values an earlier block left, which must be the fp model's too, not the quantized one's)."""
+    import copy
+
+    from qforge import pipeline
+    from qforge.models.arch import arch_spec, block_linears, get_blocks
+
+    model = tiny_model(model_type)
+    fp_model = copy.deepcopy(model)
+    fp_group_inputs, seen = pipeline.fp_group_inputs, []
+
+    def spy(block, groups, hidden, calls, device):
+        inputs, out = fp_group_inputs(block, groups, hidden, calls, device)
+        seen.append({groups[k][0].name: torch.cat(v) for k, v in inputs.items()})
+        return inputs, out
+
+    monkeypatch.setattr(pipeline, "fp_group_inputs", spy)
+    samples = _samples()
+    quantize_model(model, QuantizeConfig(method="gptq", bits=2, group_size=16, gptaq=0.5, compute_dtype="float32"),
+                   samples, show_progress=False)
+    spec, want = arch_spec(fp_model), [{} for _ in seen]
+    blocks = get_blocks(fp_model, spec)
+    hooks = [g[0].module.register_forward_pre_hook(
+        lambda mod, args, w=want[i], name=g[0].name: w.setdefault(name, []).append(args[0].flatten(0, -2)))
+        for i, block in enumerate(blocks) for g in block_linears(block, spec)]
+    with torch.no_grad():
+        fp_model(torch.stack(samples))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(blocks)
+    for i, got in enumerate(seen):
+        assert got and got.keys() == want[i].keys()
+        for name, x in got.items():
+            torch.testing.assert_close(x, torch.cat(want[i][name]), rtol=1e-4, atol=1e-5, msg=f"block {i} {name}")

@@ -204,21 +204,29 @@ def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
     return BlockCall(_cast(call.args, dtype), _cast(call.kwargs, dtype))
 
 
-def with_own_carried(calls: list[BlockCall], carried: str | None, dtype: torch.dtype) -> list[BlockCall]:
-    """The calls with the mapping `carried` (ArchSpec.carried: Gemma 4's shared_kv_states, which blocks fill for later
-    ones and the calls share by reference) replaced by a copy holding its tensors in `dtype`: for a block run in
-    another dtype than the passes that filled it (AWQ's and SmoothQuant's fp32 searches beside bf16 passes), whose
-    own writes (of the block before its weights are rounded) must not reach the later blocks either. The calls
-    themselves when there is no carried state."""
+def carried_copies(calls: list[BlockCall], carried: str | None) -> list | None:
+    """A copy of the mapping `carried` (ArchSpec.carried: Gemma 4's shared_kv_states, which blocks fill for later ones
+    and the calls share by reference) per batch, for runs whose writes must stay their own (with_carried); None when
+    there is no carried state."""
+    return [copy.copy(c.kwargs[carried]) for c in calls] if carried else None
+
+
+def with_carried(calls: list[BlockCall], carried: str | None, states: list | None) -> list[BlockCall]:
+    """The calls with the mapping `carried` replaced by `states` (carried_copies'), one per batch; the calls themselves
+    when there is no carried state."""
     if not carried:
         return calls
-    out = []
-    for c in calls:
-        state = copy.copy(c.kwargs[carried])
-        for k, v in c.kwargs[carried].items():
-            state[k] = _cast(v, dtype)
-        out.append(BlockCall(c.args, {**c.kwargs, carried: state}))
-    return out
+    return [BlockCall(c.args, {**c.kwargs, carried: m}) for c, m in zip(calls, states)]
+
+
+def with_own_carried(calls: list[BlockCall], carried: str | None, dtype: torch.dtype) -> list[BlockCall]:
+    """The calls with a copy of the carried state holding its tensors in `dtype`: for a block run in another dtype
+    than the passes that filled it (AWQ's and SmoothQuant's fp32 searches beside bf16 passes), whose own writes (of
+    the block before its weights are rounded) must not reach the later blocks either."""
+    states = carried_copies(calls, carried)
+    for state in states or []:
+        state.update({k: _cast(v, dtype) for k, v in state.items()})
+    return with_carried(calls, carried, states)
 
 
 @torch.no_grad()

@@ -14,13 +14,12 @@ the fp model to the first block to visit (a resumed measurement's, or the first 
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Callable
 
 import torch
 
-from ..capture.blocks import BlockCall, capture_block_inputs, run_block
+from ..capture.blocks import capture_block_inputs, carried_copies, run_block, with_carried
 from ..eval.streamed import head_pass
 from ..models.arch import arch_spec, get_blocks
 from ..utils.progress import progress
@@ -36,14 +35,6 @@ def span_end(variants_per_block: list[int], start: int, variant_bytes: int, prob
         held += variants_per_block[end] * variant_bytes
         end += 1
     return end
-
-
-def _with_state(calls: list[BlockCall], carried: str | None, state: list | None) -> list[BlockCall]:
-    """The calls with the mapping `carried` (ArchSpec.carried) replaced by a variant's own, one per batch: what its
-    changed blocks leave for later ones stays its own (None: no carried state, the calls as they are)."""
-    if not carried:
-        return calls
-    return [BlockCall(c.args, {**c.kwargs, carried: m}) for c, m in zip(calls, state)]
 
 
 @torch.no_grad()
@@ -83,12 +74,12 @@ def sweep_probes(model, weights, batches: list[torch.Tensor], probe_batches: lis
             with weights.loaded(j, blocks[j], device) as block:
                 calls = probe_in.for_block(j)
                 for k, v in enumerate(variants):                  # the earlier blocks' variants, one at a time
-                    variants[k] = run_block(block, v, _with_state(calls, spec.carried, states[k]), device)
+                    variants[k] = run_block(block, v, with_carried(calls, spec.carried, states[k]), device)
                 if j in span:
                     def probe(block=block, calls=calls, x=probe_hidden) -> int:
                         # a copy of the fp state the blocks before this one left
-                        state = [copy.copy(c.kwargs[spec.carried]) for c in calls] if spec.carried else None
-                        variants.append(run_block(block, x, _with_state(calls, spec.carried, state), device))
+                        state = carried_copies(calls, spec.carried)
+                        variants.append(run_block(block, x, with_carried(calls, spec.carried, state), device))
                         states.append(state)
                         return len(variants) - 1
                     records[j] = visit(j, block, hidden, calib.for_block(j), probe)
