@@ -170,7 +170,7 @@ def run_gptqmodel(bits, group, act_order, samples, mse=0.0, gptaq=None):
     # and read it back with qforge's gptq reader, which also checks that qforge loads what gptqmodel writes
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
-        _, _, layers, _ = load_packed(tmp)
+        layers = load_packed(tmp)[2]
     return secs, {f"{name}.weight": q.dequantize() for name, q in layers.items()}
 
 

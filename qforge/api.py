@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from .calibration import CalibrationSet, build_calibration
-from .checkpoint import is_qforge_output, read_config, read_layers, save_output
+from .checkpoint import is_qforge_output, read_config, read_kv_scales, read_layers, save_output
 from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
 from .models import load_model
-from .models.packed import input_acts, load_packed, packed_format
+from .models.packed import input_acts, kv_cache_fp8, load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .storage import model_storage
 from .utils.device import check_device
@@ -76,6 +76,19 @@ class QModel:
                                      fp8=self.act_fp8, scales=self.input_scales)
 
     @property
+    def kv_scales(self) -> dict[str, torch.Tensor] | None:
+        """FP8 KV cache scales (kv_cache "fp8", or a checkpoint with a kv_cache_scheme): {"<attention>.k_scale" /
+        ".v_scale": fp32 [1]}; evaluate() and generate cast keys and values to E4M3 with them. None: no FP8 cache."""
+        return (self.result.kv_scales or None) if self.result is not None else None
+
+    def kv_cache_factory(self):
+        """A zero-argument callable making a fresh cache that casts keys and values to E4M3 with the model's
+        kv_scales (pass one as past_key_values to a forward or generate), or None for a model without them."""
+        from .eval.simulate import kv_cache_factory
+
+        return kv_cache_factory(self.model, 8, fp8=True, scales=self.kv_scales) if self.kv_scales else None
+
+    @property
     def input_scales(self) -> dict[str, torch.Tensor] | None:
         """Static input scales (act_static, or a checkpoint with `dynamic: false` inputs): {layer: input_scale [1]};
         None when the inputs are quantized per token as the model runs, or not at all."""
@@ -108,6 +121,13 @@ class QModel:
                 raise QForgeError("a streamed model keeps each finished block on disk: give resume=DIR")
         if self.config.act_bits is not None:
             self._check_input_quantizable()
+        if self.config.kv_cache:
+            from .capture.kv_range import check_calibratable
+
+            if self.blocks is not None:
+                raise QForgeError("FP8 KV scales are calibrated on the whole quantized model in memory: quantize "
+                                  "without stream, or without kv_cache")
+            check_calibratable(self.model)
         check_device(device)
         resolved = self.config.for_device(device)           # compute_dtype "auto": what this device runs fastest
         if resolved is not self.config:
@@ -158,11 +178,29 @@ class QModel:
                                      show_progress=show_progress, grids=grids, store=store, weights=self.blocks)
         self._store = store
         self.result.allocation = allocation
+        if self.config.kv_cache:
+            self.result.kv_scales = self._calibrate_kv(samples, device, batch_size)
         if self.result.ragged_layers:
             log.warning("%d layer(s) have a ragged last group (group size %d does not divide their input "
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
                         self.result.ragged_layers[0])
         return self.result
+
+    def _calibrate_kv(self, samples: list[torch.Tensor], device: str, batch_size: int) -> dict[str, torch.Tensor]:
+        """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too)."""
+        from .capture.blocks import make_batches
+        from .capture.kv_range import kv_scales, observe_kv
+
+        t0 = time.perf_counter()
+        self.model.to(device)
+        try:
+            with self.quantized_inputs():
+                scales = kv_scales(observe_kv(self.model, make_batches(samples, batch_size), device))
+        finally:
+            self.model.to("cpu")
+        log.info("FP8 KV scales of %d attention layers calibrated in %.1f s", len(scales) // 2,
+                 time.perf_counter() - t0)
+        return scales
 
     def _check_input_quantizable(self) -> None:
         """W8A8 quantizes each quantized linear's input where it enters the module; an expert of a fused 3-D
@@ -291,9 +329,9 @@ class QModel:
             else:
                 raise QForgeError("this streamed run's blocks are gone (drop_run_state() was called); quantize again")
             return export_streamed(self.model, self.tokenizer, self.config, blocks, out, fmt, dtype, overwrite,
-                                   max_shard_size, self.result.allocation)
+                                   max_shard_size, self.result.allocation, self.result.kv_scales)
         return export(self.model, self.tokenizer, self.result.layers, self.config, out, fmt, dtype, overwrite,
-                      max_shard_size, self.result.allocation)
+                      max_shard_size, self.result.allocation, self.result.kv_scales)
 
     def _output_loader(self):
         """A streamed run's blocks as saved in its output directory."""
@@ -337,7 +375,7 @@ class QModel:
         samples = self.calibration.samples if self.calibration else None
         saved = save_output(out, self.model, self.tokenizer, self.config, self.result.layers, record,
                            self.calibration_config, samples, overwrite, awq=self.result.awq,
-                           smoothquant=self.result.smoothquant,
+                           smoothquant=self.result.smoothquant, kv_scales=self.result.kv_scales,
                            allocation=self.result.allocation,
                            streamed=(self._store, self.blocks) if self.blocks is not None else None)
         if self.blocks is not None:
@@ -374,12 +412,16 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if stream:                      # evaluated block by block; its layers are read with their blocks
             from .models.streaming import load_streamed
 
+            if kv_cache_fp8(model):
+                raise QForgeError(f"{model} caches keys and values in FP8 with calibrated scales, which a streamed "
+                                  f"evaluation does not do: load it without stream")
+
             lm, blocks = load_streamed(model)
             q = QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
                        packed_format=blocks.fmt, blocks=blocks)
         else:
-            net, tok, layers, fmt = load_packed(model, cache_dequantized=dense_cache)
-            q = QModel(net, tok, model, None, QuantizeResult(layers=layers), packed_format=fmt)
+            net, tok, layers, fmt, kv = load_packed(model, cache_dequantized=dense_cache)
+            q = QModel(net, tok, model, None, QuantizeResult(layers=layers, kv_scales=kv), packed_format=fmt)
         q.packed_act_bits, q.packed_act_fp8, static = input_acts(model) or (None, False, False)
         missing = [n for n, lq in q.result.layers.items() if static and lq.input_scale is None]
         if missing:
@@ -398,7 +440,7 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
     if is_qforge_output(model):
         if config is not None:
             raise QForgeError(f"{model} is already quantized; load it without a QuantizeConfig")
-        result = QuantizeResult(layers=read_layers(model, values=not stream))
+        result = QuantizeResult(layers=read_layers(model, values=not stream), kv_scales=read_kv_scales(model))
         from .mixed.plan import ALLOCATION_FILE, Allocation
 
         if (Path(model) / ALLOCATION_FILE).is_file():                   # mixed precision: exports carry it
@@ -456,6 +498,12 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if weights is not None and qm.act_bits is not None:
         raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits, which a streamed "
                           f"evaluation does not do: evaluate it without stream")
+    if weights is not None and qm.kv_scales is not None:
+        raise QForgeError(f"{qm.source} caches keys and values in FP8 with calibrated scales, which a streamed "
+                          f"evaluation does not do: evaluate it without stream")
+    if qm.kv_scales is not None and sim.kv_bits is not None:
+        raise QForgeError(f"{qm.source} quantizes its KV cache to FP8 with calibrated scales already; the simulated "
+                          f"KV cache (kv_bits {sim.kv_bits}) would quantize it again")
     if qm.act_bits is not None and sim.act_bits not in (None, qm.act_bits):
         raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits already; "
                           f"--act-bits {sim.act_bits} would quantize them again")
@@ -467,7 +515,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     tuner = tune_kernels(qm.model, device, kernel_picks) if tune else None
     if weights is None:
         qm.model.to(device)
-    make_cache = kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
+    make_cache = qm.kv_cache_factory() or kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
     rows = []
     # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
     with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits,
@@ -488,6 +536,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                     row["act_fp8"] = True
                 if qm.input_scales is not None:
                     row["act_static"] = True
+            if qm.kv_scales is not None:
+                row["kv_cache"] = "fp8"
             if comparison is not None:
                 row["reference"] = {"model": ref.source, **comparison.result()}
             row["seconds"] = round(time.perf_counter() - t0, 2)

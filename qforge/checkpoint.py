@@ -13,6 +13,7 @@
   calibration.jsonl          the exact calibration samples ({"input_ids": [...]}), reusable with --calib
   run_record.json            versions, timings, peak memory, sizes, per-layer errors, ragged groups
   awq_results.safetensors    AWQ methods: the scales and clips applied (smoothing/store.py; --awq-from)
+  kv_scales.safetensors      FP8 KV cache (kv_cache "fp8"): "<attention module>.k_scale" / ".v_scale" fp32 [1]
   allocation.json, allocation.png   mixed precision (--bpw): the scheme of every layer (mixed/plan.py)
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ CALIB_CONFIG_FILE = "qforge_calibration.json"
 CALIB_SAMPLES_FILE = "calibration.jsonl"
 RECORD_FILE = "run_record.json"
 SMOOTHQUANT_FILE = "smoothquant_scales.safetensors"   # W8A8: {"<block>.<prev op>": scales [channels]}, folded in
+KV_SCALES_FILE = "kv_scales.safetensors"              # FP8 KV cache: {"<attention module>.k_scale": fp32 [1], ...}
 
 
 def is_qforge_output(path: str | Path) -> bool:
@@ -99,7 +101,7 @@ def read_layers(out: str | Path, prefix: str = "", values: bool = True) -> dict[
 def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers: dict[str, LayerQuant],
                 record: dict, calib_cfg: CalibrationConfig | None = None, calib_samples=None,
                 overwrite: bool = False, awq: dict | None = None, allocation=None, streamed=None,
-                smoothquant: dict | None = None) -> Path:
+                smoothquant: dict | None = None, kv_scales: dict | None = None) -> Path:
     """`streamed`: a streamed run's (runstate.BlockStore, models.streaming.BlockLoader); the model's blocks and
     `layers`' values are read from the store one block at a time, the weights outside the blocks by the loader
     (the model holds neither)."""
@@ -124,9 +126,9 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
             save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
                      {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
         if smoothquant:                             # what W8A8's SmoothQuant folded in (already in the weights)
-            from safetensors.torch import save_file
-
             save_file({k: v.contiguous() for k, v in smoothquant.items()}, str(tmp / SMOOTHQUANT_FILE))
+        if kv_scales:
+            save_file({k: v.contiguous() for k, v in kv_scales.items()}, str(tmp / KV_SCALES_FILE))
         if allocation is not None:
             allocation.write_beside(tmp)
     return out
@@ -156,6 +158,17 @@ def _save_streamed(tmp: Path, model, store, loader) -> None:
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
+
+
+def read_kv_scales(out: str | Path) -> dict[str, torch.Tensor]:
+    """A qforge output's FP8 KV scales ({} when it has none)."""
+    path = Path(out) / KV_SCALES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise QForgeError(f"{path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
 
 
 def read_config(path: str | Path) -> QuantizeConfig:

@@ -15,6 +15,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
 ACT_OBSERVERS = ("max", "mse")      # how a static input scale is chosen (QuantizeConfig.act_observer)
+KV_CACHES = ("fp8",)                # the KV caches QuantizeConfig.kv_cache calibrates scales for
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -151,6 +152,12 @@ class QuantizeConfig(_JsonMixin):
     # the cost of one more pass per block, through its fp weights, and of its linears' fp inputs kept while it is
     # solved. None: plain GPTQ. GPTQModel's default alpha is 0.25
     gptaq: float | None = None
+    # FP8 KV cache (llm-compressor's kv_cache_scheme; vLLM's --kv-cache-dtype fp8 reads the scales): "fp8" calibrates
+    # one scale per attention layer for its keys and one for its values, max|k| / 448 and max|v| / 448 over the
+    # calibration set as the quantized model writes them into its cache (keys after the rotary embedding), once its
+    # weights are quantized (capture/kv_range.py). Exported with the compressed-tensors format; evaluation then casts
+    # keys and values to E4M3 with them. None: the cache keeps the model's dtype
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -236,6 +243,8 @@ class QuantizeConfig(_JsonMixin):
                    f"gptaq (alpha) must be in (0, 1], got {self.gptaq!r}")
             _check(self.bpw is None, "mixed precision's measurement solves on plain Hessians: gptaq does not take "
                                      "bpw (quantize with a saved allocation instead)")
+        _check(self.kv_cache in (None, *KV_CACHES),
+               f"kv_cache must be one of {', '.join(KV_CACHES)} or None, got {self.kv_cache!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def for_device(self, device) -> QuantizeConfig:
@@ -249,7 +258,7 @@ class QuantizeConfig(_JsonMixin):
     @property
     def needs_calibration(self) -> bool:
         return (NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)) or \
-            self.smoothquant is not None or self.act_static
+            self.smoothquant is not None or self.act_static or self.kv_cache is not None
 
     @property
     def uses_awq(self) -> bool:

@@ -114,7 +114,10 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
 
 
 def _check_compressed_tensors_only(cfg, fmt: str) -> None:
-    """FP8 weights and quantized inputs: schemes only compressed-tensors stores."""
+    """FP8 weights, quantized inputs and the FP8 KV cache: schemes only compressed-tensors stores."""
+    if getattr(cfg, "kv_cache", None) and fmt != "compressed-tensors":
+        raise QForgeError(f"an FP8 KV cache's scales export as compressed-tensors (kv_cache_scheme) only: the {fmt} "
+                          f"format has no place for them")
     if getattr(cfg, "fp8", False) and fmt != "compressed-tensors":
         raise QForgeError(f"FP8 weights export as compressed-tensors (float-quantized) only: the {fmt} format stores "
                           f"integer codes")
@@ -163,9 +166,18 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
     return state
 
 
-def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantized) -> dict:
+def _kv_state(model, qcfg, kv_scales: dict | None) -> dict[str, torch.Tensor]:
+    """The FP8 KV cache scales to write (fp32, under the keys the checkpoint stores), {} without a KV cache scheme."""
+    from .models.checkpoint_keys import save_keys
+
+    if getattr(qcfg, "kv_cache", None) and not kv_scales:
+        raise QForgeError("this result's config quantizes the KV cache to FP8, but it holds no KV scales")
+    return {k: v.float().contiguous() for k, v in save_keys(model, dict(kv_scales or {})).items()}
+
+
+def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantized, kv_fp8: bool = False) -> dict:
     """The format's quantization_config; `layers` keyed by stored module names (stored_layers), `quantized` the
-    model's names of the quantized linears."""
+    model's names of the quantized linears; `kv_fp8`: the attention modules store FP8 KV cache scales."""
     grids = {q.grid for q in layers.values()}
     fused = engine_modules(layers) if len(grids) > 1 and FORMATS[fmt].MIXED else {}
     if fmt == "compressed-tensors":
@@ -179,7 +191,7 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
         # them otherwise (a vision-language model's vision tower), under the model's names, which transformers reads
         ignore = {n for n in names if n not in layers} | (plain - set(quantized) - set(names))
         return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), getattr(qcfg, "act_bits", None),
-                            getattr(qcfg, "act_static", False))
+                            getattr(qcfg, "act_static", False), kv_fp8)
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
                           f"(export mixed precision as {_mixed_formats()})")
@@ -267,9 +279,10 @@ def measured_sizes(out: Path, layers: dict[str, LayerQuant]) -> dict:
 
 def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Path, fmt: str,
            dtype: torch.dtype = torch.float16, overwrite: bool = False,
-           max_shard_size: str | int = "4GB", allocation=None) -> dict:
+           max_shard_size: str | int = "4GB", allocation=None, kv_scales: dict | None = None) -> dict:
     """Write `model` (its quantized linears given by `layers`) in format `fmt`; returns the measured sizes.
-    `allocation` (mixed precision: a mixed.plan.Allocation) is written beside, as in a saved output."""
+    `allocation` (mixed precision: a mixed.plan.Allocation) is written beside, as in a saved output; `kv_scales`
+    (QuantizeResult.kv_scales) with the FP8 KV cache scheme."""
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not layers:
@@ -278,8 +291,10 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
     _check_compressed_tensors_only(qcfg, fmt)
     state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None),
                               act_static=getattr(qcfg, "act_static", False))
+    kv = _kv_state(model, qcfg, kv_scales)
+    state.update(kv)
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
-    qconf = _quant_config(fmt, stored, qcfg, model, layers)
+    qconf = _quant_config(fmt, stored, qcfg, model, layers, bool(kv))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_shards(state, tmp, max_shard_size)
         sizes = _write_configs(tmp, model, tokenizer, stored, fmt, qconf, dtype, qcfg)
@@ -290,7 +305,8 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
 
 
 def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, dtype: torch.dtype = torch.float16,
-                    overwrite: bool = False, max_shard_size: str | int = "4GB", allocation=None) -> dict:
+                    overwrite: bool = False, max_shard_size: str | int = "4GB", allocation=None,
+                    kv_scales: dict | None = None) -> dict:
     """Export a streamed run block by block: memory holds one block (then the weights outside the blocks) and
     at most one shard of packed tensors. `model`: its skeleton (blocks on the meta device); `blocks`: a
     models.streaming.SavedBlocks (`load(i, block)` -> that block's layers, `release(block)`, `outside(model,
@@ -301,6 +317,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_compressed_tensors_only(qcfg, fmt)
     act_bits, act_static = getattr(qcfg, "act_bits", None), getattr(qcfg, "act_static", False)
+    kv = _kv_state(model, qcfg, kv_scales)
     limit = parse_size(max_shard_size)
     spec = arch_spec(model)
     skeleton = get_blocks(model, spec)
@@ -308,7 +325,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
     with atomic_dir(out, overwrite=overwrite) as tmp:
         shards = ShardWriter(tmp, limit)
         with blocks.outside(model, dtype):
-            shards.write(packed_state_dict(model, {}, fmt, dtype))   # outside the blocks (on the meta device)
+            shards.write({**packed_state_dict(model, {}, fmt, dtype), **kv})   # outside the blocks (meta device)
         for i, block in enumerate(skeleton):
             layers = blocks.load(i, block)
             shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits, act_static))
@@ -318,8 +335,8 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             raise QForgeError("nothing to export: no quantized layers")
         shards.finish()
         stored = {s: q for s, (_, q) in stored_layers(model, seen).items()}          # on the meta device
-        sizes = _write_configs(tmp, model, tokenizer, stored, fmt, _quant_config(fmt, stored, qcfg, model, seen),
-                               dtype, qcfg)
+        sizes = _write_configs(tmp, model, tokenizer, stored, fmt,
+                               _quant_config(fmt, stored, qcfg, model, seen, bool(kv)), dtype, qcfg)
         if allocation is not None:
             allocation.write_beside(tmp)
     log.info("exported %s to %s block by block: %.3f bits/weight over the quantized linears", fmt, out,

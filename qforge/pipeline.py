@@ -129,6 +129,7 @@ class QuantizeResult:
     awq: dict[int, BlockAWQ] = field(default_factory=dict)   # block index -> AWQ scales/clips applied
     allocation: object | None = None                         # mixed precision: the mixed.plan.Allocation used
     smoothquant: dict[str, torch.Tensor] = field(default_factory=dict)   # "<block>.<prev>" -> SmoothQuant scales
+    kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)     # FP8 KV: "<attention>.k_scale" -> fp32 [1]
 
     def summary(self) -> list[dict]:
         return [{"name": n, "shape": list(q.shape), **q.info} for n, q in self.layers.items()]

@@ -200,6 +200,11 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                    help="with --act-static: the scale is the largest |x| (max: nothing clipped), or that times the "
                         "clip ratio (1.0 .. 0.1) with the least squared error over the calibration inputs (mse: one "
                         "more pass per block; far better for int8 without --smoothquant)")
+    p.add_argument("--kv-cache", choices=("fp8",),
+                   help="fp8: calibrate an FP8 scale for every attention layer's keys and one for its values "
+                        "(max / 448 over the calibration set, on the quantized model), exported as compressed-tensors "
+                        "kv_cache_scheme (vLLM: --kv-cache-dtype fp8); evaluation and generate then cache keys and "
+                        "values in E4M3 with them")
 
 
 def _quant_config(a):
@@ -218,7 +223,8 @@ def _quant_config(a):
                           else "gptq", act_bits=getattr(a, "act_bits", None),
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
                           gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False),
-                          act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"))
+                          act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"),
+                          kv_cache=getattr(a, "kv_cache", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -603,9 +609,11 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(a.prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(a.device)
+    make_cache = m.kv_cache_factory()                   # an FP8 KV cache with the model's scales, if it has them
     with torch.no_grad(), m.quantized_inputs():
         out = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                               do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                               past_key_values=make_cache() if make_cache else None)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     if tuner is not None and a.kernel_picks:
         tuner.save(a.kernel_picks)
@@ -618,6 +626,7 @@ def _print_quant_summary(m, out: Path) -> None:
         if m.config.act_bits else ""
     method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
     fp8 = "FP8 " if m.config.fp8 else ""
+    acts += " KV FP8" if m.config.kv_cache == "fp8" else ""
     print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
           f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
           f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
@@ -643,6 +652,8 @@ def cmd_eval(a) -> int:
         kind = "fp" if rows[0].get("act_fp8") else "int"
         how = "with static scales" if rows[0].get("act_static") else "per token"
         title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} {how}"
+    if rows and rows[0].get("kv_cache"):
+        title += f", its KV cache in {rows[0]['kv_cache'].upper()} with calibrated scales"
     print(format_table(["dataset", "ppl", "seqlen", "windows", "tokens", "seconds"],
                        [[r["dataset"], r["ppl"], r["seqlen"], r["windows"], r["tokens"], r["seconds"]] for r in rows],
                        title=title))
@@ -679,7 +690,7 @@ def cmd_demo(a) -> int:
         (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") if cfg.act_bits else ""
     fp8 = "FP8 " if cfg.fp8 else ""
     label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
-             f"{'sym' if cfg.sym else 'asym'}")
+             f"{'sym' if cfg.sym else 'asym'}" + (" KV FP8" if cfg.kv_cache == "fp8" else ""))
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]
     print()

@@ -16,7 +16,9 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
       s = (max - min) / (2^b - 1),  z = round(-min / s),  x̂ = (clamp(round(x / s) + z, 0, 2^b - 1) - z) · s
   The quantization happens in the cache's `update`, so attention reads only quantized keys and values.
   FP8 (`--kv-fp8`): keys and values cast to E4M3 with a per-tensor scale of 1, as vLLM's `--kv-cache-dtype fp8`
-  stores them when the checkpoint carries no calibrated k/v scales: x̂ = fp8(clamp(x, -448, 448)).
+  stores them when the checkpoint carries no calibrated k/v scales: x̂ = fp8(clamp(x, -448, 448)); with a model's
+  calibrated scales (QuantizeConfig.kv_cache "fp8": each attention layer's k_scale and v_scale, capture/kv_range.py)
+  x̂ = fp8(x / s) · s, saturating at ±448 · s.
 """
 from __future__ import annotations
 
@@ -73,28 +75,46 @@ def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> 
 
 
 class QuantizedKVCache(DynamicCache):
-    """A DynamicCache whose keys and values are fake-quantized as they are written."""
+    """A DynamicCache whose keys and values are fake-quantized as they are written (FP8 with `scales`: {layer index:
+    (k_scale, v_scale)}, every layer's; scale 1 without)."""
 
-    def __init__(self, config, bits: int, group_size: int = -1, fp8: bool = False):
+    def __init__(self, config, bits: int, group_size: int = -1, fp8: bool = False,
+                 scales: dict[int, tuple[float, float]] | None = None):
         super().__init__(config=config)
-        self.kv_bits, self.kv_group_size, self.kv_fp8 = bits, group_size, fp8
+        self.kv_bits, self.kv_group_size, self.kv_fp8, self.scales = bits, group_size, fp8, scales
 
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:                              # [B, heads, T, head_dim]
+    def _quantize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:          # [B, heads, T, head_dim]
         if self.kv_fp8:
-            return to_e4m3(x.float()).to(x.dtype)
+            return (to_e4m3(x.float() / scale).float() * scale).to(x.dtype)
         return fake_quant_groups_asym(x, self.kv_bits, self.kv_group_size)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return super().update(self._quantize(key_states), self._quantize(value_states), layer_idx, *args, **kwargs)
+        if self.scales is not None and layer_idx not in self.scales:
+            raise QForgeError(f"cache layer {layer_idx} has no FP8 KV scales")
+        ks, vs = self.scales[layer_idx] if self.scales is not None else (1.0, 1.0)
+        return super().update(self._quantize(key_states, ks), self._quantize(value_states, vs), layer_idx, *args,
+                              **kwargs)
 
 
-def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, fp8: bool = False):
-    """A zero-argument callable making a fresh quantizing cache per forward, or None (no KV quantization)."""
+def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, fp8: bool = False,
+                     scales: dict[str, torch.Tensor] | None = None):
+    """A zero-argument callable making a fresh quantizing cache per forward, or None (no KV quantization).
+    `scales`: a model's FP8 KV scales (QModel.kv_scales: "<attention module>.k_scale" / ".v_scale"), FP8 only."""
     if bits is None:
         return None
     if bits not in (2, 3, 4, 8) or (fp8 and bits != 8):
         raise QForgeError(f"--kv-bits must be 8{'' if fp8 else ', 4, 3 or 2'}, not {bits}")
-    return lambda: QuantizedKVCache(model.config, bits, group_size, fp8)
+    by_layer = None
+    if scales:
+        if not fp8:
+            raise QForgeError("calibrated KV scales are FP8 scales")
+        by_layer = {}
+        for name in {k.rpartition(".")[0] for k in scales}:
+            idx = getattr(model.get_submodule(name), "layer_idx", None)
+            if idx is None:
+                raise QForgeError(f"{name} holds FP8 KV scales but has no layer_idx: not an attention module")
+            by_layer[idx] = (float(scales[f"{name}.k_scale"]), float(scales[f"{name}.v_scale"]))
+    return lambda: QuantizedKVCache(model.config, bits, group_size, fp8, by_layer)
 
 
 @contextlib.contextmanager

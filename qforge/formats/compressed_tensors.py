@@ -27,6 +27,11 @@ Dequantization: W[o, i] = weight_scale[o] * weight[o, i]. With `act_bits` the co
 8-bit float, dynamic, strategy "token" (max|x| / 448 per token, computed as the layer runs), or static, strategy
 "tensor", with the layer's input_scale (x_q = fp8(x / input_scale)). Weights stored per tensor (llm-compressor's
 FP8 scheme) are read as per channel, every row taking the one scale.
+
+FP8 KV cache (QuantizeConfig.kv_cache "fp8"; any of the formats above): quantization_config's kv_cache_scheme is
+8-bit float, symmetric, static, strategy "tensor", and each attention module ATTN (model.layers.3.self_attn) stores
+  ATTN.k_scale, ATTN.v_scale   fp32 [1]               the cache holds fp8(k / k_scale), fp8(v / v_scale)
+(capture/kv_range.py; llm-compressor's names, which vLLM maps to its attention layers with --kv-cache-dtype fp8).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "w
         "input_scale")
 BITS = (2, 3, 4, 5, 6, 7, 8)
 FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized")
+KV_SCALE_KEYS = ("k_scale", "v_scale")          # an attention module's FP8 KV cache scales
 MIXED = True                 # per-layer schemes: one config group per scheme
 
 
@@ -175,10 +181,12 @@ def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
 
 
-def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None, act_static: bool = False):
+def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None, act_static: bool = False,
+                 kv_fp8: bool = False):
     """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`,
-    float-quantized for FP8 grids; `act_static`: the inputs take each layer's input_scale)."""
-    from compressed_tensors.quantization import QuantizationConfig
+    float-quantized for FP8 grids; `act_static`: the inputs take each layer's input_scale; `kv_fp8`: with the FP8 KV
+    cache scheme, whose scales the attention modules store)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 
     by_grid: dict[Grid, list[str]] = {}
     for name, grid in grids.items():
@@ -189,8 +197,23 @@ def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None
         groups = {f"group_{i}": _scheme(g, sorted(names), act_bits, act_static)
                   for i, (g, names) in enumerate(by_grid.items())}
     fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if act_bits else "pack-quantized"
-    return QuantizationConfig(config_groups=groups, format=fmt,
+    kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_fp8 \
+        else None
+    return QuantizationConfig(config_groups=groups, format=fmt, kv_cache_scheme=kv,
                               quantization_status="compressed", ignore=ignore)
+
+
+def kv_cache_fp8(qc: dict) -> bool:
+    """Whether a quantization_config has the FP8 KV cache scheme (per-tensor static scales: the k_scale / v_scale
+    tensors); False without a kv_cache_scheme, another one refused."""
+    kv = qc.get("kv_cache_scheme")
+    if not kv:
+        return False
+    if not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("strategy") == "tensor"
+            and not kv.get("dynamic") and kv.get("symmetric", True)):
+        raise QForgeError(f"compressed-tensors kv_cache_scheme {_describe(kv)} is not supported (qforge runs the FP8 "
+                          f"cache with static per-tensor scales)")
+    return True
 
 
 def input_acts(qc: dict) -> tuple[int, bool, bool] | None:

@@ -56,6 +56,15 @@ def input_acts(path: str | Path) -> tuple[int, bool, bool] | None:
     return FORMATS[fmt].input_acts(qc)
 
 
+def kv_cache_fp8(path: str | Path) -> bool:
+    """Whether a packed checkpoint caches keys and values in FP8 with calibrated scales (compressed-tensors
+    kv_cache_scheme)."""
+    if packed_format(path) != "compressed-tensors":
+        return False
+    return FORMATS["compressed-tensors"].kv_cache_fp8(json.loads((Path(path) / "config.json").read_text())
+                                                     ["quantization_config"])
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -146,7 +155,9 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
 
 
 def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequantized: bool = True):
-    """(model, tokenizer, {module name: LayerQuant}, format) for a packed checkpoint directory.
+    """(model, tokenizer, {module name: LayerQuant}, format, FP8 KV scales) for a packed checkpoint directory; the KV
+    scales ({"<attention module>.k_scale" / ".v_scale": fp32 [1]} under the model's names, {} without) are those of a
+    compressed-tensors kv_cache_scheme.
 
     `cache_dequantized`: QuantLinear keeps each dequantized weight after its first forward (fast CPU
     decoding at the memory of a dense model; see kernels/quant_linear.py)."""
@@ -156,6 +167,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     fmt, qc, config = packed_config(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = _read_tensors(path)
+    kv = _kv_scales(fmt, qc, state, model, path)
     layers, fused = {}, False
     for name in quantized_names(fmt, state):
         old = submodule_or_none(model, name)
@@ -188,5 +200,28 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
         raise QForgeError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]} for this model")
     if not layers:
         raise QForgeError(f"{path}: config.json says {fmt} but no layer has {fmt} tensors")
-    log.info("loaded %s checkpoint %s: %d quantized linears", fmt, path, len(layers))
-    return model, AutoTokenizer.from_pretrained(path), layers, fmt
+    log.info("loaded %s checkpoint %s: %d quantized linears%s", fmt, path, len(layers),
+             f", FP8 KV scales of {len(kv) // 2} attention layers" if kv else "")
+    return model, AutoTokenizer.from_pretrained(path), layers, fmt, kv
+
+
+def _kv_scales(fmt: str, qc: dict, state: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
+    """The FP8 KV cache scales of a compressed-tensors kv_cache_scheme, popped from `state` and named as the model
+    names its attention modules; each attention module that stores one of k_scale / v_scale must store both."""
+    if fmt != "compressed-tensors" or not FORMATS[fmt].kv_cache_fp8(qc):
+        return {}
+    from .checkpoint_keys import to_model_keys
+
+    keys = FORMATS[fmt].KV_SCALE_KEYS
+    kv = {k: state.pop(k).float().reshape(1) for k in [k for k in state if k.rpartition(".")[2] in keys]}
+    if not kv:
+        raise QForgeError(f"{path}: its kv_cache_scheme quantizes the KV cache to FP8, but it stores no "
+                          f"{' / '.join(keys)} tensors")
+    if any(submodule_or_none(model, k.rpartition(".")[0]) is None for k in kv):
+        kv = {k: v for k, v in to_model_keys(model, kv).items()}
+    owners = {k.rpartition(".")[0] for k in kv}
+    for owner in sorted(owners):
+        if submodule_or_none(model, owner) is None or any(f"{owner}.{key}" not in kv for key in keys):
+            raise QForgeError(f"{path}: FP8 KV scales of {owner!r}: not an attention module of this model, or one of "
+                              f"{' / '.join(keys)} missing")
+    return kv

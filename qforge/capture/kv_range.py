@@ -1,0 +1,95 @@
+"""FP8 KV-cache scales (QuantizeConfig.kv_cache "fp8"): the largest |key| and |value| each attention layer writes into
+its cache over the calibration set, as the quantized model runs once its weights are final (keys after the rotary
+embedding and any key norm: what the cache stores). vLLM's fp8 cache stores fp8(k / k_scale) and reads it back
+times k_scale, so
+
+    k_scale = max|k| / 448,   v_scale = max|v| / 448       (448: E4M3's largest number; nothing saturates)
+
+llm-compressor's kv_cache_scheme (float, 8 bits, strategy "tensor", static) calibrates the same statistic. Without
+scales vLLM uses 1: values below E4M3's smallest normal, 2^-6, lose precision, which small values (SmolLM2's are
+mostly below 0.4) feel.
+
+Observed through the model's own cache interface: a DynamicCache whose update() records the states before caching
+them, passed as past_key_values to a forward over each calibration batch. The writer of each update is the innermost
+running module with a `layer_idx` (the attention module calling update(k, v, self.layer_idx)); the scales are named
+after it, as checkpoints name them: "<attention module>.k_scale" / ".v_scale" (model.layers.3.self_attn.k_scale).
+Blocks without attention (a hybrid model's Mamba or linear-attention layers) write nothing and get no scales.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import QForgeError
+from ..models.arch import arch_spec
+from ..solvers.grid import FP8_MAX
+
+log = logging.getLogger(__name__)
+
+
+class KVRange(DynamicCache):
+    """A DynamicCache that first records the largest |key| and |value| written, per writing module (into `absmax`:
+    {module name: [max|k|, max|v|] fp32}, shared by every batch's cache; `running`: the names of the modules with a
+    layer_idx now running, innermost last)."""
+
+    def __init__(self, config, absmax: dict[str, torch.Tensor], running: list[str]):
+        super().__init__(config=config)
+        self.absmax, self.running = absmax, running
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self.running:
+            raise QForgeError(f"cache layer {layer_idx} was written outside any module with a layer_idx: its "
+                              f"attention module is unknown")
+        name = self.running[-1]
+        m = torch.stack([key_states.detach().abs().amax(), value_states.detach().abs().amax()]).float().cpu()
+        self.absmax[name] = torch.maximum(self.absmax.get(name, torch.zeros(2)), m)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def check_calibratable(model: torch.nn.Module) -> None:
+    """Refuse a model family whose layers hand keys and values to later ones (ArchSpec.carried: Gemma 4's kv-shared
+    layers read an earlier layer's cache, with that layer's scales, which this calibration does not pair up)."""
+    spec = arch_spec(model)
+    if spec.carried:
+        raise QForgeError(f"an FP8 KV cache needs every attention layer's own keys and values; this model family's "
+                          f"layers hand them on through {spec.carried!r}, which qforge does not calibrate")
+
+
+@torch.no_grad()
+def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
+    """{attention module name: [max|k|, max|v|]} over `batches` (token ids [batch, seq]) run through `model` as it
+    is (its quantized weights, and its inputs' quantization when the caller holds that context)."""
+    check_calibratable(model)
+    absmax: dict[str, torch.Tensor] = {}
+    running: list[str] = []
+    def leave(mod, args, out) -> None:
+        running.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if hasattr(module, "layer_idx"):
+            hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: running.append(name)))
+            hooks.append(module.register_forward_hook(leave))
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(device), past_key_values=KVRange(model.config, absmax, running), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not absmax:
+        raise QForgeError("the model wrote no keys or values into its cache: no attention layer to calibrate")
+    return absmax
+
+
+def kv_scales(absmax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"<attention module>.k_scale" / ".v_scale": fp32 [1]} from observe_kv's maxima (a module that wrote only zeros
+    gets 1, with a warning: any scale reproduces zeros)."""
+    out = {}
+    for name, both in absmax.items():
+        for kind, m in zip(("k_scale", "v_scale"), both):
+            if not m > 0:
+                log.warning("%s wrote only zeros in calibration: its %s is 1", name, kind)
+            out[f"{name}.{kind}"] = (m / FP8_MAX if m > 0 else torch.tensor(1.0)).reshape(1).float()
+    return out
