@@ -65,11 +65,14 @@ def qforge_side(path) -> tuple[dict, torch.Tensor]:
 
     m = qforge.load(path)
     ids = probe_ids(m.tokenizer)
+    make_cache = m.kv_cache_factory()                       # an FP8 KV cache: keys and values in E4M3, as served
+    cache = (lambda: {"past_key_values": make_cache(), "use_cache": True}) if make_cache else dict
     with torch.no_grad(), m.quantized_inputs():             # W8A8: int8 inputs, as the checkpoint is served
-        logits = m.model(ids).logits.float()
+        logits = m.model(ids, **cache()).logits.float()
         gen = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               pad_token_id=m.tokenizer.eos_token_id)
-        ppl = perplexity(m.model, m.tokenizer, load_eval_text("wiki"), SEQLEN, WINDOWS, show_progress=False)["ppl"]
+                               pad_token_id=m.tokenizer.eos_token_id, **cache())
+        ppl = perplexity(m.model, m.tokenizer, load_eval_text("wiki"), SEQLEN, WINDOWS, show_progress=False,
+                         make_cache=make_cache)["ppl"]
     return {"greedy": gen[0, ids.shape[1]:].tolist(), "ppl": ppl, "model": m}, logits
 
 
@@ -173,17 +176,37 @@ def test_transformers_loads_qforge_static_input_exports(fp8, tiny_tokenizer, wik
     assert_same_model(ours, theirs)
 
 
+def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_calibration, tmp_path):
+    """An FP8 KV cache: transformers' compressed-tensors integration reads every attention layer's k_scale / v_scale
+    and casts keys and values as qforge does (their logits are qforge's with its FP8 cache, not with a plain one)."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig(method="rtn", bits=4, group_size=16, kv_cache="fp8",
+                                               compute_dtype="float32"))
+    m.quantize(wiki_calibration)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    ours = qforge_side(tmp_path / "ct")
+    assert len(ours[0]["model"].kv_scales) == 2 * 2
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+    assert_same_model(ours, theirs)
+    with torch.no_grad():
+        plain = ours[0]["model"].model(probe_ids(m.tokenizer)).logits.float()
+    assert (plain - theirs[1]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("task,fmt", [("llmc-quantize", "compressed-tensors"), ("gptqmodel-quantize-tiny", "gptq"),
                                       ("llmc-w8a8-tiny", "compressed-tensors"),
                                       ("llmc-fp8-tiny", "compressed-tensors"),
                                       ("llmc-w8a8-static-tiny", "compressed-tensors"),
-                                      ("llmc-fp8-static-tiny", "compressed-tensors")])
+                                      ("llmc-fp8-static-tiny", "compressed-tensors"),
+                                      ("llmc-kv-fp8-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
     Llama (int-quantized; its model object quantizes the inputs as it runs, and so must qforge's), its FP8_DYNAMIC
     (float-quantized, E4M3 inputs per token), and both with static input scales (its FP8 scheme: per-tensor E4M3
-    weights and inputs; int8 per-channel weights with per-tensor static int8 inputs)."""
+    weights and inputs; int8 per-channel weights with per-tensor static int8 inputs), and an FP8 KV cache (its model
+    object casts keys and values with their calibrated scales: so must qforge's)."""
     src, n_linears = resolve_model("smollm2-135m"), 30 * 7
     if task.endswith("-tiny"):
         src, n_linears = tiny_dir("llama", tiny_tokenizer, tmp_path / "src"), 2 * 7
@@ -191,6 +214,11 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     ours = qforge_side(tmp_path / "worker" / "ckpt")
     m = ours[0]["model"]
     assert m.packed_format == fmt and len(m.result.layers) == n_linears
+    if "kv-fp8" in task:                 # their calibrated k/v scales, stored: both sides cast k / k_scale alike
+        assert m.kv_scales is not None and len(m.kv_scales) == 2 * 2
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+        assert_same_model(theirs, ours)
+        return
     if "static" in task:                 # their calibrated scales, stored: both sides round x / input_scale alike
         assert m.act_bits == 8 and m.act_fp8 == ("fp8" in task)
         assert m.input_scales.keys() == m.result.layers.keys()

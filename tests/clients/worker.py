@@ -14,6 +14,7 @@ Tasks:
                    float-quantized
   llmc-w8a8-static-tiny  int8 per-channel weights, static per-tensor int8 inputs (calibrated on builtin:mix)
   llmc-fp8-static-tiny   scheme FP8 (E4M3 per-tensor weights, static per-tensor E4M3 inputs), calibrated
+  llmc-kv-fp8-tiny  int4 g32 weights and an FP8 KV cache (kv_cache_scheme: static per-tensor k/v scales, calibrated)
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
 """
@@ -127,6 +128,23 @@ def main(task: str, model_dir: str, out: str) -> None:
                       "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
                                             "dynamic": False}}
             recipe = QuantizationModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
+        samples = [s.tolist() for s in calibration(tok, 8, 64)]
+        ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+        oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(samples),
+                shuffle_calibration_samples=False)
+        m.save_pretrained(out_dir / "ckpt", save_compressed=True)
+        tok.save_pretrained(out_dir / "ckpt")
+        report(m, tok, out_dir)
+    elif task == "llmc-kv-fp8-tiny":                 # the model object casts keys and values to E4M3 as it runs
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+        kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
+                                      ignore=["lm_head"], kv_cache_scheme=kv)
         samples = [s.tolist() for s in calibration(tok, 8, 64)]
         ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
         oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(samples),
