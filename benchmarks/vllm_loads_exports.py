@@ -9,7 +9,9 @@ protocol cuts them) from vLLM's prompt log-probs (bf16) beside qforge's (QuantLi
 of 32 greedy tokens after a prompt vLLM and qforge (bf16) share before they first differ, beside the same count for
 qforge's own bf16 and fp32 runs (what bf16 rounding alone does). A format vLLM read wrongly (a zero point off by
 one, a permutation lost) shows as a perplexity far from qforge's, not as a few tenths of a percent of bf16
-rounding. vLLM runs in its own process per export; what it refuses is shown with its reason.
+rounding. vLLM runs in its own process per export; what it refuses is shown with its reason. Rows with an FP8 KV
+cache run vLLM with --kv-cache-dtype fp8, qforge with its FP8 cache (the export's calibrated k/v scales, or scale 1
+where the export stores none, as vLLM then casts).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def main():
 
     job = json.load(open(sys.argv[1]))
     t = time.perf_counter()
-    llm = LLM(model=job["path"], dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0)
+    llm = LLM(model=job["path"], dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0,
+              kv_cache_dtype=job["kv_cache_dtype"])
     load_s = time.perf_counter() - t
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"])
     tokens = list(llm.generate([{"prompt_token_ids": job["prompt"]}], greedy, use_tqdm=False)[0].outputs[0].token_ids)
@@ -109,6 +112,12 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
             method="rtn", bits=8, group_size=-1, fp8=True, act_bits=8, act_static=True), ["compressed-tensors"]),
         ("FP8 W8A16 per-channel (FP8 weights only)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                            fp8=True), ["compressed-tensors"]),
+        ("W4 g64 sym, FP8 KV cache (calibrated k/v scales)", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                 group_size=64, kv_cache="fp8"),
+         ["compressed-tensors"]),
+        ("W4 g64 sym, FP8 KV cache at scale 1 (no scales stored)", qforge.QuantizeConfig(method="rtn", bits=4,
+                                                                                       group_size=64),
+         ["compressed-tensors"]),
         ("W4 --bpw 4.3 plan, fused sets tied (bpw_units fused)", qforge.QuantizeConfig(method="rtn", bits=4,
                                                                                      group_size=64),
          ["gptq", "compressed-tensors"]),
@@ -142,19 +151,28 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
     return out
 
 
-def _qforge_side(path: Path, windows: torch.Tensor, prompt: torch.Tensor, steps: int) -> dict:
+def _qforge_side(path: Path, windows: torch.Tensor, prompt: torch.Tensor, steps: int, kv_fp8: bool = False) -> dict:
+    """`kv_fp8`: keys and values cast to E4M3 (the export's scales, or 1 without), as vLLM's fp8 cache stores them."""
     import qforge
     from qforge.eval.decode import greedy_decode
     from qforge.eval.perplexity import token_nll
+    from qforge.eval.simulate import kv_cache_factory
 
     res = {}
     qm = qforge.load(path)
     model = qm.model
+    make_cache = qm.kv_cache_factory() or (kv_cache_factory(model, 8, fp8=True) if kv_fp8 else None)
     with torch.no_grad(), qm.quantized_inputs():                # W8A8: int8 inputs, as vLLM runs them
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
-            res[dtype] = float(token_nll(model, windows, batch_size=len(windows), show_progress=False).mean())
-            res[f"tokens {dtype}"] = greedy_decode(model, prompt, steps - 1).tokens.tolist()   # prefill's + steps - 1
+            res[dtype] = float(token_nll(model, windows, batch_size=len(windows), show_progress=False,
+                                         make_cache=make_cache).mean())
+            if make_cache is None:
+                res[f"tokens {dtype}"] = greedy_decode(model, prompt, steps - 1).tokens.tolist()   # prefill + steps-1
+            else:                                               # the FP8 cache through generate
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                     do_sample=False, past_key_values=make_cache())
+                res[f"tokens {dtype}"] = out[0, prompt.shape[1]:].tolist()
     return res
 
 
@@ -185,10 +203,11 @@ def main() -> None:
         windows = token_windows(tok, load_eval_text("wiki"), 512, a.windows)
         prompt = torch.tensor([tok(PROMPT)["input_ids"]])
         for label, path in exports.items():
-            ours = _qforge_side(path, windows, prompt, a.steps)
+            kv_fp8 = "FP8 KV" in label
+            ours = _qforge_side(path, windows, prompt, a.steps, kv_fp8)
             job = Path(d) / "job.json"
             job.write_text(json.dumps({"path": str(path), "windows": windows.tolist(), "prompt": prompt[0].tolist(),
-                                       "steps": a.steps}))
+                                       "steps": a.steps, "kv_cache_dtype": "fp8" if kv_fp8 else "auto"}))
             p = subprocess.run([a.vllm_python, "-c", VLLM_CHILD, str(job)], capture_output=True, text=True)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

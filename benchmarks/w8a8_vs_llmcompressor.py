@@ -5,10 +5,13 @@ as float-quantized. `--scheme int8-static` / `fp8-static`: the inputs quantized 
 linear (qforge's --act-static: the largest |x| over the calibration set, or with --act-observer mse that clipped
 to the least squared error; llm-compressor's static activations: its
 default observer for int8, a moving average of per-batch min/max, and for its FP8 scheme (per-tensor weights) the
-max over all batches; a custom FP8 group with per-channel weights matches qforge's grid).
+max over all batches; a custom FP8 group with per-channel weights matches qforge's grid). `--scheme fp8-kv`:
+FP8_DYNAMIC with an FP8 KV cache (qforge's --kv-cache fp8: each attention layer's max|k| / 448 and max|v| / 448 on
+the quantized model; llm-compressor's kv_cache_scheme, float 8-bit static per tensor), beside the same weights with
+the cache unquantized and with vLLM's scale-1 FP8 cache (what --kv-cache-dtype fp8 does without stored scales).
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
-        [--scheme {int8,fp8,int8-static,fp8-static}]
+        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -56,6 +59,10 @@ def main():
         recipe = [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     elif mode == "fp8-gptq":
         recipe = [GPTQModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+    elif mode in ("fp8-kv-rtn", "fp8-kv-gptq"):               # FP8_DYNAMIC and an FP8 KV cache (its kv example's)
+        Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
+        kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        recipe = [Modifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"], kv_cache_scheme=kv)]
     elif mode in ("fp8-static-rtn", "fp8-static-gptq"):        # its FP8 scheme: per-tensor weights and inputs
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         recipe = [Modifier(targets="Linear", scheme="FP8", ignore=["lm_head"])]
@@ -102,7 +109,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
-    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static"), default="int8")
+    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv"), default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -136,6 +143,12 @@ def main() -> None:
                 ("llm-compressor", "RTN", "fp8-static-channel-rtn"),
                 ("llm-compressor", "RTN, per-tensor weights (its FP8 scheme)", "fp8-static-rtn"),
                 ("llm-compressor", "GPTQ, per-tensor weights (its FP8 scheme)", "fp8-static-gptq")]
+    elif a.scheme == "fp8-kv":
+        kv = dict(fp8=True, kv_cache="fp8")
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **kv, **w8a8)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **kv, **w8a8)),
+                ("llm-compressor", "RTN", "fp8-kv-rtn"),
+                ("llm-compressor", "GPTQ", "fp8-kv-gptq")]
     elif fp8:
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **w8a8)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **w8a8)),
@@ -148,11 +161,13 @@ def main() -> None:
                 ("qforge", "SmoothQuant 0.8 + GPTQ", qforge.QuantizeConfig(method="gptq", smoothquant=0.8, **w8a8)),
                 ("llm-compressor", "RTN", "rtn"),
                 ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
-    name = ("FP8 W8A8" if fp8 else "W8A8") + (" static" if a.scheme.endswith("static") else "")
-    rows = []
+    name = ("FP8 W8A8" if fp8 else "W8A8") + (" static" if a.scheme.endswith("static") else "") + \
+        (", FP8 KV cache" if a.scheme == "fp8-kv" else "")
+    rows, kv_scales = [], {}
 
-    def score(label, tool, qm, secs):
-        ppl = {r["dataset"]: r["ppl"] for r in qforge.evaluate(qm, datasets, max_windows=a.max_windows)}
+    def score(label, tool, qm, secs, simulate=None):
+        ppl = {r["dataset"]: r["ppl"] for r in qforge.evaluate(qm, datasets, max_windows=a.max_windows,
+                                                               simulate=simulate)}
         rows.append([label, tool, f"{secs:.0f}" if secs is not None else "", *(f"{ppl[d]:.3f}" for d in datasets)])
         print(" | ".join(rows[-1]), flush=True)
 
@@ -175,8 +190,15 @@ def main() -> None:
             qm = qforge.load(out)
             assert qm.act_bits == 8 and qm.act_fp8 == fp8, f"{out}: not a {name} checkpoint"
             assert (qm.input_scales is not None) == a.scheme.endswith("static"), f"{out}: not a {name} checkpoint"
+            assert (qm.kv_scales is not None) == (a.scheme == "fp8-kv"), f"{out}: not a {name} checkpoint"
             score(f"{name} {label}", tool, qm, secs)
-            if k == 0:                               # the same weights on unquantized inputs
+            if qm.kv_scales is not None and label == "RTN":   # the same model, its cache unquantized / at scale 1
+                kv_scales[tool] = qm.kv_scales
+                qm.result.kv_scales = {}
+                score(f"FP8 W8A8 {label}, KV cache unquantized", tool, qm, None)
+                score(f"FP8 W8A8 {label}, FP8 KV cache at scale 1 (no stored scales)", tool, qm, None,
+                      qforge.SimulationConfig(kv_bits=8, kv_fp8=True))
+            elif k == 0:                             # the same weights on unquantized inputs
                 qm.packed_act_bits = None
                 for q in qm.result.layers.values():
                     q.input_scale = None
@@ -184,6 +206,15 @@ def main() -> None:
     print(f"\n## {name} on SmolLM2-135M: {a.nsamples} x 512 calibration tokens (builtin:mix), perplexity on the first "
           f"{a.max_windows} windows of 2048 tokens, evaluated by qforge\n")
     print(format_table(["scheme", "tool", "quantize s", *(f"{d} ppl" for d in datasets)], rows))
+    if len(kv_scales) == 2:                          # the two tools' RTN scales, layer by layer
+        ours, theirs = kv_scales["qforge"], kv_scales["llm-compressor"]
+        ratio = torch.tensor([float(ours[n] / theirs[n]) for n in sorted(ours)])
+        print(f"\nKV scales, qforge / llm-compressor over {len(ratio)} tensors: min {ratio.min():.4f}, median "
+              f"{ratio.median():.4f}, max {ratio.max():.4f}; qforge's k_scale range "
+              f"{min(float(v) for n, v in ours.items() if n.endswith('k_scale')):.2e}.."
+              f"{max(float(v) for n, v in ours.items() if n.endswith('k_scale')):.2e}, v_scale "
+              f"{min(float(v) for n, v in ours.items() if n.endswith('v_scale')):.2e}.."
+              f"{max(float(v) for n, v in ours.items() if n.endswith('v_scale')):.2e}")
 
 
 if __name__ == "__main__":

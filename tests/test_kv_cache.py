@@ -88,6 +88,27 @@ def test_the_fp8_cache_casts_with_each_layers_scales():
         kv_cache_factory(model, 4, scales={"model.layers.0.self_attn.k_scale": torch.ones(1)})
 
 
+def test_calibrated_scales_keep_keys_beyond_e4m3s_range():
+    """Keys far above 448 (a model whose key projection is large) saturate a scale-1 FP8 cache; the calibrated scales
+    keep them to E4M3's rounding (at most 1/16 of the largest)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(2000)
+    q = QModel(model, None, "big keys", QuantizeConfig(method="rtn", bits=8, group_size=-1, kv_cache="fp8"))
+    q.quantize(_samples())
+    assert min(float(v) for n, v in q.kv_scales.items() if n.endswith("k_scale")) > 1     # max|k| > 448
+    ids = torch.stack(_samples())                          # the calibration tokens: no key beyond its scale's range
+    caches = [DynamicCache(config=q.model.config), q.kv_cache_factory()(), kv_cache_factory(q.model, 8, fp8=True)()]
+    with torch.no_grad():
+        for cache in caches:
+            q.model(ids, past_key_values=cache, use_cache=True)
+    k, calibrated, one = (c.layers[0].keys for c in caches)   # the first layer's: the same inputs in all three runs
+    top = k.abs().max()
+    assert top > 448 * 1.5
+    assert (calibrated - k).abs().max() <= top / 16 and (one - k).abs().max() > top / 2
+
+
 def test_kv_scales_round_trip_through_the_output_and_the_export(tmp_path, tiny_tokenizer):
     q = _quantized()
     q.tokenizer = tiny_tokenizer
