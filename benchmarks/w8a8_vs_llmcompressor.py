@@ -199,7 +199,7 @@ def main() -> None:
                 score(f"FP8 W8A8 {label}, FP8 KV cache at scale 1 (no stored scales)", tool, qm, None,
                       qforge.SimulationConfig(kv_bits=8, kv_fp8=True))
             elif k == 0:                             # the same weights on unquantized inputs
-                qm.packed_act_bits = None
+                qm.packed_inputs = None
                 for q in qm.result.layers.values():
                     q.input_scale = None
                 score(f"{'FP8 ' if fp8 else ''}W8A16 (the RTN weights, fp inputs)", tool, qm, None)

@@ -22,6 +22,7 @@ from .eval import load_eval_text, perplexity
 from .models import load_model
 from .models.packed import input_acts, kv_cache_fp8, load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
+from .solvers import InputScheme
 from .storage import model_storage
 from .utils.device import check_device
 from .utils.runrecord import run_record
@@ -40,8 +41,7 @@ class QModel:
         self.config = config
         self.result = result
         self.packed_format = packed_format  # set when loaded from a gptq/awq/compressed-tensors checkpoint
-        self.packed_act_bits: int | None = None   # a packed checkpoint's input bits (compressed-tensors W8A8: 8)
-        self.packed_act_fp8 = False               # ... and whether they are FP8 (compressed-tensors float-quantized)
+        self.packed_inputs: InputScheme | None = None   # a packed checkpoint's input scheme (compressed-tensors W8A8)
         self.calibration: CalibrationSet | None = None
         self.calibration_config: CalibrationConfig | None = None
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
@@ -53,19 +53,22 @@ class QModel:
         return self.result is not None
 
     @property
-    def act_bits(self) -> int | None:
-        """The bits the quantized linears' inputs are quantized to as the model runs (W8A8: 8, dynamic per token;
-        evaluate() and generate apply it with eval.simulate.quantized_activations), None for weight-only models."""
+    def input_scheme(self) -> InputScheme | None:
+        """How the quantized linears' inputs are quantized as the model runs (W8A8; evaluate() and generate apply it
+        with eval.simulate.quantized_activations), None for weight-only models."""
         if self.packed_format is not None:
-            return self.packed_act_bits
-        return self.config.act_bits if self.config is not None and self.quantized else None
+            return self.packed_inputs
+        return self.config.input_scheme if self.config is not None and self.quantized else None
+
+    @property
+    def act_bits(self) -> int | None:
+        """The bits of those inputs (8), None for weight-only models."""
+        return self.input_scheme.bits if self.input_scheme is not None else None
 
     @property
     def act_fp8(self) -> bool:
         """Whether those inputs are quantized to FP8 (E4M3, FP8_DYNAMIC) rather than int8."""
-        if self.packed_format is not None:
-            return self.packed_act_fp8
-        return self.act_bits is not None and self.config.fp8
+        return self.input_scheme is not None and self.input_scheme.fp8
 
     def quantized_inputs(self):
         """A context in which the model's quantized linears see their inputs quantized as the model is served
@@ -422,7 +425,8 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         else:
             net, tok, layers, fmt, kv = load_packed(model, cache_dequantized=dense_cache)
             q = QModel(net, tok, model, None, QuantizeResult(layers=layers, kv_scales=kv), packed_format=fmt)
-        q.packed_act_bits, q.packed_act_fp8, static = input_acts(model) or (None, False, False)
+        q.packed_inputs = input_acts(model)
+        static = q.packed_inputs is not None and q.packed_inputs.static
         missing = [n for n, lq in q.result.layers.items() if static and lq.input_scale is None]
         if missing:
             raise QForgeError(f"{model}: its inputs are quantized with static scales, but {len(missing)} quantized "

@@ -264,6 +264,13 @@ class QuantizeConfig(_JsonMixin):
     def uses_awq(self) -> bool:
         return self.method.startswith("awq")
 
+    @property
+    def input_scheme(self):
+        """The quantized linears' input scheme (solvers.InputScheme: act_bits, fp8, act_static), None when weight-only."""
+        from .solvers.grid import InputScheme
+
+        return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static)
+
 
 @dataclass(frozen=True)
 class CalibrationConfig(_JsonMixin):

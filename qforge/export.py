@@ -25,7 +25,7 @@ from .formats import FORMATS
 from .models.arch import linear_ref
 from .models.checkpoint_keys import safetensors_dtype
 from .models.streaming import materialized_state
-from .solvers import Grid, LayerQuant
+from .solvers import Grid, InputScheme, LayerQuant
 from .solvers.grid import group_index
 from .utils.atomic import atomic_dir
 from .utils.shards import ShardWriter, parse_size
@@ -127,11 +127,10 @@ def _check_compressed_tensors_only(cfg, fmt: str) -> None:
 
 
 def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: torch.dtype,
-                      prefix: str = "", act_bits: int | None = None,
-                      act_static: bool = False) -> dict[str, torch.Tensor]:
+                      prefix: str = "", acts: InputScheme | None = None) -> dict[str, torch.Tensor]:
     """The tensors to write for `model`'s state names starting with `prefix` (tensors on the meta device, a
     streamed model's other blocks, are left out); `layers` replace their linears' weights (compressed-tensors with
-    `act_bits`: int-quantized; `act_static`: with each layer's input_scale)."""
+    quantized inputs, `acts`: int-quantized, and a static scheme's input_scale)."""
     from .models.checkpoint_keys import per_expert_converters, revert_with, save_keys, tensor_dtypes
 
     mod = FORMATS[fmt]
@@ -153,7 +152,7 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
         ref = linear_ref(model, name)
         if _check_layer(fmt, stored, q, ref):
             borrowed.append(stored)
-        packed = mod.pack(q, dtype, act_bits, act_static) if fmt == "compressed-tensors" else mod.pack(q)
+        packed = mod.pack(q, dtype, acts) if fmt == "compressed-tensors" else mod.pack(q)
         for key, t in packed.items():
             state[f"{stored}.{key}"] = t.contiguous()
         bias = getattr(ref.module, "bias", None) if ref.expert is None else None
@@ -164,6 +163,11 @@ def packed_state_dict(model, layers: dict[str, LayerQuant], fmt: str, dtype: tor
                     "GPTQModel and transformers undo but per-field readers (vLLM's exllama path) misread",
                     len(borrowed), len(layers), borrowed[0])
     return state
+
+
+def _input_scheme(qcfg) -> InputScheme | None:
+    """The quantized linears' input scheme of a QuantizeConfig (None for weight-only runs, or without a config)."""
+    return getattr(qcfg, "input_scheme", None)
 
 
 def _kv_state(model, qcfg, kv_scales: dict | None) -> dict[str, torch.Tensor]:
@@ -190,8 +194,7 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
         # the unquantized linears under their stored names (vLLM maps them to its own) and, where the model names
         # them otherwise (a vision-language model's vision tower), under the model's names, which transformers reads
         ignore = {n for n in names if n not in layers} | (plain - set(quantized) - set(names))
-        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), getattr(qcfg, "act_bits", None),
-                            getattr(qcfg, "act_static", False), kv_fp8)
+        return build_config({n: q.grid for n, q in layers.items()}, sorted(ignore), _input_scheme(qcfg), kv_fp8)
     if len(grids) != 1 and not FORMATS[fmt].MIXED:
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; this result has {len(grids)} "
                           f"(export mixed precision as {_mixed_formats()})")
@@ -289,8 +292,7 @@ def export(model, tokenizer, layers: dict[str, LayerQuant], qcfg, out: str | Pat
         raise QForgeError("nothing to export: no quantized layers")
     max_shard_size = parse_size(max_shard_size)
     _check_compressed_tensors_only(qcfg, fmt)
-    state = packed_state_dict(model, layers, fmt, dtype, act_bits=getattr(qcfg, "act_bits", None),
-                              act_static=getattr(qcfg, "act_static", False))
+    state = packed_state_dict(model, layers, fmt, dtype, acts=_input_scheme(qcfg))
     kv = _kv_state(model, qcfg, kv_scales)
     state.update(kv)
     stored = {s: q.on_meta() for s, (_, q) in stored_layers(model, {n: q.on_meta() for n, q in layers.items()}).items()}
@@ -316,8 +318,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
     if fmt not in FORMATS:
         raise QForgeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _check_compressed_tensors_only(qcfg, fmt)
-    act_bits, act_static = getattr(qcfg, "act_bits", None), getattr(qcfg, "act_static", False)
-    kv = _kv_state(model, qcfg, kv_scales)
+    acts, kv = _input_scheme(qcfg), _kv_state(model, qcfg, kv_scales)
     limit = parse_size(max_shard_size)
     spec = arch_spec(model)
     skeleton = get_blocks(model, spec)
@@ -328,7 +329,7 @@ def export_streamed(model, tokenizer, qcfg, blocks, out: str | Path, fmt: str, d
             shards.write({**packed_state_dict(model, {}, fmt, dtype), **kv})   # outside the blocks (meta device)
         for i, block in enumerate(skeleton):
             layers = blocks.load(i, block)
-            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", act_bits, act_static))
+            shards.write(packed_state_dict(model, layers, fmt, dtype, f"{spec.blocks}.{i}.", acts))
             blocks.release(block)
             seen.update({n: q.on_meta() for n, q in layers.items()})
         if not seen:

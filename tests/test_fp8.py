@@ -14,7 +14,7 @@ from qforge.eval import load_eval_text, perplexity
 from qforge.eval.simulate import fake_quant_fp8_per_token, quantized_activations
 from qforge.formats import compressed_tensors as ct
 from qforge.kernels import Fp8Linear
-from qforge.solvers import Grid, rtn
+from qforge.solvers import Grid, InputScheme, rtn
 from qforge.solvers.gptq import gptq
 
 FP8 = Grid(8, -1, True, fp8=True)
@@ -97,7 +97,8 @@ def test_fake_quant_fp8_per_token():
 def test_float_quantized_round_trip_is_bit_exact(act_bits):
     torch.manual_seed(1)
     q = rtn(torch.randn(48, 64) * torch.rand(48, 1), FP8)
-    t = ct.pack(q, torch.bfloat16, act_bits=act_bits)
+    acts = None if act_bits is None else InputScheme(8, fp8=True)
+    t = ct.pack(q, torch.bfloat16, acts)
     assert set(t) == {"weight", "weight_scale"}
     assert t["weight"].dtype == torch.float8_e4m3fn and t["weight_scale"].shape == (48, 1)
     back = ct.unpack(t, FP8)
@@ -105,11 +106,11 @@ def test_float_quantized_round_trip_is_bit_exact(act_bits):
     assert torch.equal(back.scales, q.scales.bfloat16().float())
     from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 
-    dense = FloatQuantizationCompressor.decompress(dict(t), ct._scheme(FP8, ["Linear"], act_bits))["weight"]
+    dense = FloatQuantizationCompressor.decompress(dict(t), ct._scheme(FP8, ["Linear"], acts))["weight"]
     torch.testing.assert_close(dense.float(), back.dequantize().to(dense.dtype).float(), rtol=0, atol=0)
-    qc = ct.build_config({"a": FP8}, [], act_bits).model_dump()
+    qc = ct.build_config({"a": FP8}, [], acts).model_dump()
     assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
-    assert ct.input_acts(qc) == (None if act_bits is None else (8, True, False))
+    assert ct.input_acts(qc) == acts
     assert ct.grid_for(qc, "a") == FP8
 
 

@@ -16,7 +16,7 @@ from qforge.eval import load_eval_text, perplexity
 from qforge.eval.simulate import quantized_activations
 from qforge.formats import compressed_tensors as ct
 from qforge.models.arch import linear_modules
-from qforge.solvers import Grid, rtn
+from qforge.solvers import Grid, InputScheme, rtn
 from qforge.solvers.grid import FP8_MAX, to_e4m3
 from qforge.solvers.input_scale import RATIOS, clip_errors, fake_quant_static, qmax
 
@@ -49,12 +49,13 @@ def test_fake_quant_static_rounds_on_the_fixed_scale_and_saturates():
 def test_static_layers_round_trip_with_their_input_scale(fp8):
     torch.manual_seed(0)
     q = rtn(torch.randn(24, 32), Grid(8, -1, True, fp8))
+    static = InputScheme(8, fp8, static=True)
     with pytest.raises(QForgeError, match="input_scale"):
-        ct.pack(q, torch.float32, 8, act_static=True)          # static without a calibrated scale
+        ct.pack(q, torch.float32, static)                      # static without a calibrated scale
     q.input_scale = torch.tensor([0.0123])
-    t = ct.pack(q, torch.float16, 8, act_static=True)
+    t = ct.pack(q, torch.float16, static)
     assert t["input_scale"].dtype == torch.float32 and t["input_scale"].shape == (1,)
-    assert "input_scale" not in ct.pack(q, torch.float16, 8)   # dynamic inputs store none
+    assert "input_scale" not in ct.pack(q, torch.float16, InputScheme(8, fp8))   # dynamic inputs store none
     back = ct.unpack(t, q.grid)
     assert torch.equal(back.input_scale, q.input_scale)
     assert torch.equal(back.codes.view(torch.uint8), q.codes.view(torch.uint8))
@@ -67,9 +68,9 @@ def test_static_per_tensor_inputs_are_read_and_other_schemes_refused():
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     dyn = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
     static = {**dyn, "dynamic": False, "strategy": "tensor"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}}) == (8, False, True)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": static}}}) == InputScheme(8, static=True)
     fp8 = {**static, "type": "float"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": fp8}}}) == (8, True, True)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": fp8}}}) == InputScheme(8, True, True)
     for bad, msg in (({**static, "strategy": "token"}, "int token static"),
                      ({**static, "symmetric": False}, "asymmetric")):
         with pytest.raises(QForgeError, match=msg):

@@ -13,7 +13,7 @@ from qforge.config import QuantizeConfig
 from qforge.errors import QForgeError
 from qforge.eval import load_eval_text, perplexity
 from qforge.formats import compressed_tensors as ct
-from qforge.solvers import Grid, rtn
+from qforge.solvers import Grid, InputScheme, rtn
 
 W8A8 = dict(method="rtn", bits=8, group_size=-1, sym=True, act_bits=8)
 
@@ -46,7 +46,7 @@ def _layer(out=48, inp=64, sym=True, seed=0):
 @pytest.mark.parametrize("sym", [True, False])
 def test_int_quantized_round_trip_is_bit_exact(sym):
     q = _layer(sym=sym)
-    t = ct.pack(q, torch.float16, act_bits=8)
+    t = ct.pack(q, torch.float16, InputScheme(8))
     assert t["weight"].dtype == torch.int8 and t["weight"].shape == q.shape
     assert t["weight_scale"].shape == (q.shape[0], 1) and ("weight_zero_point" in t) == (not sym)
     back = ct.unpack(t, q.grid)
@@ -55,14 +55,14 @@ def test_int_quantized_round_trip_is_bit_exact(sym):
     # what the library itself decompresses is the same weight
     from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 
-    scheme = ct._scheme(q.grid, ["Linear"], 8)
+    scheme = ct._scheme(q.grid, ["Linear"], InputScheme(8))
     dense = IntQuantizationCompressor.decompress(dict(t), scheme)["weight"]
     torch.testing.assert_close(dense, back.dequantize().to(dense.dtype), rtol=0, atol=0)     # in the scales' dtype
 
 
 def test_a_per_tensor_scale_reads_as_every_channels():
     q = _layer()
-    t = ct.pack(q, torch.float32, act_bits=8)
+    t = ct.pack(q, torch.float32, InputScheme(8))
     t["weight_scale"] = t["weight_scale"][:1, 0].clone().reshape(1)          # as a per-tensor writer stores it
     back = ct.unpack(t, Grid(8, -1, True))
     assert back.scales.shape == (q.shape[0], 1) and torch.all(back.scales == t["weight_scale"])
@@ -71,7 +71,7 @@ def test_a_per_tensor_scale_reads_as_every_channels():
 def test_only_8_bit_dynamic_per_token_or_static_per_tensor_inputs_are_read():
     ok = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
     w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == (8, False, False)
+    assert ct.input_acts({"config_groups": {"g": {"weights": w, "input_activations": ok}}}) == InputScheme(8)
     assert ct.input_acts({"config_groups": {"g": {"weights": w}}}) is None
     for bad, msg in (({**ok, "dynamic": False}, "8-bit int token static symmetric"),
                      ({**ok, "num_bits": 4}, "4-bit int token dynamic"),

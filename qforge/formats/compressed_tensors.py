@@ -40,7 +40,7 @@ import re
 import torch
 
 from ..errors import QForgeError
-from ..solvers import Grid, LayerQuant
+from ..solvers import Grid, InputScheme, LayerQuant
 from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
@@ -62,14 +62,15 @@ def _args(grid: Grid):
                             group_size=grid.group_size)
 
 
-def _scheme(grid: Grid, targets: list[str], act_bits: int | None = None, act_static: bool = False):
+def _scheme(grid: Grid, targets: list[str], acts: InputScheme | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if act_static else \
-        dict(dynamic=True, strategy="token")
-    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="float" if grid.fp8 else "int",
-                                                          symmetric=True, **how)
-    return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=acts)
+    inputs = None
+    if acts is not None:
+        how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if acts.static else \
+            dict(dynamic=True, strategy="token")
+        inputs = QuantizationArgs(num_bits=acts.bits, type="float" if acts.fp8 else "int", symmetric=True, **how)
+    return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=inputs)
 
 
 def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) -> None:
@@ -88,19 +89,18 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
                           f"compressed-tensors needs whole groups")
 
 
-def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, act_bits: int | None = None,
-         act_static: bool = False) -> dict[str, torch.Tensor]:
-    """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`act_bits`), or
-    float-quantized (an FP8 grid); `act_static`: with the layer's static input scale."""
-    out = _pack_weight(q, dtype, act_bits)
-    if act_static:
-        if act_bits is None or q.input_scale is None:
-            raise QForgeError("static input quantization needs act_bits and the layer's calibrated input_scale")
+def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, acts: InputScheme | None = None) -> dict[str, torch.Tensor]:
+    """The layer's tensors: pack-quantized, or int-quantized when its inputs are quantized too (`acts`), or
+    float-quantized (an FP8 grid); a static input scheme adds the layer's input scale."""
+    out = _pack_weight(q, dtype, acts)
+    if acts is not None and acts.static:
+        if q.input_scale is None:
+            raise QForgeError("static input quantization needs the layer's calibrated input_scale")
         out["input_scale"] = q.input_scale.float().reshape(1)
     return out
 
 
-def _pack_weight(q: LayerQuant, dtype: torch.dtype, act_bits: int | None) -> dict[str, torch.Tensor]:
+def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
                                                                      IntQuantizationCompressor)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -109,15 +109,15 @@ def _pack_weight(q: LayerQuant, dtype: torch.dtype, act_bits: int | None) -> dic
         scale = q.scales.to(dtype)                                       # [out, 1]
         W_hat = scale.float() * q.codes.float()                          # exactly scale * code: divides back exactly
         return dict(FloatQuantizationCompressor.compress({"weight": W_hat, "weight_scale": scale},
-                                                         _scheme(q.grid, ["Linear"], act_bits)))
+                                                         _scheme(q.grid, ["Linear"], acts)))
     half = 1 << (q.grid.bits - 1)
     scale = q.scales.to(dtype)                                           # [out, G]
     zp = (q.zeros - half).round().to(torch.int8)                         # signed zero points [out, G]
     g = q.g_idx.long()
     W_hat = scale.float()[:, g] * (q.codes.float() - q.zeros[:, g])      # exactly on the stored grid
     state = {"weight": W_hat, "weight_scale": scale, "weight_zero_point": zp}
-    if act_bits is not None:
-        return dict(IntQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"], act_bits)))
+    if acts is not None:
+        return dict(IntQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"], acts)))
     out = dict(PackedQuantizationCompressor.compress(state, _scheme(q.grid, ["Linear"])))
     out.pop("weight", None)
     return out
@@ -181,22 +181,21 @@ def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
 
 
-def build_config(grids: dict[str, Grid], ignore: list[str], act_bits: int | None = None, act_static: bool = False,
-                 kv_fp8: bool = False):
-    """The library's QuantizationConfig: one config group per distinct grid (int-quantized with `act_bits`,
-    float-quantized for FP8 grids; `act_static`: the inputs take each layer's input_scale; `kv_fp8`: with the FP8 KV
-    cache scheme, whose scales the attention modules store)."""
+def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | None = None, kv_fp8: bool = False):
+    """The library's QuantizationConfig: one config group per distinct grid (int-quantized with quantized inputs,
+    `acts`, float-quantized for FP8 grids); `kv_fp8`: with the FP8 KV cache scheme, whose scales the attention
+    modules store."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 
     by_grid: dict[Grid, list[str]] = {}
     for name, grid in grids.items():
         by_grid.setdefault(grid, []).append(name)
     if len(by_grid) == 1:
-        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], act_bits, act_static)}
+        groups = {"group_0": _scheme(next(iter(by_grid)), ["Linear"], acts)}
     else:
-        groups = {f"group_{i}": _scheme(g, sorted(names), act_bits, act_static)
+        groups = {f"group_{i}": _scheme(g, sorted(names), acts)
                   for i, (g, names) in enumerate(by_grid.items())}
-    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if act_bits else "pack-quantized"
+    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if acts else "pack-quantized"
     kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_fp8 \
         else None
     return QuantizationConfig(config_groups=groups, format=fmt, kv_cache_scheme=kv,
@@ -216,10 +215,10 @@ def kv_cache_fp8(qc: dict) -> bool:
     return True
 
 
-def input_acts(qc: dict) -> tuple[int, bool, bool] | None:
-    """(bits, fp8, static) of the inputs a quantization_config quantizes (symmetric int8 or FP8, dynamic per token or static
-    per tensor: the input schemes qforge runs; a static one's scales are its layers' input_scale tensors), or None
-    when its layers take unquantized inputs; another input scheme is refused."""
+def input_acts(qc: dict) -> InputScheme | None:
+    """The input scheme a quantization_config's layers quantize their inputs with (symmetric int8 or FP8, dynamic per
+    token or static per tensor: the schemes qforge runs; a static one's scales are its layers' input_scale tensors),
+    or None when they take unquantized inputs; another input scheme is refused."""
     found = set()
     for name, group in (qc.get("config_groups") or {}).items():
         a = group.get("input_activations")
@@ -237,7 +236,7 @@ def input_acts(qc: dict) -> tuple[int, bool, bool] | None:
         raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "
                           "supported")
     one = next(iter(found), None)
-    return None if one is None else (one[0], one[1], one[2] == (False, "tensor"))
+    return None if one is None else InputScheme(one[0], one[1], one[2] == (False, "tensor"))
 
 
 def _describe(a: dict) -> str:

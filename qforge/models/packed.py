@@ -17,7 +17,7 @@ import torch
 from ..errors import QForgeError
 from ..formats import FORMATS
 from ..kernels import Fp8Linear, QuantLinear
-from ..solvers import Grid, LayerQuant
+from ..solvers import Grid, InputScheme, LayerQuant
 from .arch import submodule_or_none
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ def packed_format(path: str | Path) -> str | None:
                       f"{', '.join(FORMATS)}")
 
 
-def input_acts(path: str | Path) -> tuple[int, bool, bool] | None:
-    """(bits, fp8, static) of the inputs a packed checkpoint's quantized linears quantize (compressed-tensors W8A8:
-    (8, False, False); FP8_DYNAMIC: (8, True, False); static scales: (8, ..., True)), None for weight-only ones."""
+def input_acts(path: str | Path) -> InputScheme | None:
+    """The input scheme a packed checkpoint's quantized linears quantize their inputs with (compressed-tensors W8A8,
+    FP8_DYNAMIC, static scales), None for weight-only ones."""
     fmt = packed_format(path)
     if fmt != "compressed-tensors":
         return None

@@ -55,6 +55,16 @@ class Grid:
         return in_features % self.group_len(in_features) != 0
 
 
+@dataclass(frozen=True)
+class InputScheme:
+    """How a quantized linear's inputs are quantized as the model runs (W8A8): `bits` 8, int8 or E4M3 (`fp8`), symmetric,
+    with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
+    LayerQuant.input_scale)."""
+    bits: int = 8
+    fp8: bool = False
+    static: bool = False
+
+
 def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid parameters of each row of W [rows, cols] -> scale [rows], zero [rows] (fp32)."""
     wmin = W.min(dim=1).values.clamp(max=0)
