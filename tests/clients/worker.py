@@ -114,7 +114,7 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny"):   # input scales calibrated, then fixed
+    elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny", "llmc-kv-fp8-tiny"):   # calibrated, then fixed
         from datasets import Dataset
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -122,29 +122,17 @@ def main(task: str, model_dir: str, out: str) -> None:
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if task == "llmc-fp8-static-tiny":
             recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
+        elif task == "llmc-kv-fp8-tiny":          # the model object casts keys and values to E4M3 as it runs
+            weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+            kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+            recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
+                                          ignore=["lm_head"], kv_cache_scheme=kv)
         else:
             scheme = {"targets": ["Linear"],
                       "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
                       "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
                                             "dynamic": False}}
             recipe = QuantizationModifier(config_groups={"g0": scheme}, ignore=["lm_head"])
-        samples = [s.tolist() for s in calibration(tok, 8, 64)]
-        ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-        oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(samples),
-                shuffle_calibration_samples=False)
-        m.save_pretrained(out_dir / "ckpt", save_compressed=True)
-        tok.save_pretrained(out_dir / "ckpt")
-        report(m, tok, out_dir)
-    elif task == "llmc-kv-fp8-tiny":                 # the model object casts keys and values to E4M3 as it runs
-        from datasets import Dataset
-        from llmcompressor import oneshot
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-
-        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
-        kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
-        recipe = QuantizationModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}},
-                                      ignore=["lm_head"], kv_cache_scheme=kv)
         samples = [s.tolist() for s in calibration(tok, 8, 64)]
         ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
         oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=64, num_calibration_samples=len(samples),
