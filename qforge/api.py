@@ -190,7 +190,8 @@ class QModel:
         return self.result
 
     def _calibrate_kv(self, samples: list[torch.Tensor], device: str, batch_size: int) -> dict[str, torch.Tensor]:
-        """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too)."""
+        """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too); their
+        time counts in the run's seconds."""
         from .capture.blocks import make_batches
         from .capture.kv_range import kv_scales, observe_kv
 
@@ -201,8 +202,9 @@ class QModel:
                 scales = kv_scales(observe_kv(self.model, make_batches(samples, batch_size), device))
         finally:
             self.model.to("cpu")
-        log.info("FP8 KV scales of %d attention layers calibrated in %.1f s", len(scales) // 2,
-                 time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.result.seconds += seconds
+        log.info("FP8 KV scales of %d attention layers calibrated in %.1f s", len(scales) // 2, seconds)
         return scales
 
     def _check_input_quantizable(self) -> None:
