@@ -69,6 +69,15 @@ def test_kv_scales_are_the_largest_cached_keys_and_values(model_type, cfg):
         assert len(attn) < q.model.config.num_hidden_layers
 
 
+def test_kv_scales_of_zeros_are_one_and_of_non_finite_values_refused():
+    from qforge.capture.kv_range import kv_scales
+
+    s = kv_scales({"a": torch.tensor([0.0, 4.48])})
+    assert float(s["a.k_scale"]) == 1.0 and float(s["a.v_scale"]) == pytest.approx(0.01)
+    with pytest.raises(QForgeError, match="non-finite"):
+        kv_scales({"a": torch.tensor([float("nan"), 1.0])})
+
+
 def test_the_fp8_cache_casts_with_each_layers_scales():
     """x̂ = fp8(x / s) · s per layer; small values (a value projection's) keep their precision with a calibrated scale
     and lose it with scale 1 (E4M3's subnormals below 2^-6)."""

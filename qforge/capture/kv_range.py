@@ -5,9 +5,10 @@ times k_scale, so
 
     k_scale = max|k| / 448,   v_scale = max|v| / 448       (448: E4M3's largest number; nothing saturates)
 
-llm-compressor's kv_cache_scheme (float, 8 bits, strategy "tensor", static) calibrates the same statistic. Without
-scales vLLM uses 1: values below E4M3's smallest normal, 2^-6, lose precision, which small values (SmolLM2's are
-mostly below 0.4) feel.
+llm-compressor's kv_cache_scheme (float, 8 bits, strategy "tensor", static) stores the same tensors (its observer
+averages batch maxima: smaller scales). Without scales vLLM casts with 1: keys beyond 448 saturate, and values below
+E4M3's smallest normal, 2^-6, lose precision; between those, E4M3's relative step is the same whatever the scale
+(SmolLM2's keys and values stay there: its ppl barely depends on the scales, BENCHMARKS.md "FP8 KV cache").
 
 Observed through the model's own cache interface: a DynamicCache whose update() records the states before caching
 them, passed as past_key_values to a forward over each calibration batch. The writer of each update is the innermost
@@ -64,6 +65,7 @@ def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu"
     check_calibratable(model)
     absmax: dict[str, torch.Tensor] = {}
     running: list[str] = []
+
     def leave(mod, args, out) -> None:
         running.pop()
 
@@ -85,9 +87,11 @@ def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu"
 
 def kv_scales(absmax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{"<attention module>.k_scale" / ".v_scale": fp32 [1]} from observe_kv's maxima (a module that wrote only zeros
-    gets 1, with a warning: any scale reproduces zeros)."""
+    gets 1, with a warning: any scale reproduces zeros; a non-finite maximum is refused)."""
     out = {}
     for name, both in absmax.items():
+        if not torch.isfinite(both).all():
+            raise QForgeError(f"{name} wrote non-finite keys or values in calibration: no FP8 KV scale for it")
         for kind, m in zip(("k_scale", "v_scale"), both):
             if not m > 0:
                 log.warning("%s wrote only zeros in calibration: its %s is 1", name, kind)
