@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .capture import HessianAccumulator, capture_block_inputs, collect_group_inputs, run_block
-from .capture.hessian import AsymmetricAccumulator
+from .capture.hessian import AsymmetricAccumulator, FpBatches
 from .capture.blocks import (call_on, carried_copies, cast_call, fits_on_device, make_batches, with_carried,
                              with_own_carried)
 from .capture.input_range import InputRange
@@ -41,6 +41,7 @@ from .smoothing import BlockAWQ, awq_block
 from .smoothing.smoothquant import smooth_block
 from .smoothing.store import load_awq
 from .solvers import Grid, LayerQuant, gptq, rtn
+from .utils.device import available_bytes
 from .utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class GPTAQSolver(GPTQSolver):
         super().__init__(device, product_dtype)
         self.alpha = alpha
 
-    def new_stats(self, in_features: int, fp_inputs: list[torch.Tensor] | None = None) -> HessianAccumulator:
+    def new_stats(self, in_features: int, fp_inputs: FpBatches | None = None) -> HessianAccumulator:
         if fp_inputs is None:
             return super().new_stats(in_features)
         return AsymmetricAccumulator(in_features, fp_inputs, self.device, self.product_dtype)
@@ -301,9 +302,10 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
         # solvers read the fp32 block's weights, and each solved weight is written to both
         fwd = _compute_copy(block, dtype)
         groups, fwd_groups = (_kept(block_linears(b, spec), f"{spec.blocks}.{i}", cfg) for b in (block, fwd))
-        fp_inputs = {}
+        fp_inputs, fp_block = {}, None
         if fp_hidden is not None:                            # GPTAQ: before any weight of the block is rounded
-            fp_inputs, fp_hidden = fp_group_inputs(fwd, fwd_groups, fp_hidden, fp_calls, device)
+            fp_inputs, fp_block, fp_out = fp_group_inputs(fwd, fwd_groups, fp_hidden, fp_calls, device)
+            fp_hidden = fp_out if fp_out is not None else fp_hidden
         stats: dict = {}
         if solver.needs_inputs and not cfg.true_sequential:  # one pass over the unquantized block: every group
             stats = one_pass_stats(solver, fwd, fwd_groups, hidden, calls, device, fp_inputs)
@@ -348,8 +350,10 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
             for name, s in observed.scales().items():
                 result.layers[linear_name(spec, i, name)].input_scale = s
         hidden = next_hidden
+        if fp_block is not None:                             # GPTAQ per batch: the next block's fp activations
+            fp_hidden = run_block(fp_block, fp_hidden, fp_calls, device)
         block.to("cpu")
-        fwd = frozen = stats = sinks = fp_inputs = None   # the copy, its recordings, the last statistics: freed
+        fwd = frozen = stats = sinks = fp_inputs = fp_block = None   # the copies, recordings, statistics: freed
         if not all(torch.isfinite(h).all() for h in hidden):
             raise QForgeError(f"block {i} produced non-finite activations after quantization; nothing was saved")
         _block_done(i, block, spec, result, store, weights)
@@ -397,21 +401,59 @@ def one_pass_stats(solver: Solver, block: nn.Module, groups: list[list[LinearRef
     return stats
 
 
+HOLD_FP_INPUTS = 0.25   # GPTAQ holds a block's fp inputs when they take at most this share of the memory available
+
+
+class FpGroupInputs:
+    """GPTAQ: a group's inputs in the fp model, one [tokens, in] tensor per batch, made as its statistic takes them
+    (AsymmetricAccumulator pops them in batch order): the unrounded copy of the block run on the fp model's
+    activations of that batch up to the group's first linear, where the run stops. So one batch's are held at a
+    time, not a whole block's (for a Llama-8B block over 128 x 2048 tokens, 14 GB in bf16), for a partial run of
+    the block per group and batch (BENCHMARKS.md "GPTAQ's fp inputs": 1.1x the time with wide linears, 1.5x on
+    SmolLM2, whose passes cost more than its solves; the same codes)."""
+
+    def __init__(self, block: nn.Module, ref: LinearRef, hidden: list[torch.Tensor], calls, device):
+        self.block, self.ref, self.hidden, self.calls, self.device = block, ref, hidden, calls, device
+        self.taken = 0
+
+    def __len__(self) -> int:                       # batches not taken yet
+        return len(self.hidden) - self.taken
+
+    def pop(self, index: int = 0) -> torch.Tensor:
+        if index != 0 or not len(self):
+            raise IndexError("fp inputs are taken in batch order, each once")
+        b, got = self.taken, []
+        self.taken += 1
+        with collect_group_inputs(self.block, [self.ref], {self.ref.name: got.append}, [], stop_early=True):
+            feed_block(self.block, self.hidden[b:b + 1], self.calls[b:b + 1], self.device)
+        return got[0].detach()
+
+
 def fp_group_inputs(block: nn.Module, groups: list[list[LinearRef]], hidden, calls, device
-                    ) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
-    """GPTAQ: one run of the unrounded block on the fp model's activations `hidden` gives each group's input there
-    ({group index: one [tokens, in] tensor per batch}, kept where `hidden` is; none for fused experts, whose
-    routing differs between the two models) and the block's outputs (the next block's fp activations)."""
+                    ) -> tuple[dict[int, FpBatches], nn.Module | None, list[torch.Tensor] | None]:
+    """GPTAQ: each group's inputs in the fp model, from the unrounded `block` on the fp model's activations `hidden`
+    ({group index: one [tokens, in] tensor per batch}; none for fused experts, whose routing differs between the two
+    models). Held (one run of the block now, which also gives the next block's fp activations) when they take at
+    most HOLD_FP_INPUTS of the memory available where `hidden` is; else made per batch as they are taken
+    (FpGroupInputs, on a copy of the block that the caller runs once the block is done for the next block's).
+    Returns (inputs, that copy or None, the next block's fp activations or None)."""
     firsts = {k: r for k, g in enumerate(groups) if (r := next((r for r in g if r.expert is None), None))}
-    inputs: dict[int, list[torch.Tensor]] = {k: [] for k in firsts}
     keep = hidden[0].device
+    tokens = sum(h[..., 0].numel() for h in hidden)
+    nbytes = tokens * sum(r.shape[1] for r in firsts.values()) * hidden[0].element_size()
+    if nbytes > HOLD_FP_INPUTS * available_bytes(keep):
+        log.info("GPTAQ: the block's fp inputs (%.2f GB) are made batch by batch as they are taken", nbytes / 1e9)
+        fp_block = copy.deepcopy(block)
+        return ({k: FpGroupInputs(fp_block, LinearRef(r.name, fp_block.get_submodule(r.name)), hidden, calls, device)
+                 for k, r in firsts.items()}, fp_block, None)
+    inputs: dict[int, list[torch.Tensor]] = {k: [] for k in firsts}
     sinks = {r.name: (lambda x, k=k: inputs[k].append(x.detach().to(keep))) for k, r in firsts.items()}
     with tap_inputs(list(firsts.values()), sinks):
         out = run_block(block, hidden, calls, device)
-    return inputs, out
+    return inputs, None, out
 
 
-def _group_stats(solver: Solver, refs: list[LinearRef], fp_inputs: list[torch.Tensor] | None = None
+def _group_stats(solver: Solver, refs: list[LinearRef], fp_inputs: FpBatches | None = None
                  ) -> tuple[dict, dict]:
     """One statistic for the group's shared input (plain linears; GPTAQ's with `fp_inputs`, the group's inputs in the
     fp model), one per expert (fused experts)."""

@@ -189,9 +189,12 @@ def test_gptaq_streams_and_is_saved_from_the_command_line(tiny_llama_dir, wiki_e
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma4_text"])
-def test_gptaqs_fp_inputs_are_the_fp_models(model_type, monkeypatch):
+@pytest.mark.parametrize("true_sequential", [True, False])
+@pytest.mark.parametrize("held", [True, False])
+def test_gptaqs_fp_inputs_are_the_fp_models(model_type, true_sequential, held, monkeypatch):
     """The inputs GPTAQ solves against are the unquantized model's, block after block (Gemma 4: its later blocks
-    read the keys and values an earlier block left, which must be the fp model's too, not the quantized one's)."""
+    read the keys and values an earlier block left, which must be the fp model's too, not the quantized one's),
+    whether a block's are held from one run (they fit the memory) or made batch by batch as they are taken."""
     import copy
 
     from qforge import pipeline
@@ -202,16 +205,28 @@ def test_gptaqs_fp_inputs_are_the_fp_models(model_type, monkeypatch):
     fp_group_inputs, seen = pipeline.fp_group_inputs, []
 
     def spy(block, groups, hidden, calls, device):
-        inputs, out = fp_group_inputs(block, groups, hidden, calls, device)
-        seen.append({groups[k][0].name: torch.cat(v) for k, v in inputs.items()})
-        return inputs, out
+        inputs, fp_block, out = fp_group_inputs(block, groups, hidden, calls, device)
+        assert (fp_block is None) == held
+        seen.append({})
+        for k, batches in inputs.items():
+            name = groups[k][0].name
+            if held:
+                seen[-1][name] = list(batches)
+            else:                                            # made as taken: recorded as they are
+                def pop(index=0, take=batches.pop, got=seen[-1].setdefault(name, [])):
+                    got.append(take(index))
+                    return got[-1]
+                batches.pop = pop
+        return inputs, fp_block, out
 
     monkeypatch.setattr(pipeline, "fp_group_inputs", spy)
+    monkeypatch.setattr(pipeline, "HOLD_FP_INPUTS", 1.0 if held else 0.0)
     samples = _samples()
-    quantize_model(model, QuantizeConfig(method="gptq", bits=2, group_size=16, gptaq=0.5, compute_dtype="float32"),
-                   samples, show_progress=False)
-    spec, want = arch_spec(fp_model), [{} for _ in seen]
+    quantize_model(model, QuantizeConfig(method="gptq", bits=2, group_size=16, gptaq=0.5, compute_dtype="float32",
+                                         true_sequential=true_sequential), samples, show_progress=False, batch_size=2)
+    spec = arch_spec(fp_model)
     blocks = get_blocks(fp_model, spec)
+    want = [{} for _ in blocks]
     hooks = [g[0].module.register_forward_pre_hook(
         lambda mod, args, w=want[i], name=g[0].name: w.setdefault(name, []).append(args[0].flatten(0, -2)))
         for i, block in enumerate(blocks) for g in block_linears(block, spec)]
@@ -220,7 +235,23 @@ def test_gptaqs_fp_inputs_are_the_fp_models(model_type, monkeypatch):
     for h in hooks:
         h.remove()
     assert len(seen) == len(blocks)
-    for i, got in enumerate(seen):
-        assert got and got.keys() == want[i].keys()
-        for name, x in got.items():
-            torch.testing.assert_close(x, torch.cat(want[i][name]), rtol=1e-4, atol=1e-5, msg=f"block {i} {name}")
+    for i, inputs in enumerate(seen):
+        assert inputs.keys() == want[i].keys() and all(len(x) == 2 for x in inputs.values())   # 2 batches of 2
+        for name, x in inputs.items():
+            torch.testing.assert_close(torch.cat(x), torch.cat(want[i][name]), rtol=1e-4, atol=1e-5,
+                                       msg=f"block {i} {name}")
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptaq_per_batch_fp_inputs_give_the_held_ones_codes(true_sequential, monkeypatch):
+    from qforge import pipeline
+
+    codes = []
+    for hold in (1.0, 0.0):
+        monkeypatch.setattr(pipeline, "HOLD_FP_INPUTS", hold)
+        r = quantize_model(tiny_model("qwen3"), QuantizeConfig(method="gptq", bits=3, group_size=16, gptaq=0.25,
+                                                               true_sequential=true_sequential), _samples(),
+                           show_progress=False, batch_size=2)
+        codes.append(r.layers)
+    assert codes[0].keys() == codes[1].keys()
+    assert all(torch.equal(q.codes, codes[1][n].codes) for n, q in codes[0].items())

@@ -15,6 +15,8 @@ where inputs are nearly dependent (QuantizeConfig.hessian_dtype float32 keeps fp
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..errors import QForgeError
@@ -73,13 +75,21 @@ class HessianAccumulator:
         return H
 
 
+class FpBatches(Protocol):
+    """A linear's inputs in the fp model, one [tokens, in] tensor per batch, taken in batch order: a list, or
+    pipeline.FpGroupInputs (which makes each as it is taken)."""
+
+    def __len__(self) -> int: ...
+
+    def pop(self, index: int = 0) -> torch.Tensor: ...
+
+
 class AsymmetricAccumulator(HessianAccumulator):
     """GPTAQ's statistics (solvers/gptq.py): H of the inputs x̃ a linear sees in the model being quantized, and
     dXXT = 2/n Σ (x - x̃) x̃ᵀ against its inputs x for the same tokens in the fp model. `fp_inputs`: those x, one
-    [tokens, in] tensor per batch in the order the batches come; each is taken out of the list as its x̃ arrives
-    (the list empties as the pass goes, so the fp inputs are freed with it)."""
+    per batch in the order the batches come; each is taken (pop(0)) as its x̃ arrives."""
 
-    def __init__(self, in_features: int, fp_inputs: list[torch.Tensor], device: torch.device | str = "cpu",
+    def __init__(self, in_features: int, fp_inputs: FpBatches, device: torch.device | str = "cpu",
                  product_dtype: torch.dtype = torch.float32):
         super().__init__(in_features, device, product_dtype)
         self.dXXT: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)

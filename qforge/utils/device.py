@@ -37,3 +37,13 @@ def native_compute_dtype(device: str | torch.device) -> str:
         caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
         return "bfloat16" if caps.get("avx512_bf16") or caps.get("amx_bf16") else "float32"
     return "float32"
+
+
+def available_bytes(device: str | torch.device) -> int:
+    """Memory free for new tensors on `device` now: a CUDA device's free memory, else the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
