@@ -266,7 +266,7 @@ class QuantizeConfig(_JsonMixin):
 
     @property
     def input_scheme(self):
-        """The quantized linears' input scheme (solvers.InputScheme: act_bits, fp8, act_static), None when weight-only."""
+        """The quantized linears' input scheme (solvers.InputScheme: act_bits, fp8, act_static); None: weight-only."""
         from .solvers.grid import InputScheme
 
         return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static)

@@ -409,8 +409,8 @@ class FpGroupInputs:
     (AsymmetricAccumulator pops them in batch order): the unrounded copy of the block run on the fp model's
     activations of that batch up to the group's first linear, where the run stops. So one batch's are held at a
     time, not a whole block's (for a Llama-8B block over 128 x 2048 tokens, 14 GB in bf16), for a partial run of
-    the block per group and batch (BENCHMARKS.md "GPTAQ's fp inputs": 1.1x the time with wide linears, 1.5x on
-    SmolLM2, whose passes cost more than its solves; the same codes)."""
+    the block per group and batch (BENCHMARKS.md "GPTAQ's fp inputs made per batch": 1.1x the time with wide
+    linears, 1.5x on SmolLM2, whose passes cost more than its solves; the same codes)."""
 
     def __init__(self, block: nn.Module, ref: LinearRef, hidden: list[torch.Tensor], calls, device):
         self.block, self.ref, self.hidden, self.calls, self.device = block, ref, hidden, calls, device
