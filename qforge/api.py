@@ -420,7 +420,6 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
             if kv_cache_fp8(model):
                 raise QForgeError(f"{model} caches keys and values in FP8 with calibrated scales, which a streamed "
                                   f"evaluation does not do: load it without stream")
-
             lm, blocks = load_streamed(model)
             q = QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
                        packed_format=blocks.fmt, blocks=blocks)

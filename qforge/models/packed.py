@@ -46,23 +46,25 @@ def packed_format(path: str | Path) -> str | None:
                       f"{', '.join(FORMATS)}")
 
 
+def _compressed_tensors_config(path: str | Path) -> dict | None:
+    """The quantization_config of a compressed-tensors checkpoint, None for any other."""
+    if packed_format(path) != "compressed-tensors":
+        return None
+    return json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+
+
 def input_acts(path: str | Path) -> InputScheme | None:
     """The input scheme a packed checkpoint's quantized linears quantize their inputs with (compressed-tensors W8A8,
     FP8_DYNAMIC, static scales), None for weight-only ones."""
-    fmt = packed_format(path)
-    if fmt != "compressed-tensors":
-        return None
-    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    return FORMATS[fmt].input_acts(qc)
+    qc = _compressed_tensors_config(path)
+    return FORMATS["compressed-tensors"].input_acts(qc) if qc is not None else None
 
 
 def kv_cache_fp8(path: str | Path) -> bool:
     """Whether a packed checkpoint caches keys and values in FP8 with calibrated scales (compressed-tensors
     kv_cache_scheme)."""
-    if packed_format(path) != "compressed-tensors":
-        return False
-    return FORMATS["compressed-tensors"].kv_cache_fp8(json.loads((Path(path) / "config.json").read_text())
-                                                     ["quantization_config"])
+    qc = _compressed_tensors_config(path)
+    return qc is not None and FORMATS["compressed-tensors"].kv_cache_fp8(qc)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -218,7 +220,7 @@ def _kv_scales(fmt: str, qc: dict, state: dict[str, torch.Tensor], model, path: 
         raise QForgeError(f"{path}: its kv_cache_scheme quantizes the KV cache to FP8, but it stores no "
                           f"{' / '.join(keys)} tensors")
     if any(submodule_or_none(model, k.rpartition(".")[0]) is None for k in kv):
-        kv = {k: v for k, v in to_model_keys(model, kv).items()}
+        kv = to_model_keys(model, kv)
     owners = {k.rpartition(".")[0] for k in kv}
     for owner in sorted(owners):
         if submodule_or_none(model, owner) is None or any(f"{owner}.{key}" not in kv for key in keys):
