@@ -75,8 +75,10 @@ class QModel:
         (W8A8); nothing changes for a weight-only model."""
         from .eval.simulate import quantized_activations
 
+        acts = self.input_scheme
         return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
-                                     fp8=self.act_fp8, scales=self.input_scales)
+                                     fp8=self.act_fp8, scales=self.input_scales,
+                                     group_size=acts.group_size if acts is not None else -1)
 
     @property
     def kv_scales(self) -> dict[str, torch.Tensor] | None:
@@ -541,6 +543,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                     row["act_fp8"] = True
                 if qm.input_scales is not None:
                     row["act_static"] = True
+                if qm.input_scheme.group_size > 0:
+                    row["act_group_size"] = qm.input_scheme.group_size
             if qm.kv_scales is not None:
                 row["kv_cache"] = "fp8"
             if comparison is not None:

@@ -54,7 +54,8 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
         if q.input_scale is not None:
             tensors[f"{name}.input_scale"] = q.input_scale.contiguous()
     meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym,
-                              **({"fp8": True} if q.grid.fp8 else {})})
+                              **({"fp8": True} if q.grid.fp8 else {}),
+                              **({"block_rows": q.grid.block_rows} if q.grid.block_rows else {})})
             for name, q in layers.items()}
     save_file(tensors, str(path), metadata=meta)
 
@@ -69,7 +70,7 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         out = {}
         for name, m in meta.items():
             g = json.loads(m)
-            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False)), t[f"{name}.codes"],
+            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0)), t[f"{name}.codes"],
                                    t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={},
                                    input_scale=t.get(f"{name}.input_scale"))
     except QForgeError:

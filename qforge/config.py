@@ -137,6 +137,10 @@ class QuantizeConfig(_JsonMixin):
     # quantized to E4M3 per token, dynamically (max|x| / 448). Exported as compressed-tensors "float-quantized",
     # which vLLM runs on FP8 GEMMs (Hopper, Ada) or as W8A16 (Marlin) on older GPUs. Needs bits 8, group_size -1
     fp8: bool = False
+    # FP8 in blocks (with fp8; llm-compressor's FP8_BLOCK, DeepSeek-V3's weight_block_size at group_size 128): one
+    # weight scale per group_size x group_size tile instead of per output channel, and with act_bits 8 the inputs
+    # quantized per token in groups of group_size channels (vLLM's per-token-group FP8 GEMMs). Needs group_size > 0
+    fp8_block: bool = False
     # static input scales (with act_bits 8; llm-compressor's `dynamic: false` activations, its "FP8" scheme's): one
     # scale per quantized linear for all tokens, fixed at quantization time from its inputs over the calibration set
     # (the largest |x| the quantized model gives it, / 127 for int8, / 448 for FP8) instead of computed per token as
@@ -211,16 +215,26 @@ class QuantizeConfig(_JsonMixin):
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
         _check(self.act_bits in (None, 8), f"act_bits must be 8 (W8A8) or None (weight-only), got {self.act_bits!r}")
-        if self.fp8:
+        _check(self.fp8 or not self.fp8_block, "fp8_block quantizes FP8 weights in blocks: it needs fp8")
+        if self.fp8_block:
+            _check(self.bits == 8 and self.group_size > 0 and self.sym,
+                   f"FP8 blocks are 8-bit (E4M3) group_size x group_size tiles (bits 8, a group size, sym), got bits "
+                   f"{self.bits}, group_size {self.group_size}, sym {self.sym}")
+            _check(not self.act_static, "FP8 blocks take dynamic inputs (per token in groups); act_static quantizes "
+                                        "per-channel FP8 weights' inputs")
+            _check(not self.act_order or self.static_groups, "FP8 blocks are column ranges: act_order needs "
+                                                             "static_groups")
+        elif self.fp8:
             _check(self.bits == 8 and self.group_size == -1 and self.sym,
-                   f"FP8 weights are 8-bit (E4M3) with one scale per output channel (bits 8, group_size -1, sym), "
-                   f"got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
+                   f"FP8 weights are 8-bit (E4M3) with one scale per output channel (bits 8, group_size -1, sym; "
+                   f"fp8_block for group_size x group_size blocks), got bits {self.bits}, group_size "
+                   f"{self.group_size}, sym {self.sym}")
             _check(self.method in ("rtn", "gptq"), f"FP8 takes method rtn or gptq, not {self.method!r}")
             _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take fp8")
             _check(self.smoothquant is None, "smoothquant is offered for int8 activations (W8A8); FP8's per-token "
                                              "E4M3 inputs keep their outliers' precision without it")
         if self.act_bits is not None:
-            _check(self.bits == 8 and self.group_size == -1 and self.sym,
+            _check(self.bits == 8 and (self.group_size == -1 or self.fp8_block) and self.sym,
                    f"W8A8 needs 8-bit symmetric per-channel weights (bits 8, group_size -1, sym), as int8 GEMMs "
                    f"take them; got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
             _check(not self.uses_awq, "AWQ searches scales for weight-only quantization; for W8A8 use method rtn or "
@@ -266,10 +280,19 @@ class QuantizeConfig(_JsonMixin):
 
     @property
     def input_scheme(self):
-        """The quantized linears' input scheme (solvers.InputScheme: act_bits, fp8, act_static); None: weight-only."""
+        """The quantized linears' input scheme (solvers.InputScheme: act_bits, fp8, act_static, the FP8 blocks'
+        input groups); None: weight-only."""
         from .solvers.grid import InputScheme
 
-        return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static)
+        return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static,
+                                                              self.group_size if self.fp8_block else -1)
+
+    @property
+    def grid(self):
+        """The weights' grid (solvers.Grid) every quantized linear takes unless a mixed allocation gives it another."""
+        from .solvers.grid import Grid
+
+        return Grid(self.bits, self.group_size, self.sym, self.fp8, self.group_size if self.fp8_block else 0)
 
 
 @dataclass(frozen=True)

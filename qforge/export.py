@@ -96,7 +96,7 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     from .pipeline import quantized_linears
 
     planned_later = cfg.bpw is not None and grids is None
-    base = None if planned_later else Grid(cfg.bits, cfg.group_size, cfg.sym, getattr(cfg, "fp8", False))
+    base = None if planned_later else cfg.grid
     layers = {n: (r, (grids or {}).get(n, base)) for n, r in quantized_linears(model, cfg).items()}
     if not FORMATS[fmt].MIXED and (planned_later or len({g for _, g in layers.values()}) > 1):
         raise QForgeError(f"the {fmt} format stores one scheme for all layers; export mixed precision as "

@@ -141,9 +141,9 @@ class QuantizeResult:
 
 
 def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
-                result: QuantizeResult, shared: dict | None = None) -> None:
+                result: QuantizeResult) -> None:
     W = ref.weight.detach().float()
-    _write_back(ref, full_name, W, solver.solve(W, stats, grid, cfg, shared), result)
+    _write_back(ref, full_name, W, solver.solve(W, stats, grid, cfg), result)
 
 
 def _solve_stacked(refs: list[LinearRef], names: list[str], solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
@@ -151,10 +151,14 @@ def _solve_stacked(refs: list[LinearRef], names: list[str], solver: Solver, stat
     """Linears that read one input (one statistic) on one grid solved as one matrix, their rows stacked:
     GPTQ's rows are independent given H, so q/k/v (or gate/up) cost one factorisation and one column
     loop instead of three (or two). Each part is then checked and recorded on its own. `shared`: the solver's
-    dict for this statistic's other grids (mixed precision), or None."""
-    if len(refs) == 1:
-        return _solve_into(refs[0], names[0], solver, stats, grid, cfg, result, shared)
+    dict for this statistic's other grids (mixed precision), or None. FP8 blocks that a stacked part would start
+    mid-block keep their layers apart."""
     Ws = [r.weight.detach().float() for r in refs]
+    if len(refs) == 1 or (grid.block_rows and any(W.shape[0] % grid.block_rows for W in Ws[:-1])):
+        shared = {} if shared is None and len(refs) > 1 else shared    # one statistic, solved more than once
+        for ref, name, W in zip(refs, names, Ws):
+            _write_back(ref, name, W, solver.solve(W, stats, grid, cfg, shared), result)
+        return
     q = solver.solve(torch.cat(Ws), stats, grid, cfg, shared)
     r0 = 0
     for ref, name, W in zip(refs, names, Ws):
@@ -219,7 +223,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     bf16_products = cfg.compute_dtype == "bfloat16" and cfg.hessian_dtype == "bfloat16"
     products = torch.bfloat16 if bf16_products else torch.float32
     solver = SOLVERS[cfg.method](device, products) if cfg.gptaq is None else GPTAQSolver(device, products, cfg.gptaq)
-    grid = Grid(cfg.bits, cfg.group_size, cfg.sym, cfg.fp8)
+    grid = cfg.grid
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
     grids = grids or {}

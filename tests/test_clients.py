@@ -176,6 +176,29 @@ def test_transformers_loads_qforge_static_input_exports(fp8, tiny_tokenizer, wik
     assert_same_model(ours, theirs)
 
 
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_transformers_loads_qforge_fp8_block_export(act_bits, tiny_tokenizer, tmp_path):
+    """FP8 in 32 x 32 blocks (FP8_BLOCK's layout): transformers' compressed-tensors integration runs qforge's export
+    (GPTQ-solved) as qforge does, with the E4M3 inputs per token in groups of 32 channels or without."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig(method="gptq", bits=8, group_size=32, fp8=True, fp8_block=True,
+                                               act_bits=act_bits, compute_dtype="float32"))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=64)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    ours = qforge_side(tmp_path / "ct")
+    assert ours[0]["model"].result.layers["model.layers.0.mlp.down_proj"].grid.block_rows == 32
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+    assert_same_model(ours, theirs)
+    if act_bits:                          # per-token inputs (one scale a row) would give other logits
+        from qforge.eval.simulate import quantized_activations
+
+        q = ours[0]["model"]
+        with torch.no_grad(), quantized_activations(q.model, 8, set(q.result.layers), fp8=True):
+            per_token = q.model(probe_ids(q.tokenizer)).logits.float()
+        assert (per_token - theirs[1]).abs().max() > 1e-4
+
+
 def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_calibration, tmp_path):
     """An FP8 KV cache: transformers' compressed-tensors integration reads every attention layer's k_scale / v_scale
     and casts keys and values as qforge does (their logits are qforge's with its FP8 cache, not with a plain one)."""
@@ -199,7 +222,8 @@ def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_cali
                                       ("llmc-fp8-tiny", "compressed-tensors"),
                                       ("llmc-w8a8-static-tiny", "compressed-tensors"),
                                       ("llmc-fp8-static-tiny", "compressed-tensors"),
-                                      ("llmc-kv-fp8-tiny", "compressed-tensors")])
+                                      ("llmc-kv-fp8-tiny", "compressed-tensors"),
+                                      ("llmc-fp8-block-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
@@ -222,6 +246,12 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     if "static" in task:                 # their calibrated scales, stored: both sides round x / input_scale alike
         assert m.act_bits == 8 and m.act_fp8 == ("fp8" in task)
         assert m.input_scales.keys() == m.result.layers.keys()
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+        assert_same_model(theirs, ours)
+        return
+    if "block" in task:                  # E4M3 in 32 x 32 tiles, inputs per token in groups of 32: exactly theirs
+        assert m.input_scheme.fp8 and m.input_scheme.group_size == 32
+        assert all(q.grid.block_rows == 32 and q.grid.group_size == 32 for q in m.result.layers.values())
         torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
         assert_same_model(theirs, ours)
         return

@@ -126,9 +126,9 @@ def test_fp8_linear_matches_its_layer_and_keeps_its_codes_through_to():
     assert lin(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_float_weights_other_tools_write_in_blocks_are_refused():
-    w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [128, 128]}
-    with pytest.raises(QForgeError, match="per channel or tensor"):
+def test_float_weights_other_tools_write_in_groups_are_refused():
+    w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group", "group_size": 128}
+    with pytest.raises(QForgeError, match="per channel, tensor or block"):
         ct.grid_for({"config_groups": {"g": {"targets": ["Linear"], "weights": w}}}, "x")
 
 

@@ -192,6 +192,10 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "method rtn or gptq); with --act-bits 8 the inputs are FP8 too, per token and dynamic "
                         "(llm-compressor's FP8_DYNAMIC). Exported as compressed-tensors float-quantized, which vLLM "
                         "runs on FP8 GEMMs")
+    g.add_argument("--fp8-block", action="store_true",
+                   help="with --fp8: one weight scale per group-size x group-size block (--group-size 128: "
+                        "llm-compressor's FP8_BLOCK, DeepSeek-V3's layout) instead of per channel; with --act-bits 8 "
+                        "the inputs are FP8 per token in groups of group-size channels")
     g.add_argument("--act-static", action="store_true",
                    help="with --act-bits 8: one fixed scale per linear for its inputs (the largest |x| it reads in "
                         "calibration / 127, or / 448 with --fp8), saved as its input_scale, instead of one per token "
@@ -223,6 +227,7 @@ def _quant_config(a):
                           else "gptq", act_bits=getattr(a, "act_bits", None),
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
                           gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False),
+                          fp8_block=getattr(a, "fp8_block", False),
                           act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"),
                           kv_cache=getattr(a, "kv_cache", None))
 
@@ -628,13 +633,20 @@ def _print_quant_summary(m, out: Path) -> None:
     fp8 = "FP8 " if m.config.fp8 else ""
     acts += " KV FP8" if m.config.kv_cache == "fp8" else ""
     print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
-          f"{'per-channel' if m.config.group_size == -1 else f'g{m.config.group_size}'} "
+          f"{_groups(m.config, 'per-channel')} "
           f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
     print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "
           f"{human_bytes(s['fp16_bytes'])} (fp16) -> {human_bytes(s['quantized_bytes'])} (packed)")
     if m.result.ragged_layers:
         print(f"  note: {len(m.result.ragged_layers)} linears have a ragged last group (group size "
               f"{m.config.group_size} does not divide their input width)")
+
+
+def _groups(cfg, per_channel: str) -> str:
+    """How a config's weight scales are laid out, for a label."""
+    if cfg.fp8_block:
+        return f"{cfg.group_size}x{cfg.group_size} blocks"
+    return per_channel if cfg.group_size == -1 else f"g{cfg.group_size}"
 
 
 def cmd_eval(a) -> int:
@@ -650,7 +662,8 @@ def cmd_eval(a) -> int:
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     if rows and rows[0].get("act_bits"):
         kind = "fp" if rows[0].get("act_fp8") else "int"
-        how = "with static scales" if rows[0].get("act_static") else "per token"
+        how = "with static scales" if rows[0].get("act_static") else "per token" + \
+            (f" in groups of {rows[0]['act_group_size']}" if rows[0].get("act_group_size") else "")
         title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} {how}"
     if rows and rows[0].get("kv_cache"):
         title += f", its KV cache in {rows[0]['kv_cache'].upper()} with calibrated scales"
@@ -689,7 +702,7 @@ def cmd_demo(a) -> int:
     acts = f"A{cfg.act_bits}" + (" static" if cfg.act_static else "") + \
         (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") if cfg.act_bits else ""
     fp8 = "FP8 " if cfg.fp8 else ""
-    label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {'pc' if cfg.group_size == -1 else f'g{cfg.group_size}'} "
+    label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {_groups(cfg, 'pc')} "
              f"{'sym' if cfg.sym else 'asym'}" + (" KV FP8" if cfg.kv_cache == "fp8" else ""))
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]

@@ -8,6 +8,7 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
       s = max|x| / (2^(b-1) - 1),   x̂ = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) · s
   or, FP8 (`fp8`, 8 bits), to the nearest E4M3 number, as vLLM quantizes an FP8_DYNAMIC layer's input:
       s = max|x| / 448,   x̂ = fp8(x / s) · s
+  (FP8 blocks' inputs, `group_size` g: the same per token and run of g channels, vLLM's per-token-group quantization)
   or, static (`scales`: each linear's calibrated input_scale s, one for all tokens), the same with s fixed:
       x̂ = clamp(round(x / s), -128, 127) · s   or   x̂ = fp8(x / s) · s   (saturating at ±448 · s)
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
@@ -48,11 +49,15 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, divisor: float | None = Non
     return (torch.clamp(torch.round(xf / s), -qmax - 1, qmax) * s).to(x.dtype)
 
 
-def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token FP8 (E4M3) fake quantization of x [..., channels]: one scale max|x| / 448 per row."""
-    xf = x.float()
+def fake_quant_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> torch.Tensor:
+    """Dynamic per-token FP8 (E4M3) fake quantization of x [..., channels]: one scale max|x| / 448 per row, or per
+    row and group of `group_size` channels (the last group of a width it does not divide is shorter)."""
+    d = x.shape[-1]
+    g = d if group_size == -1 else group_size
+    xf = torch.nn.functional.pad(x.float(), (0, -d % g))                 # zeros: no group's max changes
+    xf = xf.unflatten(-1, (-1, g))                                      # [..., groups, g]
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    return (to_e4m3(xf / s).float() * s).to(x.dtype)
+    return (to_e4m3(xf / s).float() * s).flatten(-2)[..., :d].to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -120,13 +125,16 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
 @contextlib.contextmanager
 def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
                           divisor: float | None = None, fp8: bool = False,
-                          scales: dict[str, torch.Tensor] | None = None) -> Iterator[int]:
+                          scales: dict[str, torch.Tensor] | None = None, group_size: int = -1) -> Iterator[int]:
     """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
-    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only), or with `scales` (8 bits) with its own
-    static input scale, {full name: input_scale [1]}, one for each of `names`; yields the count."""
+    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only, per token and group of `group_size`
+    channels when > 0), or with `scales` (8 bits) with its own static input scale, {full name: input_scale [1]},
+    one for each of `names`; yields the count."""
     if bits is None:
         yield 0
         return
+    if group_size != -1 and not (fp8 and scales is None and group_size > 0):
+        raise QForgeError(f"inputs in groups are FP8 blocks' dynamic inputs, got group size {group_size}")
     if bits not in (4, 8) or (fp8 and bits != 8):
         raise QForgeError(f"--act-bits must be 8{'' if fp8 else ' or 4'} for {'FP8' if fp8 else 'int'} inputs, "
                           f"not {bits}")
@@ -142,7 +150,8 @@ def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | 
                               f"{len(set(mods) - set(scales))} of {len(mods)} linears have none")
         fqs = {n: (lambda x, s=scales[n]: fake_quant_static(x, s, fp8)) for n in mods}
     else:
-        fq = fake_quant_fp8_per_token if fp8 else (lambda x: fake_quant_per_token(x, bits, divisor))
+        fq = (lambda x: fake_quant_fp8_per_token(x, group_size)) if fp8 else \
+            (lambda x: fake_quant_per_token(x, bits, divisor))
         fqs = {n: fq for n in mods}
     handles = [m.register_forward_pre_hook(lambda _m, args, fq=fqs[n]: (fq(args[0]), *args[1:]))
                for n, m in mods.items()]

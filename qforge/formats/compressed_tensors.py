@@ -27,6 +27,10 @@ Dequantization: W[o, i] = weight_scale[o] * weight[o, i]. With `act_bits` the co
 8-bit float, dynamic, strategy "token" (max|x| / 448 per token, computed as the layer runs), or static, strategy
 "tensor", with the layer's input_scale (x_q = fp8(x / input_scale)). Weights stored per tensor (llm-compressor's
 FP8 scheme) are read as per channel, every row taking the one scale.
+FP8 blocks (QuantizeConfig.fp8_block; llm-compressor's FP8_BLOCK), weights strategy "block", block_structure [R, C]:
+  weight_scale       [ceil(out / R), in / C]         one per R x C tile: W[o, i] = weight_scale[o // R, i // C] * weight[o, i]
+and with `act_bits` input_activations 8-bit float, dynamic, strategy "group", group_size C (max|x| / 448 per token
+and group of C channels). qforge writes square tiles (R = C = group_size); `in` must be a multiple of C.
 
 FP8 KV cache (QuantizeConfig.kv_cache "fp8"; any of the formats above): quantization_config's kv_cache_scheme is
 8-bit float, symmetric, static, strategy "tensor", and each attention module ATTN (model.layers.3.self_attn) stores
@@ -55,6 +59,9 @@ MIXED = True                 # per-layer schemes: one config group per scheme
 def _args(grid: Grid):
     from compressed_tensors.quantization import QuantizationArgs
 
+    if grid.block_rows:
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="block",
+                                block_structure=[grid.block_rows, grid.group_size])
     if grid.group_size == -1:
         return QuantizationArgs(num_bits=grid.bits, type="float" if grid.fp8 else "int", symmetric=grid.sym,
                                 strategy="channel")
@@ -68,7 +75,8 @@ def _scheme(grid: Grid, targets: list[str], acts: InputScheme | None = None):
     inputs = None
     if acts is not None:
         how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if acts.static else \
-            dict(dynamic=True, strategy="token")
+            dict(dynamic=True, strategy="token") if acts.group_size == -1 else \
+            dict(dynamic=True, strategy="group", group_size=acts.group_size)
         inputs = QuantizationArgs(num_bits=acts.bits, type="float" if acts.fp8 else "int", symmetric=True, **how)
     return QuantizationScheme(targets=targets, weights=_args(grid), input_activations=inputs)
 
@@ -79,8 +87,9 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
         return
     if grid.bits not in BITS:
         raise QForgeError(f"{name}: compressed-tensors pack-quantized stores 2 to 8 bits (this layer has {grid.bits})")
-    if grid.fp8 and grid.group_size != -1:
-        raise QForgeError(f"{name}: compressed-tensors float-quantized is written per channel here, not in groups")
+    if grid.fp8 and grid.group_size != -1 and not grid.block_rows:
+        raise QForgeError(f"{name}: compressed-tensors float-quantized is written per channel or in blocks here, "
+                          f"not in groups")
     if not in_order:
         raise QForgeError(f"{name}: compressed-tensors stores groups in column order only; quantize with "
                           f"--static-groups (or without --act-order), or export as 'gptq'")
@@ -106,8 +115,13 @@ def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) ->
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
     if q.grid.fp8:
-        scale = q.scales.to(dtype)                                       # [out, 1]
-        W_hat = scale.float() * q.codes.float()                          # exactly scale * code: divides back exactly
+        scale = q.scales.to(dtype)                                       # [out, 1] (blocks: [out, G])
+        W_hat = scale.float()[:, q.g_idx.long()] * q.codes.float()       # exactly scale * code: divides back exactly
+        if q.grid.block_rows:                                            # one scale per tile: [ceil(out / R), G]
+            scale = scale[::q.grid.block_rows].contiguous()
+            if not torch.equal(scale.repeat_interleave(q.grid.block_rows, 0)[:q.shape[0]], q.scales.to(dtype)):
+                raise QForgeError(f"a layer quantized in blocks of {q.grid.block_rows} rows has scales that differ "
+                                  f"inside a block")
         return dict(FloatQuantizationCompressor.compress({"weight": W_hat, "weight_scale": scale},
                                                          _scheme(q.grid, ["Linear"], acts)))
     half = 1 << (q.grid.bits - 1)
@@ -172,12 +186,20 @@ def _unpack_int(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
 
 
 def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
-    """float-quantized: E4M3 codes stored whole, a scale per channel (or one per tensor)."""
+    """float-quantized: E4M3 codes stored whole, a scale per channel (or one per tensor), or one per tile (blocks)."""
     w = t.get("weight")
     if w is None or w.dtype != torch.float8_e4m3fn or w.dim() != 2:
         raise QForgeError("float-quantized layers store a float8_e4m3fn [out, in] weight")
-    scales = t["weight_scale"].float().reshape(-1, 1).expand(w.shape[0], 1).contiguous()
-    g_idx = torch.zeros(w.shape[1], dtype=torch.int32)
+    out_f, in_f = w.shape
+    if grid.block_rows:
+        tiles = (-(-out_f // grid.block_rows), grid.n_groups(in_f))
+        if tuple(t["weight_scale"].shape) != tiles:
+            raise QForgeError(f"a [{out_f}, {in_f}] weight in {grid.block_rows} x {grid.group_size} blocks needs a "
+                              f"{list(tiles)} weight_scale, got {list(t['weight_scale'].shape)}")
+        scales = t["weight_scale"].float().repeat_interleave(grid.block_rows, 0)[:out_f].contiguous()
+    else:
+        scales = t["weight_scale"].float().reshape(-1, 1).expand(out_f, 1).contiguous()
+    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_len(in_f)
     return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
 
 
@@ -217,26 +239,27 @@ def kv_cache_fp8(qc: dict) -> bool:
 
 def input_acts(qc: dict) -> InputScheme | None:
     """The input scheme a quantization_config's layers quantize their inputs with (symmetric int8 or FP8, dynamic per
-    token or static per tensor: the schemes qforge runs; a static one's scales are its layers' input_scale tensors),
-    or None when they take unquantized inputs; another input scheme is refused."""
+    token or static per tensor, or FP8 dynamic per token and group of channels: the schemes qforge runs; a static
+    one's scales are its layers' input_scale tensors), or None when they take unquantized inputs; another input
+    scheme is refused."""
     found = set()
     for name, group in (qc.get("config_groups") or {}).items():
         a = group.get("input_activations")
         if not a:
             found.add(None)
             continue
-        how = (a.get("dynamic"), a.get("strategy"))
+        how, fp8 = (a.get("dynamic"), a.get("strategy")), a.get("type") == "float"
+        grouped = how == (True, "group") and fp8 and (a.get("group_size") or 0) > 0
         if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("num_bits") == 8
-                and how in ((True, "token"), (False, "tensor"))):
+                and (how in ((True, "token"), (False, "tensor")) or grouped)):
             raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
                               f"supported (qforge runs symmetric int8 or FP8 inputs, dynamic per token or static per "
-                              f"tensor)")
-        found.add((8, a.get("type") == "float", how))
+                              f"tensor, or FP8 dynamic per token in groups)")
+        found.add(InputScheme(8, fp8, how == (False, "tensor"), int(a["group_size"]) if grouped else -1))
     if len(found) > 1:
         raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "
                           "supported")
-    one = next(iter(found), None)
-    return None if one is None else InputScheme(one[0], one[1], one[2] == (False, "tensor"))
+    return next(iter(found), None)
 
 
 def _describe(a: dict) -> str:
@@ -258,9 +281,12 @@ def grid_for(qc: dict, name: str) -> Grid:
         if any(_matches(t, name) for t in targets) or "Linear" in targets:
             w = group.get("weights") or {}
             if w.get("type", "int") == "float":
+                block = w.get("block_structure") or []
+                if w.get("num_bits") == 8 and w.get("strategy") == "block" and len(block) == 2 and min(block) > 0:
+                    return Grid(8, int(block[1]), True, fp8=True, block_rows=int(block[0]))
                 if not (w.get("num_bits") == 8 and w.get("strategy") in ("channel", "tensor")):
-                    raise QForgeError(f"{name}: compressed-tensors float weights are read as 8-bit E4M3 per channel "
-                                      f"or tensor, not {w.get('num_bits')}-bit per {w.get('strategy')}")
+                    raise QForgeError(f"{name}: compressed-tensors float weights are read as 8-bit E4M3 per channel, "
+                                      f"tensor or block, not {w.get('num_bits')}-bit per {w.get('strategy')}")
                 return Grid(8, -1, True, fp8=True)
             if w.get("type", "int") != "int":
                 raise QForgeError(f"{name}: compressed-tensors {w.get('type')} weights are not supported")

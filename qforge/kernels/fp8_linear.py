@@ -1,11 +1,12 @@
-"""Fp8Linear: a linear layer holding FP8 (E4M3) weights with one scale per output channel, as compressed-tensors
-"float-quantized" stores them (formats/compressed_tensors.py):
+"""Fp8Linear: a linear layer holding FP8 (E4M3) weights with one scale per output channel, or per block of rows and
+columns, as compressed-tensors "float-quantized" stores them (formats/compressed_tensors.py):
 
   weight        float8_e4m3fn [out, in]
-  weight_scale  [out, 1]          in the dtype the checkpoint stored it in (casting it would change the model)
+  weight_scale  [out, G]          in the dtype the checkpoint stored it in (casting it would change the model); G = 1
+                                  per channel, else in / C for C-column blocks (each row keeps its block's scale)
   bias          [out] or None
 
-W = weight_scale * weight. The forward pass is the PyTorch path on every device: the weight dequantized to the
+W[o, i] = weight_scale[o, i // C] * weight[o, i]. The forward pass is the PyTorch path on every device: the weight dequantized to the
 input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and device, at the memory
 of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
 GEMMs quantize their inputs; serving speed is vLLM's business, this module is for evaluating and generating.
@@ -21,22 +22,22 @@ from ..solvers import Grid, LayerQuant
 
 class Fp8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, scale_dtype: torch.dtype = torch.float32,
-                 cache: bool = False):
+                 cache: bool = False, grid: Grid = Grid(8, -1, True, fp8=True)):
         super().__init__()
         self.in_features, self.out_features, self.cache = in_features, out_features, cache
-        self.grid = Grid(8, -1, True, fp8=True)
+        self.grid = grid
         self._w_cache: torch.Tensor | None = None
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=scale_dtype))
+        self.register_buffer("weight_scale", torch.ones(out_features, grid.n_groups(in_features), dtype=scale_dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
     def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
                    cache: bool = False) -> "Fp8Linear":
-        if not q.grid.fp8 or q.scales.shape[1] != 1:
-            raise ValueError("Fp8Linear takes a per-channel FP8 layer")
+        if not q.grid.fp8 or not (q.grid.group_size == -1 or q.grid.block_rows):
+            raise ValueError("Fp8Linear takes an FP8 layer per channel or in blocks")
         out_f, in_f = q.shape
-        m = cls(in_f, out_f, bias is not None, scale_dtype, cache)
+        m = cls(in_f, out_f, bias is not None, scale_dtype, cache, q.grid)
         m.weight.copy_(q.codes)
         m.weight_scale.copy_(q.scales)
         if bias is not None:
@@ -44,13 +45,14 @@ class Fp8Linear(nn.Module):
         return m
 
     def to_quant(self) -> LayerQuant:
-        scales = self.weight_scale.float().reshape(-1, 1).contiguous()
-        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales),
-                          torch.zeros(self.in_features, dtype=torch.int32), info={})
+        scales = self.weight_scale.float().contiguous()
+        g_idx = torch.arange(self.in_features, dtype=torch.int32) // self.grid.group_len(self.in_features)
+        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales), g_idx, info={})
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype` (the product is exact in fp32: a 4-bit by <= 24-bit significand)."""
-        return (self.weight.float() * self.weight_scale.float()).to(dtype)
+        scale = self.weight_scale.float().repeat_interleave(self.grid.group_len(self.in_features), 1)
+        return (self.weight.float() * scale[:, :self.in_features]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._w_cache
@@ -73,4 +75,6 @@ class Fp8Linear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fp8=e4m3, per-channel"
+        g = self.grid
+        how = f"{g.block_rows}x{g.group_size} blocks" if g.block_rows else "per-channel"
+        return f"in={self.in_features}, out={self.out_features}, fp8=e4m3, {how}"

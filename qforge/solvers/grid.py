@@ -12,6 +12,11 @@ act-order g_idx[j] = j // group_size; a group size that does not divide `in` lea
 FP8 (`fp8=True`, 8 bits, symmetric): the codes are OCP E4M3 (float8_e4m3fn) numbers instead of integers,
 scale = absmax / 448 (E4M3's largest value) and zero = 0:  q = fp8(clamp(w / scale, -448, 448)), w_hat = scale * q.
 The codes are kept as float8_e4m3fn tensors (one byte each, as compressed-tensors "float-quantized" stores them).
+
+Blocks (`block_rows` R > 0, FP8 only; DeepSeek-V3's and llm-compressor's FP8_BLOCK with R = group_size = 128): a
+group's scale is shared by R consecutive output rows, so every R x group_size tile of W has one scale, the largest
+absmax of its rows / 448 (the last tile of a height not divisible by R is shorter). LayerQuant keeps the scales per
+row ([out, groups], equal within a tile) like any other grid; formats/compressed_tensors.py stores one per tile.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import QForgeError
 from ..utils.tensors import row_slices
 
 
@@ -31,10 +37,14 @@ class Grid:
     group_size: int = -1   # -1: per output channel
     sym: bool = True
     fp8: bool = False      # E4M3 codes (see the module docstring); bits 8, sym
+    block_rows: int = 0    # > 0: one scale per block_rows x group_size tile (FP8 blocks, see the module docstring)
 
     def __post_init__(self) -> None:
         if self.fp8 and (self.bits != 8 or not self.sym):
             raise ValueError(f"an FP8 grid is 8-bit symmetric, got bits {self.bits}, sym {self.sym}")
+        if self.block_rows and not (self.fp8 and self.block_rows > 0 and self.group_size > 0):
+            raise ValueError(f"blocks of rows are FP8 grids with groups, got block_rows {self.block_rows}, "
+                             f"fp8 {self.fp8}, group_size {self.group_size}")
 
     @property
     def maxq(self) -> int:
@@ -59,18 +69,31 @@ class Grid:
 class InputScheme:
     """How a quantized linear's inputs are quantized as the model runs (W8A8): `bits` 8, int8 or E4M3 (`fp8`), symmetric,
     with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
-    LayerQuant.input_scale)."""
+    LayerQuant.input_scale); `group_size` > 0 (FP8 blocks' inputs, dynamic): one scale per token and group of that
+    many consecutive channels."""
     bits: int = 8
     fp8: bool = False
     static: bool = False
+    group_size: int = -1
+
+
+def share_rows(v: torch.Tensor, block_rows: int, reduce=torch.amax) -> torch.Tensor:
+    """v [..., rows] with each run of `block_rows` rows (the last may be shorter) replaced by its reduction."""
+    rows = v.shape[-1]
+    pad = -rows % block_rows
+    tiles = reduce(torch.nn.functional.pad(v, (0, pad)).unflatten(-1, (-1, block_rows)), dim=-1)  # pads: 0
+    return tiles.repeat_interleave(block_rows, dim=-1)[..., :rows]
 
 
 def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid parameters of each row of W [rows, cols] -> scale [rows], zero [rows] (fp32)."""
-    wmin = W.min(dim=1).values.clamp(max=0)
-    wmax = W.max(dim=1).values.clamp(min=0)
+    """Min-max grid parameters of each row of W [..., rows, cols] -> scale [..., rows], zero [..., rows] (fp32). With
+    grid.block_rows, rows 0.. are output channels from a block's first (the range is the block's)."""
+    wmin = W.amin(dim=-1).clamp(max=0)
+    wmax = W.amax(dim=-1).clamp(min=0)
     if grid.sym:
         wmax = torch.maximum(wmin.abs(), wmax)
+        if grid.block_rows:
+            wmax = share_rows(wmax, grid.block_rows)
         wmin = -wmax
     dead = (wmin == 0) & (wmax == 0)
     wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
@@ -91,7 +114,7 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     `min_shrink` (the `mse` option of the GPTQ reference code, with weights). Shrinking the range
     scales the min-max scale by p and leaves the zero point as it is (both ends shrink together).
     p = 1 is fit_params' min-max grid and wins ties, so the result is never worse than min-max on the
-    weighted error.
+    weighted error. With grid.block_rows a block's rows take one p, by their summed error.
 
     W [rows, cols], col_weight [cols] (None: all 1) -> scale [rows], zero [rows] (fp32)."""
     c = torch.ones(W.shape[1], device=W.device) if col_weight is None else col_weight
@@ -104,7 +127,10 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
         D = round_codes(torch.div(W, s), z, grid)                   # [P, rows, cols] codes, then in place:
         D.sub_(z).mul_(s).sub_(W).square_().mul_(c)                 # c_j (ŵ - w)^2
         errs.append(D.sum(dim=-1))                                  # [P, rows]
-    best = torch.argmin(torch.cat(errs), dim=0)                    # first minimum: p = 1 on ties
+    errs = torch.cat(errs)
+    if grid.block_rows:
+        errs = share_rows(errs, grid.block_rows, torch.sum)
+    best = torch.argmin(errs, dim=0)                               # first minimum: p = 1 on ties
     return p[best] * scale0, zero
 
 
@@ -169,6 +195,9 @@ class LayerQuant:
     def rows(self, r0: int, r1: int, step: int = 1) -> "LayerQuant":
         """Output rows r0:r1:step as a layer of their own (rows solved as one matrix, then split; every other row:
         GPT-OSS's interleaved gate/up)."""
+        b = self.grid.block_rows
+        if b and (r0 % b or step != 1 or (r1 % b and r1 < self.shape[0])):
+            raise QForgeError(f"rows {r0}:{r1}:{step} of a layer quantized in blocks of {b} rows cut its blocks")
         info = dict(self.info)
         if self.row_loss is not None:
             info["loss"] = float(self.row_loss[r0:r1:step].sum())

@@ -14,10 +14,10 @@ def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
     full = in_f // g                                              # groups of exactly g columns
     parts = []
     if full:
-        Wg = W[:, : full * g].reshape(out_f * full, g)            # one row per (channel, group)
-        scale, zero = fit_params(Wg, grid)
-        parts.append((quantize(Wg, scale, zero, grid).reshape(out_f, full * g),
-                      scale.reshape(out_f, full), zero.reshape(out_f, full)))
+        Wg = W[:, : full * g].reshape(out_f, full, g).transpose(0, 1)   # [groups, out, g]: a group's rows together
+        scale, zero = fit_params(Wg, grid)                              # [groups, out]
+        codes = quantize(Wg, scale, zero, grid)
+        parts.append((codes.transpose(0, 1).reshape(out_f, full * g), scale.t(), zero.t()))
     if full * g < in_f:                                           # ragged last group
         Wr = W[:, full * g:]
         scale, zero = fit_params(Wr, grid)

@@ -15,6 +15,8 @@ Tasks:
   llmc-w8a8-static-tiny  int8 per-channel weights, static per-tensor int8 inputs (calibrated on builtin:mix)
   llmc-fp8-static-tiny   scheme FP8 (E4M3 per-tensor weights, static per-tensor E4M3 inputs), calibrated
   llmc-kv-fp8-tiny  int4 g32 weights and an FP8 KV cache (kv_cache_scheme: static per-tensor k/v scales, calibrated)
+  llmc-fp8-block-tiny  FP8_BLOCK's scheme in 32 x 32 tiles (the tiny widths; E4M3 weights, one scale a tile, dynamic
+                   E4M3 inputs per token in groups of 32 channels), saved float-quantized
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
 greedy continuation of it, and perplexity by qforge's protocol on the first windows of `wiki`.
 """
@@ -104,13 +106,21 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny"):   # the model object quantizes its inputs as it runs (as vLLM)
+    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny", "llmc-fp8-block-tiny"):   # inputs quantized as it runs (as vLLM)
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        scheme = "W8A8" if task == "llmc-w8a8-tiny" else "FP8_DYNAMIC"
-        oneshot(model=m, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+        if task == "llmc-fp8-block-tiny":         # the preset's 128 x 128 tiles exceed the tiny widths
+            fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+            recipe = QuantizationModifier(config_groups={"g0": {
+                "targets": ["Linear"], "weights": {**fp8, "strategy": "block", "block_structure": [32, 32]},
+                "input_activations": {**fp8, "strategy": "group", "group_size": 32, "dynamic": True}}},
+                ignore=["lm_head"])
+        else:
+            recipe = QuantizationModifier(targets="Linear", scheme="W8A8" if task == "llmc-w8a8-tiny" else
+                                          "FP8_DYNAMIC", ignore=["lm_head"])
+        oneshot(model=m, recipe=recipe)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
