@@ -110,6 +110,9 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
             method="rtn", bits=8, group_size=-1, act_bits=8, act_static=True), ["compressed-tensors"]),
         ("FP8 W8A8 static (E4M3 inputs, one calibrated scale per linear)", qforge.QuantizeConfig(
             method="rtn", bits=8, group_size=-1, fp8=True, act_bits=8, act_static=True), ["compressed-tensors"]),
+        ("FP8 W8A8 in 64 x 64 blocks (FP8_BLOCK's layout: E4M3 inputs per token in groups of 64)",
+         qforge.QuantizeConfig(method="rtn", bits=8, group_size=64, fp8=True, fp8_block=True, act_bits=8),
+         ["compressed-tensors"]),
         ("FP8 W8A16 per-channel (FP8 weights only)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                            fp8=True), ["compressed-tensors"]),
         ("W4 g64 sym, FP8 KV cache (calibrated k/v scales)", qforge.QuantizeConfig(method="rtn", bits=4,
@@ -216,6 +219,9 @@ def main() -> None:
                 fused = re.search(r"in (load_qkv_weight|load_merged_column_weight)", log)
                 err = why[1].strip() if why else (f"a weight of another shape than its fused module ({fused[1]})"
                                                   if fused else log.strip().splitlines()[-1])
+                if why and err.endswith("Reasons:"):           # one reason a line, each behind the log's prefix
+                    reasons = log[why.end():].lstrip(" ").splitlines()[1:]
+                    err += " " + " ".join(r.split("] ", 1)[-1].strip() for r in reasons[:2])
                 rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])

@@ -9,9 +9,11 @@ max over all batches; a custom FP8 group with per-channel weights matches qforge
 FP8_DYNAMIC with an FP8 KV cache (qforge's --kv-cache fp8: each attention layer's max|k| / 448 and max|v| / 448 on
 the quantized model; llm-compressor's kv_cache_scheme, float 8-bit static per tensor), beside the same weights with
 the cache unquantized and with vLLM's scale-1 FP8 cache (what --kv-cache-dtype fp8 does without stored scales).
+`--scheme fp8-block`: FP8 in 64 x 64 tiles, inputs per token in groups of 64 (FP8_BLOCK's layout: its preset's 128 x
+128 tiles do not divide SmolLM2's width, 576 = 9 x 64, and compressed-tensors' grouped inputs need whole groups).
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
-        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv}]
+        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv,fp8-block}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -63,6 +65,12 @@ def main():
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
         recipe = [Modifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"], kv_cache_scheme=kv)]
+    elif mode in ("fp8-block-rtn", "fp8-block-gptq"):          # FP8_BLOCK's scheme in 64 x 64 tiles
+        Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+        group = {"targets": ["Linear"], "weights": {**fp8, "strategy": "block", "block_structure": [64, 64]},
+                 "input_activations": {**fp8, "strategy": "group", "group_size": 64, "dynamic": True}}
+        recipe = [Modifier(config_groups={"g0": group}, ignore=["lm_head"])]
     elif mode in ("fp8-static-rtn", "fp8-static-gptq"):        # its FP8 scheme: per-tensor weights and inputs
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         recipe = [Modifier(targets="Linear", scheme="FP8", ignore=["lm_head"])]
@@ -109,7 +117,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
-    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv"), default="int8")
+    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv", "fp8-block"),
+                    default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -149,6 +158,15 @@ def main() -> None:
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **kv, **w8a8)),
                 ("llm-compressor", "RTN", "fp8-kv-rtn"),
                 ("llm-compressor", "GPTQ", "fp8-kv-gptq")]
+    elif a.scheme == "fp8-block":
+        block = dict(fp8=True, fp8_block=True, **{**w8a8, "group_size": 64})
+        runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **block)),
+                ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", **block)),
+                ("qforge", "GPTQ static groups", qforge.QuantizeConfig(method="gptq", static_groups=True, **block)),
+                ("llm-compressor", "RTN", "fp8-block-rtn"),
+                ("llm-compressor", "GPTQ", "fp8-block-gptq"),
+                ("qforge", "FP8 W8A8 per channel (FP8_DYNAMIC) RTN",
+                 qforge.QuantizeConfig(method="rtn", fp8=True, **w8a8))]
     elif fp8:
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", fp8=True, **w8a8)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", fp8=True, **w8a8)),
@@ -162,7 +180,7 @@ def main() -> None:
                 ("llm-compressor", "RTN", "rtn"),
                 ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
     name = ("FP8 W8A8" if fp8 else "W8A8") + (" static" if a.scheme.endswith("static") else "") + \
-        (", FP8 KV cache" if a.scheme == "fp8-kv" else "")
+        (", FP8 KV cache" if a.scheme == "fp8-kv" else "") + (" 64x64 blocks" if a.scheme == "fp8-block" else "")
     rows, kv_scales = [], {}
 
     def score(label, tool, qm, secs, simulate=None):
@@ -191,7 +209,7 @@ def main() -> None:
             assert qm.act_bits == 8 and qm.act_fp8 == fp8, f"{out}: not a {name} checkpoint"
             assert (qm.input_scales is not None) == a.scheme.endswith("static"), f"{out}: not a {name} checkpoint"
             assert (qm.kv_scales is not None) == (a.scheme == "fp8-kv"), f"{out}: not a {name} checkpoint"
-            score(f"{name} {label}", tool, qm, secs)
+            score(label if label.startswith("FP8") else f"{name} {label}", tool, qm, secs)
             if qm.kv_scales is not None and label == "RTN":   # the same model, its cache unquantized / at scale 1
                 kv_scales[tool] = qm.kv_scales
                 qm.result.kv_scales = {}

@@ -70,8 +70,9 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         out = {}
         for name, m in meta.items():
             g = json.loads(m)
-            out[name] = LayerQuant(Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0)), t[f"{name}.codes"],
-                                   t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], info={},
+            grid = Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0))
+            out[name] = LayerQuant(grid, t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"],
+                                   t[f"{name}.g_idx"], info={},
                                    input_scale=t.get(f"{name}.input_scale"))
     except QForgeError:
         raise

@@ -108,6 +108,10 @@ def check_exportable(model, cfg, fmt: str, grids: dict[str, Grid] | None = None)
     for stored, (name, rows) in stored_linears(model, list(layers)).items():   # as the checkpoint stores them
         ref, grid = layers[name]
         _check_kind(name, ref)
+        if grid is not None and grid.cuts_blocks(rows.start, rows.stop, rows.step, ref.shape[0]):
+            raise QForgeError(f"{stored}: the checkpoint stores rows {rows.start}:{rows.stop}:{rows.step} of {name}, "
+                              f"which cut its {grid.block_rows}-row FP8 blocks (each module the checkpoint stores "
+                              f"must be whole blocks of rows: quantize these per channel)")
         # per-channel layers of an allocation are visited in act-order order, but one group is always in order
         FORMATS[fmt].check(stored, (len(range(rows.start, rows.stop, rows.step)), ref.shape[1]), grid,
                            in_order or (grid is not None and grid.group_size == -1))

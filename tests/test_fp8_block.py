@@ -159,6 +159,7 @@ def test_fp8_block_quantizes_exports_and_evaluates_as_served(method, tiny_llama_
 
     packed, saved = qforge.load(tmp_path / "ct"), qforge.load(out)
     assert packed.input_scheme == saved.input_scheme == m.input_scheme
+    assert all(q.grid == BLOCK for q in (*saved.result.layers.values(), *packed.result.layers.values()))
     assert all(isinstance(packed.model.get_submodule(n), Fp8Linear) for n in packed.result.layers)
     rows = {name: qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0] for name, q in
             (("packed", packed), ("saved", saved), ("memory", m))}
@@ -201,4 +202,47 @@ def test_fp8_block_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path,
     assert main(["quantize", str(tiny_llama_dir), "--fp8", "--fp8-block", "--group-size", "-1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "group_size x group_size tiles" in capsys.readouterr().err
+    # tiles of 64 columns do not divide down_proj's 96 inputs: refused before quantizing when the export is asked for
+    assert main(["quantize", str(tiny_llama_dir), "--bits", "8", "--group-size", "64", "--fp8", "--fp8-block",
+                 "--out", str(tmp_path / "bad"), "--format", "compressed-tensors"]) == 2
+    assert "does not divide 96" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_fused_experts_in_blocks_export_one_module_each_and_load(tiny_tokenizer, wiki_calibration, tmp_path):
+    """Mixtral's experts (3-D parameters, gate and up fused): 32-row tiles split at gate / up boundaries, written one
+    module per expert and read back fused, scoring as in memory. GPT-OSS interleaves gate and up rows, which would
+    cut every tile: refused before quantizing."""
+    from tiny_models import tiny_model
+
+    from qforge.export import check_exportable
+
+    src = tmp_path / "src"
+    tiny_model("mixtral", seed=1).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="gptq", bits=8, group_size=32, fp8=True, fp8_block=True)
+    m = qforge.load(src, cfg)
+    m.quantize(wiki_calibration)
+    assert any(".experts." in n for n in m.result.layers)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    packed = qforge.load(tmp_path / "ct")
+    assert all(q.grid == BLOCK for q in packed.result.layers.values())
+    ppl = [qforge.evaluate(q, "wiki", seqlen=64, max_windows=2)[0]["ppl"] for q in (m, packed)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+
+    gpt_oss = tmp_path / "gpt_oss"
+    tiny_model("gpt_oss", seed=1).save_pretrained(gpt_oss)
+    tiny_tokenizer.save_pretrained(gpt_oss)
+    with pytest.raises(QForgeError, match="cut its 32-row FP8 blocks"):
+        check_exportable(qforge.load(gpt_oss).model, cfg, "compressed-tensors")
+
+
+def test_fp8_block_streamed_gives_the_in_memory_codes(tiny_llama_dir, wiki_excerpt, tmp_path):
+    from runs import streamed_and_in_memory
+
+    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig(**{**FP8_BLOCK, "method": "gptq"}), wiki_excerpt,
+                                  tmp_path)
+    assert a.input_scheme == b.input_scheme == InputScheme(8, fp8=True, group_size=32)
+    for n, q in b.result.layers.items():
+        assert q.grid == BLOCK and torch.equal(a.result.layers[n].scales, q.scales)
+        assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))

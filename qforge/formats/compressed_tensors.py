@@ -28,7 +28,8 @@ Dequantization: W[o, i] = weight_scale[o] * weight[o, i]. With `act_bits` the co
 "tensor", with the layer's input_scale (x_q = fp8(x / input_scale)). Weights stored per tensor (llm-compressor's
 FP8 scheme) are read as per channel, every row taking the one scale.
 FP8 blocks (QuantizeConfig.fp8_block; llm-compressor's FP8_BLOCK), weights strategy "block", block_structure [R, C]:
-  weight_scale       [ceil(out / R), in / C]         one per R x C tile: W[o, i] = weight_scale[o // R, i // C] * weight[o, i]
+  weight_scale       [ceil(out / R), in / C]         one per R x C tile
+Dequantization: W[o, i] = weight_scale[o // R, i // C] * weight[o, i]
 and with `act_bits` input_activations 8-bit float, dynamic, strategy "group", group_size C (max|x| / 448 per token
 and group of C channels). qforge writes square tiles (R = C = group_size); `in` must be a multiple of C.
 

@@ -6,9 +6,9 @@ columns, as compressed-tensors "float-quantized" stores them (formats/compressed
                                   per channel, else in / C for C-column blocks (each row keeps its block's scale)
   bias          [out] or None
 
-W[o, i] = weight_scale[o, i // C] * weight[o, i]. The forward pass is the PyTorch path on every device: the weight dequantized to the
-input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and device, at the memory
-of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
+W[o, i] = weight_scale[o, i // C] * weight[o, i]. The forward pass is the PyTorch path on every device: the weight
+dequantized to the input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and
+device, at the memory of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
 GEMMs quantize their inputs; serving speed is vLLM's business, this module is for evaluating and generating.
 """
 from __future__ import annotations

@@ -64,11 +64,16 @@ class Grid:
     def ragged(self, in_features: int) -> bool:
         return in_features % self.group_len(in_features) != 0
 
+    def cuts_blocks(self, r0: int, r1: int, step: int, out_features: int) -> bool:
+        """Whether rows r0:r1:step of an [out_features, ...] layer on this grid split one of its blocks of rows."""
+        b = self.block_rows
+        return bool(b) and (r0 % b != 0 or step != 1 or (r1 % b != 0 and r1 < out_features))
+
 
 @dataclass(frozen=True)
 class InputScheme:
-    """How a quantized linear's inputs are quantized as the model runs (W8A8): `bits` 8, int8 or E4M3 (`fp8`), symmetric,
-    with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
+    """How a quantized linear's inputs are quantized as the model runs (W8A8): `bits` 8, int8 or E4M3 (`fp8`),
+    symmetric, with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
     LayerQuant.input_scale); `group_size` > 0 (FP8 blocks' inputs, dynamic): one scale per token and group of that
     many consecutive channels."""
     bits: int = 8
@@ -195,9 +200,9 @@ class LayerQuant:
     def rows(self, r0: int, r1: int, step: int = 1) -> "LayerQuant":
         """Output rows r0:r1:step as a layer of their own (rows solved as one matrix, then split; every other row:
         GPT-OSS's interleaved gate/up)."""
-        b = self.grid.block_rows
-        if b and (r0 % b or step != 1 or (r1 % b and r1 < self.shape[0])):
-            raise QForgeError(f"rows {r0}:{r1}:{step} of a layer quantized in blocks of {b} rows cut its blocks")
+        if self.grid.cuts_blocks(r0, r1, step, self.shape[0]):
+            raise QForgeError(f"rows {r0}:{r1}:{step} of a layer quantized in blocks of {self.grid.block_rows} rows "
+                              f"cut its blocks")
         info = dict(self.info)
         if self.row_loss is not None:
             info["loss"] = float(self.row_loss[r0:r1:step].sum())
