@@ -20,7 +20,7 @@ from .config import CalibrationConfig, QuantizeConfig, SimulationConfig
 from .errors import QForgeError
 from .eval import load_eval_text, perplexity
 from .models import load_model
-from .models.packed import input_acts, kv_cache_fp8, load_packed, packed_format
+from .models.packed import input_acts, load_packed, packed_format
 from .pipeline import QuantizeResult, quantize_model
 from .solvers import InputScheme
 from .storage import model_storage
@@ -86,12 +86,14 @@ class QModel:
         ".v_scale": fp32 [1]}; evaluate() and generate cast keys and values to E4M3 with them. None: no FP8 cache."""
         return (self.result.kv_scales or None) if self.result is not None else None
 
-    def kv_cache_factory(self):
+    def kv_cache_factory(self, keep: bool = True):
         """A zero-argument callable making a fresh cache that casts keys and values to E4M3 with the model's
-        kv_scales (pass one as past_key_values to a forward or generate), or None for a model without them."""
+        kv_scales (pass one as past_key_values to a forward or generate), or None for a model without them.
+        `keep` False: the cache keeps nothing (a streamed evaluation's blocks, one forward without a past)."""
         from .eval.simulate import kv_cache_factory
 
-        return kv_cache_factory(self.model, 8, fp8=True, scales=self.kv_scales) if self.kv_scales else None
+        return kv_cache_factory(self.model, 8, fp8=True, scales=self.kv_scales, keep=keep) if self.kv_scales \
+            else None
 
     @property
     def input_scales(self) -> dict[str, torch.Tensor] | None:
@@ -129,9 +131,6 @@ class QModel:
         if self.config.kv_cache:
             from .capture.kv_range import check_calibratable
 
-            if self.blocks is not None:
-                raise QForgeError("FP8 KV scales are calibrated on the whole quantized model in memory: quantize "
-                                  "without stream, or without kv_cache")
             check_calibratable(self.model)
         check_device(device)
         resolved = self.config.for_device(device)           # compute_dtype "auto": what this device runs fastest
@@ -192,18 +191,24 @@ class QModel:
         return self.result
 
     def _calibrate_kv(self, samples: list[torch.Tensor], device: str, batch_size: int) -> dict[str, torch.Tensor]:
-        """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too); their
-        time counts in the run's seconds."""
+        """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too; a
+        streamed one block by block, from its run state); their time counts in the run's seconds."""
         from .capture.blocks import make_batches
         from .capture.kv_range import kv_scales, observe_kv
+        from .models.streaming import SavedBlocks
 
         t0 = time.perf_counter()
-        self.model.to(device)
+        streamed = None
+        if self.blocks is not None:
+            streamed = (self.blocks.outside, SavedBlocks(self.blocks, store=self._store).running)
+        else:
+            self.model.to(device)
         try:
             with self.quantized_inputs():
-                scales = kv_scales(observe_kv(self.model, make_batches(samples, batch_size), device))
+                scales = kv_scales(observe_kv(self.model, make_batches(samples, batch_size), device, streamed))
         finally:
-            self.model.to("cpu")
+            if streamed is None:
+                self.model.to("cpu")
         seconds = time.perf_counter() - t0
         self.result.seconds += seconds
         log.info("FP8 KV scales of %d attention layers calibrated in %.1f s", len(scales) // 2, seconds)
@@ -419,11 +424,8 @@ def load(model: str | Path, config: QuantizeConfig | None = None, stream: bool =
         if stream:                      # evaluated block by block; its layers are read with their blocks
             from .models.streaming import load_streamed
 
-            if kv_cache_fp8(model):
-                raise QForgeError(f"{model} caches keys and values in FP8 with calibrated scales, which a streamed "
-                                  f"evaluation does not do: load it without stream")
             lm, blocks = load_streamed(model)
-            q = QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}),
+            q = QModel(lm.model, lm.tokenizer, model, None, QuantizeResult(layers={}, kv_scales=blocks.kv_scales()),
                        packed_format=blocks.fmt, blocks=blocks)
         else:
             net, tok, layers, fmt, kv = load_packed(model, cache_dequantized=dense_cache)
@@ -505,9 +507,6 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     if weights is not None and qm.act_bits is not None:
         raise QForgeError(f"{qm.source} quantizes its linears' inputs to {qm.act_bits} bits, which a streamed "
                           f"evaluation does not do: evaluate it without stream")
-    if weights is not None and qm.kv_scales is not None:
-        raise QForgeError(f"{qm.source} caches keys and values in FP8 with calibrated scales, which a streamed "
-                          f"evaluation does not do: evaluate it without stream")
     if qm.kv_scales is not None and sim.kv_bits is not None:
         raise QForgeError(f"{qm.source} quantizes its KV cache to FP8 with calibrated scales already; the simulated "
                           f"KV cache (kv_bits {sim.kv_bits}) would quantize it again")
@@ -522,7 +521,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
     tuner = tune_kernels(qm.model, device, kernel_picks) if tune else None
     if weights is None:
         qm.model.to(device)
-    make_cache = qm.kv_cache_factory() or kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
+    make_cache = qm.kv_cache_factory(keep=weights is None) or \
+        kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
     rows = []
     # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
     with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits,

@@ -156,9 +156,6 @@ def test_generate_and_evaluate_cast_the_cache_with_the_models_scales(tmp_path):
 def test_kv_cache_settings_the_run_cannot_honour_are_refused_before_quantizing(tiny_llama_dir, tmp_path):
     with pytest.raises(QForgeError, match="hand them on through 'shared_kv_states'"):
         QModel(tiny_model("gemma4_text"), None, "g", QuantizeConfig(**W4)).quantize(_samples())
-    streamed = qforge.load(tiny_llama_dir, QuantizeConfig(**W4), stream=True)
-    with pytest.raises(QForgeError, match="without stream"):
-        streamed.quantize(_samples(), resume=tmp_path / "rs")
     from qforge.export import check_exportable
 
     with pytest.raises(QForgeError, match="compressed-tensors \\(kv_cache_scheme\\) only"):
@@ -201,10 +198,45 @@ def test_the_command_line_quantizes_exports_and_evaluates_an_fp8_cache(tiny_llam
     assert json.loads((ct_dir / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]["type"] == \
         "float"
     assert qforge.load(ct_dir).kv_scales.keys() == qforge.load(out).kv_scales.keys()
-    for path in (ct_dir, out):                       # a streamed evaluation runs no quantized cache: refused
-        with pytest.raises(QForgeError, match="without stream"):
-            qforge.evaluate(path, "wiki", seqlen=32, max_windows=1, stream=True)
     assert main(["-q", "generate", str(ct_dir), "--prompt", "the", "--max-new-tokens", "4"]) == 0
     capsys.readouterr()
     assert main(["-q", "eval", str(ct_dir), "--dataset", "wiki", "--eval-seqlen", "32", "--max-windows", "1"]) == 0
     assert "its KV cache in FP8 with calibrated scales" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_type,cfg", [("llama", dict(method="gptq")), ("lfm2", {}),
+                                            ("llama", dict(bits=8, group_size=-1, act_bits=8))])
+def test_a_streamed_run_calibrates_the_scales_of_the_in_memory_run(model_type, cfg, tiny_tokenizer, wiki_excerpt,
+                                                                     tmp_path):
+    """Streamed (one block in memory), the quantized blocks run block by block from the run state with each batch's
+    cache handed to their attention: the same scales as the whole quantized model in memory (W8A8: its inputs
+    quantized too; LFM2: its convolution blocks write none), in the output and the export alike."""
+    from runs import streamed_and_in_memory
+
+    src = tmp_path / "src"
+    tiny_model(model_type).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    a, b = streamed_and_in_memory(src, QuantizeConfig(**{**W4, **cfg}), wiki_excerpt, tmp_path)
+    assert a.kv_scales.keys() == b.kv_scales.keys() and a.kv_scales
+    for k, v in b.kv_scales.items():
+        torch.testing.assert_close(a.kv_scales[k], v, rtol=1e-6, atol=0)
+
+
+def test_a_streamed_evaluation_casts_the_cache_with_the_models_scales(tiny_llama_dir, wiki_excerpt, tmp_path):
+    """A packed checkpoint and a saved output with FP8 KV scales, evaluated block by block: each window's cache goes
+    with the blocks' calls and casts as the in-memory evaluation's does (the same ppl, not the plain cache's)."""
+    q = qforge.load(tiny_llama_dir, QuantizeConfig(**W4))
+    q.quantize(wiki_excerpt, nsamples=4, seqlen=32)
+    scale = {k: v / 64 for k, v in q.kv_scales.items()}         # scales that saturate: the cache's effect shows
+    q.result.kv_scales = scale
+    out = q.save(tmp_path / "out")
+    q.export(tmp_path / "ct", "compressed-tensors")
+    for path in (tmp_path / "ct", out):
+        streamed = qforge.load(path, stream=True)
+        assert streamed.kv_scales.keys() == scale.keys()
+        got = qforge.evaluate(streamed, "wiki", seqlen=64, max_windows=2)[0]["ppl"]
+        want = qforge.evaluate(path, "wiki", seqlen=64, max_windows=2)[0]["ppl"]
+        assert got == pytest.approx(want, rel=1e-5)
+        plain = qforge.load(path)
+        plain.result.kv_scales = {}
+        assert abs(qforge.evaluate(plain, "wiki", seqlen=64, max_windows=2)[0]["ppl"] - want) > 1e-3 * want

@@ -68,12 +68,13 @@ class ModuleSwaps:
 
 
 class _Recorder(StandIn):
-    def __init__(self, block: nn.Module, sink: list):
+    def __init__(self, block: nn.Module, sink: list, keep_cache: bool = False):
         super().__init__(block)
-        self.sink = sink
+        self.sink, self.keep_cache = sink, keep_cache
 
     def forward(self, hidden_states, *args, **kwargs):
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+        if not self.keep_cache:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
         self.sink.append(BlockCall(args, kwargs))
         return hidden_states
 
@@ -117,18 +118,23 @@ def swapped_blocks(model: nn.Module, spec: ArchSpec, stand_ins: list[nn.Module])
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor]) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor],
+                         caches: list | None = None) -> BlockInputs:
+    """`caches` (one per batch): each batch's forward gets its cache as past_key_values, which the blocks' recorded
+    calls then hand their attention (a cache that observes or quantizes keys and values, block by block); without,
+    the calls carry no cache."""
     owner, _ = blocks_owner(model, spec)
     blocks = get_blocks(model, spec)
     hidden: list[torch.Tensor] = []
     sinks: list[list[BlockCall]] = [[] for _ in blocks]
     first = _FirstInput()
-    recorders = [_Recorder(b, sink) for b, sink in zip(blocks, sinks)]
+    recorders = [_Recorder(b, sink, keep_cache=caches is not None) for b, sink in zip(blocks, sinks)]
     handle = recorders[0].register_forward_pre_hook(first, with_kwargs=True)
     try:
         with swapped_blocks(model, spec, recorders):
-            for ids in batches:
-                owner(input_ids=ids, use_cache=False)
+            for k, ids in enumerate(batches):
+                owner(input_ids=ids, **(dict(past_key_values=caches[k], use_cache=True) if caches else
+                                        dict(use_cache=False)))
                 hidden.append(first.value)
     finally:
         handle.remove()

@@ -15,17 +15,22 @@ them, passed as past_key_values to a forward over each calibration batch. The wr
 running module with a `layer_idx` (the attention module calling update(k, v, self.layer_idx)); the scales are named
 after it, as checkpoints name them: "<attention module>.k_scale" / ".v_scale" (model.layers.3.self_attn.k_scale).
 Blocks without attention (a hybrid model's Mamba or linear-attention layers) write nothing and get no scales.
+A streamed run (models larger than RAM) observes the same way, block by block: each batch's cache is handed to the
+blocks through their captured calls (capture/blocks.py), each quantized block read from the run state in turn, and
+the cache keeps nothing (one forward without a past reads only the states it is given).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from transformers import DynamicCache
 
 from ..errors import QForgeError
-from ..models.arch import arch_spec
+from ..models.arch import arch_spec, get_blocks
 from ..solvers.grid import FP8_MAX
+from .blocks import capture_block_inputs, run_block
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,11 @@ log = logging.getLogger(__name__)
 class KVRange(DynamicCache):
     """A DynamicCache that first records the largest |key| and |value| written, per writing module (into `absmax`:
     {module name: [max|k|, max|v|] fp32}, shared by every batch's cache; `running`: the names of the modules with a
-    layer_idx now running, innermost last)."""
+    layer_idx now running, innermost last). `keep` False: nothing is cached, update() hands back what it is given."""
 
-    def __init__(self, config, absmax: dict[str, torch.Tensor], running: list[str]):
+    def __init__(self, config, absmax: dict[str, torch.Tensor], running: list[str], keep: bool = True):
         super().__init__(config=config)
-        self.absmax, self.running = absmax, running
+        self.absmax, self.running, self.keep = absmax, running, keep
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not self.running:
@@ -46,6 +51,8 @@ class KVRange(DynamicCache):
         name = self.running[-1]
         m = torch.stack([key_states.detach().abs().amax(), value_states.detach().abs().amax()]).float().cpu()
         self.absmax[name] = torch.maximum(self.absmax.get(name, torch.zeros(2)), m)
+        if not self.keep:
+            return key_states, value_states
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
@@ -58,12 +65,9 @@ def check_calibratable(model: torch.nn.Module) -> None:
                           f"layers hand them on through {spec.carried!r}, which qforge does not calibrate")
 
 
-@torch.no_grad()
-def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
-    """{attention module name: [max|k|, max|v|]} over `batches` (token ids [batch, seq]) run through `model` as it
-    is (its quantized weights, and its inputs' quantization when the caller holds that context)."""
-    check_calibratable(model)
-    absmax: dict[str, torch.Tensor] = {}
+@contextlib.contextmanager
+def _writers(model: torch.nn.Module):
+    """Inside: a list holding the names of `model`'s modules with a layer_idx now running, innermost last."""
     running: list[str] = []
 
     def leave(mod, args, out) -> None:
@@ -75,11 +79,38 @@ def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu"
             hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: running.append(name)))
             hooks.append(module.register_forward_hook(leave))
     try:
-        for ids in batches:
-            model(input_ids=ids.to(device), past_key_values=KVRange(model.config, absmax, running), use_cache=True)
+        yield running
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def observe_kv(model: torch.nn.Module, batches: list[torch.Tensor], device="cpu",
+               streamed=None) -> dict[str, torch.Tensor]:
+    """{attention module name: [max|k|, max|v|]} over `batches` (token ids [batch, seq]) run through `model` as it
+    is (its quantized weights, and its inputs' quantization when the caller holds that context).
+
+    `streamed` (a skeleton whose blocks are on the meta device): (outside, load), the context managers that hold
+    the weights outside the blocks (models.streaming.BlockLoader.outside) and quantized block i (load(i, block,
+    device)) in memory: the first block's inputs are captured on the CPU, then each block runs on `device` in turn."""
+    check_calibratable(model)
+    absmax: dict[str, torch.Tensor] = {}
+    with _writers(model) as running:
+        if streamed is None:
+            for ids in batches:
+                model(input_ids=ids.to(device), past_key_values=KVRange(model.config, absmax, running),
+                      use_cache=True)
+        else:
+            outside, load = streamed
+            spec = arch_spec(model)
+            caches = [KVRange(model.config, absmax, running, keep=False) for _ in batches]
+            with outside(model, without="head"):
+                inputs = capture_block_inputs(model, spec, batches, caches)
+            hidden = inputs.hidden
+            for i, block in enumerate(get_blocks(model, spec)):
+                with load(i, block, device):
+                    hidden = run_block(block, hidden, inputs.for_block(i), device)
     if not absmax:
         raise QForgeError("the model wrote no keys or values into its cache: no attention layer to calibrate")
     return absmax

@@ -72,7 +72,8 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
                device: str = "cpu", batch_size: int = 1, desc: str = "eval", show_progress: bool = True,
                make_cache=None, on_logits=None, weights=None) -> dict:
     """`weights`: a streamed skeleton's models.streaming.BlockLoader (eval/streamed.py runs the windows one
-    block at a time; no KV cache or logits hook then)."""
+    block at a time; no logits hook then, and each batch's `make_cache` cache goes with its blocks' calls: one that
+    keeps nothing holds no window's keys and values)."""
     if seqlen < 2:
         raise QForgeError(f"seqlen must be at least 2 (a window predicts tokens 1..seqlen-1), got {seqlen}")
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -81,11 +82,11 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
     windows = token_windows(tokenizer, text, seqlen, max_windows)
     t0 = time.perf_counter()
     if weights is not None:
-        if make_cache is not None or on_logits is not None:
-            raise QForgeError("a streamed evaluation measures perplexity only (no simulated KV cache or reference)")
+        if on_logits is not None:
+            raise QForgeError("a streamed evaluation measures perplexity only (no reference)")
         from .streamed import streamed_token_nll
 
-        tok = streamed_token_nll(model, weights, windows, device, batch_size, desc, show_progress)
+        tok = streamed_token_nll(model, weights, windows, device, batch_size, desc, show_progress, make_cache)
     else:
         tok = token_nll(model, windows, device, batch_size, desc, show_progress, make_cache, on_logits)
     n_pred = windows.shape[0] * (seqlen - 1)

@@ -81,12 +81,14 @@ def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> 
 
 class QuantizedKVCache(DynamicCache):
     """A DynamicCache whose keys and values are fake-quantized as they are written (FP8 with `scales`: {layer index:
-    (k_scale, v_scale)}, every layer's; scale 1 without)."""
+    (k_scale, v_scale)}, every layer's; scale 1 without). `keep` False: nothing is cached, update() hands back the
+    quantized states (one forward without a past, block by block: eval/streamed.py)."""
 
     def __init__(self, config, bits: int, group_size: int = -1, fp8: bool = False,
-                 scales: dict[int, tuple[float, float]] | None = None):
+                 scales: dict[int, tuple[float, float]] | None = None, keep: bool = True):
         super().__init__(config=config)
         self.kv_bits, self.kv_group_size, self.kv_fp8, self.scales = bits, group_size, fp8, scales
+        self.keep = keep
 
     def _quantize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:          # [B, heads, T, head_dim]
         if self.kv_fp8:
@@ -97,14 +99,15 @@ class QuantizedKVCache(DynamicCache):
         if self.scales is not None and layer_idx not in self.scales:
             raise QForgeError(f"cache layer {layer_idx} has no FP8 KV scales")
         ks, vs = self.scales[layer_idx] if self.scales is not None else (1.0, 1.0)
-        return super().update(self._quantize(key_states, ks), self._quantize(value_states, vs), layer_idx, *args,
-                              **kwargs)
+        k, v = self._quantize(key_states, ks), self._quantize(value_states, vs)
+        return super().update(k, v, layer_idx, *args, **kwargs) if self.keep else (k, v)
 
 
 def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, fp8: bool = False,
-                     scales: dict[str, torch.Tensor] | None = None):
+                     scales: dict[str, torch.Tensor] | None = None, keep: bool = True):
     """A zero-argument callable making a fresh quantizing cache per forward, or None (no KV quantization).
-    `scales`: a model's FP8 KV scales (QModel.kv_scales: "<attention module>.k_scale" / ".v_scale"), FP8 only."""
+    `scales`: a model's FP8 KV scales (QModel.kv_scales: "<attention module>.k_scale" / ".v_scale"), FP8 only.
+    `keep`: QuantizedKVCache's (False for a streamed evaluation)."""
     if bits is None:
         return None
     if bits not in (2, 3, 4, 8) or (fp8 and bits != 8):
@@ -119,7 +122,7 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
             if idx is None:
                 raise QForgeError(f"{name} holds FP8 KV scales but has no layer_idx: not an attention module")
             by_layer[idx] = (float(scales[f"{name}.k_scale"]), float(scales[f"{name}.v_scale"]))
-    return lambda: QuantizedKVCache(model.config, bits, group_size, fp8, by_layer)
+    return lambda: QuantizedKVCache(model.config, bits, group_size, fp8, by_layer, keep)
 
 
 @contextlib.contextmanager

@@ -66,14 +66,16 @@ def _input_embeddings(model, module: nn.Module):
 
 @torch.no_grad()
 def streamed_token_nll(model, weights, windows: torch.Tensor, device="cpu", batch_size: int = 1,
-                       desc: str = "eval", show_progress: bool = True) -> torch.Tensor:
+                       desc: str = "eval", show_progress: bool = True, make_cache=None) -> torch.Tensor:
     """NLL (fp64) of positions 1..T-1 of each window -> [n_windows, T-1], as perplexity.token_nll computes it.
-    `weights`: the skeleton's models.streaming.BlockLoader."""
+    `weights`: the skeleton's models.streaming.BlockLoader. `make_cache`: each batch's KV cache maker (an FP8 cache
+    with the model's scales, simulate.kv_cache_factory(..., keep=False): its blocks run one at a time, so the cache
+    goes with their captured calls and keeps nothing)."""
     spec = arch_spec(model)
     blocks = get_blocks(model, spec)
     batches = list(windows.split(batch_size))
     with weights.outside(model, without="head"):
-        inputs = capture_block_inputs(model, spec, batches)
+        inputs = capture_block_inputs(model, spec, batches, [make_cache() for _ in batches] if make_cache else None)
     hidden = inputs.hidden
     for i, block in enumerate(progress(blocks, desc=f"{desc} (blocks)", enabled=show_progress)):
         with weights.loaded(i, block, device):

@@ -60,13 +60,6 @@ def input_acts(path: str | Path) -> InputScheme | None:
     return FORMATS["compressed-tensors"].input_acts(qc) if qc is not None else None
 
 
-def kv_cache_fp8(path: str | Path) -> bool:
-    """Whether a packed checkpoint caches keys and values in FP8 with calibrated scales (compressed-tensors
-    kv_cache_scheme)."""
-    qc = _compressed_tensors_config(path)
-    return qc is not None and FORMATS["compressed-tensors"].kv_cache_fp8(qc)
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -169,7 +162,7 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     fmt, qc, config = packed_config(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     state = _read_tensors(path)
-    kv = _kv_scales(fmt, qc, state, model, path)
+    kv = pop_kv_scales(fmt, qc, state, model, path)
     layers, fused = {}, False
     for name in quantized_names(fmt, state):
         old = submodule_or_none(model, name)
@@ -207,7 +200,14 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float32, cache_dequ
     return model, AutoTokenizer.from_pretrained(path), layers, fmt, kv
 
 
-def _kv_scales(fmt: str, qc: dict, state: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
+def kv_scale_names(fmt: str, qc: dict, names) -> list[str]:
+    """The stored names among `names` that are FP8 KV cache scales (none without a kv_cache_scheme)."""
+    if fmt != "compressed-tensors" or not FORMATS[fmt].kv_cache_fp8(qc):
+        return []
+    return [k for k in names if k.rpartition(".")[2] in FORMATS[fmt].KV_SCALE_KEYS]
+
+
+def pop_kv_scales(fmt: str, qc: dict, state: dict[str, torch.Tensor], model, path: Path) -> dict[str, torch.Tensor]:
     """The FP8 KV cache scales of a compressed-tensors kv_cache_scheme, popped from `state` and named as the model
     names its attention modules; each attention module that stores one of k_scale / v_scale must store both."""
     if fmt != "compressed-tensors" or not FORMATS[fmt].kv_cache_fp8(qc):
@@ -215,7 +215,7 @@ def _kv_scales(fmt: str, qc: dict, state: dict[str, torch.Tensor], model, path: 
     from .checkpoint_keys import to_model_keys
 
     keys = FORMATS[fmt].KV_SCALE_KEYS
-    kv = {k: state.pop(k).float().reshape(1) for k in [k for k in state if k.rpartition(".")[2] in keys]}
+    kv = {k: state.pop(k).float().reshape(1) for k in kv_scale_names(fmt, qc, list(state))}
     if not kv:
         raise QForgeError(f"{path}: its kv_cache_scheme quantizes the KV cache to FP8, but it stores no "
                           f"{' / '.join(keys)} tensors")
