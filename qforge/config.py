@@ -16,6 +16,16 @@ HESSIAN_DTYPES = ("float32", "bfloat16")
 BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
 ACT_OBSERVERS = ("max", "mse")      # how a static input scale is chosen (QuantizeConfig.act_observer)
 KV_CACHES = ("fp8",)                # the KV caches QuantizeConfig.kv_cache calibrates scales for
+# llm-compressor's preset scheme names (compressed-tensors' PRESET_SCHEMES), as QuantizeConfig fields: the weights'
+# grid and the inputs' quantization; QuantizeConfig.from_scheme and `--scheme` start from them
+SCHEMES = {
+    "W4A16": dict(bits=4, group_size=128, sym=True),
+    "W4A16_ASYM": dict(bits=4, group_size=128, sym=False),
+    "W8A16": dict(bits=8, group_size=-1, sym=True),
+    "W8A8": dict(bits=8, group_size=-1, sym=True, act_bits=8),
+    "FP8_DYNAMIC": dict(bits=8, group_size=-1, sym=True, fp8=True, act_bits=8),
+    "FP8_BLOCK": dict(bits=8, group_size=128, sym=True, fp8=True, fp8_block=True, act_bits=8),
+}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -260,6 +270,13 @@ class QuantizeConfig(_JsonMixin):
         _check(self.kv_cache in (None, *KV_CACHES),
                f"kv_cache must be one of {', '.join(KV_CACHES)} or None, got {self.kv_cache!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+
+    @classmethod
+    def from_scheme(cls, name: str, **fields) -> QuantizeConfig:
+        """The config of llm-compressor's preset scheme `name` (SCHEMES: W4A16, W8A8, FP8_DYNAMIC, FP8_BLOCK, ...),
+        `fields` added or overriding (method, calibration options, group_size...)."""
+        _check(name in SCHEMES, f"unknown scheme {name!r}; choose one of {', '.join(SCHEMES)}")
+        return cls(**{**SCHEMES[name], **fields})
 
     def for_device(self, device) -> QuantizeConfig:
         """This config with compute_dtype "auto" resolved for `device` (utils/device.native_compute_dtype)."""

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from qforge.cli.main import main
+from qforge.config import QuantizeConfig
+from qforge.errors import QForgeError
 
 
 def test_quantize_then_eval_an_output_dir(tiny_llama_dir, tmp_path, capsys):
@@ -64,3 +66,29 @@ def test_gptq_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
     record = json.loads((out / "run_record.json").read_text())
     assert any("small" in w for w in record["calibration_warnings"])
     assert record["seed"] == 0 and record["peak_rss_mb"] > 0
+
+
+def test_a_preset_scheme_sets_the_quantization_options_and_given_options_win(tiny_llama_dir, wiki_excerpt, tmp_path,
+                                                                              capsys):
+    from qforge.config import SCHEMES
+
+    assert QuantizeConfig.from_scheme("FP8_BLOCK", method="gptq") == QuantizeConfig(
+        method="gptq", bits=8, group_size=128, fp8=True, fp8_block=True, act_bits=8)
+    assert QuantizeConfig.from_scheme("W4A16_ASYM").sym is False and "W8A8" in SCHEMES
+    with pytest.raises(QForgeError, match="unknown scheme 'NVFP4'"):
+        QuantizeConfig.from_scheme("NVFP4")
+    runs = {"w8a8": ["--scheme", "W8A8"],
+            "block32": ["--scheme", "FP8_BLOCK", "--group-size", "32"],      # the tiny widths: tiles of 32
+            "asym_given_sym": ["--scheme", "W4A16_ASYM", "--sym", "--group-size", "32"]}
+    for name, args in runs.items():
+        assert main(["-q", "quantize", str(tiny_llama_dir), "--method", "rtn", *args, "--calib", wiki_excerpt,
+                     "--nsamples", "2", "--calib-seqlen", "32", "--out", str(tmp_path / name)]) == 0
+    cfg = {n: json.loads((tmp_path / n / "qforge_config.json").read_text()) for n in runs}
+    assert (cfg["w8a8"]["bits"], cfg["w8a8"]["group_size"], cfg["w8a8"]["act_bits"], cfg["w8a8"]["fp8"]) == \
+        (8, -1, 8, False)
+    assert (cfg["block32"]["group_size"], cfg["block32"]["fp8_block"], cfg["block32"]["act_bits"]) == (32, True, 8)
+    assert (cfg["asym_given_sym"]["bits"], cfg["asym_given_sym"]["sym"]) == (4, True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tiny_llama_dir), "--scheme", "W3A16", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'W3A16'" in capsys.readouterr().err

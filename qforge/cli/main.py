@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import BPW_UNITS, COMPUTE_DTYPES, HESSIAN_DTYPES, METHODS, CalibrationConfig
+from ..config import BPW_UNITS, COMPUTE_DTYPES, HESSIAN_DTYPES, METHODS, SCHEMES, CalibrationConfig
 from ..errors import QForgeError
 from ..utils.device import check_device
 from .table import format_table, human_bytes
@@ -62,8 +62,12 @@ def _size(text: str) -> int:
 _size.__name__ = "size"
 
 
-def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> None:
+def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization")
+    q.add_argument("--scheme", choices=SCHEMES,
+                   help="llm-compressor's preset: the grid and input quantization of "
+                        + ", ".join(f"{k} ({_scheme_words(v)})" for k, v in SCHEMES.items())
+                        + "; any option given beside it wins")
     q.add_argument("--method", default="rtn", choices=METHODS,
                    help="rtn (data-free), gptq, awq (scales + clipping, then RTN), awq+gptq (then the GPTQ solve)")
     q.add_argument("--bits", type=int, default=4)
@@ -137,6 +141,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default_group: int = 128) -> Non
                         "fp32 (a positive semi-definite H: no damping raised for rounding)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=COUNT, default=8, help="calibration samples per forward")
+    return p
 
 
 def _add_eval_args(p: argparse.ArgumentParser, default_windows: int | None = None) -> None:
@@ -232,7 +237,16 @@ def _quant_config(a):
                           kv_cache=getattr(a, "kv_cache", None))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _scheme_words(fields: dict) -> str:
+    grid = ("FP8 " if fields.get("fp8") else "") + f"W{fields['bits']} " + \
+        ("per channel" if fields["group_size"] == -1 else f"{fields['group_size']}x{fields['group_size']} blocks"
+         if fields.get("fp8_block") else f"g{fields['group_size']}") + ("" if fields["sym"] else " asym")
+    return grid + (" A8 dynamic" if fields.get("act_bits") else "")
+
+
+def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; `scheme` (a SCHEMES entry): the defaults `--scheme` gives the quantization options."""
+    quantizing = []                             # the parsers with quantization options
     # no abbreviated options: `--export gptq` must not pass as `--export-out gptq`
     ap = argparse.ArgumentParser(prog="qforge", description="Post-training quantization of causal LMs.",
                                  allow_abbrev=False)
@@ -245,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="built-in alias (smollm2-135m), HF directory, .gguf file or hub id")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    _add_quant_args(p)
+    quantizing.append(_add_quant_args(p))
     _add_quantize_only_args(p)
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
     p.add_argument("--allocation", default="", help="mixed precision: reuse the allocation.json of an earlier run "
@@ -271,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models larger than RAM: one decoder block in memory at a time, the same numbers (the "
                         "probes of a span of blocks share sweeps over the model: see qforge.mixed.streamed)")
     _add_probe_memory(p)
-    _add_quant_args(p)
+    quantizing.append(_add_quant_args(p))
     p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
@@ -294,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--overfit-factor", type=float, default=3.0,
                    help="warn when a domain's off-domain degradation exceeds this multiple of the mix's")
-    _add_quant_args(p, default_group=64)
+    quantizing.append(_add_quant_args(p, default_group=64))
     _add_quantize_only_args(p)
     _add_eval_args(p, default_windows=2)
 
@@ -368,9 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="quantize the built-in model and compare perplexity with fp32")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="runs/demo")
-    _add_quant_args(p)
+    quantizing.append(_add_quant_args(p))
     _add_quantize_only_args(p)
     _add_eval_args(p, default_windows=4)
+    for p in quantizing if scheme else ():      # after every argument: set_defaults then replaces their defaults
+        p.set_defaults(**scheme)
     return ap
 
 
@@ -720,6 +736,8 @@ def cmd_demo(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if getattr(a, "scheme", None):              # its fields are the quantization options' defaults
+        a = build_parser(SCHEMES[a.scheme]).parse_args(argv)
     level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
