@@ -4,7 +4,8 @@
                                                     (loads in plain transformers; `qforge eval DIR`)
   qforge_quant.safetensors   per quantized linear NAME: NAME.codes uint8 [out, in], NAME.scales fp32
                              [out, G], NAME.zeros fp32 [out, G], NAME.g_idx int32 [in] (what packed
-                             formats are made from); static input scales (act_static): NAME.input_scale fp32 [1]
+                             formats are made from); static input scales (act_static): NAME.input_scale fp32 [1];
+                             NVFP4: NAME.global_scale fp32 [1] (codes then float8_e4m3fn, as FP8's)
   A streamed run (models/streaming.py) writes both block by block instead: model-00001-of-N.safetensors
   holds everything outside the decoder blocks and model-0000<i+2>-of-N block i (model.safetensors.index.json
   maps tensors to files, as transformers reads it); qforge_quant-0000<i+1>-of-M.safetensors holds block i's
@@ -51,11 +52,13 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
         tensors[f"{name}.scales"] = q.scales.contiguous()
         tensors[f"{name}.zeros"] = q.zeros.contiguous()
         tensors[f"{name}.g_idx"] = q.g_idx.contiguous()
-        if q.input_scale is not None:
-            tensors[f"{name}.input_scale"] = q.input_scale.contiguous()
+        for extra in ("input_scale", "global_scale"):
+            if getattr(q, extra) is not None:
+                tensors[f"{name}.{extra}"] = getattr(q, extra).contiguous()
     meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym,
                               **({"fp8": True} if q.grid.fp8 else {}),
-                              **({"block_rows": q.grid.block_rows} if q.grid.block_rows else {})})
+                              **({"block_rows": q.grid.block_rows} if q.grid.block_rows else {}),
+                              **({"fp4": True} if q.grid.fp4 else {})})
             for name, q in layers.items()}
     save_file(tensors, str(path), metadata=meta)
 
@@ -70,10 +73,12 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         out = {}
         for name, m in meta.items():
             g = json.loads(m)
-            grid = Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0))
+            grid = Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0),
+                        g.get("fp4", False))
             out[name] = LayerQuant(grid, t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"],
                                    t[f"{name}.g_idx"], info={},
-                                   input_scale=t.get(f"{name}.input_scale"))
+                                   input_scale=t.get(f"{name}.input_scale"),
+                                   global_scale=t.get(f"{name}.global_scale"))
     except QForgeError:
         raise
     except Exception as e:  # SafetensorError, bad JSON metadata, a missing tensor or field

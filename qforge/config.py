@@ -25,6 +25,7 @@ SCHEMES = {
     "W8A8": dict(bits=8, group_size=-1, sym=True, act_bits=8),
     "FP8_DYNAMIC": dict(bits=8, group_size=-1, sym=True, fp8=True, act_bits=8),
     "FP8_BLOCK": dict(bits=8, group_size=128, sym=True, fp8=True, fp8_block=True, act_bits=8),
+    "NVFP4A16": dict(bits=4, group_size=16, sym=True, nvfp4=True),
 }
 
 
@@ -151,6 +152,10 @@ class QuantizeConfig(_JsonMixin):
     # weight scale per group_size x group_size tile instead of per output channel, and with act_bits 8 the inputs
     # quantized per token in groups of group_size channels (vLLM's per-token-group FP8 GEMMs). Needs group_size > 0
     fp8_block: bool = False
+    # NVFP4 weights (llm-compressor's NVFP4A16; vLLM runs them with FP4 GEMMs on Blackwell, Marlin elsewhere): E2M1
+    # codes in groups of 16 with E4M3 group scales over one fp32 global scale per tensor (solvers/grid.py), shared by
+    # the linears engines fuse (q/k/v, gate/up). Needs bits 4, group_size 16, sym; weight-only
+    nvfp4: bool = False
     # static input scales (with act_bits 8; llm-compressor's `dynamic: false` activations, its "FP8" scheme's): one
     # scale per quantized linear for all tokens, fixed at quantization time from its inputs over the calibration set
     # (the largest |x| the quantized model gives it, / 127 for int8, / 448 for FP8) instead of computed per token as
@@ -226,6 +231,13 @@ class QuantizeConfig(_JsonMixin):
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
         _check(self.act_bits in (None, 8), f"act_bits must be 8 (W8A8) or None (weight-only), got {self.act_bits!r}")
         _check(self.fp8 or not self.fp8_block, "fp8_block quantizes FP8 weights in blocks: it needs fp8")
+        if self.nvfp4:
+            _check(self.bits == 4 and self.group_size == 16 and self.sym and not self.fp8,
+                   f"NVFP4 weights are 4-bit E2M1 in groups of 16, symmetric (bits 4, group_size 16, sym), got bits "
+                   f"{self.bits}, group_size {self.group_size}, sym {self.sym}{', fp8' if self.fp8 else ''}")
+            _check(self.method in ("rtn", "gptq"), f"NVFP4 takes method rtn or gptq, not {self.method!r}")
+            _check(self.act_bits is None, "NVFP4 is offered weight-only (NVFP4A16): no act_bits")
+            _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take nvfp4")
         if self.fp8_block:
             _check(self.bits == 8 and self.group_size > 0 and self.sym,
                    f"FP8 blocks are 8-bit (E4M3) group_size x group_size tiles (bits 8, a group size, sym), got bits "
@@ -309,7 +321,8 @@ class QuantizeConfig(_JsonMixin):
         """The weights' grid (solvers.Grid) every quantized linear takes unless a mixed allocation gives it another."""
         from .solvers.grid import Grid
 
-        return Grid(self.bits, self.group_size, self.sym, self.fp8, self.group_size if self.fp8_block else 0)
+        return Grid(self.bits, self.group_size, self.sym, self.fp8, self.group_size if self.fp8_block else 0,
+                    self.nvfp4)
 
 
 @dataclass(frozen=True)

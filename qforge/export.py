@@ -125,6 +125,9 @@ def _check_compressed_tensors_only(cfg, fmt: str) -> None:
     if getattr(cfg, "fp8", False) and fmt != "compressed-tensors":
         raise QForgeError(f"FP8 weights export as compressed-tensors (float-quantized) only: the {fmt} format stores "
                           f"integer codes")
+    if getattr(cfg, "nvfp4", False) and fmt != "compressed-tensors":
+        raise QForgeError(f"NVFP4 weights export as compressed-tensors (nvfp4-pack-quantized) only: the {fmt} format "
+                          f"stores integer codes")
     if getattr(cfg, "act_bits", None) is not None and fmt != "compressed-tensors":
         raise QForgeError(f"W{cfg.bits}A{cfg.act_bits} exports as compressed-tensors (int-quantized) only: the {fmt} "
                           f"format stores weight-only layers, and an engine would run them on unquantized inputs")

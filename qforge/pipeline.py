@@ -110,10 +110,10 @@ class GPTAQSolver(GPTQSolver):
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
     with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py, GPTAQ's
-    extra term included; FP8's rounding runs in the reference loop)."""
+    extra term included; FP8's and NVFP4's rounding run in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
-                loop=column_loop_for(device, cfg.fp8))
+                loop=column_loop_for(device, cfg.fp8 or cfg.nvfp4))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -243,10 +243,13 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
             if saved is not None:
                 result.awq[i] = awq_block(block, spec, [], [], grid, given=saved.get(i, BlockAWQ()))
             for group in block_linears(block, spec):
-                for ref in group:
-                    name = linear_name(spec, i, ref.name)
-                    if not _skipped(name, cfg):
-                        _solve_into(ref, name, solver, None, grids.get(name, grid), cfg, result)
+                kept = [(ref, linear_name(spec, i, ref.name)) for ref in group]
+                kept = [(ref, name) for ref, name in kept if not _skipped(name, cfg)]
+                if grid.fp4 and kept:     # NVFP4: linears of one input (fused by engines) share a global scale
+                    _solve_stacked(*map(list, zip(*kept)), solver, None, grid, cfg, result)
+                    continue
+                for ref, name in kept:
+                    _solve_into(ref, name, solver, None, grids.get(name, grid), cfg, result)
             _block_done(i, block, spec, result, store, weights)
     else:
         if not samples:

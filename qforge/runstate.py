@@ -7,7 +7,8 @@ A directory (the CLI uses `OUT.partial/` beside the output, removed once the out
                                                         its scales into, biases, unquantized weights), less the
                                                         weights its quantized linears hold (see "rebuilt")
                                "layer.<name>.<field>"   codes, scales, zeros, g_idx of each quantized linear
-                                                        (and input_scale with static input scales)
+                                                        (and input_scale with static input scales, global_scale
+                                                        with NVFP4)
                                "awq.scale.<unit>", "awq.clip.<linear>"   the block's AWQ results
                                "smoothquant.<unit>"     the SmoothQuant scales folded into it (W8A8)
                              metadata "layers" (JSON {name: {grid, info}}), "alphas" (JSON {unit: α}) and
@@ -100,13 +101,14 @@ class BlockStore:
         rebuilt = rebuildable_weights(block, layers, prefix, layout)
         t = {f"state.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items() if k not in rebuilt}
         for n, q in layers.items():
-            for f in ("codes", "scales", "zeros", "g_idx") + (("input_scale",) if q.input_scale is not None else ()):
+            for f in ("codes", "scales", "zeros", "g_idx") + tuple(
+                    f for f in ("input_scale", "global_scale") if getattr(q, f) is not None):
                 t[f"layer.{n}.{f}"] = getattr(q, f).cpu().contiguous()
         awq = awq or BlockAWQ()
         t.update({f"awq.scale.{u}": s.cpu().contiguous() for u, s in awq.scales.items()})
         t.update({f"awq.clip.{n}": c.cpu().contiguous() for n, c in awq.clips.items()})
         t.update({f"smoothquant.{u}": s.cpu().contiguous() for u, s in (smoothquant or {}).items()})
-        grids = {n: [q.grid.bits, q.grid.group_size, q.grid.sym, q.grid.fp8, q.grid.block_rows]
+        grids = {n: [q.grid.bits, q.grid.group_size, q.grid.sym, q.grid.fp8, q.grid.block_rows, q.grid.fp4]
                  for n, q in layers.items()}
         meta = {"layers": json.dumps({n: {"grid": grids[n], "info": q.info} for n, q in layers.items()}),
                 "alphas": json.dumps(awq.alphas),
@@ -140,7 +142,8 @@ class BlockStore:
             state = {k[len("state."):]: v for k, v in t.items() if k.startswith("state.")}
             layers = {n: LayerQuant(Grid(*d["grid"]), t[f"layer.{n}.codes"], t[f"layer.{n}.scales"],
                                     t[f"layer.{n}.zeros"], t[f"layer.{n}.g_idx"], d["info"],
-                                    input_scale=t.get(f"layer.{n}.input_scale"))
+                                    input_scale=t.get(f"layer.{n}.input_scale"),
+                                    global_scale=t.get(f"layer.{n}.global_scale"))
                       for n, d in json.loads(meta["layers"]).items()}
             rebuilt = json.loads(meta.get("rebuilt", "{}"))
             state.update(rebuild_weights(rebuilt, layers) if rebuild else

@@ -199,6 +199,20 @@ def test_transformers_loads_qforge_fp8_block_export(act_bits, tiny_tokenizer, tm
         assert (per_token - theirs[1]).abs().max() > 1e-4
 
 
+def test_transformers_loads_qforge_nvfp4_export(tiny_tokenizer, tmp_path):
+    """NVFP4A16 (nvfp4-pack-quantized, GPTQ-solved): transformers' compressed-tensors integration decompresses
+    qforge's export into the weights qforge computes with (bf16 holds them exactly), so the logits agree."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig(method="gptq", bits=4, group_size=16, nvfp4=True,
+                                               compute_dtype="float32"))
+    m.quantize("builtin:wiki", nsamples=4, seqlen=64)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    ours = qforge_side(tmp_path / "ct")
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+    assert_same_model(ours, theirs)
+
+
 def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_calibration, tmp_path):
     """An FP8 KV cache: transformers' compressed-tensors integration reads every attention layer's k_scale / v_scale
     and casts keys and values as qforge does (their logits are qforge's with its FP8 cache, not with a plain one)."""
@@ -223,7 +237,8 @@ def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_cali
                                       ("llmc-w8a8-static-tiny", "compressed-tensors"),
                                       ("llmc-fp8-static-tiny", "compressed-tensors"),
                                       ("llmc-kv-fp8-tiny", "compressed-tensors"),
-                                      ("llmc-fp8-block-tiny", "compressed-tensors")])
+                                      ("llmc-fp8-block-tiny", "compressed-tensors"),
+                                      ("llmc-nvfp4-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
@@ -247,6 +262,11 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
         assert m.act_bits == 8 and m.act_fp8 == ("fp8" in task)
         assert m.input_scales.keys() == m.result.layers.keys()
         torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+        assert_same_model(theirs, ours)
+        return
+    if "nvfp4" in task:                  # their global scales (not powers of two), their E4M3 group scales
+        assert all(q.grid.fp4 and q.global_scale is not None for q in m.result.layers.values())
+        assert m.input_scheme is None
         assert_same_model(theirs, ours)
         return
     if "block" in task:                  # E4M3 in 32 x 32 tiles, inputs per token in groups of 32: exactly theirs

@@ -197,6 +197,10 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "method rtn or gptq); with --act-bits 8 the inputs are FP8 too, per token and dynamic "
                         "(llm-compressor's FP8_DYNAMIC). Exported as compressed-tensors float-quantized, which vLLM "
                         "runs on FP8 GEMMs")
+    g.add_argument("--nvfp4", action="store_true",
+                   help="NVFP4 weights (with --bits 4 --group-size 16; llm-compressor's NVFP4A16): E2M1 codes, E4M3 "
+                        "group scales over one global scale per tensor, shared by the linears engines fuse; "
+                        "exported as compressed-tensors nvfp4-pack-quantized")
     g.add_argument("--fp8-block", action="store_true",
                    help="with --fp8: one weight scale per group-size x group-size block (--group-size 128: "
                         "llm-compressor's FP8_BLOCK, DeepSeek-V3's layout) instead of per channel; with --act-bits 8 "
@@ -232,13 +236,13 @@ def _quant_config(a):
                           else "gptq", act_bits=getattr(a, "act_bits", None),
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
                           gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False),
-                          fp8_block=getattr(a, "fp8_block", False),
+                          fp8_block=getattr(a, "fp8_block", False), nvfp4=getattr(a, "nvfp4", False),
                           act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"),
                           kv_cache=getattr(a, "kv_cache", None))
 
 
 def _scheme_words(fields: dict) -> str:
-    grid = ("FP8 " if fields.get("fp8") else "") + f"W{fields['bits']} " + \
+    grid = ("FP8 " if fields.get("fp8") else "NVFP4 " if fields.get("nvfp4") else "") + f"W{fields['bits']} " + \
         ("per channel" if fields["group_size"] == -1 else f"{fields['group_size']}x{fields['group_size']} blocks"
          if fields.get("fp8_block") else f"g{fields['group_size']}") + ("" if fields["sym"] else " asym")
     return grid + (" A8 dynamic" if fields.get("act_bits") else "")
@@ -662,6 +666,8 @@ def _groups(cfg, per_channel: str) -> str:
     """How a config's weight scales are laid out, for a label."""
     if cfg.fp8_block:
         return f"{cfg.group_size}x{cfg.group_size} blocks"
+    if cfg.nvfp4:
+        return f"NVFP4 g{cfg.group_size}"
     return per_channel if cfg.group_size == -1 else f"g{cfg.group_size}"
 
 

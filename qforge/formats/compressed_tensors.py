@@ -1,5 +1,5 @@
-"""compressed-tensors "pack-quantized", "int-quantized" and "float-quantized" (llm-compressor's formats, read by
-vLLM and transformers), written and read through the compressed-tensors library.
+"""compressed-tensors "pack-quantized", "int-quantized", "float-quantized" and "nvfp4-pack-quantized" (llm-compressor's
+formats, read by vLLM and transformers), written and read through the compressed-tensors library.
 
 Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-order only with static groups):
   weight_packed      int32 [out, ceil(in * b / 32)]  signed codes + 2^(b-1), packed along the input as a
@@ -33,6 +33,16 @@ Dequantization: W[o, i] = weight_scale[o // R, i // C] * weight[o, i]
 and with `act_bits` input_activations 8-bit float, dynamic, strategy "group", group_size C (max|x| / 448 per token
 and group of C channels). qforge writes square tiles (R = C = group_size); `in` must be a multiple of C.
 
+"nvfp4-pack-quantized" (NVFP4A16, QuantizeConfig.nvfp4; solvers/grid.py's NVFP4 grid), weights strategy
+"tensor_group", group_size 16, scale_dtype float8_e4m3fn:
+  weight_packed        uint8 [out, in / 2]            E2M1 codes, two a byte: column 2j in the low nibble, 2j+1 in the
+                                                      high one; a nibble is sign (bit 3) and the index of |code| in
+                                                      0, 0.5, 1, 1.5, 2, 3, 4, 6 (the library's pack_fp4_to_uint8)
+  weight_scale         float8_e4m3fn [out, in / 16]   s8, each group's scale in global units
+  weight_global_scale  fp32 [1]                       g
+Dequantization: W[o, i] = (weight_scale[o, i // 16] / g) * code[o, i]; qforge's g is a power of two, so its
+LayerQuant scales (s8 / g) are exact.
+
 FP8 KV cache (QuantizeConfig.kv_cache "fp8"; any of the formats above): quantization_config's kv_cache_scheme is
 8-bit float, symmetric, static, strategy "tensor", and each attention module ATTN (model.layers.3.self_attn) stores
   ATTN.k_scale, ATTN.v_scale   fp32 [1]               the cache holds fp8(k / k_scale), fp8(v / v_scale)
@@ -50,9 +60,9 @@ from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
 KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight",  # first: in every layout
-        "input_scale")
+        "input_scale", "weight_global_scale")
 BITS = (2, 3, 4, 5, 6, 7, 8)
-FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized")
+FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
 KV_SCALE_KEYS = ("k_scale", "v_scale")          # an attention module's FP8 KV cache scales
 MIXED = True                 # per-layer schemes: one config group per scheme
 
@@ -63,6 +73,10 @@ def _args(grid: Grid):
     if grid.block_rows:
         return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="block",
                                 block_structure=[grid.block_rows, grid.group_size])
+    if grid.fp4:
+        return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
+                                group_size=grid.group_size, scale_dtype=torch.float8_e4m3fn,
+                                zp_dtype=torch.float8_e4m3fn)
     if grid.group_size == -1:
         return QuantizationArgs(num_bits=grid.bits, type="float" if grid.fp8 else "int", symmetric=grid.sym,
                                 strategy="channel")
@@ -88,6 +102,8 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
         return
     if grid.bits not in BITS:
         raise QForgeError(f"{name}: compressed-tensors pack-quantized stores 2 to 8 bits (this layer has {grid.bits})")
+    if grid.fp4 and grid.group_size != 16:
+        raise QForgeError(f"{name}: compressed-tensors nvfp4-pack-quantized stores groups of 16, not {grid.group_size}")
     if grid.fp8 and grid.group_size != -1 and not grid.block_rows:
         raise QForgeError(f"{name}: compressed-tensors float-quantized is written per channel or in blocks here, "
                           f"not in groups")
@@ -113,8 +129,18 @@ def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, acts: InputScheme | 
 def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.naive_quantized.base import (FloatQuantizationCompressor,
                                                                      IntQuantizationCompressor)
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
+    if q.grid.fp4:
+        if q.global_scale is None:
+            raise QForgeError("an NVFP4 layer needs its global scale")
+        g = q.global_scale.float().reshape(1)
+        s8 = q.scales * g                                                # E4M3 numbers, exactly (see grid.py)
+        if not torch.equal(s8.to(torch.float8_e4m3fn).float(), s8):
+            raise QForgeError("an NVFP4 layer's scales times its global scale are not E4M3 numbers")
+        state = {"weight": q.dequantize(), "weight_scale": s8, "weight_global_scale": g}
+        return dict(NVFP4PackedCompressor.compress(state, _scheme(q.grid, ["Linear"])))
     if q.grid.fp8:
         scale = q.scales.to(dtype)                                       # [out, 1] (blocks: [out, G])
         W_hat = scale.float()[:, q.g_idx.long()] * q.codes.float()       # exactly scale * code: divides back exactly
@@ -151,6 +177,8 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
 def _unpack_weight(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    if grid.fp4:
+        return _unpack_fp4(t, grid)
     if "weight_packed" not in t:
         return _unpack_float(t, grid) if grid.fp8 else _unpack_int(t, grid)
     shape = tuple(int(s) for s in t["weight_shape"].tolist())
@@ -204,6 +232,25 @@ def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
 
 
+def _unpack_fp4(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    """nvfp4-pack-quantized: E2M1 codes two a byte, E4M3 group scales, a global scale."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    packed, s8, g = t.get("weight_packed"), t.get("weight_scale"), t.get("weight_global_scale")
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 2 or s8 is None or g is None:
+        raise QForgeError("nvfp4-pack-quantized layers store a uint8 weight_packed, a weight_scale and a "
+                          "weight_global_scale")
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    if tuple(s8.shape) != (out_f, grid.n_groups(in_f)) or g.numel() != 1 or not float(g) > 0:
+        raise QForgeError(f"an NVFP4 [{out_f}, {in_f}] weight needs a [{out_f}, {grid.n_groups(in_f)}] weight_scale "
+                          f"and one positive global scale, got {list(s8.shape)} and {g.flatten()[:2].tolist()}")
+    codes = unpack_fp4_from_uint8(packed, out_f, in_f, dtype=torch.float32).to(torch.float8_e4m3fn)
+    g = g.float().reshape(1)
+    scales = s8.float() / g
+    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_size
+    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={}, global_scale=g.clone())
+
+
 def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | None = None, kv_fp8: bool = False):
     """The library's QuantizationConfig: one config group per distinct grid (int-quantized with quantized inputs,
     `acts`, float-quantized for FP8 grids); `kv_fp8`: with the FP8 KV cache scheme, whose scales the attention
@@ -218,7 +265,8 @@ def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | 
     else:
         groups = {f"group_{i}": _scheme(g, sorted(names), acts)
                   for i, (g, names) in enumerate(by_grid.items())}
-    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "int-quantized" if acts else "pack-quantized"
+    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "nvfp4-pack-quantized" if any(
+        g.fp4 for g in by_grid) else "int-quantized" if acts else "pack-quantized"
     kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_fp8 \
         else None
     return QuantizationConfig(config_groups=groups, format=fmt, kv_cache_scheme=kv,
@@ -283,11 +331,14 @@ def grid_for(qc: dict, name: str) -> Grid:
             w = group.get("weights") or {}
             if w.get("type", "int") == "float":
                 block = w.get("block_structure") or []
+                if w.get("num_bits") == 4 and w.get("strategy") == "tensor_group" and w.get("group_size") == 16:
+                    return Grid(4, 16, True, fp4=True)
                 if w.get("num_bits") == 8 and w.get("strategy") == "block" and len(block) == 2 and min(block) > 0:
                     return Grid(8, int(block[1]), True, fp8=True, block_rows=int(block[0]))
                 if not (w.get("num_bits") == 8 and w.get("strategy") in ("channel", "tensor")):
                     raise QForgeError(f"{name}: compressed-tensors float weights are read as 8-bit E4M3 per channel, "
-                                      f"tensor or block, not {w.get('num_bits')}-bit per {w.get('strategy')}")
+                                      f"tensor or block, or NVFP4 (4-bit tensor_group of 16), not "
+                                      f"{w.get('num_bits')}-bit per {w.get('strategy')}")
                 return Grid(8, -1, True, fp8=True)
             if w.get("type", "int") != "int":
                 raise QForgeError(f"{name}: compressed-tensors {w.get('type')} weights are not supported")

@@ -34,8 +34,8 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
                    cache: bool = False) -> "Fp8Linear":
-        if not q.grid.fp8 or not (q.grid.group_size == -1 or q.grid.block_rows):
-            raise ValueError("Fp8Linear takes an FP8 layer per channel or in blocks")
+        if not (q.grid.fp8 and (q.grid.group_size == -1 or q.grid.block_rows) or q.grid.fp4):
+            raise ValueError("Fp8Linear takes an FP8 layer per channel or in blocks, or an NVFP4 layer")
         out_f, in_f = q.shape
         m = cls(in_f, out_f, bias is not None, scale_dtype, cache, q.grid)
         m.weight.copy_(q.codes)

@@ -165,11 +165,11 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
     return codes, Q1, Err1, S, Z
 
 
-def column_loop_for(device, fp8: bool = False) -> Callable:
-    """The column loop to hand gptq() for tensors on `device`: the kernel on CUDA with triton, else (and for FP8
-    grids, which the kernel does not round) the reference."""
+def column_loop_for(device, float_codes: bool = False) -> Callable:
+    """The column loop to hand gptq() for tensors on `device`: the kernel on CUDA with triton, else (and for FP8 or
+    NVFP4 grids, `float_codes`, which the kernel does not round) the reference."""
     from ..solvers.gptq import column_loop
 
-    if torch.device(device).type == "cuda" and triton_matmul.available() and not fp8:
+    if torch.device(device).type == "cuda" and triton_matmul.available() and not float_codes:
         return triton_column_loop
     return column_loop

@@ -144,6 +144,8 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
     popped from `state` (keyed by full name; its bias too)."""
     q, bias, scale_dtype = packed_layer(fmt, qc, name, state, tuple(old.weight.shape), where)
     bias = bias.to(dtype) if bias is not None else None
+    if q.grid.fp4:                      # its scales are E4M3 numbers / g: exact in fp32 only
+        return Fp8Linear.from_quant(q, bias, torch.float32, cache_dequantized), q
     if q.grid.fp8:
         return Fp8Linear.from_quant(q, bias, scale_dtype, cache_dequantized), q
     return QuantLinear.from_quant(q, bias, scale_dtype, cache_dequantized), q

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from ..utils.tensors import all_finite
-from .grid import Grid, LayerQuant, fit_params, round_codes, search_params
+from .grid import Grid, LayerQuant, fit_params, nvfp4_global_scale, round_codes, search_params
 from .inverse_hessian import inverse_hessian_cholesky
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
 def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
          scale_search: bool = False, loop=column_loop, factors: dict | None = None,
-         dXXT: torch.Tensor | None = None, alpha: float = 0.25) -> LayerQuant:
+         dXXT: torch.Tensor | None = None, alpha: float = 0.25, global_scale: float | None = None) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -101,6 +101,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     H is read only until U is made. Given as a one-element list, it is handed over: gptq empties the list, so when
     the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
     dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): the loop is handed P1.
+    global_scale: NVFP4's g (grid.py; from W when None): the loop solves g · W (H unchanged), whose scales are E4M3
+    numbers, and the result is divided by g, exactly (a power of two).
     """
     if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
         H = H.pop()
@@ -112,6 +114,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     out_f, in_f = W.shape
     if not (all_finite(W) and all_finite(H)):
         raise ValueError("gptq: W and H must be finite")
+    g = (global_scale or nvfp4_global_scale(W)) if grid.fp4 else 1.0
+    if g != 1.0:
+        W = W * g
 
     diag = torch.diag(H).clone()
     dead = diag == 0                                  # inputs that are always zero
@@ -184,8 +189,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     del W, U, P
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
+    if grid.fp4:                                      # back from g · W: exact, g a power of two
+        scales /= g
+        Q /= g
+        row_loss /= g * g
     info.update(method="gptaq" if asymmetric else "gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
     if info["fallback"] or info["retries"]:
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
-    return LayerQuant(grid, codes, scales, zeros, g_idx, info, w_hat=Q, row_loss=row_loss)
+    return LayerQuant(grid, codes, scales, zeros, g_idx, info, w_hat=Q, row_loss=row_loss,
+                      global_scale=torch.tensor([g]) if grid.fp4 else None)

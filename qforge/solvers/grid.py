@@ -13,6 +13,14 @@ FP8 (`fp8=True`, 8 bits, symmetric): the codes are OCP E4M3 (float8_e4m3fn) numb
 scale = absmax / 448 (E4M3's largest value) and zero = 0:  q = fp8(clamp(w / scale, -448, 448)), w_hat = scale * q.
 The codes are kept as float8_e4m3fn tensors (one byte each, as compressed-tensors "float-quantized" stores them).
 
+NVFP4 (`fp4=True`, 4 bits, symmetric; NVIDIA's format, llm-compressor's NVFP4A16): the codes are E2M1 numbers
+(0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; ties to the even one, as compressed-tensors rounds), each group's scale an E4M3
+number s8 divided by one per-tensor global scale g:  scale = s8 / g,  s8 = e4m3(g · absmax / 6) (0 -> 0.125, as
+compressed-tensors replaces zero scales). The solvers work on g · W, where the scales are plain E4M3 numbers, and
+divide by g at the end; qforge's g is the power of two at or below 448 · 6 / max|W| (compressed-tensors' own g
+without the power rounding), so that dividing by it is exact: s8 · code / g == (s8 / g) · code. The codes are kept in
+float8_e4m3fn storage (every E2M1 number is an E4M3 one); LayerQuant.global_scale holds g.
+
 Blocks (`block_rows` R > 0, FP8 only; DeepSeek-V3's and llm-compressor's FP8_BLOCK with R = group_size = 128): a
 group's scale is shared by R consecutive output rows, so every R x group_size tile of W has one scale, the largest
 absmax of its rows / 448 (the last tile of a height not divisible by R is shorter). LayerQuant keeps the scales per
@@ -20,6 +28,7 @@ row ([out, groups], equal within a tile) like any other grid; formats/compressed
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +47,14 @@ class Grid:
     sym: bool = True
     fp8: bool = False      # E4M3 codes (see the module docstring); bits 8, sym
     block_rows: int = 0    # > 0: one scale per block_rows x group_size tile (FP8 blocks, see the module docstring)
+    fp4: bool = False      # NVFP4: E2M1 codes, E4M3 group scales over a global scale; bits 4, sym, groups
 
     def __post_init__(self) -> None:
         if self.fp8 and (self.bits != 8 or not self.sym):
             raise ValueError(f"an FP8 grid is 8-bit symmetric, got bits {self.bits}, sym {self.sym}")
+        if self.fp4 and (self.bits != 4 or not self.sym or self.group_size <= 0 or self.fp8):
+            raise ValueError(f"an NVFP4 grid is 4-bit symmetric in groups, got bits {self.bits}, sym {self.sym}, "
+                             f"group_size {self.group_size}")
         if self.block_rows and not (self.fp8 and self.block_rows > 0 and self.group_size > 0):
             raise ValueError(f"blocks of rows are FP8 grids with groups, got block_rows {self.block_rows}, "
                              f"fp8 {self.fp8}, group_size {self.group_size}")
@@ -52,7 +65,7 @@ class Grid:
 
     @property
     def code_dtype(self) -> torch.dtype:
-        return torch.float8_e4m3fn if self.fp8 else torch.uint8
+        return torch.float8_e4m3fn if self.fp8 or self.fp4 else torch.uint8
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -100,6 +113,8 @@ def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
         if grid.block_rows:
             wmax = share_rows(wmax, grid.block_rows)
         wmin = -wmax
+    if grid.fp4:                                      # W is g · W here: the scale is an E4M3 number
+        return e4m3_scale(wmax / E2M1_MAX), torch.zeros_like(wmax)
     dead = (wmin == 0) & (wmax == 0)
     wmin, wmax = torch.where(dead, -1.0, wmin), torch.where(dead, 1.0, wmax)
     if grid.fp8:
@@ -129,6 +144,8 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     z, errs = zero.unsqueeze(-1), []
     for k in range(0, steps, chunk):
         s = (p[k:k + chunk, None] * scale0).unsqueeze(-1)           # [P, rows, 1]
+        if grid.fp4:
+            s = e4m3_scale(s)
         D = round_codes(torch.div(W, s), z, grid)                   # [P, rows, cols] codes, then in place:
         D.sub_(z).mul_(s).sub_(W).square_().mul_(c)                 # c_j (ŵ - w)^2
         errs.append(D.sum(dim=-1))                                  # [P, rows]
@@ -136,7 +153,8 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     if grid.block_rows:
         errs = share_rows(errs, grid.block_rows, torch.sum)
     best = torch.argmin(errs, dim=0)                               # first minimum: p = 1 on ties
-    return p[best] * scale0, zero
+    scale = p[best] * scale0
+    return (e4m3_scale(scale) if grid.fp4 else scale), zero
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +162,40 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+E2M1_MAX = 6.0   # NVFP4's largest code
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def e4m3_scale(s: torch.Tensor) -> torch.Tensor:
+    """NVFP4 group scales (in the global scale's units) rounded to E4M3 numbers, fp32; 0 (a group of zeros, or one
+    below E4M3's smallest number) becomes 0.125, as compressed-tensors makes it."""
+    s8 = to_e4m3(s).float()
+    return torch.where(s8 == 0, 0.125, s8)
+
+
+def to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest E2M1 number, ties to the even one (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4), saturating
+    at ±6: fp32 (zero unsigned)."""
+    ends = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=x.device)
+    up = torch.tensor([False, True, False, True, False, True, False], device=x.device)   # a tie goes up
+    ends = torch.where(up, torch.nextafter(ends, torch.zeros_like(ends)), ends)
+    values = torch.tensor(E2M1, device=x.device)
+    return torch.copysign(values[torch.bucketize(x.abs().contiguous(), ends)], x) + 0.0   # -0 -> +0, as packed
+
+
+def nvfp4_global_scale(W: torch.Tensor) -> float:
+    """g for NVFP4 (see the module docstring): the power of two at or below 448 · 6 / max|W| (1 for zeros)."""
+    m = float(W.abs().amax()) if W.numel() else 0.0
+    return 1.0 if not m > 0 else 2.0 ** math.floor(math.log2(FP8_MAX * E2M1_MAX / m))
+
+
 def round_codes(x: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Codes (fp32) of x = w / scale: round(x) + zero clamped to [0, maxq], in place on x; FP8: x rounded to the
-    nearest E4M3 number (ties to even, saturating at ±448; zero is 0), also in place."""
+    nearest E4M3 number (ties to even, saturating at ±448; zero is 0), also in place; NVFP4: to E2M1 (to_e2m1)."""
     if grid.fp8:
         return x.copy_(to_e4m3(x))
+    if grid.fp4:
+        return x.copy_(to_e2m1(x))
     return x.round_().add_(zero).clamp_(0, grid.maxq)
 
 
@@ -176,6 +223,7 @@ class LayerQuant:
     g_idx  [in]           int32 group of each input column
     input_scale [1]       fp32 static scale of the layer's input (act_static W8A8: x_q = round(x / input_scale)),
                           set by the pipeline once the layer is solved; None when inputs are dynamic or unquantized
+    global_scale [1]      fp32 NVFP4's global scale g (scales are E4M3 numbers / g); None for other grids
     """
 
     grid: Grid
@@ -187,6 +235,7 @@ class LayerQuant:
     w_hat: torch.Tensor | None = None  # the solver's own reconstruction, for a consistency check; not saved
     row_loss: torch.Tensor | None = None  # [out] the solver's loss of each output row (GPTQ); not saved
     input_scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """W_hat [out, in] fp32, a few rows at a time: the gathered scales and zeros of the whole matrix would
@@ -208,14 +257,15 @@ class LayerQuant:
             info["loss"] = float(self.row_loss[r0:r1:step].sum())
         cut = (lambda t: None if t is None else t[r0:r1:step].clone())  # own storage: saved as separate tensors
         return LayerQuant(self.grid, cut(self.codes), cut(self.scales), cut(self.zeros), self.g_idx.clone(), info,
-                          cut(self.w_hat), cut(self.row_loss), self.input_scale)
+                          cut(self.w_hat), cut(self.row_loss), self.input_scale,
+                          None if self.global_scale is None else self.global_scale.clone())
 
     def on_meta(self) -> "LayerQuant":
         """The layer without its values: tensors on the meta device (shapes, dtypes), grid and info kept; what a
         streamed run holds of a block once its codes are on disk."""
         meta = (lambda t: t.to("meta"))
         return LayerQuant(self.grid, meta(self.codes), meta(self.scales), meta(self.zeros), meta(self.g_idx),
-                          self.info, input_scale=self.input_scale)
+                          self.info, input_scale=self.input_scale, global_scale=self.global_scale)
 
     @property
     def shape(self) -> tuple[int, int]:

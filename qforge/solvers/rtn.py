@@ -1,14 +1,25 @@
-"""Round-to-nearest: each group's min-max grid (FP8: absmax / 448), every weight rounded independently."""
+"""Round-to-nearest: each group's min-max grid (FP8: absmax / 448; NVFP4: absmax / 6 in E4M3, over a global scale),
+every weight rounded independently."""
 from __future__ import annotations
 
 import torch
 
-from .grid import Grid, LayerQuant, fit_params, group_index, quantize
+from .grid import Grid, LayerQuant, fit_params, group_index, nvfp4_global_scale, quantize
 
 
-def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
-    """W [out, in] -> LayerQuant. Groups are contiguous column ranges; the last may be ragged."""
-    W = W.float()
+def rtn(W: torch.Tensor, grid: Grid, global_scale: float | None = None) -> LayerQuant:
+    """W [out, in] -> LayerQuant. Groups are contiguous column ranges; the last may be ragged. `global_scale`: NVFP4's
+    g (grid.py; from W when None: linears an engine fuses share one, given by the caller)."""
+    if not grid.fp4:
+        return _rtn(W.float(), grid)
+    g = global_scale or nvfp4_global_scale(W)
+    q = _rtn(W.float() * g, grid)                                 # exact: g is a power of two
+    q.scales /= g
+    q.global_scale = torch.tensor([g])
+    return q
+
+
+def _rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
     out_f, in_f = W.shape
     g = grid.group_len(in_f)
     full = in_f // g                                              # groups of exactly g columns

@@ -15,6 +15,8 @@ Tasks:
   llmc-w8a8-static-tiny  int8 per-channel weights, static per-tensor int8 inputs (calibrated on builtin:mix)
   llmc-fp8-static-tiny   scheme FP8 (E4M3 per-tensor weights, static per-tensor E4M3 inputs), calibrated
   llmc-kv-fp8-tiny  int4 g32 weights and an FP8 KV cache (kv_cache_scheme: static per-tensor k/v scales, calibrated)
+  llmc-nvfp4-tiny  scheme NVFP4A16 (E2M1 weights in groups of 16, E4M3 group scales, a global scale), saved
+                   nvfp4-pack-quantized
   llmc-fp8-block-tiny  FP8_BLOCK's scheme in 32 x 32 tiles (the tiny widths; E4M3 weights, one scale a tile, dynamic
                    E4M3 inputs per token in groups of 32 channels), saved float-quantized
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
@@ -57,6 +59,21 @@ def gptqmodel_torch_fp32(path: str):
     return m
 
 
+def transformers_ct(path) -> torch.nn.Module:
+    """A compressed-tensors checkpoint as plain transformers loads it, in fp32. With a quantizer, transformers 5.17
+    leaves the tensors it loads under renamed keys (Nemotron-H's backbone.* -> model.*) in the file's dtype whatever
+    `dtype` says, and refuses model.float(): nn.Module's cast (exact, fp16 -> fp32) puts them in the dtype asked for.
+    NVFP4 layers decompress at their first forward into bf16 weights, which fp32 inputs cannot multiply: they are
+    decompressed at load instead (run_compressed False), then cast."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    fmt = json.loads((Path(path) / "config.json").read_text())["quantization_config"].get("format")
+    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if fmt == "nvfp4-pack-quantized" \
+        else {}
+    return torch.nn.Module.float(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra))
+
+
 def report(model, tokenizer, out: Path, extra: dict | None = None) -> None:
     from qforge.eval import load_eval_text, perplexity
 
@@ -84,12 +101,9 @@ def main(task: str, model_dir: str, out: str) -> None:
         packed = [type(mod).__name__ for mod in m.model.modules() if hasattr(mod, "qweight")]
         report(m.model, tok, out_dir, {"qlinear": packed[0] if packed else "Linear", "packed": len(packed)})
     elif task == "transformers-ct":
-        # with a quantizer, transformers 5.17 leaves the tensors it loads under renamed keys (Nemotron-H's backbone.*
-        # -> model.*) in the file's dtype whatever `dtype` says, and refuses model.float(): nn.Module's cast (exact,
-        # fp16 -> fp32) puts them in the dtype asked for
-        m = torch.nn.Module.float(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
-        report(m, tok, out_dir, {"quant_method": m.config.quantization_config.quant_method
-                                 if hasattr(m.config.quantization_config, "quant_method") else "?"})
+        m = transformers_ct(model_dir)
+        qc = getattr(m.config, "quantization_config", None)     # none once decompressed at load (NVFP4)
+        report(m, tok, out_dir, {"quant_method": getattr(qc, "quant_method", "?")})
     elif task in ("llmc-quantize", "llmc-quantize-tiny"):
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -106,7 +120,7 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny", "llmc-fp8-block-tiny"):   # inputs quantized as it runs (as vLLM)
+    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny", "llmc-fp8-block-tiny", "llmc-nvfp4-tiny"):   # (inputs: as vLLM)
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -118,11 +132,13 @@ def main(task: str, model_dir: str, out: str) -> None:
                 "input_activations": {**fp8, "strategy": "group", "group_size": 32, "dynamic": True}}},
                 ignore=["lm_head"])
         else:
-            recipe = QuantizationModifier(targets="Linear", scheme="W8A8" if task == "llmc-w8a8-tiny" else
-                                          "FP8_DYNAMIC", ignore=["lm_head"])
+            scheme = {"llmc-w8a8-tiny": "W8A8", "llmc-nvfp4-tiny": "NVFP4A16"}.get(task, "FP8_DYNAMIC")
+            recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
         oneshot(model=m, recipe=recipe)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
+        if task == "llmc-nvfp4-tiny":             # its model object decompresses into bf16 weights: as saved, in fp32
+            m = transformers_ct(out_dir / "ckpt")
         report(m, tok, out_dir)
     elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny", "llmc-kv-fp8-tiny"):   # calibrated, then fixed
         from datasets import Dataset
