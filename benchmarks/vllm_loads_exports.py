@@ -113,6 +113,8 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
         ("FP8 W8A8 in 64 x 64 blocks (FP8_BLOCK's layout: E4M3 inputs per token in groups of 64)",
          qforge.QuantizeConfig(method="rtn", bits=8, group_size=64, fp8=True, fp8_block=True, act_bits=8),
          ["compressed-tensors"]),
+        ("NVFP4A16 (E2M1 weights in groups of 16, E4M3 scales, a global scale)", qforge.QuantizeConfig(
+            method="rtn", bits=4, group_size=16, nvfp4=True), ["compressed-tensors"]),
         ("FP8 W8A16 per-channel (FP8 weights only)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                            fp8=True), ["compressed-tensors"]),
         ("W4 g64 sym, FP8 KV cache (calibrated k/v scales)", qforge.QuantizeConfig(method="rtn", bits=4,

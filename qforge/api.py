@@ -138,7 +138,7 @@ class QModel:
             log.info("compute_dtype auto: %s on %s", resolved.compute_dtype, device)
             self.config = resolved                          # saved with the output as the dtype that ran
         self._source_warning = None
-        if allocation is None and not self.config.bpw:        # one grid for every linear
+        if allocation is None and not self.config.bpw and not self.config.nvfp4:   # one integer grid for every linear
             from .models.arch import arch_spec
             from .models.gguf import source_grid_warning
 

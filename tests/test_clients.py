@@ -200,8 +200,8 @@ def test_transformers_loads_qforge_fp8_block_export(act_bits, tiny_tokenizer, tm
 
 
 def test_transformers_loads_qforge_nvfp4_export(tiny_tokenizer, tmp_path):
-    """NVFP4A16 (nvfp4-pack-quantized, GPTQ-solved): transformers' compressed-tensors integration decompresses
-    qforge's export into the weights qforge computes with (bf16 holds them exactly), so the logits agree."""
+    """NVFP4A16 (nvfp4-pack-quantized, GPTQ-solved): transformers' compressed-tensors integration runs qforge's export
+    as qforge does, but for its weights' rounding: it decompresses NVFP4 into bf16 weights."""
     src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
     m = qforge.load(src, qforge.QuantizeConfig(method="gptq", bits=4, group_size=16, nvfp4=True,
                                                compute_dtype="float32"))
@@ -209,7 +209,6 @@ def test_transformers_loads_qforge_nvfp4_export(tiny_tokenizer, tmp_path):
     m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
     theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
     ours = qforge_side(tmp_path / "ct")
-    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
     assert_same_model(ours, theirs)
 
 

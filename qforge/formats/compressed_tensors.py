@@ -40,8 +40,8 @@ and group of C channels). qforge writes square tiles (R = C = group_size); `in` 
                                                       0, 0.5, 1, 1.5, 2, 3, 4, 6 (the library's pack_fp4_to_uint8)
   weight_scale         float8_e4m3fn [out, in / 16]   s8, each group's scale in global units
   weight_global_scale  fp32 [1]                       g
-Dequantization: W[o, i] = (weight_scale[o, i // 16] / g) * code[o, i]; qforge's g is a power of two, so its
-LayerQuant scales (s8 / g) are exact.
+Dequantization: W[o, i] = weight_scale[o, i // 16] / g * code[o, i] (LayerQuant's scales are s8, its global_scale g;
+the library multiplies by s8 / g: at most an ulp away).
 
 FP8 KV cache (QuantizeConfig.kv_cache "fp8"; any of the formats above): quantization_config's kv_cache_scheme is
 8-bit float, symmetric, static, strategy "tensor", and each attention module ATTN (model.layers.3.self_attn) stores
@@ -135,11 +135,11 @@ def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) ->
     if q.grid.fp4:
         if q.global_scale is None:
             raise QForgeError("an NVFP4 layer needs its global scale")
-        g = q.global_scale.float().reshape(1)
-        s8 = q.scales * g                                                # E4M3 numbers, exactly (see grid.py)
+        g, s8 = q.global_scale.float().reshape(1), q.scales.float()
         if not torch.equal(s8.to(torch.float8_e4m3fn).float(), s8):
-            raise QForgeError("an NVFP4 layer's scales times its global scale are not E4M3 numbers")
-        state = {"weight": q.dequantize(), "weight_scale": s8, "weight_global_scale": g}
+            raise QForgeError("an NVFP4 layer's scales are not E4M3 numbers")
+        W_hat = s8[:, q.g_idx.long()] / g * q.codes.float()             # the library's order: divides back exactly
+        state = {"weight": W_hat, "weight_scale": s8, "weight_global_scale": g}
         return dict(NVFP4PackedCompressor.compress(state, _scheme(q.grid, ["Linear"])))
     if q.grid.fp8:
         scale = q.scales.to(dtype)                                       # [out, 1] (blocks: [out, G])
@@ -245,10 +245,10 @@ def _unpack_fp4(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
         raise QForgeError(f"an NVFP4 [{out_f}, {in_f}] weight needs a [{out_f}, {grid.n_groups(in_f)}] weight_scale "
                           f"and one positive global scale, got {list(s8.shape)} and {g.flatten()[:2].tolist()}")
     codes = unpack_fp4_from_uint8(packed, out_f, in_f, dtype=torch.float32).to(torch.float8_e4m3fn)
-    g = g.float().reshape(1)
-    scales = s8.float() / g
+    scales = s8.float()
     g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_size
-    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={}, global_scale=g.clone())
+    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={},
+                      global_scale=g.float().reshape(1).clone())
 
 
 def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | None = None, kv_fp8: bool = False):

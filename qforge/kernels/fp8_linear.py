@@ -1,12 +1,13 @@
 """Fp8Linear: a linear layer holding FP8 (E4M3) weights with one scale per output channel, or per block of rows and
-columns, as compressed-tensors "float-quantized" stores them (formats/compressed_tensors.py):
+columns, as compressed-tensors "float-quantized" stores them, or NVFP4's E2M1 codes (formats/compressed_tensors.py):
 
-  weight        float8_e4m3fn [out, in]
+  weight        float8_e4m3fn [out, in]   the codes (E2M1 numbers for NVFP4: each one an E4M3 number)
   weight_scale  [out, G]          in the dtype the checkpoint stored it in (casting it would change the model); G = 1
-                                  per channel, else in / C for C-column blocks (each row keeps its block's scale)
+                                  per channel, else in / C for C-column blocks or groups (each row keeps its own)
+  global_scale  float             NVFP4 only: g (an attribute, not a buffer: a cast to bf16 would round it)
   bias          [out] or None
 
-W[o, i] = weight_scale[o, i // C] * weight[o, i]. The forward pass is the PyTorch path on every device: the weight
+W[o, i] = weight_scale[o, i // C] * weight[o, i]  (NVFP4: / g). The forward pass is the PyTorch path on every device: the weight
 dequantized to the input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and
 device, at the memory of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
 GEMMs quantize their inputs; serving speed is vLLM's business, this module is for evaluating and generating.
@@ -29,6 +30,7 @@ class Fp8Linear(nn.Module):
         self._w_cache: torch.Tensor | None = None
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.ones(out_features, grid.n_groups(in_features), dtype=scale_dtype))
+        self.global_scale: float | None = 1.0 if grid.fp4 else None
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
@@ -40,6 +42,8 @@ class Fp8Linear(nn.Module):
         m = cls(in_f, out_f, bias is not None, scale_dtype, cache, q.grid)
         m.weight.copy_(q.codes)
         m.weight_scale.copy_(q.scales)
+        if q.grid.fp4:
+            m.global_scale = float(q.global_scale)
         if bias is not None:
             m.bias = bias.detach().clone()
         return m
@@ -47,12 +51,14 @@ class Fp8Linear(nn.Module):
     def to_quant(self) -> LayerQuant:
         scales = self.weight_scale.float().contiguous()
         g_idx = torch.arange(self.in_features, dtype=torch.int32) // self.grid.group_len(self.in_features)
-        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales), g_idx, info={})
+        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales), g_idx, info={},
+                          global_scale=None if self.global_scale is None else torch.tensor([self.global_scale]))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] in `dtype` (the product is exact in fp32: a 4-bit by <= 24-bit significand)."""
         scale = self.weight_scale.float().repeat_interleave(self.grid.group_len(self.in_features), 1)
-        return (self.weight.float() * scale[:, :self.in_features]).to(dtype)
+        w = self.weight.float() * scale[:, :self.in_features]
+        return (w if self.global_scale is None else w / self.global_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._w_cache
@@ -76,5 +82,6 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.grid
-        how = f"{g.block_rows}x{g.group_size} blocks" if g.block_rows else "per-channel"
-        return f"in={self.in_features}, out={self.out_features}, fp8=e4m3, {how}"
+        how = f"{g.block_rows}x{g.group_size} blocks" if g.block_rows else f"g{g.group_size}" if g.fp4 else \
+            "per-channel"
+        return f"in={self.in_features}, out={self.out_features}, {'nvfp4' if g.fp4 else 'fp8=e4m3'}, {how}"

@@ -102,7 +102,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
     dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): the loop is handed P1.
     global_scale: NVFP4's g (grid.py; from W when None): the loop solves g · W (H unchanged), whose scales are E4M3
-    numbers, and the result is divided by g, exactly (a power of two).
+    numbers (kept so, in units of 1 / g), and its Ŵ is divided by g, as LayerQuant.dequantize divides.
     """
     if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
         H = H.pop()
@@ -189,8 +189,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     del W, U, P
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
-    if grid.fp4:                                      # back from g · W: exact, g a power of two
-        scales /= g
+    if grid.fp4:                                      # back from g · W (the scales stay in units of 1 / g)
         Q /= g
         row_loss /= g * g
     info.update(method="gptaq" if asymmetric else "gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))

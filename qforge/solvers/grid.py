@@ -15,11 +15,12 @@ The codes are kept as float8_e4m3fn tensors (one byte each, as compressed-tensor
 
 NVFP4 (`fp4=True`, 4 bits, symmetric; NVIDIA's format, llm-compressor's NVFP4A16): the codes are E2M1 numbers
 (0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6; ties to the even one, as compressed-tensors rounds), each group's scale an E4M3
-number s8 divided by one per-tensor global scale g:  scale = s8 / g,  s8 = e4m3(g · absmax / 6) (0 -> 0.125, as
-compressed-tensors replaces zero scales). The solvers work on g · W, where the scales are plain E4M3 numbers, and
-divide by g at the end; qforge's g is the power of two at or below 448 · 6 / max|W| (compressed-tensors' own g
-without the power rounding), so that dividing by it is exact: s8 · code / g == (s8 / g) · code. The codes are kept in
-float8_e4m3fn storage (every E2M1 number is an E4M3 one); LayerQuant.global_scale holds g.
+number s8 in the units of one per-tensor global scale g = 448 · 6 / max|W| (compressed-tensors'):
+s8 = e4m3(g · absmax / 6) (0 -> 0.125, as compressed-tensors replaces zero scales),  w_hat = s8 · code / g.
+The solvers work on g · W, where the scales are plain E4M3 numbers, and divide their Ŵ by g at the end;
+LayerQuant keeps s8 as its scales and g as its global_scale, and dequantizes in the same order (compressed-tensors
+computes (s8 / g) · code: at most an ulp away). The codes are kept in float8_e4m3fn storage (every E2M1 number is an
+E4M3 one).
 
 Blocks (`block_rows` R > 0, FP8 only; DeepSeek-V3's and llm-compressor's FP8_BLOCK with R = group_size = 128): a
 group's scale is shared by R consecutive output rows, so every R x group_size tile of W has one scale, the largest
@@ -28,7 +29,6 @@ row ([out, groups], equal within a tile) like any other grid; formats/compressed
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -184,9 +184,10 @@ def to_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_global_scale(W: torch.Tensor) -> float:
-    """g for NVFP4 (see the module docstring): the power of two at or below 448 · 6 / max|W| (1 for zeros)."""
-    m = float(W.abs().amax()) if W.numel() else 0.0
-    return 1.0 if not m > 0 else 2.0 ** math.floor(math.log2(FP8_MAX * E2M1_MAX / m))
+    """g for NVFP4 (see the module docstring): 448 · 6 / max|W| in fp32, as compressed-tensors computes it (1 for
+    zeros): the largest group's scale is then 448, E4M3's largest."""
+    m = W.abs().amax().float() if W.numel() else torch.tensor(0.0)
+    return float(torch.tensor(FP8_MAX * E2M1_MAX) / m) if m > 0 else 1.0
 
 
 def round_codes(x: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -223,7 +224,8 @@ class LayerQuant:
     g_idx  [in]           int32 group of each input column
     input_scale [1]       fp32 static scale of the layer's input (act_static W8A8: x_q = round(x / input_scale)),
                           set by the pipeline once the layer is solved; None when inputs are dynamic or unquantized
-    global_scale [1]      fp32 NVFP4's global scale g (scales are E4M3 numbers / g); None for other grids
+    global_scale [1]      fp32 NVFP4's global scale g (its scales are E4M3 numbers in units of 1 / g:
+                          w_hat = scale · code / g); None for other grids
     """
 
     grid: Grid
@@ -244,6 +246,8 @@ class LayerQuant:
         W_hat = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
         for rows in row_slices(*self.codes.shape):
             torch.mul(self.scales[rows][:, g], self.codes[rows].float() - self.zeros[rows][:, g], out=W_hat[rows])
+        if self.global_scale is not None:                           # NVFP4: s8 · code / g, the solver's order
+            W_hat /= self.global_scale.to(W_hat.device)
         return W_hat
 
     def rows(self, r0: int, r1: int, step: int = 1) -> "LayerQuant":

@@ -13,8 +13,7 @@ def rtn(W: torch.Tensor, grid: Grid, global_scale: float | None = None) -> Layer
     if not grid.fp4:
         return _rtn(W.float(), grid)
     g = global_scale or nvfp4_global_scale(W)
-    q = _rtn(W.float() * g, grid)                                 # exact: g is a power of two
-    q.scales /= g
+    q = _rtn(W.float() * g, grid)                                 # scales: E4M3 numbers in units of 1 / g
     q.global_scale = torch.tensor([g])
     return q
 
