@@ -2,7 +2,8 @@
 
 Per quantized linear [out, in] with G groups:
   codes   out * in * bits
-  scales  out * G * 16          (fp16)
+  scales  out * G * 16          (fp16; FP8 blocks of R rows: ceil(out / R) * G * 16; NVFP4: out * G * 8, E4M3,
+                                 and a 32-bit global scale)
   zeros   out * G * bits        (asymmetric only; a symmetric grid's zero is the constant 2^(bits-1))
   g_idx   in * 32               (act-order without static groups only; in-order g_idx is implied)
 Everything else (embeddings, norms, lm_head, routers) is counted at 16 bits per value.
@@ -17,7 +18,8 @@ from .solvers import LayerQuant
 def layer_bits(q: LayerQuant, act_order: bool = False, static_groups: bool = False) -> int:
     out_f, in_f = q.shape
     G = q.scales.shape[1]
-    bits = out_f * in_f * q.grid.bits + out_f * G * 16
+    rows = -(-out_f // q.grid.block_rows) if q.grid.block_rows else out_f      # rows of scales stored
+    bits = out_f * in_f * q.grid.bits + (rows * G * 8 + 32 if q.grid.fp4 else rows * G * 16)
     if not q.grid.sym:
         bits += out_f * G * q.grid.bits
     if act_order and not static_groups:

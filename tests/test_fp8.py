@@ -94,24 +94,27 @@ def test_fake_quant_fp8_per_token():
 
 
 @pytest.mark.parametrize("act_bits", [None, 8])
-def test_float_quantized_round_trip_is_bit_exact(act_bits):
+@pytest.mark.parametrize("grid,rows,scale_shape", [(FP8, 48, (48, 1)),
+                                                   (Grid(8, 32, True, fp8=True, block_rows=32), 80, (3, 2))])
+def test_float_quantized_round_trip_is_bit_exact(grid, rows, scale_shape, act_bits):
+    """Per channel, and in 32 x 32 blocks (one scale per tile, the last tile 16 rows high; inputs in groups of 32)."""
     torch.manual_seed(1)
-    q = rtn(torch.randn(48, 64) * torch.rand(48, 1), FP8)
-    acts = None if act_bits is None else InputScheme(8, fp8=True)
+    q = rtn(torch.randn(rows, 64) * torch.rand(rows, 1), grid)
+    acts = None if act_bits is None else InputScheme(8, fp8=True, group_size=grid.block_rows or -1)
     t = ct.pack(q, torch.bfloat16, acts)
     assert set(t) == {"weight", "weight_scale"}
-    assert t["weight"].dtype == torch.float8_e4m3fn and t["weight_scale"].shape == (48, 1)
-    back = ct.unpack(t, FP8)
+    assert t["weight"].dtype == torch.float8_e4m3fn and t["weight_scale"].shape == scale_shape
+    back = ct.unpack(t, grid)
     assert torch.equal(back.codes.view(torch.uint8), q.codes.view(torch.uint8))
     assert torch.equal(back.scales, q.scales.bfloat16().float())
     from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 
-    dense = FloatQuantizationCompressor.decompress(dict(t), ct._scheme(FP8, ["Linear"], acts))["weight"]
+    dense = FloatQuantizationCompressor.decompress(dict(t), ct._scheme(grid, ["Linear"], acts))["weight"]
     torch.testing.assert_close(dense.float(), back.dequantize().to(dense.dtype).float(), rtol=0, atol=0)
-    qc = ct.build_config({"a": FP8}, [], acts).model_dump()
+    qc = ct.build_config({"a": grid}, [], acts).model_dump()
     assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
     assert ct.input_acts(qc) == acts
-    assert ct.grid_for(qc, "a") == FP8
+    assert ct.grid_for(qc, "a") == grid
 
 
 def test_fp8_linear_matches_its_layer_and_keeps_its_codes_through_to():

@@ -129,6 +129,7 @@ def test_nvfp4_quantizes_exports_and_evaluates(method, tiny_llama_dir, wiki_exce
         m.export(tmp_path / "gptq", "gptq")
     sizes = m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
     assert sizes["bits_per_weight"] == pytest.approx(4.5, abs=0.1)          # 4-bit codes + an 8-bit scale per 16
+    assert m.storage()["bits_per_weight"] == pytest.approx(sizes["bits_per_weight"], rel=1e-3)   # as counted
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "nvfp4-pack-quantized"
     assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "tensor_group"
