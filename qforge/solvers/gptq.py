@@ -84,7 +84,7 @@ def column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, S: torc
 def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, group_aware: bool = False,
          scale_search: bool = False, loop=column_loop, factors: dict | None = None,
-         dXXT: torch.Tensor | None = None, alpha: float = 0.25, global_scale: float | None = None) -> LayerQuant:
+         dXXT: torch.Tensor | None = None, alpha: float = 0.25) -> LayerQuant:
     """W [out, in], H [in, in] -> LayerQuant whose codes/scales/zeros/g_idx reproduce Ŵ exactly.
 
     act_order: columns in decreasing diag(H) order; groups are then runs of `group_size` consecutive
@@ -101,8 +101,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     H is read only until U is made. Given as a one-element list, it is handed over: gptq empties the list, so when
     the caller keeps no other reference (HessianAccumulator.take) H is freed before the column loop.
     dXXT [in, in] (GPTAQ, see the module docstring; `alpha` scales it): the loop is handed P1.
-    global_scale: NVFP4's g (grid.py; from W when None): the loop solves g · W (H unchanged), whose scales are E4M3
-    numbers (kept so, in units of 1 / g), and its Ŵ is divided by g, as LayerQuant.dequantize divides.
+    NVFP4 grids: with W's global scale g (grid.py) the loop solves g · W (H unchanged), whose scales are E4M3 numbers
+    (kept so, in units of 1 / g), and its Ŵ is divided by g, as LayerQuant.dequantize divides.
     """
     if isinstance(H, list):                           # handed over (a list, whatever the call keeps of its args)
         H = H.pop()
@@ -114,7 +114,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     out_f, in_f = W.shape
     if not (all_finite(W) and all_finite(H)):
         raise ValueError("gptq: W and H must be finite")
-    g = (global_scale or nvfp4_global_scale(W)) if grid.fp4 else 1.0
+    g = nvfp4_global_scale(W) if grid.fp4 else 1.0
     if g != 1.0:
         W = W * g
 

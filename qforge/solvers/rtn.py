@@ -7,12 +7,12 @@ import torch
 from .grid import Grid, LayerQuant, fit_params, group_index, nvfp4_global_scale, quantize
 
 
-def rtn(W: torch.Tensor, grid: Grid, global_scale: float | None = None) -> LayerQuant:
-    """W [out, in] -> LayerQuant. Groups are contiguous column ranges; the last may be ragged. `global_scale`: NVFP4's
-    g (grid.py; from W when None: linears an engine fuses share one, given by the caller)."""
+def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
+    """W [out, in] -> LayerQuant. Groups are contiguous column ranges; the last may be ragged. NVFP4: the global
+    scale g is W's (grid.py; linears an engine fuses are solved stacked, so they share it)."""
     if not grid.fp4:
         return _rtn(W.float(), grid)
-    g = global_scale or nvfp4_global_scale(W)
+    g = nvfp4_global_scale(W)
     q = _rtn(W.float() * g, grid)                                 # scales: E4M3 numbers in units of 1 / g
     q.global_scale = torch.tensor([g])
     return q
