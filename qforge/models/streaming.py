@@ -133,9 +133,10 @@ def _streamed(spec: str, where: Path, model: nn.Module, tokenizer, files, fmt: s
     if fmt:                                     # packed modules load as their dense weights, then as any key
         from .checkpoint_keys import model_names
 
-        packed, kv = set(quantized_names(fmt, files.where)), set(loader.kv_names)
+        packed = set(quantized_names(fmt, files.where))
         targets = model_names(model, [k for k in files.where if (k.rpartition(".")[0] not in packed or
-                                      k.endswith(".bias")) and k not in kv] + [f"{p}.weight" for p in packed],
+                                      k.endswith(".bias")) and k not in loader.kv_names] +
+                              [f"{p}.weight" for p in packed],
                               expert_gate_up(loader.qc))
     missing = sorted(n for n in names if n not in targets and n not in loader.tied)
     extra = sorted(k for k in targets if k not in names)
@@ -261,19 +262,20 @@ class PackedBlockLoader(BlockLoader):
         super().__init__(files, model)
         self.where, self.model = where, model
         self.fmt, self.qc, _ = packed_config(where)
-        self.kv_names = kv_scale_names(self.fmt, self.qc, files.where)      # FP8 KV scales: read apart, not loaded
+        self.kv_names = set(kv_scale_names(self.fmt, self.qc, files.where))   # FP8 KV scales: read apart, not loaded
         self.outside_keys = [k for k in self.outside_keys if k not in self.kv_names]
 
     def kv_scales(self) -> dict[str, torch.Tensor]:
         """The checkpoint's FP8 KV cache scales under the model's names (packed.pop_kv_scales), {} without."""
-        return pop_kv_scales(self.fmt, self.qc, self.files.read(self.kv_names, dtype=None), self.model, self.where)
+        return pop_kv_scales(self.fmt, self.qc, self.files.read(sorted(self.kv_names), dtype=None), self.model,
+                             self.where)
 
     def load(self, i: int, block: nn.Module) -> None:
         from .checkpoint_keys import to_model_keys
 
         prefix = f"{self.blocks}.{i}."
-        kv = set(self.kv_names)
-        state = self.files.read([k for k in self.files.where if k.startswith(prefix) and k not in kv], dtype=None)
+        state = self.files.read([k for k in self.files.where if k.startswith(prefix) and k not in self.kv_names],
+                                dtype=None)
         dense = {}
         for name in quantized_names(self.fmt, state):
             module = submodule_or_none(block, name[len(prefix):])   # None: stored apart, fused by the model (experts)
