@@ -242,10 +242,11 @@ def _quant_config(a):
 
 
 def _scheme_words(fields: dict) -> str:
-    grid = ("FP8 " if fields.get("fp8") else "NVFP4 " if fields.get("nvfp4") else "") + f"W{fields['bits']} " + \
-        ("per channel" if fields["group_size"] == -1 else f"{fields['group_size']}x{fields['group_size']} blocks"
-         if fields.get("fp8_block") else f"g{fields['group_size']}") + ("" if fields["sym"] else " asym")
-    return grid + (" A8 dynamic" if fields.get("act_bits") else "")
+    from ..config import QuantizeConfig
+
+    cfg = QuantizeConfig(**fields)
+    return (f"{'FP8 ' if cfg.fp8 else ''}W{cfg.bits} {_groups(cfg, 'per channel')}{'' if cfg.sym else ' asym'}"
+            f"{' A8 dynamic' if cfg.act_bits else ''}")
 
 
 def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:

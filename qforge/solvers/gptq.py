@@ -115,7 +115,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     if not (all_finite(W) and all_finite(H)):
         raise ValueError("gptq: W and H must be finite")
     g = nvfp4_global_scale(W) if grid.fp4 else 1.0
-    if g != 1.0:
+    if grid.fp4:
         W = W * g
 
     diag = torch.diag(H).clone()
