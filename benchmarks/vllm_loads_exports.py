@@ -115,6 +115,10 @@ def _exports(d: Path, only: str = "") -> dict[str, Path]:
          ["compressed-tensors"]),
         ("NVFP4A16 (E2M1 weights in groups of 16, E4M3 scales, a global scale)", qforge.QuantizeConfig(
             method="rtn", bits=4, group_size=16, nvfp4=True), ["compressed-tensors"]),
+        ("MXFP4A16 (E2M1 weights in groups of 32, power-of-two scales)",
+         qforge.QuantizeConfig.from_scheme("MXFP4A16", method="rtn"), ["compressed-tensors"]),
+        ("MXFP8A16 (E4M3 weights in groups of 32, power-of-two scales)",
+         qforge.QuantizeConfig.from_scheme("MXFP8A16", method="rtn"), ["compressed-tensors"]),
         ("FP8 W8A16 per-channel (FP8 weights only)", qforge.QuantizeConfig(method="rtn", bits=8, group_size=-1,
                                                                            fp8=True), ["compressed-tensors"]),
         ("W4 g64 sym, FP8 KV cache (calibrated k/v scales)", qforge.QuantizeConfig(method="rtn", bits=4,
@@ -222,8 +226,9 @@ def main() -> None:
                 err = why[1].strip() if why else (f"a weight of another shape than its fused module ({fused[1]})"
                                                   if fused else log.strip().splitlines()[-1])
                 if why and err.endswith("Reasons:"):           # one reason a line, each behind the log's prefix
-                    reasons = log[why.end():].lstrip(" ").splitlines()[1:]
-                    err += " " + " ".join(r.split("] ", 1)[-1].strip() for r in reasons[:2])
+                    reasons = [r.split("] ", 1)[-1].strip() for r in log[why.end():].lstrip(" ").splitlines()[1:3]]
+                    reasons = reasons[:reasons.index("")] if "" in reasons else reasons      # a blank line ends them
+                    err += " " + (" ".join(reasons) if reasons else "(none listed)")
                 rows.append([label, f"refused: {err}", "", "", "", "", "", ""])
                 continue
             theirs = json.loads(line[7:])

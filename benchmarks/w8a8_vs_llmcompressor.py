@@ -12,10 +12,13 @@ the cache unquantized and with vLLM's scale-1 FP8 cache (what --kv-cache-dtype f
 `--scheme fp8-block`: FP8 in 64 x 64 tiles, inputs per token in groups of 64 (FP8_BLOCK's layout: its preset's 128 x
 128 tiles do not divide SmolLM2's width, 576 = 9 x 64, and compressed-tensors' grouped inputs need whole groups).
 `--scheme nvfp4`: NVFP4A16, weight-only (E2M1 weights in groups of 16, E4M3 group scales over a global scale),
-beside int4 in groups of 16 (the same group size on an integer grid).
+beside int4 in groups of 16 (the same group size on an integer grid). `--scheme mxfp4` / `mxfp8`: MXFP4A16 /
+MXFP8A16, weight-only (E2M1 / E4M3 weights in groups of 32 with power-of-two scales); MXFP4 beside int4 in groups of
+32 and NVFP4. `--scheme mxfp4-w4a4` / `mxfp8-w8a8`: MXFP4 / MXFP8, the inputs MX too (per token in groups of 32,
+dynamic), beside the same weights on unquantized inputs.
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
-        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv,fp8-block,nvfp4}]
+        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv,fp8-block,nvfp4,mxfp4,mxfp8,mxfp4-w4a4,mxfp8-w8a8}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -67,9 +70,9 @@ def main():
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
         recipe = [Modifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"], kv_cache_scheme=kv)]
-    elif mode in ("nvfp4-rtn", "nvfp4-gptq"):
+    elif mode.startswith(("NVFP4", "MXFP")):                 # a preset by name: NVFP4A16-gptq, MXFP4-rtn...
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
-        recipe = [Modifier(targets="Linear", scheme="NVFP4A16", ignore=["lm_head"])]
+        recipe = [Modifier(targets="Linear", scheme=mode.rpartition("-")[0], ignore=["lm_head"])]
     elif mode in ("fp8-block-rtn", "fp8-block-gptq"):          # FP8_BLOCK's scheme in 64 x 64 tiles
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
@@ -122,8 +125,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
-    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv", "fp8-block", "nvfp4"),
-                    default="int8")
+    ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv", "fp8-block", "nvfp4",
+                                         "mxfp4", "mxfp8", "mxfp4-w4a4", "mxfp8-w8a8"), default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -164,13 +167,23 @@ def main() -> None:
                 ("llm-compressor", "RTN", "fp8-kv-rtn"),
                 ("llm-compressor", "GPTQ", "fp8-kv-gptq")]
     elif a.scheme == "nvfp4":
-        nvfp4 = dict(bits=4, group_size=16, sym=True)
+        preset, nvfp4 = "NVFP4A16", dict(bits=4, group_size=16, sym=True)
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", nvfp4=True, **nvfp4)),
                 ("qforge", "GPTQ", qforge.QuantizeConfig(method="gptq", nvfp4=True, **nvfp4)),
-                ("llm-compressor", "RTN", "nvfp4-rtn"),
-                ("llm-compressor", "GPTQ", "nvfp4-gptq"),
+                ("llm-compressor", "RTN", "NVFP4A16-rtn"),
+                ("llm-compressor", "GPTQ", "NVFP4A16-gptq"),
                 ("qforge", "int W4 g16 sym RTN", qforge.QuantizeConfig(method="rtn", **nvfp4)),
                 ("qforge", "int W4 g16 sym GPTQ", qforge.QuantizeConfig(method="gptq", **nvfp4))]
+    elif a.scheme.startswith("mxfp"):
+        preset = a.scheme.split("-")[0].upper() + ("" if "-w" in a.scheme else "A16")   # MXFP4 (W4A4), MXFP4A16
+        runs = [("qforge", "RTN", qforge.QuantizeConfig.from_scheme(preset, method="rtn")),
+                ("qforge", "GPTQ", qforge.QuantizeConfig.from_scheme(preset, method="gptq")),
+                ("llm-compressor", "RTN", f"{preset}-rtn"),
+                ("llm-compressor", "GPTQ", f"{preset}-gptq")]
+        if a.scheme == "mxfp4":
+            runs += [("qforge", "int W4 g32 sym RTN", qforge.QuantizeConfig(method="rtn", bits=4, group_size=32)),
+                     ("qforge", "int W4 g32 sym GPTQ", qforge.QuantizeConfig(method="gptq", bits=4, group_size=32)),
+                     ("qforge", "NVFP4A16 GPTQ", qforge.QuantizeConfig.from_scheme("NVFP4A16", method="gptq"))]
     elif a.scheme == "fp8-block":
         block = dict(fp8=True, fp8_block=True, **{**w8a8, "group_size": 64})
         runs = [("qforge", "RTN", qforge.QuantizeConfig(method="rtn", **block)),
@@ -194,8 +207,10 @@ def main() -> None:
                 ("llm-compressor", "SmoothQuant 0.8 + GPTQ", "sq-gptq")]
     name = ("FP8 W8A8" if fp8 else "W8A8") + (" static" if a.scheme.endswith("static") else "") + \
         (", FP8 KV cache" if a.scheme == "fp8-kv" else "") + (" 64x64 blocks" if a.scheme == "fp8-block" else "")
-    if a.scheme == "nvfp4":
-        name = "NVFP4A16"
+    if a.scheme in ("nvfp4", "mxfp4", "mxfp8"):
+        name = a.scheme.upper() + "A16"
+    elif a.scheme.startswith("mxfp"):
+        name = a.scheme.split("-")[0].upper() + f" ({a.scheme.split('-')[1].upper()})"
     rows, kv_scales = [], {}
 
     def score(label, tool, qm, secs, simulate=None):
@@ -221,10 +236,16 @@ def main() -> None:
                     continue
                 secs = json.loads(line[7:])["seconds"]
             qm = qforge.load(out)
-            if a.scheme == "nvfp4":                  # weight-only: NVFP4 or, in the int rows, an integer grid
-                assert qm.act_bits is None and all(q.grid.fp4 != label.startswith("int")
-                                                   for q in qm.result.layers.values()), f"{out}: not {label}"
-                score(label if label.startswith("int") else f"{name} {label}", tool, qm, secs)
+            if a.scheme.startswith(("nvfp4", "mxfp")):   # the preset's grid and inputs, or the row's own grid
+                own, want = label.startswith(("int", "NVFP4")), qforge.QuantizeConfig.from_scheme(preset)
+                grids = {q.grid for q in qm.result.layers.values()}
+                acts = None if own else want.input_scheme
+                assert len(grids) == 1 and qm.input_scheme == acts, f"{out}: not {label}"
+                assert own or next(iter(grids)) == want.grid, f"{out}: not {name}"
+                score(label if own else f"{name} {label}", tool, qm, secs)
+                if qm.input_scheme is not None and k == 0:      # the same weights on unquantized inputs
+                    qm.packed_inputs = None
+                    score(f"{name} {label}, the weights on unquantized inputs", tool, qm, None)
                 continue
             assert qm.act_bits == 8 and qm.act_fp8 == fp8, f"{out}: not a {name} checkpoint"
             assert (qm.input_scales is not None) == a.scheme.endswith("static"), f"{out}: not a {name} checkpoint"

@@ -78,7 +78,8 @@ class QModel:
         acts = self.input_scheme
         return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
                                      fp8=self.act_fp8, scales=self.input_scales,
-                                     group_size=acts.group_size if acts is not None else -1)
+                                     group_size=acts.group_size if acts is not None else -1,
+                                     mx=acts is not None and acts.mx)
 
     @property
     def kv_scales(self) -> dict[str, torch.Tensor] | None:
@@ -138,7 +139,7 @@ class QModel:
             log.info("compute_dtype auto: %s on %s", resolved.compute_dtype, device)
             self.config = resolved                          # saved with the output as the dtype that ran
         self._source_warning = None
-        if allocation is None and not self.config.bpw and not self.config.nvfp4:   # one integer grid for every linear
+        if allocation is None and not (self.config.bpw or self.config.nvfp4 or self.config.mx):  # one integer grid
             from .models.arch import arch_spec
             from .models.gguf import source_grid_warning
 
@@ -545,6 +546,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                     row["act_static"] = True
                 if qm.input_scheme.group_size > 0:
                     row["act_group_size"] = qm.input_scheme.group_size
+                if qm.input_scheme.mx:
+                    row["act_mx"] = True
             if qm.kv_scales is not None:
                 row["kv_cache"] = "fp8"
             if comparison is not None:

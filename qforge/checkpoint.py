@@ -58,7 +58,8 @@ def save_layers(layers: dict[str, LayerQuant], path: Path) -> None:
     meta = {name: json.dumps({"bits": q.grid.bits, "group_size": q.grid.group_size, "sym": q.grid.sym,
                               **({"fp8": True} if q.grid.fp8 else {}),
                               **({"block_rows": q.grid.block_rows} if q.grid.block_rows else {}),
-                              **({"fp4": True} if q.grid.fp4 else {})})
+                              **({"fp4": True} if q.grid.fp4 else {}),
+                              **({"mx": True} if q.grid.mx else {})})
             for name, q in layers.items()}
     save_file(tensors, str(path), metadata=meta)
 
@@ -74,7 +75,7 @@ def load_layers(path: Path) -> dict[str, LayerQuant]:
         for name, m in meta.items():
             g = json.loads(m)
             grid = Grid(g["bits"], g["group_size"], g["sym"], g.get("fp8", False), g.get("block_rows", 0),
-                        g.get("fp4", False))
+                        g.get("fp4", False), g.get("mx", False))
             out[name] = LayerQuant(grid, t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"],
                                    t[f"{name}.g_idx"], info={},
                                    input_scale=t.get(f"{name}.input_scale"),

@@ -26,6 +26,10 @@ SCHEMES = {
     "FP8_DYNAMIC": dict(bits=8, group_size=-1, sym=True, fp8=True, act_bits=8),
     "FP8_BLOCK": dict(bits=8, group_size=128, sym=True, fp8=True, fp8_block=True, act_bits=8),
     "NVFP4A16": dict(bits=4, group_size=16, sym=True, nvfp4=True),
+    "MXFP4A16": dict(bits=4, group_size=32, sym=True, mx=True),
+    "MXFP8A16": dict(bits=8, group_size=32, sym=True, fp8=True, mx=True),
+    "MXFP4": dict(bits=4, group_size=32, sym=True, mx=True, act_bits=4),
+    "MXFP8": dict(bits=8, group_size=32, sym=True, fp8=True, mx=True, act_bits=8),
 }
 
 
@@ -156,6 +160,11 @@ class QuantizeConfig(_JsonMixin):
     # codes in groups of 16 with E4M3 group scales over one fp32 global scale per tensor (solvers/grid.py), shared by
     # the linears engines fuse (q/k/v, gate/up). Needs bits 4, group_size 16, sym; weight-only
     nvfp4: bool = False
+    # MX weights (the OCP microscaling formats; llm-compressor's MXFP4A16 with bits 4, MXFP8A16 with bits 8 and fp8):
+    # E2M1 (bits 4) or E4M3 (fp8) codes in groups of 32, each group's scale a power of two (one E8M0 byte), no global
+    # scale (solvers/grid.py). Needs group_size 32, sym. With act_bits (4 for MXFP4, 8 for MXFP8: llm-compressor's
+    # MXFP4 and MXFP8 schemes) the inputs are MX too: per token in groups of 32, a power-of-two scale each, dynamic
+    mx: bool = False
     # static input scales (with act_bits 8; llm-compressor's `dynamic: false` activations, its "FP8" scheme's): one
     # scale per quantized linear for all tokens, fixed at quantization time from its inputs over the calibration set
     # (the largest |x| the quantized model gives it, / 127 for int8, / 448 for FP8) instead of computed per token as
@@ -229,7 +238,8 @@ class QuantizeConfig(_JsonMixin):
             v = getattr(self, name)
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
-        _check(self.act_bits in (None, 8), f"act_bits must be 8 (W8A8) or None (weight-only), got {self.act_bits!r}")
+        _check(self.act_bits in (None, 8) or self.mx and self.act_bits == 4,
+               f"act_bits must be 8 (W8A8; 4 with MXFP4 weights) or None (weight-only), got {self.act_bits!r}")
         _check(self.fp8 or not self.fp8_block, "fp8_block quantizes FP8 weights in blocks: it needs fp8")
         if self.nvfp4:
             _check(self.bits == 4 and self.group_size == 16 and self.sym and not self.fp8,
@@ -238,6 +248,19 @@ class QuantizeConfig(_JsonMixin):
             _check(self.method in ("rtn", "gptq"), f"NVFP4 takes method rtn or gptq, not {self.method!r}")
             _check(self.act_bits is None, "NVFP4 is offered weight-only (NVFP4A16): no act_bits")
             _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take nvfp4")
+        if self.mx:
+            _check((self.bits == 4 and not self.fp8 or self.bits == 8 and self.fp8) and self.group_size == 32
+                   and self.sym and not (self.nvfp4 or self.fp8_block),
+                   f"MX weights are MXFP4 (bits 4) or MXFP8 (bits 8 with fp8) in groups of 32, symmetric, got bits "
+                   f"{self.bits}, group_size {self.group_size}, sym {self.sym}{', fp8' if self.fp8 else ''}"
+                   f"{', nvfp4' if self.nvfp4 else ''}{', fp8_block' if self.fp8_block else ''}")
+            _check(self.method in ("rtn", "gptq"), f"MX takes method rtn or gptq, not {self.method!r}")
+            _check(self.act_bits in (None, self.bits) and not self.act_static,
+                   f"MX inputs are MX of the weights' bits (act_bits {self.bits}), dynamic: got act_bits "
+                   f"{self.act_bits}{', act_static' if self.act_static else ''}")
+            _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take mx")
+            _check(self.smoothquant is None, "smoothquant is offered for int8 inputs (W8A8); MX inputs take a scale "
+                                             "per group of 32 channels")
         if self.fp8_block:
             _check(self.bits == 8 and self.group_size > 0 and self.sym,
                    f"FP8 blocks are 8-bit (E4M3) group_size x group_size tiles (bits 8, a group size, sym), got bits "
@@ -246,7 +269,7 @@ class QuantizeConfig(_JsonMixin):
                                         "per-channel FP8 weights' inputs")
             _check(not self.act_order or self.static_groups, "FP8 blocks are column ranges: act_order needs "
                                                              "static_groups")
-        elif self.fp8:
+        elif self.fp8 and not self.mx:
             _check(self.bits == 8 and self.group_size == -1 and self.sym,
                    f"FP8 weights are 8-bit (E4M3) with one scale per output channel (bits 8, group_size -1, sym; "
                    f"fp8_block for group_size x group_size blocks), got bits {self.bits}, group_size "
@@ -255,7 +278,7 @@ class QuantizeConfig(_JsonMixin):
             _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take fp8")
             _check(self.smoothquant is None, "smoothquant is offered for int8 activations (W8A8); FP8's per-token "
                                              "E4M3 inputs keep their outliers' precision without it")
-        if self.act_bits is not None:
+        if self.act_bits is not None and not self.mx:
             _check(self.bits == 8 and (self.group_size == -1 or self.fp8_block) and self.sym,
                    f"W8A8 needs 8-bit symmetric per-channel weights (bits 8, group_size -1, sym), as int8 GEMMs "
                    f"take them; got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
@@ -314,7 +337,8 @@ class QuantizeConfig(_JsonMixin):
         from .solvers.grid import InputScheme
 
         return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static,
-                                                              self.group_size if self.fp8_block else -1)
+                                                              self.group_size if self.fp8_block or self.mx else -1,
+                                                              self.mx)
 
     @property
     def grid(self):
@@ -322,7 +346,7 @@ class QuantizeConfig(_JsonMixin):
         from .solvers.grid import Grid
 
         return Grid(self.bits, self.group_size, self.sym, self.fp8, self.group_size if self.fp8_block else 0,
-                    self.nvfp4)
+                    self.nvfp4 or self.mx and self.bits == 4, self.mx)
 
 
 @dataclass(frozen=True)

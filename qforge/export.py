@@ -122,6 +122,9 @@ def _check_compressed_tensors_only(cfg, fmt: str) -> None:
     if getattr(cfg, "kv_cache", None) and fmt != "compressed-tensors":
         raise QForgeError(f"an FP8 KV cache's scales export as compressed-tensors (kv_cache_scheme) only: the {fmt} "
                           f"format has no place for them")
+    if getattr(cfg, "mx", False) and fmt != "compressed-tensors":
+        raise QForgeError(f"MX weights export as compressed-tensors (mxfp4-pack-quantized, mxfp8-quantized) only: the "
+                          f"{fmt} format stores integer codes")
     if getattr(cfg, "fp8", False) and fmt != "compressed-tensors":
         raise QForgeError(f"FP8 weights export as compressed-tensors (float-quantized) only: the {fmt} format stores "
                           f"integer codes")

@@ -113,7 +113,7 @@ def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     extra term included; FP8's and NVFP4's rounding run in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
-                loop=column_loop_for(device, cfg.fp8 or cfg.nvfp4))
+                loop=column_loop_for(device, cfg.fp8 or cfg.grid.fp4))
 
 
 # AWQ methods transform each block first (smoothing/), then quantize with the named solver
@@ -245,7 +245,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
             for group in block_linears(block, spec):
                 kept = [(ref, linear_name(spec, i, ref.name)) for ref in group]
                 kept = [(ref, name) for ref, name in kept if not _skipped(name, cfg)]
-                if grid.fp4 and kept:     # NVFP4: linears of one input (fused by engines) share a global scale
+                if grid.nvfp4 and kept:   # NVFP4: linears of one input (fused by engines) share a global scale
                     _solve_stacked(*map(list, zip(*kept)), solver, None, grid, cfg, result)
                     continue
                 for ref, name in kept:

@@ -108,7 +108,8 @@ class BlockStore:
         t.update({f"awq.scale.{u}": s.cpu().contiguous() for u, s in awq.scales.items()})
         t.update({f"awq.clip.{n}": c.cpu().contiguous() for n, c in awq.clips.items()})
         t.update({f"smoothquant.{u}": s.cpu().contiguous() for u, s in (smoothquant or {}).items()})
-        grids = {n: [q.grid.bits, q.grid.group_size, q.grid.sym, q.grid.fp8, q.grid.block_rows, q.grid.fp4]
+        grids = {n: [q.grid.bits, q.grid.group_size, q.grid.sym, q.grid.fp8, q.grid.block_rows, q.grid.fp4,
+                     q.grid.mx]
                  for n, q in layers.items()}
         meta = {"layers": json.dumps({n: {"grid": grids[n], "info": q.info} for n, q in layers.items()}),
                 "alphas": json.dumps(awq.alphas),

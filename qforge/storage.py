@@ -19,7 +19,7 @@ def layer_bits(q: LayerQuant, act_order: bool = False, static_groups: bool = Fal
     out_f, in_f = q.shape
     G = q.scales.shape[1]
     rows = -(-out_f // q.grid.block_rows) if q.grid.block_rows else out_f      # rows of scales stored
-    bits = out_f * in_f * q.grid.bits + (rows * G * 8 + 32 if q.grid.fp4 else rows * G * 16)
+    bits = out_f * in_f * q.grid.bits + rows * G * (8 if q.grid.fp4 or q.grid.mx else 16) + (32 if q.grid.nvfp4 else 0)
     if not q.grid.sym:
         bits += out_f * G * q.grid.bits
     if act_order and not static_groups:

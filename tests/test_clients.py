@@ -199,16 +199,19 @@ def test_transformers_loads_qforge_fp8_block_export(act_bits, tiny_tokenizer, tm
         assert (per_token - theirs[1]).abs().max() > 1e-4
 
 
-def test_transformers_loads_qforge_nvfp4_export(tiny_tokenizer, tmp_path):
-    """NVFP4A16 (nvfp4-pack-quantized, GPTQ-solved): transformers' compressed-tensors integration runs qforge's export
-    as qforge does, but for its weights' rounding: it decompresses NVFP4 into bf16 weights."""
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4A16", "MXFP8A16"])
+def test_transformers_loads_qforge_fp4_and_mx_exports(scheme, tiny_tokenizer, tmp_path):
+    """NVFP4A16 (nvfp4-pack-quantized), MXFP4A16 / MXFP8A16 (mxfp4-pack-quantized / mxfp8-quantized), GPTQ-solved:
+    transformers' compressed-tensors integration runs qforge's export as qforge does. It decompresses them into bf16
+    weights: exact for MX's power-of-two scales (logits to 1e-5), rounded for NVFP4's."""
     src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
-    m = qforge.load(src, qforge.QuantizeConfig(method="gptq", bits=4, group_size=16, nvfp4=True,
-                                               compute_dtype="float32"))
+    m = qforge.load(src, qforge.QuantizeConfig.from_scheme(scheme, method="gptq", compute_dtype="float32"))
     m.quantize("builtin:wiki", nsamples=4, seqlen=64)
     m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
     theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
     ours = qforge_side(tmp_path / "ct")
+    if scheme.startswith("MX"):
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
     assert_same_model(ours, theirs)
 
 
@@ -237,7 +240,11 @@ def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_cali
                                       ("llmc-fp8-static-tiny", "compressed-tensors"),
                                       ("llmc-kv-fp8-tiny", "compressed-tensors"),
                                       ("llmc-fp8-block-tiny", "compressed-tensors"),
-                                      ("llmc-nvfp4-tiny", "compressed-tensors")])
+                                      ("llmc-nvfp4-tiny", "compressed-tensors"),
+                                      ("llmc-mxfp4-tiny", "compressed-tensors"),
+                                      ("llmc-mxfp8-tiny", "compressed-tensors"),
+                                      ("llmc-mxfp4-a4-tiny", "compressed-tensors"),
+                                      ("llmc-mxfp8-a8-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
@@ -267,6 +274,22 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
         assert all(q.grid.fp4 and q.global_scale is not None for q in m.result.layers.values())
         assert m.input_scheme is None
         assert_same_model(theirs, ours)
+        return
+    if "mxfp" in task:                   # powers of two: their logits exactly, and qforge's RTN is their checkpoint
+        scheme = task.split("-")[1].upper() + ("" if "-a" in task else "A16")       # MXFP4 (W4A4) or MXFP4A16
+        assert all(q.grid.mx and q.grid.fp4 == ("mxfp4" in task) for q in m.result.layers.values())
+        assert m.input_scheme == qforge.QuantizeConfig.from_scheme(scheme).input_scheme
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+        assert_same_model(theirs, ours)
+        if "-a" in task:                 # their model object quantizes the inputs: qforge's logits without differ
+            with torch.no_grad():
+                plain = m.model(probe_ids(m.tokenizer)).logits.float()
+            assert (plain - theirs[1]).abs().max() > 1e-3
+        mine = qforge.load(src, qforge.QuantizeConfig.from_scheme(scheme))
+        mine.quantize()
+        for name, q in mine.result.layers.items():
+            assert torch.equal(q.scales, m.result.layers[name].scales)
+            assert torch.equal(q.codes.float(), m.result.layers[name].codes.float())   # (their packing keeps -0)
         return
     if "block" in task:                  # E4M3 in 32 x 32 tiles, inputs per token in groups of 32: exactly theirs
         assert m.input_scheme.fp8 and m.input_scheme.group_size == 32

@@ -24,7 +24,7 @@ E4M3 = E4M3[torch.isfinite(E4M3)].unique()
 
 @pytest.mark.parametrize("bad", [dict(bits=8), dict(sym=False), dict(group_size=-1)])
 def test_an_nvfp4_grid_is_4_bit_symmetric_in_groups(bad):
-    with pytest.raises(ValueError, match="NVFP4 grid"):
+    with pytest.raises(ValueError, match="FP4 grid"):
         Grid(**{**dict(bits=4, group_size=16, sym=True, fp4=True), **bad})
 
 

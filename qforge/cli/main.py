@@ -185,10 +185,11 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "quantized differ from the fp model's (one more pass per block; GPTQModel's default alpha "
                         "is 0.25)")
     g = p.add_argument_group("weight-activation quantization (W8A8) and FP8")
-    g.add_argument("--act-bits", type=int, choices=(8,),
+    g.add_argument("--act-bits", type=int, choices=(8, 4),
                    help="8: the quantized linears' inputs are int8 (E4M3 with --fp8) too, per token and dynamic "
                         "(W8A8, with --bits 8 --group-size -1 --sym; exported as compressed-tensors int-quantized, "
-                        "which vLLM runs on int8 GEMMs); evaluation and generate quantize them as the model runs")
+                        "which vLLM runs on int8 GEMMs); evaluation and generate quantize them as the model runs. "
+                        "With --mx: MX inputs of the weights' bits (4: MXFP4, 8: MXFP8) per token in groups of 32")
     g.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
                         "examples) into each block, from its calibration inputs, before its weights are quantized")
@@ -201,6 +202,10 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                    help="NVFP4 weights (with --bits 4 --group-size 16; llm-compressor's NVFP4A16): E2M1 codes, E4M3 "
                         "group scales over one global scale per tensor, shared by the linears engines fuse; "
                         "exported as compressed-tensors nvfp4-pack-quantized")
+    g.add_argument("--mx", action="store_true",
+                   help="MX weights, the OCP microscaling formats (with --group-size 32: --bits 4 is MXFP4, --bits 8 "
+                        "--fp8 MXFP8; llm-compressor's MXFP4A16 / MXFP8A16): E2M1 or E4M3 codes, one power-of-two "
+                        "scale per group; exported as compressed-tensors mxfp4-pack-quantized / mxfp8-quantized")
     g.add_argument("--fp8-block", action="store_true",
                    help="with --fp8: one weight scale per group-size x group-size block (--group-size 128: "
                         "llm-compressor's FP8_BLOCK, DeepSeek-V3's layout) instead of per channel; with --act-bits 8 "
@@ -237,6 +242,7 @@ def _quant_config(a):
                           smoothquant=getattr(a, "smoothquant", None), skip=tuple(getattr(a, "skip", ())),
                           gptaq=getattr(a, "gptaq", None), fp8=getattr(a, "fp8", False),
                           fp8_block=getattr(a, "fp8_block", False), nvfp4=getattr(a, "nvfp4", False),
+                          mx=getattr(a, "mx", False),
                           act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"),
                           kv_cache=getattr(a, "kv_cache", None))
 
@@ -245,8 +251,8 @@ def _scheme_words(fields: dict) -> str:
     from ..config import QuantizeConfig
 
     cfg = QuantizeConfig(**fields)
-    return (f"{'FP8 ' if cfg.fp8 else ''}W{cfg.bits} {_groups(cfg, 'per channel')}{'' if cfg.sym else ' asym'}"
-            f"{' A8 dynamic' if cfg.act_bits else ''}")
+    return (f"{_fp8(cfg)}W{cfg.bits} {_groups(cfg, 'per channel')}{'' if cfg.sym else ' asym'}"
+            f"{f' A{cfg.act_bits} dynamic' if cfg.act_bits else ''}")
 
 
 def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:
@@ -651,7 +657,7 @@ def _print_quant_summary(m, out: Path) -> None:
     acts = f"A{m.config.act_bits}" + (" (static input scales)" if m.config.act_static else "") \
         if m.config.act_bits else ""
     method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
-    fp8 = "FP8 " if m.config.fp8 else ""
+    fp8 = _fp8(m.config)
     acts += " KV FP8" if m.config.kv_cache == "fp8" else ""
     print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
           f"{_groups(m.config, 'per-channel')} "
@@ -663,12 +669,17 @@ def _print_quant_summary(m, out: Path) -> None:
               f"{m.config.group_size} does not divide their input width)")
 
 
+def _fp8(cfg) -> str:
+    """The label's prefix for FP8 weights (MXFP8 names itself in _groups)."""
+    return "FP8 " if cfg.fp8 and not cfg.mx else ""
+
+
 def _groups(cfg, per_channel: str) -> str:
     """How a config's weight scales are laid out, for a label."""
     if cfg.fp8_block:
         return f"{cfg.group_size}x{cfg.group_size} blocks"
-    if cfg.nvfp4:
-        return f"NVFP4 g{cfg.group_size}"
+    if cfg.nvfp4 or cfg.mx:
+        return f"{'NVFP4' if cfg.nvfp4 else 'MXFP4' if cfg.bits == 4 else 'MXFP8'} g{cfg.group_size}"
     return per_channel if cfg.group_size == -1 else f"g{cfg.group_size}"
 
 
@@ -684,7 +695,7 @@ def cmd_eval(a) -> int:
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     if rows and rows[0].get("act_bits"):
-        kind = "fp" if rows[0].get("act_fp8") else "int"
+        kind = "MX fp" if rows[0].get("act_mx") else "fp" if rows[0].get("act_fp8") else "int"
         how = "with static scales" if rows[0].get("act_static") else "per token" + \
             (f" in groups of {rows[0]['act_group_size']}" if rows[0].get("act_group_size") else "")
         title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} {how}"
@@ -724,7 +735,7 @@ def cmd_demo(a) -> int:
     s = m.storage()
     acts = f"A{cfg.act_bits}" + (" static" if cfg.act_static else "") + \
         (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") if cfg.act_bits else ""
-    fp8 = "FP8 " if cfg.fp8 else ""
+    fp8 = _fp8(cfg)
     label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {_groups(cfg, 'pc')} "
              f"{'sym' if cfg.sym else 'asym'}" + (" KV FP8" if cfg.kv_cache == "fp8" else ""))
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]

@@ -9,6 +9,8 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
   or, FP8 (`fp8`, 8 bits), to the nearest E4M3 number, as vLLM quantizes an FP8_DYNAMIC layer's input:
       s = max|x| / 448,   x̂ = fp8(x / s) · s
   (FP8 blocks' inputs, `group_size` g: the same per token and run of g channels, vLLM's per-token-group quantization)
+  or, MX (`mx`, groups of g = 32), each token's run of g channels on the MX weights' grid (solvers/grid.py): a
+  power-of-two scale s = mx_scale(max|x|), x̂ = e2m1(x / s) · s (4 bits) or fp8(x / s) · s (8 bits)
   or, static (`scales`: each linear's calibrated input_scale s, one for all tokens), the same with s fixed:
       x̂ = clamp(round(x / s), -128, 127) · s   or   x̂ = fp8(x / s) · s   (saturating at ±448 · s)
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
@@ -33,7 +35,7 @@ from transformers import DynamicCache
 
 from ..errors import QForgeError
 from ..models.arch import linear_modules
-from ..solvers.grid import FP8_MAX, to_e4m3
+from ..solvers.grid import FP8_MAX, InputScheme, mx_scale, round_codes, to_e4m3
 from ..solvers.input_scale import fake_quant_static
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,16 @@ def fake_quant_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> torch.Ten
     xf = xf.unflatten(-1, (-1, g))                                      # [..., groups, g]
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
     return (to_e4m3(xf / s).float() * s).flatten(-2)[..., :d].to(x.dtype)
+
+
+def fake_quant_mx(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Dynamic MX fake quantization of x [..., channels] (the module docstring): E2M1 (4 bits) or E4M3 (8) codes, one
+    power-of-two scale per row and group of `group_size` channels (compressed-tensors' dynamic MX inputs)."""
+    grid = InputScheme(bits, bits == 8, group_size=group_size, mx=True).grid
+    d = x.shape[-1]
+    xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
+    s = mx_scale(xf.abs().amax(dim=-1, keepdim=True), grid)
+    return (round_codes(xf / s, None, grid) * s).flatten(-2)[..., :d].to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -128,16 +140,20 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
 @contextlib.contextmanager
 def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
                           divisor: float | None = None, fp8: bool = False,
-                          scales: dict[str, torch.Tensor] | None = None, group_size: int = -1) -> Iterator[int]:
+                          scales: dict[str, torch.Tensor] | None = None, group_size: int = -1,
+                          mx: bool = False) -> Iterator[int]:
     """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
     token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only, per token and group of `group_size`
-    channels when > 0), or with `scales` (8 bits) with its own static input scale, {full name: input_scale [1]},
-    one for each of `names`; yields the count."""
+    channels when > 0; `mx`: MX, per token and group), or with `scales` (8 bits) with its own static input scale,
+    {full name: input_scale [1]}, one for each of `names`; yields the count."""
     if bits is None:
         yield 0
         return
-    if group_size != -1 and not (fp8 and scales is None and group_size > 0):
-        raise QForgeError(f"inputs in groups are FP8 blocks' dynamic inputs, got group size {group_size}")
+    if group_size != -1 and not ((fp8 or mx) and scales is None and group_size > 0):
+        raise QForgeError(f"inputs in groups are FP8 blocks' or MX dynamic inputs, got group size {group_size}")
+    if mx and not (group_size > 0 and bits == (8 if fp8 else 4)):
+        raise QForgeError(f"MX inputs are 4-bit E2M1 or 8-bit E4M3 (fp8) in groups, got {bits} bits, fp8 {fp8}, "
+                          f"group size {group_size}")
     if bits not in (4, 8) or (fp8 and bits != 8):
         raise QForgeError(f"--act-bits must be 8{'' if fp8 else ' or 4'} for {'FP8' if fp8 else 'int'} inputs, "
                           f"not {bits}")
@@ -153,7 +169,8 @@ def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | 
                               f"{len(set(mods) - set(scales))} of {len(mods)} linears have none")
         fqs = {n: (lambda x, s=scales[n]: fake_quant_static(x, s, fp8)) for n in mods}
     else:
-        fq = (lambda x: fake_quant_fp8_per_token(x, group_size)) if fp8 else \
+        fq = (lambda x: fake_quant_mx(x, bits, group_size)) if mx else \
+            (lambda x: fake_quant_fp8_per_token(x, group_size)) if fp8 else \
             (lambda x: fake_quant_per_token(x, bits, divisor))
         fqs = {n: fq for n in mods}
     handles = [m.register_forward_pre_hook(lambda _m, args, fq=fqs[n]: (fq(args[0]), *args[1:]))

@@ -1,5 +1,6 @@
-"""compressed-tensors "pack-quantized", "int-quantized", "float-quantized" and "nvfp4-pack-quantized" (llm-compressor's
-formats, read by vLLM and transformers), written and read through the compressed-tensors library.
+"""compressed-tensors "pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized",
+"mxfp4-pack-quantized" and "mxfp8-quantized" (llm-compressor's formats, read by vLLM and transformers), written and
+read through the compressed-tensors library.
 
 Per quantized linear NAME with W [out, in], b bits, G groups (in order; act-order only with static groups):
   weight_packed      int32 [out, ceil(in * b / 32)]  signed codes + 2^(b-1), packed along the input as a
@@ -43,6 +44,15 @@ and group of C channels). qforge writes square tiles (R = C = group_size); `in` 
 Dequantization: W[o, i] = weight_scale[o, i // 16] / g * code[o, i] (LayerQuant's scales are s8, its global_scale g;
 the library multiplies by s8 / g: at most an ulp away).
 
+"mxfp4-pack-quantized" / "mxfp8-quantized" (MXFP4A16 / MXFP8A16, QuantizeConfig.mx; solvers/grid.py's MX grids),
+weights 4-bit / 8-bit float, strategy "group", group_size 32, scale_dtype uint8:
+  weight_packed        uint8 [out, in / 2]            MXFP4: E2M1 codes two a byte, as nvfp4-pack-quantized packs them
+  weight               float8_e4m3fn [out, in]        MXFP8: the E4M3 codes
+  weight_scale         uint8 [out, in / 32]           E8M0: each group's scale is 2^(byte - 127)
+Dequantization: W[o, i] = 2^(weight_scale[o, i // 32] - 127) * code[o, i] (exact). With `act_bits` (MXFP4 / MXFP8,
+W4A4 / W8A8) the config groups' input_activations are the same type, dynamic, strategy "group", group_size 32, uint8
+scales: each token's group of 32 channels on the weights' grid as the layer runs (nothing stored).
+
 FP8 KV cache (QuantizeConfig.kv_cache "fp8"; any of the formats above): quantization_config's kv_cache_scheme is
 8-bit float, symmetric, static, strategy "tensor", and each attention module ATTN (model.layers.3.self_attn) stores
   ATTN.k_scale, ATTN.v_scale   fp32 [1]               the cache holds fp8(k / k_scale), fp8(v / v_scale)
@@ -56,13 +66,15 @@ import torch
 
 from ..errors import QForgeError
 from ..solvers import Grid, InputScheme, LayerQuant
+from ..solvers.grid import mx_exponent
 from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
 KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight",  # first: in every layout
         "input_scale", "weight_global_scale")
 BITS = (2, 3, 4, 5, 6, 7, 8)
-FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
+FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized",
+                "mxfp8-quantized")
 KV_SCALE_KEYS = ("k_scale", "v_scale")          # an attention module's FP8 KV cache scales
 MIXED = True                 # per-layer schemes: one config group per scheme
 
@@ -73,6 +85,9 @@ def _args(grid: Grid):
     if grid.block_rows:
         return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="block",
                                 block_structure=[grid.block_rows, grid.group_size])
+    if grid.mx:
+        return QuantizationArgs(num_bits=grid.bits, type="float", symmetric=True, strategy="group",
+                                group_size=grid.group_size, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
     if grid.fp4:
         return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group",
                                 group_size=grid.group_size, scale_dtype=torch.float8_e4m3fn,
@@ -88,7 +103,9 @@ def _scheme(grid: Grid, targets: list[str], acts: InputScheme | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     inputs = None
-    if acts is not None:
+    if acts is not None and acts.mx:
+        inputs = _args(acts.grid).model_copy(update={"dynamic": True})
+    elif acts is not None:
         how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if acts.static else \
             dict(dynamic=True, strategy="token") if acts.group_size == -1 else \
             dict(dynamic=True, strategy="group", group_size=acts.group_size)
@@ -102,9 +119,11 @@ def check(name: str, shape: tuple[int, int], grid: Grid | None, in_order: bool) 
         return
     if grid.bits not in BITS:
         raise QForgeError(f"{name}: compressed-tensors pack-quantized stores 2 to 8 bits (this layer has {grid.bits})")
-    if grid.fp4 and grid.group_size != 16:
+    if grid.nvfp4 and grid.group_size != 16:
         raise QForgeError(f"{name}: compressed-tensors nvfp4-pack-quantized stores groups of 16, not {grid.group_size}")
-    if grid.fp8 and grid.group_size != -1 and not grid.block_rows:
+    if grid.mx and grid.group_size != 32:
+        raise QForgeError(f"{name}: compressed-tensors stores MX weights in groups of 32, not {grid.group_size}")
+    if grid.fp8 and grid.group_size != -1 and not (grid.block_rows or grid.mx):
         raise QForgeError(f"{name}: compressed-tensors float-quantized is written per channel or in blocks here, "
                           f"not in groups")
     if not in_order:
@@ -132,6 +151,8 @@ def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) ->
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
+    if q.grid.mx:
+        return _pack_mx(q)
     if q.grid.fp4:
         if q.global_scale is None:
             raise QForgeError("an NVFP4 layer needs its global scale")
@@ -164,6 +185,16 @@ def _pack_weight(q: LayerQuant, dtype: torch.dtype, acts: InputScheme | None) ->
     return out
 
 
+def _pack_mx(q: LayerQuant) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
+
+    mx_exponent(q.scales)                                                # refuses scales that are not powers of two
+    W_hat = q.scales[:, q.g_idx.long()] * q.codes.float()                # exact: divides back exactly
+    compressor = MXFP4PackedCompressor if q.grid.fp4 else MXFP8QuantizationCompressor
+    return dict(compressor.compress({"weight": W_hat, "weight_scale": q.scales.float()}, _scheme(q.grid, ["Linear"])))
+
+
 def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     q = _unpack_weight(t, grid)
     if "input_scale" in t:                                           # static inputs: one scale for every token
@@ -177,6 +208,8 @@ def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
 def _unpack_weight(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    if grid.mx:
+        return _unpack_mx(t, grid)
     if grid.fp4:
         return _unpack_fp4(t, grid)
     if "weight_packed" not in t:
@@ -251,6 +284,25 @@ def _unpack_fp4(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
                       global_scale=g.float().reshape(1).clone())
 
 
+def _unpack_mx(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
+    """mxfp4-pack-quantized (E2M1 codes two a byte) or mxfp8-quantized (E4M3 codes), E8M0 group scales."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    w, e = t.get("weight_packed" if grid.fp4 else "weight"), t.get("weight_scale")
+    dtype = torch.uint8 if grid.fp4 else torch.float8_e4m3fn
+    if w is None or w.dtype != dtype or w.dim() != 2 or e is None or e.dtype != torch.uint8:
+        raise QForgeError(f"MX layers store a {dtype} {'weight_packed' if grid.fp4 else 'weight'} and a uint8 "
+                          f"weight_scale")
+    out_f, in_f = w.shape[0], w.shape[1] * (2 if grid.fp4 else 1)
+    if tuple(e.shape) != (out_f, grid.n_groups(in_f)) or bool((e == 255).any()):
+        raise QForgeError(f"an MX [{out_f}, {in_f}] weight needs a [{out_f}, {grid.n_groups(in_f)}] weight_scale of "
+                          f"E8M0 exponents (255 is NaN), got {list(e.shape)}")
+    codes = unpack_fp4_from_uint8(w, out_f, in_f, dtype=torch.float32).to(torch.float8_e4m3fn) if grid.fp4 else w
+    scales = torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - 127)
+    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_size
+    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={})
+
+
 def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | None = None, kv_fp8: bool = False):
     """The library's QuantizationConfig: one config group per distinct grid (int-quantized with quantized inputs,
     `acts`, float-quantized for FP8 grids); `kv_fp8`: with the FP8 KV cache scheme, whose scales the attention
@@ -265,12 +317,21 @@ def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | 
     else:
         groups = {f"group_{i}": _scheme(g, sorted(names), acts)
                   for i, (g, names) in enumerate(by_grid.items())}
-    fmt = "float-quantized" if any(g.fp8 for g in by_grid) else "nvfp4-pack-quantized" if any(
-        g.fp4 for g in by_grid) else "int-quantized" if acts else "pack-quantized"
+    fmt = _format_name(by_grid, acts)
     kv = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False) if kv_fp8 \
         else None
     return QuantizationConfig(config_groups=groups, format=fmt, kv_cache_scheme=kv,
                               quantization_status="compressed", ignore=ignore)
+
+
+def _format_name(grids, acts: InputScheme | None) -> str:
+    """The checkpoint's format, from its grids (several: mixed precision, integer grids)."""
+    if any(g.mx for g in grids):
+        if len(grids) > 1:
+            raise QForgeError("MX weights are exported with one grid for every layer")
+        return "mxfp4-pack-quantized" if next(iter(grids)).fp4 else "mxfp8-quantized"
+    return "float-quantized" if any(g.fp8 for g in grids) else "nvfp4-pack-quantized" if any(
+        g.fp4 for g in grids) else "int-quantized" if acts else "pack-quantized"
 
 
 def kv_cache_fp8(qc: dict) -> bool:
@@ -288,7 +349,7 @@ def kv_cache_fp8(qc: dict) -> bool:
 
 def input_acts(qc: dict) -> InputScheme | None:
     """The input scheme a quantization_config's layers quantize their inputs with (symmetric int8 or FP8, dynamic per
-    token or static per tensor, or FP8 dynamic per token and group of channels: the schemes qforge runs; a static
+    token or static per tensor, FP8 dynamic per token and group of channels, or MX: the schemes qforge runs; a static
     one's scales are its layers' input_scale tensors), or None when they take unquantized inputs; another input
     scheme is refused."""
     found = set()
@@ -299,11 +360,14 @@ def input_acts(qc: dict) -> InputScheme | None:
             continue
         how, fp8 = (a.get("dynamic"), a.get("strategy")), a.get("type") == "float"
         grouped = how == (True, "group") and fp8 and (a.get("group_size") or 0) > 0
+        if grouped and a.get("num_bits") in (4, 8) and "uint8" in str(a.get("scale_dtype")):   # MX inputs
+            found.add(InputScheme(a["num_bits"], a["num_bits"] == 8, False, int(a["group_size"]), mx=True))
+            continue
         if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("num_bits") == 8
                 and (how in ((True, "token"), (False, "tensor")) or grouped)):
             raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
                               f"supported (qforge runs symmetric int8 or FP8 inputs, dynamic per token or static per "
-                              f"tensor, or FP8 dynamic per token in groups)")
+                              f"tensor, FP8 dynamic per token in groups, or MX)")
         found.add(InputScheme(8, fp8, how == (False, "tensor"), int(a["group_size"]) if grouped else -1))
     if len(found) > 1:
         raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "
@@ -331,13 +395,17 @@ def grid_for(qc: dict, name: str) -> Grid:
             w = group.get("weights") or {}
             if w.get("type", "int") == "float":
                 block = w.get("block_structure") or []
+                if w.get("num_bits") in (4, 8) and w.get("strategy") == "group" and w.get("group_size") == 32 \
+                        and "uint8" in str(w.get("scale_dtype")):
+                    return Grid(w["num_bits"], 32, True, fp8=w["num_bits"] == 8, fp4=w["num_bits"] == 4, mx=True)
                 if w.get("num_bits") == 4 and w.get("strategy") == "tensor_group" and w.get("group_size") == 16:
                     return Grid(4, 16, True, fp4=True)
                 if w.get("num_bits") == 8 and w.get("strategy") == "block" and len(block) == 2 and min(block) > 0:
                     return Grid(8, int(block[1]), True, fp8=True, block_rows=int(block[0]))
                 if not (w.get("num_bits") == 8 and w.get("strategy") in ("channel", "tensor")):
                     raise QForgeError(f"{name}: compressed-tensors float weights are read as 8-bit E4M3 per channel, "
-                                      f"tensor or block, or NVFP4 (4-bit tensor_group of 16), not "
+                                      f"tensor or block, NVFP4 (4-bit tensor_group of 16) or MX (4 or 8-bit "
+                                      f"groups of 32, uint8 scales), not "
                                       f"{w.get('num_bits')}-bit per {w.get('strategy')}")
                 return Grid(8, -1, True, fp8=True)
             if w.get("type", "int") != "int":

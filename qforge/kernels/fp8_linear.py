@@ -1,7 +1,8 @@
 """Fp8Linear: a linear layer holding FP8 (E4M3) weights with one scale per output channel, or per block of rows and
-columns, as compressed-tensors "float-quantized" stores them, or NVFP4's E2M1 codes (formats/compressed_tensors.py):
+columns, as compressed-tensors "float-quantized" stores them, or NVFP4's E2M1 codes, or MX's E2M1 or E4M3 codes in
+groups with power-of-two scales (formats/compressed_tensors.py):
 
-  weight        float8_e4m3fn [out, in]   the codes (E2M1 numbers for NVFP4: each one an E4M3 number)
+  weight        float8_e4m3fn [out, in]   the codes (E2M1 numbers for NVFP4 / MXFP4: each one an E4M3 number)
   weight_scale  [out, G]          in the dtype the checkpoint stored it in (casting it would change the model); G = 1
                                   per channel, else in / C for C-column blocks or groups (each row keeps its own)
   global_scale  float             NVFP4 only: g (an attribute, not a buffer: a cast to bf16 would round it)
@@ -30,19 +31,19 @@ class Fp8Linear(nn.Module):
         self._w_cache: torch.Tensor | None = None
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.ones(out_features, grid.n_groups(in_features), dtype=scale_dtype))
-        self.global_scale: float | None = 1.0 if grid.fp4 else None
+        self.global_scale: float | None = 1.0 if grid.nvfp4 else None
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
     def from_quant(cls, q: LayerQuant, bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
                    cache: bool = False) -> "Fp8Linear":
-        if not (q.grid.fp8 and (q.grid.group_size == -1 or q.grid.block_rows) or q.grid.fp4):
-            raise ValueError("Fp8Linear takes an FP8 layer per channel or in blocks, or an NVFP4 layer")
+        if not (q.grid.fp8 and (q.grid.group_size == -1 or q.grid.block_rows) or q.grid.fp4 or q.grid.mx):
+            raise ValueError("Fp8Linear takes an FP8 layer per channel or in blocks, or an NVFP4 or MX layer")
         out_f, in_f = q.shape
         m = cls(in_f, out_f, bias is not None, scale_dtype, cache, q.grid)
         m.weight.copy_(q.codes)
         m.weight_scale.copy_(q.scales)
-        if q.grid.fp4:
+        if q.grid.nvfp4:
             m.global_scale = float(q.global_scale)
         if bias is not None:
             m.bias = bias.detach().clone()
@@ -82,6 +83,7 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.grid
-        how = f"{g.block_rows}x{g.group_size} blocks" if g.block_rows else f"g{g.group_size}" if g.fp4 else \
-            "per-channel"
-        return f"in={self.in_features}, out={self.out_features}, {'nvfp4' if g.fp4 else 'fp8=e4m3'}, {how}"
+        how = f"{g.block_rows}x{g.group_size} blocks" if g.block_rows else "per-channel" if g.group_size == -1 else \
+            f"g{g.group_size}"
+        kind = ("mxfp4" if g.fp4 else "mxfp8") if g.mx else "nvfp4" if g.fp4 else "fp8=e4m3"
+        return f"in={self.in_features}, out={self.out_features}, {kind}, {how}"

@@ -144,7 +144,7 @@ def quant_linear(fmt: str, qc: dict, name: str, state: dict[str, torch.Tensor], 
     popped from `state` (keyed by full name; its bias too)."""
     q, bias, scale_dtype = packed_layer(fmt, qc, name, state, tuple(old.weight.shape), where)
     bias = bias.to(dtype) if bias is not None else None
-    if q.grid.fp4:                      # its scales are E4M3 numbers / g: exact in fp32 only
+    if q.grid.fp4 or q.grid.mx:         # NVFP4's scales are E4M3 numbers / g, MX's powers of two: exact in fp32
         return Fp8Linear.from_quant(q, bias, torch.float32, cache_dequantized), q
     if q.grid.fp8:
         return Fp8Linear.from_quant(q, bias, scale_dtype, cache_dequantized), q

@@ -114,8 +114,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     out_f, in_f = W.shape
     if not (all_finite(W) and all_finite(H)):
         raise ValueError("gptq: W and H must be finite")
-    g = nvfp4_global_scale(W) if grid.fp4 else 1.0
-    if grid.fp4:
+    g = nvfp4_global_scale(W) if grid.nvfp4 else 1.0
+    if grid.nvfp4:
         W = W * g
 
     diag = torch.diag(H).clone()
@@ -189,7 +189,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
     del W, U, P
 
     g_idx = group_of_pos[inv].to(torch.int32)         # group of each original column
-    if grid.fp4:                                      # back from g · W (the scales stay in units of 1 / g)
+    if grid.nvfp4:                                    # back from g · W (the scales stay in units of 1 / g)
         Q /= g
         row_loss /= g * g
     info.update(method="gptaq" if asymmetric else "gptq", loss=float(row_loss.sum()), dead_columns=int(dead.sum()))
@@ -197,4 +197,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor | list[torch.Tensor], grid: Grid, *, d
         log.info("gptq: damping raised to %.3g after %d failed Cholesky tries%s", info["damp"], info["retries"],
                  ", eigendecomposition fallback" if info["fallback"] else "")
     return LayerQuant(grid, codes, scales, zeros, g_idx, info, w_hat=Q, row_loss=row_loss,
-                      global_scale=torch.tensor([g]) if grid.fp4 else None)
+                      global_scale=torch.tensor([g]) if grid.nvfp4 else None)

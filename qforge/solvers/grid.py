@@ -22,6 +22,13 @@ LayerQuant keeps s8 as its scales and g as its global_scale, and dequantizes in 
 computes (s8 / g) · code: at most an ulp away). The codes are kept in float8_e4m3fn storage (every E2M1 number is an
 E4M3 one).
 
+MX (`mx=True`; the OCP microscaling formats, llm-compressor's MXFP4A16 and MXFP8A16): E2M1 codes (`fp4`, MXFP4) or E4M3
+codes (`fp8`, MXFP8) in groups of 32 (the format's; the grid takes any), each group's scale a power of two 2^e stored as
+one E8M0 byte (e + 127), no global scale. Min-max picks compressed-tensors' exponent: e = k - emax with 2^k the group's
+absmax rounded to a power of two (up from 1.75 · 2^k') and emax = floor(log2(largest code)), 2 for E2M1, 8 for E4M3, so
+the absmax lands in [3.5, 7) codes (E2M1: clipped to 6 above 6) or [224, 448) (E4M3: never clipped). The range search
+tries e - 1 and e + 1 beside it.
+
 Blocks (`block_rows` R > 0, FP8 only; DeepSeek-V3's and llm-compressor's FP8_BLOCK with R = group_size = 128): a
 group's scale is shared by R consecutive output rows, so every R x group_size tile of W has one scale, the largest
 absmax of its rows / 448 (the last tile of a height not divisible by R is shorter). LayerQuant keeps the scales per
@@ -47,17 +54,26 @@ class Grid:
     sym: bool = True
     fp8: bool = False      # E4M3 codes (see the module docstring); bits 8, sym
     block_rows: int = 0    # > 0: one scale per block_rows x group_size tile (FP8 blocks, see the module docstring)
-    fp4: bool = False      # NVFP4: E2M1 codes, E4M3 group scales over a global scale; bits 4, sym, groups
+    fp4: bool = False      # E2M1 codes; bits 4, sym, groups. Without mx NVFP4: E4M3 group scales over a global scale
+    mx: bool = False       # power-of-two (E8M0) group scales: MXFP4 with fp4, MXFP8 with fp8
 
     def __post_init__(self) -> None:
         if self.fp8 and (self.bits != 8 or not self.sym):
             raise ValueError(f"an FP8 grid is 8-bit symmetric, got bits {self.bits}, sym {self.sym}")
         if self.fp4 and (self.bits != 4 or not self.sym or self.group_size <= 0 or self.fp8):
-            raise ValueError(f"an NVFP4 grid is 4-bit symmetric in groups, got bits {self.bits}, sym {self.sym}, "
+            raise ValueError(f"an FP4 grid is 4-bit symmetric in groups, got bits {self.bits}, sym {self.sym}, "
                              f"group_size {self.group_size}")
+        if self.mx and not ((self.fp4 or self.fp8) and self.group_size > 0 and not self.block_rows):
+            raise ValueError(f"an MX grid has FP4 or FP8 codes in groups, got fp4 {self.fp4}, fp8 {self.fp8}, "
+                             f"group_size {self.group_size}, block_rows {self.block_rows}")
         if self.block_rows and not (self.fp8 and self.block_rows > 0 and self.group_size > 0):
             raise ValueError(f"blocks of rows are FP8 grids with groups, got block_rows {self.block_rows}, "
                              f"fp8 {self.fp8}, group_size {self.group_size}")
+
+    @property
+    def nvfp4(self) -> bool:
+        """NVFP4: E2M1 codes whose E4M3 group scales are in units of a per-tensor global scale."""
+        return self.fp4 and not self.mx
 
     @property
     def maxq(self) -> int:
@@ -88,11 +104,18 @@ class InputScheme:
     """How a quantized linear's inputs are quantized as the model runs (W8A8): `bits` 8, int8 or E4M3 (`fp8`),
     symmetric, with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
     LayerQuant.input_scale); `group_size` > 0 (FP8 blocks' inputs, dynamic): one scale per token and group of that
-    many consecutive channels."""
+    many consecutive channels. `mx` (dynamic, in groups): MX inputs, E2M1 (bits 4) or E4M3 (bits 8, fp8) codes with
+    one power-of-two scale per token and group (the MX weights' rule, mx_scale)."""
     bits: int = 8
     fp8: bool = False
     static: bool = False
     group_size: int = -1
+    mx: bool = False
+
+    @property
+    def grid(self) -> Grid:
+        """An MX scheme's grid of a token's group (its codes and scale rule)."""
+        return Grid(self.bits, self.group_size, True, fp8=self.bits == 8, fp4=self.bits == 4, mx=True)
 
 
 def share_rows(v: torch.Tensor, block_rows: int, reduce=torch.amax) -> torch.Tensor:
@@ -113,6 +136,8 @@ def fit_params(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]
         if grid.block_rows:
             wmax = share_rows(wmax, grid.block_rows)
         wmin = -wmax
+    if grid.mx:
+        return mx_scale(wmax, grid), torch.zeros_like(wmax)
     if grid.fp4:                                      # W is g · W here: the scale is an E4M3 number
         return e4m3_scale(wmax / E2M1_MAX), torch.zeros_like(wmax)
     dead = (wmin == 0) & (wmax == 0)
@@ -134,18 +159,22 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
     `min_shrink` (the `mse` option of the GPTQ reference code, with weights). Shrinking the range
     scales the min-max scale by p and leaves the zero point as it is (both ends shrink together).
     p = 1 is fit_params' min-max grid and wins ties, so the result is never worse than min-max on the
-    weighted error. With grid.block_rows a block's rows take one p, by their summed error.
+    weighted error. With grid.block_rows a block's rows take one p, by their summed error. MX grids (powers of two)
+    try p = 1, 1/2 and 2.
 
     W [rows, cols], col_weight [cols] (None: all 1) -> scale [rows], zero [rows] (fp32)."""
     c = torch.ones(W.shape[1], device=W.device) if col_weight is None else col_weight
     scale0, zero = fit_params(W, grid)
-    p = torch.linspace(1.0, min_shrink, steps, device=W.device)
+    p = torch.tensor([1.0, 0.5, 2.0], device=W.device) if grid.mx else \
+        torch.linspace(1.0, min_shrink, steps, device=W.device)
     chunk = max(1, (1 << 18) // max(W.numel(), 1))     # candidates per batch: <= 256k elements (stays in cache)
     z, errs = zero.unsqueeze(-1), []
-    for k in range(0, steps, chunk):
+    for k in range(0, len(p), chunk):
         s = (p[k:k + chunk, None] * scale0).unsqueeze(-1)           # [P, rows, 1]
-        if grid.fp4:
+        if grid.nvfp4:
             s = e4m3_scale(s)
+        elif grid.mx:                                               # E8M0's range
+            s = s.clamp(2.0 ** -127, 2.0 ** 127)
         D = round_codes(torch.div(W, s), z, grid)                   # [P, rows, cols] codes, then in place:
         D.sub_(z).mul_(s).sub_(W).square_().mul_(c)                 # c_j (ŵ - w)^2
         errs.append(D.sum(dim=-1))                                  # [P, rows]
@@ -154,7 +183,9 @@ def search_params(W: torch.Tensor, grid: Grid, col_weight: torch.Tensor | None =
         errs = share_rows(errs, grid.block_rows, torch.sum)
     best = torch.argmin(errs, dim=0)                               # first minimum: p = 1 on ties
     scale = p[best] * scale0
-    return (e4m3_scale(scale) if grid.fp4 else scale), zero
+    if grid.mx:
+        scale = scale.clamp(2.0 ** -127, 2.0 ** 127)
+    return (e4m3_scale(scale) if grid.nvfp4 else scale), zero
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +202,27 @@ def e4m3_scale(s: torch.Tensor) -> torch.Tensor:
     below E4M3's smallest number) becomes 0.125, as compressed-tensors makes it."""
     s8 = to_e4m3(s).float()
     return torch.where(s8 == 0, 0.125, s8)
+
+
+MX_EMAX = {4: 2, 8: 8}   # floor(log2(largest code)): E2M1's 6, E4M3's 448
+
+
+def mx_scale(absmax: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """MX group scales 2^e of groups with these absmax values (fp32): compressed-tensors' exponent (the module
+    docstring), e in E8M0's [-127, 127] (a group of zeros takes 2^-127)."""
+    m, k = torch.frexp(absmax.float())                         # absmax = m · 2^k, m in [0.5, 1)
+    e = k - 1 + (m >= 0.875).int() - MX_EMAX[grid.bits]        # 2m = the significand; up from 1.75
+    e = torch.where(absmax > 0, e, -127).clamp(-127, 127)
+    return torch.ldexp(torch.ones_like(absmax, dtype=torch.float32), e)
+
+
+def mx_exponent(scale: torch.Tensor) -> torch.Tensor:
+    """The E8M0 bytes (e + 127, uint8) of MX scales 2^e; refuses what is not a power of two in E8M0's range."""
+    m, k = torch.frexp(scale.float())
+    e = k - 1
+    if not (torch.all(m == 0.5) and torch.all((e >= -127) & (e <= 127))):
+        raise QForgeError("MX scales must be powers of two from 2^-127 to 2^127")
+    return (e + 127).to(torch.uint8)
 
 
 def to_e2m1(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Round-to-nearest: each group's min-max grid (FP8: absmax / 448; NVFP4: absmax / 6 in E4M3, over a global scale),
-every weight rounded independently."""
+"""Round-to-nearest: each group's min-max grid (FP8: absmax / 448; NVFP4: absmax / 6 in E4M3, over a global scale;
+MX: a power of two), every weight rounded independently."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ from .grid import Grid, LayerQuant, fit_params, group_index, nvfp4_global_scale,
 def rtn(W: torch.Tensor, grid: Grid) -> LayerQuant:
     """W [out, in] -> LayerQuant. Groups are contiguous column ranges; the last may be ragged. NVFP4: the global
     scale g is W's (grid.py; linears an engine fuses are solved stacked, so they share it)."""
-    if not grid.fp4:
+    if not grid.nvfp4:
         return _rtn(W.float(), grid)
     g = nvfp4_global_scale(W)
     q = _rtn(W.float() * g, grid)                                 # scales: E4M3 numbers in units of 1 / g

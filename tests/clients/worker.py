@@ -17,6 +17,9 @@ Tasks:
   llmc-kv-fp8-tiny  int4 g32 weights and an FP8 KV cache (kv_cache_scheme: static per-tensor k/v scales, calibrated)
   llmc-nvfp4-tiny  scheme NVFP4A16 (E2M1 weights in groups of 16, E4M3 group scales, a global scale), saved
                    nvfp4-pack-quantized
+  llmc-mxfp4-tiny / llmc-mxfp8-tiny  schemes MXFP4A16 / MXFP8A16 (E2M1 / E4M3 weights in groups of 32, power-of-two
+                   scales), saved mxfp4-pack-quantized / mxfp8-quantized; llmc-mxfp4-a4-tiny / llmc-mxfp8-a8-tiny:
+                   schemes MXFP4 / MXFP8 (the inputs MX too, per token in groups of 32)
   llmc-fp8-block-tiny  FP8_BLOCK's scheme in 32 x 32 tiles (the tiny widths; E4M3 weights, one scale a tile, dynamic
                    E4M3 inputs per token in groups of 32 channels), saved float-quantized
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
@@ -63,14 +66,14 @@ def transformers_ct(path) -> torch.nn.Module:
     """A compressed-tensors checkpoint as plain transformers loads it, in fp32. With a quantizer, transformers 5.17
     leaves the tensors it loads under renamed keys (Nemotron-H's backbone.* -> model.*) in the file's dtype whatever
     `dtype` says, and refuses model.float(): nn.Module's cast (exact, fp16 -> fp32) puts them in the dtype asked for.
-    NVFP4 layers decompress at their first forward into bf16 weights, which fp32 inputs cannot multiply: they are
-    decompressed at load instead (run_compressed False), then cast."""
+    NVFP4 and MX layers decompress at their first forward into bf16 weights, which fp32 inputs cannot multiply: they
+    are decompressed at load instead (run_compressed False), then cast."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     fmt = json.loads((Path(path) / "config.json").read_text())["quantization_config"].get("format")
-    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if fmt == "nvfp4-pack-quantized" \
-        else {}
+    decompress = fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
+    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if decompress else {}
     return torch.nn.Module.float(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra))
 
 
@@ -120,7 +123,8 @@ def main(task: str, model_dir: str, out: str) -> None:
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny", "llmc-fp8-block-tiny", "llmc-nvfp4-tiny"):   # (inputs: as vLLM)
+    elif task in ("llmc-w8a8-tiny", "llmc-fp8-tiny", "llmc-fp8-block-tiny", "llmc-nvfp4-tiny", "llmc-mxfp4-tiny",
+                  "llmc-mxfp8-tiny", "llmc-mxfp4-a4-tiny", "llmc-mxfp8-a8-tiny"):              # (inputs: as vLLM)
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -132,12 +136,15 @@ def main(task: str, model_dir: str, out: str) -> None:
                 "input_activations": {**fp8, "strategy": "group", "group_size": 32, "dynamic": True}}},
                 ignore=["lm_head"])
         else:
-            scheme = {"llmc-w8a8-tiny": "W8A8", "llmc-nvfp4-tiny": "NVFP4A16"}.get(task, "FP8_DYNAMIC")
+            scheme = {"llmc-w8a8-tiny": "W8A8", "llmc-nvfp4-tiny": "NVFP4A16", "llmc-mxfp4-tiny": "MXFP4A16",
+                      "llmc-mxfp8-tiny": "MXFP8A16", "llmc-mxfp4-a4-tiny": "MXFP4",
+                      "llmc-mxfp8-a8-tiny": "MXFP8"}.get(task, "FP8_DYNAMIC")
             recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
         oneshot(model=m, recipe=recipe)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
-        if task == "llmc-nvfp4-tiny":             # its model object decompresses into bf16 weights: as saved, in fp32
+        if task.startswith(("llmc-nvfp4", "llmc-mxfp")):   # its model object decompresses into bf16 weights: as
+            # saved, in fp32
             m = transformers_ct(out_dir / "ckpt")
         report(m, tok, out_dir)
     elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny", "llmc-kv-fp8-tiny"):   # calibrated, then fixed
