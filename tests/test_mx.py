@@ -14,7 +14,6 @@ from qforge.errors import QForgeError
 from qforge.formats import compressed_tensors as ct
 from qforge.kernels import Fp8Linear
 from qforge.solvers import Grid, rtn
-from qforge.solvers.gptq import gptq
 from qforge.solvers.grid import mx_exponent, search_params
 
 MXFP4 = Grid(4, 32, True, fp4=True, mx=True)
@@ -100,23 +99,6 @@ def test_the_range_search_keeps_powers_of_two_and_never_loses_to_min_max(grid):
     assert torch.any(err(s) < err(s0)) or grid.fp8            # E4M3's min-max range is rarely beaten
 
 
-@pytest.mark.parametrize("grid", SCHEMES.values(), ids=SCHEMES)
-@pytest.mark.parametrize("opts", [dict(), dict(scale_search=True), dict(group_aware=True, scale_search=True)])
-def test_gptq_on_the_mx_grid_beats_rtn_exactly_on_its_own_grid(grid, opts):
-    wins = 0
-    for seed in range(3):
-        torch.manual_seed(seed)
-        W = torch.randn(48, 128) * 0.05
-        X = torch.randn(128, 1024) * torch.linspace(0.05, 3, 128)[:, None] + 0.5 * torch.randn(1, 1024)
-        q = gptq(W, 2 * X @ X.T / X.shape[1], grid, **opts)
-        assert torch.equal(q.dequantize(), q.w_hat)             # codes and scales give the solver's Ŵ exactly
-        mx_exponent(q.scales)
-        assert q.global_scale is None
-        err = [((W - Wh) @ X).pow(2).sum() for Wh in (q.dequantize(), rtn(W, grid).dequantize())]
-        wins += bool(err[0] < err[1])
-    assert wins == 3
-
-
 def test_e8m0_bytes_refuse_what_is_not_a_power_of_two():
     assert mx_exponent(torch.tensor([2.0 ** -127, 1.0, 0.25, 2.0 ** 127])).tolist() == [0, 127, 125, 254]
     for bad in (0.3, 0.0, float("inf"), float("nan")):
@@ -177,34 +159,6 @@ def test_mx_quantizes_exports_and_evaluates(scheme, method, tiny_llama_dir, wiki
         assert isinstance(packed.model.get_submodule(name), Fp8Linear)
     ppl = [qforge.evaluate(x, "wiki", seqlen=64, max_windows=2)[0]["ppl"] for x in (m, saved, packed)]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5) and ppl[2] == pytest.approx(ppl[0], rel=1e-4)
-
-
-def test_mx_streamed_gives_the_in_memory_codes(tiny_llama_dir, wiki_excerpt, tmp_path):
-    from runs import streamed_and_in_memory
-
-    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig.from_scheme("MXFP4A16", method="gptq"),
-                                  wiki_excerpt, tmp_path)
-    for n, q in b.result.layers.items():
-        assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))
-        assert torch.equal(a.result.layers[n].scales, q.scales)
-
-
-def test_mx_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path, capsys):
-    from qforge.cli.main import main
-
-    out, packed = tmp_path / "q", tmp_path / "ct"
-    assert main(["-q", "quantize", str(tiny_llama_dir), "--scheme", "MXFP8A16", "--method", "gptq",
-                 "--calib", wiki_excerpt, "--nsamples", "4", "--calib-seqlen", "32", "--out", str(out),
-                 "--format", "compressed-tensors", "--export-out", str(packed)]) == 0
-    assert "gptq W8 MXFP8 g32 sym" in capsys.readouterr().out
-    assert json.loads((out / "qforge_config.json").read_text())["mx"] is True
-    assert main(["-q", "eval", str(packed), "--dataset", "wiki", "--eval-seqlen", "32", "--max-windows", "1"]) == 0
-    assert main(["quantize", str(tiny_llama_dir), "--mx", "--bits", "4", "--out", str(tmp_path / "bad")]) == 2
-    assert "groups of 32" in capsys.readouterr().err
-    assert main(["quantize", str(tiny_llama_dir), "--scheme", "MXFP4A16", "--format", "gptq",
-                 "--out", str(tmp_path / "bad")]) == 2
-    assert "MX weights export as compressed-tensors" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

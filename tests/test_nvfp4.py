@@ -75,17 +75,22 @@ def test_rtn_scales_are_e4m3_numbers_in_units_of_the_global_scale():
     assert torch.equal(q.dequantize(), s8.repeat_interleave(16, 1) * q.codes.float() / g)
 
 
+@pytest.mark.parametrize("grid", [NVFP4, Grid(4, 32, True, fp4=True, mx=True), Grid(8, 32, True, fp8=True, mx=True)],
+                         ids=["NVFP4", "MXFP4", "MXFP8"])
 @pytest.mark.parametrize("opts", [dict(), dict(scale_search=True), dict(group_aware=True, scale_search=True)])
-def test_gptq_on_the_nvfp4_grid_beats_rtn_exactly_on_its_own_grid(opts):
+def test_gptq_on_float_grids_beats_rtn_exactly_on_its_own_grid(grid, opts):
     wins = 0
     for seed in range(3):
         torch.manual_seed(seed)
         W = torch.randn(48, 128) * 0.05
         X = torch.randn(128, 1024) * torch.linspace(0.05, 3, 128)[:, None] + 0.5 * torch.randn(1, 1024)
-        q = gptq(W, 2 * X @ X.T / X.shape[1], NVFP4, **opts)
-        assert torch.equal(q.dequantize(), q.w_hat)             # codes, scales and g give the solver's Ŵ exactly
-        assert torch.isin(q.scales, E4M3).all()
-        err = [((W - Wh) @ X).pow(2).sum() for Wh in (q.dequantize(), rtn(W, NVFP4).dequantize())]
+        q = gptq(W, 2 * X @ X.T / X.shape[1], grid, **opts)
+        assert torch.equal(q.dequantize(), q.w_hat)             # codes, scales (and g) give the solver's Ŵ exactly
+        if grid.mx:                                             # powers of two, no global scale
+            assert torch.equal(2.0 ** torch.log2(q.scales).round(), q.scales) and q.global_scale is None
+        else:
+            assert torch.isin(q.scales, E4M3).all()
+        err = [((W - Wh) @ X).pow(2).sum() for Wh in (q.dequantize(), rtn(W, grid).dequantize())]
         wins += bool(err[0] < err[1])
     assert wins == 3
 
@@ -142,26 +147,35 @@ def test_nvfp4_quantizes_exports_and_evaluates(method, tiny_llama_dir, wiki_exce
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5) and ppl[2] == pytest.approx(ppl[0], rel=1e-4)
 
 
-def test_nvfp4_streamed_gives_the_in_memory_codes(tiny_llama_dir, wiki_excerpt, tmp_path):
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4A16"])
+def test_float4_streamed_gives_the_in_memory_codes(scheme, tiny_llama_dir, wiki_excerpt, tmp_path):
     from runs import streamed_and_in_memory
 
-    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig(**{**NVFP4A16, "method": "gptq"}), wiki_excerpt,
+    a, b = streamed_and_in_memory(tiny_llama_dir, QuantizeConfig.from_scheme(scheme, method="gptq"), wiki_excerpt,
                                   tmp_path)
     for n, q in b.result.layers.items():
         assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))
         assert torch.equal(a.result.layers[n].scales, q.scales)
 
 
-def test_nvfp4_from_the_command_line(tiny_llama_dir, wiki_excerpt, tmp_path, capsys):
+@pytest.mark.parametrize("scheme,label,field,bad,msg", [
+    ("NVFP4A16", "W4 NVFP4 g16", "nvfp4", ["--nvfp4"], "groups of 16"),
+    ("MXFP8A16", "W8 MXFP8 g32", "mx", ["--mx", "--bits", "4"], "groups of 32"),
+])
+def test_float_schemes_from_the_command_line(scheme, label, field, bad, msg, tiny_llama_dir, wiki_excerpt, tmp_path,
+                                             capsys):
     from qforge.cli.main import main
 
     out, packed = tmp_path / "q", tmp_path / "ct"
-    assert main(["-q", "quantize", str(tiny_llama_dir), "--scheme", "NVFP4A16", "--method", "gptq",
+    assert main(["-q", "quantize", str(tiny_llama_dir), "--scheme", scheme, "--method", "gptq",
                  "--calib", wiki_excerpt, "--nsamples", "4", "--calib-seqlen", "32", "--out", str(out),
                  "--format", "compressed-tensors", "--export-out", str(packed)]) == 0
-    assert "gptq W4 NVFP4 g16 sym" in capsys.readouterr().out
-    assert json.loads((out / "qforge_config.json").read_text())["nvfp4"] is True
+    assert f"gptq {label} sym" in capsys.readouterr().out
+    assert json.loads((out / "qforge_config.json").read_text())[field] is True
     assert main(["-q", "eval", str(packed), "--dataset", "wiki", "--eval-seqlen", "32", "--max-windows", "1"]) == 0
-    assert main(["quantize", str(tiny_llama_dir), "--nvfp4", "--out", str(tmp_path / "bad")]) == 2
-    assert "groups of 16" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), *bad, "--out", str(tmp_path / "bad")]) == 2
+    assert msg in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "--scheme", scheme, "--format", "gptq",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "export as compressed-tensors" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
