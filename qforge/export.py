@@ -194,6 +194,8 @@ def _quant_config(fmt: str, layers: dict[str, LayerQuant], qcfg, model, quantize
     model's names of the quantized linears; `kv_fp8`: the attention modules store FP8 KV cache scales."""
     grids = {q.grid for q in layers.values()}
     fused = engine_modules(layers) if len(grids) > 1 and FORMATS[fmt].MIXED else {}
+    if any(g.block_rows for g in grids):
+        _warn_split_blocks(layers)
     if fmt == "compressed-tensors":
         from .formats.compressed_tensors import build_config
         from .models.checkpoint_keys import save_keys
@@ -258,6 +260,29 @@ def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:
                     "qforge, transformers and GPTQModel but not in vLLM (allocate with bpw_units='fused')",
                     len(mixed), mixed[0])
     return {n: f for f, names in sets.items() if f not in mixed for n in names}
+
+
+def _warn_split_blocks(layers: dict[str, LayerQuant]) -> None:
+    """vLLM loads FP8 blocks into a module it fuses (q/k/v, gate/up) only when every part but the last is whole
+    blocks of rows (its validate_fp8_block_shape); a set that is not is warned about (qforge and transformers load it)."""
+    from .models.fused import ENGINE_FUSED, engine_module
+
+    order = list(ENGINE_FUSED)
+    sets: dict[str, list[str]] = {}
+    for n in layers:
+        leaf = n.rpartition(".")[2]
+        if engine_module(n) and leaf in ENGINE_FUSED:            # (fused experts: one module each, not merged rows)
+            sets.setdefault(engine_module(n), []).append(n)
+    for fused, names in sorted(sets.items()):
+        parts = sorted(names, key=lambda n: order.index(n.rpartition(".")[2]))[:-1]
+        split = [n for n in parts if layers[n].grid.block_rows and layers[n].shape[0] % layers[n].grid.block_rows]
+        if split:
+            q = layers[split[0]]
+            log.warning("%s has %d rows, not whole FP8 blocks of %d, and vLLM fuses it into %s before another "
+                        "part: vLLM refuses such a merged layer (this export loads in qforge and transformers); a "
+                        "block size dividing every part's rows avoids it", split[0], q.shape[0], q.grid.block_rows,
+                        fused)
+            return
 
 
 def _module_pattern(name: str, fused: dict[str, str]) -> str:

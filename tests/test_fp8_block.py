@@ -240,3 +240,23 @@ def test_fp8_block_streamed_gives_the_in_memory_codes(tiny_llama_dir, wiki_excer
     for n, q in b.result.layers.items():
         assert q.grid == BLOCK and torch.equal(a.result.layers[n].scales, q.scales)
         assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kv_heads,warned", [(2, False), (1, True)])
+def test_a_merged_part_that_is_not_whole_blocks_is_warned_about(kv_heads, warned, tiny_tokenizer, tmp_path, caplog):
+    """vLLM merges q/k/v into one module and refuses FP8 blocks there unless every part but the last is whole blocks:
+    one kv head of 16 rows in blocks of 32 is not (k precedes v), two heads are."""
+    from tiny_models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model("llama", num_key_value_heads=kv_heads).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    m = qforge.load(src, QuantizeConfig(method="rtn", bits=8, group_size=32, fp8=True, fp8_block=True))
+    m.quantize()
+    with caplog.at_level("WARNING", logger="qforge.export"):
+        m.export(tmp_path / "ct", "compressed-tensors")
+    said = [r.getMessage() for r in caplog.records if "vLLM refuses such a merged layer" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert said[0].startswith("model.layers.0.self_attn.k_proj has 16 rows") and "qkv_proj" in said[0]
+    assert qforge.load(tmp_path / "ct").result.layers.keys() == m.result.layers.keys()    # loads in qforge
