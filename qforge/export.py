@@ -264,7 +264,8 @@ def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:
 
 def _warn_split_blocks(layers: dict[str, LayerQuant]) -> None:
     """vLLM loads FP8 blocks into a module it fuses (q/k/v, gate/up) only when every part but the last is whole
-    blocks of rows (its validate_fp8_block_shape); a set that is not is warned about (qforge and transformers load it)."""
+    blocks of rows (its validate_fp8_block_shape); a set that is not is warned about (qforge and transformers load
+    it)."""
     from .models.fused import ENGINE_FUSED, engine_module
 
     order = list(ENGINE_FUSED)
