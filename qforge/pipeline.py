@@ -110,7 +110,7 @@ class GPTAQSolver(GPTQSolver):
 def gptq_options(cfg: QuantizeConfig, device="cpu") -> dict:
     """The config's keyword options of solvers.gptq (the solve, AWQ's GPTQ-judged search, the measurement),
     with the column loop for tensors on `device` (one Triton kernel per block on CUDA: kernels/gptq_loop.py, GPTAQ's
-    extra term included; FP8's and NVFP4's rounding run in the reference loop)."""
+    extra term included; FP8's, NVFP4's and MX's rounding run in the reference loop)."""
     return dict(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups,
                 group_aware=cfg.act_group_aware, scale_search=cfg.scale_search,
                 loop=column_loop_for(device, cfg.fp8 or cfg.grid.fp4))

@@ -166,8 +166,8 @@ def triton_column_loop(W1: torch.Tensor, U1: torch.Tensor, grid: Grid, gs: int, 
 
 
 def column_loop_for(device, float_codes: bool = False) -> Callable:
-    """The column loop to hand gptq() for tensors on `device`: the kernel on CUDA with triton, else (and for FP8 or
-    NVFP4 grids, `float_codes`, which the kernel does not round) the reference."""
+    """The column loop to hand gptq() for tensors on `device`: the kernel on CUDA with triton, else (and for FP8,
+    NVFP4 or MX grids, `float_codes`, which the kernel does not round) the reference."""
     from ..solvers.gptq import column_loop
 
     if torch.device(device).type == "cuda" and triton_matmul.available() and not float_codes:
