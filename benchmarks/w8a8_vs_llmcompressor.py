@@ -15,10 +15,12 @@ the cache unquantized and with vLLM's scale-1 FP8 cache (what --kv-cache-dtype f
 beside int4 in groups of 16 (the same group size on an integer grid). `--scheme mxfp4` / `mxfp8`: MXFP4A16 /
 MXFP8A16, weight-only (E2M1 / E4M3 weights in groups of 32 with power-of-two scales); MXFP4 beside int4 in groups of
 32 and NVFP4. `--scheme mxfp4-w4a4` / `mxfp8-w8a8`: MXFP4 / MXFP8, the inputs MX too (per token in groups of 32,
-dynamic), beside the same weights on unquantized inputs.
+dynamic), and `--scheme nvfp4-w4a4`: NVFP4, the inputs NVFP4 (per token in groups of 16 under a calibrated global
+scale per linear), each beside the same weights on unquantized inputs.
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/w8a8_vs_llmcompressor.py [--nsamples 32] [--max-windows 4] \
-        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv,fp8-block,nvfp4,mxfp4,mxfp8,mxfp4-w4a4,mxfp8-w8a8}]
+        [--scheme {int8,fp8,int8-static,fp8-static,fp8-kv,fp8-block,nvfp4,mxfp4,mxfp8,mxfp4-w4a4,mxfp8-w8a8,
+                   nvfp4-w4a4}]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0, as `input_ids`), keep lm_head
 unquantized, write their checkpoints in fp32 (the model's dtype, which llm-compressor keeps) and run at their
@@ -126,7 +128,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
     ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv", "fp8-block", "nvfp4",
-                                         "mxfp4", "mxfp8", "mxfp4-w4a4", "mxfp8-w8a8"), default="int8")
+                                         "mxfp4", "mxfp8", "mxfp4-w4a4", "mxfp8-w8a8", "nvfp4-w4a4"), default="int8")
     a = ap.parse_args()
     torch.set_num_threads(2)
     import qforge
@@ -174,7 +176,7 @@ def main() -> None:
                 ("llm-compressor", "GPTQ", "NVFP4A16-gptq"),
                 ("qforge", "int W4 g16 sym RTN", qforge.QuantizeConfig(method="rtn", **nvfp4)),
                 ("qforge", "int W4 g16 sym GPTQ", qforge.QuantizeConfig(method="gptq", **nvfp4))]
-    elif a.scheme.startswith("mxfp"):
+    elif a.scheme.startswith("mxfp") or a.scheme == "nvfp4-w4a4":
         preset = a.scheme.split("-")[0].upper() + ("" if "-w" in a.scheme else "A16")   # MXFP4 (W4A4), MXFP4A16
         runs = [("qforge", "RTN", qforge.QuantizeConfig.from_scheme(preset, method="rtn")),
                 ("qforge", "GPTQ", qforge.QuantizeConfig.from_scheme(preset, method="gptq")),
@@ -209,7 +211,7 @@ def main() -> None:
         (", FP8 KV cache" if a.scheme == "fp8-kv" else "") + (" 64x64 blocks" if a.scheme == "fp8-block" else "")
     if a.scheme in ("nvfp4", "mxfp4", "mxfp8"):
         name = a.scheme.upper() + "A16"
-    elif a.scheme.startswith("mxfp"):
+    elif "-w" in a.scheme:
         name = a.scheme.split("-")[0].upper() + f" ({a.scheme.split('-')[1].upper()})"
     rows, kv_scales = [], {}
 

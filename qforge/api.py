@@ -79,7 +79,7 @@ class QModel:
         return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
                                      fp8=self.act_fp8, scales=self.input_scales,
                                      group_size=acts.group_size if acts is not None else -1,
-                                     mx=acts is not None and acts.mx)
+                                     mx=acts is not None and acts.mx, fp4=acts is not None and acts.fp4)
 
     @property
     def kv_scales(self) -> dict[str, torch.Tensor] | None:
@@ -98,8 +98,9 @@ class QModel:
 
     @property
     def input_scales(self) -> dict[str, torch.Tensor] | None:
-        """Static input scales (act_static, or a checkpoint with `dynamic: false` inputs): {layer: input_scale [1]};
-        None when the inputs are quantized per token as the model runs, or not at all."""
+        """Static input scales (act_static, or a checkpoint with `dynamic: false` inputs): {layer: input_scale [1]}
+        (NVFP4 inputs: their global scales); None when the inputs are quantized per token as the model runs, or not
+        at all."""
         scales = {n: q.input_scale for n, q in (self.result.layers if self.result else {}).items()
                   if q.input_scale is not None}
         return scales or None
@@ -546,8 +547,8 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
                     row["act_static"] = True
                 if qm.input_scheme.group_size > 0:
                     row["act_group_size"] = qm.input_scheme.group_size
-                if qm.input_scheme.mx:
-                    row["act_mx"] = True
+                if qm.input_scheme.mx or qm.input_scheme.fp4:
+                    row["act_format"] = "MX" if qm.input_scheme.mx else "NVFP4"
             if qm.kv_scales is not None:
                 row["kv_cache"] = "fp8"
             if comparison is not None:

@@ -26,6 +26,7 @@ SCHEMES = {
     "FP8_DYNAMIC": dict(bits=8, group_size=-1, sym=True, fp8=True, act_bits=8),
     "FP8_BLOCK": dict(bits=8, group_size=128, sym=True, fp8=True, fp8_block=True, act_bits=8),
     "NVFP4A16": dict(bits=4, group_size=16, sym=True, nvfp4=True),
+    "NVFP4": dict(bits=4, group_size=16, sym=True, nvfp4=True, act_bits=4, act_static=True),
     "MXFP4A16": dict(bits=4, group_size=32, sym=True, mx=True),
     "MXFP8A16": dict(bits=8, group_size=32, sym=True, fp8=True, mx=True),
     "MXFP4": dict(bits=4, group_size=32, sym=True, mx=True, act_bits=4),
@@ -158,7 +159,9 @@ class QuantizeConfig(_JsonMixin):
     fp8_block: bool = False
     # NVFP4 weights (llm-compressor's NVFP4A16; vLLM runs them with FP4 GEMMs on Blackwell, Marlin elsewhere): E2M1
     # codes in groups of 16 with E4M3 group scales over one fp32 global scale per tensor (solvers/grid.py), shared by
-    # the linears engines fuse (q/k/v, gate/up). Needs bits 4, group_size 16, sym; weight-only
+    # the linears engines fuse (q/k/v, gate/up). Needs bits 4, group_size 16, sym. With act_bits 4 and act_static
+    # (llm-compressor's NVFP4, W4A4) the inputs are NVFP4 too: each linear's global input scale 448 · 6 / max|x| fixed
+    # from the calibration set, the E4M3 scales of each token's groups of 16 computed as the model runs
     nvfp4: bool = False
     # MX weights (the OCP microscaling formats; llm-compressor's MXFP4A16 with bits 4, MXFP8A16 with bits 8 and fp8):
     # E2M1 (bits 4) or E4M3 (fp8) codes in groups of 32, each group's scale a power of two (one E8M0 byte), no global
@@ -238,15 +241,19 @@ class QuantizeConfig(_JsonMixin):
             v = getattr(self, name)
             _check(type(v) is int and v >= 1, f"{name} must be a whole number >= 1, got {v!r}")
         _check(not self.quantize_lm_head, "quantize_lm_head is not implemented: lm_head stays in full precision")
-        _check(self.act_bits in (None, 8) or self.mx and self.act_bits == 4,
-               f"act_bits must be 8 (W8A8; 4 with MXFP4 weights) or None (weight-only), got {self.act_bits!r}")
+        _check(self.act_bits in (None, 8) or (self.mx or self.nvfp4) and self.act_bits == 4,
+               f"act_bits must be 8 (W8A8; 4 with MXFP4 or NVFP4 weights) or None (weight-only), got "
+               f"{self.act_bits!r}")
         _check(self.fp8 or not self.fp8_block, "fp8_block quantizes FP8 weights in blocks: it needs fp8")
         if self.nvfp4:
             _check(self.bits == 4 and self.group_size == 16 and self.sym and not self.fp8,
                    f"NVFP4 weights are 4-bit E2M1 in groups of 16, symmetric (bits 4, group_size 16, sym), got bits "
                    f"{self.bits}, group_size {self.group_size}, sym {self.sym}{', fp8' if self.fp8 else ''}")
             _check(self.method in ("rtn", "gptq"), f"NVFP4 takes method rtn or gptq, not {self.method!r}")
-            _check(self.act_bits is None, "NVFP4 is offered weight-only (NVFP4A16): no act_bits")
+            _check(self.act_bits is None or self.act_bits == 4 and self.act_static and self.act_observer == "max",
+                   f"NVFP4 inputs (W4A4, llm-compressor's NVFP4) are act_bits 4 with act_static (their global scale "
+                   f"is calibrated; act_observer max), got act_bits {self.act_bits}, act_static {self.act_static}, "
+                   f"act_observer {self.act_observer}")
             _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take nvfp4")
         if self.mx:
             _check((self.bits == 4 and not self.fp8 or self.bits == 8 and self.fp8) and self.group_size == 32
@@ -278,7 +285,7 @@ class QuantizeConfig(_JsonMixin):
             _check(self.bpw is None, "mixed precision (bpw) allocates integer schemes; it does not take fp8")
             _check(self.smoothquant is None, "smoothquant is offered for int8 activations (W8A8); FP8's per-token "
                                              "E4M3 inputs keep their outliers' precision without it")
-        if self.act_bits is not None and not self.mx:
+        if self.act_bits is not None and not (self.mx or self.nvfp4):
             _check(self.bits == 8 and (self.group_size == -1 or self.fp8_block) and self.sym,
                    f"W8A8 needs 8-bit symmetric per-channel weights (bits 8, group_size -1, sym), as int8 GEMMs "
                    f"take them; got bits {self.bits}, group_size {self.group_size}, sym {self.sym}")
@@ -336,9 +343,9 @@ class QuantizeConfig(_JsonMixin):
         input groups); None: weight-only."""
         from .solvers.grid import InputScheme
 
-        return None if self.act_bits is None else InputScheme(self.act_bits, self.fp8, self.act_static,
-                                                              self.group_size if self.fp8_block or self.mx else -1,
-                                                              self.mx)
+        return None if self.act_bits is None else InputScheme(
+            self.act_bits, self.fp8, self.act_static,
+            self.group_size if self.fp8_block or self.mx or self.nvfp4 else -1, self.mx, self.nvfp4)
 
     @property
     def grid(self):

@@ -183,11 +183,12 @@ def _write_back(ref: LinearRef, full_name: str, W: torch.Tensor, q: LayerQuant, 
 
 
 def _stackable(refs: list[LinearRef], names: list[str], stats: dict, grids: dict, grid: Grid) -> list[list[int]]:
-    """Indices of `refs` in runs to solve together: one statistic object and one grid (in first-seen order)."""
+    """Indices of `refs` in runs to solve together: one statistic object and one grid (in first-seen order); without
+    statistics (RTN) each alone, but NVFP4's together (linears of one input share a global scale)."""
     runs: dict[tuple, list[int]] = {}
     for j, (ref, name) in enumerate(zip(refs, names)):
-        st = stats.get(ref.name)
-        runs.setdefault((j,) if st is None else (id(st), grids.get(name, grid)), []).append(j)
+        st, g = stats.get(ref.name), grids.get(name, grid)
+        runs.setdefault((j,) if st is None and not g.nvfp4 else (id(st), g), []).append(j)
     return list(runs.values())
 
 
@@ -345,7 +346,7 @@ def _quantize_calibrated(model, spec: ArchSpec, blocks, solver: Solver, grid: Gr
                     fwd_ref.set_weight(ref.weight)
         # the quantized block feeds the next one (static input scales: run in full, every linear's input observed)
         kept = [r for g in fwd_groups for r in g]
-        observed = InputRange(fwd_groups, grid.fp8, cfg.act_observer) if cfg.act_static else None
+        observed = InputRange(fwd_groups, grid.fp8, cfg.act_observer, cfg.nvfp4) if cfg.act_static else None
         null = contextlib.nullcontext()
         with frozen.pass_after(len(groups), record=False) if frozen and observed is None else null, \
                 tap_inputs(kept, observed.sinks) if observed is not None else null:

@@ -215,6 +215,33 @@ def test_transformers_loads_qforge_fp4_and_mx_exports(scheme, tiny_tokenizer, tm
     assert_same_model(ours, theirs)
 
 
+def assert_nvfp4_w4a4_logits(m, theirs: torch.Tensor) -> None:
+    """qforge's logits of an NVFP4 W4A4 model are `theirs` (transformers' or llm-compressor's, which run the weights
+    decompressed into bf16) to 1e-5 once qforge's weights are rounded to bf16 too, and not without its inputs'
+    quantization."""
+    from qforge.kernels import Fp8Linear
+
+    for mod in m.model.modules():
+        if isinstance(mod, Fp8Linear):
+            mod._w_cache = mod.dequantized(torch.float32).to(torch.bfloat16).float()
+    ids = probe_ids(m.tokenizer)
+    with torch.no_grad(), m.quantized_inputs():
+        torch.testing.assert_close(m.model(ids).logits.float(), theirs, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert (m.model(ids).logits.float() - theirs).abs().max() > 1e-3
+
+
+def test_transformers_runs_qforge_nvfp4_w4a4_export(tiny_tokenizer, wiki_calibration, tmp_path):
+    """NVFP4 (W4A4): transformers' compressed-tensors integration reads qforge's input_global_scale of every layer and
+    quantizes the inputs as qforge does."""
+    src = tiny_dir("llama", tiny_tokenizer, tmp_path / "src")
+    m = qforge.load(src, qforge.QuantizeConfig.from_scheme("NVFP4", method="gptq", compute_dtype="float32"))
+    m.quantize(wiki_calibration)
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    theirs = run_worker("transformers-ct", tmp_path / "ct", tmp_path / "worker")
+    assert_nvfp4_w4a4_logits(qforge.load(tmp_path / "ct"), theirs[1])
+
+
 def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_calibration, tmp_path):
     """An FP8 KV cache: transformers' compressed-tensors integration reads every attention layer's k_scale / v_scale
     and casts keys and values as qforge does (their logits are qforge's with its FP8 cache, not with a plain one)."""
@@ -244,7 +271,8 @@ def test_transformers_loads_qforge_fp8_kv_cache_export(tiny_tokenizer, wiki_cali
                                       ("llmc-mxfp4-tiny", "compressed-tensors"),
                                       ("llmc-mxfp8-tiny", "compressed-tensors"),
                                       ("llmc-mxfp4-a4-tiny", "compressed-tensors"),
-                                      ("llmc-mxfp8-a8-tiny", "compressed-tensors")])
+                                      ("llmc-mxfp8-a8-tiny", "compressed-tensors"),
+                                      ("llmc-nvfp4-a4-tiny", "compressed-tensors")])
 def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     """llm-compressor's export of SmolLM2, GPTQModel's of a tiny Llama (its CPU quantization of SmolLM2 took 2.5 of
     CI's 20 minutes; GPTQModel reading qforge's SmolLM2 export is tested above), llm-compressor's W8A8 of a tiny
@@ -272,7 +300,13 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
         return
     if "nvfp4" in task:                  # their global scales (not powers of two), their E4M3 group scales
         assert all(q.grid.fp4 and q.global_scale is not None for q in m.result.layers.values())
-        assert m.input_scheme is None
+        if "-a4" in task:                # W4A4: their calibrated input global scales, their inputs' rounding
+            assert m.input_scheme == qforge.QuantizeConfig.from_scheme("NVFP4").input_scheme
+            assert m.input_scales.keys() == m.result.layers.keys()
+            assert_nvfp4_w4a4_logits(m, theirs[1])
+            return                      # (in fp32 the weights' bf16 rounding moves 4-bit inputs: not "the same model")
+        else:
+            assert m.input_scheme is None
         assert_same_model(theirs, ours)
         return
     if "mxfp" in task:                   # powers of two: their logits exactly, and qforge's RTN is their checkpoint

@@ -208,7 +208,7 @@ def test_mx_inputs_quantize_export_and_evaluate_as_the_model_runs(scheme, tiny_l
     packed, saved = qforge.load(tmp_path / "ct"), qforge.load(out)
     assert packed.input_scheme == saved.input_scheme == m.input_scheme
     rows = [qforge.evaluate(x, "wiki", seqlen=64, max_windows=2)[0] for x in (m, saved, packed)]
-    assert rows[0]["act_mx"] and rows[0]["act_group_size"] == 32
+    assert rows[0]["act_format"] == "MX" and rows[0]["act_group_size"] == 32
     assert rows[1]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-5)
     assert rows[2]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-4)
     weights_only = qforge.load(tiny_llama_dir, QuantizeConfig.from_scheme(scheme + "A16"))

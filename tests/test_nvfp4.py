@@ -32,7 +32,6 @@ def test_an_nvfp4_grid_is_4_bit_symmetric_in_groups(bad):
     (dict(group_size=32), "groups of 16"),
     (dict(bits=8), "groups of 16"),
     (dict(method="awq"), "rtn or gptq"),
-    (dict(act_bits=8), "weight-only"),
     (dict(method="gptq", bpw=4.5), "integer schemes"),
 ])
 def test_impossible_nvfp4_settings_are_refused(bad, msg):
@@ -161,6 +160,8 @@ def test_float4_streamed_gives_the_in_memory_codes(scheme, tiny_llama_dir, wiki_
 @pytest.mark.parametrize("scheme,label,field,bad,msg", [
     ("NVFP4A16", "W4 NVFP4 g16", "nvfp4", ["--nvfp4"], "groups of 16"),
     ("MXFP8A16", "W8 MXFP8 g32", "mx", ["--mx", "--bits", "4"], "groups of 32"),
+    ("NVFP4", "W4A4 (static input scales) NVFP4 g16", "nvfp4", ["--nvfp4", "--group-size", "16", "--act-bits", "4"],
+     "act_static"),
 ])
 def test_float_schemes_from_the_command_line(scheme, label, field, bad, msg, tiny_llama_dir, wiki_excerpt, tmp_path,
                                              capsys):
@@ -179,3 +180,67 @@ def test_float_schemes_from_the_command_line(scheme, label, field, bad, msg, tin
                  "--out", str(tmp_path / "bad")]) == 2
     assert "export as compressed-tensors" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_nvfp4_inputs_are_the_librarys_fake_quantization():
+    """NVFP4 inputs: the global scale is compressed-tensors' generate_gparam of the largest |x|, and each token's groups
+    of 16 are its fake_quantize under that global scale, bit for bit."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    from qforge.eval.simulate import fake_quant_nvfp4
+    from qforge.solvers.grid import InputScheme
+    from qforge.solvers.input_scale import nvfp4_input_scale
+
+    acts = InputScheme(4, False, True, 16, fp4=True)
+    args = ct._scheme(NVFP4, ["Linear"], acts).input_activations
+    assert args.dynamic == "local" and args.strategy == "tensor_group" and args.group_size == 16
+    torch.manual_seed(4)
+    x = torch.randn(5, 7, 64) * torch.logspace(-2, 1, 64)
+    x[0, 0, :16] = 0.0
+    g = nvfp4_input_scale(x.abs().amax())
+    assert torch.equal(g, generate_gparam(x.amin(), x.amax()))
+    groups = x.reshape(35, 4, 16)
+    s, z = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=g)
+    ref = fake_quantize(x.reshape(35, 64), s, z, args, global_scale=g).reshape(x.shape)
+    got = fake_quant_nvfp4(x, g, 16)
+    assert torch.equal(got, ref) and not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_inputs_quantize_export_and_evaluate_as_the_model_runs(method, tiny_llama_dir, wiki_excerpt, tmp_path):
+    cfg = QuantizeConfig.from_scheme("NVFP4", method=method)
+    assert cfg.input_scheme.fp4 and cfg.input_scheme.static and cfg.input_scheme.group_size == 16
+    m = qforge.load(tiny_llama_dir, cfg)
+    m.quantize(wiki_excerpt, nsamples=4, seqlen=32)
+    scales = m.input_scales
+    assert scales.keys() == m.result.layers.keys() and all(float(g) > 0 for g in scales.values())
+    for block in range(2):          # q/k/v read one input: one input global scale, and one weight global scale
+        qkv = [f"model.layers.{block}.self_attn.{p}_proj" for p in "qkv"]
+        assert len({float(scales[n]) for n in qkv}) == 1
+        assert len({float(m.result.layers[n].global_scale) for n in qkv}) == 1
+    out = m.save(tmp_path / "out")
+    m.export(tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    acts = qc["config_groups"]["group_0"]["input_activations"]
+    assert acts["strategy"] == "tensor_group" and acts["dynamic"] == "local" and acts["num_bits"] == 4
+    packed, saved = qforge.load(tmp_path / "ct"), qforge.load(out)
+    assert packed.input_scheme == saved.input_scheme == m.input_scheme
+    for name, g in scales.items():
+        assert torch.equal(packed.input_scales[name], g) and torch.equal(saved.input_scales[name], g)
+    rows = [qforge.evaluate(x, "wiki", seqlen=64, max_windows=2)[0] for x in (m, saved, packed)]
+    assert rows[0]["act_format"] == "NVFP4" and rows[0]["act_group_size"] == 16
+    assert rows[1]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-5)
+    assert rows[2]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-4)
+    for q in m.result.layers.values():        # the same weights on unquantized inputs
+        q.input_scale = None
+    m.config = QuantizeConfig.from_scheme("NVFP4A16", method=method)
+    plain = qforge.evaluate(m, "wiki", seqlen=64, max_windows=2)[0]["ppl"]
+    assert abs(plain - rows[0]["ppl"]) > 1e-3 * plain
+
+
+@pytest.mark.parametrize("bad,msg", [(dict(act_static=False), "act_static"), (dict(act_observer="mse"), "max"),
+                                     (dict(act_bits=8), "NVFP4 inputs")])
+def test_impossible_nvfp4_input_settings_are_refused(bad, msg):
+    with pytest.raises(QForgeError, match=msg):
+        QuantizeConfig.from_scheme("NVFP4", **bad)

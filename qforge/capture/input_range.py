@@ -11,7 +11,7 @@ import logging
 import torch
 
 from ..models.arch import LinearRef
-from ..solvers.input_scale import RATIOS, clip_errors, qmax
+from ..solvers.input_scale import RATIOS, clip_errors, nvfp4_input_scale, qmax
 from .linear_inputs import Sink
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ class InputRange:
     the first of them; an expert its own): the running max |x| (fed by `sinks`), and with `observer` "mse" each clip
     ratio's squared error (fed by `error_sinks`, after every max is in). `scales` gives every linear its input's."""
 
-    def __init__(self, groups: list[list[LinearRef]], fp8: bool, observer: str = "max"):
-        self.fp8, self.observer = fp8, observer
+    def __init__(self, groups: list[list[LinearRef]], fp8: bool, observer: str = "max", fp4: bool = False):
+        self.fp8, self.observer, self.fp4 = fp8, observer, fp4     # fp4: NVFP4 inputs' global scale g as the scale
         self.reads: dict[str, str] = {}                   # linear name -> the name its input is observed under
         for g in groups:
             first = next((r.name for r in g if r.expert is None), None)
@@ -57,5 +57,5 @@ class InputRange:
                 out[name] = torch.ones(1)
                 continue
             r = RATIOS[int(self.errors[name].argmin())] if self.observer == "mse" else 1.0
-            out[name] = (m * r / qmax(self.fp8)).reshape(1)
+            out[name] = nvfp4_input_scale(m) if self.fp4 else (m * r / qmax(self.fp8)).reshape(1)
         return {n: out[seen].clone() for n, seen in self.reads.items()}

@@ -189,7 +189,8 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                    help="8: the quantized linears' inputs are int8 (E4M3 with --fp8) too, per token and dynamic "
                         "(W8A8, with --bits 8 --group-size -1 --sym; exported as compressed-tensors int-quantized, "
                         "which vLLM runs on int8 GEMMs); evaluation and generate quantize them as the model runs. "
-                        "With --mx: MX inputs of the weights' bits (4: MXFP4, 8: MXFP8) per token in groups of 32")
+                        "With --mx: MX inputs of the weights' bits (4: MXFP4, 8: MXFP8) per token in groups of 32; "
+                        "4 with --nvfp4 --act-static: NVFP4 inputs under a calibrated global scale (W4A4)")
     g.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="W8A8: fold SmoothQuant scales (alpha in [0, 1], e.g. 0.8 as llm-compressor's W8A8 "
                         "examples) into each block, from its calibration inputs, before its weights are quantized")
@@ -252,7 +253,7 @@ def _scheme_words(fields: dict) -> str:
 
     cfg = QuantizeConfig(**fields)
     return (f"{_fp8(cfg)}W{cfg.bits} {_groups(cfg, 'per channel')}{'' if cfg.sym else ' asym'}"
-            f"{f' A{cfg.act_bits} dynamic' if cfg.act_bits else ''}")
+            f"{f' A{cfg.act_bits} ' + ('static' if cfg.act_static else 'dynamic') if cfg.act_bits else ''}")
 
 
 def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:
@@ -695,9 +696,12 @@ def cmd_eval(a) -> int:
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
     title = f"perplexity of {a.model}" + (f", simulated {sim.label}" if sim.active else "")
     if rows and rows[0].get("act_bits"):
-        kind = "MX fp" if rows[0].get("act_mx") else "fp" if rows[0].get("act_fp8") else "int"
-        how = "with static scales" if rows[0].get("act_static") else "per token" + \
-            (f" in groups of {rows[0]['act_group_size']}" if rows[0].get("act_group_size") else "")
+        kind = f"{rows[0]['act_format']} fp" if rows[0].get("act_format") else "fp" if rows[0].get("act_fp8") \
+            else "int"
+        how = "per token" + (f" in groups of {rows[0]['act_group_size']}" if rows[0].get("act_group_size") else "")
+        if rows[0].get("act_static"):
+            how = f"{how} under calibrated global scales" if rows[0].get("act_format") == "NVFP4" else \
+                "with static scales"
         title += f", inputs of its quantized linears quantized to {kind}{rows[0]['act_bits']} {how}"
     if rows and rows[0].get("kv_cache"):
         title += f", its KV cache in {rows[0]['kv_cache'].upper()} with calibrated scales"

@@ -11,6 +11,8 @@ so the perplexity shows the grid's damage, not a kernel's speed (as in arXiv 240
   (FP8 blocks' inputs, `group_size` g: the same per token and run of g channels, vLLM's per-token-group quantization)
   or, MX (`mx`, groups of g = 32), each token's run of g channels on the MX weights' grid (solvers/grid.py): a
   power-of-two scale s = mx_scale(max|x|), x̂ = e2m1(x / s) · s (4 bits) or fp8(x / s) · s (8 bits)
+  or, NVFP4 (`fp4`, groups of g = 16, with each linear's calibrated global scale G, its `scales` entry), as
+  compressed-tensors computes it: s8 = e4m3(G · max|x| / 6) (0 -> 0.125), e = s8 / G, x̂ = e2m1(x / e) · e
   or, static (`scales`: each linear's calibrated input_scale s, one for all tokens), the same with s fixed:
       x̂ = clamp(round(x / s), -128, 127) · s   or   x̂ = fp8(x / s) · s   (saturating at ±448 · s)
 - KV cache (`--kv-bits`): keys and values as the attention layer writes them into its cache (keys
@@ -35,7 +37,7 @@ from transformers import DynamicCache
 
 from ..errors import QForgeError
 from ..models.arch import linear_modules
-from ..solvers.grid import FP8_MAX, InputScheme, mx_scale, round_codes, to_e4m3
+from ..solvers.grid import E2M1_MAX, FP8_MAX, InputScheme, e4m3_scale, mx_scale, round_codes, to_e2m1, to_e4m3
 from ..solvers.input_scale import fake_quant_static
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,16 @@ def fake_quant_mx(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
     s = mx_scale(xf.abs().amax(dim=-1, keepdim=True), grid)
     return (round_codes(xf / s, None, grid) * s).flatten(-2)[..., :d].to(x.dtype)
+
+
+def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, group_size: int = 16) -> torch.Tensor:
+    """NVFP4 fake quantization of x [..., channels] (the module docstring): per row and group of `group_size`
+    channels an E4M3 scale in the units of `global_scale` g [1], E2M1 codes."""
+    g = global_scale.float().to(x.device)
+    d = x.shape[-1]
+    xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
+    eff = e4m3_scale(g * (xf.abs().amax(dim=-1, keepdim=True) / E2M1_MAX)) / g
+    return (to_e2m1(xf / eff) * eff).flatten(-2)[..., :d].to(x.dtype)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
@@ -141,16 +153,20 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
 def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
                           divisor: float | None = None, fp8: bool = False,
                           scales: dict[str, torch.Tensor] | None = None, group_size: int = -1,
-                          mx: bool = False) -> Iterator[int]:
+                          mx: bool = False, fp4: bool = False) -> Iterator[int]:
     """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
     token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only, per token and group of `group_size`
     channels when > 0; `mx`: MX, per token and group), or with `scales` (8 bits) with its own static input scale,
-    {full name: input_scale [1]}, one for each of `names`; yields the count."""
+    {full name: input_scale [1]}, one for each of `names` (`fp4`: 4 bits, NVFP4 in groups under that global scale);
+    yields the count."""
     if bits is None:
         yield 0
         return
-    if group_size != -1 and not ((fp8 or mx) and scales is None and group_size > 0):
-        raise QForgeError(f"inputs in groups are FP8 blocks' or MX dynamic inputs, got group size {group_size}")
+    if fp4 and not (bits == 4 and scales is not None and group_size > 0):
+        raise QForgeError(f"NVFP4 inputs are 4-bit in groups with calibrated global scales, got {bits} bits, group "
+                          f"size {group_size}{'' if scales is not None else ', no scales'}")
+    if group_size != -1 and not ((fp8 or mx) and scales is None and group_size > 0 or fp4):
+        raise QForgeError(f"inputs in groups are FP8 blocks', MX or NVFP4 inputs, got group size {group_size}")
     if mx and not (group_size > 0 and bits == (8 if fp8 else 4)):
         raise QForgeError(f"MX inputs are 4-bit E2M1 or 8-bit E4M3 (fp8) in groups, got {bits} bits, fp8 {fp8}, "
                           f"group size {group_size}")
@@ -164,10 +180,11 @@ def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | 
     if not mods:
         raise QForgeError("no linears to quantize activations of")
     if scales is not None:
-        if bits != 8 or set(mods) - set(scales):
-            raise QForgeError(f"static input scales are 8-bit and one per quantized linear; "
-                              f"{len(set(mods) - set(scales))} of {len(mods)} linears have none")
-        fqs = {n: (lambda x, s=scales[n]: fake_quant_static(x, s, fp8)) for n in mods}
+        if bits != (4 if fp4 else 8) or set(mods) - set(scales):
+            raise QForgeError(f"static input scales are 8-bit (NVFP4's global scales 4-bit) and one per quantized "
+                              f"linear; {len(set(mods) - set(scales))} of {len(mods)} linears have none")
+        fqs = {n: (lambda x, s=scales[n]: fake_quant_nvfp4(x, s, group_size)) if fp4 else
+               (lambda x, s=scales[n]: fake_quant_static(x, s, fp8)) for n in mods}
     else:
         fq = (lambda x: fake_quant_mx(x, bits, group_size)) if mx else \
             (lambda x: fake_quant_fp8_per_token(x, group_size)) if fp8 else \

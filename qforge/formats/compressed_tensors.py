@@ -42,7 +42,10 @@ and group of C channels). qforge writes square tiles (R = C = group_size); `in` 
   weight_scale         float8_e4m3fn [out, in / 16]   s8, each group's scale in global units
   weight_global_scale  fp32 [1]                       g
 Dequantization: W[o, i] = weight_scale[o, i // 16] / g * code[o, i] (LayerQuant's scales are s8, its global_scale g;
-the library multiplies by s8 / g: at most an ulp away).
+the library multiplies by s8 / g: at most an ulp away). With `act_bits` 4 (llm-compressor's NVFP4, W4A4) the config
+groups' input_activations are 4-bit float, strategy "tensor_group", group_size 16, dynamic "local" (each token's
+groups' E4M3 scales computed as the layer runs) under a calibrated global scale per layer:
+  input_global_scale   fp32 [1]                       448 · 6 / max|x| over the calibration set (its input_scale)
 
 "mxfp4-pack-quantized" / "mxfp8-quantized" (MXFP4A16 / MXFP8A16, QuantizeConfig.mx; solvers/grid.py's MX grids),
 weights 4-bit / 8-bit float, strategy "group", group_size 32, scale_dtype uint8:
@@ -71,7 +74,7 @@ from ..utils.tensors import row_slices
 
 NAME = "compressed-tensors"
 KEYS = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight",  # first: in every layout
-        "input_scale", "weight_global_scale")
+        "input_scale", "weight_global_scale", "input_global_scale")
 BITS = (2, 3, 4, 5, 6, 7, 8)
 FORMAT_NAMES = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized",
                 "mxfp8-quantized")
@@ -103,8 +106,9 @@ def _scheme(grid: Grid, targets: list[str], acts: InputScheme | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     inputs = None
-    if acts is not None and acts.mx:
-        inputs = _args(acts.grid).model_copy(update={"dynamic": True})
+    if acts is not None and (acts.mx or acts.fp4):     # MX: dynamic; NVFP4: group scales dynamic, a global one fixed
+        inputs = _args(acts.grid).model_copy(update=dict(dynamic=True) if acts.mx else
+                                             dict(dynamic="local", observer="static_minmax"))
     elif acts is not None:
         how = dict(dynamic=False, strategy="tensor", observer="static_minmax") if acts.static else \
             dict(dynamic=True, strategy="token") if acts.group_size == -1 else \
@@ -141,7 +145,7 @@ def pack(q: LayerQuant, dtype: torch.dtype = torch.float16, acts: InputScheme | 
     if acts is not None and acts.static:
         if q.input_scale is None:
             raise QForgeError("static input quantization needs the layer's calibrated input_scale")
-        out["input_scale"] = q.input_scale.float().reshape(1)
+        out["input_global_scale" if acts.fp4 else "input_scale"] = q.input_scale.float().reshape(1)   # NVFP4: g
     return out
 
 
@@ -197,9 +201,9 @@ def _pack_mx(q: LayerQuant) -> dict[str, torch.Tensor]:
 
 def unpack(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     q = _unpack_weight(t, grid)
-    if "input_scale" in t:                                           # static inputs: one scale for every token
-        s = t["input_scale"].float().reshape(-1)
-        if s.numel() != 1 or not s.item() > 0:                      # not NaN, not 0
+    if "input_scale" in t or "input_global_scale" in t:             # static inputs: one scale for every token
+        s = t["input_scale" if "input_scale" in t else "input_global_scale"].float().reshape(-1)   # NVFP4: g
+        if s.numel() != 1 or not 0 < s.item() < float("inf"):       # not NaN, 0 or inf
             raise QForgeError(f"input_scale must be one positive number (per tensor), got {s[:4].tolist()}")
         q.input_scale = s.clone()
     return q
@@ -363,11 +367,14 @@ def input_acts(qc: dict) -> InputScheme | None:
         if grouped and a.get("num_bits") in (4, 8) and "uint8" in str(a.get("scale_dtype")):   # MX inputs
             found.add(InputScheme(a["num_bits"], a["num_bits"] == 8, False, int(a["group_size"]), mx=True))
             continue
+        if how == ("local", "tensor_group") and fp8 and a.get("num_bits") == 4 and (a.get("group_size") or 0) > 0:
+            found.add(InputScheme(4, False, True, int(a["group_size"]), fp4=True))     # NVFP4 inputs
+            continue
         if not (a.get("type", "int") in ("int", "float") and a.get("symmetric", True) and a.get("num_bits") == 8
                 and (how in ((True, "token"), (False, "tensor")) or grouped)):
             raise QForgeError(f"compressed-tensors config group {name}: input activations {_describe(a)} are not "
                               f"supported (qforge runs symmetric int8 or FP8 inputs, dynamic per token or static per "
-                              f"tensor, FP8 dynamic per token in groups, or MX)")
+                              f"tensor, FP8 dynamic per token in groups, MX or NVFP4)")
         found.add(InputScheme(8, fp8, how == (False, "tensor"), int(a["group_size"]) if grouped else -1))
     if len(found) > 1:
         raise QForgeError("compressed-tensors config groups with different input quantizations (or none) are not "

@@ -105,17 +105,20 @@ class InputScheme:
     symmetric, with one scale per token computed as it runs or, `static`, one per layer fixed at quantization time (its
     LayerQuant.input_scale); `group_size` > 0 (FP8 blocks' inputs, dynamic): one scale per token and group of that
     many consecutive channels. `mx` (dynamic, in groups): MX inputs, E2M1 (bits 4) or E4M3 (bits 8, fp8) codes with
-    one power-of-two scale per token and group (the MX weights' rule, mx_scale)."""
+    one power-of-two scale per token and group (the MX weights' rule, mx_scale). `fp4` (bits 4, static, in groups):
+    NVFP4 inputs, E2M1 codes with an E4M3 scale per token and group in the units of a per-tensor global scale g fixed
+    at quantization time (LayerQuant.input_scale holds g; solvers/input_scale.py)."""
     bits: int = 8
     fp8: bool = False
     static: bool = False
     group_size: int = -1
     mx: bool = False
+    fp4: bool = False
 
     @property
     def grid(self) -> Grid:
-        """An MX scheme's grid of a token's group (its codes and scale rule)."""
-        return Grid(self.bits, self.group_size, True, fp8=self.bits == 8, fp4=self.bits == 4, mx=True)
+        """An MX or NVFP4 scheme's grid of a token's group (its codes and scale rule)."""
+        return Grid(self.bits, self.group_size, True, fp8=self.bits == 8, fp4=self.bits == 4, mx=self.mx)
 
 
 def share_rows(v: torch.Tensor, block_rows: int, reduce=torch.amax) -> torch.Tensor:
@@ -276,6 +279,7 @@ class LayerQuant:
     g_idx  [in]           int32 group of each input column
     input_scale [1]       fp32 static scale of the layer's input (act_static W8A8: x_q = round(x / input_scale)),
                           set by the pipeline once the layer is solved; None when inputs are dynamic or unquantized
+                          (NVFP4 inputs: their global scale g, x_q = e2m1(x / (e4m3(g · max|x_group| / 6) / g)))
     global_scale [1]      fp32 NVFP4's global scale g (its scales are E4M3 numbers in units of 1 / g:
                           w_hat = scale · code / g); None for other grids
     """

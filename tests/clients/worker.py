@@ -20,6 +20,8 @@ Tasks:
   llmc-mxfp4-tiny / llmc-mxfp8-tiny  schemes MXFP4A16 / MXFP8A16 (E2M1 / E4M3 weights in groups of 32, power-of-two
                    scales), saved mxfp4-pack-quantized / mxfp8-quantized; llmc-mxfp4-a4-tiny / llmc-mxfp8-a8-tiny:
                    schemes MXFP4 / MXFP8 (the inputs MX too, per token in groups of 32)
+  llmc-nvfp4-a4-tiny  scheme NVFP4 (W4A4: the inputs NVFP4 under calibrated global scales), calibrated on 8 x 64
+                   tokens
   llmc-fp8-block-tiny  FP8_BLOCK's scheme in 32 x 32 tiles (the tiny widths; E4M3 weights, one scale a tile, dynamic
                    E4M3 inputs per token in groups of 32 channels), saved float-quantized
 Every task reports, on the model object the client itself built: logits on a fixed token sequence, the
@@ -147,14 +149,16 @@ def main(task: str, model_dir: str, out: str) -> None:
             # saved, in fp32
             m = transformers_ct(out_dir / "ckpt")
         report(m, tok, out_dir)
-    elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny", "llmc-kv-fp8-tiny"):   # calibrated, then fixed
+    elif task in ("llmc-w8a8-static-tiny", "llmc-fp8-static-tiny", "llmc-kv-fp8-tiny",
+                  "llmc-nvfp4-a4-tiny"):                                                # calibrated, then fixed
         from datasets import Dataset
         from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        if task == "llmc-fp8-static-tiny":
-            recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
+        if task in ("llmc-fp8-static-tiny", "llmc-nvfp4-a4-tiny"):
+            recipe = QuantizationModifier(targets="Linear", scheme="FP8" if "fp8" in task else "NVFP4",
+                                          ignore=["lm_head"])
         elif task == "llmc-kv-fp8-tiny":          # the model object casts keys and values to E4M3 as it runs
             weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
             kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
@@ -172,6 +176,8 @@ def main(task: str, model_dir: str, out: str) -> None:
                 shuffle_calibration_samples=False)
         m.save_pretrained(out_dir / "ckpt", save_compressed=True)
         tok.save_pretrained(out_dir / "ckpt")
+        if "nvfp4" in task:                       # its model object decompresses into bf16 weights: as saved, in fp32
+            m = transformers_ct(out_dir / "ckpt")
         report(m, tok, out_dir)
     elif task in ("gptqmodel-quantize", "gptqmodel-quantize-tiny"):
         from gptqmodel import GPTQModel, QuantizeConfig
