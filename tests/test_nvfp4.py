@@ -1,5 +1,6 @@
 """NVFP4 weights (llm-compressor's NVFP4A16): E2M1 codes in groups of 16, E4M3 group scales over a per-tensor global
-scale shared by the linears engines fuse; RTN and GPTQ, compressed-tensors nvfp4-pack-quantized export and loading."""
+scale shared by the linears engines fuse; RTN and GPTQ, compressed-tensors nvfp4-pack-quantized export and loading;
+NVFP4 inputs (NVFP4, W4A4). Some tests also take the MX grids and presets."""
 from __future__ import annotations
 
 import json
@@ -146,7 +147,7 @@ def test_nvfp4_quantizes_exports_and_evaluates(method, tiny_llama_dir, wiki_exce
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5) and ppl[2] == pytest.approx(ppl[0], rel=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4A16"])
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "NVFP4", "MXFP4A16"])
 def test_float4_streamed_gives_the_in_memory_codes(scheme, tiny_llama_dir, wiki_excerpt, tmp_path):
     from runs import streamed_and_in_memory
 
@@ -155,6 +156,9 @@ def test_float4_streamed_gives_the_in_memory_codes(scheme, tiny_llama_dir, wiki_
     for n, q in b.result.layers.items():
         assert torch.equal(a.result.layers[n].codes.view(torch.uint8), q.codes.view(torch.uint8))
         assert torch.equal(a.result.layers[n].scales, q.scales)
+        assert (a.result.layers[n].input_scale is None) == (scheme != "NVFP4")      # W4A4: the input global scales
+        if scheme == "NVFP4":
+            assert torch.equal(a.result.layers[n].input_scale, q.input_scale)
 
 
 @pytest.mark.parametrize("scheme,label,field,bad,msg", [
