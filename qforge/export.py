@@ -247,13 +247,7 @@ def _unquantized_block_linears(model, quantized) -> list[str]:
 def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:
     """{stored module: the vLLM module it is fused into} for the fused sets whose modules share one scheme; a set
     whose modules differ is warned about (vLLM cannot load it: its fused module holds one scheme)."""
-    from .models.fused import engine_module
-
-    sets: dict[str, list[str]] = {}
-    for n in layers:
-        fused = engine_module(n)
-        if fused:
-            sets.setdefault(fused, []).append(n)
+    sets = _engine_sets(layers)
     mixed = sorted(f for f, names in sets.items() if len({layers[n].grid for n in names}) > 1)
     if mixed:
         log.warning("%d module(s) vLLM fuses (first: %s) hold linears at different schemes: this export loads in "
@@ -262,19 +256,28 @@ def engine_modules(layers: dict[str, LayerQuant]) -> dict[str, str]:
     return {n: f for f, names in sets.items() if f not in mixed for n in names}
 
 
+def _engine_sets(layers: dict[str, LayerQuant]) -> dict[str, list[str]]:
+    """{the vLLM module a set of stored modules is fused into: those modules} (models/fused.engine_module)."""
+    from .models.fused import engine_module
+
+    sets: dict[str, list[str]] = {}
+    for n in layers:
+        fused = engine_module(n)
+        if fused:
+            sets.setdefault(fused, []).append(n)
+    return sets
+
+
 def _warn_split_blocks(layers: dict[str, LayerQuant]) -> None:
     """vLLM loads FP8 blocks into a module it fuses (q/k/v, gate/up) only when every part but the last is whole
     blocks of rows (its validate_fp8_block_shape); a set that is not is warned about (qforge and transformers load
     it)."""
-    from .models.fused import ENGINE_FUSED, engine_module
+    from .models.fused import ENGINE_FUSED
 
     order = list(ENGINE_FUSED)
-    sets: dict[str, list[str]] = {}
-    for n in layers:
-        leaf = n.rpartition(".")[2]
-        if engine_module(n) and leaf in ENGINE_FUSED:            # (fused experts: one module each, not merged rows)
-            sets.setdefault(engine_module(n), []).append(n)
-    for fused, names in sorted(sets.items()):
+    for fused, names in sorted(_engine_sets(layers).items()):
+        if any(n.rpartition(".")[2] not in ENGINE_FUSED for n in names):   # fused experts: one module each, not rows
+            continue
         parts = sorted(names, key=lambda n: order.index(n.rpartition(".")[2]))[:-1]
         split = [n for n in parts if layers[n].grid.block_rows and layers[n].shape[0] % layers[n].grid.block_rows]
         if split:

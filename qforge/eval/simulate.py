@@ -56,32 +56,41 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, divisor: float | None = Non
 def fake_quant_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> torch.Tensor:
     """Dynamic per-token FP8 (E4M3) fake quantization of x [..., channels]: one scale max|x| / 448 per row, or per
     row and group of `group_size` channels (the last group of a width it does not divide is shorter)."""
+    def fq(xf):
+        s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        return to_e4m3(xf / s).float() * s
+    return _in_groups(x, x.shape[-1] if group_size == -1 else group_size, fq)
+
+
+def _in_groups(x: torch.Tensor, group_size: int, fq) -> torch.Tensor:
+    """fq applied to x [..., d] in groups of `group_size` channels: fq(xf) for xf [..., groups, group_size] fp32 (a
+    last group of a width it does not divide padded with zeros, which change no group's max), back in x's shape and
+    dtype."""
     d = x.shape[-1]
-    g = d if group_size == -1 else group_size
-    xf = torch.nn.functional.pad(x.float(), (0, -d % g))                 # zeros: no group's max changes
-    xf = xf.unflatten(-1, (-1, g))                                      # [..., groups, g]
-    s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    return (to_e4m3(xf / s).float() * s).flatten(-2)[..., :d].to(x.dtype)
+    xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
+    return fq(xf).flatten(-2)[..., :d].to(x.dtype)
 
 
 def fake_quant_mx(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Dynamic MX fake quantization of x [..., channels] (the module docstring): E2M1 (4 bits) or E4M3 (8) codes, one
     power-of-two scale per row and group of `group_size` channels (compressed-tensors' dynamic MX inputs)."""
     grid = InputScheme(bits, bits == 8, group_size=group_size, mx=True).grid
-    d = x.shape[-1]
-    xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
-    s = mx_scale(xf.abs().amax(dim=-1, keepdim=True), grid)
-    return (round_codes(xf / s, None, grid) * s).flatten(-2)[..., :d].to(x.dtype)
+
+    def fq(xf):
+        s = mx_scale(xf.abs().amax(dim=-1, keepdim=True), grid)
+        return round_codes(xf / s, None, grid) * s
+    return _in_groups(x, group_size, fq)
 
 
 def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor, group_size: int = 16) -> torch.Tensor:
     """NVFP4 fake quantization of x [..., channels] (the module docstring): per row and group of `group_size`
     channels an E4M3 scale in the units of `global_scale` g [1], E2M1 codes."""
     g = global_scale.float().to(x.device)
-    d = x.shape[-1]
-    xf = torch.nn.functional.pad(x.float(), (0, -d % group_size)).unflatten(-1, (-1, group_size))
-    eff = e4m3_scale(g * (xf.abs().amax(dim=-1, keepdim=True) / E2M1_MAX)) / g
-    return (to_e2m1(xf / eff) * eff).flatten(-2)[..., :d].to(x.dtype)
+
+    def fq(xf):
+        eff = e4m3_scale(g * (xf.abs().amax(dim=-1, keepdim=True) / E2M1_MAX)) / g
+        return to_e2m1(xf / eff) * eff
+    return _in_groups(x, group_size, fq)
 
 
 def fake_quant_groups_asym(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:

@@ -68,7 +68,7 @@ import re
 import torch
 
 from ..errors import QForgeError
-from ..solvers import Grid, InputScheme, LayerQuant
+from ..solvers import Grid, InputScheme, LayerQuant, group_index
 from ..solvers.grid import mx_exponent
 from ..utils.tensors import row_slices
 
@@ -230,8 +230,7 @@ def _unpack_weight(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
         zeros = zp.float() + half
     else:
         zeros = torch.full_like(scales, float(half))
-    g_idx = torch.arange(shape[1], dtype=torch.int32) // grid.group_len(shape[1])
-    return LayerQuant(grid, codes, scales, zeros, g_idx, info={})
+    return LayerQuant(grid, codes, scales, zeros, group_index(shape[1], grid), info={})
 
 
 def _unpack_int(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
@@ -247,8 +246,7 @@ def _unpack_int(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
     zp = t.get("weight_zero_point")
     zeros = (zp.float().reshape(-1, G).expand(w.shape[0], G) + half if zp is not None and not grid.sym
              else torch.full_like(scales, float(half)))
-    g_idx = torch.arange(w.shape[1], dtype=torch.int32) // grid.group_len(w.shape[1])
-    return LayerQuant(grid, codes, scales, zeros.contiguous(), g_idx, info={})
+    return LayerQuant(grid, codes, scales, zeros.contiguous(), group_index(w.shape[1], grid), info={})
 
 
 def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
@@ -265,8 +263,7 @@ def _unpack_float(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
         scales = t["weight_scale"].float().repeat_interleave(grid.block_rows, 0)[:out_f].contiguous()
     else:
         scales = t["weight_scale"].float().reshape(-1, 1).expand(out_f, 1).contiguous()
-    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_len(in_f)
-    return LayerQuant(grid, w, scales, torch.zeros_like(scales), g_idx, info={})
+    return LayerQuant(grid, w, scales, torch.zeros_like(scales), group_index(in_f, grid), info={})
 
 
 def _unpack_fp4(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
@@ -283,8 +280,7 @@ def _unpack_fp4(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
                           f"and one positive global scale, got {list(s8.shape)} and {g.flatten()[:2].tolist()}")
     codes = unpack_fp4_from_uint8(packed, out_f, in_f, dtype=torch.float32).to(torch.float8_e4m3fn)
     scales = s8.float()
-    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_size
-    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={},
+    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), group_index(in_f, grid), info={},
                       global_scale=g.float().reshape(1).clone())
 
 
@@ -303,8 +299,7 @@ def _unpack_mx(t: dict[str, torch.Tensor], grid: Grid) -> LayerQuant:
                           f"E8M0 exponents (255 is NaN), got {list(e.shape)}")
     codes = unpack_fp4_from_uint8(w, out_f, in_f, dtype=torch.float32).to(torch.float8_e4m3fn) if grid.fp4 else w
     scales = torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - 127)
-    g_idx = torch.arange(in_f, dtype=torch.int32) // grid.group_size
-    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), g_idx, info={})
+    return LayerQuant(grid, codes, scales, torch.zeros_like(scales), group_index(in_f, grid), info={})
 
 
 def build_config(grids: dict[str, Grid], ignore: list[str], acts: InputScheme | None = None, kv_fp8: bool = False):

@@ -8,10 +8,11 @@ groups with power-of-two scales (formats/compressed_tensors.py):
   global_scale  float             NVFP4 only: g (an attribute, not a buffer: a cast to bf16 would round it)
   bias          [out] or None
 
-W[o, i] = weight_scale[o, i // C] * weight[o, i]  (NVFP4: / g). The forward pass is the PyTorch path on every device: the weight
-dequantized to the input's dtype, then a dense matmul (kept after the first forward with `cache`, per dtype and
-device, at the memory of a dense copy). A W8A8 FP8 model's input quantization is applied around it (eval/simulate.py), as vLLM's FP8
-GEMMs quantize their inputs; serving speed is vLLM's business, this module is for evaluating and generating.
+W[o, i] = weight_scale[o, i // C] * weight[o, i] (NVFP4: / g). The forward pass is the PyTorch path on every device:
+the weight dequantized to the input's dtype, then a dense matmul (kept after the first forward with `cache`, per
+dtype and device, at the memory of a dense copy). A W8A8 FP8 model's input quantization is applied around it
+(eval/simulate.py), as vLLM's FP8 GEMMs quantize their inputs; serving speed is vLLM's business, this module is for
+evaluating and generating.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..solvers import Grid, LayerQuant
+from ..solvers import Grid, LayerQuant, group_index
 
 
 class Fp8Linear(nn.Module):
@@ -51,8 +52,8 @@ class Fp8Linear(nn.Module):
 
     def to_quant(self) -> LayerQuant:
         scales = self.weight_scale.float().contiguous()
-        g_idx = torch.arange(self.in_features, dtype=torch.int32) // self.grid.group_len(self.in_features)
-        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales), g_idx, info={},
+        return LayerQuant(self.grid, self.weight.clone(), scales, torch.zeros_like(scales),
+                          group_index(self.in_features, self.grid), info={},
                           global_scale=None if self.global_scale is None else torch.tensor([self.global_scale]))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
