@@ -76,10 +76,8 @@ class QModel:
         from .eval.simulate import quantized_activations
 
         acts = self.input_scheme
-        return quantized_activations(self.model, self.act_bits, set(self.result.layers) if self.act_bits else None,
-                                     fp8=self.act_fp8, scales=self.input_scales,
-                                     group_size=acts.group_size if acts is not None else -1,
-                                     mx=acts is not None and acts.mx, fp4=acts is not None and acts.fp4)
+        return quantized_activations(self.model, acts, set(self.result.layers) if acts is not None else None,
+                                     self.input_scales)
 
     @property
     def kv_scales(self) -> dict[str, torch.Tensor] | None:
@@ -139,8 +137,9 @@ class QModel:
         if resolved is not self.config:
             log.info("compute_dtype auto: %s on %s", resolved.compute_dtype, device)
             self.config = resolved                          # saved with the output as the dtype that ran
+        rotated = self._rotate() if self.config.rotation else None
         self._source_warning = None
-        if allocation is None and not (self.config.bpw or self.config.nvfp4 or self.config.mx):  # one integer grid
+        if allocation is None and not (self.config.bpw or self.config.nvfp4 or self.config.mx or rotated):
             from .models.arch import arch_spec
             from .models.gguf import source_grid_warning
 
@@ -184,6 +183,7 @@ class QModel:
                                      show_progress=show_progress, grids=grids, store=store, weights=self.blocks)
         self._store = store
         self.result.allocation = allocation
+        self.result.rotation = rotated
         if self.config.kv_cache:
             self.result.kv_scales = self._calibrate_kv(samples, device, batch_size)
         if self.result.ragged_layers:
@@ -191,6 +191,15 @@ class QModel:
                         "width), e.g. %s", len(self.result.ragged_layers), self.config.group_size,
                         self.result.ragged_layers[0])
         return self.result
+
+    def _rotate(self) -> dict:
+        """Rotate the model in memory (config.rotation; smoothing/rotate.py), before anything reads its weights."""
+        if self.blocks is not None:
+            raise QForgeError("rotation folds one matrix into every block and the embeddings at once: it does not "
+                              "stream yet (quantize without stream)")
+        from .smoothing.rotate import rotate_model
+
+        return rotate_model(self.model, self.config.rotation, self.config.rotation_seed)
 
     def _calibrate_kv(self, samples: list[torch.Tensor], device: str, batch_size: int) -> dict[str, torch.Tensor]:
         """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too; a
@@ -383,7 +392,7 @@ class QModel:
             source_warnings=[self._source_warning] if self._source_warning else [],
             seed=(self.calibration_config.seed if self.calibration_config else None),
             quantize_seconds=round(self.result.seconds, 2), storage=self.storage(),
-            ragged_layers=self.result.ragged_layers,
+            ragged_layers=self.result.ragged_layers, rotation=self.result.rotation,
             calibration_warnings=self.calibration.warnings if self.calibration else [],
             layers=self.result.summary(), **record_fields)
         samples = self.calibration.samples if self.calibration else None
@@ -527,8 +536,7 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
         kv_cache_factory(qm.model, sim.kv_bits, sim.kv_group_size, sim.kv_fp8)
     rows = []
     # a W8A8 model's own input quantization (its quantized linears), else the simulation's (every table linear)
-    with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.act_bits,
-                                                                                     fp8=sim.fp8):
+    with qm.quantized_inputs() if qm.act_bits is not None else quantized_activations(qm.model, sim.input_scheme):
         for spec in ([datasets] if isinstance(datasets, str) else datasets):
             text = load_eval_text(spec)
             t0 = time.perf_counter()
@@ -562,12 +570,16 @@ def evaluate(model: str | Path | QModel, datasets=("wiki", "brown", "news", "cod
 
 
 def _apply_simulated_weights(qm: QModel, sim: SimulationConfig, batch_size: int) -> None:
-    """SmoothQuant (needs fp weights), then RTN weights, on `qm` in place."""
+    """The rotation, SmoothQuant (both need fp weights), then RTN weights, on `qm` in place."""
     from .smoothing.smoothquant import smooth_model
 
-    if qm.quantized and (sim.smoothquant is not None or sim.weight_bits):
-        raise QForgeError(f"{qm.source} is already quantized: SmoothQuant and simulated weight bits need the "
-                          f"unquantized model (pass it, with --w-bits for the weights)")
+    if qm.quantized and (sim.smoothquant is not None or sim.weight_bits or sim.rotation):
+        raise QForgeError(f"{qm.source} is already quantized: rotation, SmoothQuant and simulated weight bits need "
+                          f"the unquantized model (pass it, with --w-bits for the weights)")
+    if sim.rotation is not None:
+        from .smoothing.rotate import rotate_model
+
+        rotate_model(qm.model, sim.rotation)
     if sim.smoothquant is not None:
         c = sim.calib
         calib = build_calibration(c.source, qm.tokenizer, c.nsamples, c.seqlen, c.seed)

@@ -132,7 +132,7 @@ def save_output(out: str | Path, model, tokenizer, qcfg: QuantizeConfig, layers:
             from .smoothing.store import AWQ_FILE, save_awq
 
             save_awq(awq, arch_spec(model).blocks, tmp / AWQ_FILE,
-                     {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym})
+                     {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym, "rotation": qcfg.rotation_key})
         if smoothquant:                             # what W8A8's SmoothQuant folded in (already in the weights)
             save_file({k: v.contiguous() for k, v in smoothquant.items()}, str(tmp / SMOOTHQUANT_FILE))
         if kv_scales:

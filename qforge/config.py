@@ -15,6 +15,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 BPW_UNITS = ("fused", "linear")     # mixed precision: what takes one scheme (QuantizeConfig.bpw_units)
 ACT_OBSERVERS = ("max", "mse")      # how a static input scale is chosen (QuantizeConfig.act_observer)
+ROTATIONS = ("hadamard", "orthogonal")   # QuantizeConfig.rotation (solvers/hadamard.py)
 KV_CACHES = ("fp8",)                # the KV caches QuantizeConfig.kv_cache calibrates scales for
 # llm-compressor's preset scheme names (compressed-tensors' PRESET_SCHEMES), as QuantizeConfig fields: the weights'
 # grid and the inputs' quantization; QuantizeConfig.from_scheme and `--scheme` start from them
@@ -189,6 +190,14 @@ class QuantizeConfig(_JsonMixin):
     # weights are quantized (capture/kv_range.py). Exported with the compressed-tensors format; evaluation then casts
     # keys and values to E4M3 with them. None: the cache keeps the model's dtype
     kv_cache: str | None = None
+    # rotated quantization (QuaRot; SpinQuant's R1 and R2 without training; smoothing/rotate.py): before anything is
+    # measured or solved, the residual stream is rotated by an orthogonal matrix ("hadamard": a randomized Hadamard
+    # matrix, solvers/hadamard.py; "orthogonal": a random one) and each attention head's values by another, folded
+    # into the weights (norm weights into the linears that read them, a tied head untied), so the model computes
+    # the same function while its weights and inputs lose their outlier channels. RMSNorm families only; the output
+    # is a plain checkpoint (no online transform). `rotation_seed` draws the signs / matrices
+    rotation: str | None = None
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -311,6 +320,10 @@ class QuantizeConfig(_JsonMixin):
                                      "bpw (quantize with a saved allocation instead)")
         _check(self.kv_cache in (None, *KV_CACHES),
                f"kv_cache must be one of {', '.join(KV_CACHES)} or None, got {self.kv_cache!r}")
+        _check(self.rotation in (None, *ROTATIONS),
+               f"rotation must be one of {', '.join(ROTATIONS)} or None, got {self.rotation!r}")
+        _check(isinstance(self.rotation_seed, int) and self.rotation_seed >= 0,
+               f"rotation_seed must be a non-negative integer, got {self.rotation_seed!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @classmethod
@@ -332,6 +345,11 @@ class QuantizeConfig(_JsonMixin):
     def needs_calibration(self) -> bool:
         return (NEEDS_CALIBRATION[self.method] and not (self.method == "awq" and self.awq_from)) or \
             self.smoothquant is not None or self.act_static or self.kv_cache is not None
+
+    @property
+    def rotation_key(self) -> list | None:
+        """[rotation, seed]: what results made on the rotated model (AWQ scales, a measurement) were made under."""
+        return [self.rotation, self.rotation_seed] if self.rotation else None
 
     @property
     def uses_awq(self) -> bool:
@@ -379,7 +397,7 @@ class CalibrationConfig(_JsonMixin):
 class SimulationConfig(_JsonMixin):
     """Simulated quantization applied at evaluation time (qforge.eval.simulate): RTN weights on an fp
     model, per-token activations, the KV cache, and SmoothQuant folded in first (its activation
-    maxima come from `calib`)."""
+    maxima come from `calib`); before all of it, the model rotated (`rotation`, as QuantizeConfig's)."""
 
     weight_bits: int | None = None       # RTN, symmetric, on an unquantized model
     weight_group_size: int = -1
@@ -390,6 +408,7 @@ class SimulationConfig(_JsonMixin):
     calib: CalibrationConfig = CalibrationConfig(nsamples=32, seqlen=512)
     fp8: bool = False                    # weights (8 bits, per channel) and inputs on E4M3 grids instead of int8
     kv_fp8: bool = False                 # keys and values cast to E4M3 (per-tensor scale 1, as vLLM's fp8 cache)
+    rotation: str | None = None          # QuaRot / SpinQuant R1 + R2 folded in first (smoothing/rotate.py), seed 0
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, dict):
@@ -405,6 +424,8 @@ class SimulationConfig(_JsonMixin):
         _check(self.smoothquant is None or 0.0 <= self.smoothquant <= 1.0,
                f"SmoothQuant alpha must be in [0, 1], got {self.smoothquant!r}")
         _check(not self.kv_fp8 or self.kv_bits == 8, f"an FP8 KV cache is 8 bits, got kv bits {self.kv_bits}")
+        _check(self.rotation in (None, *ROTATIONS),
+               f"rotation must be one of {', '.join(ROTATIONS)} or None, got {self.rotation!r}")
         if self.fp8:
             _check(self.weight_bits in (None, 8) and self.weight_group_size == -1 and self.act_bits in (None, 8)
                    and (self.weight_bits or self.act_bits),
@@ -413,7 +434,15 @@ class SimulationConfig(_JsonMixin):
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.weight_bits, self.act_bits, self.kv_bits, self.smoothquant))
+        return any(v is not None for v in (self.weight_bits, self.act_bits, self.kv_bits, self.smoothquant,
+                                           self.rotation))
+
+    @property
+    def input_scheme(self):
+        """The simulated inputs' scheme (per token, int or E4M3), None when inputs stay unquantized."""
+        from .solvers.grid import InputScheme
+
+        return InputScheme(self.act_bits, fp8=self.fp8) if self.act_bits else None
 
     @property
     def label(self) -> str:
@@ -423,4 +452,6 @@ class SimulationConfig(_JsonMixin):
             s += " KV FP8" if self.kv_fp8 else f" KV{self.kv_bits}"
         if self.smoothquant is not None:
             s += f" SmoothQuant({self.smoothquant:g})"
+        if self.rotation is not None:
+            s += f" rotated ({self.rotation})"
         return s

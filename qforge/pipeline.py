@@ -131,6 +131,7 @@ class QuantizeResult:
     allocation: object | None = None                         # mixed precision: the mixed.plan.Allocation used
     smoothquant: dict[str, torch.Tensor] = field(default_factory=dict)   # "<block>.<prev>" -> SmoothQuant scales
     kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)     # FP8 KV: "<attention>.k_scale" -> fp32 [1]
+    rotation: dict | None = None                             # what smoothing/rotate.rotate_model did (run record)
 
     def summary(self) -> list[dict]:
         return [{"name": n, "shape": list(q.shape), **q.info} for n, q in self.layers.items()]
@@ -138,6 +139,16 @@ class QuantizeResult:
     @property
     def ragged_layers(self) -> list[str]:
         return [n for n, q in self.layers.items() if q.grid.ragged(q.shape[1])]
+
+
+def _saved_awq(cfg: QuantizeConfig, spec) -> dict:
+    """The AWQ results cfg.awq_from names, refused when they were searched on another rotation of the model."""
+    saved, meta = load_awq(cfg.awq_from, spec.blocks)
+    if meta.get("rotation") != cfg.rotation_key:
+        raise QForgeError(f"{cfg.awq_from}: its AWQ scales were searched on the model rotated as "
+                          f"{meta.get('rotation') or 'not at all'}, this run rotates it as "
+                          f"{cfg.rotation_key or 'not at all'}")
+    return saved
 
 
 def _solve_into(ref: LinearRef, full_name: str, solver: Solver, stats, grid: Grid, cfg: QuantizeConfig,
@@ -228,7 +239,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, samples: list[torch.Te
     blocks = get_blocks(model, spec)
     result = QuantizeResult()
     grids = grids or {}
-    saved = load_awq(cfg.awq_from, spec.blocks)[0] if cfg.awq_from else None
+    saved = _saved_awq(cfg, spec) if cfg.awq_from else None
     t0 = time.perf_counter()
     if weights is not None and store is None:
         raise QForgeError("a streamed model needs a run state (store) to hold its finished blocks")

@@ -20,6 +20,7 @@ from qforge.eval.perplexity import bucket_ppl, forward_logits, position_buckets
 from qforge.eval.simulate import (QuantizedKVCache, fake_quant_groups_asym, fake_quant_per_token,
                                   quantized_activations)
 from qforge.smoothing.smoothquant import smooth_model
+from qforge.solvers import InputScheme
 
 
 def _gen(seed):
@@ -123,15 +124,15 @@ def test_quantized_kv_cache_quantizes_what_attention_reads(tiny_llama):
 def test_activation_quantization_hooks_every_linear_and_leave_no_trace(tiny_llama):
     x = torch.randint(0, 500, (1, 24), generator=_gen(4))
     base = forward_logits(tiny_llama, x)
-    with quantized_activations(tiny_llama, 4) as n:
+    with quantized_activations(tiny_llama, InputScheme(4)) as n:
         a4 = forward_logits(tiny_llama, x)
-    with quantized_activations(tiny_llama, 8):
+    with quantized_activations(tiny_llama, InputScheme(8)):
         a8 = forward_logits(tiny_llama, x)
     assert n == 7 * len(tiny_llama.model.layers)
     assert 0 < (a8 - base).abs().max() < (a4 - base).abs().max()
     assert torch.equal(forward_logits(tiny_llama, x), base)
     with pytest.raises(QForgeError):
-        with quantized_activations(tiny_llama, 3):
+        with quantized_activations(tiny_llama, InputScheme(3)):
             pass
 
 

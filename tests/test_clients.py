@@ -19,7 +19,7 @@ from qforge.models.arch import arch_spec, named_block_linears
 from qforge.models.fused import fused_sets
 from qforge.models.loading import resolve_model
 from qforge.pipeline import quantize_model
-from qforge.solvers import Grid
+from qforge.solvers import Grid, InputScheme
 
 sys.path.insert(0, str(Path(__file__).parent / "clients"))
 from worker import NEW_TOKENS, SEQLEN, WINDOWS, calibration, probe_ids  # noqa: E402
@@ -194,7 +194,7 @@ def test_transformers_loads_qforge_fp8_block_export(act_bits, tiny_tokenizer, tm
         from qforge.eval.simulate import quantized_activations
 
         q = ours[0]["model"]
-        with torch.no_grad(), quantized_activations(q.model, 8, set(q.result.layers), fp8=True):
+        with torch.no_grad(), quantized_activations(q.model, InputScheme(8, fp8=True), set(q.result.layers)):
             per_token = q.model(probe_ids(q.tokenizer)).logits.float()
         assert (per_token - theirs[1]).abs().max() > 1e-4
 
@@ -345,7 +345,7 @@ def test_qforge_loads_peer_exports(task, fmt, tiny_tokenizer, tmp_path):
     from qforge.eval.simulate import quantized_activations
 
     assert m.act_bits == 8
-    with torch.no_grad(), quantized_activations(m.model, 8, set(m.result.layers), divisor=127.5):
+    with torch.no_grad(), quantized_activations(m.model, InputScheme(8), set(m.result.layers), divisor=127.5):
         same = m.model(probe_ids(m.tokenizer)).logits.float()
     torch.testing.assert_close(same, theirs[1], rtol=0, atol=1e-5)
     assert not torch.allclose(ours[1], theirs[1], rtol=0, atol=1e-5)        # qforge's own run is vLLM's rule

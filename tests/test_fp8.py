@@ -89,7 +89,7 @@ def test_fake_quant_fp8_per_token():
     assert torch.equal(nearest(y / s).abs().amax(-1), torch.full((3, 5), 448.0))
     assert ((y - x).abs() <= x.abs() / 16 + s * 2 ** -9).all()  # 3 mantissa bits; subnormals step 2^-9 · s
     with pytest.raises(QForgeError, match="must be 8 for FP8"):
-        with quantized_activations(torch.nn.Module(), 4, fp8=True):
+        with quantized_activations(torch.nn.Module(), InputScheme(4, fp8=True)):
             pass
 
 
@@ -165,7 +165,7 @@ def test_fp8_dynamic_quantizes_exports_and_evaluates_as_served(method, tiny_llam
     # the inputs really are FP8 in that evaluation: the same weights score otherwise on unquantized or int8 inputs
     text = load_eval_text("wiki")
     assert abs(perplexity(packed.model, packed.tokenizer, text, 64, 2)["ppl"] - ppl["packed"]) > 1e-5 * ppl["packed"]
-    with quantized_activations(packed.model, 8, set(packed.result.layers)):
+    with quantized_activations(packed.model, InputScheme(8), set(packed.result.layers)):
         assert abs(perplexity(packed.model, packed.tokenizer, text, 64, 2)["ppl"] - ppl["packed"]) > 1e-5
 
 

@@ -100,7 +100,7 @@ def test_fake_quant_in_groups_scales_each_run_of_channels_on_its_own():
     assert torch.equal(fake_quant_fp8_per_token(x, 80), fake_quant_fp8_per_token(x))
     assert (y - x).norm() < (fake_quant_fp8_per_token(x) - x).norm()
     with pytest.raises(QForgeError, match="inputs in groups"):
-        with quantized_activations(torch.nn.Linear(4, 4), 8, group_size=32):
+        with quantized_activations(torch.nn.Linear(4, 4), InputScheme(8, group_size=32)):
             pass
 
 
@@ -162,7 +162,7 @@ def test_fp8_block_quantizes_exports_and_evaluates_as_served(method, tiny_llama_
     assert ppl["packed"] == pytest.approx(ppl["saved"], rel=1e-4)
     assert ppl["saved"] == pytest.approx(ppl["memory"], rel=1e-5)
     # the inputs are quantized in groups in that evaluation: per token alone, the same weights score otherwise
-    with quantized_activations(packed.model, 8, set(packed.result.layers), fp8=True):
+    with quantized_activations(packed.model, InputScheme(8, fp8=True), set(packed.result.layers)):
         per_token = qforge.evaluate(packed, "wiki", seqlen=64, max_windows=2)
     assert abs(per_token[0]["ppl"] - ppl["packed"]) > 1e-5 * ppl["packed"]
 

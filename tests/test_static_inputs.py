@@ -124,7 +124,7 @@ def test_static_scales_are_the_quantized_models_input_maxima(method, fp8, tiny_l
     assert ppl["packed"] == pytest.approx(ppl["memory"], rel=1e-5)
     # the static scales are what the evaluation used: per-token scales on the same weights score otherwise
     text = load_eval_text("wiki")
-    with quantized_activations(packed.model, 8, set(packed.result.layers), fp8=fp8):
+    with quantized_activations(packed.model, InputScheme(8, fp8=fp8), set(packed.result.layers)):
         dynamic = perplexity(packed.model, packed.tokenizer, text, 64, 2)["ppl"]
     assert abs(dynamic - ppl["packed"]) > 1e-5 * ppl["packed"]
 

@@ -224,6 +224,13 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "(max / 448 over the calibration set, on the quantized model), exported as compressed-tensors "
                         "kv_cache_scheme (vLLM: --kv-cache-dtype fp8); evaluation and generate then cache keys and "
                         "values in E4M3 with them")
+    p.add_argument("--rotate", choices=("hadamard", "orthogonal"),
+                   help="rotate the model first (QuaRot; SpinQuant's R1/R2 untrained): a randomized Hadamard (or "
+                        "random orthogonal) matrix on the residual stream and one per attention head's values, "
+                        "folded into the weights (the model's function is unchanged, checked on a probe); outliers "
+                        "spread out, so low-bit weights and W4A4 inputs lose less. RMSNorm families; a tied head "
+                        "is untied; the output is a plain checkpoint")
+    p.add_argument("--rotation-seed", type=int, default=0, help="seed of --rotate's signs / matrices")
 
 
 def _quant_config(a):
@@ -245,7 +252,8 @@ def _quant_config(a):
                           fp8_block=getattr(a, "fp8_block", False), nvfp4=getattr(a, "nvfp4", False),
                           mx=getattr(a, "mx", False),
                           act_static=getattr(a, "act_static", False), act_observer=getattr(a, "act_observer", "max"),
-                          kv_cache=getattr(a, "kv_cache", None))
+                          kv_cache=getattr(a, "kv_cache", None), rotation=getattr(a, "rotate", None),
+                          rotation_seed=getattr(a, "rotation_seed", 0))
 
 
 def _scheme_words(fields: dict) -> str:
@@ -384,6 +392,8 @@ def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:
                           "calibrated scales); implies --kv-bits 8")
     sim.add_argument("--kv-group-size", type=int, default=-1, help="head_dim channels per KV scale (-1: whole head)")
     sim.add_argument("--smoothquant", type=float, metavar="ALPHA", help="fold SmoothQuant scales in first")
+    sim.add_argument("--rotate", choices=("hadamard", "orthogonal"),
+                     help="rotate the model before everything else (as quantize --rotate): outliers spread out")
     sim.add_argument("--fp8", action="store_true",
                      help="E4M3 instead of int: --w-bits 8 weights per channel, --act-bits 8 inputs per token")
     sim.add_argument("--calib", default="builtin:mix", help="SmoothQuant's calibration data")
@@ -660,9 +670,10 @@ def _print_quant_summary(m, out: Path) -> None:
     method = m.config.method + (f" (GPTAQ {m.config.gptaq:g})" if m.config.gptaq is not None else "")
     fp8 = _fp8(m.config)
     acts += " KV FP8" if m.config.kv_cache == "fp8" else ""
+    rotated = f", rotated ({m.config.rotation})" if m.config.rotation else ""
     print(f"quantized {m.source} with {method} {fp8}W{m.config.bits}{acts} "
           f"{_groups(m.config, 'per-channel')} "
-          f"{'sym' if m.config.sym else 'asym'} in {m.result.seconds:.1f} s -> {out}")
+          f"{'sym' if m.config.sym else 'asym'}{rotated} in {m.result.seconds:.1f} s -> {out}")
     print(f"  {len(m.result.layers)} linears, {s['bits_per_weight']:.3f} bits/weight; model "
           f"{human_bytes(s['fp16_bytes'])} (fp16) -> {human_bytes(s['quantized_bytes'])} (packed)")
     if m.result.ragged_layers:
@@ -690,7 +701,8 @@ def cmd_eval(a) -> int:
 
     kv_bits = 8 if a.kv_fp8 and a.kv_bits is None else a.kv_bits
     sim = SimulationConfig(a.w_bits, a.w_group_size, a.act_bits, kv_bits, a.kv_group_size, a.smoothquant,
-                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen), fp8=a.fp8, kv_fp8=a.kv_fp8)
+                           CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen), fp8=a.fp8, kv_fp8=a.kv_fp8,
+                           rotation=a.rotate)
     rows = qforge.evaluate(a.model, datasets=a.dataset.split(","), seqlen=a.eval_seqlen, max_windows=a.max_windows or None,
                            device=a.device, show_progress=not a.quiet, simulate=sim, reference=a.reference,
                            tune=a.tune_kernels, kernel_picks=a.kernel_picks, stream=a.stream)
@@ -741,7 +753,8 @@ def cmd_demo(a) -> int:
         (f" SmoothQuant {cfg.smoothquant:g}" if cfg.smoothquant is not None else "") if cfg.act_bits else ""
     fp8 = _fp8(cfg)
     label = (f"{cfg.method} {fp8}W{cfg.bits}{acts} {_groups(cfg, 'pc')} "
-             f"{'sym' if cfg.sym else 'asym'}" + (" KV FP8" if cfg.kv_cache == "fp8" else ""))
+             f"{'sym' if cfg.sym else 'asym'}" + (" KV FP8" if cfg.kv_cache == "fp8" else "")
+             + (f" rotated ({cfg.rotation})" if cfg.rotation else ""))
     rows = [[b["dataset"], b["ppl"], q["ppl"], f"{q['ppl'] - b['ppl']:+.3f}", f"{b['windows']}x{b['seqlen']}"]
             for b, q in zip(base, quant)]
     print()

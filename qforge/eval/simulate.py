@@ -159,18 +159,21 @@ def kv_cache_factory(model: nn.Module, bits: int | None, group_size: int = -1, f
 
 
 @contextlib.contextmanager
-def quantized_activations(model: nn.Module, bits: int | None, names: set[str] | None = None,
-                          divisor: float | None = None, fp8: bool = False,
-                          scales: dict[str, torch.Tensor] | None = None, group_size: int = -1,
-                          mx: bool = False, fp4: bool = False) -> Iterator[int]:
-    """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized per
-    token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only, per token and group of `group_size`
-    channels when > 0; `mx`: MX, per token and group), or with `scales` (8 bits) with its own static input scale,
-    {full name: input_scale [1]}, one for each of `names` (`fp4`: 4 bits, NVFP4 in groups under that global scale);
-    yields the count."""
-    if bits is None:
+def quantized_activations(model: nn.Module, scheme: InputScheme | None, names: set[str] | None = None,
+                          scales: dict[str, torch.Tensor] | None = None,
+                          divisor: float | None = None) -> Iterator[int]:
+    """Within the context, every table linear (or those of the full `names`) sees its input fake-quantized as
+    `scheme` says (None: nothing changes): per token (`divisor`: fake_quant_per_token's; `fp8`: to E4M3, 8 bits only,
+    per token and group of `group_size` channels when > 0; `mx`: MX, per token and group), or, `static`, with its own
+    input scale from `scales`, {full name: input_scale [1]}, one for each of `names` (8 bits; `fp4`: 4 bits, NVFP4 in
+    groups under that global scale); yields the count."""
+    if scheme is None:
         yield 0
         return
+    bits, fp8, group_size, mx, fp4 = scheme.bits, scheme.fp8, scheme.group_size, scheme.mx, scheme.fp4
+    if scheme.static != (scales is not None):
+        raise QForgeError(f"static inputs take one input scale per linear, dynamic ones none: static {scheme.static}, "
+                          f"{'no ' if scales is None else ''}scales given")
     if fp4 and not (bits == 4 and scales is not None and group_size > 0):
         raise QForgeError(f"NVFP4 inputs are 4-bit in groups with calibrated global scales, got {bits} bits, group "
                           f"size {group_size}{'' if scales is not None else ', no scales'}")

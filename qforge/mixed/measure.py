@@ -66,13 +66,14 @@ def solver_settings(cfg: QuantizeConfig) -> dict:
     so files from before a flag existed still match and resume)."""
     return {"damp": cfg.damp, "act_order": cfg.act_order,
             **({"act_group_aware": True} if cfg.act_group_aware else {}),
-            **({"scale_search": True} if cfg.scale_search else {})}
+            **({"scale_search": True} if cfg.scale_search else {}),
+            **({"rotation": cfg.rotation_key} if cfg.rotation else {})}
 
 
 def settings_mismatch(measurement: dict, cfg: QuantizeConfig) -> list[str]:
     """Names of the solver settings in which `measurement` differs from `cfg`."""
     want = solver_settings(cfg)
-    return [k for k in ("damp", "act_order", "act_group_aware", "scale_search")
+    return [k for k in ("damp", "act_order", "act_group_aware", "scale_search", "rotation")
             if measurement.get(k, False) != want.get(k, False)]
 
 
