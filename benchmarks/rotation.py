@@ -7,7 +7,7 @@ where outliers hurt most). Every checkpoint is written as compressed-tensors, lo
 shared perplexity protocol.
 
     PYTHONPATH=. .venv-clients/bin/python benchmarks/rotation.py [--nsamples 32] [--max-windows 4] [--quick]
-    PYTHONPATH=. .venv/bin/python benchmarks/rotation.py --simulated [--max-windows 4]
+    PYTHONPATH=. .venv/bin/python benchmarks/rotation.py --simulated [--max-windows 4] [--datasets wiki,code]
 
 Both tools get the same calibration samples (`builtin:mix`, 512 tokens each, seed 0) and keep lm_head unquantized;
 llm-compressor runs in its own process (it patches transformers on import). `--quick`: the int4 rows only;
@@ -125,8 +125,8 @@ def main() -> None:
                                     str(samples_file), cfg, str(out)], capture_output=True, text=True)
                 line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
-                    rows.append([scheme, label, tool, "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1]])
-                    print(" | ".join(rows[-1]), flush=True)
+                    rows.append([scheme, label, tool, "failed", *("" for _ in datasets)])
+                    print(" | ".join(rows[-1]), (p.stderr.strip().splitlines() or ["?"])[-1], flush=True)
                     continue
                 secs = json.loads(line[7:])["seconds"]
             score(scheme, label, tool, qforge.load(out), secs)
@@ -142,10 +142,9 @@ def simulated(a) -> None:
 
     torch.set_num_threads(2)
     datasets, rows = a.datasets.split(","), []
-    for sim in (dict(weight_bits=4), dict(act_bits=8), dict(act_bits=4), dict(weight_bits=8, act_bits=8),
-                dict(weight_bits=4, act_bits=8), dict(weight_bits=8, act_bits=4), dict(weight_bits=4, act_bits=4),
-                dict(kv_bits=4), dict(kv_bits=3)):
-        for rot in (None, "hadamard", "orthogonal"):
+    for sim in (dict(weight_bits=4), dict(act_bits=4), dict(weight_bits=4, act_bits=8),
+                dict(weight_bits=4, act_bits=4), dict(kv_bits=4), dict(kv_bits=3)):
+        for rot in (None, "hadamard", "orthogonal") if sim.get("act_bits") == 4 else (None, "hadamard"):
             cfg = SimulationConfig(**sim, rotation=rot)
             ppl = {r["dataset"]: r["ppl"] for r in qforge.evaluate("smollm2-135m", datasets, max_windows=a.max_windows,
                                                                    simulate=cfg)}
