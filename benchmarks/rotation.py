@@ -19,51 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-LLMC_CHILD = r"""
-import json, sys, time
-import torch
-
-
-def main():
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor.modifiers.transform import SpinQuantModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(2)
-    src, samples_file, mode, out = sys.argv[1:5]
-    samples = [json.loads(line)["input_ids"] for line in open(samples_file)]
-    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-    scheme, _, rotate = mode.partition("+")
-    if scheme == "NVFP4":
-        gptq = GPTQModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"])
-    else:
-        w = {"num_bits": int(scheme[1]), "type": "int", "symmetric": True}
-        w.update({"strategy": "channel"} if scheme.endswith("C") else {"strategy": "group", "group_size": 64})
-        gptq = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": w}}, ignore=["lm_head"])
-    recipe = ([SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard")] if rotate else []) + [gptq]
-    t = time.perf_counter()
-    oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=len(samples[0]), num_calibration_samples=len(samples),
-            shuffle_calibration_samples=False)
-    secs = time.perf_counter() - t
-    m.save_pretrained(out, save_compressed=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    print("RESULT " + json.dumps({"seconds": secs}))
-
-
-if __name__ == "__main__":
-    main()
-"""
+from w8a8_vs_llmcompressor import llmc_run, qforge_run     # its llm-compressor child ('+spin': SpinQuant first)
 
 
 def main() -> None:
@@ -82,14 +44,13 @@ def main() -> None:
     import qforge
     from qforge.calibration import build_calibration
     from qforge.cli.table import format_table
-    from qforge.models.loading import resolve_model
 
     datasets = a.datasets.split(",")
     base = qforge.load("smollm2-135m")
     samples = build_calibration("builtin:mix", base.tokenizer, a.nsamples, 512, seed=0).samples
-    schemes = {"W4 per channel": ("W4C", dict(bits=4, group_size=-1)),
-               "W3 g64": ("W3G64", dict(bits=3, group_size=64)),
-               "NVFP4 W4A4": ("NVFP4", _scheme_fields("NVFP4"))}
+    schemes = {"W4 per channel": ("W4C-gptq", dict(bits=4, group_size=-1)),
+               "W3 g64": ("W3G64-gptq", dict(bits=3, group_size=64)),
+               "NVFP4 W4A4": ("NVFP4-gptq", _scheme_fields("NVFP4"))}
     if a.quick or a.only:
         schemes = {a.only: schemes[a.only]} if a.only else dict(list(schemes.items())[:1])
     runs = []
@@ -114,21 +75,12 @@ def main() -> None:
         samples_file.write_text("".join(json.dumps({"input_ids": s.tolist()}) + "\n" for s in samples))
         for k, (tool, scheme, label, cfg) in enumerate(runs):
             out = Path(d) / f"{k}"
-            if tool == "qforge":
-                m = qforge.load("smollm2-135m", cfg)
-                t = time.perf_counter()
-                m.quantize(samples if cfg.needs_calibration else None)
-                secs = time.perf_counter() - t
-                m.export(out, "compressed-tensors", dtype=torch.float32)
-            else:
-                p = subprocess.run([a.llmc_python, "-c", LLMC_CHILD, str(resolve_model("smollm2-135m")),
-                                    str(samples_file), cfg, str(out)], capture_output=True, text=True)
-                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    rows.append([scheme, label, tool, "failed", *("" for _ in datasets)])
-                    print(" | ".join(rows[-1]), (p.stderr.strip().splitlines() or ["?"])[-1], flush=True)
-                    continue
-                secs = json.loads(line[7:])["seconds"]
+            secs = qforge_run(cfg, samples, out) if tool == "qforge" else \
+                llmc_run(a.llmc_python, cfg, samples_file, out)
+            if isinstance(secs, str):                                # its error
+                rows.append([scheme, label, tool, "failed", *("" for _ in datasets)])
+                print(" | ".join(rows[-1]), secs, flush=True)
+                continue
             score(scheme, label, tool, qforge.load(out), secs)
     print(f"\nSmolLM2-135M (GGUF Q4_1 weights, dequantized), {a.nsamples} x 512 calibration tokens (builtin:mix), "
           f"perplexity on {a.max_windows} windows of 2048 tokens, evaluated by qforge\n")

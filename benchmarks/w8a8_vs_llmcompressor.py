@@ -59,6 +59,7 @@ def main():
 
     torch.set_num_threads(2)
     src, samples_file, mode, out = sys.argv[1:5]
+    mode, _, rotate = mode.partition("+")                     # "+spin": its SpinQuant R1 + R2 first (rotation.py)
     samples = [json.loads(line)["input_ids"] for line in open(samples_file)]
     m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
@@ -72,6 +73,10 @@ def main():
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
         recipe = [Modifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"], kv_cache_scheme=kv)]
+    elif mode in ("W4C-gptq", "W3G64-gptq"):                 # int weight-only: 4 bits per channel, 3 in groups of 64
+        w = {"num_bits": int(mode[1]), "type": "int", "symmetric": True,
+             **({"strategy": "channel"} if mode[2] == "C" else {"strategy": "group", "group_size": 64})}
+        recipe = [GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": w}}, ignore=["lm_head"])]
     elif mode.startswith(("NVFP4", "MXFP")):                 # a preset by name: NVFP4A16-gptq, MXFP4-rtn...
         Modifier = GPTQModifier if mode.endswith("gptq") else QuantizationModifier
         recipe = [Modifier(targets="Linear", scheme=mode.rpartition("-")[0], ignore=["lm_head"])]
@@ -96,6 +101,9 @@ def main():
     else:
         recipe = [SmoothQuantModifier(smoothing_strength=0.8),
                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if rotate:                                               # its plain "hadamard" needs a power-of-two width
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+        recipe = [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard")] + recipe
     t = time.perf_counter()
     oneshot(model=m, dataset=ds, recipe=recipe, max_seq_length=len(samples[0]), num_calibration_samples=len(samples),
             shuffle_calibration_samples=False)
@@ -121,6 +129,17 @@ def qforge_run(cfg, samples, out: Path) -> float:
     return secs
 
 
+def llmc_run(python: str, mode: str, samples_file: Path, out: Path) -> float | str:
+    """llm-compressor's run of `mode` (LLMC_CHILD) on SmolLM2 in its own process, saved to `out`: its seconds, or
+    the last line of its error."""
+    from qforge.models.loading import resolve_model
+
+    p = subprocess.run([python, "-c", LLMC_CHILD, str(resolve_model("smollm2-135m")), str(samples_file), mode,
+                        str(out)], capture_output=True, text=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[7:])["seconds"] if line else (p.stderr.strip().splitlines() or ["?"])[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nsamples", type=int, default=32)
@@ -134,7 +153,6 @@ def main() -> None:
     import qforge
     from qforge.calibration import build_calibration
     from qforge.cli.table import format_table
-    from qforge.models.loading import resolve_model
 
     datasets = a.datasets.split(",")
     base = qforge.load("smollm2-135m")
@@ -227,16 +245,11 @@ def main() -> None:
         samples_file.write_text("".join(json.dumps({"input_ids": s.tolist()}) + "\n" for s in samples))
         for k, (tool, label, cfg) in enumerate(runs):
             out = Path(d) / f"{k}"
-            if tool == "qforge":
-                secs = qforge_run(cfg, samples, out)
-            else:
-                p = subprocess.run([a.llmc_python, "-c", LLMC_CHILD, str(resolve_model("smollm2-135m")),
-                                    str(samples_file), cfg, str(out)], capture_output=True, text=True)
-                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    rows.append([label, tool, "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1]])
-                    continue
-                secs = json.loads(line[7:])["seconds"]
+            secs = qforge_run(cfg, samples, out) if tool == "qforge" else \
+                llmc_run(a.llmc_python, cfg, samples_file, out)
+            if isinstance(secs, str):
+                rows.append([label, tool, "failed: " + secs])
+                continue
             qm = qforge.load(out)
             if a.scheme.startswith(("nvfp4", "mxfp")):   # the preset's grid and inputs, or the row's own grid
                 own, want = label.startswith(("int", "NVFP4")), qforge.QuantizeConfig.from_scheme(preset)

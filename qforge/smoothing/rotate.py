@@ -3,9 +3,9 @@
 R1 turns the residual stream h into h·R (R orthogonal [hidden, hidden], solvers/hadamard.rotation): the embedding
 rows become E·R; every linear that reads the stream through a block's RMSNorm (the table's norm -> linears
 mappings, their `balance` routers too) first takes the norm's weight γ into its columns (W·diag(γ); the norm keeps
-weight 1, Gemma's 0) and then reads W·R; every linear that writes to the stream (a block's group just before a
-norm-read group, and its last group: o_proj, down_proj) becomes Rᵀ·W (bias Rᵀ·b); the final norm goes into the
-head, which reads W·R. RMSNorm(h·R) = RMSNorm(h)·R because R keeps norms, so the logits do not change, while each
+weight 1, Gemma's 0) and then reads W·R; every linear that writes to the stream (a hidden-size output that neither
+reads a norm nor feeds another linear: o_proj, down_proj, the experts' down) becomes Rᵀ·W (bias Rᵀ·b); the final
+norm goes into the head, which reads W·R. RMSNorm(h·R) = RMSNorm(h)·R because R keeps norms, so the logits do not change, while each
 outlier channel of h is spread over all of them: weights and inputs quantize with less error.
 R2 rotates each attention head's values by one orthogonal [head_dim, head_dim] matrix (v_proj's rows per head,
 o_proj's columns per head): attention mixes a head's value vectors linearly, so the rotation passes through
@@ -54,8 +54,7 @@ def _block_norms(block: nn.Module) -> dict[str, nn.Module]:
 def _plan_block(block: nn.Module, spec: ArchSpec, i: int, hidden: int) -> _BlockPlan:
     groups = block_linears(block, spec)
     refs = [r for g in groups for r in g]
-    norms, readers, folded = [], set(), set()
-    child_norms = _block_norms(block)
+    child_norms, read = _block_norms(block), {}                  # norm name -> {linear name: ref} reading it
     for mapping in spec.smooth:
         if mapping.prev not in child_norms:
             continue
@@ -66,15 +65,17 @@ def _plan_block(block: nn.Module, spec: ArchSpec, i: int, hidden: int) -> _Block
         if not _is_rms_norm(norm):
             raise QForgeError(f"block {i}: {mapping.prev} is a {type(norm).__name__}; rotation needs RMSNorm (a "
                               f"LayerNorm's mean subtraction or bias does not commute with it)")
-        lins = [r for u in units for r in u.lins + u.balance]
-        norms.append((norm, lins))
-        readers |= {r.name for r in lins}
-        folded.add(mapping.prev)
-    unread = sorted(set(child_norms) - folded)
-    if unread or not norms:
-        raise QForgeError(f"block {i} ({type(block).__name__}) has norms {', '.join(unread) or 'none'} that no "
-                          f"linear group reads (a norm after a sub-layer, as Gemma 2's post-norms): rotating its "
-                          f"residual stream would change the model")
+        read.setdefault(mapping.prev, {}).update({r.name: r for u in units for r in u.lins + u.balance})
+    if not read:
+        raise QForgeError(f"block {i} ({type(block).__name__}) has no norm that the table's mappings name as read "
+                          f"by its linears: rotation needs the norms before its sub-layers")
+    unread = sorted(set(child_norms) - set(read))
+    if unread:
+        raise QForgeError(f"block {i} ({type(block).__name__}) has norms {', '.join(unread)} that no linear group "
+                          f"reads (a norm after a sub-layer, as Gemma 2's post-norms): rotating its residual stream "
+                          f"would change the model")
+    norms = [(child_norms[n], list(lins.values())) for n, lins in read.items()]   # a norm folded once
+    readers = {name for lins in read.values() for name in lins}
     producers = {m.prev for m in spec.smooth}                    # linears whose output another linear reads
     writers = [r for r in refs if r.name not in readers and r.shape[0] == hidden
                and r.name not in producers and r.name.rpartition(".")[0] not in producers]
