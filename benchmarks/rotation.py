@@ -17,23 +17,17 @@ llm-compressor runs in its own process (it patches transformers on import). `--q
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from w8a8_vs_llmcompressor import llmc_run, qforge_run     # its llm-compressor child ('+spin': SpinQuant first)
+from w8a8_vs_llmcompressor import llmc_run, qforge_run, side_by_side_parser   # '+spin': SpinQuant first
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--max-windows", type=int, default=4)
-    ap.add_argument("--datasets", default="wiki,news,brown,code")
-    ap.add_argument("--llmc-python", default=sys.executable)
+    ap = side_by_side_parser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", help="one scheme's rows (e.g. 'NVFP4 W4A4')")
     ap.add_argument("--simulated", action="store_true")
@@ -44,13 +38,14 @@ def main() -> None:
     import qforge
     from qforge.calibration import build_calibration
     from qforge.cli.table import format_table
+    from qforge.config import SCHEMES
 
     datasets = a.datasets.split(",")
     base = qforge.load("smollm2-135m")
     samples = build_calibration("builtin:mix", base.tokenizer, a.nsamples, 512, seed=0).samples
     schemes = {"W4 per channel": ("W4C-gptq", dict(bits=4, group_size=-1)),
                "W3 g64": ("W3G64-gptq", dict(bits=3, group_size=64)),
-               "NVFP4 W4A4": ("NVFP4-gptq", _scheme_fields("NVFP4"))}
+               "NVFP4 W4A4": ("NVFP4-gptq", SCHEMES["NVFP4"])}
     if a.quick or a.only:
         schemes = {a.only: schemes[a.only]} if a.only else dict(list(schemes.items())[:1])
     runs = []
@@ -66,7 +61,8 @@ def main() -> None:
 
     def score(scheme, label, tool, qm, secs):
         ppl = {r["dataset"]: r["ppl"] for r in qforge.evaluate(qm, datasets, max_windows=a.max_windows)}
-        rows.append([scheme, label, tool, f"{secs:.0f}" if secs is not None else "", *(f"{ppl[d]:.3f}" for d in datasets)])
+        rows.append([scheme, label, tool, f"{secs:.0f}" if secs is not None else "",
+                     *(f"{ppl[d]:.3f}" for d in datasets)])
         print(" | ".join(rows[-1]), flush=True)
 
     score("fp32", "", "", base, None)
@@ -105,12 +101,6 @@ def simulated(a) -> None:
     print(f"\nSmolLM2-135M, simulated RTN weights (per channel, symmetric), per-token inputs, KV per head (asymmetric), "
           f"perplexity on {a.max_windows} windows of 2048 tokens\n")
     print(format_table(["simulated", "rotation", *datasets], rows))
-
-
-def _scheme_fields(scheme: str) -> dict:
-    from qforge.config import SCHEMES
-
-    return dict(SCHEMES[scheme])
 
 
 if __name__ == "__main__":

@@ -140,12 +140,19 @@ def llmc_run(python: str, mode: str, samples_file: Path, out: Path) -> float | s
     return json.loads(line[7:])["seconds"] if line else (p.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def main() -> None:
+def side_by_side_parser() -> argparse.ArgumentParser:
+    """The options every SmolLM2 side-by-side script here takes: calibration size, evaluation windows and sets, and
+    the Python that runs llm-compressor."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--datasets", default="wiki,news,brown,code")
     ap.add_argument("--llmc-python", default=sys.executable)
+    return ap
+
+
+def main() -> None:
+    ap = side_by_side_parser()
     ap.add_argument("--scheme", choices=("int8", "fp8", "int8-static", "fp8-static", "fp8-kv", "fp8-block", "nvfp4",
                                          "mxfp4", "mxfp8", "mxfp4-w4a4", "mxfp8-w8a8", "nvfp4-w4a4"), default="int8")
     a = ap.parse_args()

@@ -47,14 +47,15 @@ def _is_rms_norm(module: nn.Module | None) -> bool:
             and getattr(module, "bias", None) is None)
 
 
-def _block_norms(block: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in block.named_children() if "norm" in type(m).__name__.lower()}
+def _child_norms(module: nn.Module) -> dict[str, nn.Module]:
+    """The norms directly inside `module` (a block's, or those beside the blocks), by attribute name."""
+    return {n: m for n, m in module.named_children() if "norm" in type(m).__name__.lower()}
 
 
 def _plan_block(block: nn.Module, spec: ArchSpec, i: int, hidden: int) -> _BlockPlan:
     groups = block_linears(block, spec)
     refs = [r for g in groups for r in g]
-    child_norms, read = _block_norms(block), {}                  # norm name -> {linear name: ref} reading it
+    child_norms, read = _child_norms(block), {}                  # norm name -> {linear name: ref} reading it
     for mapping in spec.smooth:
         if mapping.prev not in child_norms:
             continue
@@ -94,7 +95,7 @@ def _values(block: nn.Module, spec: ArchSpec, refs: list[LinearRef]) -> tuple[Li
 
 def _final_norm(model: nn.Module, spec: ArchSpec) -> nn.Module:
     owner, _ = blocks_owner(model, spec)
-    norms = [m for m in owner.children() if "norm" in type(m).__name__.lower()]
+    norms = list(_child_norms(owner).values())
     if len(norms) != 1 or not _is_rms_norm(norms[0]):
         raise QForgeError(f"{type(owner).__name__} has {len(norms)} norm(s) beside its blocks "
                           f"({', '.join(type(m).__name__ for m in norms) or 'none'}); rotation needs one final RMSNorm")
@@ -117,9 +118,8 @@ def _change(model: nn.Module, probe: torch.Tensor, before: torch.Tensor) -> floa
     return ((_probe_logits(model, probe) - before).abs().max() / before.abs().max().clamp_min(1e-6)).item()
 
 
-def _read(ref: LinearRef, R: torch.Tensor, gamma: torch.Tensor | None = None) -> None:
-    W = ref.weight.float()                                       # [out, in]
-    ref.set_weight((W * gamma if gamma is not None else W) @ R)
+def _read(ref: LinearRef, R: torch.Tensor, gamma: torch.Tensor) -> None:
+    ref.set_weight(ref.weight.float() * gamma @ R)               # [out, in] · diag(γ) · R
 
 
 def _write(ref: LinearRef, R: torch.Tensor) -> None:
@@ -178,8 +178,7 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, values
     before = _probe_logits(model, probe)
     R = rotation(hidden, kind, seed).float()
     untied = _untie(model)
-    head_ref = LinearRef("lm_head", head)
-    _read(head_ref, R, _fold_norm(final, spec.norm_plus_one))
+    _read(LinearRef("lm_head", head), R, _fold_norm(final, spec.norm_plus_one))
     emb.weight.copy_((emb.weight.float() @ R).to(emb.weight.dtype))
     R2 = rotation(head_dim, kind, seed + 1).float() if values else None
     for block, plan in zip(blocks, plans):
