@@ -47,6 +47,7 @@ class QModel:
         self._store = None                  # runstate.BlockStore of the last quantize(resume=...), until saved
         self.source_types: dict[str, str] | None = None   # loaded from GGUF: {parameter: GGML type stored as}
         self._source_warning: str | None = None           # quantize()'s, recorded by save()
+        self._rotation: dict | None = None                 # rotate()'s record, once rotated
 
     @property
     def quantized(self) -> bool:
@@ -137,7 +138,7 @@ class QModel:
         if resolved is not self.config:
             log.info("compute_dtype auto: %s on %s", resolved.compute_dtype, device)
             self.config = resolved                          # saved with the output as the dtype that ran
-        rotated = self._rotate() if self.config.rotation else None
+        rotated = self.rotate()
         self._source_warning = None
         if allocation is None and not (self.config.bpw or self.config.nvfp4 or self.config.mx or rotated):
             from .models.arch import arch_spec
@@ -192,14 +193,25 @@ class QModel:
                         self.result.ragged_layers[0])
         return self.result
 
-    def _rotate(self) -> dict:
-        """Rotate the model in memory (config.rotation; smoothing/rotate.py), before anything reads its weights."""
-        if self.blocks is not None:
-            raise QForgeError("rotation folds one matrix into every block and the embeddings at once: it does not "
-                              "stream yet (quantize without stream)")
-        from .smoothing.rotate import rotate_model
+    def rotate(self) -> dict | None:
+        """Rotate the model as config.rotation says (smoothing/rotate.py), once, before anything reads its weights:
+        in memory, or, streamed, as its loader reads each block and the weights outside them. quantize() calls it
+        first; call it yourself to measure the rotated model (qforge measure --rotate). Returns the record of what
+        was done (None without config.rotation)."""
+        from .smoothing.rotate import rotate_model, rotate_streamed
 
-        return rotate_model(self.model, self.config.rotation, self.config.rotation_seed)
+        if self.config is None or not self.config.rotation:
+            return None
+        if self._rotation is None:
+            if self.blocks is not None:
+                self._rotation = rotate_streamed(self.model, self.blocks, self.config.rotation,
+                                                 self.config.rotation_seed)
+            else:
+                self._rotation = rotate_model(self.model, self.config.rotation, self.config.rotation_seed)
+        elif (self._rotation["kind"], self._rotation["seed"]) != (self.config.rotation, self.config.rotation_seed):
+            raise QForgeError(f"this model was rotated ({self._rotation['kind']}, seed {self._rotation['seed']}) "
+                              f"already: load it again to rotate it otherwise")
+        return self._rotation
 
     def _calibrate_kv(self, samples: list[torch.Tensor], device: str, batch_size: int) -> dict[str, torch.Tensor]:
         """FP8 KV scales (capture/kv_range.py) from the quantized model run as served (its inputs quantized too; a

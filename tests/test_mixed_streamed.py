@@ -183,3 +183,26 @@ def test_a_streamed_block_check_gives_the_in_memory_numbers(tmp_path, tiny_token
     got = check_blocks(m.model, a, calib, valid, CFG, only={1}, weights=m.blocks)
     assert sorted(got) == [1] and got[1].kl == pytest.approx(want[1].kl, rel=1e-4, abs=1e-12)
     assert loads == [0, 1]                                  # block 0 only to walk the fp model to block 1
+
+
+def test_a_rotated_measurement_streams_and_is_what_quantize_rotate_reads(tmp_path, tiny_tokenizer, caplog,
+                                                                         wiki_excerpt):
+    from qforge.cli.main import main
+
+    src = _saved_dir(tmp_path, tiny_tokenizer, "llama")
+    calib = ["--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "32", "--candidate-bits", "2,4"]
+    rotate = ["--rotate", "hadamard", "--rotation-seed", "3"]
+    for name, extra in (("plain", []), ("mem", rotate), ("s", [*rotate, "--stream", "--probe-memory", "1KB"])):
+        assert main(["-q", "measure", str(src), "--out", str(tmp_path / f"{name}.json"), *calib, *extra]) == 0
+    plain, mem, streamed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "mem", "s"))
+    _assert_same(streamed, mem)
+    assert mem["rotation"] == ["hadamard", 3] and "rotation" not in plain
+    errs = (lambda m: [o["err"] for d in m["layers"].values() for o in d["options"]])
+    assert errs(mem) != pytest.approx(errs(plain), rel=1e-3)             # the rotated weights were measured
+    q = ["-q", "quantize", str(src), "--method", "gptq", "--bpw", "3", "--measurement", str(tmp_path / "s.json"),
+         "--calib", wiki_excerpt, "--nsamples", "4", "--seqlen", "32"]
+    caplog.clear()
+    assert main([*q, *rotate, "--out", str(tmp_path / "q")]) == 0
+    assert "measured with other GPTQ settings" not in caplog.text
+    assert main([*q, "--out", str(tmp_path / "q-plain")]) == 0
+    assert "(rotation differ)" in caplog.text

@@ -14,7 +14,7 @@ from qforge.config import QuantizeConfig
 from qforge.errors import QForgeError
 from qforge.smoothing import rotate
 from qforge.smoothing.rotate import rotate_model
-from qforge.solvers.hadamard import hadamard, hadamard_core, paley, rotation, sylvester
+from qforge.solvers.hadamard import hadamard, hadamard_core, paley, rotation, rotation_factors, sylvester
 from tiny_models import VOCAB, tiny_model
 
 
@@ -50,6 +50,22 @@ def test_rotations_are_orthogonal_and_drawn_from_their_seed(kind, n):
     assert torch.equal(rotation(n, kind, 0), R) and not torch.equal(rotation(n, kind, 1), R)
     if kind == "hadamard" and hadamard_core(n) is not None:        # a signed Hadamard matrix: entries ±1/√n
         assert torch.allclose(R.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+@pytest.mark.parametrize("n", [12, 576, 688, 7, 2048])
+def test_a_factored_rotation_applies_its_dense_matrix(kind, n):
+    kr = rotation_factors(n, kind, 4)
+    R = kr.dense()
+    assert torch.equal(R, rotation(n, kind, 4)) and kr.n == n
+    if kind == "hadamard":          # Paley core (12, 576), random core (688 = 43·16, 7), Sylvester in two (2048)
+        assert len(kr.factors) == {12: 1, 576: 2, 688: 2, 7: 1, 2048: 2}[n]
+    x, W = torch.randn(3, 5, n, dtype=torch.float64), torch.randn(n, 4, 2, dtype=torch.float64)
+    assert torch.allclose(kr.right(x), x @ R, atol=1e-12)
+    assert torch.allclose(kr.transposed_left(W), (R.T @ W.reshape(n, -1)).reshape(W.shape), atol=1e-12)
+    for dtype in (torch.float32, torch.bfloat16):                   # fp32 arithmetic, the input's dtype out
+        y = kr.right(x.to(dtype))
+        assert y.dtype == dtype and torch.allclose(y.double(), x.to(dtype).double() @ R, rtol=1e-2, atol=1e-2)
 
 
 def _logits(m, tokens):
@@ -123,10 +139,16 @@ def test_models_rotation_would_change_are_refused_untouched(key, msg):
     assert all(torch.equal(p, state[n]) for n, p in m.state_dict().items())
 
 
-def test_a_rotation_that_moves_the_logits_is_an_error(monkeypatch):
+def test_a_rotation_that_would_move_the_outputs_is_refused_untouched(monkeypatch):
     m = tiny_model("llama")
+    state = {n: p.clone() for n, p in m.state_dict().items()}
     monkeypatch.setattr(rotate, "_write", lambda ref, R: None)     # as if the table missed the residual writers
-    with pytest.raises(QForgeError, match="changed its logits"):
+    with pytest.raises(QForgeError, match=r"changed its outputs .*\(block 0; nothing was changed\)"):
+        rotate_model(m)
+    assert all(torch.equal(p, state[n]) for n, p in m.state_dict().items())
+    monkeypatch.undo()
+    monkeypatch.setattr(rotate.Rotation, "rotate_outside", lambda self, model: None)   # the blocks alone: logits move
+    with pytest.raises(QForgeError, match="changed its outputs .* now changed; load it again"):
         rotate_model(m)
 
 
@@ -159,7 +181,7 @@ def test_rotated_gptq_saves_exports_and_loads_again(tied_llama_dir, wiki_excerpt
                            m.model.model.layers[0].mlp.down_proj.weight)
 
 
-def test_rotation_from_the_command_line_and_not_streamed(tied_llama_dir, tmp_path, capsys):
+def test_rotation_from_the_command_line(tied_llama_dir, tmp_path, capsys):
     from qforge.cli.main import main
 
     out = tmp_path / "q"
@@ -168,9 +190,6 @@ def test_rotation_from_the_command_line_and_not_streamed(tied_llama_dir, tmp_pat
     assert "sym, rotated (orthogonal) in" in capsys.readouterr().out
     saved = json.loads((out / "qforge_config.json").read_text())
     assert saved["rotation"] == "orthogonal" and saved["rotation_seed"] == 2
-    m = qforge.load(tied_llama_dir, QuantizeConfig(method="rtn", rotation="hadamard"), stream=True)
-    with pytest.raises(QForgeError, match="does not stream"):
-        m.quantize(None, resume=tmp_path / "state")
 
 
 def test_simulated_quantization_of_a_rotated_model(tiny_llama_dir, capsys):
@@ -211,3 +230,57 @@ def test_awq_scales_are_reused_only_on_the_same_rotation(tiny_llama_dir, wiki_ex
             qforge.load(tiny_llama_dir, cfg).quantize(None)
     gptq = QuantizeConfig(method="gptq", rotation="hadamard")
     assert settings_mismatch(solver_settings(gptq), QuantizeConfig(method="gptq")) == ["rotation"]
+
+
+@pytest.mark.parametrize("model_type,tied,cfg,first_of_each", [
+    ("llama", True, QuantizeConfig(method="gptq", bits=4, group_size=32, rotation="hadamard", rotation_seed=2), [0]),
+    ("qwen3_moe", False, QuantizeConfig(method="awq+gptq", bits=4, group_size=16, awq_grid=4, rotation="hadamard"),
+     [0]),
+    # gated attention: R2 dropped by the streamed check as by the in-memory one; a linear-attention block before
+    ("qwen3_next", False, QuantizeConfig(method="rtn", bits=4, group_size=32, rotation="orthogonal"), [0, 1]),
+    # MLA; a dense block, then MoE ones
+    ("deepseek_v3", False, QuantizeConfig(method="gptq", bits=4, group_size=16, rotation="hadamard"), [0, 1]),
+])
+def test_a_streamed_rotation_writes_what_an_in_memory_one_does(tmp_path, tiny_tokenizer, wiki_calibration,
+                                                               monkeypatch, model_type, tied, cfg, first_of_each):
+    from qforge.models.arch import arch_spec, get_blocks
+    from qforge.models.streaming import BlockLoader
+    from tiny_models import saved_tensors
+
+    src = tmp_path / model_type
+    tiny_model(model_type, seed=3, tie_word_embeddings=tied).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    ref = qforge.load(str(src), cfg)
+    ref.quantize(wiki_calibration)
+    ref.save(tmp_path / "ref")
+
+    m = qforge.load(str(src), cfg, stream=True)
+    blocks = get_blocks(m.model, arch_spec(m.model))
+    loads, load = [], BlockLoader.load
+    monkeypatch.setattr(BlockLoader, "load", lambda self, i, block: (loads.append(i), load(self, i, block)))
+    m.quantize(wiki_calibration, resume=tmp_path / "state")
+    checked = loads[:len(loads) - len(blocks)]         # the check reads the first block of each structure only
+    assert loads[len(checked):] == list(range(len(blocks))) and checked == first_of_each
+    assert m.result.rotation == {**ref.result.rotation, "max_logit_change": m.result.rotation["max_logit_change"]}
+    assert m.result.rotation["max_logit_change"] < 1e-4
+    early = m.export(tmp_path / "gptq-early", "gptq")     # fp16, from the run state: the outside weights rotated
+    out = m.save(tmp_path / "out")                        # as they are read (in fp32, then cast)
+    want, got = saved_tensors(tmp_path / "ref"), saved_tensors(out)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    packed_ref, packed = ref.export(tmp_path / "ref-gptq", "gptq"), m.export(tmp_path / "gptq", "gptq")
+    assert packed == packed_ref == early
+    want = saved_tensors(tmp_path / "ref-gptq")
+    for d in ("gptq", "gptq-early"):
+        got = saved_tensors(tmp_path / d)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), d
+    streamed = qforge.evaluate(str(out), "wiki", seqlen=32, max_windows=2, stream=True)[0]["ppl"]
+    assert streamed == pytest.approx(qforge.evaluate(ref, "wiki", seqlen=32, max_windows=2)[0]["ppl"], rel=1e-5)
+
+
+def test_a_streamed_rotation_that_would_move_the_outputs_changes_nothing(tied_llama_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(rotate, "_write", lambda ref, R: None)     # as if the table missed the residual writers
+    m = qforge.load(tied_llama_dir, QuantizeConfig(method="rtn", rotation="hadamard"), stream=True)
+    with pytest.raises(QForgeError, match=r"changed its outputs .*\(block 0; nothing was changed\)"):
+        m.quantize(None, resume=tmp_path / "state")
+    assert m.blocks.rotation is None and m.model.config.tie_word_embeddings

@@ -174,6 +174,16 @@ def _export(m, out, a) -> None:
 MIXED_FORMATS = ("gptq", "compressed-tensors")
 
 
+def _add_rotation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rotate", choices=("hadamard", "orthogonal"),
+                   help="rotate the model first (QuaRot; SpinQuant's R1/R2 untrained): a randomized Hadamard (or "
+                        "random orthogonal) matrix on the residual stream and one per attention head's values, "
+                        "folded into the weights (the model's function is unchanged, checked on a probe); outliers "
+                        "spread out, so low-bit weights and W4A4 inputs lose less. RMSNorm families; a tied head "
+                        "is untied; the output is a plain checkpoint")
+    p.add_argument("--rotation-seed", type=int, default=0, help="seed of --rotate's signs / matrices")
+
+
 def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
     """Options of the commands that quantize (quantize, study, demo), not of `measure`, which measures every linear
     weight-only."""
@@ -224,13 +234,7 @@ def _add_quantize_only_args(p: argparse.ArgumentParser) -> None:
                         "(max / 448 over the calibration set, on the quantized model), exported as compressed-tensors "
                         "kv_cache_scheme (vLLM: --kv-cache-dtype fp8); evaluation and generate then cache keys and "
                         "values in E4M3 with them")
-    p.add_argument("--rotate", choices=("hadamard", "orthogonal"),
-                   help="rotate the model first (QuaRot; SpinQuant's R1/R2 untrained): a randomized Hadamard (or "
-                        "random orthogonal) matrix on the residual stream and one per attention head's values, "
-                        "folded into the weights (the model's function is unchanged, checked on a probe); outliers "
-                        "spread out, so low-bit weights and W4A4 inputs lose less. RMSNorm families; a tied head "
-                        "is untied; the output is a plain checkpoint")
-    p.add_argument("--rotation-seed", type=int, default=0, help="seed of --rotate's signs / matrices")
+    _add_rotation_args(p)
 
 
 def _quant_config(a):
@@ -306,6 +310,7 @@ def build_parser(scheme: dict | None = None) -> argparse.ArgumentParser:
                         "probes of a span of blocks share sweeps over the model: see qforge.mixed.streamed)")
     _add_probe_memory(p)
     quantizing.append(_add_quant_args(p))
+    _add_rotation_args(p)
     p.set_defaults(compute_dtype="float32")           # the measurement runs fp32; another dtype is refused
     p.add_argument("--seqlen", dest="calib_seqlen", type=int, help="alias of --calib-seqlen")
 
@@ -431,9 +436,10 @@ def cmd_measure(a) -> int:
                           f"passes, not to the measurement)")
     cfg = QuantizeConfig(method="gptq", damp=a.damp, block_size=a.block_size, act_order=a.act_order,
                          static_groups=a.static_groups, act_group_aware=a.act_group_aware,
-                         scale_search=a.scale_search)
+                         scale_search=a.scale_search, rotation=a.rotate, rotation_seed=a.rotation_seed)
     bits = a.candidate_bits or None
-    m = qforge.load(a.model, stream=a.stream)
+    m = qforge.load(a.model, cfg, stream=a.stream)
+    m.rotate()                                        # --rotate: measured as quantize --rotate will solve it
     calib = build_calibration(a.calib, m.tokenizer, a.nsamples, a.calib_seqlen, a.seed)
     identity = {"model": a.model, "calibration": CalibrationConfig(a.calib, a.nsamples, a.calib_seqlen, a.seed).to_dict()}
     try:

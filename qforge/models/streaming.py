@@ -8,7 +8,8 @@ final norm, lm_head) are read only inside `BlockLoader.outside(model)`: for the 
 writing the outputs. Memory holds one block and the calibration activations (a 70B model's fp32 embeddings and
 lm_head alone are 8.4 GB). A packed checkpoint streams too, for evaluation (eval/streamed.py): `PackedBlockLoader`
 dequantizes each block's packed linears into the skeleton's own modules. `SavedBlocks` reads a finished streamed
-run's blocks for export.
+run's blocks for export. A rotated run (smoothing/rotate.rotate_streamed) sets `BlockLoader.rotation`: every block
+is rotated as it is read, and the weights outside the blocks inside outside().
 
 Checkpoint keys are read under the model's parameter names: keys transformers renames or converts while
 loading (Mixtral's per-expert tensors fused into 3-D parameters) go through transformers' own transforms, a
@@ -181,6 +182,7 @@ class BlockLoader:
         self.tied = tied_aliases(model, files.where)
         prefix = self.blocks + "."
         self.outside_keys = [n for n in model.state_dict() if not n.startswith(prefix) and n in files.where]
+        self.rotation = None        # a smoothing.rotate.Rotation (rotate_streamed): applied to what is read
 
     def fingerprint(self) -> str:
         return self.files.fingerprint()
@@ -191,6 +193,8 @@ class BlockLoader:
         t = self.files.read(keys)
         check_finite_tensors(t.items())
         block.load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True, assign=True)
+        if self.rotation is not None:
+            self.rotation.rotate_block(i, block)
 
     @contextlib.contextmanager
     def loaded(self, i: int, block: nn.Module, device="cpu"):
@@ -213,7 +217,8 @@ class BlockLoader:
         from .checkpoint_keys import tensor_dtypes
 
         skip, dtype_of = self._keys_of(model, without), tensor_dtypes(model, dtype)   # fp32: a router's score bias
-        t = {k: self.files.read([k], dtype_of(k))[k] for k in self.outside_keys if k not in skip}   # one at a time
+        read_as = (lambda k: torch.float32) if self.rotation is not None else dtype_of    # rotated in fp32
+        t = {k: self.files.read([k], read_as(k))[k] for k in self.outside_keys if k not in skip}   # one at a time
         check_finite_tensors(t.items())
         t.update({n: t[stored] for n, stored in self.tied.items()})
         model.load_state_dict(t, strict=False, assign=True)
@@ -221,6 +226,13 @@ class BlockLoader:
             model.tie_weights()
         empty = {k: torch.empty_like(v, device="meta") for k, v in t.items()}
         del t
+        if self.rotation is not None:           # a tied head gets its own rotated copy; then `dtype`, one at a time
+            self.rotation.rotate_outside(model)
+            for k in empty:
+                v = model.state_dict()[k]
+                if v.is_floating_point() and v.dtype != dtype_of(k):
+                    model.load_state_dict({k: v.to(dtype_of(k))}, strict=False, assign=True)
+                del v
         try:
             yield model
         finally:
@@ -229,9 +241,8 @@ class BlockLoader:
                 model.tie_weights()
             return_freed_memory()
 
-    @staticmethod
-    def _keys_of(model: nn.Module, part: str | None) -> set[str]:
-        if part is None or getattr(model.config, "tie_word_embeddings", False):
+    def _keys_of(self, model: nn.Module, part: str | None) -> set[str]:
+        if part is None or self.tied:           # stored once: read for either
             return set()
         if part not in ("head", "embeddings"):
             raise ValueError(f"outside(without={part!r}): expected 'head' or 'embeddings'")
