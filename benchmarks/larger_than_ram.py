@@ -11,6 +11,11 @@ Last, `qforge eval --stream` measures the perplexity of the source and of the pa
 one block at a time.
 
     .venv/bin/python benchmarks/larger_than_ram.py [--layers N] [--method rtn] [--work DIR] [--steps quantize,check,eval]
+        [--rotate hadamard]
+
+`--rotate KIND` quantizes the rotated model (`quantize --stream --rotate KIND`: each block rotated as it is read);
+the check then rotates the source's blocks with qforge's own streamed rotation (its probe check run again) before
+the RTN it compares with.
 
 RTN by default: GPTQ on this shape costs minutes of CPU per block (the 28672-wide Hessian alone), which the
 script runs too (`--method gptq --nsamples 4 --seqlen 128`) if you have the hours.
@@ -91,28 +96,38 @@ def du(paths) -> int:
     return n
 
 
-def check_blocks(src: Path, out: Path, blocks: list[int], group: int) -> list[str]:
-    """The packed gptq layers of `blocks` against RTN of the source weights."""
+def check_blocks(src: Path, out: Path, blocks: list[int], group: int, rotate: str | None = None) -> list[str]:
+    """The packed gptq layers of `blocks` against RTN of the source weights (rotated first with `rotate`)."""
     import torch
 
     from qforge.formats import FORMATS
-    from qforge.models.streaming import CheckpointFiles
+    from qforge.models.arch import arch_spec, get_blocks, submodule_or_none
+    from qforge.models.streaming import CheckpointFiles, load_streamed
+    from qforge.smoothing.rotate import rotate_streamed
     from qforge.solvers import Grid
     from qforge.solvers.rtn import rtn
 
     grid, fmt = Grid(4, group, True), FORMATS["gptq"]
-    source, packed = CheckpointFiles(src), CheckpointFiles(out)
+    packed = CheckpointFiles(out)
+    lm, loader = load_streamed(str(src))
+    if rotate:
+        record = rotate_streamed(lm.model, loader, rotate)
+        print(f"rotation re-checked: outputs moved {record['max_logit_change']:.2g} of their range")
+    skeleton = get_blocks(lm.model, arch_spec(lm.model))
     lines = []
     for i in blocks:
         names = sorted({k.rsplit(".", 1)[0] for k in packed.where if k.startswith(f"model.layers.{i}.")
                         and k.endswith(".qweight")})
         ok = 0
+        loader.load(i, skeleton[i])
         for n in names:
-            ref = rtn(source.read([f"{n}.weight"])[f"{n}.weight"], grid)
+            ref = rtn(submodule_or_none(skeleton[i], n.split(f"model.layers.{i}.", 1)[1]).weight.detach(), grid)
             t = packed.read([f"{n}.{k}" for k in fmt.KEYS])
             got = fmt.unpack({k: t[f"{n}.{k}"] for k in fmt.KEYS}, grid)
             ok += torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales.half().float())
-        lines.append(f"block {i}: {ok} of {len(names)} packed layers equal to RTN of the source weights")
+        loader.release(skeleton[i])
+        lines.append(f"block {i}: {ok} of {len(names)} packed layers equal to RTN of the source weights"
+                     + (f" rotated ({rotate})" if rotate else ""))
     return lines
 
 
@@ -127,6 +142,7 @@ def main() -> None:
     ap.add_argument("--steps", default="quantize,check,eval",
                     help="quantize (--packed-only), check (RTN: packed layers vs the source), eval (--stream)")
     ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--rotate", choices=("hadamard", "orthogonal"), help="quantize the rotated model")
     a = ap.parse_args()
     emb = 2 * VOCAB * HIDDEN + HIDDEN
     layers = a.layers or int((1.2 * ram_bytes() / 2 - emb) // block_params()) + 1
@@ -142,7 +158,7 @@ def main() -> None:
     if "quantize" in a.steps:
         quantize(a, src, layers, params)
     if "check" in a.steps and a.method == "rtn":
-        for line in check_blocks(src, Path(a.work) / f"out-{a.method}", [0, layers - 1], a.group_size):
+        for line in check_blocks(src, output_dir(a), [0, layers - 1], a.group_size, a.rotate):
             print(line)
     if "eval" in a.steps:
         evaluate(a, src)
@@ -176,7 +192,7 @@ def evaluate(a, src: Path) -> None:
     """`qforge eval --stream` of the source and of the packed output: one window through every block."""
     qforge = str(Path(sys.executable).with_name("qforge"))
     rows = []
-    for model in (src, Path(a.work) / f"out-{a.method}"):
+    for model in (src, output_dir(a)):
         if not model.is_dir():
             continue
         res = Path(a.work) / "eval.json"
@@ -190,18 +206,23 @@ def evaluate(a, src: Path) -> None:
     print("\n".join(rows))
 
 
+def output_dir(a) -> Path:
+    return Path(a.work) / (f"out-{a.method}" + (f"-{a.rotate}" if a.rotate else ""))
+
+
 def quantize(a, src: Path, layers: int, params: int) -> None:
-    out = Path(a.work) / f"out-{a.method}"
+    out = output_dir(a)
     for p in (out, out.with_name(out.name + ".partial")):    # an earlier run's: not counted in this one's disk
         shutil.rmtree(p, ignore_errors=True)
     cmd = [str(Path(sys.executable).with_name("qforge")), "quantize", str(src), "--stream", "--method", a.method,
            "--bits", "4", "--group-size", str(a.group_size), "--format", "gptq", "--packed-only", "--out", str(out),
-           "--nsamples", str(a.nsamples), "--calib-seqlen", str(a.seqlen)]
+           "--nsamples", str(a.nsamples), "--calib-seqlen", str(a.seqlen)] + (["--rotate", a.rotate] if a.rotate else [])
     wall, rss, peak_disk = child(cmd, Path(a.work), src)
     print("\n| model | params | bf16 on disk | fp32 | method | wall | peak RSS | peak extra disk | packed output |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| random Llama, 70B block shape, {layers} blocks | {params / 1e9:.2f} B | {du([src]) / 2**30:.1f} GiB | "
-          f"{params * 4 / 2**30:.1f} GiB | {a.method} W4 g{a.group_size} | {wall / 60:.1f} min | "
+          f"{params * 4 / 2**30:.1f} GiB | {a.method} W4 g{a.group_size}{f' rotated ({a.rotate})' if a.rotate else ''} | "
+          f"{wall / 60:.1f} min | "
           f"{rss / 2**30:.2f} GiB | {peak_disk / 2**30:.1f} GiB | {du([out]) / 2**30:.1f} GiB |")
 
 

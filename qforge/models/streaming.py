@@ -217,7 +217,7 @@ class BlockLoader:
         from .checkpoint_keys import tensor_dtypes
 
         skip, dtype_of = self._keys_of(model, without), tensor_dtypes(model, dtype)   # fp32: a router's score bias
-        read_as = (lambda k: torch.float32) if self.rotation is not None else dtype_of    # rotated in fp32
+        read_as = (lambda k: None) if self.rotation is not None else dtype_of     # rotated from the values stored
         t = {k: self.files.read([k], read_as(k))[k] for k in self.outside_keys if k not in skip}   # one at a time
         check_finite_tensors(t.items())
         t.update({n: t[stored] for n, stored in self.tied.items()})
@@ -226,8 +226,8 @@ class BlockLoader:
             model.tie_weights()
         empty = {k: torch.empty_like(v, device="meta") for k, v in t.items()}
         del t
-        if self.rotation is not None:           # a tied head gets its own rotated copy; then `dtype`, one at a time
-            self.rotation.rotate_outside(model)
+        if self.rotation is not None:           # new rotated tables in `dtype`; then the rest, one at a time
+            self.rotation.rotate_outside(model, dtype)
             for k in empty:
                 v = model.state_dict()[k]
                 if v.is_floating_point() and v.dtype != dtype_of(k):

@@ -136,12 +136,15 @@ def _write(ref: LinearRef, R: KroneckerRotation) -> None:
         ref.bias.copy_(R.transposed_left(ref.bias.float()).to(ref.bias.dtype))
 
 
-def _rotate_rows(weight: torch.Tensor, R: KroneckerRotation, gamma: torch.Tensor | None = None,
-                 rows: int = 8192) -> None:
-    """weight [vocab, hidden] <- weight·diag(γ)·R in place, `rows` at a time (a 70B vocabulary's table: 4.2 GB)."""
+def _rotated_rows(weight: torch.Tensor, R: KroneckerRotation, gamma: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None, rows: int = 8192) -> nn.Parameter:
+    """weight [vocab, hidden]·diag(γ)·R in fp32, `rows` at a time, into a new table of `dtype` (None: weight's): memory
+    holds the table as read, its rotated copy and a chunk (a 70B vocabulary's table is 4.2 GB in fp32)."""
+    out = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
     for i in range(0, weight.shape[0], rows):
         chunk = weight[i:i + rows].float()
-        weight[i:i + rows] = R.right(chunk if gamma is None else chunk * gamma).to(weight.dtype)
+        out[i:i + rows] = R.right(chunk if gamma is None else chunk * gamma).to(out.dtype)
+    return nn.Parameter(out, requires_grad=False)
 
 
 def _fold_norm(norm: nn.Module, norm_plus_one: bool) -> torch.Tensor:
@@ -169,10 +172,10 @@ def untie_config(model: nn.Module) -> None:
 
 
 class Rotation:
-    """R1 (and R2) of one model, planned on its structure alone (a streamed skeleton's meta weights will do):
-    built and checked before any weight changes, so a model rotation would not keep raises QForgeError untouched.
-    rotate_block(i, block) and rotate_outside(model) then change the weights, all at once (rotate_model) or as a
-    streamed model reads them (models/streaming.BlockLoader.rotation)."""
+    """R1 (and R2) of one model, planned on its structure alone (a streamed skeleton's meta weights will do), so a
+    model whose structure rotation would not keep raises QForgeError here, untouched (_check_blocks then runs the
+    plan on a probe). rotate_block(i, block) and rotate_outside(model) change the weights, all at once
+    (rotate_model) or as a streamed model reads them (models/streaming.BlockLoader.rotation)."""
 
     def __init__(self, model: nn.Module, kind: str = "hadamard", seed: int = 0, values: bool = True):
         spec = arch_spec(model)
@@ -217,22 +220,21 @@ class Rotation:
 
     def drop_values(self) -> None:
         self.values, self.head_dim = False, None
-        log.info("the values' rotation (R2) changed the model's outputs, so it is undone: o_proj reads something "
-                 "besides the heads' values (an output gate?)")
+        log.info("the values' rotation (R2) changed the model's outputs, so it is dropped (R1 alone): o_proj reads "
+                 "something besides the heads' values (an output gate?)")
 
     @torch.no_grad()
-    def rotate_outside(self, model: nn.Module) -> None:
-        """The embeddings E·R and the final norm folded into the head, W·diag(γ)·R (a tied head gets its own copy
-        first; untie_config says so); a part a streamed pass left on the meta device is skipped (the final norm is
-        then left at one: the pass runs no head)."""
+    def rotate_outside(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+        """The embeddings E·R and the final norm folded into the head, W·diag(γ)·R, each a new table (so a tied head
+        gets its own; untie_config says so) in `dtype` (None: the table's own), rotated from the values as read; a
+        part a streamed pass left on the meta device is skipped (the final norm is then left at one: the pass runs
+        no head)."""
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        if _shared(head.weight, emb.weight):
-            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
         gamma = _fold_norm(self.final, self.norm_plus_one) if _real(self.final.weight) else None
         if _real(head.weight) and gamma is not None:
-            _rotate_rows(head.weight, self.R, gamma)
+            head.weight = _rotated_rows(head.weight, self.R, gamma, dtype)
         if _real(emb.weight):
-            _rotate_rows(emb.weight, self.R)
+            emb.weight = _rotated_rows(emb.weight, self.R, None, dtype)
 
     def record(self, change: float) -> dict:
         core = hadamard_core(self.hidden) if self.kind == "hadamard" else None
