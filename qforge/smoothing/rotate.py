@@ -1,7 +1,7 @@
 """Rotate a model in place, keeping its function (QuaRot / SpinQuant's R1 and R2, fused offline).
 
-R1 turns the residual stream h into h·R (R orthogonal [hidden, hidden], solvers/hadamard.rotation): the embedding
-rows become E·R; every linear that reads the stream through a block's RMSNorm (the table's norm -> linears
+R1 turns the residual stream h into h·R (R orthogonal [hidden, hidden], solvers/hadamard.rotation_factors): the
+embedding rows become E·R; every linear that reads the stream through a block's RMSNorm (the table's norm -> linears
 mappings, their `balance` routers too) first takes the norm's weight γ into its columns (W·diag(γ); the norm keeps
 weight 1, Gemma's 0) and then reads W·R; every linear that writes to the stream (a hidden-size output that neither
 reads a norm nor feeds another linear: o_proj, down_proj, the experts' down) becomes Rᵀ·W (bias Rᵀ·b); the final

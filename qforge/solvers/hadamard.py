@@ -14,6 +14,7 @@ seconds per block on a CPU, not a minute.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,7 @@ class KroneckerRotation:
 
     @property
     def n(self) -> int:
-        return int(torch.tensor([f.shape[0] for f in self.factors]).prod())
+        return math.prod(f.shape[0] for f in self.factors)
 
     def dense(self) -> torch.Tensor:
         """R, float64 [n, n]."""
